@@ -1,0 +1,74 @@
+"""Quantization parameter (QP) <-> step size, as ISO/IEC 15938-17 defines it.
+
+With ``k = 2**qp_density``: ``step = (k + (qp & (k - 1))) * 2**((qp >> qp_density) - qp_density)``,
+i.e. exponential in ``qp`` with a linear mantissa. Every step is exact in float32.
+NumPy and JAX forms are provided; the JAX forms are jit/vmap-able, and :func:`qp_to_step_continuous`
+is the differentiable interpolation used when QPs are optimised by gradient.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+
+__all__ = ["qp_to_step", "step_to_qp", "qp_to_step_jax", "qp_to_step_continuous", "check_qp_density"]
+
+
+def check_qp_density(qp_density: int) -> int:
+    if not isinstance(qp_density, (int, np.integer)) or not 0 <= int(qp_density) <= 7:
+        raise InputError(f"qp_density must be an integer in 0..7, got {qp_density!r}")
+    return int(qp_density)
+
+
+def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
+    """Step size of integer QP(s). ``qp``: int or int array of any shape -> float64 of the same shape.
+
+    >>> qp_to_step(-32), qp_to_step(-38)
+    (0.00390625, 0.00146484375)
+    """
+    qpd = check_qp_density(qp_density)
+    q = np.asarray(qp, dtype=np.int64)
+    k = 1 << qpd
+    step = (k + (q & (k - 1))).astype(np.float64) * np.exp2((q >> qpd) - qpd)
+    return float(step) if step.ndim == 0 else step
+
+
+def step_to_qp(step, qp_density: int = 2) -> np.ndarray | int:
+    """Largest integer QP whose step does not exceed ``step`` (float array of any shape -> int64).
+
+    >>> step_to_qp(2.0 ** -8)
+    -32
+    """
+    qpd = check_qp_density(qp_density)
+    s = np.asarray(step, dtype=np.float64)
+    if np.any(~np.isfinite(s)) or np.any(s <= 0):
+        raise InputError("step sizes must be finite and positive")
+    k = 1 << qpd
+    e = np.floor(np.log2(s))
+    mant = np.floor((s / np.exp2(e) - 1.0) * k + 1e-9)
+    qp = (e.astype(np.int64) * k + np.clip(mant, 0, k - 1).astype(np.int64))
+    return int(qp) if qp.ndim == 0 else qp
+
+
+def qp_to_step_jax(qp, qp_density: int = 2):
+    """JAX form of :func:`qp_to_step` for integer ``qp`` (any shape) -> float32, exact."""
+    qpd = check_qp_density(qp_density)
+    q = jnp.asarray(qp, dtype=jnp.int32)
+    k = 1 << qpd
+    # ldexp is exact; exp2 is not on every backend.
+    return jnp.ldexp((k + (q & (k - 1))).astype(jnp.float32), (q >> qpd) - qpd)
+
+
+def qp_to_step_continuous(qp, qp_density: int = 2):
+    """Differentiable step for real-valued ``qp`` (any shape) -> float32.
+
+    Equals :func:`qp_to_step_jax` at integers and interpolates the mantissa linearly between them, so
+    ``d step / d qp`` is the true finite difference of neighbouring QPs.
+    """
+    qpd = check_qp_density(qp_density)
+    k = 1 << qpd
+    q = jnp.asarray(qp, dtype=jnp.float32)
+    e = jnp.floor(q / k)
+    return jnp.ldexp(1.0 + (q - e * k) / k, e.astype(jnp.int32))
