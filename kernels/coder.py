@@ -1,0 +1,386 @@
+"""Bit-exact DeepCABAC coding of integer tensors (NNCodec 2.1.3's C++ ``deepCABAC`` coder): public API.
+
+One arithmetic-coded payload (an NDU's) holds, per tensor, optional bypass fields (the qp_delta
+``iae_v``) and the tensor's levels; it ends with the terminating bin and flush::
+
+    enc = CabacEncoder(unary_length=11, param_opt=True)
+    enc.iae_v(8, -32)                                   # qp_delta, 6 + qp_density bits
+    enc.encode_layer(levels, dq=False)                  # contexts are re-initialised per tensor
+    payload = enc.finish()
+
+    dec = CabacDecoder(payload, unary_length=11)
+    qp_delta = dec.iae_v(8)
+    levels, eps = dec.decode_layer(levels.shape, dq=False)
+    assert dec.finish() == len(payload)
+
+Tensors of any rank are coded as an H x W matrix, H = shape[0] and W = prod(shape[1:]) (W = 1 for
+1-D and 0-d tensors, which are always raster-scanned). For DQ tensors the levels are NNCodec's
+reconstruction indices k; the coder transmits the DQ-coded levels and checks that every k is
+reachable from its DQ state. Codebook settings only count in profile 1 (as in NNCodec, profile 0
+codes codebook levels unbounded) and never go with DQ.
+
+Everything here is thread-safe per object and the kernels release the GIL, so the tensors of a
+model can be coded in parallel: see :func:`encode_many` / :func:`decode_many`.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from nncjax.errors import BitstreamError, InputError, UnsupportedError
+from nncjax.kernels import contexts as _ctx
+from nncjax.kernels import engine as _eng
+from nncjax.kernels import levels as _lv
+
+__all__ = ["CabacEncoder", "CabacDecoder", "EntryPoints", "encode_levels", "decode_levels", "encode_many",
+           "decode_many", "LEVEL_MAX"]
+
+#: Largest |level| accepted: NNCodec's int32 arithmetic (k -> q conversion, abs) is safe below this.
+LEVEL_MAX = 2**31 - 2
+
+
+@dataclass(frozen=True)
+class EntryPoints:
+    """Entry points of one tensor, as ``entry_point_list()`` signals them (one per block row but the
+    first; empty unless scan_order > 0 and the tensor has more than one block row).
+
+    * ``value``    int64 (n,): ``cabac_entry_point_value`` (u8), top 8 bits of the decoder's value register.
+    * ``dq_state`` int64 (n,): ``cabac_entry_point_dq_state`` (u3, written only if dq_flag).
+    * ``offset``   int64 (n,): D_j, the decoder bit position of entry point j+1 minus that of entry
+      point j (entry point 0 = the first weight of the tensor). The writer codes D_0 as ue(11) and
+      then D_j - D_{j-1} as ie(7).
+    * ``start``    int: absolute decoder bit position of entry point 0 within the payload (-1 if none).
+    """
+
+    value: np.ndarray
+    dq_state: np.ndarray
+    offset: np.ndarray
+    start: int = -1
+
+    def __len__(self) -> int:
+        return int(self.value.shape[0])
+
+
+# ------------------------------------------------------------------------------------ validation
+
+def _check_int(name, v, lo, hi):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= hi:
+        raise InputError(f"{name} must be an integer in {lo}..{hi}, got {v!r}")
+    return int(v)
+
+
+def _matrix_dims(shape):
+    try:
+        shape = tuple(int(_check_int("shape entry", d, 0, 2**62)) for d in shape)
+    except TypeError:
+        raise InputError(f"shape must be a sequence of non-negative integers, got {shape!r}") from None
+    height = shape[0] if len(shape) >= 1 else 1
+    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) >= 2 else 1
+    return shape, height, width
+
+
+class _Layer:
+    """Validated per-tensor settings, shared by encoder and decoder."""
+
+    def __init__(self, shape, unary_length, dq, scan_order, profile, codebook_size, codebook_offset,
+                 parent_present, base, hdsp_hist):
+        if base is not None:
+            raise UnsupportedError("temporal context adaptation (base levels) is not implemented yet")
+        if hdsp_hist is not None:
+            raise UnsupportedError("history-dependent significance probability (hdsp_hist) is not implemented yet")
+        self.shape, self.height, self.width = _matrix_dims(shape)
+        self.n_gtx = _check_int("unary_length", unary_length, 1, 256)
+        self.dq = bool(dq)
+        self.scan_order = _check_int("scan_order", scan_order, 0, 4) if len(self.shape) >= 2 else 0
+        self.profile = _check_int("profile", profile, 0, 1)
+        cbs = _check_int("codebook_size", codebook_size, 0, 2**31 - 1)
+        off = _check_int("codebook_offset", codebook_offset, 0, max(cbs - 1, 0))
+        if self.profile == 0:
+            cbs = off = 0  # NNCodec passes no codebook to the coder in profile 0
+        if cbs > 0 and self.dq:
+            raise InputError("dependent quantization cannot be combined with a codebook")
+        self.cbs, self.off = cbs, off
+        self.bounded = self.profile == 1 and cbs > 0
+        self.parent_present = bool(parent_present)
+        self.rs_block = self.profile == 1 and self.width > 1 and self.height > 1 and cbs != 1
+        self.ci_list = _ctx.signalled_contexts(self.n_gtx, self.dq, cbs, off)
+        self.ci_ctx = _ctx.ci_context(self.n_gtx)
+        self.rs_ctx = _ctx.rs_context(self.n_gtx)
+        self.n_ctx = _ctx.num_contexts(self.n_gtx)
+
+    def check_levels(self, levels):
+        a = np.asarray(levels)
+        if a.dtype.kind not in "iu":
+            raise InputError(f"levels must be an integer array, got dtype {a.dtype}")
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            if self.bounded:
+                if lo < -self.off or hi > self.cbs - 1 - self.off:
+                    raise InputError(f"codebook levels must lie in [{-self.off}, {self.cbs - 1 - self.off}], "
+                                     f"got [{lo}, {hi}]")
+            elif lo < -LEVEL_MAX or hi > LEVEL_MAX:
+                raise InputError(f"levels must lie in [-{LEVEL_MAX}, {LEVEL_MAX}], got [{lo}, {hi}]")
+        return np.ascontiguousarray(a.reshape(-1), dtype=np.int32)
+
+
+# --------------------------------------------------------------------------------------- encoder
+
+class CabacEncoder:
+    """DeepCABAC encoder of one arithmetic-coded payload (NNCodec ``deepCABAC.Encoder``).
+
+    ``unary_length`` N = cabac_unary_length_minus1 + 1 (1..256, NNCodec's default 11);
+    ``param_opt``: run NNCodec's context-initialisation search per tensor (changes the bytes, not
+    decodability). Not shareable between threads; use one encoder per payload.
+
+    >>> enc = CabacEncoder(unary_length=11, param_opt=True)
+    >>> enc.iae_v(8, -32)
+    >>> enc.encode_layer(np.array([[3, -6, 0], [64, 0, -1], [0, 0, 0]], np.int32), dq=False)
+    >>> enc.finish().hex(' ')
+    'df 66 80 0a a1 85 78 3b ba 87'
+    """
+
+    def __init__(self, unary_length: int = 11, param_opt: bool = True, capacity: int = 4096):
+        self.unary_length = _check_int("unary_length", unary_length, 1, 256)
+        self.param_opt = bool(param_opt)
+        self._es = np.zeros(_eng.ENC_STATE_SIZE, np.int64)
+        _eng.enc_init(self._es)
+        self._buf = np.empty(max(int(capacity), 64), np.uint8)
+        self._done = False
+
+    def _room(self, need):
+        self._check_open()
+        if self._buf.shape[0] - self._es[_eng.E_POS] < need:
+            self._buf = _lv._ensure_room(self._es, self._buf, need)
+
+    def _check_open(self):
+        if self._done:
+            raise InputError("the encoder is finished; start a new CabacEncoder")
+
+    def uae_v(self, nbits: int, value: int) -> None:
+        """Writes ``value`` (0 <= value < 2**nbits) as ``nbits`` bypass bins, MSB first (nbits 0..32)."""
+        nbits = _check_int("nbits", nbits, 0, 32)
+        value = _check_int("value", value, 0, (1 << nbits) - 1)
+        self._room(_eng.enc_room(self._es, nbits))
+        _eng.enc_bypass(self._es, self._buf, value, nbits)
+
+    def iae_v(self, nbits: int, value: int) -> None:
+        """Writes signed ``value`` as ``nbits`` bypass bins in two's complement (nbits 1..32)."""
+        nbits = _check_int("nbits", nbits, 1, 32)
+        value = _check_int("value", value, -(1 << (nbits - 1)), (1 << (nbits - 1)) - 1)
+        self._room(_eng.enc_room(self._es, nbits))
+        _eng.enc_bypass(self._es, self._buf, value & ((1 << nbits) - 1), nbits)
+
+    def encode_layer(self, levels, *, dq: bool, scan_order: int = 0, row_skipping: bool = False,
+                     profile: int = 1, codebook_size: int = 0, codebook_offset: int = 0,
+                     parent_present: bool = False, base=None, hdsp_hist=None, unary_length: int | None = None):
+        """Codes one tensor's integer levels (any shape, integer dtype; |level| <= LEVEL_MAX).
+
+        Same bytes as NNCodec's ``initCtxModels(N, param_opt)`` + ``encodeLayer(...)``:
+        row-skip block (profile 1, H > 1, W > 1; rows that are all zero are skipped when
+        ``row_skipping``), ci_flags (with the init search if ``param_opt``), then the levels in scan
+        order (``scan_order`` 0..4: raster or 8/16/32/64 blocks; ignored for ndim <= 1).
+        ``codebook_size``/``codebook_offset`` (profile 1): levels lie in [-offset, size-1-offset].
+        ``parent_present``: the NDU has parent_node_id_present_flag (codes hist_dep_sig_prob_enabled_flag=0).
+        ``base`` (TCA) and ``hdsp_hist`` (HDSP) are not implemented yet (UnsupportedError).
+        Raises InputError for bad levels, e.g. a DQ index k that its DQ state cannot produce.
+        """
+        self._check_open()
+        a = np.asarray(levels)
+        lay = _Layer(a.shape, self.unary_length if unary_length is None else unary_length, dq, scan_order,
+                     profile, codebook_size, codebook_offset, parent_present, base, hdsp_hist)
+        flat = lay.check_levels(a)
+        ctx = np.empty((lay.n_ctx, 5), np.int32)
+        cs0 = np.empty((lay.n_ctx, 9), np.int32)
+        cs01 = np.empty((lay.n_ctx, 9), np.int32)
+        cacc = np.empty((lay.n_ctx, 9), np.int64)
+        info = np.zeros(2, np.int64)
+        if self._buf.shape[0] - self._es[_eng.E_POS] < flat.size // 2 + 1024:
+            self._buf = _lv._ensure_room(self._es, self._buf, flat.size // 2 + 1024)
+        status, self._buf = _lv.encode_tensor(
+            self._es, self._buf, ctx, cs0, cs01, cacc, flat, lay.height, lay.width, lay.n_gtx, lay.dq,
+            lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
+            lay.bounded, lay.cbs, lay.off, self.param_opt, lay.ci_list, lay.ci_ctx, lay.rs_ctx, info)
+        if status == _lv.ERR_DQ_LEVEL:
+            self._done = True  # the payload is now inconsistent
+            pos = np.unravel_index(int(info[0]), a.shape) if a.ndim else ()
+            raise InputError(f"DQ level {int(flat[info[0]])} at index {tuple(int(i) for i in pos)} is not "
+                             f"reachable from its dependent-quantization state")
+
+    def finish(self) -> bytes:
+        """Codes the terminating bin, flushes, and returns the payload bytes. Ends this encoder."""
+        self._room(_eng.enc_room(self._es, 40))
+        _eng.enc_terminate_and_finish(self._es, self._buf)
+        self._done = True
+        return self._buf[: self._es[_eng.E_POS]].tobytes()
+
+
+# --------------------------------------------------------------------------------------- decoder
+
+class CabacDecoder:
+    """DeepCABAC decoder of one arithmetic-coded payload (NNCodec ``deepCABAC.Decoder``).
+
+    ``data``: bytes, bytearray, memoryview or uint8 array holding the payload (trailing bytes are
+    allowed; :meth:`finish` reports how many were consumed). Never reads out of bounds; malformed or
+    truncated payloads raise :class:`~nncjax.BitstreamError`.
+
+    >>> dec = CabacDecoder(bytes.fromhex('df66800aa185783bba87'), unary_length=11)
+    >>> dec.iae_v(8)
+    -32
+    >>> dec.decode_layer((3, 3), dq=False)[0].tolist()
+    [[3, -6, 0], [64, 0, -1], [0, 0, 0]]
+    >>> dec.finish()
+    10
+    """
+
+    def __init__(self, data, unary_length: int = 11):
+        try:
+            self._data = np.frombuffer(memoryview(data).cast("B"), np.uint8) if not isinstance(data, np.ndarray) \
+                else np.ascontiguousarray(data, np.uint8).reshape(-1)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"data must be bytes-like or a uint8 array: {e}") from None
+        self.unary_length = _check_int("unary_length", unary_length, 1, 256)
+        self._ds = np.zeros(_eng.DEC_STATE_SIZE, np.int64)
+        _eng.dec_init(self._ds, self._data)
+        self._done = False
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes the decoder has read so far (including its 2-byte look-ahead)."""
+        return int(self._ds[_eng.D_POS])
+
+    def _check(self, field):
+        if self._done:
+            raise InputError("the decoder is finished")
+        if self._ds[_eng.D_POS] > self._data.shape[0]:
+            raise BitstreamError(f"DeepCABAC payload: data ran out while decoding {field}")
+
+    def uae_v(self, nbits: int) -> int:
+        """Reads ``nbits`` bypass bins as an unsigned integer (nbits 0..32)."""
+        nbits = _check_int("nbits", nbits, 0, 32)
+        self._check("uae_v")
+        v = int(_eng.dec_bypass(self._ds, self._data, nbits))
+        self._check("uae_v")
+        return v
+
+    def iae_v(self, nbits: int) -> int:
+        """Reads ``nbits`` bypass bins as a two's-complement signed integer (nbits 1..32)."""
+        nbits = _check_int("nbits", nbits, 1, 32)
+        v = self.uae_v(nbits)
+        return v - (1 << nbits) if v >> (nbits - 1) else v
+
+    def decode_layer(self, shape, *, dq: bool, scan_order: int = 0, profile: int = 1, codebook_size: int = 0,
+                     codebook_offset: int = 0, parent_present: bool = False, base=None, hdsp_hist=None,
+                     unary_length: int | None = None):
+        """Decodes one tensor of ``shape``; returns ``(levels int32 of shape, EntryPoints)``.
+
+        Settings as in :meth:`CabacEncoder.encode_layer` (they come from the NDU header). Block-row
+        resets are applied while decoding sequentially, so the signalled entry points are not needed;
+        the returned ones are what ``entry_point_list()`` must carry. For DQ tensors the levels are the
+        reconstruction indices k. Time is bounded by the number of elements.
+        """
+        self._check("decode_layer")
+        lay = _Layer(shape, self.unary_length if unary_length is None else unary_length, dq, scan_order, profile,
+                     codebook_size, codebook_offset, parent_present, base, hdsp_hist)
+        out = np.empty(lay.height * lay.width, np.int32)
+        ctx = np.empty((lay.n_ctx, 5), np.int32)
+        n_brows = max(-(-lay.height // (4 << lay.scan_order)), 1) if lay.scan_order else 1
+        ep = np.zeros((3, n_brows), np.int64)
+        info = np.zeros(2, np.int64)
+        status = _lv.decode_tensor(self._ds, self._data, ctx, out, lay.height, lay.width, lay.n_gtx, lay.dq,
+                                   lay.scan_order, lay.parent_present, lay.rs_block, lay.bounded, lay.cbs, lay.off,
+                                   lay.ci_list, lay.ci_ctx, lay.rs_ctx, ep[0], ep[1], ep[2], info)
+        if status != _lv.OK:
+            what = {_lv.ERR_PREFIX: "remainder prefix longer than 30 bins",
+                    _lv.ERR_OVERFLOW: "level exceeds the int32 range"}[status]
+            self._done = True
+            raise BitstreamError(f"DeepCABAC payload, level {int(info[0])}: {what}")
+        if info[1]:
+            self._done = True
+            raise UnsupportedError("DeepCABAC payload: hist_dep_sig_prob_enabled_flag = 1 (HDSP) is not implemented")
+        self._check("the levels")
+        has_eps = lay.scan_order != 0 and n_brows > 1
+        pos = ep[0]
+        eps = EntryPoints(value=ep[1, 1:].copy() if has_eps else np.zeros(0, np.int64),
+                          dq_state=ep[2, 1:].copy() if has_eps else np.zeros(0, np.int64),
+                          offset=np.diff(pos) if has_eps else np.zeros(0, np.int64),
+                          start=int(pos[0]) if has_eps else -1)
+        return out.reshape(lay.shape), eps
+
+    def finish(self) -> int:
+        """Decodes the terminating bin; returns the payload bytes consumed. Ends this decoder.
+
+        Raises BitstreamError if the bin is not 1 or the data ran out before it."""
+        self._check("the terminating bin")
+        self._done = True
+        if not _eng.dec_terminate(self._ds, self._data):
+            raise BitstreamError("DeepCABAC payload: terminating bin not found where the payload should end")
+        if self._ds[_eng.D_POS] > self._data.shape[0]:
+            raise BitstreamError("DeepCABAC payload: data ran out before the terminating bin")
+        return int(self._ds[_eng.D_POS])
+
+
+# ----------------------------------------------------------------------------- one-tensor helpers
+
+def encode_levels(levels, *, dq: bool, unary_length: int = 11, param_opt: bool = True, **layer_kwargs) -> bytes:
+    """One tensor as a complete, terminated payload (no qp_delta). ``layer_kwargs``: see
+    :meth:`CabacEncoder.encode_layer`.
+
+    >>> decode_levels(encode_levels(np.arange(6, dtype=np.int32).reshape(2, 3), dq=False), (2, 3), dq=False)
+    array([[0, 1, 2],
+           [3, 4, 5]], dtype=int32)
+    """
+    enc = CabacEncoder(unary_length, param_opt, capacity=np.asarray(levels).size // 2 + 1024)
+    enc.encode_layer(levels, dq=dq, **layer_kwargs)
+    return enc.finish()
+
+
+def decode_levels(data, shape, *, dq: bool, unary_length: int = 11, **layer_kwargs) -> np.ndarray:
+    """Inverse of :func:`encode_levels`: int32 levels of ``shape``. Raises BitstreamError if ``data``
+    is malformed or has bytes left over after the terminating bin."""
+    layer_kwargs.pop("row_skipping", None)  # an encoder-side choice; the decoder reads it
+    dec = CabacDecoder(data, unary_length)
+    levels, _ = dec.decode_layer(shape, dq=dq, **layer_kwargs)
+    used = dec.finish()
+    if used != len(dec._data):
+        raise BitstreamError(f"DeepCABAC payload: {len(dec._data) - used} bytes left after the terminating bin")
+    return levels
+
+
+def encode_many(tensors, *, workers: int = 2, **common) -> list[bytes]:
+    """:func:`encode_levels` over many tensors on ``workers`` threads (the kernels release the GIL).
+
+    ``tensors``: a list whose items are level arrays or dicts of :func:`encode_levels` keyword
+    arguments (with ``levels``); ``common`` supplies the rest (e.g. ``dq=True, unary_length=11``).
+
+    >>> [len(b) for b in encode_many([np.zeros(4, np.int32), np.ones(4, np.int32)], dq=False)]
+    [8, 9]
+    """
+    jobs = [dict(common, **(t if isinstance(t, dict) else {"levels": t})) for t in tensors]
+
+    def run(kw):
+        kw = dict(kw)
+        return encode_levels(kw.pop("levels"), **kw)
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [run(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=int(workers)) as pool:
+        return list(pool.map(run, jobs))
+
+
+def decode_many(streams, shapes, *, workers: int = 2, **common) -> list[np.ndarray]:
+    """:func:`decode_levels` over many payloads on ``workers`` threads; ``common`` as in
+    :func:`encode_many` (a per-item dict of settings may be given in place of a shape, with key ``shape``)."""
+    jobs = [(s, dict(common, **(sh if isinstance(sh, dict) else {"shape": sh}))) for s, sh in zip(streams, shapes)]
+
+    def run(job):
+        data, kw = job
+        kw = dict(kw)
+        return decode_levels(data, kw.pop("shape"), **kw)
+
+    if workers <= 1 or len(jobs) <= 1:
+        return [run(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=int(workers)) as pool:
+        return list(pool.map(run, jobs))

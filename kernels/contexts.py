@@ -1,0 +1,174 @@
+"""DeepCABAC context models: the dual-state log-domain probability estimator and its init search.
+
+Context store ``ctx``: int32 array (n_contexts, 5), one row per context:
+``[S0, S01, shift0, shift1, init_idx]`` where S0 is the fast state (1/16 scale), S01 = S1 + 16*S0
+the combined state (its sign is the MPS, its magnitude the LPS probability), shift0 = SH0 + 4 and
+shift1 = SH1 the adaptation rates of the chosen init set ``INIT[init_idx]``.
+
+Candidate store for the encoder's context-initialisation search (``param_opt``): ``cand_s0``,
+``cand_s01`` int32 (n_contexts, 9) and ``cand_acc`` int64 (n_contexts, 9): for every context the
+nine init sets run side by side over the same bins, each accumulating its estimated cost.
+
+Context index layout for unary length N (``n_contexts = 90 + 4N``): sig 0..23 (3 per DQ state),
+TCA sig 24..39, HDSP sig 40..47, sign 48..50, TCA sign 51..52, greater-than flags 53..53+2N-1,
+TCA greater-than flags 53+2N..53+4N-1, remainder prefix 53+4N..53+4N+31, CI flag 53+4N+34,
+row-skip flag 53+4N+36.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from nncjax.kernels.tables import CURVE, EST_BITS, INIT, INIT_INDEX_PENALTY
+
+SIG, SIG_TCA, SIG_HDSP, SIGN, SIGN_TCA, GTX = 0, 24, 40, 48, 51, 53
+
+_CURVE = CURVE.astype(np.int32)
+_EST = EST_BITS.astype(np.int64)
+_SH0 = (INIT[:, 0].astype(np.int32) + 4)
+_SH1 = INIT[:, 1].astype(np.int32)
+_S01_INIT = INIT[:, 2].astype(np.int32)
+_S0_INIT = INIT[:, 3].astype(np.int32)
+
+
+def num_contexts(unary_length: int) -> int:
+    """Size of the context store for unary length N: 90 + 4N."""
+    return 90 + 4 * unary_length
+
+
+def rem_context(unary_length: int) -> int:
+    """First remainder-prefix context, 53 + 4N."""
+    return GTX + 4 * unary_length
+
+
+def ci_context(unary_length: int) -> int:
+    """Context of the context-initialisation flags."""
+    return rem_context(unary_length) + 34
+
+
+def rs_context(unary_length: int) -> int:
+    """Context of the row-skip flags."""
+    return rem_context(unary_length) + 36
+
+
+def signalled_contexts(unary_length: int, dq: bool, codebook_size: int = 0, codebook_offset: int = 0,
+                       tca: bool = False, hdsp: bool = False) -> np.ndarray:
+    """The contexts whose init index is signalled (one ci_flag each), in coding order. int32 (n,).
+
+    ``codebook_size``/``codebook_offset`` only count in profile 1 (pass 0 otherwise). Example:
+    ``len(signalled_contexts(11, dq=True)) == 80`` and ``len(signalled_contexts(11, dq=False)) == 59``.
+    """
+    n, cbs, off = int(unary_length), int(codebook_size), int(codebook_offset)
+    out: list[int] = []
+    if cbs != 1:
+        out += range(SIG, 24 if dq else 3)
+        if tca:
+            out += range(SIG_TCA, 40 if dq else 26)
+        if hdsp:
+            out += range(SIG_HDSP, 48 if dq else 41)
+    if cbs != 1 and not (cbs > 0 and (off == 0 or off == cbs - 1)):
+        out += range(SIGN, SIGN + (5 if tca else 3))
+    max_abs = max(off, cbs - 1 - off) if cbs > 0 else -1
+    out += [GTX + a for a in range(2 * n) if max_abs == -1 or a < 2 * max_abs]
+    if tca:
+        out += [GTX + a for a in range(2 * n, 4 * n) if max_abs == -1 or a < 2 * (max_abs - 1) + 2 * n]
+    level = n - 1
+    for a in range(31):
+        level += 1 << a
+        if max_abs == -1 or level < max_abs:
+            out.append(GTX + 4 * n + a)
+    return np.asarray(out, dtype=np.int32)
+
+
+# ----------------------------------------------------------------------------- the context store
+
+@njit(cache=True, nogil=True)
+def ctx_init(ctx, c, idx):
+    """Initialises context ``c`` with init set ``idx`` (0..8), remembered for later resets."""
+    ctx[c, 0] = _S0_INIT[idx]
+    ctx[c, 1] = _S01_INIT[idx]
+    ctx[c, 2] = _SH0[idx]
+    ctx[c, 3] = _SH1[idx]
+    ctx[c, 4] = idx
+
+
+@njit(cache=True, nogil=True)
+def ctx_init_all(ctx):
+    for c in range(ctx.shape[0]):
+        ctx_init(ctx, c, 0)
+
+
+@njit(cache=True, nogil=True)
+def ctx_reset_all(ctx):
+    """Restores every context's states from its remembered init set (shifts are kept)."""
+    for c in range(ctx.shape[0]):
+        idx = ctx[c, 4]
+        ctx[c, 0] = _S0_INIT[idx]
+        ctx[c, 1] = _S01_INIT[idx]
+
+
+@njit(cache=True, nogil=True)
+def ctx_update(ctx, c, b):
+    """Adapts context ``c`` to bin ``b``: both states move toward ``b`` by a curve-shaped step."""
+    s0 = np.int32(ctx[c, 0])
+    s1 = np.int32(ctx[c, 1]) - 16 * s0
+    if b:
+        s0 += _CURVE[16 + (s0 >> 3)] >> ctx[c, 2]
+        s1 += _CURVE[16 + (s1 >> 7)] >> ctx[c, 3]
+    else:
+        s0 -= _CURVE[16 + ((-s0) >> 3)] >> ctx[c, 2]
+        s1 -= _CURVE[16 + ((-s1) >> 7)] >> ctx[c, 3]
+    ctx[c, 0] = s0
+    ctx[c, 1] = s1 + 16 * s0
+
+
+# ------------------------------------------------------------------- the init-index search (encoder)
+
+@njit(cache=True, nogil=True)
+def cand_init(cand_s0, cand_s01, cand_acc):
+    for c in range(cand_s0.shape[0]):
+        for i in range(9):
+            cand_s0[c, i] = _S0_INIT[i]
+            cand_s01[c, i] = _S01_INIT[i]
+            cand_acc[c, i] = 0
+
+
+@njit(cache=True, nogil=True)
+def cand_reset(cand_s0, cand_s01):
+    """Block-row reset of the candidates' states; their accumulated costs are kept."""
+    for c in range(cand_s0.shape[0]):
+        for i in range(9):
+            cand_s0[c, i] = _S0_INIT[i]
+            cand_s01[c, i] = _S01_INIT[i]
+
+
+@njit(cache=True, nogil=True)
+def cand_bin(cand_s0, cand_s01, cand_acc, c, b):
+    """Charges bin ``b`` of context ``c`` to all nine candidates, then adapts each of them."""
+    for i in range(9):
+        s0 = cand_s0[c, i]
+        s01 = cand_s01[c, i]
+        cand_acc[c, i] += _EST[512 + (s01 >> 3), b]
+        s1 = s01 - 16 * s0
+        if b:
+            s0 += _CURVE[16 + (s0 >> 3)] >> _SH0[i]
+            s1 += _CURVE[16 + (s1 >> 7)] >> _SH1[i]
+        else:
+            s0 -= _CURVE[16 + ((-s0) >> 3)] >> _SH0[i]
+            s1 -= _CURVE[16 + ((-s1) >> 7)] >> _SH1[i]
+        cand_s0[c, i] = s0
+        cand_s01[c, i] = s1 + 16 * s0
+
+
+@njit(cache=True, nogil=True)
+def cand_best(cand_acc, c):
+    """Cheapest init index of context ``c``; a non-zero index pays its 3-bit signalling, ties go low."""
+    best = 0
+    best_cost = cand_acc[c, 0]
+    for i in range(1, 9):
+        cost = cand_acc[c, i] + INIT_INDEX_PENALTY
+        if cost < best_cost:
+            best = i
+            best_cost = cost
+    return best

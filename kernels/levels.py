@@ -1,0 +1,362 @@
+"""Per-tensor DeepCABAC coding of integer levels: binarization, context selection, scan, row skipping,
+context-initialisation signalling and search, and entry points. Numba kernels; see :mod:`coder` for
+the Python API.
+
+A tensor is coded as an H x W matrix (``levels`` is its raster-order int32 vector, length H*W). The
+scan is raster (``scan_order`` 0) or square blocks of B = 4 << scan_order; at the end of every block
+row but the last, contexts, neighbour and range are reset (an entry point). ``bounds``: for profile-1
+codebook tensors the coded level lies in [-off, cbs - 1 - off] and the binarization is truncated.
+
+Kernels return a status: 0 = ok, else one of the ``ERR_*`` codes with the failing raster position in
+``info[0]``; the glue turns these into exceptions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from nncjax.kernels.contexts import (GTX, SIGN, cand_best, cand_bin, cand_init, cand_reset, ctx_init,
+                                      ctx_init_all, ctx_reset_all)
+from nncjax.kernels.engine import (D_RANGE, E_NBUF, E_POS, E_RANGE, dec_bin, dec_bypass, dec_position, enc_bin,
+                                   enc_bypass, enc_room)
+from nncjax.kernels.tables import DQ_NEXT
+
+OK, ERR_DQ_LEVEL, ERR_PREFIX, ERR_OVERFLOW = 0, 1, 2, 3
+_DQ_NEXT = DQ_NEXT.astype(np.int64)
+INT32_MAX = 2**31 - 1
+
+
+@njit(cache=True, nogil=True)
+def _skip_advance(width):
+    """DQ state after a skipped row segment: ``width`` parity-0 transitions from each state."""
+    adv = np.empty(8, dtype=np.int64)
+    for s in range(8):
+        t = s
+        for _ in range(width):
+            t = _DQ_NEXT[t, 0]
+        adv[s] = t
+    return adv
+
+
+@njit(cache=True, nogil=True)
+def _zero_rows(levels, height, width):
+    """row_skip_flag per row: 1 where the whole row is zero. int64 (H,)."""
+    flags = np.ones(height, dtype=np.int64)
+    for r in range(height):
+        base = r * width
+        for x in range(width):
+            if levels[base + x] != 0:
+                flags[r] = 0
+                break
+    return flags
+
+
+@njit(cache=True, nogil=True)
+def _nb_class(nb):
+    if nb == 0:
+        return 0
+    return 1 if nb < 0 else 2
+
+
+@njit(cache=True, nogil=True)
+def _block_dims(height, width, scan_order):
+    """(block height, block width, number of block rows, resets at block-row ends?)."""
+    if scan_order == 0:
+        return height, width, 1, False
+    b = 4 << scan_order
+    n_rows = (height + b - 1) // b
+    return b, b, n_rows, n_rows > 1
+
+
+# ----------------------------------------------------------------------------------- binarization
+
+@njit(cache=True, nogil=True)
+def _enc_level(es, buf, ctx, q, state, nb, n_gtx, max_pos, max_neg, sign_coded):
+    """Codes level ``q``. ``max_pos``/``max_neg`` = largest allowed |q| per sign, -1 if unbounded."""
+    sig = 1 if q != 0 else 0
+    enc_bin(es, buf, ctx, 3 * state + _nb_class(nb), sig)
+    if sig == 0:
+        return
+    neg = 1 if q < 0 else 0
+    if sign_coded:
+        enc_bin(es, buf, ctx, SIGN + _nb_class(nb), neg)
+    max_abs = max_neg if neg else max_pos
+    if max_abs == 1:
+        return
+    mag = np.int64(-q) if neg else np.int64(q)
+    gctx = GTX + neg
+    flag = 1 if mag > 1 else 0
+    enc_bin(es, buf, ctx, gctx, flag)
+    coded = 1
+    while flag and coded < n_gtx and (max_abs == -1 or max_abs > coded + 1):
+        flag = 1 if mag > coded + 1 else 0
+        enc_bin(es, buf, ctx, gctx + 2 * coded, flag)
+        coded += 1
+    if max_abs != -1 and max_abs == coded + 1:
+        return
+    if flag == 0:
+        return
+    rem = mag - coded - 1
+    rem_max = -1 if max_abs == -1 else max_abs - coded - 1
+    rctx = GTX + 4 * n_gtx
+    if rem == 0:
+        enc_bin(es, buf, ctx, rctx, 0)
+        return
+    enc_bin(es, buf, ctx, rctx, 1)
+    done = np.int64(1)
+    p = 1
+    while rem > done + (np.int64(1) << p) - 1 and (rem_max == -1 or rem_max >= done + (np.int64(1) << p)):
+        enc_bin(es, buf, ctx, rctx + p, 1)
+        done += np.int64(1) << p
+        p += 1
+    if rem_max == -1 or rem_max >= done + (np.int64(1) << p):
+        enc_bin(es, buf, ctx, rctx + p, 0)
+    enc_bypass(es, buf, rem - done, p)
+
+
+@njit(cache=True, nogil=True)
+def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
+    """The init search's cost pass for level ``v``: unbounded, sign always coded, remainder prefix
+    always terminated, bypass bins not counted (NNCodec's choices, copied for identical output)."""
+    sig = 1 if v != 0 else 0
+    cand_bin(cs0, cs01, cacc, 3 * state + _nb_class(nb), sig)
+    if sig == 0:
+        return
+    neg = 1 if v < 0 else 0
+    cand_bin(cs0, cs01, cacc, SIGN + _nb_class(nb), neg)
+    mag = np.int64(-v) if neg else np.int64(v)
+    gctx = GTX + neg
+    flag = 1 if mag > 1 else 0
+    cand_bin(cs0, cs01, cacc, gctx, flag)
+    coded = 1
+    while flag and coded < n_gtx:
+        flag = 1 if mag > coded + 1 else 0
+        cand_bin(cs0, cs01, cacc, gctx + 2 * coded, flag)
+        coded += 1
+    if flag == 0:
+        return
+    rem = mag - coded - 1
+    rctx = GTX + 4 * n_gtx
+    p = 0
+    done = np.int64(0)
+    while rem > done + (np.int64(1) << p) - 1:
+        cand_bin(cs0, cs01, cacc, rctx + p, 1)
+        done += np.int64(1) << p
+        p += 1
+    cand_bin(cs0, cs01, cacc, rctx + p, 0)
+
+
+@njit(cache=True, nogil=True)
+def _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded, sign_inferred):
+    """Decodes one level (mirror of ``_enc_level``). Returns (level, status)."""
+    if dec_bin(ds, data, ctx, 3 * state + _nb_class(nb)) == 0:
+        return np.int64(0), OK
+    if sign_coded:
+        neg = dec_bin(ds, data, ctx, SIGN + _nb_class(nb))
+    else:
+        neg = sign_inferred
+    max_abs = max_neg if neg else max_pos
+    mag = np.int64(1)
+    if max_abs > 1 or max_abs == -1:
+        gctx = GTX + neg
+        j = 0
+        while True:
+            flag = dec_bin(ds, data, ctx, gctx + 2 * j)
+            mag += flag
+            if not (flag == 1 and j < n_gtx - 1 and (max_abs > mag or max_abs == -1)):
+                break
+            j += 1
+        if flag == 1 and (max_abs > mag or max_abs == -1):
+            rctx = GTX + 4 * n_gtx
+            p = 0
+            j = 0
+            while True:
+                flag = dec_bin(ds, data, ctx, rctx + j)
+                if flag and (max_abs > mag or max_abs == -1):
+                    mag += np.int64(1) << p
+                    p += 1
+                if not (flag == 1 and j < 30 and (max_abs == -1 or max_abs >= mag + (np.int64(1) << p))):
+                    break
+                j += 1
+            if p > 30:
+                return np.int64(0), ERR_PREFIX
+            mag += dec_bypass(ds, data, p)
+            if mag > INT32_MAX:
+                return np.int64(0), ERR_OVERFLOW
+    return (-mag if neg else mag), OK
+
+
+# ---------------------------------------------------------------------------------- tensor kernels
+
+@njit(cache=True, nogil=True)
+def _ensure_room(es, buf, need):
+    """``buf`` with at least ``need`` free bytes after the write position (grown by doubling)."""
+    if buf.shape[0] - es[E_POS] >= need:
+        return buf
+    size = max(2 * buf.shape[0], es[E_POS] + need + 1024)
+    grown = np.empty(size, dtype=np.uint8)
+    grown[: es[E_POS]] = buf[: es[E_POS]]
+    return grown
+
+
+@njit(cache=True, nogil=True)
+def encode_tensor(es, buf, ctx, cs0, cs01, cacc, levels, height, width, n_gtx, dq, scan_order, row_skip,
+                  parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx, rs_ctx, info):
+    """Codes one tensor's levels (after its qp_delta) into ``buf``: row-skip block, init search and
+    ci_flags, then the levels. ``rs_block``: whether the HDSP/row-skip block is present (profile 1,
+    H > 1, W > 1, cbs != 1). ``bounded``: profile-1 codebook binarization. Returns (status, buf):
+    ``buf`` is a grown copy when it ran short."""
+    ctx_init_all(ctx)
+    buf = _ensure_room(es, buf, enc_room(es, 8 * len(ci_list) + 8 * height + 64))
+    skip = _zero_rows(levels, height, width) if (rs_block and row_skip) else np.zeros(height, np.int64)
+    if rs_block:
+        if parent_present:
+            enc_bypass(es, buf, 0, 1)  # hist_dep_sig_prob_enabled_flag (HDSP not used)
+        enc_bypass(es, buf, 1 if row_skip else 0, 1)
+        if row_skip:
+            for r in range(height):
+                enc_bin(es, buf, ctx, rs_ctx, skip[r])
+    bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
+    adv = _skip_advance(width) if dq else np.zeros(8, np.int64)
+    all_zero = cbs == 1 and bounded
+    if bounded and cbs > 0:
+        max_pos, max_neg = cbs - 1 - off, off
+        sign_coded = not (off == 0 or off == cbs - 1)
+    else:
+        max_pos, max_neg = -1, -1
+        sign_coded = True
+    margin = (7 * (n_gtx + 34) + 32) // 8 + 16  # bytes one level can emit, at most
+
+    # Pass 0: the init search (costs only); pass 1: the real coding.
+    for pss in range(2):
+        pseudo = pss == 0
+        if pseudo:
+            cand_init(cs0, cs01, cacc)
+            if not param_opt or all_zero:
+                continue
+        else:
+            for c in ci_list:
+                best = cand_best(cacc, c)
+                enc_bin(es, buf, ctx, ci_ctx, 1 if best else 0)
+                if best:
+                    enc_bypass(es, buf, best - 1, 3)
+                ctx_init(ctx, c, best)
+            if resets:
+                es[E_RANGE] = 256
+        state = 0
+        nb = np.int64(0)
+        for br in range(n_brows):
+            r0 = br * bh
+            r1 = min(height, r0 + bh)
+            for c0 in range(0, width, bw):
+                c1 = min(width, c0 + bw)
+                for r in range(r0, r1):
+                    if skip[r]:
+                        state = adv[state]
+                        continue
+                    base = r * width
+                    for x in range(c0, c1):
+                        if not pseudo and buf.shape[0] - es[E_POS] < es[E_NBUF] + margin:
+                            buf = _ensure_room(es, buf, es[E_NBUF] + margin)
+                        k = np.int64(levels[base + x])
+                        q = k
+                        if dq and k != 0:
+                            odd = state & 1
+                            q = (k + odd) >> 1 if k > 0 else (k - odd) >> 1
+                            if 2 * q - (odd if q > 0 else -odd) != k or q == 0:
+                                info[0] = base + x
+                                return ERR_DQ_LEVEL, buf
+                        if pseudo:
+                            _pseudo_level(cs0, cs01, cacc, k, state, nb, n_gtx)
+                            nb = k
+                        else:
+                            if not all_zero:
+                                _enc_level(es, buf, ctx, q, state, nb, n_gtx, max_pos, max_neg, sign_coded)
+                            nb = q
+                        if dq:
+                            state = _DQ_NEXT[state, q & 1]
+            if resets and br < n_brows - 1:
+                if pseudo:
+                    cand_reset(cs0, cs01)
+                else:
+                    ctx_reset_all(ctx)
+                    nb = 0
+                    es[E_RANGE] = 256
+    return OK, buf
+
+
+@njit(cache=True, nogil=True)
+def decode_tensor(ds, data, ctx, out, height, width, n_gtx, dq, scan_order, parent_present, rs_block, bounded,
+                  cbs, off, ci_list, ci_ctx, rs_ctx, ep_pos, ep_value, ep_state, info):
+    """Decodes one tensor's levels (after its qp_delta) into ``out`` (raster order, int32).
+
+    Entry points: ``ep_pos``/``ep_value``/``ep_state`` (int64, length = block rows) receive, for the
+    start of each block row, the decoder bit position, the top 8 bits of its value register and the DQ
+    state; they are filled only when the scan has more than one block row. ``info[1]`` = hdsp flag
+    read. Returns a status."""
+    ctx_init_all(ctx)
+    skip = np.zeros(height, np.int64)
+    if rs_block:
+        if parent_present:
+            info[1] = dec_bypass(ds, data, 1)
+        if dec_bypass(ds, data, 1):
+            for r in range(height):
+                skip[r] = dec_bin(ds, data, ctx, rs_ctx)
+    for c in ci_list:
+        idx = 0
+        if dec_bin(ds, data, ctx, ci_ctx):
+            idx = dec_bypass(ds, data, 3) + 1
+        ctx_init(ctx, c, idx)
+    bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
+    adv = _skip_advance(width) if dq else np.zeros(8, np.int64)
+    all_zero = cbs == 1 and bounded
+    if bounded and cbs > 0:
+        max_pos, max_neg = cbs - 1 - off, off
+        sign_coded = not (off == 0 or off == cbs - 1)
+    else:
+        max_pos, max_neg = -1, -1
+        sign_coded = True
+    sign_inferred = 1 if off != 0 else 0
+    state = 0
+    nb = np.int64(0)
+    for br in range(n_brows):
+        if resets:
+            if br > 0:
+                ctx_reset_all(ctx)
+                nb = 0
+            ds[D_RANGE] = 256
+            ep_pos[br] = dec_position(ds)
+            ep_value[br] = (ds[0] >> 7) & 0xFF
+            ep_state[br] = state
+        r0 = br * bh
+        r1 = min(height, r0 + bh)
+        for c0 in range(0, width, bw):
+            c1 = min(width, c0 + bw)
+            for r in range(r0, r1):
+                base = r * width
+                if skip[r]:
+                    state = adv[state]
+                    for x in range(c0, c1):
+                        out[base + x] = 0
+                    continue
+                for x in range(c0, c1):
+                    if all_zero:
+                        q = np.int64(0)
+                    else:
+                        q, st = _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded,
+                                           sign_inferred)
+                        if st != OK:
+                            info[0] = base + x
+                            return st
+                    nb = q
+                    k = q
+                    if dq:
+                        if q != 0:
+                            k = 2 * q - (state & 1) if q > 0 else 2 * q + (state & 1)
+                            if k > INT32_MAX or k < -INT32_MAX:
+                                info[0] = base + x
+                                return ERR_OVERFLOW
+                        state = _DQ_NEXT[state, q & 1]
+                    out[base + x] = k
+    return OK
