@@ -1,0 +1,295 @@
+"""Bit-level writer and reader for the NNR high-level syntax descriptors (nnr-format.md §1).
+
+Descriptors: ``u(n)``, ``i(n)``, ``ue(k)``, ``ie(k)``, ``flt(32)`` (little-endian bytes, as NNCodec
+writes them), ``st(v)`` (UTF-8 + 0x00, byte-aligned), ``byte_alignment()`` (always at least one bit)
+and raw float32 tensors. Bits are MSB-first.
+
+The reader is meant for hostile input: it never reads past the end it was given, every failure is a
+:class:`nncjax.BitstreamError` whose message names the unit (``where``) and the field, and nothing is
+allocated before the bytes it would be filled from are known to be present.
+
+Example::
+
+    >>> w = BitWriter()
+    >>> w.u(3, 5); w.ue(0, 4); w.byte_alignment()
+    >>> data = w.getvalue()
+    >>> r = BitReader(data)
+    >>> r.u(3, "a"), r.ue(0, "b")
+    (5, 4)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from nncjax.errors import BitstreamError, InputError
+
+__all__ = ["BitWriter", "BitReader", "MAX_EXP_GOLOMB_BITS", "ue_length", "ie_to_ue", "ue_to_ie"]
+
+# An Exp-Golomb code word of k + j leading-zero-adjusted bits yields a value below 2**(k+j+1); this
+# bound keeps every decoded value inside int64 and stops absurd prefixes early.
+MAX_EXP_GOLOMB_BITS = 62
+
+
+def ie_to_ue(x: int) -> int:
+    """Map a signed value onto the unsigned Exp-Golomb index: x > 0 -> 2x-1, x <= 0 -> -2x.
+
+    Example: ``ie_to_ue(-2) == 4``, ``ie_to_ue(3) == 5``.
+    """
+    return (x << 1) - 1 if x > 0 else (-x) << 1
+
+
+def ue_to_ie(m: int) -> int:
+    """Inverse of :func:`ie_to_ue`: odd m -> (m+1)/2, even m -> -m/2. Example: ``ue_to_ie(5) == 3``."""
+    return (m + 1) >> 1 if m & 1 else -(m >> 1)
+
+
+def ue_length(k: int, x: int) -> int:
+    """Number of bits of ``ue(k)`` coding ``x >= 0``. Example: ``ue_length(0, 4) == 5``."""
+    n = 0
+    while x >= (1 << k):
+        x -= 1 << k
+        k += 1
+        n += 1
+    return n + 1 + k
+
+
+class BitWriter:
+    """Appends descriptors MSB-first to a growing byte buffer.
+
+    Values out of range for their descriptor raise :class:`nncjax.InputError` (a writer bug or a bad
+    argument, never silently truncated).
+    """
+
+    __slots__ = ("_buf", "_acc", "_nacc")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._acc = 0  # pending bits not yet forming a whole byte
+        self._nacc = 0
+
+    @property
+    def bit_length(self) -> int:
+        """Number of bits written so far."""
+        return 8 * len(self._buf) + self._nacc
+
+    @property
+    def aligned(self) -> bool:
+        return self._nacc == 0
+
+    def getvalue(self) -> bytes:
+        """The written bytes; a trailing partial byte is zero-padded (use byte_alignment() first)."""
+        if self._nacc:
+            return bytes(self._buf) + bytes([(self._acc << (8 - self._nacc)) & 0xFF])
+        return bytes(self._buf)
+
+    def u(self, n: int, x: int) -> None:
+        """Unsigned ``x`` in ``n`` bits, 0 <= x < 2**n."""
+        x = int(x)
+        if n <= 0 or x < 0 or x >> n:
+            raise InputError(f"u({n}) cannot hold {x}")
+        acc = (self._acc << n) | x
+        nacc = self._nacc + n
+        if nacc >= 8:
+            nbytes = nacc >> 3
+            rest = nacc & 7
+            self._buf += (acc >> rest).to_bytes(nbytes, "big")
+            acc &= (1 << rest) - 1
+            nacc = rest
+        self._acc, self._nacc = acc, nacc
+
+    def i(self, n: int, x: int) -> None:
+        """Two's-complement signed ``x`` in ``n`` bits."""
+        x = int(x)
+        if n <= 0 or not -(1 << (n - 1)) <= x < (1 << (n - 1)):
+            raise InputError(f"i({n}) cannot hold {x}")
+        self.u(n, x & ((1 << n) - 1))
+
+    def ue(self, k: int, x: int) -> None:
+        """k-th order unsigned Exp-Golomb of ``x >= 0``."""
+        x = int(x)
+        if x < 0:
+            raise InputError(f"ue({k}) cannot hold negative {x}")
+        j = 0
+        while x >= (1 << k):
+            x -= 1 << k
+            k += 1
+            j += 1
+        if k > MAX_EXP_GOLOMB_BITS:  # k has grown by j: same bound as the reader's k0 + j
+            raise InputError(f"ue value too large for the reader's bound (2**{MAX_EXP_GOLOMB_BITS})")
+        # j zeros, a one, then x in k bits, as one field of j + 1 + k bits
+        self.u(j + 1 + k, (1 << k) | x)
+
+    def ie(self, k: int, x: int) -> None:
+        """k-th order signed Exp-Golomb."""
+        self.ue(k, ie_to_ue(int(x)))
+
+    def flt(self, x) -> None:
+        """float32 as 4 bytes, least significant byte first (NNCodec's order); no alignment needed."""
+        b = np.asarray(x, dtype=np.float32).reshape(()).astype("<f4").tobytes()
+        self.u(32, int.from_bytes(b, "big"))
+
+    def st(self, v: str) -> None:
+        """UTF-8 string plus a 0x00 terminator; must be byte-aligned."""
+        if not isinstance(v, str):
+            raise InputError(f"st(v) needs a str, got {type(v).__name__}")
+        if "\x00" in v:
+            raise InputError("st(v) string must not contain NUL")
+        self._require_aligned("st(v)")
+        self._buf += v.encode("utf-8", "strict") + b"\x00"
+
+    def byte_alignment(self) -> None:
+        """One ``1`` bit then ``0`` bits up to the byte boundary (a whole 0x80 byte if aligned)."""
+        self.u(1, 1)
+        if self._nacc:
+            self.u(8 - self._nacc, 0)
+
+    def raw_bytes(self, data) -> None:
+        """Append bytes at a byte boundary (e.g. an arithmetic-coded payload)."""
+        self._require_aligned("raw bytes")
+        self._buf += bytes(data)
+
+    def float32_array(self, x: np.ndarray) -> None:
+        """Raw float32 tensor, C order, little-endian, byte-aligned (NNR_PT_RAW_FLOAT payload)."""
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            raise InputError(f"raw float tensor must be float32, got {x.dtype}")
+        self._require_aligned("raw float tensor")
+        self._buf += np.ascontiguousarray(x, dtype="<f4").tobytes()
+
+    def _require_aligned(self, what: str) -> None:
+        if self._nacc:
+            raise InputError(f"{what} must start byte-aligned")
+
+
+class BitReader:
+    """Reads descriptors from ``data[start:end]`` (byte offsets), never past ``end``.
+
+    Every method takes the field name used in error messages; ``where`` (e.g. ``"unit 3 (NNR_NDU)"``)
+    prefixes them. Position and end are in bits.
+    """
+
+    __slots__ = ("_data", "pos", "end", "where")
+
+    def __init__(self, data, start: int = 0, end: int | None = None, where: str = "bitstream") -> None:
+        self._data = bytes(data) if not isinstance(data, bytes) else data
+        n = len(self._data)
+        end = n if end is None else end
+        if not 0 <= start <= end <= n:
+            raise InputError(f"invalid reader window [{start}, {end}) for {n} bytes")
+        self.pos = 8 * start
+        self.end = 8 * end
+        self.where = where
+
+    # -- position helpers -------------------------------------------------------------------------
+    @property
+    def bits_left(self) -> int:
+        return self.end - self.pos
+
+    @property
+    def aligned(self) -> bool:
+        return self.pos & 7 == 0
+
+    @property
+    def byte_pos(self) -> int:
+        """Current position in bytes (rounded up to the next byte boundary)."""
+        return (self.pos + 7) >> 3
+
+    def fail(self, field: str, msg: str, cls=BitstreamError):
+        """Build (not raise) an error naming unit and field."""
+        return cls(f"{self.where}: field {field}: {msg}")
+
+    def need(self, nbits: int, field: str) -> None:
+        """Raise unless ``nbits`` more bits are present (use before allocating for a count)."""
+        if nbits > self.end - self.pos:
+            raise self.fail(field, f"needs {nbits} bits but only {self.end - self.pos} remain (truncated)")
+
+    # -- descriptors ------------------------------------------------------------------------------
+    def u(self, n: int, field: str) -> int:
+        """Unsigned n-bit value."""
+        pos = self.pos
+        if n > self.end - pos:
+            raise self.fail(field, f"u({n}) needs {n} bits but only {self.end - pos} remain (truncated)")
+        first = pos >> 3
+        last = (pos + n - 1) >> 3
+        chunk = int.from_bytes(self._data[first:last + 1], "big")
+        self.pos = pos + n
+        return (chunk >> (((last + 1) << 3) - pos - n)) & ((1 << n) - 1)
+
+    def i(self, n: int, field: str) -> int:
+        """Two's-complement n-bit value."""
+        v = self.u(n, field)
+        return v - (1 << n) if v >> (n - 1) else v
+
+    def ue(self, k: int, field: str) -> int:
+        """k-th order Exp-Golomb; prefixes making the value exceed 2**62 are rejected."""
+        data, pos, end = self._data, self.pos, self.end
+        j = 0
+        while True:
+            if pos >= end:
+                raise self.fail(field, f"ue({k}) runs past the end (truncated)")
+            if (data[pos >> 3] >> (7 - (pos & 7))) & 1:
+                break
+            pos += 1
+            j += 1
+            if k + j > MAX_EXP_GOLOMB_BITS:
+                raise self.fail(field, f"ue({k}) prefix of more than {MAX_EXP_GOLOMB_BITS - k} zeros")
+        self.pos = pos + 1
+        # j leading zeros contributed 2**k + ... + 2**(k+j-1) = 2**k * (2**j - 1)
+        value = ((1 << j) - 1) << k
+        if k + j:
+            value += self.u(k + j, field)
+        return value
+
+    def ie(self, k: int, field: str) -> int:
+        """k-th order signed Exp-Golomb."""
+        return ue_to_ie(self.ue(k, field))
+
+    def flt(self, field: str) -> np.float32:
+        """float32 from 4 little-endian bytes (need not be aligned). Bit pattern is kept (NaN payloads)."""
+        v = self.u(32, field)
+        return np.frombuffer(v.to_bytes(4, "big"), dtype="<f4")[0]
+
+    def st(self, field: str) -> str:
+        """Byte-aligned UTF-8 string terminated by 0x00, not crossing the reader's end."""
+        if self.pos & 7:
+            raise self.fail(field, "st(v) does not start byte-aligned")
+        start, stop = self.pos >> 3, self.end >> 3
+        nul = self._data.find(b"\x00", start, stop)
+        if nul < 0:
+            raise self.fail(field, "string has no 0x00 terminator before the end of the unit")
+        try:
+            s = self._data[start:nul].decode("utf-8", "strict")
+        except UnicodeDecodeError as e:
+            raise self.fail(field, f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
+        self.pos = (nul + 1) << 3
+        return s
+
+    def byte_alignment(self, field: str = "byte_alignment") -> None:
+        """Read the ``1`` bit and the ``0`` padding; anything else is an error."""
+        if self.u(1, field) != 1:
+            raise self.fail(field, "alignment bit is not 1")
+        pad = (-self.pos) & 7
+        if pad and self.u(pad, field) != 0:
+            raise self.fail(field, "alignment padding bits are not 0")
+
+    def raw_bytes(self, nbytes: int, field: str) -> bytes:
+        """``nbytes`` bytes from a byte boundary."""
+        if self.pos & 7:
+            raise self.fail(field, "raw bytes do not start byte-aligned")
+        self.need(8 * nbytes, field)
+        start = self.pos >> 3
+        self.pos += 8 * nbytes
+        return self._data[start:start + nbytes]
+
+    def rest(self, field: str) -> bytes:
+        """Everything from the (aligned) position to the end."""
+        return self.raw_bytes((self.end - self.pos) >> 3, field)
+
+    def float32_array(self, shape: tuple[int, ...], field: str) -> np.ndarray:
+        """Raw float32 tensor (C order, little-endian); the size is checked before allocating."""
+        count = 1
+        for d in shape:
+            count *= int(d)
+        raw = self.raw_bytes(4 * count, field)
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)
