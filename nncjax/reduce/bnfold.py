@@ -1,0 +1,348 @@
+"""Batch-norm folding into NNR block members (LS, BI) and the exact inverse onto a Flax model.
+
+NNR carries a convolution/dense layer followed by batch norm as one block (§2.14, §10 of the format
+digest). Folding replaces the four BN vectors by two per-output-row vectors:
+
+    g  = γ / sqrt(var + ε)            # (O,)
+    LS = LS₀ · g                      # local scale; LS₀ = 1, or the LSA scales
+    BI = (b − mean) · g + β           # bias; b = the layer's own bias, or 0
+
+and the block then computes ``y = (W · LS[:, None]) ⊛ x + BI``. ε must be the epsilon the model's BN
+uses at inference (Flax and PyTorch default 1e-5, Keras 1e-3; NNCodec assumes 1e-5 / 1e-3 by framework).
+
+**Mapping back** (:func:`unfold_bn`, :func:`unfold_batchnorm`). A decoder that only has W, LS and BI
+must give the model back a parameter set of its *own* structure (Conv + BatchNorm) that computes the
+same function. Flax's inference BN is ``(x − mean) · (rsqrt(var + ε) · scale) + bias``; we set
+
+    kernel = W (Flax layout),  conv bias = 0,  scale = LS,  bias = BI,  mean = 0,  var = v(ε)
+
+where ``v(ε)`` is the float closest to ``1 − ε`` with ``v + ε == 1`` exactly in the parameter dtype, so
+``rsqrt(var + ε) == 1`` and the BN multiplies by exactly LS. (Setting var = 1 and γ = 1, as NNCodec's
+``reconstruct_bnf`` does, leaves a spurious factor 1/sqrt(1 + ε) per layer.) If the BN has no
+``scale`` or no ``bias`` (``use_scale``/``use_bias=False``), or ``ls_into="kernel"``, LS is multiplied
+into the kernel's output rows instead and the BN scale (if any) is 1; without a BN bias, BI goes
+into the layer's own bias.
+
+Pytrees: ``variables`` is a Flax variable dict ``{"params": ..., "batch_stats": ...}``; a
+:class:`BNPair` names the layer module path (holding ``kernel`` and optionally ``bias``) and the
+BatchNorm module path (``scale``/``bias`` in params, ``mean``/``var`` in batch_stats).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.reduce._tree import named_leaves, path_name, replace_named, resolve
+from nncjax.reduce.layout import flax_to_nnr, nnr_to_flax
+
+__all__ = [
+    "BNPair",
+    "FoldedBlock",
+    "FoldedModel",
+    "bn_gain",
+    "fold_bn",
+    "unit_variance",
+    "unfold_bn",
+    "find_bn_pairs",
+    "fold_batchnorm",
+    "unfold_batchnorm",
+    "block_names",
+    "block_weight",
+]
+
+Path = tuple[str, ...]
+
+
+class BNPair(NamedTuple):
+    """A layer and the BatchNorm applied to its output: module paths, e.g. ``(("Conv_0",), ("BatchNorm_0",))``."""
+
+    layer: Path
+    bn: Path
+
+
+class FoldedBlock(NamedTuple):
+    """One NNR block after folding. ``w``: (O, ...) in NNR layout (unscaled); ``ls``, ``bi``: (O,)."""
+
+    w: jax.Array
+    ls: jax.Array
+    bi: jax.Array
+
+
+class FoldedModel(NamedTuple):
+    """Result of :func:`fold_batchnorm`.
+
+    ``blocks``: weight name (``"Conv_0/kernel"``) -> :class:`FoldedBlock`, in pair order.
+    ``rest``: every other ``params`` leaf by name (Flax layout, untouched), in flatten order; the BN
+    parameters and the folded layers' biases are absent (they live in BI).
+    """
+
+    blocks: dict[str, FoldedBlock]
+    rest: dict[str, jax.Array]
+
+
+def block_names(weight_name: str) -> dict[str, str]:
+    """Tensor names of a folded block's members, for the NNR topology list.
+
+    LS follows NNCodec's ``<weight>_scaling``; BI is the layer's ``bias`` leaf; G/H (low rank) are
+    ``<weight>_G`` / ``<weight>_H``.
+
+    >>> block_names("Conv_0/kernel")["LS"]
+    'Conv_0/kernel_scaling'
+    """
+    layer = weight_name.rsplit("/", 1)[0] if "/" in weight_name else ""
+    return {
+        "W": weight_name,
+        "LS": weight_name + "_scaling",
+        "BI": (layer + "/bias") if layer else "bias",
+        "G": weight_name + "_G",
+        "H": weight_name + "_H",
+    }
+
+
+def bn_gain(gamma: jax.Array, var: jax.Array, eps: float = 1e-5) -> jax.Array:
+    """Per-row BN gain ``g = γ / sqrt(var + ε)``. ``gamma``, ``var``: (O,) -> (O,)."""
+    return jnp.asarray(gamma) * jax.lax.rsqrt(jnp.asarray(var) + jnp.asarray(eps, jnp.result_type(var)))
+
+
+def fold_bn(
+    gamma: jax.Array,
+    beta: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    *,
+    eps: float = 1e-5,
+    bias: jax.Array | None = None,
+    ls: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Fold one BN into NNR ``(LS, BI)``. All inputs (O,); ``bias``/``ls`` default to 0/1.
+
+    >>> ls, bi = fold_bn(jnp.array([2.0]), jnp.array([1.0]), jnp.array([3.0]), jnp.array([3.0]), eps=1.0)
+    >>> ls.tolist(), bi.tolist()
+    ([1.0], [-2.0])
+    """
+    g = bn_gain(gamma, var, eps)
+    ls_out = g if ls is None else jnp.asarray(ls) * g
+    b = jnp.zeros_like(g) if bias is None else jnp.asarray(bias)
+    return ls_out, (b - jnp.asarray(mean)) * g + jnp.asarray(beta)
+
+
+def unit_variance(eps: float, dtype: Any = jnp.float32) -> np.ndarray:
+    """A variance ``v`` (scalar of ``dtype``) with ``v + eps == 1`` exactly in ``dtype``, closest to 1 − ε.
+
+    >>> float(unit_variance(1e-5) + np.float32(1e-5))
+    1.0
+    """
+    dt = np.dtype(dtype)
+    one, e = dt.type(1), dt.type(eps)
+    v = dt.type(one - e)
+    # At most a few ulps away; walk towards the side that fixes the sum.
+    for _ in range(8):
+        s = dt.type(v + e)
+        if s == one:
+            return np.asarray(v, dt)
+        v = np.nextafter(v, dt.type(-np.inf) if s > one else dt.type(np.inf))
+    raise InputError(f"no variance v with v + {eps} == 1 exactly in {dt}")
+
+
+def unfold_bn(
+    ls: jax.Array, bi: jax.Array, *, eps: float = 1e-5
+) -> dict[str, jax.Array]:
+    """BN parameters that multiply by exactly ``ls`` and add ``bi`` at inference. (O,), (O,) -> dict of (O,).
+
+    Returns ``{"scale": ls, "bias": bi, "mean": 0, "var": unit_variance(eps)}``.
+
+    >>> unfold_bn(jnp.ones(2), jnp.zeros(2))["mean"].tolist()
+    [0.0, 0.0]
+    """
+    ls, bi = jnp.asarray(ls), jnp.asarray(bi)
+    v = unit_variance(eps, ls.dtype)
+    return {"scale": ls, "bias": bi, "mean": jnp.zeros_like(ls), "var": jnp.full_like(ls, v)}
+
+
+def block_weight(block: FoldedBlock) -> jax.Array:
+    """The effective NNR weight ``W · LS[:, None, ...]`` (what ``reconstruct_lsa`` gives). (O, ...) -> (O, ...)."""
+    return block.w * block.ls.reshape((-1,) + (1,) * (block.w.ndim - 1))
+
+
+_NUMBERED = re.compile(r"^(Conv|BatchNorm)_(\d+)$")
+
+
+def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
+    """Pairs ``Conv_i`` with ``BatchNorm_i`` (Flax's automatic names) at every level of ``params``.
+
+    The convention assumes every ``BatchNorm_i`` normalises the output of ``Conv_i`` of the same parent
+    module. If a module has ``BatchNorm_i`` children but not the same number of ``Conv_j`` children,
+    the pairing is ambiguous and :class:`InputError` asks for explicit pairs. Order: depth first, in the
+    mapping's key order, then by index.
+
+    >>> find_bn_pairs({"Conv_0": {"kernel": 0}, "BatchNorm_0": {"scale": 0, "bias": 0}})
+    [BNPair(layer=('Conv_0',), bn=('BatchNorm_0',))]
+    """
+    pairs: list[BNPair] = []
+
+    def walk(node: Mapping[str, Any], prefix: Path) -> None:
+        convs: dict[int, str] = {}
+        bns: dict[int, str] = {}
+        for key in node:
+            m = _NUMBERED.match(str(key))
+            if m:
+                (convs if m.group(1) == "Conv" else bns)[int(m.group(2))] = key
+        if bns:
+            if sorted(bns) != sorted(convs):
+                raise InputError(
+                    f"cannot pair BatchNorm with Conv layers under {path_name(prefix) or '<root>'!r}: "
+                    f"Conv indices {sorted(convs)}, BatchNorm indices {sorted(bns)}; pass pairs explicitly"
+                )
+            pairs.extend(BNPair(prefix + (convs[i],), prefix + (bns[i],)) for i in sorted(bns))
+        for key, child in node.items():
+            if isinstance(child, Mapping) and not _NUMBERED.match(str(key)):
+                walk(child, prefix + (key,))
+
+    walk(params, ())
+    return pairs
+
+
+def _check_pairs(variables: Mapping[str, Any], pairs: Sequence[BNPair] | None) -> list[BNPair]:
+    if "params" not in variables or "batch_stats" not in variables:
+        raise InputError("variables must hold 'params' and 'batch_stats' (a Flax variable dict)")
+    pairs = find_bn_pairs(variables["params"]) if pairs is None else [BNPair(tuple(a), tuple(b)) for a, b in pairs]
+    for p in pairs:
+        layer = resolve(variables["params"], p.layer)
+        if "kernel" not in layer:
+            raise InputError(f"layer {path_name(p.layer)!r} has no 'kernel'")
+        stats = resolve(variables["batch_stats"], p.bn)
+        if "mean" not in stats or "var" not in stats:
+            raise InputError(f"batch_stats of {path_name(p.bn)!r} lack 'mean'/'var'")
+    return pairs
+
+
+def fold_batchnorm(
+    variables: Mapping[str, Any],
+    pairs: Sequence[BNPair] | None = None,
+    *,
+    eps: float = 1e-5,
+    local_scales: Mapping[str, jax.Array] | None = None,
+) -> FoldedModel:
+    """Fold every (layer, BN) pair of a Flax model into NNR blocks. Pure and jit-able (pairs, eps static).
+
+    ``local_scales``: optional LSA scales by weight name (``"Conv_0/kernel"`` -> (O,)), merged into LS.
+
+    >>> folded = fold_batchnorm(variables, eps=1e-5)          # doctest: +SKIP
+    >>> blk = folded.blocks["Conv_0/kernel"]  # blk.w: (O, I, kh, kw), blk.ls / blk.bi: (O,)  # doctest: +SKIP
+    """
+    pairs = _check_pairs(variables, pairs)
+    params = variables["params"]
+    stats = variables["batch_stats"]
+    blocks: dict[str, FoldedBlock] = {}
+    consumed: set[str] = set()
+    for p in pairs:
+        layer = resolve(params, p.layer)
+        bn = resolve(params, p.bn) if _has(params, p.bn) else {}
+        st = resolve(stats, p.bn)
+        w = flax_to_nnr(layer["kernel"])
+        rows = w.shape[0]
+        if st["mean"].shape != (rows,):
+            raise InputError(f"BN {path_name(p.bn)!r} has {st['mean'].shape} stats for {rows} output rows")
+        wname = path_name(p.layer + ("kernel",))
+        gamma = bn.get("scale", jnp.ones((rows,), w.dtype))
+        beta = bn.get("bias", jnp.zeros((rows,), w.dtype))
+        ls0 = None if local_scales is None else local_scales.get(wname)
+        ls, bi = fold_bn(gamma, beta, st["mean"], st["var"], eps=eps, bias=layer.get("bias"), ls=ls0)
+        blocks[wname] = FoldedBlock(w, ls, bi)
+        consumed.update(path_name(p.layer + (k,)) for k in ("kernel", "bias"))
+        consumed.update(path_name(p.bn + (k,)) for k in bn)
+    rest = {k: v for k, v in named_leaves(params).items() if k not in consumed}
+    return FoldedModel(blocks, rest)
+
+
+def _has(tree: Mapping[str, Any], path: Path) -> bool:
+    try:
+        resolve(tree, path)
+    except InputError:
+        return False
+    return True
+
+
+def _set(tree: Any, path: Path, key: str, value: Any) -> Any:
+    """Copy of a nested dict with ``tree[path...][key] = value`` (copies only along the path)."""
+    if not path:
+        out = dict(tree)
+        out[key] = value
+        return out
+    out = dict(tree)
+    out[path[0]] = _set(tree[path[0]], path[1:], key, value)
+    return out
+
+
+def unfold_batchnorm(
+    variables: Mapping[str, Any],
+    blocks: Mapping[str, FoldedBlock],
+    pairs: Sequence[BNPair] | None = None,
+    *,
+    eps: float = 1e-5,
+    rest: Mapping[str, jax.Array] | None = None,
+    ls_into: str = "bn",
+) -> dict[str, Any]:
+    """Write decoded blocks back into a Flax variable dict of the model's own structure.
+
+    ``variables`` is the template (any values of the right structure, e.g. ``model.init`` output);
+    ``blocks`` maps weight names to decoded :class:`FoldedBlock` (NNR layout); ``rest`` optionally
+    replaces other params leaves by name. ``eps`` must be the model BN's epsilon. ``ls_into``: ``"bn"``
+    (LS -> BN scale; falls back to the kernel when the BN lacks a scale or a bias) or ``"kernel"``.
+    The returned network computes ``(W · LS) ⊛ x + BI`` for every block (see module docstring).
+    Pure and jit-able.
+
+    >>> new_vars = unfold_batchnorm(model_vars, folded.blocks, eps=1e-5, rest=folded.rest)  # doctest: +SKIP
+    """
+    if ls_into not in ("bn", "kernel"):
+        raise InputError(f"ls_into must be 'bn' or 'kernel', got {ls_into!r}")
+    pairs = _check_pairs(variables, pairs)
+    params = dict(variables["params"])
+    stats = dict(variables["batch_stats"])
+    by_name = {path_name(p.layer + ("kernel",)): p for p in pairs}
+    unknown = set(blocks) - set(by_name)
+    if unknown:
+        raise InputError(f"blocks without a (layer, BN) pair: {sorted(unknown)}")
+    if rest:
+        params = replace_named(params, rest)
+    for wname, blk in blocks.items():
+        p = by_name[wname]
+        layer = resolve(params, p.layer)
+        bn = resolve(params, p.bn) if _has(params, p.bn) else {}
+        kernel_shape = layer["kernel"].shape
+        ls, bi = jnp.asarray(blk.ls), jnp.asarray(blk.bi)
+        dtype = layer["kernel"].dtype
+        # Without a BN shift, BI must enter through the layer bias, *before* the BN scale: then LS has
+        # to live in the kernel for the sum to stay (W·LS)x + BI.
+        put_ls_in_kernel = ls_into == "kernel" or "scale" not in bn or "bias" not in bn
+        w = block_weight(blk) if put_ls_in_kernel else blk.w
+        kernel = nnr_to_flax(w).astype(dtype)
+        if kernel.shape != kernel_shape:
+            raise InputError(f"block {wname!r}: kernel {kernel.shape} does not fit the model's {kernel_shape}")
+        params = _set(params, p.layer, "kernel", kernel)
+        bn_vals = unfold_bn(jnp.ones_like(ls) if put_ls_in_kernel else ls, bi, eps=eps)
+        if "bias" in bn:
+            params = _set(params, p.bn, "bias", bn_vals["bias"].astype(bn["bias"].dtype))
+            if "bias" in layer:
+                params = _set(params, p.layer, "bias", jnp.zeros_like(layer["bias"]))
+        elif "bias" in layer:
+            # No BN shift: BI enters through the layer bias, which mean = 0 passes through unchanged.
+            params = _set(params, p.layer, "bias", bi.astype(layer["bias"].dtype))
+        else:
+            raise InputError(f"block {wname!r}: neither the BN nor the layer has a bias to hold BI")
+        if "scale" in bn:
+            params = _set(params, p.bn, "scale", bn_vals["scale"].astype(bn["scale"].dtype))
+        st = resolve(stats, p.bn)
+        stats = _set(stats, p.bn, "mean", jnp.zeros_like(st["mean"]))
+        stats = _set(stats, p.bn, "var", jnp.full_like(st["var"], unit_variance(eps, st["var"].dtype)))
+    out = dict(variables)
+    out["params"] = params
+    out["batch_stats"] = stats
+    return out

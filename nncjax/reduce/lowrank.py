@@ -1,0 +1,106 @@
+"""Low-rank decomposition into NNR's DC form (compressed parameter type NNR_CPT_DC, format §2.14).
+
+A weight with NNR dims ``(d0, d1, ...)`` is viewed as the matrix ``M = W.reshape(g_rows, n // g_rows)``
+(``n = prod(dims)``; ``g_rows`` is ``g_number_of_rows``, default ``d0``) and factored as
+``M ≈ G @ H`` with ``G: (g_rows, rank)`` and ``H: (rank, n // g_rows)``. The decoder rebuilds
+``W = (G @ H).reshape(dims)``. By Eckart–Young the truncated SVD is the best rank-``rank`` factorisation
+in Frobenius norm, and its error is the root-sum-square of the discarded singular values.
+
+The singular values are split evenly, ``G = U·√S`` and ``H = √S·Vᵀ``, so both factors have similar
+dynamic range and quantize well with one QP each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+
+__all__ = ["LowRank", "dc_matrix_shape", "low_rank_decompose", "low_rank_recompose", "svd_tail_norm", "rank_for_energy"]
+
+
+class LowRank(NamedTuple):
+    """NNR DC factors: ``g`` (g_rows, rank) and ``h`` (rank, prod(dims) // g_rows)."""
+
+    g: jax.Array
+    h: jax.Array
+
+
+def dc_matrix_shape(dims: tuple[int, ...], g_rows: int | None = None) -> tuple[int, int]:
+    """``(g_rows, prod(dims) // g_rows)``, checking that ``g_rows`` divides the element count.
+
+    >>> dc_matrix_shape((16, 8, 3, 3))
+    (16, 72)
+    """
+    dims = tuple(int(d) for d in dims)
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError(f"dims must be positive, got {dims}")
+    n = math.prod(dims)
+    rows = dims[0] if g_rows is None else int(g_rows)
+    if rows <= 0 or n % rows:
+        raise InputError(f"g_number_of_rows {rows} does not divide prod(dims) = {n}")
+    return rows, n // rows
+
+
+def low_rank_decompose(w: jax.Array, rank: int, g_rows: int | None = None) -> LowRank:
+    """Truncated SVD of ``w`` (NNR layout, any rank >= 1) into DC factors. ``rank``/``g_rows`` static.
+
+    >>> f = low_rank_decompose(jnp.ones((4, 6)), rank=1)
+    >>> f.g.shape, f.h.shape
+    ((4, 1), (1, 6))
+    """
+    w = jnp.asarray(w)
+    rows, cols = dc_matrix_shape(w.shape, g_rows)
+    if not 1 <= rank <= min(rows, cols):
+        raise InputError(f"rank must be in 1..{min(rows, cols)} for a {rows}x{cols} matrix, got {rank}")
+    u, s, vt = jnp.linalg.svd(w.reshape(rows, cols), full_matrices=False)
+    root = jnp.sqrt(s[:rank])
+    return LowRank(u[:, :rank] * root[None, :], root[:, None] * vt[:rank])
+
+
+def low_rank_recompose(g: jax.Array, h: jax.Array, dims: tuple[int, ...]) -> jax.Array:
+    """``(G @ H).reshape(dims)``, as the NNR decoder rebuilds W. (r0, k), (k, c) -> dims.
+
+    >>> low_rank_recompose(jnp.ones((4, 1)), jnp.ones((1, 6)), (4, 2, 3)).shape
+    (4, 2, 3)
+    """
+    g, h = jnp.asarray(g), jnp.asarray(h)
+    rows, cols = dc_matrix_shape(dims, g.shape[0])
+    if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or h.shape[1] != cols:
+        raise InputError(f"G {g.shape} and H {h.shape} do not recompose to {tuple(dims)}")
+    return (g @ h).reshape(dims)
+
+
+def svd_tail_norm(w: jax.Array, rank: int, g_rows: int | None = None) -> jax.Array:
+    """Frobenius error of the best rank-``rank`` approximation: ``sqrt(sum_{i >= rank} s_i²)`` (scalar).
+
+    >>> float(svd_tail_norm(jnp.eye(3), 2))
+    1.0
+    """
+    w = jnp.asarray(w)
+    rows, cols = dc_matrix_shape(w.shape, g_rows)
+    s = jnp.linalg.svd(w.reshape(rows, cols), compute_uv=False)
+    return jnp.sqrt(jnp.sum(s[rank:] ** 2))
+
+
+def rank_for_energy(w: jax.Array, energy: float = 0.99, g_rows: int | None = None) -> int:
+    """Smallest rank keeping at least ``energy`` of ``sum s_i²`` (Python int; not jit-able).
+
+    >>> rank_for_energy(jnp.diag(jnp.array([3.0, 1.0, 0.1])), 0.85)
+    1
+    """
+    if not 0.0 < energy <= 1.0:
+        raise InputError(f"energy must be in (0, 1], got {energy}")
+    w = jnp.asarray(w)
+    rows, cols = dc_matrix_shape(w.shape, g_rows)
+    s2 = np.asarray(jnp.linalg.svd(w.reshape(rows, cols), compute_uv=False), np.float64) ** 2
+    total = s2.sum()
+    if total == 0:
+        return 1
+    cum = np.cumsum(s2) / total
+    return int(min(np.searchsorted(cum, energy - 1e-12) + 1, len(s2)))

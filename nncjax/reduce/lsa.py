@@ -1,0 +1,149 @@
+"""Local scaling adaptation (LSA): per-output-row scales trained on top of quantized weights.
+
+After quantization the weights ``W_q`` are frozen; a scale vector ``s`` (one value per output row,
+initialised to 1) and, optionally, the biases are fine-tuned on the task loss. The effective weight
+is ``W_q · s`` along the output axis. The scales become the NNR LS tensor (``<weight>_scaling``,
+shape ``(dims[0],)``); with BN folding they are merged as ``LS = s · g`` (pass them to
+:func:`nncjax.reduce.fold_batchnorm` as ``local_scales``).
+
+Scales live in a flat dict ``{weight name: (O,)}`` (names as in :func:`nncjax.reduce.named_leaves`),
+which is itself a pytree, so any optax optimizer applies directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from nncjax.errors import InputError
+from nncjax.reduce._tree import named_leaves, replace_named
+
+__all__ = ["RowsSpec", "LSAResult", "lsa_init", "scale_rows", "apply_local_scales", "fit_local_scales", "kernel_rows"]
+
+RowsSpec = Callable[[str, jax.Array], bool] | Sequence[str] | None
+
+
+def kernel_rows(name: str, leaf: jax.Array) -> bool:
+    """Default LSA selection: Flax ``kernel`` leaves with at least two dimensions."""
+    return name.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
+
+
+def _selected(params: Any, rows_spec: RowsSpec) -> dict[str, jax.Array]:
+    leaves = named_leaves(params)
+    if rows_spec is None:
+        rows_spec = kernel_rows
+    if callable(rows_spec):
+        return {k: v for k, v in leaves.items() if rows_spec(k, v)}
+    missing = [n for n in rows_spec if n not in leaves]
+    if missing:
+        raise InputError(f"no such leaves for local scaling: {missing}")
+    return {n: leaves[n] for n in rows_spec}
+
+
+def lsa_init(params: Any, rows_spec: RowsSpec = None, *, axis: int = -1) -> dict[str, jax.Array]:
+    """Unit scales for every selected weight. Returns ``{name: ones((W.shape[axis],), W.dtype)}``.
+
+    ``rows_spec``: predicate ``(name, leaf) -> bool``, a list of names, or None (Flax kernels,
+    :func:`kernel_rows`). ``axis``: the output axis (-1 for Flax layout, 0 for NNR layout).
+
+    >>> lsa_init({"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}})
+    {'Dense_0/kernel': Array([1., 1., 1.], dtype=float32)}
+    """
+    return {k: jnp.ones((v.shape[axis],), v.dtype) for k, v in _selected(params, rows_spec).items()}
+
+
+def scale_rows(w: jax.Array, s: jax.Array, axis: int = -1) -> jax.Array:
+    """``w`` scaled by ``s`` along ``axis``. ``w``: any shape with ``w.shape[axis] == s.shape[0]``.
+
+    >>> scale_rows(jnp.ones((2, 3)), jnp.array([1.0, 2.0, 3.0])).tolist()
+    [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
+    """
+    w = jnp.asarray(w)
+    ax = axis % w.ndim
+    return w * jnp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax))
+
+
+def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: int = -1) -> Any:
+    """Copy of ``params`` whose named weights are multiplied by their scales along ``axis``. jit-able.
+
+    >>> p = {"Dense_0": {"kernel": jnp.ones((2, 2))}}
+    >>> apply_local_scales(p, {"Dense_0/kernel": jnp.array([2.0, 3.0])})["Dense_0"]["kernel"].tolist()
+    [[2.0, 3.0], [2.0, 3.0]]
+    """
+    leaves = named_leaves(params)
+    return replace_named(params, {k: scale_rows(leaves[k], s, axis) for k, s in scales.items()})
+
+
+def _bias_names(params: Any) -> list[str]:
+    return [k for k, v in named_leaves(params).items() if k.rsplit("/", 1)[-1] == "bias" and v.ndim == 1]
+
+
+class LSAResult(NamedTuple):
+    """Output of :func:`fit_local_scales`: trained ``scales``, ``params`` (quantized weights, tuned
+    biases, scales *not* applied) and the per-step training ``losses`` (steps,)."""
+
+    scales: dict[str, jax.Array]
+    params: Any
+    losses: jax.Array
+
+
+def fit_local_scales(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params_q: Any,
+    scales: Mapping[str, jax.Array],
+    data_iter: Iterable[Any],
+    optimizer: optax.GradientTransformation | None = None,
+    steps: int = 100,
+    progress: bool = True,
+    *,
+    train_biases: bool = True,
+    axis: int = -1,
+) -> LSAResult:
+    """Fine-tune local scales (and biases) on a task loss, weights frozen at their quantized values.
+
+    ``loss_fn(params, batch) -> scalar`` evaluates the model with ``params`` (scales already applied);
+    ``data_iter`` yields at least ``steps`` batches (training stops early if it runs out).
+    ``optimizer`` defaults to ``optax.adam(1e-3)``. Biases are the 1-D leaves named ``bias``.
+    One jitted step per batch; a tqdm bar shows the loss when ``progress``.
+
+    >>> scales = lsa_init(params_q)                                             # doctest: +SKIP
+    >>> res = fit_local_scales(loss, params_q, scales, batches, steps=200)     # doctest: +SKIP
+    >>> params_eval = apply_local_scales(res.params, res.scales)               # doctest: +SKIP
+    """
+    if steps < 0:
+        raise InputError(f"steps must be >= 0, got {steps}")
+    opt = optax.adam(1e-3) if optimizer is None else optimizer
+    leaves = named_leaves(params_q)
+    biases = {k: leaves[k] for k in _bias_names(params_q)} if train_biases else {}
+    trainable = {"scales": dict(scales), "biases": biases}
+
+    def loss_of(tr: dict[str, Any], batch: Any) -> jax.Array:
+        p = replace_named(params_q, tr["biases"]) if tr["biases"] else params_q
+        return loss_fn(apply_local_scales(p, tr["scales"], axis=axis), batch)
+
+    @jax.jit
+    def step(tr: dict[str, Any], state: Any, batch: Any) -> tuple[dict[str, Any], Any, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_of)(tr, batch)
+        updates, state = opt.update(grads, state, tr)
+        return optax.apply_updates(tr, updates), state, loss
+
+    state = opt.init(trainable)
+    losses = []
+    it = iter(data_iter)
+    bar = tqdm(range(steps), desc="LSA", disable=not progress, leave=False)
+    for _ in bar:
+        try:
+            batch = next(it)
+        except StopIteration:
+            break
+        trainable, state, loss = step(trainable, state, batch)
+        losses.append(loss)
+        if progress:
+            bar.set_postfix(loss=f"{float(loss):.4g}")
+    params_out = replace_named(params_q, trainable["biases"]) if trainable["biases"] else params_q
+    return LSAResult(trainable["scales"], params_out, jnp.stack(losses) if losses else jnp.zeros((0,)))

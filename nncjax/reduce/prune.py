@@ -1,0 +1,178 @@
+"""Sparsification and pruning: masks and pruned parameters, as pure jit-able functions.
+
+NNR carries nothing specific for sparsity (format digest §10): zeros are cheap for DeepCABAC and
+all-zero output rows are skipped by row skipping. These tools are encoder-side preprocessing.
+
+Every function takes a parameter pytree and a ``select(name, leaf) -> bool`` predicate (default:
+tensors with more than one dimension, NNCodec's "weights"); unselected leaves get an all-true mask.
+Masks are boolean pytrees of the parameters' structure and shapes (``True`` = kept). Pruning by a
+ratio removes exactly ``floor(ratio · n)`` entries (ties broken by position), so ratios may be traced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from nncjax.errors import InputError
+from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
+
+__all__ = [
+    "apply_masks",
+    "sparsity",
+    "magnitude_prune",
+    "stats_threshold_prune",
+    "row_scores",
+    "row_prune",
+    "row_prune_below_mean",
+]
+
+Select = Callable[[str, jax.Array], bool]
+
+
+def _keep_top(scores: jax.Array, ratio: jax.Array | float) -> jax.Array:
+    """Mask keeping all but the ``floor(ratio · n)`` smallest entries of 1-D ``scores``."""
+    n = scores.shape[0]
+    k = jnp.floor(jnp.clip(jnp.asarray(ratio, jnp.float32), 0.0, 1.0) * n).astype(jnp.int32)
+    rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+    return rank >= k
+
+
+def apply_masks(params: Any, masks: Any) -> Any:
+    """``params`` with masked-out entries set to zero. Same structure and shapes in and out.
+
+    >>> apply_masks({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([True, False])})["w"].tolist()
+    [1.0, 0.0]
+    """
+    return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, masks)
+
+
+def sparsity(params: Any, select: Select = default_weight_select) -> jax.Array:
+    """Fraction of exact zeros among the selected leaves (scalar float32).
+
+    >>> float(sparsity({"w": jnp.array([[0.0, 1.0], [0.0, 0.0]])}))
+    0.75
+    """
+    sel = [v for k, v in named_leaves(params).items() if select(k, v)]
+    if not sel:
+        return jnp.float32(0.0)
+    zeros = sum(jnp.sum(v == 0) for v in sel)
+    return (zeros / sum(v.size for v in sel)).astype(jnp.float32)
+
+
+def _masks_from(params: Any, selected: dict[str, jax.Array]) -> Any:
+    full = {k: jnp.ones(v.shape, bool) for k, v in named_leaves(params).items()}
+    full.update(selected)
+    return replace_named(jax.tree.map(lambda v: jnp.ones(jnp.shape(v), bool), params), full)
+
+
+def magnitude_prune(
+    params: Any, ratio: float | jax.Array, *, scope: str = "global", select: Select = default_weight_select
+) -> tuple[Any, Any]:
+    """Unstructured magnitude pruning: zero the ``ratio`` fraction of smallest ``|w|``.
+
+    ``scope="global"`` ranks all selected entries together; ``"per_tensor"`` prunes each tensor by
+    ``ratio``. Returns ``(pruned_params, masks)``. jit-able (``scope``/``select`` static).
+
+    >>> p, m = magnitude_prune({"w": jnp.array([[3.0, -1.0], [0.5, 2.0]])}, 0.5)
+    >>> p["w"].tolist()
+    [[3.0, 0.0], [0.0, 2.0]]
+    """
+    leaves = {k: v for k, v in named_leaves(params).items() if select(k, v)}
+    if scope == "per_tensor":
+        masks = {k: _keep_top(jnp.abs(v).ravel(), ratio).reshape(v.shape) for k, v in leaves.items()}
+    elif scope == "global":
+        masks = {}
+        if leaves:
+            flat = jnp.concatenate([jnp.abs(v).ravel().astype(jnp.float32) for v in leaves.values()])
+            keep = _keep_top(flat, ratio)
+            off = 0
+            for k, v in leaves.items():
+                masks[k] = keep[off : off + v.size].reshape(v.shape)
+                off += v.size
+    else:
+        raise InputError(f"scope must be 'global' or 'per_tensor', got {scope!r}")
+    m = _masks_from(params, masks)
+    return apply_masks(params, m), m
+
+
+def stats_threshold_prune(
+    params: Any,
+    delta: float | jax.Array = 1.0,
+    *,
+    step: float | jax.Array | None = None,
+    select: Select = default_weight_select,
+) -> tuple[Any, Any]:
+    """NNCodec's statistics rule: keep ``|w| >= |mean| + delta·std`` per tensor.
+
+    The threshold ``|μ| + δσ`` equals NNCodec's ``max(|μ − δσ|, |μ + δσ|)``. With a quantization
+    ``step``, the threshold is at least ``step / 2`` (entries below it would quantize to 0 anyway).
+    Returns ``(pruned_params, masks)``. jit-able.
+
+    >>> p, _ = stats_threshold_prune({"w": jnp.array([[0.1, -3.0], [0.2, 3.0]])}, 0.5)
+    >>> p["w"].tolist()
+    [[0.0, -3.0], [0.0, 3.0]]
+    """
+    masks = {}
+    for k, v in named_leaves(params).items():
+        if not select(k, v):
+            continue
+        thr = jnp.abs(jnp.mean(v)) + jnp.abs(jnp.asarray(delta, v.dtype)) * jnp.std(v)
+        if step is not None:
+            thr = jnp.maximum(thr, jnp.asarray(step, v.dtype) / 2)
+        masks[k] = jnp.abs(v) >= thr
+    m = _masks_from(params, masks)
+    return apply_masks(params, m), m
+
+
+def row_scores(w: jax.Array, axis: int = -1) -> jax.Array:
+    """Mean ``|w|`` per output row (over every axis but ``axis``). ``w``: (..., O) -> (O,).
+
+    >>> row_scores(jnp.array([[1.0, -2.0], [3.0, 0.0]])).tolist()
+    [2.0, 1.0]
+    """
+    w = jnp.asarray(w)
+    ax = axis % w.ndim
+    return jnp.mean(jnp.abs(w), axis=tuple(i for i in range(w.ndim) if i != ax))
+
+
+def _row_masks(params: Any, keep_rows: Callable[[jax.Array], jax.Array], select: Select, axis: int) -> Any:
+    masks = {}
+    for k, v in named_leaves(params).items():
+        if select(k, v):
+            keep = keep_rows(row_scores(v, axis))
+            ax = axis % v.ndim
+            masks[k] = jnp.broadcast_to(keep.reshape((-1,) + (1,) * (v.ndim - 1 - ax)), v.shape)
+    return _masks_from(params, masks)
+
+
+def row_prune(
+    params: Any, ratio: float | jax.Array, *, axis: int = -1, select: Select = default_weight_select
+) -> tuple[Any, Any]:
+    """Structured (filter) pruning: zero the ``floor(ratio·O)`` output rows of smallest mean ``|w|``
+    in each selected tensor. ``axis`` is the output axis (-1 Flax, 0 NNR layout).
+    Returns ``(pruned_params, masks)`` with masks broadcast to the full tensor shapes. jit-able.
+
+    >>> p, _ = row_prune({"w": jnp.array([[1.0, 0.1], [1.0, 0.1]])}, 0.5)
+    >>> p["w"].tolist()
+    [[1.0, 0.0], [1.0, 0.0]]
+    """
+    m = _row_masks(params, lambda s: _keep_top(s, ratio), select, axis)
+    return apply_masks(params, m), m
+
+
+def row_prune_below_mean(
+    params: Any, gain: float | jax.Array = 0.9, *, axis: int = -1, select: Select = default_weight_select
+) -> tuple[Any, Any]:
+    """NNCodec's adaptive structured rule: zero the rows whose mean ``|w|`` is below
+    ``gain · mean(row means)``. Returns ``(pruned_params, masks)``. jit-able.
+
+    >>> p, _ = row_prune_below_mean({"w": jnp.array([[1.0, 0.1], [1.0, 0.1]])})
+    >>> p["w"].tolist()
+    [[1.0, 0.0], [1.0, 0.0]]
+    """
+    m = _row_masks(params, lambda s: s >= jnp.asarray(gain, s.dtype) * jnp.mean(s), select, axis)
+    return apply_masks(params, m), m
