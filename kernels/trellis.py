@@ -1,0 +1,237 @@
+"""Encoder-side quantization kernels that reproduce NNCodec 2.1.3's ``quantLayer`` decisions exactly.
+
+* :func:`dq_trellis` -- the 8-state dependent-quantization Viterbi search (nnr-format.md §3.4), with
+  distortion only (``dist_scale == 0``) or distortion plus estimated DeepCABAC bits.
+* :func:`uniform_rate_aware` -- uniform rounding with a rate term (§3.7, ``lambda_scale > 0``).
+
+Both walk the weights in the order given by ``pos`` (the coder's scan order) and write their output at
+``pos``. Inputs are checked by the Python glue (:mod:`nncjax.quantize.reference`): finite weights,
+``pos`` a permutation of ``range(len(out))``, magnitudes below 2**31 steps.
+
+Rate estimation mirrors NNCodec's estimator, quirks included, because the chosen levels depend on it:
+
+* one context store per trellis state, initialised to init index 0, of ``90 + 4*G`` contexts where
+  ``G`` is the number of greater-than flags the estimator is given (NNCodec hands it
+  ``cabac_unary_length_minus1``, one fewer than the coder uses);
+* a bin costs ``EST_BITS[512 + (S01 >> 3)][bin]`` with no adaptation inside one level; bypass bins
+  cost 2**15;
+* a surviving branch copies the source state's context store and then adapts it by coding the level
+  with the *destination* state's significance contexts;
+* NNCodec keeps two estimator objects per state and swaps them every step, and the neighbour level is
+  not copied with the store: the rate uses the level last decided into the source state, while the
+  adaptation uses the level decided into the destination state two steps earlier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from nncjax.kernels.contexts import ctx_init_all, ctx_update
+from nncjax.kernels.tables import DQ_NEXT, EST_BITS
+
+__all__ = ["dq_trellis", "uniform_rate_aware", "DQ_BRANCHES", "estimator_size"]
+
+# Offsets of the context store (nnr-format.md §6.2).
+_SIGN_BASE = 48
+_GTX_BASE = 53
+_BYPASS = 1 << 15
+
+
+def _branches() -> np.ndarray:
+    """Per destination state, its three incoming branches (source state, candidate slot) in the order
+    NNCodec examines them: increasing source state, a parity-0 source giving its non-zero candidate
+    first and then the zero candidate (slot 4)."""
+    conn = [[] for _ in range(8)]
+    for prev in range(8):
+        quantizer = prev & 1
+        conn[int(DQ_NEXT[prev, 0])] += [(prev, 3 * quantizer), (prev, 4)]
+        conn[int(DQ_NEXT[prev, 1])] += [(prev, 2 - quantizer)]
+    out = np.array(conn, dtype=np.int32)
+    assert out.shape == (8, 3, 2)
+    out.setflags(write=False)
+    return out
+
+
+#: (8, 3, 2) int32: for each destination state, its branches ``(source state, candidate slot)``.
+DQ_BRANCHES = _branches()
+
+
+def estimator_size(n_gtx: int) -> int:
+    """Number of contexts in one estimator store for ``n_gtx`` greater-than flags."""
+    return 8 * 6 + 5 + 4 * n_gtx + 32 + 5
+
+
+@njit(cache=True, nogil=True)
+def _nb_class(neighbour):
+    # 0: neighbour zero, 1: negative, 2: positive (sig and sign context selection).
+    if neighbour == 0:
+        return 0
+    return 1 if neighbour < 0 else 2
+
+
+@njit(cache=True, nogil=True)
+def _bin(ctx, c, b, adapt):
+    """Estimated cost of bin ``b`` in context ``c`` (2**15 = one bit), or adapt the context."""
+    if adapt:
+        ctx_update(ctx, c, b)
+        return np.int64(0)
+    return np.int64(EST_BITS[512 + (ctx[c, 1] >> 3), b])
+
+
+@njit(cache=True, nogil=True)
+def _code_level(ctx, value, state, neighbour, n_gtx, adapt):
+    """Walks the unbounded binarization of ``value`` (§6.4), summing estimated bits or adapting."""
+    bits = np.int64(0)
+    sig = 1 if value != 0 else 0
+    nb = _nb_class(neighbour)
+    bits += _bin(ctx, 3 * state + nb, sig, adapt)
+    if sig == 0:
+        return bits
+    bits += _bin(ctx, _SIGN_BASE + nb, 1 if value < 0 else 0, adapt)
+    neg = 0 if value > 0 else 1
+    rem = abs(np.int64(value)) - 1
+    gr = 1 if rem != 0 else 0
+    bits += _bin(ctx, _GTX_BASE + neg, gr, adapt)
+    n = 1
+    while gr == 1 and n < n_gtx:
+        rem -= 1
+        gr = 1 if rem != 0 else 0
+        bits += _bin(ctx, _GTX_BASE + 2 * n + neg, gr, adapt)
+        n += 1
+    if gr == 1:
+        rem -= 1
+        # Exp-Golomb remainder: context-coded unary group prefix, bypass suffix.
+        c = _GTX_BASE + 4 * n_gtx
+        if rem == 0:
+            return bits + _bin(ctx, c, 0, adapt)
+        bits += _bin(ctx, c, 1, adapt)
+        base = np.int64(1)
+        log2 = 1
+        c += 1
+        while rem > base + (np.int64(1) << log2) - 1:
+            bits += _bin(ctx, c, 1, adapt)
+            base += np.int64(1) << log2
+            c += 1
+            log2 += 1
+        bits += _bin(ctx, c, 0, adapt)
+        bits += log2 * _BYPASS
+    return bits
+
+
+@njit(cache=True, nogil=True)
+def _candidates(org, sign, dist_scale, dist, level):
+    """Fills the five candidates of one weight: slots 0..3 hold reconstruction indices m..m+3 (slot =
+    index & 3, m = max(1, int(org) - 1)), slot 4 the zero level. ``level`` is the coded (DQ) level."""
+    m = max(np.int64(1), np.int64(org) - 1)
+    for idx in range(m, m + 4):
+        d = org - np.float64(idx)
+        dist[idx & 3] = dist_scale * (d * d)
+        level[idx & 3] = sign * ((idx + 1) >> 1)
+    dist[4] = dist_scale * (org * org)
+    level[4] = 0
+
+
+@njit(cache=True, nogil=True)
+def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
+    """Dependent quantization of ``w[pos[i]]`` for i in scan order; writes reconstruction indices k.
+
+    w: (n,) float32. pos: (n,) int64 permutation. inv_step: float64 ``1/Δ``. dist_scale: float64
+    distortion weight (1.0 when ``use_rate`` is False). use_rate: add estimated bits. n_gtx: int,
+    greater-than flags of the estimator. out: (n,) int32, written at ``pos``.
+    """
+    n = pos.shape[0]
+    big = np.finfo(np.float64).max
+    # Decision per step and destination state: source state | slot << 3.
+    dec = np.empty((n, 8), dtype=np.uint8)
+    cost = np.full(8, 0.5 * big)
+    cost[0] = 0.0
+    new_cost = np.empty(8)
+    dist = np.empty(5)
+    level = np.empty(5, dtype=np.int64)
+    n_ctx = 8 * 6 + 5 + 4 * n_gtx + 32 + 5 if use_rate else 1
+    # Two estimator objects per state, alternating by step parity (see module docstring).
+    ctx = np.empty((2, 8, n_ctx, 5), dtype=np.int32)
+    for i in range(2):
+        for j in range(8):
+            ctx_init_all(ctx[i, j])
+    nb = np.zeros((2, 8), dtype=np.int64)
+    for t in range(n):
+        x = np.float64(w[pos[t]])
+        sign = -1 if x < 0 else 1
+        org = inv_step * x * sign
+        _candidates(org, sign, dist_scale, dist, level)
+        src = (t + 1) & 1
+        dst = t & 1
+        for cur in range(8):
+            best = big
+            choice = 0
+            for b in range(3):
+                p = DQ_BRANCHES[cur, b, 0]
+                slot = DQ_BRANCHES[cur, b, 1]
+                c = cost[p] + dist[slot]
+                if use_rate:
+                    c += np.float64(_code_level(ctx[src, p], level[slot], p, nb[src, p], n_gtx, False))
+                if c < best:
+                    best = c
+                    choice = b
+            p = DQ_BRANCHES[cur, choice, 0]
+            slot = DQ_BRANCHES[cur, choice, 1]
+            dec[t, cur] = p | (slot << 3)
+            new_cost[cur] = best
+            if use_rate:
+                ctx[dst, cur, :, :2] = ctx[src, p, :, :2]  # the states; shifts are the same everywhere
+                _code_level(ctx[dst, cur], level[slot], cur, nb[dst, cur], n_gtx, True)
+                nb[dst, cur] = level[slot]
+        cost[:] = new_cost
+    state = 0
+    for s in range(1, 8):
+        if cost[s] < cost[state]:
+            state = s
+    for t in range(n - 1, -1, -1):
+        d = dec[t, state]
+        prev = d & 7
+        slot = d >> 3
+        x = np.float64(w[pos[t]])
+        sign = -1 if x < 0 else 1
+        org = inv_step * x * sign
+        _candidates(org, sign, dist_scale, dist, level)
+        q = level[slot]
+        k = 2 * q
+        if q < 0:
+            k += prev & 1
+        elif q > 0:
+            k -= prev & 1
+        out[pos[t]] = np.int32(k)
+        state = prev
+
+
+@njit(cache=True, nogil=True)
+def uniform_rate_aware(w, pos, inv_step, dist_scale, n_gtx, out):
+    """Uniform quantization with a rate term: per weight (in scan order) the cheapest of 0 and
+    ``max(1, R-1)..R`` (R = round(|w|/Δ)), cost ``dist_scale*(|w|/Δ - i)**2 + bits(+i)``; one
+    context store adapts along the chosen levels. Shapes as :func:`dq_trellis`; writes levels."""
+    n = pos.shape[0]
+    n_ctx = 8 * 6 + 5 + 4 * n_gtx + 32 + 5
+    ctx = np.empty((n_ctx, 5), dtype=np.int32)
+    ctx_init_all(ctx)
+    neighbour = np.int64(0)
+    for t in range(n):
+        x = np.float64(w[pos[t]])
+        sign = -1 if x < 0 else 1
+        a = np.float64(sign) * x * inv_step
+        best_i = np.int64(0)
+        best = dist_scale * (a * a) + np.float64(_code_level(ctx, 0, 0, neighbour, n_gtx, False))
+        top = np.int64(np.floor(a))
+        if a - np.float64(top) >= 0.5:  # round half away from zero, exactly (a >= 0)
+            top += 1
+        for i in range(max(np.int64(1), top - 1), top + 1):
+            d = a - np.float64(i)
+            c = dist_scale * (d * d) + np.float64(_code_level(ctx, i, 0, neighbour, n_gtx, False))
+            if c < best:
+                best = c
+                best_i = i
+        v = best_i * sign
+        out[pos[t]] = np.int32(v)
+        _code_level(ctx, v, 0, neighbour, n_gtx, True)
+        neighbour = v

@@ -1,0 +1,1 @@
+"""Quantizers: NNCodec-identical reference quantizers (:mod:`nncjax.quantize.reference`) and JAX quantizers."""
