@@ -14,7 +14,7 @@ One arithmetic-coded payload (an NDU's) holds, per tensor, optional bypass field
     assert dec.finish() == len(payload)
 
 Tensors of any rank are coded as an H x W matrix, H = shape[0] and W = prod(shape[1:]) (W = 1 for
-1-D and 0-d tensors, which are always raster-scanned). For DQ tensors the levels are NNCodec's
+1-D and 0-d tensors). Tensors with H == 1 or W == 1 are always raster-scanned, as in NNCodec. For DQ tensors the levels are NNCodec's
 reconstruction indices k; the coder transmits the DQ-coded levels and checks that every k is
 reachable from its DQ state. Codebook settings only count in profile 1 (as in NNCodec, profile 0
 codes codebook levels unbounded) and never go with DQ.
@@ -94,7 +94,9 @@ class _Layer:
         self.shape, self.height, self.width = _matrix_dims(shape)
         self.n_gtx = _check_int("unary_length", unary_length, 1, 256)
         self.dq = bool(dq)
-        self.scan_order = _check_int("scan_order", scan_order, 0, 4) if len(self.shape) >= 2 else 0
+        self.scan_order = _check_int("scan_order", scan_order, 0, 4)
+        if self.width == 1 or self.height * self.width == self.width:
+            self.scan_order = 0  # NNCodec's coder raster-scans single rows and columns
         self.profile = _check_int("profile", profile, 0, 1)
         cbs = _check_int("codebook_size", codebook_size, 0, 2**31 - 1)
         off = _check_int("codebook_offset", codebook_offset, 0, max(cbs - 1, 0))
@@ -181,7 +183,7 @@ class CabacEncoder:
         Same bytes as NNCodec's ``initCtxModels(N, param_opt)`` + ``encodeLayer(...)``:
         row-skip block (profile 1, H > 1, W > 1; rows that are all zero are skipped when
         ``row_skipping``), ci_flags (with the init search if ``param_opt``), then the levels in scan
-        order (``scan_order`` 0..4: raster or 8/16/32/64 blocks; ignored for ndim <= 1).
+        order (``scan_order`` 0..4: raster or 8/16/32/64 blocks; ignored if H == 1 or W == 1).
         ``codebook_size``/``codebook_offset`` (profile 1): levels lie in [-offset, size-1-offset].
         ``parent_present``: the NDU has parent_node_id_present_flag (codes hist_dep_sig_prob_enabled_flag=0).
         ``base`` (TCA) and ``hdsp_hist`` (HDSP) are not implemented yet (UnsupportedError).
