@@ -63,7 +63,7 @@ def _nb_class(nb):
 def _block_dims(height, width, scan_order):
     """(block height, block width, number of block rows, resets at block-row ends?)."""
     if scan_order == 0:
-        return height, width, 1, False
+        return height, max(width, 1), 1, False
     b = 4 << scan_order
     n_rows = (height + b - 1) // b
     return b, b, n_rows, n_rows > 1

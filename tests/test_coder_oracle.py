@@ -37,8 +37,8 @@ def q_to_k(q, scan, rs_active):
     zero_row = ~np.any(q2 != 0, axis=1)
     nxt = DQ_NEXT.tolist()
     state = 0
-    for r0 in range(0, h, bh):
-        for c0 in range(0, w, bw):
+    for r0 in range(0, h, max(bh, 1)):
+        for c0 in range(0, w, max(bw, 1)):
             for r in range(r0, min(h, r0 + bh)):
                 if rs_active and zero_row[r]:
                     for _ in range(w):

@@ -1,0 +1,198 @@
+"""DeepCABAC coder on its own: golden vectors, round trips, hostile input, argument checks, threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nncjax import BitstreamError, InputError, NNCError, UnsupportedError
+from nncjax.kernels.coder import (LEVEL_MAX, CabacDecoder, CabacEncoder, decode_levels, decode_many, encode_levels,
+                                  encode_many)
+from nncjax.kernels.contexts import GTX, SIGN, ci_context, ctx_init_all, num_contexts, rem_context, signalled_contexts
+from nncjax.kernels.engine import E_POS, ENC_STATE_SIZE, enc_bin, enc_bypass, enc_init, enc_terminate_and_finish
+from tests.test_coder_oracle import decode_case, encode_case, layer_kwargs, make_case, q_to_k
+
+EXAMPLE = np.array([[0.011, -0.023, 0], [0.25, 0, -0.004], [0, 0, 0]], np.float32)
+
+
+# ------------------------------------------------------------------------------ golden vectors
+
+def test_worked_example_dq_off_param_opt_on():
+    enc = CabacEncoder(unary_length=11, param_opt=True)
+    enc.iae_v(8, -32)
+    enc.encode_layer(np.array([[3, -6, 0], [64, 0, -1], [0, 0, 0]], np.int32), dq=False)
+    assert enc.finish() == bytes.fromhex("df 66 80 0a a1 85 78 3b ba 87")
+
+
+def test_worked_example_dq_on_param_opt_off():
+    enc = CabacEncoder(unary_length=11, param_opt=False)
+    enc.iae_v(8, -32)
+    enc.encode_layer(np.array([[2, -6, 0], [64, 0, -2], [0, 0, 0]], np.int32), dq=True)
+    data = enc.finish()
+    assert data == bytes.fromhex("df 66 80 05 5e ae 04 ab cf c0")
+    dec = CabacDecoder(data, unary_length=11)
+    assert dec.iae_v(8) == -32
+    levels, eps = dec.decode_layer((3, 3), dq=True)
+    assert levels.tolist() == [[2, -6, 0], [64, 0, -2], [0, 0, 0]] and len(eps) == 0
+    assert dec.finish() == 10
+
+
+def test_signalled_context_counts():
+    assert len(signalled_contexts(11, dq=True)) == 80
+    assert len(signalled_contexts(11, dq=False)) == 59
+    assert len(signalled_contexts(11, dq=False, codebook_size=1)) == 0
+    # codebook [-1, 0, 1]: sign coded, greater-than flags for |q| = 1 are not needed.
+    assert signalled_contexts(11, dq=False, codebook_size=3, codebook_offset=1).tolist() == [0, 1, 2, 48, 49, 50, 53, 54]
+
+
+# ----------------------------------------------------------------------------------- round trips
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1))
+def test_round_trip_random_configurations(seed):
+    """Own round trip over the cross-test generator, including configurations NNCodec cannot encode."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        case = make_case(rng)
+        prefix, levels, _, used = decode_case(case, data := encode_case(case))
+        assert prefix == [v for _, v in case["prefix"]] and used == len(data)
+        np.testing.assert_array_equal(levels, case["levels"])
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (40, 1), (1, 40), (0,), (0, 5), (3, 0), (2, 3, 0, 4)])
+@pytest.mark.parametrize("scan", [0, 3])
+def test_degenerate_shapes_round_trip(shape, scan):
+    rng = np.random.default_rng(len(shape) + scan)
+    levels = rng.integers(-3, 4, shape).astype(np.int32)
+    for dq in (False, True):
+        lv = q_to_k(levels, scan, False) if dq and levels.ndim else (levels * 2 if dq else levels)
+        data = encode_levels(lv, dq=dq, scan_order=scan, row_skipping=True)
+        np.testing.assert_array_equal(decode_levels(data, shape, dq=dq, scan_order=scan), lv)
+
+
+def test_extreme_levels_round_trip():
+    for unary in (1, 11, 256):
+        lv = np.array([[LEVEL_MAX, -LEVEL_MAX, 0, 1], [-1, 2**30, -(2**30) - 5, 7]], np.int32)
+        data = encode_levels(lv, dq=False, unary_length=unary)
+        np.testing.assert_array_equal(decode_levels(data, lv.shape, dq=False, unary_length=unary), lv)
+
+
+def test_entry_points_count_and_offsets():
+    rng = np.random.default_rng(5)
+    lv = rng.integers(-5, 6, (70, 20)).astype(np.int32)
+    enc = CabacEncoder()
+    enc.encode_layer(lv, dq=False, scan_order=1)
+    dec = CabacDecoder(enc.finish())
+    out, eps = dec.decode_layer(lv.shape, dq=False, scan_order=1)
+    np.testing.assert_array_equal(out, lv)
+    assert len(eps) == 8 and eps.start > 0  # ceil(70 / 8) - 1 entry points
+    assert np.all(eps.offset > 0) and np.all((eps.value >= 0) & (eps.value < 256))
+
+
+def test_many_tensors_in_one_payload_and_in_threads():
+    rng = np.random.default_rng(7)
+    tensors = [rng.integers(-9, 10, (int(rng.integers(1, 60)), int(rng.integers(1, 60)))).astype(np.int32)
+               for _ in range(12)]
+    enc = CabacEncoder(unary_length=5)
+    for i, t in enumerate(tensors):
+        enc.iae_v(8, i - 6)
+        enc.encode_layer(t, dq=False, scan_order=i % 5, row_skipping=bool(i % 2))
+    dec = CabacDecoder(data := enc.finish(), unary_length=5)
+    for i, t in enumerate(tensors):
+        assert dec.iae_v(8) == i - 6
+        np.testing.assert_array_equal(dec.decode_layer(t.shape, dq=False, scan_order=i % 5)[0], t)
+    assert dec.finish() == len(data)
+
+    streams = encode_many(tensors, dq=False, workers=2, scan_order=2)
+    assert streams == [encode_levels(t, dq=False, scan_order=2) for t in tensors]
+    for t, d in zip(tensors, decode_many(streams, [t.shape for t in tensors], dq=False, scan_order=2, workers=2)):
+        np.testing.assert_array_equal(d, t)
+
+
+# ---------------------------------------------------------------------------------- hostile input
+
+def _hostile_decode(data, case):
+    try:
+        decode_case(case, data)
+    except BitstreamError:
+        pass
+    except UnsupportedError:
+        assert case["parent"]  # a flipped bit can switch HDSP on
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1))
+def test_truncated_and_bit_flipped_payloads_never_crash(seed):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng)
+    data = encode_case(case)
+    for cut in sorted(set(rng.integers(0, len(data), 8).tolist()) | {0, len(data) - 1}):
+        with pytest.raises(BitstreamError):  # a valid payload is consumed exactly, so any cut shows
+            dec = CabacDecoder(data[:cut], case["n"])
+            [dec.iae_v(nbits) for nbits, _ in case["prefix"]]
+            dec.decode_layer(case["levels"].shape, **layer_kwargs(case))
+            dec.finish()
+    for _ in range(8):
+        bad = bytearray(data)
+        bad[int(rng.integers(len(bad)))] ^= 1 << int(rng.integers(8))
+        _hostile_decode(bytes(bad), case)
+    _hostile_decode(rng.integers(0, 256, int(rng.integers(0, 64)), dtype=np.uint8).tobytes(), case)
+
+
+def test_remainder_prefix_of_31_ones_is_rejected():
+    """A hand-made payload whose level has 31 remainder-prefix ones (no int32 level needs more than 30)."""
+    es, buf = np.zeros(ENC_STATE_SIZE, np.int64), np.zeros(256, np.uint8)
+    enc_init(es)
+    ctx = np.zeros((num_contexts(1), 5), np.int32)
+    ctx_init_all(ctx)
+    for _ in signalled_contexts(1, dq=False):
+        enc_bin(es, buf, ctx, ci_context(1), 0)
+    for c in [0, SIGN, GTX] + [rem_context(1) + j for j in range(31)]:  # sig, sign +, greater-than, prefix
+        enc_bin(es, buf, ctx, c, 1 if c != SIGN else 0)
+    enc_bypass(es, buf, 0, 31)
+    enc_terminate_and_finish(es, buf)
+    with pytest.raises(BitstreamError, match="prefix"):
+        decode_levels(buf[: es[E_POS]].tobytes(), (1,), dq=False, unary_length=1)
+
+
+def test_trailing_bytes_are_reported():
+    data = encode_levels(np.arange(10, dtype=np.int32), dq=False)
+    with pytest.raises(BitstreamError):
+        decode_levels(data + b"\x00", (10,), dq=False)
+
+
+# ----------------------------------------------------------------------------------- bad arguments
+
+@pytest.mark.parametrize("levels, kwargs", [
+    (np.zeros(4, np.float32), {}),
+    (np.array([2**31 - 1], np.int64), {}),
+    (np.array([-(2**31)], np.int32), {}),
+    (np.array([[1, 2]], np.int32), {"dq": True}),  # k = 1 is not reachable from DQ state 0
+    (np.array([[0, 3]], np.int32), {"codebook_size": 3, "codebook_offset": 1}),
+    (np.zeros((2, 2), np.int32), {"codebook_size": 3, "codebook_offset": 3}),
+    (np.zeros((2, 2), np.int32), {"codebook_size": 3, "dq": True}),
+    (np.zeros((2, 2), np.int32), {"scan_order": 5}),
+    (np.zeros((2, 2), np.int32), {"profile": 2}),
+])
+def test_bad_levels_and_settings_raise_input_error(levels, kwargs):
+    with pytest.raises(InputError):
+        encode_levels(levels, **({"dq": False} | kwargs))
+
+
+def test_bad_encoder_fields_and_unsupported_tools():
+    enc = CabacEncoder()
+    with pytest.raises(InputError):
+        enc.iae_v(8, 128)
+    with pytest.raises(InputError):
+        enc.uae_v(3, -1)
+    with pytest.raises(InputError):
+        CabacEncoder(unary_length=0)
+    with pytest.raises(UnsupportedError):
+        enc.encode_layer(np.zeros((2, 2), np.int32), dq=False, base=np.zeros((2, 2), np.int32))
+    with pytest.raises(UnsupportedError):
+        enc.encode_layer(np.zeros((2, 2), np.int32), dq=False, hdsp_hist=np.zeros((2, 2), np.int8))
+    enc.finish()
+    with pytest.raises(NNCError):
+        enc.encode_layer(np.zeros(2, np.int32), dq=False)
