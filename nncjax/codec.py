@@ -1,0 +1,659 @@
+"""Whole models in, whole models out: the public NNR codec API.
+
+:func:`encode` turns any pytree of arrays into an NNR bitstream that is byte-identical to
+``nncodec.nn.encode`` (NNCodec 2.1.3) with the same settings; :func:`decode` reads it (or any NNCodec
+bitstream of a dict model) back; :func:`inspect` lists what a bitstream contains.
+
+Pipeline per tensor (tensors are independent and are coded in parallel threads; the Numba kernels
+release the GIL): input policy (:mod:`nncjax.tensor_policy`) -> QP choice -> quantize
+(:mod:`nncjax.quantize.reference`) -> DeepCABAC (:mod:`nncjax.kernels.coder`) -> NDU
+(:mod:`nncjax.kernels.units`). The bitstream is STR, MPS, TPL, then one NDU per tensor in input
+order, exactly as NNCodec writes a dict model (profile 1, node ids, parameter_id = tensor index).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nncjax.clipped_dq import reachable_dq_levels
+from nncjax.errors import BitstreamError, InputError, NNCError
+from nncjax.pytree_names import flatten_named, unflatten_like
+from nncjax.steps import check_qp_density
+from nncjax.tensor_policy import PreparedTensor, prepare_tensor, restore_dtype
+
+__all__ = ["encode", "decode", "inspect", "StreamInfo", "TensorInfo", "QPAdjustedWarning"]
+
+PROFILE = 1  # NNCodec 2.1.3 hard-codes general_profile_idc = 1
+_PROGRESS_MIN_ELEMENTS = 1 << 23  # auto progress bar from ~8 M parameters on
+
+
+class QPAdjustedWarning(UserWarning):
+    """A tensor was coded with a coarser QP than requested (its values would overflow int32 levels)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclass(frozen=True)
+class _Settings:
+    qp: int
+    qp_density: int
+    nonweight_qp: int | None
+    dq: bool
+    codebook: str  # "off" | "auto" (NNCodec codebook_mode 2) | "always" (codebook_mode 1)
+    bitdepth: int | None
+    row_skipping: bool
+    param_opt: bool
+    scan_order: int
+    lambda_scale: float
+    unary_length: int
+
+    @property
+    def qp_bits(self) -> int:
+        return 6 + self.qp_density
+
+    def check_qp(self, qp: int, what: str) -> int:
+        lo, hi = -(1 << (self.qp_bits - 1)), (1 << (self.qp_bits - 1)) - 1
+        if not isinstance(qp, (int, np.integer)) or isinstance(qp, bool) or not lo <= int(qp) <= hi:
+            raise InputError(f"{what} must be an integer in [{lo}, {hi}] for qp_density {self.qp_density}, "
+                             f"got {qp!r}")
+        return int(qp)
+
+
+def _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
+              lambda_scale, unary_length) -> _Settings:
+    qpd = check_qp_density(qp_density)
+    cb_modes = {False: "off", None: "off", "off": "off", True: "auto", "auto": "auto", "always": "always"}
+    if not isinstance(codebook, (bool, str, type(None))) or codebook not in cb_modes:
+        raise InputError(f"codebook must be False, True/'auto' or 'always', got {codebook!r}")
+    if bitdepth is not None and (isinstance(bitdepth, bool) or not isinstance(bitdepth, (int, np.integer))
+                                 or not 2 <= bitdepth <= 31):
+        raise InputError(f"bitdepth must be None or an integer in 2..31, got {bitdepth!r}")
+    if not isinstance(scan_order, (int, np.integer)) or not 0 <= scan_order <= 4:
+        raise InputError(f"scan_order must be 0..4, got {scan_order!r}")
+    if not isinstance(unary_length, (int, np.integer)) or not 1 <= unary_length <= 256:
+        raise InputError(f"unary_length must be 1..256, got {unary_length!r}")
+    try:
+        lam = float(lambda_scale)
+    except (TypeError, ValueError):
+        raise InputError(f"lambda_scale must be a number >= 0, got {lambda_scale!r}") from None
+    if not lam >= 0 or not math.isfinite(lam):
+        raise InputError(f"lambda_scale must be a finite number >= 0, got {lambda_scale!r}")
+    s = _Settings(0, qpd, None, bool(dq), cb_modes[codebook], None if bitdepth is None else int(bitdepth),
+                  bool(row_skipping), bool(param_opt), int(scan_order), lam, int(unary_length))
+    qp = s.check_qp(qp, "qp")
+    # NNCodec treats a falsy nonweight_qp (None or 0) as "qp - 2 octaves" (step / 4).
+    nw = s.check_qp(nonweight_qp, "nonweight_qp") if nonweight_qp else None
+    return _Settings(qp, qpd, nw, s.dq, s.codebook, s.bitdepth, s.row_skipping, s.param_opt, s.scan_order,
+                     s.lambda_scale, s.unary_length)
+
+
+def _override_table(qp_overrides, names: list[str], float_names: set[str], s: _Settings) -> dict[str, int]:
+    """``qp_overrides`` -> {tensor name: qp}. Exact names win; other keys are regular expressions
+    (``re.fullmatch``), applied in the order given, the first match winning."""
+    if qp_overrides is None:
+        return {}
+    if not isinstance(qp_overrides, Mapping):
+        raise InputError("qp_overrides must be a mapping {tensor name or regex: qp}")
+    if s.bitdepth is not None and qp_overrides:
+        raise InputError("qp_overrides cannot be combined with bitdepth (bitdepth derives each tensor's QP)")
+    table: dict[str, int] = {}
+    patterns = []
+    for key, qp in qp_overrides.items():
+        qp = s.check_qp(qp, f"qp_overrides[{key!r}]")
+        if isinstance(key, str) and key in float_names:
+            table[key] = qp
+            continue
+        try:
+            pat = key if isinstance(key, re.Pattern) else re.compile(str(key))
+        except re.error as e:
+            raise InputError(f"qp_overrides key {key!r} is neither a float tensor's name nor a valid "
+                             f"regular expression: {e}") from None
+        patterns.append((key, pat, qp))
+    for key, pat, qp in patterns:
+        hits = [n for n in names if n in float_names and pat.fullmatch(n)]
+        if not hits:
+            raise InputError(f"qp_overrides key {key!r} matches no float tensor (integer tensors have no QP)")
+        for n in hits:
+            table.setdefault(n, qp)
+    return table
+
+
+# ------------------------------------------------------------------------------------------------
+# per-tensor coding
+
+
+@dataclass
+class _Coded:
+    """One tensor, quantized and arithmetic-coded, before its NDU header is written."""
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    is_int: bool
+    qp: int | None
+    dq: bool
+    scan_order: int
+    payload: bytes
+    codebook: np.ndarray | None = None
+    codebook_offset: int = 0
+    codebook_egk: int = 0
+    entry_points: Any = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
+    h = shape[0]
+    w = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    return h, w
+
+
+def _effective_scan(shape: tuple[int, ...], scan_order: int) -> int:
+    """The scan order a tensor is coded (and signalled) with: block scans need a real matrix.
+
+    NNCodec crashes on tensors with one row or one column under a block scan; nncjax signals
+    scan_order 0 for them (the coder scans them in raster order anyway), which every decoder reads.
+    """
+    if len(shape) < 2:
+        return 0
+    h, w = _matrix_dims(shape)
+    return scan_order if (h > 1 and w > 1) else 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A tensor's requested QP (None for integer tensors) and, in bitdepth mode, its level range."""
+
+    qp: int | None
+    clip: tuple[int, int] | None = None
+
+
+def _clip(levels: np.ndarray, clip: tuple[int, int] | None) -> np.ndarray:
+    return levels if clip is None else np.clip(levels, clip[0], clip[1]).astype(np.int32)
+
+
+def _quantize(t: PreparedTensor, qp: int, s: _Settings, dq: bool) -> tuple[np.ndarray, int]:
+    from nncjax.quantize.reference import quantize_tensor
+    return quantize_tensor(t.data, qp, qp_density=s.qp_density, dq=dq, lambda_scale=s.lambda_scale,
+                           unary_length=s.unary_length, scan_order=_effective_scan(t.data.shape, s.scan_order))
+
+
+def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
+    """NNCodec's codebook path for one tensor (``approx_method='codebook'``).
+
+    Uniform quantization without DQ (one octave finer when DQ was asked for), levels clipped in
+    bitdepth mode, codebook = sorted distinct levels, zero offset and Exp-Golomb order by trial
+    coding. "auto" (codebook_mode 2) keeps the codebook only if NNCodec's size estimate says it beats
+    plain (DQ) coding: both trial payloads use unary_length - 1, profile 1 and no row skipping, and
+    the codebook side adds codebook() *bits* to payload *bytes*, as NNCodec does.
+    """
+    from nncjax.kernels.coder import encode_levels
+    from nncjax.quantize.reference import codebook_best_egk, codebook_offset_search, codebook_qp_offset
+    scan = _effective_scan(t.data.shape, s.scan_order)
+    qp_cb = plan.qp - (codebook_qp_offset(s.qp_density) if s.dq else 0)
+    # NNCodec skips the bitdepth clip for all-zero tensors here (their levels are 0 anyway).
+    clip = plan.clip if t.data.any() else None
+    uni_levels, qp_used = _quantize(t, qp_cb, s, dq=False)
+    uni_levels = _clip(uni_levels, clip)
+    cb, inverse = np.unique(uni_levels, return_inverse=True)
+    idx = inverse.reshape(uni_levels.shape).astype(np.int32)
+    off = codebook_offset_search(idx, cb.size, s.unary_length)
+    egk = codebook_best_egk(cb, off)
+    chosen = dict(levels=idx - np.int32(off), qp=int(qp_used), requested=qp_cb, dq=False,
+                  codebook=cb.astype(np.int32), offset=int(off), egk=int(egk))
+    if s.codebook == "always":
+        return chosen
+    if s.dq:
+        uni_levels, qp_uni = _quantize(t, plan.qp, s, dq=True)
+        uni_levels, requested = _clip(uni_levels, clip), plan.qp
+    else:
+        qp_uni, requested = qp_used, qp_cb
+    trial = dict(unary_length=max(s.unary_length - 1, 1), param_opt=s.param_opt, scan_order=scan,
+                 row_skipping=False, profile=PROFILE)
+    bytes_uni = len(encode_levels(uni_levels, dq=s.dq, **trial))
+    cost_cb = len(encode_levels(chosen["levels"], dq=False, **trial)) + _codebook_bits(cb, off, egk)
+    if cost_cb < bytes_uni:
+        return chosen
+    return dict(levels=uni_levels, qp=int(qp_uni), requested=requested, dq=s.dq, codebook=None, offset=0, egk=0)
+
+
+def _codebook_bits(cb: np.ndarray, off: int, egk: int) -> int:
+    from nncjax.kernels.ndu import codebook_bits
+    return codebook_bits(cb, off, egk)
+
+
+def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings) -> _Coded:
+    from nncjax.kernels.coder import CabacEncoder
+    shape = t.data.shape
+    scan = _effective_scan(shape, s.scan_order)
+    enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=t.data.size // 2 + 1024)
+    notes: list[str] = []
+    if t.is_int:
+        c = dict(levels=t.data, qp=None, dq=False, codebook=None, offset=0, egk=0)
+    else:
+        if s.codebook != "off" and t.data.size:  # an empty tensor has no codebook (NNCodec crashes)
+            c = _codebook_choice(t, plan, s)
+        else:
+            levels, qp_used = _quantize(t, plan.qp, s, dq=s.dq)
+            # NNCodec leaves tensors named like BatchNorm step counters unclipped.
+            if ".num_batches_tracked" not in t.name:
+                levels = _clip(levels, plan.clip)
+            c = dict(levels=levels, qp=int(qp_used), requested=plan.qp, dq=s.dq, codebook=None, offset=0, egk=0)
+        if c["qp"] != c["requested"]:
+            notes.append(f"tensor {t.name!r}: QP {c['requested']} would overflow int32 levels "
+                         f"(max |w| = {float(np.abs(t.data).max()):.6g}); coded with QP {c['qp']} instead")
+        enc.iae_v(s.qp_bits, c["qp"])
+    cb = c["codebook"]
+    if c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping)):
+        # Clipping, or NNCodec's row-skip DQ quirk under block scans, can leave DQ indices that the
+        # state machine cannot produce; code what every decoder reconstructs from NNCodec's q.
+        c["levels"] = reachable_dq_levels(c["levels"], scan_order=scan, row_skipping=s.row_skipping)
+    enc.encode_layer(c["levels"], dq=c["dq"], scan_order=scan, row_skipping=s.row_skipping, profile=PROFILE,
+                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"])
+    coded = _Coded(t.name, index, shape, t.is_int, c["qp"], c["dq"], scan, enc.finish(), cb, c["offset"],
+                   c["egk"], notes=notes)
+    h, w = _matrix_dims(shape)
+    if scan > 0 and h > 1 and w > 1:
+        coded.entry_points = _entry_points(coded, s)
+    return coded
+
+
+def _entry_points(c: _Coded, s: _Settings):
+    """Entry points can only be known by decoding the finished payload (as NNCodec does)."""
+    from nncjax.kernels.coder import CabacDecoder
+    dec = CabacDecoder(c.payload, unary_length=s.unary_length)
+    if not c.is_int:
+        dec.iae_v(s.qp_bits)
+    _, eps = dec.decode_layer(c.shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
+                              codebook_size=0 if c.codebook is None else len(c.codebook),
+                              codebook_offset=c.codebook_offset)
+    return eps
+
+
+# ------------------------------------------------------------------------------------------------
+# units
+
+
+def _header_units(s: _Settings) -> bytes:
+    from nncjax.kernels.units import ModelParameterSet, StartUnit, TopologyUnit, write_stream
+    return write_stream([StartUnit(general_profile_idc=PROFILE), ModelParameterSet(qp_density=s.qp_density),
+                         TopologyUnit()])
+
+
+def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
+    from nncjax.kernels.units import Codebook, CompressedDataUnit, PayloadType, write_unit
+    cb = None if c.codebook is None else Codebook(c.codebook_egk, tuple(int(v) for v in c.codebook),
+                                                  c.codebook_offset)
+    ndu = CompressedDataUnit(
+        payload_type=PayloadType.INT if c.is_int else PayloadType.FLOAT, topology_elem_ids=(c.name,),
+        parameter_id=c.index, codebook=cb, dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
+        cabac_unary_length_minus1=s.unary_length - 1, scan_order=c.scan_order, entry_points=c.entry_points,
+        payload=c.payload)
+    return write_unit(ndu)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+
+
+def _progress(total: int, enabled, desc: str):
+    if enabled is None:
+        enabled = total >= _PROGRESS_MIN_ELEMENTS
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="param", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+
+
+def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, desc: str) -> list:
+    """Applies ``fn`` to every item on a thread pool (largest first, for balance); ordered results."""
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise InputError(f"workers must be a positive integer, got {workers!r}")
+    bar = _progress(sum(sizes), progress, desc)
+    results: list = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: -sizes[i])
+    try:
+        if workers == 1 or len(items) <= 1:
+            for i in order:
+                results[i] = fn(items[i])
+                if bar is not None:
+                    bar.update(sizes[i])
+        else:
+            with ThreadPoolExecutor(max_workers=int(workers)) as pool:
+                futures = {i: pool.submit(fn, items[i]) for i in order}
+                for i in order:
+                    results[i] = futures[i].result()
+                    if bar is not None:
+                        bar.update(sizes[i])
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides) -> list[_Plan]:
+    from nncjax.quantize.reference import bitdepth_qp
+    names = [t.name for t in prepared]
+    float_names = {t.name for t in prepared if not t.is_int}
+    overrides = _override_table(qp_overrides, names, float_names, s)
+    nonweight = s.nonweight_qp if s.nonweight_qp is not None else s.qp - (2 << s.qp_density)
+    plan: list[_Plan] = []
+    for t in prepared:
+        if t.is_int:
+            plan.append(_Plan(None))
+        elif s.bitdepth is not None:
+            qp, lo, hi = bitdepth_qp(t.data, s.bitdepth, qp_density=s.qp_density, is_weight=t.data.ndim > 1)
+            plan.append(_Plan(int(qp), (int(lo), int(hi))))
+        else:
+            plan.append(_Plan(overrides.get(t.name, s.qp if t.data.ndim > 1 else nonweight)))
+    return plan
+
+
+def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | None = -75, dq: bool = True,
+           codebook: bool | str = False, bitdepth: int | None = None, row_skipping: bool = True,
+           param_opt: bool = True, scan_order: int = 0, qp_overrides: Mapping | None = None,
+           lambda_scale: float = 0.0, unary_length: int = 11, workers: int = 2,
+           progress: bool | None = None) -> bytes:
+    """Encodes a model (any pytree of arrays) into an NNR bitstream, byte-identical to NNCodec.
+
+    Args:
+      params: flat dict ``{name: array}`` (names kept verbatim, in order), nested dicts/lists, Flax
+        params, ... of jax or numpy arrays. Nested trees are named by key path joined with "/".
+        Dtypes: see ``docs/input-policy.md`` (float -> quantized, int/bool -> lossless int32).
+      qp: QP of "weight" tensors (ndim > 1). Step = 2**(qp / 2**qp_density) with a linear mantissa.
+      qp_density: 0..7, QP resolution (2**qp_density steps per octave).
+      nonweight_qp: QP of tensors with ndim <= 1 (biases, norms); falsy -> ``qp - 2 << qp_density``.
+      dq: dependent (trellis) quantization.
+      codebook: False; True / "auto" (NNCodec ``approx_method='codebook'``: a codebook per tensor when
+        it is estimated smaller); "always" (NNCodec ``codebook_mode=1``).
+      bitdepth: if set, each tensor's QP is derived from its value range and levels are clipped to
+        this many bits (NNCodec ``bitdepth``); cannot be combined with ``qp_overrides``.
+      row_skipping: signal all-zero rows. param_opt: optimise context initialisation.
+      scan_order: 0 raster, 1..4 block scans (8..64) with entry points for parallel decoding.
+      qp_overrides: ``{name or regex: qp}`` per-tensor QPs (exact names first, then
+        ``re.fullmatch`` patterns in order); a key matching no float tensor raises InputError.
+      lambda_scale: rate-distortion trade-off of the quantizer (0: nearest / pure distortion).
+      unary_length: number of greater-than flags of the level binarization (NNCodec: 11).
+      workers: threads coding tensors in parallel. progress: tqdm bar (None: only for big models).
+
+    Returns:
+      the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a
+      coarser QP than requested.
+
+    Example:
+      >>> data = encode({"w": np.random.randn(64, 32).astype(np.float32) * 0.05,
+      ...                "b": np.zeros(64, np.float32)}, qp=-36)
+      >>> sorted(decode(data))
+      ['b', 'w']
+    """
+    s = _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
+                  lambda_scale, unary_length)
+    named = flatten_named(params)
+    prepared = [prepare_tensor(n, x) for n, x in named.items()]
+    plan = _qp_plan(prepared, s, qp_overrides)
+    jobs = list(zip(prepared, range(len(prepared)), plan))
+
+    def work(job):
+        c = _code_tensor(job[0], job[1], job[2], s)
+        return c, _ndu_bytes(c, s)
+
+    results = _run_parallel(work, jobs, [max(t.data.size, 1) for t in prepared], workers, progress, "encode")
+    for c, _ in results:
+        for note in c.notes:
+            warnings.warn(note, QPAdjustedWarning, stacklevel=2)
+    return _header_units(s) + b"".join(ndu for _, ndu in results)
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+
+@dataclass
+class _Stream:
+    """A parsed bitstream: the unit list plus the values later units depend on."""
+
+    units: list
+    profile: int
+    qp_density: int
+    base_qp: int
+    ndus: list  # (unit, qp_density, quantization_parameter in force for it)
+
+
+def _parse(data, limits) -> _Stream:
+    from nncjax.kernels.units import (CompressedDataUnit, DecodeLimits, LayerParameterSet, ModelParameterSet,
+                                      StartUnit, read_units)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InputError(f"data must be bytes, got {type(data).__name__}")
+    if limits is not None and not isinstance(limits, DecodeLimits):
+        raise InputError("limits must be a nncjax.kernels.unit_base.DecodeLimits")
+    units = read_units(bytes(data), limits=limits or DecodeLimits())
+    if not units:
+        raise BitstreamError("unit 0 (NNR_STR): field nnr_unit_size: the bitstream is empty")
+    profile, qpd, base_qp, ndus = 1, 0, 0, []
+    for u in units:
+        if isinstance(u, StartUnit):
+            profile = int(u.general_profile_idc)
+        elif isinstance(u, (ModelParameterSet, LayerParameterSet)):
+            # A later LPS replaces the MPS values as the QP reference of the NDUs after it (NNCodec).
+            if u.quantization_method_flags & 3:
+                qpd, base_qp = int(u.qp_density), int(u.quantization_parameter)
+        elif isinstance(u, CompressedDataUnit):
+            ndus.append((u, qpd, base_qp))
+    return _Stream(units, profile, qpd, base_qp, ndus)
+
+
+def _reconstruct(levels: np.ndarray, qp: int, qpd: int, cb) -> np.ndarray:
+    """Uniform/DQ: float32(step) * float32(k), bit-exact with NNCodec. Codebook: the float64 product
+    entry * step (NNCodec's own precision; :func:`decode` rounds it to float32 unless ``like`` asks
+    for float64)."""
+    from nncjax.quantize.reference import reconstruct, reconstruct_codebook
+    if cb is None:
+        return reconstruct(levels, qp, qp_density=qpd)
+    try:
+        return reconstruct_codebook(levels, np.asarray(cb.values, np.int64), cb.zero_offset, qp, qpd)
+    except InputError as e:
+        raise BitstreamError(f"codebook: {e}") from None
+
+
+@dataclass
+class _Decoded:
+    names: list
+    arrays: list
+
+
+def _decode_ndu(job) -> _Decoded:
+    from nncjax.errors import UnsupportedError
+    from nncjax.kernels.coder import CabacDecoder
+    from nncjax.kernels.units import PayloadType
+    u, qpd, base_qp, profile = job
+    members = u.members()
+    where = f"NNR_NDU {u.topology_elem_ids[0]!r} (unit {u.span.index if u.span else '?'})"
+    if u.payload_type == PayloadType.RAW_FLOAT:
+        return _Decoded([m.name for m in members], [np.asarray(u.payload, np.float32)])
+    if any(m.role in ("dc_g", "dc_h") for m in members):
+        raise UnsupportedError(f"{where}: low-rank decomposed (CPT_DC) tensors are not supported")
+    is_int = u.payload_type == PayloadType.INT
+    dec = CabacDecoder(u.payload, unary_length=u.cabac_unary_length_minus1 + 1)
+    out = _Decoded([], [])
+    try:
+        for m in members:
+            qp = None if is_int else dec.iae_v(6 + qpd) + base_qp
+            # Codebook bounds shape the binarization only in profile 1.
+            cb = m.codebook
+            bounded = cb is not None and profile == 1
+            if cb is not None and u.dq_flag:
+                raise UnsupportedError(f"{where}: dq_flag = 1 together with a codebook")
+            # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
+            levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
+                                         scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
+                                         codebook_size=len(cb.values) if bounded else 0,
+                                         codebook_offset=cb.zero_offset if bounded else 0)
+            out.names.append(m.name)
+            out.arrays.append(levels if is_int else _reconstruct(levels, qp, qpd, cb))
+        used = dec.finish()
+    except BitstreamError as e:
+        raise BitstreamError(f"{where}: nnr_compressed_data_unit_payload: {e}") from None
+    if used != len(u.payload):
+        raise BitstreamError(f"{where}: nnr_compressed_data_unit_payload has {len(u.payload)} bytes but its "
+                             f"arithmetic-coded data ends after {used}")
+    return out
+
+
+def _decode_all(data, limits, workers, progress) -> tuple[_Stream, list[_Decoded]]:
+    st = _parse(data, limits)
+    jobs = [(u, qpd, base_qp, st.profile) for u, qpd, base_qp in st.ndus]
+    sizes = [max(u.element_count(), 1) for u, _, _ in st.ndus]
+    return st, _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode")
+
+
+def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | None = None):
+    """Decodes an NNR bitstream into arrays.
+
+    Args:
+      data: the bitstream (``bytes``), from :func:`encode` or NNCodec.
+      like: optional pytree (e.g. the original params). If given, the result has its structure, and
+        each leaf gets ``like``'s dtype and shape (e.g. bf16, int8, 0-d scalars come back as such).
+      limits: a :class:`nncjax.kernels.unit_base.DecodeLimits` capping declared sizes (default: rank
+        16, 2**31 - 1 elements per tensor, 2**32 per stream) -> ``LimitError`` beyond them.
+      workers: threads decoding tensors in parallel. progress: tqdm bar (None: only for big models).
+
+    Returns:
+      without ``like``: ``dict[str, np.ndarray]`` in bitstream order; float tensors float32 (uniform:
+      ``float32(step) * float32(k)``, exactly as NNCodec; codebook: the exact float64 product rounded to
+      float32), integer tensors int32. With ``like``: a pytree shaped like it.
+
+    Raises:
+      BitstreamError (naming unit and field) for any malformed input; LimitError beyond ``limits``;
+      UnsupportedError for valid features nncjax does not decode (low-rank DC tensors).
+
+    Example:
+      >>> data = encode({"w": np.ones((4, 4), np.float32)})
+      >>> decode(data)["w"][0, 0]
+      1.0
+    """
+    st, parts = _decode_all(data, limits, workers, progress)
+    flat: dict[str, np.ndarray] = {}
+    for part in parts:
+        for name, arr in zip(part.names, part.arrays):
+            key = name if isinstance(name, str) else str(name)
+            if key in flat:
+                raise BitstreamError(f"NNR_NDU {key!r}: topology_elem_id occurs twice in the bitstream")
+            flat[key] = arr
+    if like is None:
+        return {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in flat.items()}
+
+    def cast(name, arr, ref):
+        ref_arr = np.asarray(ref) if not hasattr(ref, "dtype") else ref
+        dtype = np.dtype(ref_arr.dtype)
+        out = restore_dtype(name, arr, dtype, tuple(np.shape(ref_arr)))
+        if type(ref).__module__.startswith(("jax", "jaxlib")):
+            import jax.numpy as jnp
+            return jnp.asarray(out)
+        return out
+
+    return unflatten_like(like, flat, cast)
+
+
+# ------------------------------------------------------------------------------------------------
+# inspection
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a bitstream as :func:`inspect` reports it."""
+
+    name: str
+    shape: tuple
+    payload_type: str  # "INT", "FLOAT", "RAW_FLOAT", "BLOCK"
+    qp: int | None
+    dq: bool
+    codebook_size: int
+    codebook_offset: int | None
+    scan_order: int
+    entry_points: int
+    coded_bytes: int  # the whole NDU carrying the tensor (shared by the members of a block)
+    parameter_id: int | None
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    type: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What :func:`inspect` found: the units and every tensor. ``str()`` gives a table."""
+
+    profile: int
+    qp_density: int
+    total_bytes: int
+    units: tuple
+    tensors: tuple
+
+    def __str__(self) -> str:
+        head = (f"NNR bitstream: {self.total_bytes} bytes, {len(self.units)} units, {len(self.tensors)} tensors, "
+                f"profile {self.profile}, qp_density {self.qp_density}")
+        cols = ("name", "shape", "type", "qp", "dq", "codebook", "scan", "bytes")
+        rows = [(t.name, "x".join(map(str, t.shape)) or "()", t.payload_type, "" if t.qp is None else str(t.qp),
+                 "y" if t.dq else "n", f"{t.codebook_size}@{t.codebook_offset}" if t.codebook_size else "",
+                 str(t.scan_order), str(t.coded_bytes)) for t in self.tensors]
+        width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
+        fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w)  # noqa: E731
+                                  for i, (v, w) in enumerate(zip(r, width)))
+        lines = [head, fmt(cols), fmt(["-" * w for w in width])] + [fmt(r) for r in rows]
+        units = ", ".join(f"{u.type}@{u.offset}({u.size})" for u in self.units if u.type != "NDU")
+        return "\n".join(lines + [f"other units: {units}"])
+
+
+def _unit_type_name(u) -> str:
+    from nncjax.kernels.units import CompressedDataUnit, LayerParameterSet, ModelParameterSet, StartUnit, TopologyUnit
+    names = {StartUnit: "STR", ModelParameterSet: "MPS", LayerParameterSet: "LPS", TopologyUnit: "TPL",
+             CompressedDataUnit: "NDU"}
+    return names.get(type(u), type(u).__name__)
+
+
+def inspect(data, *, limits=None) -> StreamInfo:
+    """Lists the units and tensors of a bitstream without decoding the tensors' levels.
+
+    Per tensor: name, shape, payload type, QP (read from the start of its arithmetic-coded data),
+    DQ flag, codebook size and zero offset, scan order, entry-point count and NDU size in bytes.
+
+    Example:
+      >>> print(inspect(encode({"w": np.ones((4, 4), np.float32)})))  # doctest: +ELLIPSIS
+      NNR bitstream: ... bytes, 4 units, 1 tensors, profile 1, qp_density 2
+      ...
+    """
+    from nncjax.kernels.coder import CabacDecoder
+    from nncjax.kernels.unit_base import PayloadType
+    st = _parse(data, limits)
+    units, tensors = [], []
+    for u in st.units:
+        span = u.span
+        units.append(UnitInfo(_unit_type_name(u), span.offset if span else -1, span.size if span else -1))
+    for u, qpd, base_qp in st.ndus:
+        qp = None
+        if u.payload_type in (PayloadType.FLOAT, PayloadType.BLOCK):
+            qp = CabacDecoder(u.payload, unary_length=u.cabac_unary_length_minus1 + 1).iae_v(6 + qpd) + base_qp
+        for j, m in enumerate(u.members()):
+            cb = m.codebook
+            tensors.append(TensorInfo(
+                name=str(m.name), shape=tuple(m.shape), payload_type=PayloadType(u.payload_type).name,
+                qp=qp if j == 0 else None, dq=bool(u.dq_flag) and u.payload_type != PayloadType.INT,
+                codebook_size=len(cb.values) if cb is not None else 0,
+                codebook_offset=cb.zero_offset if cb is not None else None,
+                scan_order=u.scan_order if len(m.shape) > 1 else 0,
+                entry_points=len(u.entry_points) if u.entry_points is not None else 0,
+                coded_bytes=u.span.size if u.span else len(u.payload), parameter_id=u.parameter_id))
+    return StreamInfo(st.profile, st.qp_density, len(data), tuple(units), tuple(tensors))

@@ -1,0 +1,143 @@
+"""Names for the tensors of a pytree, and the way back from a flat ``{name: array}`` dict.
+
+NNR bitstreams carry each tensor's name as a string (``topology_elem_id``). nncjax names tensors so
+that a flat dict round-trips verbatim and a nested pytree gets readable, stable names:
+
+* a flat mapping of ``str -> array`` keeps its keys and their insertion order (what NNCodec does);
+* nested mappings, lists and tuples are walked in insertion order and named by their key path joined
+  with ``"/"`` (``{"dense": {"kernel": w}}`` -> ``"dense/kernel"``; list items by index);
+* any other pytree node (Flax structs, custom nodes) is flattened by ``jax.tree_util`` below that
+  point, its keys named the same way.
+
+``None`` leaves are kept in the structure and carry no tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from nncjax.errors import InputError
+
+__all__ = ["flatten_named", "unflatten_like", "check_name"]
+
+_SEP = "/"
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, np.generic, int, float, bool)) or _is_jax_array(x)
+
+
+def _is_jax_array(x: Any) -> bool:
+    return type(x).__module__.startswith(("jax", "jaxlib")) and hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _key_str(entry: Any) -> str:
+    """One jax key-path entry as a name component (DictKey, GetAttrKey, SequenceKey, ...)."""
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def check_name(name: str) -> str:
+    """Validates a tensor name: a non-empty str without NUL (the NNR string terminator)."""
+    if not isinstance(name, str):
+        raise InputError(f"tensor names must be str, got {type(name).__name__} {name!r}")
+    if name == "" or "\x00" in name:
+        raise InputError(f"tensor name {name!r} is empty or contains a NUL character")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"tensor name {name!r} is not encodable as UTF-8: {e}") from None
+    return name
+
+
+def _walk(node: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
+    if node is None:
+        return
+    if _is_leaf(node):
+        out.append((prefix, node))
+        return
+    if isinstance(node, Mapping):
+        items = [(str(k), v) for k, v in node.items()]
+    elif isinstance(node, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(node)]
+    else:
+        import jax
+
+        leaves, _ = jax.tree_util.tree_flatten_with_path(node)
+        items = [(_SEP.join(_key_str(e) for e in path), leaf) for path, leaf in leaves]
+    for key, child in items:
+        _walk(child, f"{prefix}{_SEP}{key}" if prefix else key, out)
+
+
+def flatten_named(params: Any) -> dict[str, Any]:
+    """``params`` (any pytree of arrays) -> ``{name: leaf}`` in coding order.
+
+    >>> list(flatten_named({"dense": {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}}))
+    ['dense/kernel', 'dense/bias']
+    >>> list(flatten_named({"layer.0/weight": np.zeros((2, 3))}))  # flat dict: keys verbatim
+    ['layer.0/weight']
+    """
+    if isinstance(params, Mapping) and all(_is_leaf(v) for v in params.values()):
+        pairs = [(k if isinstance(k, str) else str(k), v) for k, v in params.items()]
+    elif _is_leaf(params):
+        raise InputError("params must be a pytree (e.g. a dict) of arrays, not a single array")
+    else:
+        pairs = []
+        _walk(params, "", pairs)
+    out: dict[str, Any] = {}
+    for name, leaf in pairs:
+        check_name(name)
+        if name in out:
+            raise InputError(f"two tensors get the same name {name!r}; use a flat dict with unique keys")
+        out[name] = leaf
+    return out
+
+
+def unflatten_like(like: Any, values: Mapping[str, Any], cast) -> Any:
+    """Rebuilds a pytree shaped like ``like`` from ``{name: array}`` (names as :func:`flatten_named`).
+
+    ``cast(name, array, like_leaf)`` converts each decoded array to the leaf's type/dtype/shape.
+    Raises InputError if ``values`` lacks a name of ``like``.
+    """
+    def leaf(name: str, ref: Any) -> Any:
+        if name not in values:
+            raise InputError(f"the bitstream has no tensor named {name!r} (required by `like`)")
+        return cast(name, values[name], ref)
+
+    if isinstance(like, Mapping) and all(_is_leaf(v) for v in like.values()):
+        return _rebuild_mapping(like, {k: leaf(k if isinstance(k, str) else str(k), v) for k, v in like.items()})
+
+    def build(node: Any, prefix: str) -> Any:
+        if node is None:
+            return None
+        if _is_leaf(node):
+            return leaf(prefix, node)
+        join = (lambda k: f"{prefix}{_SEP}{k}") if prefix else (lambda k: str(k))
+        if isinstance(node, Mapping):
+            return _rebuild_mapping(node, {k: build(v, join(k)) for k, v in node.items()})
+        if isinstance(node, (list, tuple)):
+            items = [build(v, join(i)) for i, v in enumerate(node)]
+            if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
+                return type(node)(*items)
+            return type(node)(items)
+        import jax
+
+        paths, treedef = jax.tree_util.tree_flatten_with_path(node)
+        new = [build(x, join(_SEP.join(_key_str(e) for e in p))) for p, x in paths]
+        return jax.tree_util.tree_unflatten(treedef, new)
+
+    return build(like, "")
+
+
+def _rebuild_mapping(ref: Mapping, items: dict) -> Mapping:
+    if type(ref) is dict:
+        return items
+    try:
+        return type(ref)(items)
+    except TypeError:
+        return items
