@@ -70,7 +70,7 @@ def _codebook_deltas(values, zero_offset: int) -> list[int]:
 def codebook_bits(values, zero_offset: int, egk: int) -> int:
     """Bits ``codebook()`` takes for these entries at this Exp-Golomb order.
 
-    Example: ``codebook_bits((-3, 0, 5), 1, 0)`` is 4 + 3 + 3 + 1 + 3 + 5 = 19.
+    Example: ``codebook_bits((-3, 0, 5), 1, 0)`` is 4 + 3 + 3 + 8 + 3 + 5 = 26.
     """
     vals = [int(v) for v in values]
     size = len(vals)
@@ -85,7 +85,7 @@ def best_codebook_egk(values, zero_offset: int) -> int:
     """The order 0…15 giving the shortest ``codebook()``, ties to the smallest (NNCodec's choice).
 
     ``values``: strictly increasing ints; ``zero_offset``: CbZeroOffset.
-    Example: ``best_codebook_egk(range(-100, 101, 10), 10) == 3`` (all deltas are 9).
+    Example: ``best_codebook_egk(range(-100, 101, 10), 10) == 2`` (all deltas are 9: 5 bits at order 2).
     """
     deltas = _codebook_deltas([int(v) for v in values], zero_offset)
     costs = [sum(ue_length(k, d) for d in deltas) for k in range(16)]
