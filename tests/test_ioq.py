@@ -1,0 +1,138 @@
+"""IOQ (nncjax.ioq): initial per-tensor QP heuristic and the greedy D + λR QP search."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nncjax.errors import InputError
+from nncjax.ioq import estimate_lambda, ioq_cost, ioq_initial_qps, ioq_search, qp_limits, reconstruct_uniform
+from nncjax.steps import qp_to_step
+
+
+def _mlp(seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = [(64, 128, 0.15), (128, 32, 0.1), (32, 10, 0.3)]
+    return {f"Dense_{i}": {"kernel": jnp.asarray(rng.normal(size=(a, b)) * s, jnp.float32),
+                           "bias": jnp.asarray(rng.normal(size=b) * 0.1, jnp.float32)}
+            for i, (a, b, s) in enumerate(sizes)}
+
+
+def _forward(p, x):
+    for i in range(3):
+        x = x @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+        if i < 2:
+            x = jnp.tanh(x)
+    return x
+
+
+@pytest.fixture(scope="module")
+def toy():
+    params = _mlp()
+    x = jnp.asarray(np.random.default_rng(9).normal(size=(256, 64)), jnp.float32)
+    y_ref = _forward(params, x)
+    mse = jax.jit(lambda p: jnp.mean((_forward(p, x) - y_ref) ** 2))
+    return params, (lambda p: float(mse(p)))
+
+
+def entropy_bits(name, w, qp):
+    """Empirical zeroth-order entropy of the uniform levels (a stand-in for the coder's size)."""
+    step = np.float32(qp_to_step(qp))
+    k = np.sign(w) * np.floor(np.abs(np.asarray(w) * (np.float32(1) / step)) + 0.5)
+    _, counts = np.unique(k, return_counts=True)
+    p = counts / k.size
+    return float(-(counts * np.log2(p)).sum()) + 8.0
+
+
+def test_qp_limits():
+    assert qp_limits(2) == (-128, 127)
+    assert qp_limits(0) == (-32, 31)
+
+
+@settings(max_examples=100, deadline=None)
+@given(w=st.lists(st.floats(-100, 100, width=32), min_size=1, max_size=50), qp=st.integers(-60, 20))
+def test_reconstruct_uniform_matches_nncodec_rule(w, qp):
+    w = np.asarray(w, np.float32)
+    step = np.float32(qp_to_step(qp))
+    u = np.float32(np.float32(1) / step) * w
+    expect = step * (np.sign(u) * np.floor(np.abs(u) + np.float32(0.5)))
+    got = jax.jit(reconstruct_uniform)(w, qp)
+    np.testing.assert_array_equal(np.asarray(got), expect.astype(np.float32))
+
+
+def test_reconstruct_uniform_rounds_half_away():
+    np.testing.assert_array_equal(reconstruct_uniform(jnp.array([0.125, -0.125, 0.375]), -8), [0.25, -0.25, 0.5])
+
+
+def test_initial_qps_size_and_spread():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(64, 64)).astype(np.float32)
+    z = (z - z.mean()) / z.std()
+    params = {"a": z[:16, :16] * 1.0, "b": z[:16, :16] * 4.0, "c": z, "bias": np.ones(3, np.float32)}
+    qps = ioq_initial_qps(params, -32, size_weight=0.0)
+    # Spread only: std ratio 4 (2 octaves) between a and b, beta 0.5 -> 4 QPs apart; c sits between.
+    assert qps["b"] - qps["a"] == 4
+    assert qps["bias"] == -40
+    qps = ioq_initial_qps(params, -32, spread_weight=0.0)
+    # Size only: c has 16x the elements of a (4 octaves), alpha 0.25 -> 1 octave = 4 QPs.
+    assert qps["c"] - qps["a"] == 4 and qps["a"] == qps["b"]
+    qps = ioq_initial_qps(params, -32, spread_weight=0.0, size_weight=0.0, nonweight_qp=-75)
+    assert qps == {"a": -32, "b": -32, "bias": -75, "c": -32}
+    assert ioq_initial_qps(params, 127, size_weight=10.0)["c"] == 127  # clipped to the QP range
+
+
+def test_search_decreases_cost(toy):
+    params, dist = toy
+    init = {k: q for k, q in ioq_initial_qps(params, -30).items() if k.endswith("kernel")}
+    lam = estimate_lambda(params, init, dist, entropy_bits)
+    assert lam > 0
+    c0 = ioq_cost(params, init, dist, entropy_bits, lam)
+    qps = ioq_search(params, dist, entropy_bits, lam, init, rounds=2, progress=False)
+    c1 = ioq_cost(params, qps, dist, entropy_bits, lam)
+    assert set(qps) == set(init)
+    assert c1 < c0
+    assert all(abs(qps[k] - init[k]) <= 8 for k in init)
+    assert qps != init
+
+
+def test_search_limits_of_lambda(toy):
+    params, dist = toy
+    init = {k: -24 for k in ("Dense_0/kernel", "Dense_1/kernel", "Dense_2/kernel")}
+    fine = ioq_search(params, dist, entropy_bits, 0.0, init, offsets=(-2, 2), rounds=1, progress=False)
+    assert all(fine[k] < init[k] for k in init)  # rate is free: finer everywhere
+    coarse = ioq_search(params, dist, entropy_bits, 1e3, init, offsets=(-2, 2), rounds=1, progress=False)
+    assert all(coarse[k] > init[k] for k in init)  # rate dominates: coarser everywhere
+    assert ioq_search(params, dist, entropy_bits, 1.0, init, rounds=0, progress=False) == init
+
+
+def test_search_caches_rates_and_restricts_names(toy):
+    params, dist = toy
+    calls = collections.Counter()
+
+    def rate(name, w, qp):
+        calls[(name, qp)] += 1
+        return entropy_bits(name, w, qp)
+
+    init = {"Dense_0/kernel": -28, "Dense_1/kernel": -28, "Dense_0/bias": -40}
+    qps = ioq_search(params, dist, rate, 1e-6, init, rounds=3, progress=True, names=["Dense_1/kernel"])
+    assert max(calls.values()) == 1
+    assert qps["Dense_0/kernel"] == -28 and qps["Dense_0/bias"] == -40
+    with pytest.raises(InputError):
+        ioq_search(params, dist, rate, 1.0, {"nope": -30}, progress=False)
+    with pytest.raises(InputError):
+        ioq_search(params, dist, rate, 1.0, init, names=["Dense_2/kernel"], progress=False)
+
+
+def test_custom_quantize_fn_is_used(toy):
+    params, dist = toy
+    zero = lambda w, qp: jnp.zeros_like(w)  # noqa: E731
+    c = ioq_cost(params, {"Dense_0/kernel": -30}, dist, lambda *a: 0.0, 0.0, quantize_fn=zero)
+    p0 = jax.tree.map(lambda a: a, params)
+    p0["Dense_0"]["kernel"] = jnp.zeros_like(p0["Dense_0"]["kernel"])
+    assert c == pytest.approx(dist(p0))
