@@ -7,12 +7,23 @@ and produce the tensors an NNR block carries (format digest §2.14, §10):
 * :mod:`~nncjax.reduce.lsa` — local scaling adaptation (trained per-row scales, the LS tensor);
 * :mod:`~nncjax.reduce.prune` — magnitude / statistics / structured-row sparsification;
 * :mod:`~nncjax.reduce.lowrank` — truncated SVD into the DC factors G, H;
+* :mod:`~nncjax.reduce.block` — the members of an NNR_PT_BLOCK, their names and orders;
 * :mod:`~nncjax.reduce.layout` — Flax <-> NNR (output rows first) tensor layouts.
 
 Tensor names are slash-joined pytree paths (``"Conv_0/kernel"``); see :func:`named_leaves`.
 """
 
 from nncjax.reduce._tree import named_leaves, replace_named
+from nncjax.reduce.block import (
+    CPT_BI,
+    CPT_BN,
+    CPT_DC,
+    CPT_LS,
+    BlockMembers,
+    BNVectors,
+    block_from_members,
+    block_members,
+)
 from nncjax.reduce.bnfold import (
     BNPair,
     FoldedBlock,
@@ -48,6 +59,14 @@ from nncjax.reduce.prune import (
 )
 
 __all__ = [
+    "CPT_BI",
+    "CPT_BN",
+    "CPT_DC",
+    "CPT_LS",
+    "BlockMembers",
+    "BNVectors",
+    "block_from_members",
+    "block_members",
     "named_leaves",
     "replace_named",
     "BNPair",
