@@ -225,6 +225,8 @@ def uniform_rate_aware(w, pos, inv_step, dist_scale, n_gtx, out):
         top = np.int64(np.floor(a))
         if a - np.float64(top) >= 0.5:  # round half away from zero, exactly (a >= 0)
             top += 1
+        if top > 2**31 - 1:
+            top = 0  # NNCodec's int32 cast of round(2**31) wraps negative: no candidate, level 0
         for i in range(max(np.int64(1), top - 1), top + 1):
             d = a - np.float64(i)
             c = dist_scale * (d * d) + np.float64(_code_level(ctx, i, 0, neighbour, n_gtx, False))

@@ -223,6 +223,8 @@ def safe_qp(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0) -> int:
     """The QP NNCodec actually uses for ``w``: ``qp`` itself, or, if some level would overflow int32,
     the raised QP of NNCodec's guard ``ceil(float32(floor(log2 m)*K + (m*K / 2**floor(log2 m) - K)))``
     with ``m = max|w| / (2**31 - 3)`` and ``K = 2**qp_density``. Callers should warn when it differs.
+    Where that QP still overflows (NNCodec then aborts with "Prevention of integer-overflow failed"),
+    the next larger QP that fits is returned.
 
     >>> safe_qp(np.array([1e9], np.float32), -32, dq=True)
     -4
@@ -238,9 +240,12 @@ def safe_qp(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0) -> int:
     base = np.float32(math.floor(math.log2(min_step)) * k)
     new_qp = np.float32(float(base) + ((min_step * k) / 2.0 ** float(base / np.float32(k)) - k))
     raised = int(math.ceil(new_qp))
-    if _overflows(w, _step32(raised, qpd), bool(dq), lam):
-        raise InputError(f"the overflow guard's qp {raised} still overflows int32 (NNCodec fails here too)")
-    return raised
+    # The guard aims at the overflow limit itself, so float32 rounding can leave it one step short;
+    # NNCodec then aborts. We go on to the next QPs instead (two octaves always suffice).
+    for extra in range(2 * k + 1):
+        if not _overflows(w, _step32(raised + extra, qpd), bool(dq), lam):
+            return raised + extra
+    raise InputError(f"no QP near {raised} keeps the levels inside int32")
 
 
 def quantize_tensor(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0, unary_length=11,
