@@ -7,6 +7,7 @@ and produce the tensors an NNR block carries (format digest §2.14, §10):
 * :mod:`~nncjax.reduce.lsa` — local scaling adaptation (trained per-row scales, the LS tensor);
 * :mod:`~nncjax.reduce.prune` — magnitude / statistics / structured-row sparsification;
 * :mod:`~nncjax.reduce.lowrank` — truncated SVD into the DC factors G, H;
+* :mod:`~nncjax.reduce.unify` — weight unification (tiles sharing one magnitude);
 * :mod:`~nncjax.reduce.block` — the members of an NNR_PT_BLOCK, their names and orders;
 * :mod:`~nncjax.reduce.layout` — Flax <-> NNR (output rows first) tensor layouts.
 
@@ -48,6 +49,7 @@ from nncjax.reduce.lowrank import (
     svd_tail_norm,
 )
 from nncjax.reduce.lsa import LSAResult, apply_local_scales, fit_local_scales, kernel_rows, lsa_init, scale_rows
+from nncjax.reduce.unify import unify_params, unify_tiles
 from nncjax.reduce.prune import (
     apply_masks,
     magnitude_prune,
@@ -102,4 +104,6 @@ __all__ = [
     "row_scores",
     "sparsity",
     "stats_threshold_prune",
+    "unify_params",
+    "unify_tiles",
 ]
