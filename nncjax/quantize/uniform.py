@@ -1,0 +1,77 @@
+"""Uniform scalar quantization (dq_flag = 0): hard NNCodec-identical levels and differentiable relaxations.
+
+Hard mode is what the bitstream carries: ``k = round_half_away(float32(float32(1/step) * w))``
+(nnr-format.md §3.7) and the decoder's reconstruction ``float32(step) * float32(k)`` (§3.3).
+Training modes replace rounding by a differentiable surrogate of ``round(w / step)``; every mode gives
+gradients w.r.t. the weights *and* the step (LSQ: ``d w_hat / d step = round(u) - u`` for STE).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["round_half_away", "soft_round", "quantize_uniform", "relax_round", "MODES"]
+
+#: Rounding surrogates for training: straight-through, additive uniform noise, soft rounding.
+MODES = ("hard", "ste", "noise", "soft")
+
+
+def round_half_away(x: jax.Array) -> jax.Array:
+    """Round to nearest, ties away from zero (C ``std::round``), elementwise; float in, float out.
+
+    >>> round_half_away(jnp.array([0.5, -0.5, 1.49]))   # [1., -1., 1.]
+    """
+    return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def soft_round(x: jax.Array, alpha: float) -> jax.Array:
+    """Differentiable rounding (Agustsson & Theis 2020; tensorflow-compression ``soft_round``).
+
+    ``alpha -> 0`` gives the identity, ``alpha -> inf`` gives ``round``. Shapes are kept.
+    """
+    m = jnp.floor(x) + 0.5
+    r = x - m
+    alpha = jnp.maximum(alpha, 1e-3)
+    return m + jnp.tanh(alpha * r) / (2.0 * jnp.tanh(alpha / 2.0))
+
+
+def relax_round(u: jax.Array, mode: str, *, rng: jax.Array | None = None, alpha: float = 4.0) -> jax.Array:
+    """Training surrogate of ``round_half_away(u)`` for ``mode`` in ``("ste", "noise", "soft")``.
+
+    * ``ste``: forward value is the exact hard rounding, gradient 1 (straight-through).
+    * ``noise``: ``u + U(-1/2, 1/2)`` (needs ``rng``); the forward value is a noisy proxy.
+    * ``soft``: :func:`soft_round` with sharpness ``alpha``.
+    """
+    if mode == "ste":
+        return u + jax.lax.stop_gradient(round_half_away(u) - u)
+    if mode == "noise":
+        if rng is None:
+            from nncjax.errors import InputError
+            raise InputError("mode='noise' needs an rng key")
+        return u + jax.random.uniform(rng, u.shape, u.dtype, -0.5, 0.5)
+    if mode == "soft":
+        return soft_round(u, alpha)
+    from nncjax.errors import InputError
+    raise InputError(f"unknown quantization mode {mode!r}; expected one of {MODES}")
+
+
+def quantize_uniform(w: jax.Array, step: jax.Array, mode: str = "hard", *, rng: jax.Array | None = None,
+                     alpha: float = 4.0) -> tuple[jax.Array, jax.Array]:
+    """Uniform quantization of ``w`` (any shape, float32) with scalar ``step``.
+
+    Returns ``(k, w_hat)``: for ``mode="hard"``, ``k`` int32 levels and ``w_hat = float32(step) * float32(k)``
+    bit-identical to the decoder; for training modes, ``k`` is the float surrogate level and ``w_hat``
+    its differentiable reconstruction (gradients reach ``w`` and ``step``).
+
+    >>> k, w_hat = quantize_uniform(jnp.array([0.1, -0.2]), qp_to_step_jax(-32))
+    """
+    w = jnp.asarray(w, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    if mode == "hard":
+        inv = jax.lax.stop_gradient(jnp.float32(1.0) / step)
+        k = round_half_away(inv * w).astype(jnp.int32)
+        return k, jax.lax.stop_gradient(step) * k.astype(jnp.float32)
+    u = w / step
+    k = relax_round(u, mode, rng=rng, alpha=alpha)
+    return k, step * k
