@@ -1,0 +1,52 @@
+"""Real models with real, offline evaluation data, in Flax, each with its quality metric.
+
+``get(name)`` returns an :class:`~nncjax.models.base.EvalModel` (``params``, ``apply``, ``eval``,
+``name_map``, ``to_original``, ``from_original``):
+
+========== ============================================= ========================================
+name       model                                         metric (``eval(subset="full")``)
+========== ============================================= ========================================
+minilm     all-MiniLM-L6-v2 sentence encoder (22.6 M)    WordNet reverse dictionary: top1, top10, mrr
+crepe      CREPE tiny pitch estimator (487 k)            harmonic tones: within_50c, median_cents
+fashion_cnn batch-norm CNN trained on Fashion-MNIST (392 k) test top1
+digits_mlp 64-128-10 MLP on sklearn digits, trained on load test top1
+========== ============================================= ========================================
+
+Models and data install offline with ``tools/fetch_eval_data.sh``. Submodules import lazily, so
+``import nncjax.models`` is cheap.
+
+Example:
+    >>> m = nncjax.models.get("crepe")                                 # doctest: +SKIP
+    >>> m.eval(subset="ci")["within_50c"]                             # doctest: +SKIP
+    1.0
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+from nncjax.errors import InputError
+from nncjax.models.base import EvalModel
+
+__all__ = ["EvalModel", "get", "names"]
+
+_MODULES = {"minilm": "minilm", "crepe": "crepe", "fashion_cnn": "fashion_cnn", "digits_mlp": "digits_mlp"}
+
+
+def names() -> tuple[str, ...]:
+    """Registered model names. Example: ``"minilm" in names()`` -> ``True``."""
+    return tuple(_MODULES)
+
+
+@functools.cache
+def get(name: str) -> EvalModel:
+    """The model ``name`` (see :func:`names`) with its shipped weights, loaded offline and cached.
+
+    Example:
+        >>> get("fashion_cnn").eval(subset="ci")["top1"] > 0.85          # doctest: +SKIP
+        True
+    """
+    if name not in _MODULES:
+        raise InputError(f"unknown model {name!r}; known: {', '.join(_MODULES)}")
+    return importlib.import_module(f"nncjax.models.{_MODULES[name]}").load()
