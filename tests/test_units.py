@@ -128,9 +128,13 @@ def codebooks(draw):
 
 
 @st.composite
-def ndus(draw, ctx: SyntaxContext):
+def ndus(draw, ctx: SyntaxContext, nncodec_readable=False):
+    """Valid NDUs. ``nncodec_readable``: only what NNCodec's hls reader can parse (input parameters
+    in band, CPT_DC only in blocks)."""
     pt = draw(st.sampled_from(list(PayloadType)))
     cpt = draw(st.integers(0, 15))
+    if nncodec_readable and pt != PayloadType.BLOCK:
+        cpt &= ~CPT_DC
     if pt == PayloadType.BLOCK:
         cpt |= draw(st.sampled_from([CPT_LS, CPT_BN, CPT_BI]))  # a block has >= 2 members
     nmem = (2 if cpt & CPT_DC else 1) + bool(cpt & CPT_LS) + 4 * bool(cpt & CPT_BN) + bool(cpt & CPT_BI)
@@ -139,7 +143,9 @@ def ndus(draw, ctx: SyntaxContext):
         ids = tuple(draw(st.lists(st.integers(0, 10**6), min_size=count, max_size=count)))
     else:
         ids = tuple(draw(st.lists(names, min_size=count, max_size=count)))
-    dims = tuple(draw(st.lists(st.integers(1, 60), max_size=4)))
+    # NNCodec's reader cannot size a 0-d raw tensor (np.prod(()) is a float there)
+    min_rank = 1 if nncodec_readable and pt == PayloadType.RAW_FLOAT else 0
+    dims = tuple(draw(st.lists(st.integers(1, 60), min_size=min_rank, max_size=4)))
     if pt == PayloadType.RAW_FLOAT:
         dims = tuple(d % 5 + 1 for d in dims)
     f = dict(payload_type=pt, topology_elem_ids=ids, compressed_parameter_types=cpt, tensor_dimensions=dims)
@@ -150,7 +156,7 @@ def ndus(draw, ctx: SyntaxContext):
     f["decompressed_data_format"] = draw(st.none() | st.integers(0, 9))
     f["partial_data_counter"] = draw(st.none() | st.integers(0, 255))
     f["independently_decodable_flag"] = draw(st.integers(0, 1))
-    ipp = draw(st.integers(0, 1))
+    ipp = 1 if nncodec_readable else draw(st.integers(0, 1))
     f["input_parameters_present_flag"] = ipp
     if ipp:
         f["tensor_dimensions_flag"] = draw(st.integers(0, 1))
@@ -187,7 +193,8 @@ def ndus(draw, ctx: SyntaxContext):
     if len(dims) > 1:
         if ctx.general_profile_idc == 1:
             u.first_tensor_dimension_shift = draw(st.integers(0, 3))
-        u.scan_order = draw(st.integers(0, 4))
+        # NNCodec's reader needs a dq_flag for entry points, and RAW_FLOAT units have none
+        u.scan_order = 0 if nncodec_readable and pt == PayloadType.RAW_FLOAT else draw(st.integers(0, 4))
         n = entry_point_count(u)
         if u.scan_order:
             vals = np.array(draw(st.lists(st.integers(0, 255), min_size=n, max_size=n)), np.int64)
@@ -229,12 +236,13 @@ dpm = st.builds(pm.DecompositionMap, st.lists(st.builds(
 
 
 @st.composite
-def mpss(draw, profile):
+def mpss(draw, profile, with_maps=True):
     qmf = draw(st.integers(0, 7))
     f = dict(topology_carriage_flag=draw(st.integers(0, 1)), quantization_method_flags=qmf,
-             topology_indexed_reference_flag=draw(st.integers(0, 1)),
-             sparsification_map=draw(st.none() | spm), pruning_map=draw(st.none() | ppm),
-             unification_map=draw(st.none() | upm()), decomposition_map=draw(st.none() | dpm))
+             topology_indexed_reference_flag=draw(st.integers(0, 1)))
+    if with_maps:
+        f.update(sparsification_map=draw(st.none() | spm), pruning_map=draw(st.none() | ppm),
+                 unification_map=draw(st.none() | upm()), decomposition_map=draw(st.none() | dpm))
     if qmf & 3:
         f.update(qp_density=draw(st.integers(0, 7)), quantization_parameter=draw(st.integers(-4096, 4095)))
     if profile == 1:
@@ -251,6 +259,8 @@ def mpss(draw, profile):
 lpss = st.builds(LayerParameterSet, self_contained_flag=st.integers(0, 1), quantization_method_flags=st.just(1),
                  qp_density=st.integers(0, 7), quantization_parameter=st.integers(-4096, 4095),
                  sparsification_map=st.none() | spm, pruning_map=st.none() | ppm, unification_map=st.none() | upm())
+lpss_no_maps = st.builds(LayerParameterSet, self_contained_flag=st.integers(0, 1), quantization_method_flags=st.integers(0, 7),
+                         qp_density=st.integers(0, 7), quantization_parameter=st.integers(-4096, 4095))
 tpls = st.one_of(
     st.builds(TopologyUnit, storage_format=st.sampled_from([0, 1, 2, 3, 4, 7, 255]), compression_format=st.integers(0, 255),
               topology_data=names),
@@ -258,11 +268,14 @@ tpls = st.one_of(
 
 
 @st.composite
-def streams(draw):
+def streams(draw, nncodec_readable=False):
+    """Valid unit sequences; ``nncodec_readable`` limits them to what NNCodec's hls reader parses
+    (no performance maps, see :func:`ndus`)."""
     profile = draw(st.integers(0, 1))
-    mps = draw(mpss(profile))
+    mps = draw(mpss(profile, with_maps=not nncodec_readable))
     ctx = SyntaxContext(profile, mps.topology_indexed_reference_flag, mps.parent_signalling_enabled_flag)
-    body = draw(st.lists(st.one_of(ndus(ctx), lpss, tpls), max_size=4))
+    lps = lpss_no_maps if nncodec_readable else lpss
+    body = draw(st.lists(st.one_of(ndus(ctx, nncodec_readable), lps, tpls), max_size=4))
     return [StartUnit(general_profile_idc=profile), mps] + body
 
 

@@ -7,6 +7,7 @@ One call handles a whole list of cases (starting the worker is the slow part).
 import contextlib
 import copy
 import io
+import traceback
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def _plain(v):
 def parse_with_nncodec(bitstream, out_of_band_dims=None):
     """Split ``bitstream`` into units and parse each header with NNCodec's hls reader.
 
-    ``out_of_band_dims``: name -> tensor dims for NDUs that leave them out (differential blocks).
+    ``out_of_band_dims``: str(name or index) -> tensor dims for NDUs that leave them out.
     Returns a list of dicts: NNCodec's field names and values, plus ``_offset``, ``_size`` and
     ``_touched`` (bytes NNCodec's reader consumed: the header, plus the payload for RAW_FLOAT).
     """
@@ -46,13 +47,16 @@ def parse_with_nncodec(bitstream, out_of_band_dims=None):
         d = {}
         gen = hls.decode_nnr_unit_size_and_header(reader, d)
         next(gen)  # stops after nnr_unit_type
-        if d["nnr_unit_type"] != hls.NnrUnitType.NNR_STR:
-            d.update(ctx)
+        utype = d["nnr_unit_type"]
+        injected = {} if utype == hls.NnrUnitType.NNR_STR else \
+            {"general_profile_idc": ctx["general_profile_idc"]} if utype == hls.NnrUnitType.NNR_MPS else dict(ctx)
+        d.update(injected)
         for _ in gen:
             if d["nnr_unit_type"] == hls.NnrUnitType.NNR_NDU and "input_parameters_present_flag" in d:
-                names = d.get("topology_elem_id_list", [d.get("topology_elem_id")])
+                names = d.get("topology_elem_id_list", d.get("topology_elem_id_index_list", [
+                    d.get("topology_elem_id", d.get("topology_elem_id_index"))]))
                 if "tensor_dimensions" not in d:
-                    dims = next(oob[n] for n in names if n in oob)
+                    dims = next(oob[str(n)] for n in names if str(n) in oob)
                     d["tensor_dimensions"] = list(dims)
                     d["count_tensor_dimensions"] = len(dims)
                 d.setdefault("compressed_parameter_types", 0)
@@ -65,8 +69,7 @@ def parse_with_nncodec(bitstream, out_of_band_dims=None):
             ctx["mps_parent_signalling_enabled_flag"] = d.get("mps_parent_signalling_enabled_flag", 0)
         size = d["nnr_unit_size"]
         touched = reader.getNumBytesTouched()
-        res = {k: _plain(v) for k, v in d.items() if k not in ctx or k == "general_profile_idc" and
-               d["nnr_unit_type"] == hls.NnrUnitType.NNR_STR}
+        res = {k: _plain(v) for k, v in d.items() if k not in injected}
         if "cabac_entry_point_list" in d:
             eps = [int(e) for e in d["cabac_entry_point_list"]]
             res["cabac_entry_point_list"] = [[e >> 11, (e >> 3) & 255, e & 7] for e in eps]
@@ -111,6 +114,17 @@ def generate(cases):
                 bs = _compress(model, case["kwargs"], case.get("block"))
             dims = {k: list(v.shape) for k, v in model.items()}
             results.append({"bitstream": bs, "units": parse_with_nncodec(bs, dims)})
-        except Exception as e:  # report, the test decides
-            results.append({"error": f"{type(e).__name__}: {e}"})
+        except Exception:  # report, the test decides
+            results.append({"error": traceback.format_exc(limit=-3)})
     return results
+
+
+def parse_many(streams, out_of_band_dims):
+    """``parse_with_nncodec`` over a batch; an exception becomes ``{"error": text}`` for that stream."""
+    out = []
+    for bs, dims in zip(streams, out_of_band_dims):
+        try:
+            out.append({"units": parse_with_nncodec(bs, dims)})
+        except Exception:
+            out.append({"error": traceback.format_exc(limit=-3)})
+    return out
