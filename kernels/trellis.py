@@ -3,6 +3,7 @@
 * :func:`dq_trellis` -- the 8-state dependent-quantization Viterbi search (nnr-format.md §3.4), with
   distortion only (``dist_scale == 0``) or distortion plus estimated DeepCABAC bits.
 * :func:`uniform_rate_aware` -- uniform rounding with a rate term (§3.7, ``lambda_scale > 0``).
+* :func:`round_scaled` -- plain uniform rounding (``lambda_scale == 0``) and the overflow test.
 
 Both walk the weights in the order given by ``pos`` (the coder's scan order) and write their output at
 ``pos``. Inputs are checked by the Python glue (:mod:`nncjax.quantize.reference`): finite weights,
@@ -30,7 +31,7 @@ from numba import njit
 from nncjax.kernels.contexts import ctx_init_all, ctx_update
 from nncjax.kernels.tables import DQ_NEXT, EST_BITS
 
-__all__ = ["dq_trellis", "uniform_rate_aware", "DQ_BRANCHES", "estimator_size"]
+__all__ = ["dq_trellis", "uniform_rate_aware", "round_scaled", "DQ_BRANCHES", "estimator_size"]
 
 # Offsets of the context store (nnr-format.md §6.2).
 _SIGN_BASE = 48
@@ -120,16 +121,24 @@ def _code_level(ctx, value, state, neighbour, n_gtx, adapt):
 
 
 @njit(cache=True, nogil=True)
-def _candidates(org, sign, dist_scale, dist, level):
-    """Fills the five candidates of one weight: slots 0..3 hold reconstruction indices m..m+3 (slot =
-    index & 3, m = max(1, int(org) - 1)), slot 4 the zero level. ``level`` is the coded (DQ) level."""
+def _distortions(org, dist_scale, dist):
+    """Distortions of the five candidates of one weight: slots 0..3 hold reconstruction indices
+    m..m+3 (slot = index & 3, m = max(1, int(org) - 1)), slot 4 the zero level."""
     m = max(np.int64(1), np.int64(org) - 1)
     for idx in range(m, m + 4):
         d = org - np.float64(idx)
         dist[idx & 3] = dist_scale * (d * d)
-        level[idx & 3] = sign * ((idx + 1) >> 1)
     dist[4] = dist_scale * (org * org)
-    level[4] = 0
+
+
+@njit(cache=True, nogil=True)
+def _level(org, sign, slot):
+    """Coded (DQ) level of candidate ``slot`` (see :func:`_distortions`)."""
+    if slot == 4:
+        return np.int64(0)
+    m = max(np.int64(1), np.int64(org) - 1)
+    idx = m + ((slot - m) & 3)
+    return sign * ((idx + 1) >> 1)
 
 
 @njit(cache=True, nogil=True)
@@ -148,7 +157,6 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
     cost[0] = 0.0
     new_cost = np.empty(8)
     dist = np.empty(5)
-    level = np.empty(5, dtype=np.int64)
     n_ctx = 8 * 6 + 5 + 4 * n_gtx + 32 + 5 if use_rate else 1
     # Two estimator objects per state, alternating by step parity (see module docstring).
     ctx = np.empty((2, 8, n_ctx, 5), dtype=np.int32)
@@ -156,34 +164,43 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
         for j in range(8):
             ctx_init_all(ctx[i, j])
     nb = np.zeros((2, 8), dtype=np.int64)
+    rate = np.zeros((8, 3))  # estimated bits per branch; stays 0 without rate
     for t in range(n):
         x = np.float64(w[pos[t]])
         sign = -1 if x < 0 else 1
         org = inv_step * x * sign
-        _candidates(org, sign, dist_scale, dist, level)
+        _distortions(org, dist_scale, dist)
         src = (t + 1) & 1
         dst = t & 1
+        if use_rate:
+            for cur in range(8):
+                for b in range(3):
+                    p = DQ_BRANCHES[cur, b, 0]
+                    lv = _level(org, sign, DQ_BRANCHES[cur, b, 1])
+                    rate[cur, b] = np.float64(_code_level(ctx[src, p], lv, p, nb[src, p], n_gtx, False))
         for cur in range(8):
-            best = big
-            choice = 0
-            for b in range(3):
+            # NNCodec's cost order: (path cost + distortion) + rate; ties keep the first branch.
+            p = DQ_BRANCHES[cur, 0, 0]
+            slot = DQ_BRANCHES[cur, 0, 1]
+            best = cost[p] + dist[slot] + rate[cur, 0]
+            choice = p | (slot << 3)
+            for b in range(1, 3):
                 p = DQ_BRANCHES[cur, b, 0]
                 slot = DQ_BRANCHES[cur, b, 1]
-                c = cost[p] + dist[slot]
-                if use_rate:
-                    c += np.float64(_code_level(ctx[src, p], level[slot], p, nb[src, p], n_gtx, False))
+                c = cost[p] + dist[slot] + rate[cur, b]
                 if c < best:
                     best = c
-                    choice = b
-            p = DQ_BRANCHES[cur, choice, 0]
-            slot = DQ_BRANCHES[cur, choice, 1]
-            dec[t, cur] = p | (slot << 3)
+                    choice = p | (slot << 3)
+            dec[t, cur] = choice
             new_cost[cur] = best
-            if use_rate:
+        if use_rate:
+            for cur in range(8):
+                p = dec[t, cur] & 7
+                lv = _level(org, sign, dec[t, cur] >> 3)
                 ctx[dst, cur, :, :2] = ctx[src, p, :, :2]  # the states; shifts are the same everywhere
-                _code_level(ctx[dst, cur], level[slot], cur, nb[dst, cur], n_gtx, True)
-                nb[dst, cur] = level[slot]
-        cost[:] = new_cost
+                _code_level(ctx[dst, cur], lv, cur, nb[dst, cur], n_gtx, True)
+                nb[dst, cur] = lv
+        cost, new_cost = new_cost, cost
     state = 0
     for s in range(1, 8):
         if cost[s] < cost[state]:
@@ -195,8 +212,7 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
         x = np.float64(w[pos[t]])
         sign = -1 if x < 0 else 1
         org = inv_step * x * sign
-        _candidates(org, sign, dist_scale, dist, level)
-        q = level[slot]
+        q = _level(org, sign, slot)
         k = 2 * q
         if q < 0:
             k += prev & 1
@@ -237,3 +253,22 @@ def uniform_rate_aware(w, pos, inv_step, dist_scale, n_gtx, out):
         out[pos[t]] = np.int32(v)
         _code_level(ctx, v, 0, neighbour, n_gtx, True)
         neighbour = v
+
+
+@njit(cache=True, nogil=True)
+def round_scaled(w, scale, lo, hi, out, write):
+    """``round_half_away(float32(scale * w))`` per element (float32 product, as NNCodec's plain
+    rounding and its overflow test compute it). Returns False, leaving ``out`` partly written, as soon
+    as a rounded value falls outside ``[lo, hi]``; writes int32 levels to ``out`` only if ``write``.
+
+    w: (n,) float32; scale: float32; lo, hi: int64 bounds; out: (n,) int32.
+    """
+    for i in range(w.shape[0]):
+        x = np.float64(scale * w[i])
+        # float32 + 0.5 is exact in float64, so this truncation rounds half away from zero exactly.
+        r = np.trunc(x + 0.5) if x >= 0 else np.trunc(x - 0.5)
+        if r < lo or r > hi:
+            return False
+        if write:
+            out[i] = np.int32(r)
+    return True

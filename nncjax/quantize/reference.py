@@ -148,11 +148,12 @@ def _overflows(w: np.ndarray, step: np.float32, dq: bool, lambda_scale: float) -
     if w.size == 0:
         return False
     if not dq and lambda_scale > 0:
+        # This quantizer tests a float64 product.
         scaled = _round_half_away(w.astype(np.float64) * (1.0 / np.float64(step)))
-    else:
-        scaled = _round_half_away((np.float32(1.0) / step * w).astype(np.float64))
+        return bool(scaled.max() > _INT32_MAX or scaled.min() < -(2**31))
     lo, hi = (_DQ_LIMIT_LO, _DQ_LIMIT_HI) if dq else (-(2**31), _INT32_MAX)
-    return bool(scaled.max() > hi or scaled.min() < lo)
+    flat = w.reshape(-1)
+    return not trellis.round_scaled(flat, np.float32(1.0) / step, lo, hi, np.empty(0, np.int32), False)
 
 
 def _quantize(w, qp, qp_density, dq, lambda_scale, unary_length, scan_order) -> np.ndarray:
@@ -161,8 +162,8 @@ def _quantize(w, qp, qp_density, dq, lambda_scale, unary_length, scan_order) -> 
     if w.size == 0:
         return out
     if not dq and lambda_scale == 0:
-        prod = (np.float32(1.0) / step) * w
-        return _round_half_away(prod.astype(np.float64)).astype(np.int32)
+        trellis.round_scaled(w.reshape(-1), np.float32(1.0) / step, -(2**31), _INT32_MAX, out.reshape(-1), True)
+        return out
     pos = scan_positions(w.shape, scan_order)
     flat_w = w.reshape(-1)
     flat_out = out.reshape(-1)
