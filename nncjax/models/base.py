@@ -17,7 +17,7 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["EvalModel", "flatten_paths", "frozen_float32", "resolve_subset", "unflatten_paths"]
+__all__ = ["EvalModel", "compare_with_shipped", "flatten_paths", "frozen_float32", "resolve_subset", "unflatten_paths"]
 
 Params = Any  # a Flax variables dict, e.g. {"params": {...}, "batch_stats": {...}}
 
@@ -85,6 +85,33 @@ def resolve_subset(subset: str | int, ci_size: int, full_size: int) -> int:
     raise InputError(f"subset must be 'full', 'ci' or an int in [1, {full_size}], got {subset!r}")
 
 
+def compare_with_shipped(
+    outputs: Callable[[Params, Any], np.ndarray],
+    metrics: Callable[[np.ndarray, np.ndarray | None], dict[str, float]],
+    shipped: Params,
+) -> Callable[[Params, Any], dict[str, float]]:
+    """An ``evaluate(params, subset)`` that scores ``outputs(params, subset)`` with ``metrics`` against
+    the shipped weights' outputs on the same subset (computed once per subset, then cached).
+
+    This is how a compressed model's agreement with the original (e.g. MiniLM's ``mean_cosine``)
+    joins its task metrics. ``params is shipped`` reuses the cached outputs.
+
+    Example:
+        >>> ev = compare_with_shipped(lambda p, s: p * np.ones(3), lambda o, r: {"d": float(abs(o - r).max())}, 1.0)
+        >>> ev(2.0, "ci")
+        {'d': 1.0}
+    """
+    cache: dict[Any, np.ndarray] = {}
+
+    def evaluate(params: Params, subset: Any = "ci") -> dict[str, float]:
+        if subset not in cache:
+            cache[subset] = outputs(shipped, subset)
+        out = cache[subset] if params is shipped else outputs(params, subset)
+        return metrics(out, cache[subset])
+
+    return evaluate
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalModel:
     """A real model with its data and quality metric.
@@ -93,7 +120,9 @@ class EvalModel:
         name: registry name (``nncjax.models.get(name)``).
         params: Flax variables pytree of float32 arrays (``{"params": ..., "batch_stats": ...}``).
         apply: ``apply(params, batch) -> outputs``, pure and jit-able.
-        evaluate: ``evaluate(params, subset) -> dict[str, float]``; see :meth:`eval`.
+        evaluate: ``evaluate(params, subset) -> dict[str, float]``; see :meth:`eval`. For the models
+            with original weights (minilm, crepe) the dict also measures agreement with the shipped
+            weights' outputs (``mean_cosine``; ``bins_mae``, ``argmax_agree``).
         name_map: ``{flax_path: original_name}`` for every leaf of ``params`` (paths ``"/"``-joined).
         to_original: ``params -> {original_name: np.ndarray}`` in the original layout and names.
         from_original: ``{original_name: array} -> params`` (inverse of ``to_original``).

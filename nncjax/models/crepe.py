@@ -30,6 +30,7 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    compare_with_shipped,
     flatten_paths,
     frozen_float32,
     resolve_subset,
@@ -39,14 +40,18 @@ from nncjax.models.torch_zip import load_state_dict
 
 __all__ = [
     "NAME_MAP",
+    "UNUSED_ORIGINAL",
     "Crepe",
     "apply",
     "bins_to_cents",
     "decode_cents",
     "evaluate",
+    "from_original",
     "harmonic_tones",
     "load",
+    "pitch_metrics",
     "pitch_outputs",
+    "to_original",
     "weights_path",
 ]
 
@@ -218,32 +223,29 @@ def harmonic_tones(n: int = FULL_SIZE, seed: int = SEED) -> tuple[np.ndarray, np
     return frames.astype(np.float32), f0
 
 
-def pitch_outputs(params: Mapping[str, Any], subset: str | int = "ci") -> tuple[np.ndarray, np.ndarray]:
-    """Activations ``(n, 360)`` on the first n task tones and their true f0 ``(n,)``.
+def pitch_outputs(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
+    """Activations ``(n, 360)`` on the first n tones of :func:`harmonic_tones` (``"ci"``: 50, ``"full"``: 500).
 
     Example:
-        >>> act, f0 = pitch_outputs(load().params, 10)                   # doctest: +SKIP
+        >>> pitch_outputs(load().params, 10).shape                        # doctest: +SKIP
+        (10, 360)
     """
     n = resolve_subset(subset, CI_SIZE, FULL_SIZE)
-    frames, f0 = harmonic_tones(FULL_SIZE)
-    act = np.concatenate([np.asarray(apply(params, frames[s : s + 100])) for s in range(0, n, 100)])[:n]
-    return act, f0[:n]
+    frames = harmonic_tones(FULL_SIZE)[0][:n]
+    return np.concatenate([np.asarray(apply(params, frames[s : s + 100])) for s in range(0, n, 100)])
 
 
-def evaluate(
-    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
-) -> dict[str, float]:
-    """Pitch metrics on the tone task: ``within_50c`` (fraction of frames within 50 cents),
-    ``median_cents``, ``n``; with ``reference`` (the original model's activations ``(n, 360)``) also
-    ``bins_mae`` (mean absolute activation difference) and ``argmax_agree`` (fraction of same argmax).
-
-    ``subset``: ``"full"`` = 500 tones, ``"ci"`` = the first 50, or an int.
+def pitch_metrics(act: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """From activations ``(n, 360)`` on the first n task tones: ``within_50c`` (fraction of frames
+    decoded within 50 cents of the true f0), ``median_cents`` (median absolute error), ``n``; with
+    ``reference`` (the original model's activations) also ``bins_mae`` (mean absolute activation
+    difference) and ``argmax_agree`` (fraction of frames with the same argmax bin).
 
     Example:
-        >>> evaluate(load().params, "ci")["within_50c"] > 0.95          # doctest: +SKIP
+        >>> pitch_metrics(pitch_outputs(load().params, "ci"))["within_50c"] > 0.95   # doctest: +SKIP
         True
     """
-    act, f0 = pitch_outputs(params, subset)
+    f0 = harmonic_tones(FULL_SIZE)[1][: len(act)]
     err = np.abs(decode_cents(act) - 1200.0 * np.log2(f0 / 10.0))
     metrics = {"within_50c": float(np.mean(err <= 50.0)), "median_cents": float(np.median(err)), "n": float(len(f0))}
     if reference is not None:
@@ -252,6 +254,19 @@ def evaluate(
         metrics["bins_mae"] = float(np.mean(np.abs(act - reference)))
         metrics["argmax_agree"] = float(np.mean(act.argmax(1) == reference.argmax(1)))
     return metrics
+
+
+def evaluate(
+    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
+) -> dict[str, float]:
+    """Pitch metrics of ``params``: :func:`pitch_metrics` of :func:`pitch_outputs`. (``load().eval``
+    passes the shipped weights' activations as ``reference``.)
+
+    Example:
+        >>> evaluate(load().params, "ci")["within_50c"] > 0.95          # doctest: +SKIP
+        True
+    """
+    return pitch_metrics(pitch_outputs(params, subset), reference)
 
 
 def load(capacity: str = "tiny") -> EvalModel:
@@ -268,7 +283,7 @@ def load(capacity: str = "tiny") -> EvalModel:
         name="crepe",
         params=params,
         apply=apply,
-        evaluate=evaluate,
+        evaluate=compare_with_shipped(pitch_outputs, pitch_metrics, params),
         name_map=dict(NAME_MAP),
         to_original=to_original,
         from_original=from_original,

@@ -25,13 +25,28 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    compare_with_shipped,
     flatten_paths,
     frozen_float32,
     resolve_subset,
     unflatten_paths,
 )
 
-__all__ = ["NAME_MAP", "MiniLM", "encode", "evaluate", "load", "model_dir", "tokenize"]
+__all__ = [
+    "NAME_MAP",
+    "UNUSED_ORIGINAL",
+    "MiniLM",
+    "apply",
+    "embeddings",
+    "encode",
+    "evaluate",
+    "from_original",
+    "load",
+    "model_dir",
+    "reverse_dictionary_metrics",
+    "to_original",
+    "tokenize",
+]
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB, MAX_POS = 384, 6, 12, 1536, 30522, 512
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
@@ -239,38 +254,33 @@ def encode(params: Mapping[str, Any], texts: Sequence[str], batch_size: int = 64
     return out
 
 
-def evaluate(
-    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
-) -> dict[str, float]:
-    """WordNet reverse-dictionary metrics: ``top1``, ``top10``, ``mrr`` and ``n``.
+def embeddings(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
+    """Embeddings ``(2n, 384)`` of the reverse-dictionary task: the n glosses, then the n lemmas.
 
-    ``subset``: ``"full"`` = 1000 synsets, ``"ci"`` = the first 200 of them, or an int. With
-    ``reference`` (the original model's embeddings of the same texts, ``(2n, 384)``: glosses then
-    lemmas), also ``mean_cosine`` between these and the new embeddings.
+    ``subset``: ``"full"`` = 1000 synsets, ``"ci"`` = the first 200 of them, or an int.
 
     Example:
-        >>> evaluate(load().params, "ci")["mrr"] > 0.5               # doctest: +SKIP
-        True
-    """
-    return reverse_dictionary(params, subset, reference)[0]
-
-
-def reverse_dictionary(
-    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
-) -> tuple[dict[str, float], np.ndarray]:
-    """Like :func:`evaluate` but also returns the embeddings ``(2n, 384)`` (glosses, then lemmas).
-
-    Example:
-        >>> metrics, emb = reverse_dictionary(load().params, 50)     # doctest: +SKIP
+        >>> embeddings(load().params, 10).shape                          # doctest: +SKIP
+        (20, 384)
     """
     from nncjax.models.wordnet import FULL_SIZE, reverse_dictionary_task
 
-    n = resolve_subset(subset, 200, FULL_SIZE)
-    glosses, lemmas = reverse_dictionary_task(n)
-    emb = encode(params, list(glosses) + list(lemmas))
-    q, c = emb[:n], emb[n:]
-    sims = q @ c.T  # (n, n); row i's correct candidate is column i
-    rank = (sims > np.diag(sims)[:, None]).sum(1)  # 0-based rank of the right lemma
+    glosses, lemmas = reverse_dictionary_task(resolve_subset(subset, 200, FULL_SIZE))
+    return encode(params, list(glosses) + list(lemmas))
+
+
+def reverse_dictionary_metrics(emb: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """``top1``, ``top10``, ``mrr`` (ranking the n lemmas by cosine to each gloss) and ``n`` from
+    :func:`embeddings` ``(2n, 384)``; with ``reference`` (the original weights' embeddings of the same
+    texts) also ``mean_cosine`` between the two.
+
+    Example:
+        >>> reverse_dictionary_metrics(np.eye(4))["top1"]
+        0.0
+    """
+    n = len(emb) // 2
+    sims = emb[:n] @ emb[n:].T  # (n, n); row i's right answer is column i
+    rank = (sims > np.diag(sims)[:, None]).sum(1)  # 0-based rank of the right lemma, ties counted in its favour
     metrics = {
         "top1": float(np.mean(rank == 0)),
         "top10": float(np.mean(rank < 10)),
@@ -281,7 +291,20 @@ def reverse_dictionary(
         if reference.shape != emb.shape:
             raise InputError(f"reference embeddings have shape {reference.shape}, expected {emb.shape}")
         metrics["mean_cosine"] = float(np.mean(np.sum(emb * reference, axis=1)))
-    return metrics, emb
+    return metrics
+
+
+def evaluate(
+    params: Mapping[str, Any], subset: str | int = "ci", reference: np.ndarray | None = None
+) -> dict[str, float]:
+    """WordNet reverse-dictionary metrics of ``params``: :func:`reverse_dictionary_metrics` of
+    :func:`embeddings`. (``load().eval`` passes the shipped weights' embeddings as ``reference``.)
+
+    Example:
+        >>> evaluate(load().params, "ci")["mrr"] > 0.5               # doctest: +SKIP
+        True
+    """
+    return reverse_dictionary_metrics(embeddings(params, subset), reference)
 
 
 def load() -> EvalModel:
@@ -298,7 +321,7 @@ def load() -> EvalModel:
         name="minilm",
         params=params,
         apply=apply,
-        evaluate=evaluate,
+        evaluate=compare_with_shipped(embeddings, reverse_dictionary_metrics, params),
         name_map=dict(NAME_MAP),
         to_original=to_original,
         from_original=from_original,
