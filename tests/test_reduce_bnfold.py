@@ -55,16 +55,15 @@ class FoldedCNN(nn.Module):
 
 def _model_and_vars(eps: float, seed: int = 0):
     model = CNN(eps=eps)
-    x = jax.random.normal(jax.random.key(seed), (2, 7, 7, 3))
-    variables = model.init(jax.random.key(seed + 1), x)
-    # Random BN parameters and statistics so that folding is non-trivial.
+    x = jnp.asarray(np.random.default_rng(seed + 100).normal(size=(2, 7, 7, 3)), jnp.float32)
+    # Only the structure comes from Flax (eval_shape compiles nothing); the values are random, BN
+    # statistics included, so that folding is non-trivial.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
     rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, a.dtype), variables["params"])
-    stats = jax.tree.map(lambda a: a, variables["batch_stats"])
-    for name in stats:
-        n = stats[name]["mean"].shape
-        stats[name] = {"mean": jnp.asarray(rng.normal(size=n), jnp.float32),
-                       "var": jnp.asarray(rng.uniform(0.05, 3.0, size=n), jnp.float32)}
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.5, a.dtype), shapes["params"])
+    stats = {name: {"mean": jnp.asarray(rng.normal(size=s["mean"].shape), jnp.float32),
+                    "var": jnp.asarray(rng.uniform(0.05, 3.0, size=s["var"].shape), jnp.float32)}
+             for name, s in shapes["batch_stats"].items()}
     return model, {"params": params, "batch_stats": stats}, x
 
 
