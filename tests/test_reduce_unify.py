@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from nncjax.errors import InputError
 from nncjax.reduce import flax_to_nnr, unify_params, unify_tiles
 
-
 _unify_jit = jax.jit(unify_tiles, static_argnums=1)
 
 

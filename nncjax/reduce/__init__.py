@@ -49,7 +49,6 @@ from nncjax.reduce.lowrank import (
     svd_tail_norm,
 )
 from nncjax.reduce.lsa import LSAResult, apply_local_scales, fit_local_scales, kernel_rows, lsa_init, scale_rows
-from nncjax.reduce.unify import unify_params, unify_tiles
 from nncjax.reduce.prune import (
     apply_masks,
     magnitude_prune,
@@ -59,6 +58,7 @@ from nncjax.reduce.prune import (
     sparsity,
     stats_threshold_prune,
 )
+from nncjax.reduce.unify import unify_params, unify_tiles
 
 __all__ = [
     "CPT_BI",

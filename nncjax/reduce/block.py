@@ -79,8 +79,10 @@ def block_members(
     :func:`nncjax.reduce.block_names` (keys ``W``, ``LS``, ``BI``, ``G``, ``H``).
 
     >>> m = block_members("Conv_0/kernel", jnp.ones((4, 2, 3, 3)), ls=jnp.ones(4), bi=jnp.zeros(4))
-    >>> m.cpt, m.topology, [n for n, _ in m.coded]
-    (10, ['Conv_0/kernel', 'Conv_0/kernel_scaling', 'Conv_0/bias'], ['Conv_0/kernel_scaling', 'Conv_0/bias', 'Conv_0/kernel'])
+    >>> m.cpt, m.topology
+    (10, ['Conv_0/kernel', 'Conv_0/kernel_scaling', 'Conv_0/bias'])
+    >>> [name for name, _ in m.coded]
+    ['Conv_0/kernel_scaling', 'Conv_0/bias', 'Conv_0/kernel']
     """
     nm = dict(block_names(weight_name))
     if names:

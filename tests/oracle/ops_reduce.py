@@ -45,7 +45,8 @@ def fold_blocks(cases):
             "parameter_type": dict(ptype),
             "parameter_dimensions": {n: list(v.shape) for n, v in params.items()},
             "block_identifier": {n: "b0" for n in params},
-            "topology_storage_format": TopologyStorageFormat.NNR_TPL_TEF if c["tef"] else TopologyStorageFormat.NNR_TPL_UNREC,
+            "topology_storage_format": (TopologyStorageFormat.NNR_TPL_TEF if c["tef"]
+                                        else TopologyStorageFormat.NNR_TPL_UNREC),
         }
         approx_data = {"parameters": dict(params), "compressed_parameter_types": {"b0": cpt},
                        "approx_method": {}, "scan_order": {}}
