@@ -139,9 +139,12 @@ MODEL_SETTINGS = [
     _settings(codebook_mode=2, use_dq=False, qp=-12),
     _settings(codebook_mode=2, qp=-12, scan_order=2),
     _settings(codebook_mode=2, profile=0, param_opt=0, qp=-44),
+    _settings(codebook_mode=2, lam=0.5, scan_order=1, qpd=0, qp=-6),
+    _settings(codebook_mode=1, lam=1.5, use_dq=False),
     _settings(int_quant_bw=8),
     _settings(int_quant_bw=4, use_dq=False),
     _settings(int_quant_bw=6, qpd=4),
+    _settings(int_quant_bw=3, lam=0.3, use_dq=False),
 ]
 
 

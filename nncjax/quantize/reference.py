@@ -406,9 +406,9 @@ def quantize_codebook(w, qp, *, qp_density=2, dq_requested=True, lambda_scale=0.
     :func:`codebook_offset_search`; egk by :func:`codebook_best_egk`. The stream then carries
     ``dq_flag = 0`` and the returned ``qp``.
 
-    >>> r = quantize_codebook(np.array([0.1, -0.2, 0.1], np.float32), -16, dq_requested=False)
-    >>> r.codebook.tolist(), r.levels.tolist()  # doctest: +SKIP
-    ([-3, 2], [1, 0, 1])
+    >>> r = quantize_codebook(np.array([0.1, -0.2, 0.1, 0.7], np.float32), -16, dq_requested=False)
+    >>> r.codebook.tolist(), r.offset, r.levels.tolist(), r.egk, r.qp
+    ([-3, 2, 11], 0, [1, 0, 1, 2], 1, -16)
     """
     w, qp, qpd, lam, n, so = _common(w, qp, qp_density, lambda_scale, unary_length, scan_order)
     enc_qp = qp - (codebook_qp_offset(qpd) if dq_requested else 0)
@@ -438,15 +438,20 @@ class CodebookChoice(NamedTuple):
 
 
 def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0, unary_length=11,
-                               scan_order=0, profile=1, param_opt=True) -> CodebookChoice:
+                               scan_order=0, profile=1, param_opt=True,
+                               parent_node_id_present=False) -> CodebookChoice:
     """NNCodec's ``codebook_mode = 2``: codebook (as :func:`quantize_codebook`) or plain quantization.
 
     What NNCodec compares (reproduced as is): ``uniform_bytes`` = byte length of a test encoding of the
     uniform/DQ levels (DQ re-quantized at the original ``qp`` if ``dq``) and ``codebook_cost`` = byte
     length of a test encoding of the codebook levels (dq off, **no** codebook bounds) **plus the
     codebook syntax size in bits** (bytes + bits, NNCodec's unit mix-up). Both test encodings: N - 1
-    greater-than flags, the given scan order, profile and param_opt, no row skipping, no QP delta.
-    The codebook wins only if strictly smaller.
+    greater-than flags, the given scan order, profile, param_opt and ``parent_node_id_present``, no
+    row skipping, no QP delta. The codebook wins only if strictly smaller.
+
+    >>> c = choose_codebook_or_uniform(np.array([[0.1, -0.2], [0.1, 0.7]], np.float32), -16, dq=True)
+    >>> c.use_codebook, c.uniform_levels.tolist(), c.uniform_qp, c.uniform_bytes, c.codebook_cost
+    (False, [[2, -4], [1, 11]], -16, 6, 35)
     """
     w, qp, qpd, lam, n, so = _common(w, qp, qp_density, lambda_scale, unary_length, scan_order)
     cb = quantize_codebook(w, qp, qp_density=qpd, dq_requested=dq, lambda_scale=lam, unary_length=n,
@@ -459,7 +464,8 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
         uni = cb.codebook[uni]
         uni_qp = cb.qp
     common = dict(unary_length=n - 1, param_opt=bool(param_opt), scan_order=so, row_skipping=False,
-                  profile=int(profile), codebook_size=0, codebook_offset=0)
+                  profile=int(profile), codebook_size=0, codebook_offset=0,
+                  parent_present=bool(parent_node_id_present))
     uni_bytes = _encode_len(uni, dq=bool(dq), **common)
     cb_cost = _encode_len(cb.levels, dq=False, **common) + codebook_syntax_bits(cb.codebook, cb.offset, cb.egk)
     return CodebookChoice(cb_cost < uni_bytes, cb, uni.astype(np.int32), uni_qp, bool(dq), uni_bytes, cb_cost)
