@@ -34,11 +34,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: F401 (used by the docstring examples)
 import numpy as np
 from tqdm.auto import tqdm
 
 from nncjax.errors import InputError
+from nncjax.quantize.uniform import quantize_uniform
 from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
 from nncjax.steps import check_qp_density, qp_to_step_jax
 
@@ -62,14 +63,13 @@ def qp_limits(qp_density: int = 2) -> tuple[int, int]:
 def reconstruct_uniform(w: jax.Array, qp: int | jax.Array, qp_density: int = 2) -> jax.Array:
     """Uniform quantize-and-reconstruct as NNCodec does at λ = 0: ``Δ·round_half_away(float32(1/Δ)·w)``.
 
-    ``w``: any shape -> float32 of the same shape. jit-able (``qp`` may be traced).
+    ``w``: any shape -> float32 of the same shape. jit-able (``qp`` may be traced). The QP-keyed form of
+    :func:`nncjax.quantize.uniform.quantize_uniform` (hard mode), the default ``quantize_fn`` of IOQ.
 
     >>> reconstruct_uniform(jnp.array([0.3, -0.19]), -8).tolist()   # step 0.25
     [0.25, -0.25]
     """
-    step = qp_to_step_jax(qp, qp_density)
-    u = (jnp.float32(1.0) / step) * jnp.asarray(w, jnp.float32)
-    return step * (jnp.sign(u) * jnp.floor(jnp.abs(u) + 0.5))
+    return quantize_uniform(w, qp_to_step_jax(qp, qp_density), "hard")[1]
 
 
 def ioq_initial_qps(
