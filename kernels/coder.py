@@ -153,9 +153,13 @@ class CabacEncoder:
         self._done = False
 
     def _room(self, need):
+        """Grows the buffer (by doubling) so that ``need`` bytes are free after the write position."""
         self._check_open()
-        if self._buf.shape[0] - self._es[_eng.E_POS] < need:
-            self._buf = _lv._ensure_room(self._es, self._buf, need)
+        pos = int(self._es[_eng.E_POS])
+        if self._buf.shape[0] - pos < need:
+            grown = np.empty(max(2 * self._buf.shape[0], pos + need + 1024), np.uint8)
+            grown[:pos] = self._buf[:pos]
+            self._buf = grown
 
     def _check_open(self):
         if self._done:
@@ -198,13 +202,19 @@ class CabacEncoder:
         cs0 = np.empty((lay.n_ctx, 9), np.int32)
         cs01 = np.empty((lay.n_ctx, 9), np.int32)
         cacc = np.empty((lay.n_ctx, 9), np.int64)
-        info = np.zeros(2, np.int64)
-        if self._buf.shape[0] - self._es[_eng.E_POS] < flat.size // 2 + 1024:
-            self._buf = _lv._ensure_room(self._es, self._buf, flat.size // 2 + 1024)
-        status, self._buf = _lv.encode_tensor(
-            self._es, self._buf, ctx, cs0, cs01, cacc, flat, lay.height, lay.width, lay.n_gtx, lay.dq,
-            lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
-            lay.bounded, lay.cbs, lay.off, self.param_opt, lay.ci_list, lay.ci_ctx, lay.rs_ctx, info)
+        skip, adv, info = np.empty(lay.height, np.int64), np.empty(8, np.int64), np.zeros(2, np.int64)
+        saved = self._es.copy()
+        need = 2 * flat.size + 8 * lay.height + 4096  # enough for all but extreme levels
+        while True:
+            self._room(need)
+            status = _lv.encode_tensor(
+                self._es, self._buf, ctx, cs0, cs01, cacc, skip, adv, flat, lay.height, lay.width, lay.n_gtx,
+                lay.dq, lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
+                lay.bounded, lay.cbs, lay.off, self.param_opt, lay.ci_list, lay.ci_ctx, lay.rs_ctx, info)
+            if status != _lv.ERR_ROOM:
+                break
+            self._es[:] = saved
+            need = 2 * (self._buf.shape[0] - int(saved[_eng.E_POS]))
         if status == _lv.ERR_DQ_LEVEL:
             self._done = True  # the payload is now inconsistent
             pos = np.unravel_index(int(info[0]), a.shape) if a.ndim else ()
@@ -288,10 +298,11 @@ class CabacDecoder:
                      codebook_size, codebook_offset, parent_present, base, hdsp_hist)
         out = np.empty(lay.height * lay.width, np.int32)
         ctx = np.empty((lay.n_ctx, 5), np.int32)
+        skip, adv = np.empty(lay.height, np.int64), np.empty(8, np.int64)
         n_brows = max(-(-lay.height // (4 << lay.scan_order)), 1) if lay.scan_order else 1
         ep = np.zeros((3, n_brows), np.int64)
         info = np.zeros(2, np.int64)
-        status = _lv.decode_tensor(self._ds, self._data, ctx, out, lay.height, lay.width, lay.n_gtx, lay.dq,
+        status = _lv.decode_tensor(self._ds, self._data, ctx, skip, adv, out, lay.height, lay.width, lay.n_gtx, lay.dq,
                                    lay.scan_order, lay.parent_present, lay.rs_block, lay.bounded, lay.cbs, lay.off,
                                    lay.ci_list, lay.ci_ctx, lay.rs_ctx, ep[0], ep[1], ep[2], info)
         if status != _lv.OK:

@@ -18,8 +18,8 @@ row-skip flag 53+4N+36.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from nncjax.kernels.jit import kernel
 from nncjax.kernels.tables import CURVE, EST_BITS, INIT, INIT_INDEX_PENALTY
 
 SIG, SIG_TCA, SIG_HDSP, SIGN, SIGN_TCA, GTX = 0, 24, 40, 48, 51, 53
@@ -83,7 +83,7 @@ def signalled_contexts(unary_length: int, dq: bool, codebook_size: int = 0, code
 
 # ----------------------------------------------------------------------------- the context store
 
-@njit(cache=True, nogil=True)
+@kernel
 def ctx_init(ctx, c, idx):
     """Initialises context ``c`` with init set ``idx`` (0..8), remembered for later resets."""
     ctx[c, 0] = _S0_INIT[idx]
@@ -93,13 +93,13 @@ def ctx_init(ctx, c, idx):
     ctx[c, 4] = idx
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def ctx_init_all(ctx):
     for c in range(ctx.shape[0]):
         ctx_init(ctx, c, 0)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def ctx_reset_all(ctx):
     """Restores every context's states from its remembered init set (shifts are kept)."""
     for c in range(ctx.shape[0]):
@@ -108,24 +108,25 @@ def ctx_reset_all(ctx):
         ctx[c, 1] = _S01_INIT[idx]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def ctx_update(ctx, c, b):
     """Adapts context ``c`` to bin ``b``: both states move toward ``b`` by a curve-shaped step."""
+    c = np.uint64(c)  # unsigned indices spare Numba's negative-index wraparound
     s0 = np.int32(ctx[c, 0])
     s1 = np.int32(ctx[c, 1]) - 16 * s0
     if b:
-        s0 += _CURVE[16 + (s0 >> 3)] >> ctx[c, 2]
-        s1 += _CURVE[16 + (s1 >> 7)] >> ctx[c, 3]
+        s0 += _CURVE[np.uint64(16 + (s0 >> 3))] >> ctx[c, 2]
+        s1 += _CURVE[np.uint64(16 + (s1 >> 7))] >> ctx[c, 3]
     else:
-        s0 -= _CURVE[16 + ((-s0) >> 3)] >> ctx[c, 2]
-        s1 -= _CURVE[16 + ((-s1) >> 7)] >> ctx[c, 3]
+        s0 -= _CURVE[np.uint64(16 + ((-s0) >> 3))] >> ctx[c, 2]
+        s1 -= _CURVE[np.uint64(16 + ((-s1) >> 7))] >> ctx[c, 3]
     ctx[c, 0] = s0
     ctx[c, 1] = s1 + 16 * s0
 
 
 # ------------------------------------------------------------------- the init-index search (encoder)
 
-@njit(cache=True, nogil=True)
+@kernel
 def cand_init(cand_s0, cand_s01, cand_acc):
     for c in range(cand_s0.shape[0]):
         for i in range(9):
@@ -134,7 +135,7 @@ def cand_init(cand_s0, cand_s01, cand_acc):
             cand_acc[c, i] = 0
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def cand_reset(cand_s0, cand_s01):
     """Block-row reset of the candidates' states; their accumulated costs are kept."""
     for c in range(cand_s0.shape[0]):
@@ -143,25 +144,28 @@ def cand_reset(cand_s0, cand_s01):
             cand_s01[c, i] = _S01_INIT[i]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def cand_bin(cand_s0, cand_s01, cand_acc, c, b):
     """Charges bin ``b`` of context ``c`` to all nine candidates, then adapts each of them."""
-    for i in range(9):
-        s0 = cand_s0[c, i]
-        s01 = cand_s01[c, i]
-        cand_acc[c, i] += _EST[512 + (s01 >> 3), b]
+    c = np.uint64(c)
+    bu = np.uint64(b)
+    for ii in range(9):
+        i = np.uint64(ii)
+        s0 = np.int32(cand_s0[c, i])
+        s01 = np.int32(cand_s01[c, i])
+        cand_acc[c, i] += _EST[np.uint64(512 + (s01 >> 3)), bu]
         s1 = s01 - 16 * s0
         if b:
-            s0 += _CURVE[16 + (s0 >> 3)] >> _SH0[i]
-            s1 += _CURVE[16 + (s1 >> 7)] >> _SH1[i]
+            s0 += _CURVE[np.uint64(16 + (s0 >> 3))] >> _SH0[i]
+            s1 += _CURVE[np.uint64(16 + (s1 >> 7))] >> _SH1[i]
         else:
-            s0 -= _CURVE[16 + ((-s0) >> 3)] >> _SH0[i]
-            s1 -= _CURVE[16 + ((-s1) >> 7)] >> _SH1[i]
+            s0 -= _CURVE[np.uint64(16 + ((-s0) >> 3))] >> _SH0[i]
+            s1 -= _CURVE[np.uint64(16 + ((-s1) >> 7))] >> _SH1[i]
         cand_s0[c, i] = s0
         cand_s01[c, i] = s1 + 16 * s0
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def cand_best(cand_acc, c):
     """Cheapest init index of context ``c``; a non-zero index pays its 3-bit signalling, ties go low."""
     best = 0

@@ -8,58 +8,56 @@ row but the last, contexts, neighbour and range are reset (an entry point). ``bo
 codebook tensors the coded level lies in [-off, cbs - 1 - off] and the binarization is truncated.
 
 Kernels return a status: 0 = ok, else one of the ``ERR_*`` codes with the failing raster position in
-``info[0]``; the glue turns these into exceptions.
+``info[0]``; the glue turns these into exceptions (or, for ERR_ROOM, grows the buffer and retries).
+Kernels do not allocate (see :mod:`jit`): scratch arrays come from the glue.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from nncjax.kernels.jit import kernel
 from nncjax.kernels.contexts import (GTX, SIGN, cand_best, cand_bin, cand_init, cand_reset, ctx_init,
                                       ctx_init_all, ctx_reset_all)
-from nncjax.kernels.engine import (D_RANGE, E_NBUF, E_POS, E_RANGE, dec_bin, dec_bypass, dec_position, enc_bin,
-                                   enc_bypass, enc_room)
+from nncjax.kernels.engine import (D_BITS, D_RANGE, D_VALUE, E_BITS, E_LOW, E_NBUF, E_POS, E_RANGE, dbin, dbypass,
+                                   dec_position, ebin, ebypass, enc_room)
 from nncjax.kernels.tables import DQ_NEXT
 
-OK, ERR_DQ_LEVEL, ERR_PREFIX, ERR_OVERFLOW = 0, 1, 2, 3
+OK, ERR_DQ_LEVEL, ERR_PREFIX, ERR_OVERFLOW, ERR_ROOM = 0, 1, 2, 3, 4
 _DQ_NEXT = DQ_NEXT.astype(np.int64)
 INT32_MAX = 2**31 - 1
 
 
-@njit(cache=True, nogil=True)
-def _skip_advance(width):
-    """DQ state after a skipped row segment: ``width`` parity-0 transitions from each state."""
-    adv = np.empty(8, dtype=np.int64)
+@kernel
+def _skip_advance(width, adv):
+    """``adv[s]``: DQ state after a skipped row segment, ``width`` parity-0 transitions from state s."""
     for s in range(8):
         t = s
         for _ in range(width):
             t = _DQ_NEXT[t, 0]
         adv[s] = t
-    return adv
 
 
-@njit(cache=True, nogil=True)
-def _zero_rows(levels, height, width):
-    """row_skip_flag per row: 1 where the whole row is zero. int64 (H,)."""
-    flags = np.ones(height, dtype=np.int64)
+@kernel
+def _zero_rows(levels, height, width, flags):
+    """``flags[r]`` = row_skip_flag: 1 where the whole row is zero."""
     for r in range(height):
+        flags[r] = 1
         base = r * width
         for x in range(width):
-            if levels[base + x] != 0:
+            if levels[np.uint64(base + x)] != 0:
                 flags[r] = 0
                 break
-    return flags
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _nb_class(nb):
     if nb == 0:
         return 0
     return 1 if nb < 0 else 2
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _block_dims(height, width, scan_order):
     """(block height, block width, number of block rows, resets at block-row ends?)."""
     if scan_order == 0:
@@ -71,51 +69,50 @@ def _block_dims(height, width, scan_order):
 
 # ----------------------------------------------------------------------------------- binarization
 
-@njit(cache=True, nogil=True)
-def _enc_level(es, buf, ctx, q, state, nb, n_gtx, max_pos, max_neg, sign_coded):
-    """Codes level ``q``. ``max_pos``/``max_neg`` = largest allowed |q| per sign, -1 if unbounded."""
+@kernel
+def _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos, max_neg, sign_coded):
+    """Codes level ``q``; ``max_pos``/``max_neg`` = largest allowed |q| per sign, -1 if unbounded.
+    -> (low, rng, bits)"""
     sig = 1 if q != 0 else 0
-    enc_bin(es, buf, ctx, 3 * state + _nb_class(nb), sig)
+    low, rng, bits = ebin(ctx, 3 * state + _nb_class(nb), sig, es, buf, low, rng, bits)
     if sig == 0:
-        return
+        return low, rng, bits
     neg = 1 if q < 0 else 0
     if sign_coded:
-        enc_bin(es, buf, ctx, SIGN + _nb_class(nb), neg)
+        low, rng, bits = ebin(ctx, SIGN + _nb_class(nb), neg, es, buf, low, rng, bits)
     max_abs = max_neg if neg else max_pos
     if max_abs == 1:
-        return
+        return low, rng, bits
     mag = np.int64(-q) if neg else np.int64(q)
     gctx = GTX + neg
     flag = 1 if mag > 1 else 0
-    enc_bin(es, buf, ctx, gctx, flag)
+    low, rng, bits = ebin(ctx, gctx, flag, es, buf, low, rng, bits)
     coded = 1
     while flag and coded < n_gtx and (max_abs == -1 or max_abs > coded + 1):
         flag = 1 if mag > coded + 1 else 0
-        enc_bin(es, buf, ctx, gctx + 2 * coded, flag)
+        low, rng, bits = ebin(ctx, gctx + 2 * coded, flag, es, buf, low, rng, bits)
         coded += 1
-    if max_abs != -1 and max_abs == coded + 1:
-        return
-    if flag == 0:
-        return
+    if flag == 0 or (max_abs != -1 and max_abs == coded + 1):
+        return low, rng, bits
     rem = mag - coded - 1
     rem_max = -1 if max_abs == -1 else max_abs - coded - 1
     rctx = GTX + 4 * n_gtx
     if rem == 0:
-        enc_bin(es, buf, ctx, rctx, 0)
-        return
-    enc_bin(es, buf, ctx, rctx, 1)
+        return ebin(ctx, rctx, 0, es, buf, low, rng, bits)
+    low, rng, bits = ebin(ctx, rctx, 1, es, buf, low, rng, bits)
     done = np.int64(1)
     p = 1
     while rem > done + (np.int64(1) << p) - 1 and (rem_max == -1 or rem_max >= done + (np.int64(1) << p)):
-        enc_bin(es, buf, ctx, rctx + p, 1)
+        low, rng, bits = ebin(ctx, rctx + p, 1, es, buf, low, rng, bits)
         done += np.int64(1) << p
         p += 1
     if rem_max == -1 or rem_max >= done + (np.int64(1) << p):
-        enc_bin(es, buf, ctx, rctx + p, 0)
-    enc_bypass(es, buf, rem - done, p)
+        low, rng, bits = ebin(ctx, rctx + p, 0, es, buf, low, rng, bits)
+    low, bits = ebypass(rem - done, p, es, buf, low, rng, bits)
+    return low, rng, bits
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
     """The init search's cost pass for level ``v``: unbounded, sign always coded, remainder prefix
     always terminated, bypass bins not counted (NNCodec's choices, copied for identical output)."""
@@ -147,13 +144,14 @@ def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
     cand_bin(cs0, cs01, cacc, rctx + p, 0)
 
 
-@njit(cache=True, nogil=True)
-def _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded, sign_inferred):
-    """Decodes one level (mirror of ``_enc_level``). Returns (level, status)."""
-    if dec_bin(ds, data, ctx, 3 * state + _nb_class(nb)) == 0:
-        return np.int64(0), OK
+@kernel
+def _dec_level(ctx, ds, data, value, rng, bits, state, nb, n_gtx, max_pos, max_neg, sign_coded, sign_inferred):
+    """Decodes one level (mirror of ``_enc_level``). -> (level, status, value, rng, bits)"""
+    sig, value, rng, bits = dbin(ctx, 3 * state + _nb_class(nb), ds, data, value, rng, bits)
+    if sig == 0:
+        return np.int64(0), OK, value, rng, bits
     if sign_coded:
-        neg = dec_bin(ds, data, ctx, SIGN + _nb_class(nb))
+        neg, value, rng, bits = dbin(ctx, SIGN + _nb_class(nb), ds, data, value, rng, bits)
     else:
         neg = sign_inferred
     max_abs = max_neg if neg else max_pos
@@ -162,7 +160,7 @@ def _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded, si
         gctx = GTX + neg
         j = 0
         while True:
-            flag = dec_bin(ds, data, ctx, gctx + 2 * j)
+            flag, value, rng, bits = dbin(ctx, gctx + 2 * j, ds, data, value, rng, bits)
             mag += flag
             if not (flag == 1 and j < n_gtx - 1 and (max_abs > mag or max_abs == -1)):
                 break
@@ -172,7 +170,7 @@ def _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded, si
             p = 0
             j = 0
             while True:
-                flag = dec_bin(ds, data, ctx, rctx + j)
+                flag, value, rng, bits = dbin(ctx, rctx + j, ds, data, value, rng, bits)
                 if flag and (max_abs > mag or max_abs == -1):
                     mag += np.int64(1) << p
                     p += 1
@@ -180,45 +178,40 @@ def _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded, si
                     break
                 j += 1
             if p > 30:
-                return np.int64(0), ERR_PREFIX
-            mag += dec_bypass(ds, data, p)
+                return np.int64(0), ERR_PREFIX, value, rng, bits
+            suffix, value, bits = dbypass(p, ds, data, value, rng, bits)
+            mag += suffix
             if mag > INT32_MAX:
-                return np.int64(0), ERR_OVERFLOW
-    return (-mag if neg else mag), OK
+                return np.int64(0), ERR_OVERFLOW, value, rng, bits
+    return (-mag if neg else mag), OK, value, rng, bits
 
 
 # ---------------------------------------------------------------------------------- tensor kernels
 
-@njit(cache=True, nogil=True)
-def _ensure_room(es, buf, need):
-    """``buf`` with at least ``need`` free bytes after the write position (grown by doubling)."""
-    if buf.shape[0] - es[E_POS] >= need:
-        return buf
-    size = max(2 * buf.shape[0], es[E_POS] + need + 1024)
-    grown = np.empty(size, dtype=np.uint8)
-    grown[: es[E_POS]] = buf[: es[E_POS]]
-    return grown
-
-
-@njit(cache=True, nogil=True)
-def encode_tensor(es, buf, ctx, cs0, cs01, cacc, levels, height, width, n_gtx, dq, scan_order, row_skip,
+@kernel
+def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, row_skip,
                   parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx, rs_ctx, info):
     """Codes one tensor's levels (after its qp_delta) into ``buf``: row-skip block, init search and
     ci_flags, then the levels. ``rs_block``: whether the HDSP/row-skip block is present (profile 1,
-    H > 1, W > 1, cbs != 1). ``bounded``: profile-1 codebook binarization. Returns (status, buf):
-    ``buf`` is a grown copy when it ran short."""
+    H > 1, W > 1, cbs != 1). ``bounded``: profile-1 codebook binarization. Scratch: ``skip`` int64 (H,),
+    ``adv`` int64 (8,). Returns a status; ERR_ROOM (``buf`` too short, ``es`` is then undefined) asks
+    the caller to retry from its saved state with a larger buffer."""
     ctx_init_all(ctx)
-    buf = _ensure_room(es, buf, enc_room(es, 8 * len(ci_list) + 8 * height + 64))
-    skip = _zero_rows(levels, height, width) if (rs_block and row_skip) else np.zeros(height, np.int64)
+    if buf.shape[0] - es[E_POS] < enc_room(es, 8 * ci_list.shape[0] + 8 * height + 64):
+        return ERR_ROOM
+    skip[:] = 0
+    if rs_block and row_skip:
+        _zero_rows(levels, height, width, skip)
+    low, rng, bits = es[E_LOW], es[E_RANGE], es[E_BITS]
     if rs_block:
         if parent_present:
-            enc_bypass(es, buf, 0, 1)  # hist_dep_sig_prob_enabled_flag (HDSP not used)
-        enc_bypass(es, buf, 1 if row_skip else 0, 1)
+            low, bits = ebypass(0, 1, es, buf, low, rng, bits)  # hist_dep_sig_prob_enabled_flag (no HDSP)
+        low, bits = ebypass(1 if row_skip else 0, 1, es, buf, low, rng, bits)
         if row_skip:
             for r in range(height):
-                enc_bin(es, buf, ctx, rs_ctx, skip[r])
+                low, rng, bits = ebin(ctx, rs_ctx, skip[r], es, buf, low, rng, bits)
     bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
-    adv = _skip_advance(width) if dq else np.zeros(8, np.int64)
+    _skip_advance(width if dq else 0, adv)
     all_zero = cbs == 1 and bounded
     if bounded and cbs > 0:
         max_pos, max_neg = cbs - 1 - off, off
@@ -236,14 +229,15 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, levels, height, width, n_gtx, d
             if not param_opt or all_zero:
                 continue
         else:
-            for c in ci_list:
+            for i in range(ci_list.shape[0]):
+                c = ci_list[i]
                 best = cand_best(cacc, c)
-                enc_bin(es, buf, ctx, ci_ctx, 1 if best else 0)
+                low, rng, bits = ebin(ctx, ci_ctx, 1 if best else 0, es, buf, low, rng, bits)
                 if best:
-                    enc_bypass(es, buf, best - 1, 3)
+                    low, bits = ebypass(best - 1, 3, es, buf, low, rng, bits)
                 ctx_init(ctx, c, best)
             if resets:
-                es[E_RANGE] = 256
+                rng = 256
         state = 0
         nb = np.int64(0)
         for br in range(n_brows):
@@ -258,37 +252,40 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, levels, height, width, n_gtx, d
                     base = r * width
                     for x in range(c0, c1):
                         if not pseudo and buf.shape[0] - es[E_POS] < es[E_NBUF] + margin:
-                            buf = _ensure_room(es, buf, es[E_NBUF] + margin)
-                        k = np.int64(levels[base + x])
+                            return ERR_ROOM
+                        k = np.int64(levels[np.uint64(base + x)])
                         q = k
                         if dq and k != 0:
                             odd = state & 1
                             q = (k + odd) >> 1 if k > 0 else (k - odd) >> 1
                             if 2 * q - (odd if q > 0 else -odd) != k or q == 0:
                                 info[0] = base + x
-                                return ERR_DQ_LEVEL, buf
+                                es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
+                                return ERR_DQ_LEVEL
                         if pseudo:
                             _pseudo_level(cs0, cs01, cacc, k, state, nb, n_gtx)
                             nb = k
                         else:
                             if not all_zero:
-                                _enc_level(es, buf, ctx, q, state, nb, n_gtx, max_pos, max_neg, sign_coded)
+                                low, rng, bits = _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx,
+                                                            max_pos, max_neg, sign_coded)
                             nb = q
                         if dq:
-                            state = _DQ_NEXT[state, q & 1]
+                            state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
             if resets and br < n_brows - 1:
                 if pseudo:
                     cand_reset(cs0, cs01)
                 else:
                     ctx_reset_all(ctx)
                     nb = 0
-                    es[E_RANGE] = 256
-    return OK, buf
+                    rng = 256
+    es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
+    return OK
 
 
-@njit(cache=True, nogil=True)
-def decode_tensor(ds, data, ctx, out, height, width, n_gtx, dq, scan_order, parent_present, rs_block, bounded,
-                  cbs, off, ci_list, ci_ctx, rs_ctx, ep_pos, ep_value, ep_state, info):
+@kernel
+def decode_tensor(ds, data, ctx, skip, adv, out, height, width, n_gtx, dq, scan_order, parent_present, rs_block,
+                  bounded, cbs, off, ci_list, ci_ctx, rs_ctx, ep_pos, ep_value, ep_state, info):
     """Decodes one tensor's levels (after its qp_delta) into ``out`` (raster order, int32).
 
     Entry points: ``ep_pos``/``ep_value``/``ep_state`` (int64, length = block rows) receive, for the
@@ -296,20 +293,25 @@ def decode_tensor(ds, data, ctx, out, height, width, n_gtx, dq, scan_order, pare
     state; they are filled only when the scan has more than one block row. ``info[1]`` = hdsp flag
     read. Returns a status."""
     ctx_init_all(ctx)
-    skip = np.zeros(height, np.int64)
+    skip[:] = 0
+    value, rng, bits = ds[D_VALUE], ds[D_RANGE], ds[D_BITS]
     if rs_block:
         if parent_present:
-            info[1] = dec_bypass(ds, data, 1)
-        if dec_bypass(ds, data, 1):
+            info[1], value, bits = dbypass(1, ds, data, value, rng, bits)
+        enabled, value, bits = dbypass(1, ds, data, value, rng, bits)
+        if enabled:
             for r in range(height):
-                skip[r] = dec_bin(ds, data, ctx, rs_ctx)
-    for c in ci_list:
+                skip[r], value, rng, bits = dbin(ctx, rs_ctx, ds, data, value, rng, bits)
+    for i in range(ci_list.shape[0]):
+        c = ci_list[i]
+        flag, value, rng, bits = dbin(ctx, ci_ctx, ds, data, value, rng, bits)
         idx = 0
-        if dec_bin(ds, data, ctx, ci_ctx):
-            idx = dec_bypass(ds, data, 3) + 1
+        if flag:
+            idx, value, bits = dbypass(3, ds, data, value, rng, bits)
+            idx += 1
         ctx_init(ctx, c, idx)
     bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
-    adv = _skip_advance(width) if dq else np.zeros(8, np.int64)
+    _skip_advance(width if dq else 0, adv)
     all_zero = cbs == 1 and bounded
     if bounded and cbs > 0:
         max_pos, max_neg = cbs - 1 - off, off
@@ -325,9 +327,9 @@ def decode_tensor(ds, data, ctx, out, height, width, n_gtx, dq, scan_order, pare
             if br > 0:
                 ctx_reset_all(ctx)
                 nb = 0
-            ds[D_RANGE] = 256
-            ep_pos[br] = dec_position(ds)
-            ep_value[br] = (ds[0] >> 7) & 0xFF
+            rng = 256
+            ep_pos[br] = dec_position(ds, bits)
+            ep_value[br] = (value >> 7) & 0xFF
             ep_state[br] = state
         r0 = br * bh
         r1 = min(height, r0 + bh)
@@ -344,8 +346,8 @@ def decode_tensor(ds, data, ctx, out, height, width, n_gtx, dq, scan_order, pare
                     if all_zero:
                         q = np.int64(0)
                     else:
-                        q, st = _dec_level(ds, data, ctx, state, nb, n_gtx, max_pos, max_neg, sign_coded,
-                                           sign_inferred)
+                        q, st, value, rng, bits = _dec_level(ctx, ds, data, value, rng, bits, state, nb, n_gtx,
+                                                             max_pos, max_neg, sign_coded, sign_inferred)
                         if st != OK:
                             info[0] = base + x
                             return st
@@ -357,6 +359,7 @@ def decode_tensor(ds, data, ctx, out, height, width, n_gtx, dq, scan_order, pare
                             if k > INT32_MAX or k < -INT32_MAX:
                                 info[0] = base + x
                                 return ERR_OVERFLOW
-                        state = _DQ_NEXT[state, q & 1]
-                    out[base + x] = k
+                        state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
+                    out[np.uint64(base + x)] = k
+    ds[D_VALUE], ds[D_RANGE], ds[D_BITS] = value, rng, bits
     return OK
