@@ -79,6 +79,8 @@ def test_member_errors():
         block_members("c/kernel")
     with pytest.raises(InputError):
         block_members("c/kernel", lowrank=low_rank_decompose(w, 2))  # dims missing
+    with pytest.raises(InputError):  # LS scales G's rows: they must be W's rows
+        block_members("c/kernel", lowrank=low_rank_decompose(w, 2, g_rows=24), dims=w.shape, ls=ls)
     with pytest.raises(InputError):
         block_from_members("c/kernel", CPT_LS, (6, 4, 3, 3), {"c/kernel": w})  # LS missing
     with pytest.raises(InputError):

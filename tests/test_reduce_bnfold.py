@@ -80,6 +80,33 @@ def test_find_bn_pairs_by_flax_names():
     assert find_bn_pairs(variables["params"]) == [BNPair((f"Conv_{i}",), (f"BatchNorm_{i}",)) for i in range(3)]
 
 
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Dense(5)(x)))
+        return nn.Dense(3)(x)
+
+
+def test_dense_bn_pairs_given_explicitly():
+    model = MLP()
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    rng = np.random.default_rng(1)
+    variables = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.2, 1.5, size=a.shape), a.dtype), shapes)
+    with pytest.raises(InputError):  # BatchNorm_0 without a Conv_0: auto-detection refuses to guess
+        fold_batchnorm(variables)
+    pairs = [BNPair(("Dense_0",), ("BatchNorm_0",))]
+    folded = fold_batchnorm(variables, pairs)
+    blk = folded.blocks["Dense_0/kernel"]
+    assert blk.w.shape == (5, 6)  # NNR layout: (out, in)
+    decoded = {"Dense_0/kernel": FoldedBlock(*(jnp.round(t * 8) / 8 for t in blk))}
+    unfolded = unfold_batchnorm(variables, decoded, pairs)
+    d = decoded["Dense_0/kernel"]
+    h = jax.nn.relu(x @ (d.w * d.ls[:, None]).T + d.bi)
+    expect = h @ variables["params"]["Dense_1"]["kernel"] + variables["params"]["Dense_1"]["bias"]
+    np.testing.assert_allclose(model.apply(unfolded, x), expect, rtol=2e-6, atol=2e-6)
+
+
 def test_find_bn_pairs_ambiguous_raises():
     with pytest.raises(InputError):
         find_bn_pairs({"Conv_0": {"kernel": 0}, "BatchNorm_1": {"scale": 0}})

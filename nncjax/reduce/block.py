@@ -9,7 +9,8 @@ BI (0x08). Two orders matter:
 * **coded order** (tensors inside the DeepCABAC stream): LS, BI, β, γ, mean, var, then W (or G, H).
 
 ``tensor_dimensions`` are always W's NNR dims; LS, BI and BN members have shape ``(dims[0],)``.
-With DC, ``decomposition_rank`` = G.shape[1] and ``g_number_of_rows`` = G.shape[0].
+With DC, ``decomposition_rank`` = G.shape[1] and ``g_number_of_rows`` = G.shape[0]. NNCodec's decoder
+applies LS to G's rows, so LS together with DC requires ``g_number_of_rows == dims[0]``.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def block_members(
     topology = [n for n, _ in weights]
     coded: list[tuple[str, jax.Array]] = []
     if ls is not None:
+        if grows is not None and grows != rows:
+            # The decoder scales G's rows by LS, which only means "W's output rows" when they coincide.
+            raise InputError(f"LS with DC needs g_number_of_rows == dims[0] ({rows}), got {grows}")
         cpt |= CPT_LS
         topology.append(nm["LS"])
         coded.append((nm["LS"], _row_vector(nm["LS"], ls, rows)))
