@@ -30,7 +30,8 @@ from nncjax.kernels.unit_base import (
 
 __all__ = [
     "Codebook", "EntryPointList", "Member", "CompressedDataUnit", "best_codebook_egk",
-    "codebook_bits", "entry_point_count", "read_ndu_body", "write_ndu_body",
+    "codebook_bits", "concat_entry_points", "entry_point_count", "member_entry_points", "read_ndu_body",
+    "write_ndu_body",
 ]
 
 _CODED = (PayloadType.INT, PayloadType.FLOAT, PayloadType.BLOCK)
@@ -150,6 +151,40 @@ class EntryPointList:
 
     def __len__(self) -> int:
         return len(self.offset)
+
+
+def concat_entry_points(*parts) -> EntryPointList:
+    """Join per-tensor entry points (e.g. G's then H's of a DC block) into one header list.
+
+    Each part: any object with int arrays ``value``, ``dq_state``, ``offset`` (the coder's
+    ``EntryPoints`` or an :class:`EntryPointList`). Example:
+    ``len(concat_entry_points(eps_g, eps_h)) == len(eps_g) + len(eps_h)``.
+    """
+    return EntryPointList(*(np.concatenate([np.asarray(getattr(p, f), np.int64).ravel() for p in parts] or
+                                           [np.zeros(0, np.int64)]) for f in ("value", "dq_state", "offset")))
+
+
+def member_entry_points(unit: "CompressedDataUnit") -> list:
+    """The unit's entry points split per member (aligned with :meth:`CompressedDataUnit.members`).
+
+    Only the weight (or G and H) carries entry points; other members get ``None``, as does every
+    member when the header has no entry-point list.
+    """
+    members = unit.members()
+    eps = unit.entry_points
+    if eps is None:
+        return [None] * len(members)
+    out, start = [], 0
+    for m in members:
+        if m.role in ("tensor", "weight", "dc_g", "dc_h") and len(m.shape) > 1:
+            shift = 2 + unit.scan_order
+            n = max(0, ((int(m.shape[0]) + (1 << shift) - 1) >> shift) - 1)
+            sl = slice(start, start + n)
+            out.append(EntryPointList(*(np.asarray(getattr(eps, f))[sl] for f in ("value", "dq_state", "offset"))))
+            start += n
+        else:
+            out.append(None)
+    return out
 
 
 def _read_entry_points(r: BitReader, n: int, dq_flag: int) -> EntryPointList:

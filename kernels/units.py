@@ -31,7 +31,7 @@ from nncjax.kernels import perfmaps as pm
 from nncjax.kernels.bits import BitReader, BitWriter
 from nncjax.kernels.ndu import (
     Codebook, CompressedDataUnit, EntryPointList, Member, best_codebook_egk, codebook_bits,
-    entry_point_count, read_ndu_body, write_ndu_body,
+    concat_entry_points, entry_point_count, member_entry_points, read_ndu_body, write_ndu_body,
 )
 from nncjax.kernels.unit_base import (
     CPT_BI, CPT_BN, CPT_DC, CPT_LS, QCB, QSU, DecodeLimits, OutOfBand, ParentNodeIdType, PayloadType,
@@ -42,7 +42,8 @@ __all__ = [
     "UnitType", "PayloadType", "CPT_DC", "CPT_LS", "CPT_BN", "CPT_BI", "QSU", "QCB", "ParentNodeIdType",
     "TopologyStorageFormat", "DecodeLimits", "SyntaxContext", "OutOfBand", "UnitSpan",
     "StartUnit", "ModelParameterSet", "LayerParameterSet", "TopologyUnit", "CompressedDataUnit",
-    "Codebook", "EntryPointList", "Member", "best_codebook_egk", "codebook_bits", "entry_point_count",
+    "Codebook", "EntryPointList", "Member", "best_codebook_egk", "codebook_bits", "concat_entry_points",
+    "entry_point_count", "member_entry_points",
     "frame_unit", "read_unit", "read_units", "write_unit", "write_stream", "context_after",
     "SHORT_SIZE_LIMIT",
 ]

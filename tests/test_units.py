@@ -13,8 +13,8 @@ from nncjax.kernels import perfmaps as pm
 from nncjax.kernels.units import (
     CPT_BI, CPT_BN, CPT_DC, CPT_LS, Codebook, CompressedDataUnit, DecodeLimits, EntryPointList,
     LayerParameterSet, ModelParameterSet, OutOfBand, PayloadType, StartUnit, SyntaxContext, TopologyUnit,
-    best_codebook_egk, codebook_bits, entry_point_count, frame_unit, read_unit, read_units, write_stream,
-    write_unit,
+    best_codebook_egk, codebook_bits, concat_entry_points, entry_point_count, frame_unit, member_entry_points,
+    read_unit, read_units, write_stream, write_unit,
 )
 
 STR = bytes.fromhex("00040201")
@@ -421,6 +421,16 @@ def test_block_members_and_entry_point_counts():
     assert entry_point_count(dc) == (8 - 1) + (3 - 1)
     with pytest.raises(InputError, match="entry points"):
         write_unit(dc)
+    ar = lambda *v: np.array(v, np.int64)  # noqa: E731
+    g = EntryPointList(ar(*range(7)), ar(*[1] * 7), ar(*range(100, 107)))
+    h = EntryPointList(ar(9, 8), ar(0, 3), ar(50, 60))
+    dc.entry_points = concat_entry_points(g, h)
+    dc.dq_flag = 1
+    assert len(dc.entry_points) == 9
+    assert member_entry_points(dc) == [None, g, h]
+    got = read_unit(write_unit(dc))[0]
+    assert got.entry_points == dc.entry_points and member_entry_points(got)[2] == h
+    assert member_entry_points(u) == [None] * 6
 
 
 def test_writer_rejects_inconsistent_units():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from nncjax.kernels.units import (
     CompressedDataUnit, LayerParameterSet, ModelParameterSet, OutOfBand, PayloadType, StartUnit,
-    SyntaxContext, TopologyUnit, context_after, read_units, write_stream, write_unit,
+    SyntaxContext, TopologyUnit, context_after, member_entry_points, read_units, write_stream, write_unit,
 )
 from tests.test_units import streams, unique_names
 
@@ -229,6 +229,9 @@ def test_nncodec_streams_parse_and_rewrite_byte_exact(generated):
                     assert np.asarray(ref["raw_float32_parameter"]).tobytes() == unit.payload.tobytes()
                 else:
                     assert unit.span.payload_offset == ref["_touched"]  # NNCodec's header end
+                if unit.entry_points is not None:  # per-member split covers the whole list
+                    split = [e for e in member_entry_points(unit) if e is not None]
+                    assert sum(len(e) for e in split) == len(unit.entry_points)
                 seen.add(("pt", int(unit.payload_type)))
                 seen.add(("dq", unit.dq_flag))
                 seen.add(("scan", unit.scan_order, unit.entry_points is not None and len(unit.entry_points) > 0))
