@@ -139,3 +139,22 @@ def test_custom_quantize_fn_is_used(toy):
     p0 = jax.tree.map(lambda a: a, params)
     p0["Dense_0"]["kernel"] = jnp.zeros_like(p0["Dense_0"]["kernel"])
     assert c == pytest.approx(dist(p0))
+
+
+def test_search_with_the_deepcabac_coder_size(toy):
+    """The rate is the real coder's payload size: what a user passes to tune QPs for the bitstream."""
+    from nncjax.kernels.coder import encode_levels
+
+    from nncjax.quantize.uniform import quantize_uniform
+    from nncjax.steps import qp_to_step_jax
+
+    def coded_bits(name, w, qp):
+        k, _ = quantize_uniform(w, qp_to_step_jax(qp))
+        return 8.0 * len(encode_levels(np.asarray(k), dq=False))
+
+    params, dist = toy
+    init = {k: q for k, q in ioq_initial_qps(params, -28).items() if k.endswith("kernel")}
+    lam = estimate_lambda(params, init, dist, coded_bits)
+    c0 = ioq_cost(params, init, dist, coded_bits, lam)
+    qps = ioq_search(params, dist, coded_bits, lam, init, offsets=(-2, -1, 1, 2), rounds=1, progress=False)
+    assert ioq_cost(params, qps, dist, coded_bits, lam) < c0
