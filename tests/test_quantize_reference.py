@@ -38,7 +38,7 @@ def _layer_case(rng, i):
     qpd = int(rng.integers(0, 8))
     return dict(w=_weights(rng, shape, int(rng.integers(4))), qp=_qp(rng, qpd), qpd=qpd, dq=int(rng.integers(2)),
                 lam=float(rng.choice([0.0, 0.0, 0.1, 0.5, 1.0, 2.0])),
-                cul_minus1=int(rng.choice([10, 10, 1, 3, 20])), scan_order=int(rng.integers(0, 5)))
+                cul_minus1=int(rng.choice([10, 10, 0, 1, 3, 20])), scan_order=int(rng.integers(0, 5)))
 
 
 def _ours(c):
@@ -255,6 +255,13 @@ def test_codebook_reconstruction_checks_bounds():
         R.reconstruct_codebook(np.array([2]), np.array([0, 1]), 0, -32)
     with pytest.raises(InputError):
         R.reconstruct_codebook(np.array([-1]), np.array([0, 1]), 0, -32)
+
+
+def test_scalars_keep_their_shape():
+    for dq in (False, True):
+        levels, qp = R.quantize_tensor(np.float32(0.3), -32, dq=dq)
+        assert levels.shape == () and int(levels) == 77 and qp == -32
+    assert R.quantize_codebook(np.float32(0.3), -32).levels.shape == ()
 
 
 def test_empty_tensors():

@@ -78,7 +78,7 @@ def _weights(w) -> np.ndarray:
         raise InputError(f"weights must be float32, got dtype {a.dtype}")
     if not np.all(np.isfinite(a)):
         raise InputError("weights contain NaN or Inf")
-    return np.ascontiguousarray(a)
+    return np.asarray(a, order="C")  # keeps 0-d shapes, unlike ascontiguousarray
 
 
 def _int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
@@ -418,7 +418,8 @@ def quantize_codebook(w, qp, *, qp_density=2, dq_requested=True, lambda_scale=0.
     indices = inverse.reshape(levels.shape).astype(np.int32)
     offset = codebook_offset_search(indices, codebook.size, n)
     egk = codebook_best_egk(codebook, offset)
-    return CodebookResult(indices - np.int32(offset), codebook.astype(np.int32), offset, egk, used)
+    coded = np.asarray(indices - np.int32(offset), dtype=np.int32).reshape(levels.shape)
+    return CodebookResult(coded, codebook.astype(np.int32), offset, egk, used)
 
 
 class CodebookChoice(NamedTuple):
