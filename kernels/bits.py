@@ -20,6 +20,8 @@ Example::
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from nncjax.errors import BitstreamError, InputError
@@ -42,6 +44,14 @@ def ie_to_ue(x: int) -> int:
 def ue_to_ie(m: int) -> int:
     """Inverse of :func:`ie_to_ue`: odd m -> (m+1)/2, even m -> -m/2. Example: ``ue_to_ie(5) == 3``."""
     return (m + 1) >> 1 if m & 1 else -(m >> 1)
+
+
+def _int(x, what: str) -> int:
+    """An exact integer (int, bool, numpy integer); floats, None and strings are refused."""
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise InputError(f"{what} needs an integer, got {type(x).__name__} {x!r}") from None
 
 
 def ue_length(k: int, x: int) -> int:
@@ -85,7 +95,7 @@ class BitWriter:
 
     def u(self, n: int, x: int) -> None:
         """Unsigned ``x`` in ``n`` bits, 0 <= x < 2**n."""
-        x = int(x)
+        x = _int(x, f"u({n})")
         if n <= 0 or x < 0 or x >> n:
             raise InputError(f"u({n}) cannot hold {x}")
         acc = (self._acc << n) | x
@@ -100,14 +110,14 @@ class BitWriter:
 
     def i(self, n: int, x: int) -> None:
         """Two's-complement signed ``x`` in ``n`` bits."""
-        x = int(x)
+        x = _int(x, f"i({n})")
         if n <= 0 or not -(1 << (n - 1)) <= x < (1 << (n - 1)):
             raise InputError(f"i({n}) cannot hold {x}")
         self.u(n, x & ((1 << n) - 1))
 
     def ue(self, k: int, x: int) -> None:
         """k-th order unsigned Exp-Golomb of ``x >= 0``."""
-        x = int(x)
+        x = _int(x, f"ue({k})")
         if x < 0:
             raise InputError(f"ue({k}) cannot hold negative {x}")
         j = 0
@@ -122,7 +132,7 @@ class BitWriter:
 
     def ie(self, k: int, x: int) -> None:
         """k-th order signed Exp-Golomb."""
-        self.ue(k, ie_to_ue(int(x)))
+        self.ue(k, ie_to_ue(_int(x, f"ie({k})")))
 
     def flt(self, x) -> None:
         """float32 as 4 bytes, least significant byte first (NNCodec's order); no alignment needed."""

@@ -368,11 +368,23 @@ def entry_point_count(unit: CompressedDataUnit) -> int:
 
 
 def _lookup_oob(oob: Mapping | None, names) -> OutOfBand:
-    if oob:
-        for n in names:
-            if n in oob:
-                return oob[n]
-    return OutOfBand()
+    """The caller's out-of-band values for these names, validated (InputError) like any argument."""
+    o = next((oob[n] for n in names if n in oob), None) if oob else None
+    if o is None:
+        return OutOfBand()
+    if not isinstance(o, OutOfBand):
+        raise InputError(f"out_of_band values must be OutOfBand, got {type(o).__name__}")
+    ranges = {"cabac_unary_length_minus1": 255, "compressed_parameter_types": 15,
+              "decomposition_rank": None, "g_number_of_rows": None}
+    for name, hi in ranges.items():
+        v = getattr(o, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0
+                              or (hi is not None and v > hi)):
+            raise InputError(f"out_of_band {name} = {v!r} is not an integer in 0..{hi or 'inf'}")
+    if o.tensor_dimensions is not None and any(
+            isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0 for d in o.tensor_dimensions):
+        raise InputError(f"out_of_band tensor_dimensions {o.tensor_dimensions!r} must be non-negative integers")
+    return o
 
 
 def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: Mapping | None,
@@ -526,6 +538,10 @@ def write_ndu_body(w: BitWriter, u: CompressedDataUnit, ctx: SyntaxContext) -> N
         raise InputError(f"{pt.name}: {len(ids)} topology elements (blocks need >= 2, others exactly 1)")
     if block and len(ids) != len(_block_roles(u.compressed_parameter_types)):
         raise InputError("block: topology element count does not match compressed_parameter_types")
+    kind = int if ctx.topology_indexed_reference_flag else str
+    if not all(isinstance(i, kind) and not isinstance(i, bool) for i in ids):
+        raise InputError(f"topology_elem_ids must all be {kind.__name__} "
+                         f"(mps_topology_indexed_reference_flag = {ctx.topology_indexed_reference_flag})")
     w.u(5, pt)
     w.u(1, int(block))
     w.u(1, int(u.decompressed_data_format is not None))

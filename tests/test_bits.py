@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nncjax import BitstreamError, InputError
@@ -71,6 +71,7 @@ def test_byte_alignment_always_writes_a_bit():
         assert w.aligned and w.bit_length == 8 * ((pre + 8) // 8)
 
 
+@settings(max_examples=500)
 @given(st.lists(st.one_of(
     st.tuples(st.just("u"), st.integers(1, 70)).flatmap(lambda t: st.tuples(st.just("u"), st.just(t[1]), st.integers(0, 2**t[1] - 1))),
     st.tuples(st.just("i"), st.integers(1, 64)).flatmap(

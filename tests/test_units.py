@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nncjax import BitstreamError, InputError, LimitError, UnsupportedError
@@ -295,6 +295,7 @@ def unique_names(units):
     return len(seen) == len(set(seen))
 
 
+@settings(max_examples=300)
 @given(streams())
 def test_stream_round_trip(units):
     data = write_stream(units)
@@ -442,3 +443,9 @@ def test_writer_rejects_inconsistent_units():
         write_unit(dataclasses.replace(example_ndu(), topology_elem_ids=("a", "b")))
     with pytest.raises(InputError):
         write_unit(object())
+    with pytest.raises(InputError, match="integer"):
+        write_unit(dataclasses.replace(example_ndu(), device_id=1.5), SyntaxContext())
+    with pytest.raises(InputError, match="topology_elem_ids"):
+        write_unit(example_ndu(), SyntaxContext(topology_indexed_reference_flag=1))
+    with pytest.raises(InputError, match="out_of_band"):
+        read_units(ndu_bytes(tensor_dimensions_flag=0), out_of_band={"w": OutOfBand(tensor_dimensions=(-3, 3))})
