@@ -85,6 +85,9 @@ def cases():
     bupd = {k: v + gauss(*v.shape, scale=0.01) for k, v in bmodel.items()}
     out.append({"model": bupd, "kwargs": {"tca": False, "scan_order": 1}, "diff_base": bmodel, "block": blk})
     out.append({"model": {"w": gauss(10, 10)}, "kwargs": {"pre_signalling": True}})
+    for scan, dq in ((0, False), (2, True)):
+        out.append({"model": {"w": gauss(50, 20), "b": gauss(20), "i": np.arange(6, dtype=np.int32).reshape(2, 3)},
+                    "kwargs": {"scan_order": scan, "use_dq": dq}, "profile0": True})
     return out
 
 
@@ -240,6 +243,8 @@ def test_nncodec_streams_parse_and_rewrite_byte_exact(generated):
                 seen.add(("parent", unit.parent_node_id_present_flag, unit.temporal_context_modeling_flag))
                 seen.add(("cul", unit.cabac_unary_length_minus1))
                 seen.add(("long", bool(raw[0] & 0x80)))
+            if isinstance(unit, StartUnit):
+                seen.add(("profile", unit.general_profile_idc))
             if isinstance(unit, ModelParameterSet):
                 seen.add(("qpd", unit.qp_density))
                 seen.add(("pre", unit.pre_flag))
@@ -247,7 +252,8 @@ def test_nncodec_streams_parse_and_rewrite_byte_exact(generated):
             ctx = context_after(unit, ctx)
     # the batch really exercised what it claims to
     for feature in [("pt", 0), ("pt", 1), ("pt", 3), ("dq", 0), ("dq", 1), ("codebook", True), ("long", True),
-                    ("dims_in_band", 0), ("parent", 1, 1), ("parent", 1, 0), ("pre", 1), ("cul", 0), ("cul", 31)]:
+                    ("dims_in_band", 0), ("parent", 1, 1), ("parent", 1, 0), ("pre", 1), ("cul", 0), ("cul", 31),
+                    ("profile", 0), ("profile", 1)]:
         assert feature in seen, feature
     for scan in range(1, 5):
         assert ("scan", scan, True) in seen, scan

@@ -91,11 +91,29 @@ def _compress(model, kwargs, block=None, base=None, diff_of=None):
         return bytes(nnc.compress(model, bitstream_path=None, return_bitstream=True, verbose=False, **kw))
 
 
+def _compress_profile0(model, kwargs):
+    """Profile-0 streams through ``nnc_core`` (``nnc.compress`` hard-codes profile 1)."""
+    from nncodec.nnc_core import approximator, coder, nnr_model
+    kw = dict(qp=-32, qp_density=2, use_dq=True, scan_order=0, cabac_unary_length_minus1=10)
+    kw.update(kwargs)
+    mi = nnr_model.NNRModel(model).model_info
+    ad = approximator.init_approx_data(model, mi, kw["qp_density"], kw["scan_order"])
+    ai = approximator.ApproxInfo(ad, mi, "uniform", 0, kw["qp"], False, not kw["use_dq"],
+                                 kw["cabac_unary_length_minus1"], 0, nonweight_qp=-75)
+    enc_info = {"cabac_unary_length_minus1": kw["cabac_unary_length_minus1"], "param_opt_flag": True,
+                "general_profile_idc": 0, "node_id_present_flag": 0, "mps_parent_signalling_enabled_flag": 0,
+                "parent_node_id_present_flag": 0}
+    with contextlib.redirect_stdout(io.StringIO()):
+        ade = approximator.approx(ai.approx_info, mi, ad, enc_info)
+        bs, _ = coder.encode(enc_info, mi, ade)
+    return bytes(bs)
+
+
 def generate(cases):
     """Encode each case and parse it back with NNCodec's reader.
 
     A case: ``{"model": {name: array}, "kwargs": {...nnc.compress args...}, "block": None or
-    block_id_and_param_type, "diff_base": None or a model dict}``. With ``diff_base`` the base model
+    block_id_and_param_type, "diff_base": None or a model dict, "profile0": bool}``. With ``diff_base`` the base model
     is encoded first (building NNCodec's ``approx_param_base``) and then ``model`` as a differential
     update with ``compress_differences=True``.
     Returns per case ``{"bitstream": bytes, "units": [...]}`` or ``{"error": text}``.
@@ -105,7 +123,9 @@ def generate(cases):
         model = {k: np.asarray(v) for k, v in case["model"].items()}
         try:
             base = None
-            if case.get("diff_base") is not None:
+            if case.get("profile0"):
+                bs = _compress_profile0(model, case["kwargs"])
+            elif case.get("diff_base") is not None:
                 base = {"parameters": {}, "put_node_depth": {}, "device_id": 0, "parameter_id": {}}
                 bmodel = {k: np.asarray(v) for k, v in case["diff_base"].items()}
                 _compress(bmodel, dict(case["kwargs"], update_base_param=True), case.get("block"), base)
