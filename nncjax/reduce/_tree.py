@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -12,7 +12,6 @@ from nncjax.errors import InputError
 __all__ = ["named_leaves", "replace_named", "path_name", "default_weight_select", "resolve"]
 
 Path = tuple[str, ...]
-Select = Callable[[str, jax.Array], bool]
 
 
 def _key_str(k: Any) -> str:

@@ -79,8 +79,9 @@ class FoldedModel(NamedTuple):
     """Result of :func:`fold_batchnorm`.
 
     ``blocks``: weight name (``"Conv_0/kernel"``) -> :class:`FoldedBlock`, in pair order.
-    ``rest``: every other ``params`` leaf by name (Flax layout, untouched), in flatten order; the BN
-    parameters and the folded layers' biases are absent (they live in BI).
+    ``rest``: every other ``params`` leaf by name (Flax layout, untouched), in ``jax.tree`` flatten
+    order (sorted keys); the BN parameters and the folded layers' biases are absent (they live in BI).
+    Names are those :func:`nncjax.pytree_names.flatten_named` gives; take the coding order from it.
     """
 
     blocks: dict[str, FoldedBlock]
