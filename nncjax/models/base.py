@@ -17,7 +17,16 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["EvalModel", "compare_with_shipped", "flatten_paths", "frozen_float32", "resolve_subset", "unflatten_paths"]
+__all__ = [
+    "EvalModel",
+    "classification_metrics",
+    "compare_with_shipped",
+    "flatten_paths",
+    "frozen_float32",
+    "native_names",
+    "resolve_subset",
+    "unflatten_paths",
+]
 
 Params = Any  # a Flax variables dict, e.g. {"params": {...}, "batch_stats": {...}}
 
@@ -69,6 +78,34 @@ def frozen_float32(tree: Any) -> Any:
     return jax.tree_util.tree_map(freeze, tree)
 
 
+def native_names(
+    params: Params,
+) -> tuple[dict[str, str], Callable[[Params], dict[str, np.ndarray]], Callable[[Mapping[str, Any]], Params]]:
+    """``(name_map, to_original, from_original)`` for a model born in Flax: its "original" names are
+    its Flax paths. ``from_original`` checks names and shapes against ``params``.
+
+    Example:
+        >>> names, to_orig, from_orig = native_names({"params": {"w": np.ones(2)}})
+        >>> names, from_orig({"params/w": [3, 4]})["params"]["w"]
+        ({'params/w': 'params/w'}, array([3., 4.], dtype=float32))
+    """
+    shapes = {p: a.shape for p, a in flatten_paths(params).items()}
+
+    def from_original(tensors: Mapping[str, Any]) -> Params:
+        if set(tensors) != set(shapes):
+            raise InputError(
+                f"tensors: missing {sorted(set(shapes) - set(tensors))[:5]}, "
+                f"unexpected {sorted(set(tensors) - set(shapes))[:5]}"
+            )
+        flat = {p: np.asarray(tensors[p], np.float32) for p in shapes}
+        for p, a in flat.items():
+            if a.shape != shapes[p]:
+                raise InputError(f"tensor {p}: shape {a.shape}, expected {shapes[p]}")
+        return unflatten_paths(flat)
+
+    return {p: p for p in shapes}, flatten_paths, from_original
+
+
 def resolve_subset(subset: str | int, ci_size: int, full_size: int) -> int:
     """Number of evaluation items for ``subset``: ``"full"``, ``"ci"`` (small, for tests) or an int.
 
@@ -83,6 +120,25 @@ def resolve_subset(subset: str | int, ci_size: int, full_size: int) -> int:
     if isinstance(subset, (int, np.integer)) and not isinstance(subset, bool) and 0 < subset <= full_size:
         return int(subset)
     raise InputError(f"subset must be 'full', 'ci' or an int in [1, {full_size}], got {subset!r}")
+
+
+def classification_metrics(
+    logits: np.ndarray, labels: np.ndarray, reference: np.ndarray | None = None
+) -> dict[str, float]:
+    """``top1`` and ``n`` of ``logits (n, classes)`` against ``labels (n,)``; with ``reference`` (the
+    shipped weights' logits) also ``argmax_agree``, the fraction of identical predictions.
+
+    Example:
+        >>> classification_metrics(np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([1, 1]))
+        {'top1': 0.5, 'n': 2.0}
+    """
+    pred = np.asarray(logits).argmax(axis=1)
+    metrics = {"top1": float(np.mean(pred == labels[: len(pred)])), "n": float(len(pred))}
+    if reference is not None:
+        if reference.shape != np.shape(logits):
+            raise InputError(f"reference logits have shape {reference.shape}, expected {np.shape(logits)}")
+        metrics["argmax_agree"] = float(np.mean(pred == reference.argmax(axis=1)))
+    return metrics
 
 
 def compare_with_shipped(
@@ -121,8 +177,8 @@ class EvalModel:
         params: Flax variables pytree of float32 arrays (``{"params": ..., "batch_stats": ...}``).
         apply: ``apply(params, batch) -> outputs``, pure and jit-able.
         evaluate: ``evaluate(params, subset) -> dict[str, float]``; see :meth:`eval`. For the models
-            with original weights (minilm, crepe) the dict also measures agreement with the shipped
-            weights' outputs (``mean_cosine``; ``bins_mae``, ``argmax_agree``).
+            the dict also measures agreement with the shipped weights' outputs (minilm:
+            ``mean_cosine``; crepe: ``bins_mae``, ``argmax_agree``; classifiers: ``argmax_agree``).
         name_map: ``{flax_path: original_name}`` for every leaf of ``params`` (paths ``"/"``-joined).
         to_original: ``params -> {original_name: np.ndarray}`` in the original layout and names.
         from_original: ``{original_name: array} -> params`` (inverse of ``to_original``).

@@ -21,13 +21,14 @@ import optax
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
-    flatten_paths,
+    classification_metrics,
+    compare_with_shipped,
     frozen_float32,
+    native_names,
     resolve_subset,
-    unflatten_paths,
 )
 
-__all__ = ["DigitsMLP", "apply", "evaluate", "load", "load_digits_split", "loss", "train"]
+__all__ = ["DigitsMLP", "apply", "evaluate", "load", "load_digits_split", "logits", "loss", "metrics", "train"]
 
 N_TEST = 360
 
@@ -99,16 +100,25 @@ def train(params: Mapping[str, Any], steps: int = 300, learning_rate: float = 1e
     return params
 
 
+def logits(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
+    """Logits ``(n, 10)`` on the first n test images (``"ci"`` and ``"full"``: all 360)."""
+    x = load_digits_split("test")[0]
+    return np.asarray(apply(params, x[: resolve_subset(subset, N_TEST, N_TEST)]))
+
+
+def metrics(out: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """``top1``, ``n`` (and ``argmax_agree`` with ``reference``) of :func:`logits` output ``(n, 10)``."""
+    return classification_metrics(out, load_digits_split("test")[1], reference)
+
+
 def evaluate(params: Mapping[str, Any], subset: str | int = "ci") -> dict[str, float]:
-    """Test top-1 on the first n test images (``"ci"`` and ``"full"``: all 360).
+    """Test ``top1`` and ``n`` of ``params`` (``"ci"`` and ``"full"``: all 360 test images).
 
     Example:
         >>> evaluate(load().params)["top1"] > 0.95                        # doctest: +SKIP
         True
     """
-    x, y = load_digits_split("test")
-    n = resolve_subset(subset, N_TEST, N_TEST)
-    return {"top1": float(np.mean(np.asarray(apply(params, x[:n])).argmax(1) == y[:n])), "n": float(n)}
+    return metrics(logits(params, subset))
 
 
 def load(seed: int = 0, steps: int = 300) -> EvalModel:
@@ -120,13 +130,13 @@ def load(seed: int = 0, steps: int = 300) -> EvalModel:
     """
     init = DigitsMLP().init(jax.random.PRNGKey(seed), jnp.zeros((1, 64), jnp.float32))
     params = frozen_float32(train(init, steps=steps))
-    names = {p: p for p in flatten_paths(params)}
+    name_map, to_original, from_original = native_names(params)
     return EvalModel(
         name="digits_mlp",
         params=params,
         apply=apply,
-        evaluate=evaluate,
-        name_map=names,
-        to_original=flatten_paths,
-        from_original=lambda tensors: unflatten_paths({p: np.asarray(tensors[p], np.float32) for p in names}),
+        evaluate=compare_with_shipped(logits, metrics, params),
+        name_map=name_map,
+        to_original=to_original,
+        from_original=from_original,
     )

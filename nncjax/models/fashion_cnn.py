@@ -1,0 +1,168 @@
+"""A small batch-norm CNN for Fashion-MNIST (about 0.39 M parameters), trained once in Flax.
+
+Data: Debian ``dataset-fashion-mnist`` (idx files, gzip). The weights were produced by
+``examples/train_fashion_mnist.py`` and ship as ``weights/fashion_cnn.msgpack``. The model is native
+Flax, so its "original" tensor names are its own Flax paths.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.models.base import (
+    EvalModel,
+    classification_metrics,
+    compare_with_shipped,
+    flatten_paths,
+    frozen_float32,
+    native_names,
+    resolve_subset,
+)
+
+__all__ = [
+    "DATA_DIR",
+    "WEIGHTS_PATH",
+    "FashionCNN",
+    "apply",
+    "evaluate",
+    "init_variables",
+    "load",
+    "load_fashion_mnist",
+    "logits",
+    "metrics",
+]
+
+DATA_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+WEIGHTS_PATH = pathlib.Path(__file__).parent / "weights" / "fashion_cnn.msgpack"
+# Training-set pixel mean and standard deviation (of x / 255).
+_MEAN, _STD = 0.2860, 0.3530
+CI_SIZE = 1000
+
+
+class FashionCNN(nn.Module):
+    """Three conv(3x3)+BN+ReLU+maxpool blocks (32, 64, 128 channels), dense 256 + BN + ReLU, dense 10.
+
+    Input: uint8 or float images ``(N, 28, 28)`` with pixel values 0..255. Output: logits ``(N, 10)``.
+    """
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        x = (jnp.asarray(images, jnp.float32)[..., None] / 255.0 - _MEAN) / _STD
+        for i, features in enumerate((32, 64, 128)):
+            x = nn.Conv(features, (3, 3), padding="SAME", use_bias=False, name=f"conv{i + 1}")(x)
+            x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i + 1}")(x)
+            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))  # 28 -> 14 -> 7 -> 3
+        x = x.reshape(x.shape[0], -1)
+        x = nn.Dense(256, use_bias=False, name="fc1")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn4")(x))
+        return nn.Dense(10, name="fc2")(x)
+
+
+def init_variables(seed: int = 0) -> dict[str, Any]:
+    """Fresh random variables ``{"params", "batch_stats"}`` of :class:`FashionCNN`.
+
+    Example:
+        >>> v = init_variables(0); sorted(v)
+        ['batch_stats', 'params']
+    """
+    return FashionCNN().init(jax.random.PRNGKey(seed), jnp.zeros((1, 28, 28), jnp.uint8))
+
+
+def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST images ``(N, 28, 28) uint8`` and labels ``(N,) int32``; split ``"train"``/``"test"``.
+
+    Example:
+        >>> x, y = load_fashion_mnist("test"); x.shape, y.shape       # doctest: +SKIP
+        ((10000, 28, 28), (10000,))
+    """
+    prefix = {"train": "train", "test": "t10k"}.get(split)
+    if prefix is None:
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    img_file = DATA_DIR / f"{prefix}-images-idx3-ubyte.gz"
+    lbl_file = DATA_DIR / f"{prefix}-labels-idx1-ubyte.gz"
+    if not img_file.exists():
+        raise InputError(f"{img_file} is missing: run tools/fetch_eval_data.sh")
+    with gzip.open(img_file) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(lbl_file) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8).astype(np.int32)
+    return images, labels
+
+
+@jax.jit
+def apply(params: Mapping[str, Any], images: jax.Array) -> jax.Array:
+    """Logits ``(B, 10)`` of images ``(B, 28, 28)`` (uint8 or float, 0..255), batch norm in inference mode.
+
+    Example:
+        >>> apply(load().params, load_fashion_mnist("test")[0][:4]).shape   # doctest: +SKIP
+        (4, 10)
+    """
+    return FashionCNN().apply(params, images, train=False)
+
+
+def logits(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
+    """Logits ``(n, 10)`` on the first n test images (``"ci"``: 1000, ``"full"``: 10000).
+
+    Example:
+        >>> logits(load().params, 8).shape                              # doctest: +SKIP
+        (8, 10)
+    """
+    images = load_fashion_mnist("test")[0]
+    n = resolve_subset(subset, CI_SIZE, len(images))
+    return np.concatenate([np.asarray(apply(params, images[s : min(s + 500, n)])) for s in range(0, n, 500)])
+
+
+def metrics(out: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
+    """``top1``, ``n`` (and ``argmax_agree`` with ``reference``) of :func:`logits` output ``(n, 10)``."""
+    return classification_metrics(out, load_fashion_mnist("test")[1], reference)
+
+
+def evaluate(params: Mapping[str, Any], subset: str | int = "ci") -> dict[str, float]:
+    """Test-set ``top1`` and ``n`` of ``params`` on the first n test images (``"ci"``: 1000, ``"full"``: 10000).
+
+    Example:
+        >>> evaluate(load().params, 100)["top1"] > 0.85                 # doctest: +SKIP
+        True
+    """
+    return metrics(logits(params, subset))
+
+
+def load(weights: str | pathlib.Path = WEIGHTS_PATH) -> EvalModel:
+    """The trained Fashion-MNIST CNN as an :class:`EvalModel` (metric: ``top1`` on the test set).
+
+    Example:
+        >>> m = load(); m.eval(subset="ci")["top1"] > 0.85            # doctest: +SKIP
+        True
+    """
+    path = pathlib.Path(weights)
+    if not path.exists():
+        raise InputError(f"{path} is missing: train it with examples/train_fashion_mnist.py")
+    template = jax.eval_shape(init_variables)  # shapes only: no random init, no conv executed
+    _, _, check = native_names(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), template))
+    try:
+        restored = flax.serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises several unrelated types on corrupt input
+        raise InputError(f"{path}: not a flax msgpack file ({e})") from e
+    if not isinstance(restored, dict):
+        raise InputError(f"{path}: not a variables dict")
+    params = frozen_float32(check(flatten_paths(restored)))
+    name_map, to_original, from_original = native_names(params)
+    return EvalModel(
+        name="fashion_cnn",
+        params=params,
+        apply=apply,
+        evaluate=compare_with_shipped(logits, metrics, params),
+        name_map=name_map,
+        to_original=to_original,
+        from_original=from_original,
+    )
