@@ -81,12 +81,14 @@ def test_long_unit_size_form():
     assert frame_unit(0, data) == (len(data), 4)
     assert read_unit(data)[0].payload == payload
     assert frame_unit(0, bytes.fromhex("80016fef") + bytes(94187)) == (94191, 4)
-    # NNCodec's boundary: short form while the whole unit is below 32768 bytes
-    for total in (32767, 32770):
-        n = total - len(write_unit(dataclasses.replace(u, payload=b""), SyntaxContext())) + 2
-        data = write_unit(dataclasses.replace(u, payload=bytes(n)), SyntaxContext())
-        long_form = bool(data[0] & 0x80)
-        assert long_form == (len(data) > 32767), len(data)
+    # NNCodec's boundary: short form while the whole unit is below 32768 bytes; one byte more and
+    # the long form (2 bytes longer) is used
+    empty = len(write_unit(dataclasses.replace(u, payload=b""), SyntaxContext()))
+    short = write_unit(dataclasses.replace(u, payload=bytes(32767 - empty)), SyntaxContext())
+    assert len(short) == 32767 and not short[0] & 0x80 and int.from_bytes(short[:2], "big") == 32767
+    long_ = write_unit(dataclasses.replace(u, payload=bytes(32768 - empty)), SyntaxContext())
+    assert len(long_) == 32770 and long_[0] & 0x80 and int.from_bytes(long_[:4], "big") & 0x7FFFFFFF == 32770
+    assert read_unit(long_)[0].payload == bytes(32768 - empty)
 
 
 # ------------------------------------------------------------------------------------- codebooks
