@@ -26,7 +26,7 @@ import numpy as np
 
 from nncjax.errors import BitstreamError, InputError
 
-__all__ = ["BitWriter", "BitReader", "MAX_EXP_GOLOMB_BITS", "ue_length", "ie_to_ue", "ue_to_ie"]
+__all__ = ["MAX_EXP_GOLOMB_BITS", "BitReader", "BitWriter", "ie_to_ue", "ue_length", "ue_to_ie"]
 
 # An Exp-Golomb code word of k + j leading-zero-adjusted bits yields a value below 2**(k+j+1); this
 # bound keeps every decoded value inside int64 and stops absurd prefixes early.
@@ -71,7 +71,7 @@ class BitWriter:
     argument, never silently truncated).
     """
 
-    __slots__ = ("_buf", "_acc", "_nacc")
+    __slots__ = ("_acc", "_buf", "_nacc")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -179,7 +179,7 @@ class BitReader:
     prefixes them. Position and end are in bits.
     """
 
-    __slots__ = ("_data", "pos", "end", "where")
+    __slots__ = ("_data", "end", "pos", "where")
 
     def __init__(self, data, start: int = 0, end: int | None = None, where: str = "bitstream") -> None:
         self._data = bytes(data) if not isinstance(data, bytes) else data

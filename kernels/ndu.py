@@ -16,21 +16,39 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping, NamedTuple
+from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
-
-from nncjax.errors import InputError, LimitError, UnsupportedError
 from nncjax.kernels.bits import BitReader, BitWriter, ue_length
 from nncjax.kernels.unit_base import (
-    CPT_BI, CPT_BN, CPT_DC, CPT_LS, DecodeLimits, OutOfBand, ParentNodeIdType, PayloadType,
-    SyntaxContext, UnitBase,
+    CPT_BI,
+    CPT_BN,
+    CPT_DC,
+    CPT_LS,
+    DecodeLimits,
+    OutOfBand,
+    ParentNodeIdType,
+    PayloadType,
+    SyntaxContext,
+    UnitBase,
 )
 
+from nncjax.errors import InputError, LimitError, UnsupportedError
+
 __all__ = [
-    "Codebook", "EntryPointList", "Member", "CompressedDataUnit", "best_codebook_egk",
-    "codebook_bits", "concat_entry_points", "entry_point_count", "member_entry_points", "read_ndu_body",
+    "Codebook",
+    "CompressedDataUnit",
+    "EntryPointList",
+    "Member",
+    "best_codebook_egk",
+    "codebook_bits",
+    "concat_entry_points",
+    "entry_point_count",
+    "member_entry_points",
+    "read_ndu_body",
     "write_ndu_body",
 ]
 
@@ -118,7 +136,7 @@ def _write_codebook(w: BitWriter, cb: Codebook) -> None:
     vals = [int(v) for v in cb.values]
     if not vals or not 0 <= cb.zero_offset < len(vals):
         raise InputError(f"codebook: zero_offset {cb.zero_offset} invalid for {len(vals)} entries")
-    if any(b <= a for a, b in zip(vals, vals[1:])):
+    if any(b <= a for a, b in pairwise(vals)):
         raise InputError("codebook entries must be strictly increasing")
     w.u(4, cb.egk)
     w.ue(2, len(vals))
@@ -164,7 +182,7 @@ def concat_entry_points(*parts) -> EntryPointList:
                                            [np.zeros(0, np.int64)]) for f in ("value", "dq_state", "offset")))
 
 
-def member_entry_points(unit: "CompressedDataUnit") -> list:
+def member_entry_points(unit: CompressedDataUnit) -> list:
     """The unit's entry points split per member (aligned with :meth:`CompressedDataUnit.members`).
 
     Only the weight (or G and H) carries entry points; other members get ``None``, as does every
@@ -354,7 +372,7 @@ def entry_point_count(unit: CompressedDataUnit) -> int:
     if len(unit.tensor_dimensions) <= 1 or unit.scan_order == 0:
         return 0
     shift = 2 + unit.scan_order
-    rows = lambda h: max(0, ((int(h) + (1 << shift) - 1) >> shift) - 1)  # noqa: E731
+    rows = lambda h: max(0, ((int(h) + (1 << shift) - 1) >> shift) - 1)
     if unit.compressed_parameter_types & CPT_DC:
         g, h = unit.dc_shapes()
         if unit.is_block:

@@ -12,13 +12,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from nncjax.errors import InputError
 from nncjax.kernels.bits import BitReader, BitWriter
 
+from nncjax.errors import InputError
+
 __all__ = [
-    "SparsificationEntry", "SparsificationMap", "PruningEntry", "PruningMap", "UnificationEntry",
-    "UnificationMap", "DecompositionEntry", "DecompositionMap",
+    "DecompositionEntry",
+    "DecompositionMap",
+    "PruningEntry",
+    "PruningMap",
+    "SparsificationEntry",
+    "SparsificationMap",
+    "UnificationEntry",
+    "UnificationMap",
 ]
 
 _FLT_BITS = 32
@@ -53,14 +59,14 @@ class PruningMap:
 
 @dataclass
 class UnificationEntry:
-    reshaped_tensor_dimensions: tuple = ()  # count_reshaped_tensor_dimension - 1 values, ue(7)
-    super_block_dimensions: tuple = ()  # count_super_block_dimension - 1 values, u(8)
-    block_dimensions: tuple = ()  # count_block_dimension - 1 values, u(8)
-    threshold: np.float32 = np.float32(0)
-    nn_accuracy: np.float32 = np.float32(0)
-    count_classes: int = 0
-    class_bitmask: int = 0
-    class_accuracies: tuple = ()  # class_bitmask float32 values (NNCodec's loop bound)
+    reshaped_tensor_dimensions: tuple  # count_reshaped_tensor_dimension - 1 values, ue(7)
+    super_block_dimensions: tuple  # count_super_block_dimension - 1 values, u(8)
+    block_dimensions: tuple  # count_block_dimension - 1 values, u(8)
+    threshold: np.float32
+    nn_accuracy: np.float32
+    count_classes: int
+    class_bitmask: int
+    class_accuracies: tuple  # class_bitmask float32 values (NNCodec's loop bound)
 
 
 @dataclass

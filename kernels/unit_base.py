@@ -10,9 +10,21 @@ import enum
 from dataclasses import dataclass, field
 
 __all__ = [
-    "UnitType", "PayloadType", "CPT_DC", "CPT_LS", "CPT_BN", "CPT_BI", "QSU", "QCB",
-    "ParentNodeIdType", "TopologyStorageFormat", "DecodeLimits", "SyntaxContext", "OutOfBand",
-    "UnitSpan", "UnitBase",
+    "CPT_BI",
+    "CPT_BN",
+    "CPT_DC",
+    "CPT_LS",
+    "QCB",
+    "QSU",
+    "DecodeLimits",
+    "OutOfBand",
+    "ParentNodeIdType",
+    "PayloadType",
+    "SyntaxContext",
+    "TopologyStorageFormat",
+    "UnitBase",
+    "UnitSpan",
+    "UnitType",
 ]
 
 

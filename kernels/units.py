@@ -21,36 +21,88 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import numpy as np
-
-from nncjax.errors import BitstreamError, InputError, LimitError, UnsupportedError
 from nncjax.kernels import perfmaps as pm
 from nncjax.kernels.bits import BitReader, BitWriter
 from nncjax.kernels.ndu import (
-    Codebook, CompressedDataUnit, EntryPointList, Member, best_codebook_egk, codebook_bits,
-    concat_entry_points, entry_point_count, member_entry_points, read_ndu_body, write_ndu_body,
+    Codebook,
+    CompressedDataUnit,
+    EntryPointList,
+    Member,
+    best_codebook_egk,
+    codebook_bits,
+    concat_entry_points,
+    entry_point_count,
+    member_entry_points,
+    read_ndu_body,
+    write_ndu_body,
 )
 from nncjax.kernels.unit_base import (
-    CPT_BI, CPT_BN, CPT_DC, CPT_LS, QCB, QSU, DecodeLimits, OutOfBand, ParentNodeIdType, PayloadType,
-    SyntaxContext, TopologyStorageFormat, UnitBase, UnitSpan, UnitType,
+    CPT_BI,
+    CPT_BN,
+    CPT_DC,
+    CPT_LS,
+    QCB,
+    QSU,
+    DecodeLimits,
+    OutOfBand,
+    ParentNodeIdType,
+    PayloadType,
+    SyntaxContext,
+    TopologyStorageFormat,
+    UnitBase,
+    UnitSpan,
+    UnitType,
 )
 
+from nncjax.errors import BitstreamError, InputError, LimitError, UnsupportedError
+
 __all__ = [
-    "UnitType", "PayloadType", "CPT_DC", "CPT_LS", "CPT_BN", "CPT_BI", "QSU", "QCB", "ParentNodeIdType",
-    "TopologyStorageFormat", "DecodeLimits", "SyntaxContext", "OutOfBand", "UnitSpan",
-    "StartUnit", "ModelParameterSet", "LayerParameterSet", "TopologyUnit", "CompressedDataUnit",
-    "Codebook", "EntryPointList", "Member", "best_codebook_egk", "codebook_bits", "concat_entry_points",
-    "entry_point_count", "member_entry_points",
-    "frame_unit", "read_unit", "read_units", "write_unit", "write_stream", "context_after",
+    "CPT_BI",
+    "CPT_BN",
+    "CPT_DC",
+    "CPT_LS",
+    "QCB",
+    "QSU",
     "SHORT_SIZE_LIMIT",
+    "Codebook",
+    "CompressedDataUnit",
+    "DecodeLimits",
+    "EntryPointList",
+    "LayerParameterSet",
+    "Member",
+    "ModelParameterSet",
+    "OutOfBand",
+    "ParentNodeIdType",
+    "PayloadType",
+    "StartUnit",
+    "SyntaxContext",
+    "TopologyStorageFormat",
+    "TopologyUnit",
+    "UnitSpan",
+    "UnitType",
+    "best_codebook_egk",
+    "codebook_bits",
+    "concat_entry_points",
+    "context_after",
+    "entry_point_count",
+    "frame_unit",
+    "member_entry_points",
+    "read_unit",
+    "read_units",
+    "write_stream",
+    "write_unit",
 ]
 
 # NNCodec's rule: the short (15-bit) size form is used when the unit without its size field plus
 # 2 bytes is below 32768 bytes, i.e. for whole units of at most 32767 bytes.
 SHORT_SIZE_LIMIT = 32768
+
+_DEFAULT_CONTEXT = SyntaxContext()
+_DEFAULT_LIMITS = DecodeLimits()
 
 
 @dataclass(kw_only=True)
@@ -313,8 +365,8 @@ def frame_unit(offset: int, data, index: int = 0) -> tuple[int, int]:
     return size, head
 
 
-def read_unit(data, offset: int = 0, ctx: SyntaxContext = SyntaxContext(), *, index: int = 0,
-              limits: DecodeLimits = DecodeLimits(), out_of_band: Mapping[str, OutOfBand] | None = None):
+def read_unit(data, offset: int = 0, ctx: SyntaxContext = _DEFAULT_CONTEXT, *, index: int = 0,
+              limits: DecodeLimits = _DEFAULT_LIMITS, out_of_band: Mapping[str, OutOfBand] | None = None):
     """Parse the unit starting at byte ``offset``. Returns ``(unit, size in bytes)``.
 
     ``ctx`` supplies profile and MPS flags (see :func:`context_after`). Raises BitstreamError
@@ -365,7 +417,7 @@ def context_after(unit, ctx: SyntaxContext) -> SyntaxContext:
     return ctx
 
 
-def read_units(data, *, limits: DecodeLimits = DecodeLimits(), max_units: int | None = None,
+def read_units(data, *, limits: DecodeLimits = _DEFAULT_LIMITS, max_units: int | None = None,
                out_of_band: Mapping[str, OutOfBand] | None = None) -> list:
     """Split a whole NNR bitstream into parsed units, enforcing NNCodec's stream rules.
 
@@ -412,7 +464,7 @@ def read_units(data, *, limits: DecodeLimits = DecodeLimits(), max_units: int | 
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def write_unit(unit, ctx: SyntaxContext = SyntaxContext()) -> bytes:
+def write_unit(unit, ctx: SyntaxContext = _DEFAULT_CONTEXT) -> bytes:
     """Serialise one unit, size field included (short form when the unit is < 32768 bytes).
 
     ``ctx``: profile and MPS flags governing the unit's syntax. Raises InputError on inconsistent

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nncjax.kernels.bits import MAX_EXP_GOLOMB_BITS, BitReader, BitWriter, ie_to_ue, ue_length, ue_to_ie
 
 from nncjax import BitstreamError, InputError
-from nncjax.kernels.bits import MAX_EXP_GOLOMB_BITS, BitReader, BitWriter, ie_to_ue, ue_length, ue_to_ie
 
 
 def bits_of(w: BitWriter) -> str:

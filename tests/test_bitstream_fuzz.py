@@ -16,12 +16,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from nncjax import BitstreamError, LimitError, UnsupportedError
 from nncjax.kernels.bits import BitWriter
 from nncjax.kernels.units import (
-    CompressedDataUnit, DecodeLimits, OutOfBand, PayloadType, read_units, write_stream,
+    CompressedDataUnit,
+    DecodeLimits,
+    OutOfBand,
+    PayloadType,
+    read_units,
+    write_stream,
 )
+
+from nncjax import BitstreamError, LimitError, UnsupportedError
 from tests.test_units import EXAMPLE, streams
 
 ALLOWED = (BitstreamError, UnsupportedError)

@@ -7,15 +7,36 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from nncjax import BitstreamError, InputError, LimitError, UnsupportedError
 from nncjax.kernels import perfmaps as pm
 from nncjax.kernels.units import (
-    CPT_BI, CPT_BN, CPT_DC, CPT_LS, Codebook, CompressedDataUnit, DecodeLimits, EntryPointList,
-    LayerParameterSet, ModelParameterSet, OutOfBand, PayloadType, StartUnit, SyntaxContext, TopologyUnit,
-    best_codebook_egk, codebook_bits, concat_entry_points, entry_point_count, frame_unit, member_entry_points,
-    read_unit, read_units, write_stream, write_unit,
+    CPT_BI,
+    CPT_BN,
+    CPT_DC,
+    CPT_LS,
+    Codebook,
+    CompressedDataUnit,
+    DecodeLimits,
+    EntryPointList,
+    LayerParameterSet,
+    ModelParameterSet,
+    OutOfBand,
+    PayloadType,
+    StartUnit,
+    SyntaxContext,
+    TopologyUnit,
+    best_codebook_egk,
+    codebook_bits,
+    concat_entry_points,
+    entry_point_count,
+    frame_unit,
+    member_entry_points,
+    read_unit,
+    read_units,
+    write_stream,
+    write_unit,
 )
+
+from nncjax import BitstreamError, InputError, LimitError, UnsupportedError
 
 STR = bytes.fromhex("00040201")
 MPS = bytes.fromhex("0008068100400080")
@@ -150,7 +171,7 @@ def ndus(draw, ctx: SyntaxContext, nncodec_readable=False):
     dims = tuple(draw(st.lists(st.integers(1, 60), min_size=min_rank, max_size=4)))
     if pt == PayloadType.RAW_FLOAT:
         dims = tuple(d % 5 + 1 for d in dims)
-    f = dict(payload_type=pt, topology_elem_ids=ids, compressed_parameter_types=cpt, tensor_dimensions=dims)
+    f = {"payload_type": pt, "topology_elem_ids": ids, "compressed_parameter_types": cpt, "tensor_dimensions": dims}
     if cpt & CPT_DC:
         total = int(np.prod(dims)) if dims else 1
         divisors = [d for d in range(1, min(total, 64) + 1) if total % d == 0]
@@ -180,8 +201,7 @@ def ndus(draw, ctx: SyntaxContext, nncodec_readable=False):
                 f["parent_node_payload_sha"] = draw(st.binary(min_size=32 * ptype, max_size=32 * ptype))
         if not nid:  # device_id is only coded with the node id; the other two also with an NDU_ID parent
             f["device_id"] = 0
-            if not (f["parent_node_id_present_flag"] if "parent_node_id_present_flag" in f else 0) \
-                    or f["parent_node_id_type"]:
+            if not f.get("parent_node_id_present_flag", 0) or f["parent_node_id_type"]:
                 f.update(parameter_id=0, put_node_depth=0)
     else:
         f["node_id_present_flag"] = 0
@@ -240,8 +260,8 @@ dpm = st.builds(pm.DecompositionMap, st.lists(st.builds(
 @st.composite
 def mpss(draw, profile, with_maps=True):
     qmf = draw(st.integers(0, 7))
-    f = dict(topology_carriage_flag=draw(st.integers(0, 1)), quantization_method_flags=qmf,
-             topology_indexed_reference_flag=draw(st.integers(0, 1)))
+    f = {"topology_carriage_flag": draw(st.integers(0, 1)), "quantization_method_flags": qmf,
+             "topology_indexed_reference_flag": draw(st.integers(0, 1))}
     if with_maps:
         f.update(sparsification_map=draw(st.none() | spm), pruning_map=draw(st.none() | ppm),
                  unification_map=draw(st.none() | upm()), decomposition_map=draw(st.none() | dpm))
@@ -416,7 +436,7 @@ def test_block_members_and_entry_point_counts():
     u = CompressedDataUnit(payload_type=PayloadType.BLOCK, topology_elem_ids=ids,
                            compressed_parameter_types=CPT_BN | CPT_BI, tensor_dimensions=(40, 3, 3, 3), scan_order=2)
     assert [m.name for m in u.members()] == ["conv.bias", "bn.beta", "bn.gamma", "bn.mean", "bn.var", "conv.weight"]
-    assert [m.shape for m in u.members()][0] == (40,) and entry_point_count(u) == 2
+    assert u.members()[0].shape == (40,) and entry_point_count(u) == 2
     dc = CompressedDataUnit(payload_type=PayloadType.BLOCK, topology_elem_ids=("w_G", "w_H", "w.ls"),
                             compressed_parameter_types=CPT_DC | CPT_LS, tensor_dimensions=(64, 32),
                             decomposition_rank=20, g_number_of_rows=64, scan_order=1)
@@ -424,7 +444,7 @@ def test_block_members_and_entry_point_counts():
     assert entry_point_count(dc) == (8 - 1) + (3 - 1)
     with pytest.raises(InputError, match="entry points"):
         write_unit(dc)
-    ar = lambda *v: np.array(v, np.int64)  # noqa: E731
+    ar = lambda *v: np.array(v, np.int64)
     g = EntryPointList(ar(*range(7)), ar(*[1] * 7), ar(*range(100, 107)))
     h = EntryPointList(ar(9, 8), ar(0, 3), ar(50, 60))
     dc.entry_points = concat_entry_points(g, h)

@@ -8,11 +8,22 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from nncjax.kernels.units import (
-    CompressedDataUnit, LayerParameterSet, ModelParameterSet, OutOfBand, PayloadType, StartUnit,
-    SyntaxContext, TopologyUnit, context_after, member_entry_points, read_units, write_stream, write_unit,
+    CompressedDataUnit,
+    LayerParameterSet,
+    ModelParameterSet,
+    OutOfBand,
+    PayloadType,
+    StartUnit,
+    SyntaxContext,
+    TopologyUnit,
+    context_after,
+    member_entry_points,
+    read_units,
+    write_stream,
+    write_unit,
 )
+
 from tests.test_units import streams, unique_names
 
 RNG = np.random.default_rng(20261122)
@@ -193,7 +204,7 @@ def nncodec_view(unit, ctx: SyntaxContext, raw: bytes) -> dict:
                 ep = unit.entry_points
                 d["cabac_entry_point_list"] = [[int(o), int(v), int(s)] for o, v, s in zip(ep.offset, ep.value, ep.dq_state)]
     else:
-        raise AssertionError(f"unexpected unit {unit!r}")
+        raise TypeError(f"unexpected unit {unit!r}")
     return d
 
 

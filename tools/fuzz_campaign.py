@@ -35,9 +35,9 @@ sys.path.insert(0, str(ROOT))
 def _seed_corpus(n: int) -> list[bytes]:
     """Valid streams: the worked example plus hypothesis-generated ones (any NNR unit type)."""
     from hypothesis import HealthCheck, given, settings
+    from nncjax.kernels.units import write_stream
 
     from tests.test_units import EXAMPLE, streams
-    from nncjax.kernels.units import write_stream
 
     out = [EXAMPLE]
 

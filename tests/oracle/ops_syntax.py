@@ -24,7 +24,7 @@ def _plain(v):
         return int(v)
     if isinstance(v, np.floating):
         return float(v)
-    if hasattr(v, "value") and isinstance(getattr(v, "value"), int):  # IntEnum
+    if hasattr(v, "value") and isinstance(v.value, int):  # IntEnum
         return int(v)
     return v
 
@@ -79,9 +79,9 @@ def parse_with_nncodec(bitstream, out_of_band_dims=None):
     return out
 
 
-def _compress(model, kwargs, block=None, base=None, diff_of=None):
+def _compress(model, kwargs, block=None, base=None):
     from nncodec import nnc
-    kw = dict(qp=-32, nonweight_qp=-75, use_dq=True, param_opt=True, row_skipping=False, codebook_mode=0)
+    kw = {"qp": -32, "nonweight_qp": -75, "use_dq": True, "param_opt": True, "row_skipping": False, "codebook_mode": 0}
     kw.update(kwargs)
     if block is not None:
         kw["block_id_and_param_type"] = copy.deepcopy(block)
@@ -94,7 +94,7 @@ def _compress(model, kwargs, block=None, base=None, diff_of=None):
 def _compress_profile0(model, kwargs):
     """Profile-0 streams through ``nnc_core`` (``nnc.compress`` hard-codes profile 1)."""
     from nncodec.nnc_core import approximator, coder, nnr_model
-    kw = dict(qp=-32, qp_density=2, use_dq=True, scan_order=0, cabac_unary_length_minus1=10)
+    kw = {"qp": -32, "qp_density": 2, "use_dq": True, "scan_order": 0, "cabac_unary_length_minus1": 10}
     kw.update(kwargs)
     mi = nnr_model.NNRModel(model).model_info
     ad = approximator.init_approx_data(model, mi, kw["qp_density"], kw["scan_order"])
@@ -134,7 +134,7 @@ def generate(cases):
                 bs = _compress(model, case["kwargs"], case.get("block"))
             dims = {k: list(v.shape) for k, v in model.items()}
             results.append({"bitstream": bs, "units": parse_with_nncodec(bs, dims)})
-        except Exception:  # report, the test decides
+        except Exception:  # noqa: BLE001 (reported to the test, which decides)
             results.append({"error": traceback.format_exc(limit=-3)})
     return results
 
@@ -145,6 +145,6 @@ def parse_many(streams, out_of_band_dims):
     for bs, dims in zip(streams, out_of_band_dims):
         try:
             out.append({"units": parse_with_nncodec(bs, dims)})
-        except Exception:
+        except Exception:  # noqa: BLE001 (reported to the test)
             out.append({"error": traceback.format_exc(limit=-3)})
     return out
