@@ -21,7 +21,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +90,7 @@ __all__ = [
     "context_after",
     "entry_point_count",
     "frame_unit",
+    "iter_units",
     "member_entry_points",
     "read_unit",
     "read_units",
@@ -417,27 +418,26 @@ def context_after(unit, ctx: SyntaxContext) -> SyntaxContext:
     return ctx
 
 
-def read_units(data, *, limits: DecodeLimits = _DEFAULT_LIMITS, max_units: int | None = None,
-               out_of_band: Mapping[str, OutOfBand] | None = None) -> list:
-    """Split a whole NNR bitstream into parsed units, enforcing NNCodec's stream rules.
+def iter_units(data, *, limits: DecodeLimits = _DEFAULT_LIMITS, max_units: int | None = None,
+               out_of_band: Mapping[str, OutOfBand] | None = None) -> Iterator:
+    """Parse a whole NNR bitstream unit by unit (a generator), enforcing NNCodec's stream rules.
 
     Rules: the first unit is NNR_STR and it occurs once; at most one NNR_MPS, before any TPL, LPS or
     NDU; the units exactly cover ``data``. The summed element count of all NDUs is checked against
     ``limits.max_total_elements`` and the number of units against ``max_units`` (default
-    ``limits.max_units``). ``out_of_band`` maps tensor names to values an NDU leaves out.
+    ``limits.max_units``). ``out_of_band`` maps tensor names to values an NDU leaves out. Errors are
+    raised when the offending unit is reached, so a consumer may already have used earlier units.
 
     Example::
 
-        >>> us = read_units(bytes.fromhex("00040201" "0008068100400080"))
-        >>> us[1].qp_density
-        2
+        >>> [type(u).__name__ for u in iter_units(bytes.fromhex("00040201" "0008068100400080"))]
+        ['StartUnit', 'ModelParameterSet']
     """
     data = bytes(data) if not isinstance(data, bytes) else data
     max_units = limits.max_units if max_units is None else max_units
-    ctx, units, offset, total = SyntaxContext(general_profile_idc=0), [], 0, 0
+    ctx, idx, offset, total = SyntaxContext(general_profile_idc=0), 0, 0, 0
     seen_mps = False
     while offset < len(data):
-        idx = len(units)
         if idx >= max_units:
             raise LimitError(f"unit {idx} at byte {offset}: more than {max_units} units")
         unit, size = read_unit(data, offset, ctx, index=idx, limits=limits, out_of_band=out_of_band)
@@ -456,9 +456,22 @@ def read_units(data, *, limits: DecodeLimits = _DEFAULT_LIMITS, max_units: int |
                 raise LimitError(f"unit {idx} (NNR_NDU) at byte {offset}: field tensor_dimensions: the bitstream "
                                  f"declares more than {limits.max_total_elements} elements in total")
         ctx = context_after(unit, ctx)
-        units.append(unit)
+        yield unit
+        idx += 1
         offset += size
-    return units
+
+
+def read_units(data, *, limits: DecodeLimits = _DEFAULT_LIMITS, max_units: int | None = None,
+               out_of_band: Mapping[str, OutOfBand] | None = None) -> list:
+    """All units of a bitstream as a list: :func:`iter_units` run to the end (same rules and errors).
+
+    Example::
+
+        >>> us = read_units(bytes.fromhex("00040201" "0008068100400080"))
+        >>> us[1].qp_density
+        2
+    """
+    return list(iter_units(data, limits=limits, max_units=max_units, out_of_band=out_of_band))
 
 
 # -- writing ----------------------------------------------------------------------------------------

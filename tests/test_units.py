@@ -29,6 +29,7 @@ from nncjax.kernels.units import (
     concat_entry_points,
     entry_point_count,
     frame_unit,
+    iter_units,
     member_entry_points,
     read_unit,
     read_units,
@@ -375,6 +376,14 @@ def test_unit_size_checks():
         read_units(STR + bytes.fromhex("0005068100") + MPS[5:])  # MPS cut short by its declared size
     with pytest.raises(BitstreamError, match="ends after"):
         read_units(bytes.fromhex("0005020100"))  # STR with a trailing byte
+
+
+def test_iter_units_yields_until_the_bad_unit():
+    it = iter_units(EXAMPLE + EXAMPLE[:4])  # a second STR after a valid stream
+    assert [type(next(it)).__name__ for _ in range(4)] == ["StartUnit", "ModelParameterSet", "TopologyUnit",
+                                                           "CompressedDataUnit"]
+    with pytest.raises(BitstreamError, match="unit 4 .*first unit"):
+        next(it)
 
 
 def test_stream_order_rules():
