@@ -6,6 +6,7 @@ tests/test_models_reference.py.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import zipfile
@@ -13,6 +14,8 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nncjax import InputError, models
 from nncjax.models import crepe, digits_mlp, fashion_cnn, minilm, wordnet
@@ -107,6 +110,43 @@ def test_torch_zip_reader_refuses_foreign_globals(tmp_path):
     path.write_bytes(b"not a zip")
     with pytest.raises(InputError):
         load_state_dict(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _crepe_zip_entries() -> dict[str, bytes]:
+    with zipfile.ZipFile(crepe.weights_path()) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_torch_zip_reader_on_corrupt_pickles(tmp_path_factory, data):
+    """A pickle with flipped, deleted or truncated bytes (re-zipped with valid CRCs) is either read
+    or refused with InputError; nothing else escapes."""
+    entries = dict(_crepe_zip_entries())
+    pkl_name = next(n for n in entries if n.endswith("/data.pkl"))
+    pkl = bytearray(entries[pkl_name])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(pkl) - 1))
+        kind = data.draw(st.sampled_from(["flip", "delete", "truncate"]))
+        if kind == "flip":
+            pkl[i] ^= data.draw(st.integers(1, 255))
+        elif kind == "delete":
+            del pkl[i]
+        else:
+            del pkl[i:]
+        if not pkl:
+            break
+    entries[pkl_name] = bytes(pkl)
+    path = tmp_path_factory.mktemp("fuzz") / "t.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, payload in entries.items():
+            z.writestr(name, payload)
+    try:
+        state = load_state_dict(path)
+    except InputError:
+        return
+    assert all(isinstance(v, np.ndarray) for v in state.values())
 
 
 def test_subset_and_eval_argument_errors():

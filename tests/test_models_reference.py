@@ -16,6 +16,8 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nncjax import models
 from nncjax.models import crepe, minilm
@@ -73,6 +75,38 @@ def _torchcrepe_model_class():
         else:
             sys.modules["torchcrepe"] = saved
     return module.Crepe
+
+
+_DTYPES = ["float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.data())
+def test_torch_zip_reader_matches_torch_save(tmp_path_factory, data):
+    """Random state dicts written by torch.save (views with offsets, transposes, strided slices,
+    shared storages, 0-d and empty tensors) read back equal by the torch-free reader."""
+    torch = _require("torch")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    state = {}
+    for i in range(data.draw(st.integers(1, 5))):
+        dtype = data.draw(st.sampled_from(_DTYPES))
+        shape = tuple(data.draw(st.lists(st.integers(0, 5), max_size=4)))
+        base = torch.as_tensor((rng.standard_normal(shape) * 50).astype(dtype))
+        state[f"t{i}"] = base
+        view = data.draw(st.sampled_from(["none", "transpose", "slice", "shared"]))
+        if view == "transpose" and base.dim() >= 2:
+            state[f"t{i}.T"] = base.transpose(0, 1)
+        elif view == "slice" and base.dim() >= 1:
+            state[f"t{i}.s"] = base[1::2]
+        elif view == "shared" and base.numel() > 1:
+            state[f"t{i}.v"] = base.reshape(-1)[1:]
+    path = tmp_path_factory.mktemp("save") / "s.pth"
+    torch.save(state, path)
+    got = load_state_dict(path)
+    assert list(got) == list(state)
+    for name, tensor in state.items():
+        expected = tensor.numpy()
+        assert got[name].dtype == expected.dtype and np.array_equal(got[name], expected), name
 
 
 def test_crepe_matches_torchcrepe():

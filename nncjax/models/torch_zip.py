@@ -11,6 +11,7 @@ import collections
 import pathlib
 import pickle
 import zipfile
+from typing import Any
 
 import numpy as np
 
@@ -36,17 +37,29 @@ class _StorageType:
         self.dtype = np.dtype(dtype)
 
 
-def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_unused) -> np.ndarray:
-    """A tensor view of ``storage`` (1-D, in elements) copied into a fresh contiguous array."""
-    if len(size) != len(stride) or offset < 0:
-        raise InputError("torch state dict: inconsistent tensor size/stride")
-    if any(n > 0 for n in size):
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride) if n > 0)
-        if min(stride, default=0) < 0 or last >= storage.size:
+def _is_index_tuple(t: Any) -> bool:
+    return isinstance(t, tuple) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in t)
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_unused: Any) -> np.ndarray:
+    """A tensor view of ``storage`` (1-D, in elements) copied into a fresh contiguous array.
+
+    Every element must lie inside the storage and the tensor may not hold more elements than the
+    storage (no broadcasting strides), so a hostile file cannot make us read out of bounds or
+    allocate more than it contains.
+    """
+    if not (isinstance(storage, np.ndarray) and _is_index_tuple(size) and _is_index_tuple(stride)):
+        raise InputError("torch state dict: malformed tensor record")
+    if not isinstance(offset, int) or offset < 0 or len(size) != len(stride):
+        raise InputError("torch state dict: inconsistent tensor offset/size/stride")
+    numel = int(np.prod(size, dtype=np.int64)) if size else 1
+    if numel > 0:
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if numel > storage.size - offset or last >= storage.size:
             raise InputError("torch state dict: tensor reaches outside its storage")
     itemsize = storage.dtype.itemsize
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride), writeable=False
+        storage[offset:], shape=size, strides=tuple(st * itemsize for st in stride), writeable=False
     )
     return np.array(view)
 
@@ -70,14 +83,18 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
             raise InputError("torch state dict: unsupported persistent id")
         raw = self._archive.read(f"{self._prefix}/data/{pid[2]}")
-        return np.frombuffer(raw, pid[1].dtype.newbyteorder("<"))
+        dtype = pid[1].dtype.newbyteorder("<")
+        if len(raw) % dtype.itemsize:
+            raise InputError(f"torch state dict: storage {pid[2]} is not a whole number of {dtype} items")
+        return np.frombuffer(raw, dtype)
 
 
 def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
     """``{name: np.ndarray}`` from a zip-format torch ``state_dict`` file.
 
     Example:
-        >>> sd = load_state_dict(crepe_weights_path("tiny")); sd["conv1.weight"].shape   # doctest: +SKIP
+        >>> from nncjax.models import crepe
+        >>> sd = load_state_dict(crepe.weights_path()); sd["conv1.weight"].shape   # doctest: +SKIP
         (128, 1, 512, 1)
     """
     try:
@@ -88,8 +105,10 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
             prefix = pkl[0][: -len("/data.pkl")]
             with archive.open(pkl[0]) as f:
                 state = _Unpickler(f, archive, prefix).load()
-    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, EOFError) as e:
-        raise InputError(f"{path}: unreadable torch state dict ({e})") from e
+    except InputError:
+        raise
+    except Exception as e:  # a corrupt pickle or zip can fail in many ways; all mean "unreadable"
+        raise InputError(f"{path}: unreadable torch state dict ({type(e).__name__}: {e})") from e
     if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
         raise InputError(f"{path}: not a state dict of tensors")
     return dict(state)
