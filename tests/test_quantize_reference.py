@@ -243,6 +243,7 @@ def test_bad_weights_are_rejected(bad):
 
 
 @pytest.mark.parametrize("kw", [dict(qp_density=8), dict(lambda_scale=-1.0), dict(lambda_scale=float("nan")),
+                                dict(lambda_scale=1e39), dict(lambda_scale="x"),
                                 dict(scan_order=5), dict(unary_length=0), dict(qp=1.5), dict(qp=-600)])
 def test_bad_arguments_are_rejected(kw):
     args = dict(qp=-32) | kw

@@ -92,9 +92,12 @@ def _int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
 
 def _lambda(lambda_scale) -> float:
     """NNCodec passes lambda_scale as float32; the float32 value is what enters the cost."""
-    lam = float(lambda_scale)
-    if not math.isfinite(lam) or lam < 0:
-        raise InputError(f"lambda_scale must be finite and >= 0, got {lambda_scale!r}")
+    try:
+        lam = float(lambda_scale)
+    except (TypeError, ValueError):
+        raise InputError(f"lambda_scale must be a number, got {lambda_scale!r}") from None
+    if not (0 <= lam < float(np.finfo(np.float32).max)):  # also rejects NaN
+        raise InputError(f"lambda_scale must be finite in float32 and >= 0, got {lambda_scale!r}")
     return float(np.float32(lam))
 
 
