@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nncjax.kernels.jit import kernel
+from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import CURVE, EST_BITS, INIT, INIT_INDEX_PENALTY
 
 SIG, SIG_TCA, SIG_HDSP, SIGN, SIGN_TCA, GTX = 0, 24, 40, 48, 51, 53
@@ -144,7 +144,7 @@ def cand_reset(cand_s0, cand_s01):
             cand_s01[c, i] = _S01_INIT[i]
 
 
-@kernel
+@kernel_inline
 def cand_bin(cand_s0, cand_s01, cand_acc, c, b):
     """Charges bin ``b`` of context ``c`` to all nine candidates, then adapts each of them."""
     c = np.uint64(c)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nncjax.kernels.jit import kernel
+from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.contexts import ctx_update
 from nncjax.kernels.tables import RPS
 
@@ -83,7 +83,7 @@ def write_out(es, buf, low, bits):
     return low, bits
 
 
-@kernel
+@kernel_inline
 def ebin(ctx, c, b, es, buf, low, rng, bits):
     """Codes regular bin ``b`` (0/1) with context row ``c`` and updates that context. -> (low, rng, bits)"""
     s01 = np.int64(ctx[np.uint64(c), 1])
@@ -93,20 +93,17 @@ def ebin(ctx, c, b, es, buf, low, rng, bits):
     rlps = _RPS[np.uint64(a + (rng & 0xE0))]
     rng -= rlps
     mps = 1 if s01 >= 0 else 0
-    if b == mps:
-        if rng < 256:
-            rng <<= 1
-            low <<= 1
-            bits -= 1
-            if bits < 12:
-                low, bits = write_out(es, buf, low, bits)
-    else:
+    if b != mps:
         n = RENORM[np.uint64(rlps)]
         low = (low + rng) << n
         rng = rlps << n
         bits -= n
-        if bits < 12:
-            low, bits = write_out(es, buf, low, bits)
+    elif rng < 256:
+        rng <<= 1
+        low <<= 1
+        bits -= 1
+    if bits < 12:
+        low, bits = write_out(es, buf, low, bits)
     ctx_update(ctx, c, b)
     return low, rng, bits
 
@@ -198,7 +195,7 @@ def dec_init(ds, data):
     ds[D_BITS] = -8
 
 
-@kernel
+@kernel_inline
 def dbin(ctx, c, ds, data, value, rng, bits):
     """Decodes one regular bin with context row ``c`` and updates that context. -> (bin, value, rng, bits)"""
     s01 = np.int64(ctx[np.uint64(c), 1])

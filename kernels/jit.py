@@ -10,3 +10,6 @@ created by the Python glue and passed in.
 from numba import njit
 
 kernel = njit(cache=True, nogil=True, _nrt=False)
+
+#: For the few per-bin functions whose call overhead matters (forced inlining; slower to compile).
+kernel_inline = njit(cache=True, nogil=True, _nrt=False, inline="always")

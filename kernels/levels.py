@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nncjax.kernels.jit import kernel
+from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.contexts import (GTX, SIGN, cand_best, cand_bin, cand_init, cand_reset, ctx_init,
                                       ctx_init_all, ctx_reset_all)
 from nncjax.kernels.engine import (D_BITS, D_RANGE, D_VALUE, E_BITS, E_LOW, E_NBUF, E_POS, E_RANGE, dbin, dbypass,
@@ -69,7 +69,7 @@ def _block_dims(height, width, scan_order):
 
 # ----------------------------------------------------------------------------------- binarization
 
-@kernel
+@kernel_inline
 def _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos, max_neg, sign_coded):
     """Codes level ``q``; ``max_pos``/``max_neg`` = largest allowed |q| per sign, -1 if unbounded.
     -> (low, rng, bits)"""
@@ -112,7 +112,7 @@ def _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos, max_n
     return low, rng, bits
 
 
-@kernel
+@kernel_inline
 def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
     """The init search's cost pass for level ``v``: unbounded, sign always coded, remainder prefix
     always terminated, bypass bins not counted (NNCodec's choices, copied for identical output)."""
@@ -144,7 +144,7 @@ def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
     cand_bin(cs0, cs01, cacc, rctx + p, 0)
 
 
-@kernel
+@kernel_inline
 def _dec_level(ctx, ds, data, value, rng, bits, state, nb, n_gtx, max_pos, max_neg, sign_coded, sign_inferred):
     """Decodes one level (mirror of ``_enc_level``). -> (level, status, value, rng, bits)"""
     sig, value, rng, bits = dbin(ctx, 3 * state + _nb_class(nb), ds, data, value, rng, bits)
@@ -189,6 +189,91 @@ def _dec_level(ctx, ds, data, value, rng, bits, state, nb, n_gtx, max_pos, max_n
 # ---------------------------------------------------------------------------------- tensor kernels
 
 @kernel
+def _coded_level(k, state, dq):
+    """The transmitted level q of index k (DQ: ``(k + sgn(k)*(state & 1)) >> 1``). -> (q, valid)"""
+    if not dq or k == 0:
+        return k, True
+    odd = state & 1
+    q = (k + odd) >> 1 if k > 0 else (k - odd) >> 1
+    return q, q != 0 and 2 * q - (odd if q > 0 else -odd) == k
+
+
+@kernel
+def _search_pass(cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, info):
+    """The init search: charges every bin of the tensor to the nine candidates of its context.
+    Follows NNCodec's pseudo pass: binarizes k (not q) and uses it as the neighbour, which block-row
+    ends do not reset (only the candidates' states are reset)."""
+    cand_init(cs0, cs01, cacc)
+    bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
+    state = 0
+    nb = np.int64(0)
+    for br in range(n_brows):
+        r0 = br * bh
+        r1 = min(height, r0 + bh)
+        for c0 in range(0, width, bw):
+            c1 = min(width, c0 + bw)
+            for r in range(r0, r1):
+                if skip[r]:
+                    state = adv[state]
+                    continue
+                base = r * width
+                for x in range(c0, c1):
+                    k = np.int64(levels[np.uint64(base + x)])
+                    q, valid = _coded_level(k, state, dq)
+                    if not valid:
+                        info[0] = base + x
+                        return ERR_DQ_LEVEL
+                    _pseudo_level(cs0, cs01, cacc, k, state, nb, n_gtx)
+                    nb = k
+                    if dq:
+                        state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
+        if resets and br < n_brows - 1:
+            cand_reset(cs0, cs01)
+    return OK
+
+
+@kernel
+def _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_order, max_pos, max_neg,
+                sign_coded, info):
+    """Codes the levels in scan order, with block-row resets (contexts, neighbour, range)."""
+    bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
+    margin = (7 * (n_gtx + 34) + 32) // 8 + 16  # bytes one level can emit, at most
+    low, rng, bits = es[E_LOW], es[E_RANGE], es[E_BITS]
+    if resets:
+        rng = 256
+    state = 0
+    nb = np.int64(0)
+    for br in range(n_brows):
+        r0 = br * bh
+        r1 = min(height, r0 + bh)
+        for c0 in range(0, width, bw):
+            c1 = min(width, c0 + bw)
+            for r in range(r0, r1):
+                if skip[r]:
+                    state = adv[state]
+                    continue
+                base = r * width
+                for x in range(c0, c1):
+                    if buf.shape[0] - es[E_POS] < es[E_NBUF] + margin:
+                        return ERR_ROOM
+                    q, valid = _coded_level(np.int64(levels[np.uint64(base + x)]), state, dq)
+                    if not valid:
+                        info[0] = base + x
+                        return ERR_DQ_LEVEL
+                    low, rng, bits = _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos,
+                                                max_neg, sign_coded)
+                    nb = q
+                    if dq:
+                        state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
+        if resets and br < n_brows - 1:
+            ctx_reset_all(ctx)
+            nb = 0
+            rng = 256
+    es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
+    return OK
+
+
+@kernel
 def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, row_skip,
                   parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx, rs_ctx, info):
     """Codes one tensor's levels (after its qp_delta) into ``buf``: row-skip block, init search and
@@ -202,6 +287,7 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, widt
     skip[:] = 0
     if rs_block and row_skip:
         _zero_rows(levels, height, width, skip)
+    _skip_advance(width if dq else 0, adv)
     low, rng, bits = es[E_LOW], es[E_RANGE], es[E_BITS]
     if rs_block:
         if parent_present:
@@ -210,77 +296,27 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, widt
         if row_skip:
             for r in range(height):
                 low, rng, bits = ebin(ctx, rs_ctx, skip[r], es, buf, low, rng, bits)
-    bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
-    _skip_advance(width if dq else 0, adv)
     all_zero = cbs == 1 and bounded
-    if bounded and cbs > 0:
-        max_pos, max_neg = cbs - 1 - off, off
-        sign_coded = not (off == 0 or off == cbs - 1)
-    else:
-        max_pos, max_neg = -1, -1
-        sign_coded = True
-    margin = (7 * (n_gtx + 34) + 32) // 8 + 16  # bytes one level can emit, at most
-
-    # Pass 0: the init search (costs only); pass 1: the real coding.
-    for pss in range(2):
-        pseudo = pss == 0
-        if pseudo:
-            cand_init(cs0, cs01, cacc)
-            if not param_opt or all_zero:
-                continue
-        else:
-            for i in range(ci_list.shape[0]):
-                c = ci_list[i]
-                best = cand_best(cacc, c)
-                low, rng, bits = ebin(ctx, ci_ctx, 1 if best else 0, es, buf, low, rng, bits)
-                if best:
-                    low, bits = ebypass(best - 1, 3, es, buf, low, rng, bits)
-                ctx_init(ctx, c, best)
-            if resets:
-                rng = 256
-        state = 0
-        nb = np.int64(0)
-        for br in range(n_brows):
-            r0 = br * bh
-            r1 = min(height, r0 + bh)
-            for c0 in range(0, width, bw):
-                c1 = min(width, c0 + bw)
-                for r in range(r0, r1):
-                    if skip[r]:
-                        state = adv[state]
-                        continue
-                    base = r * width
-                    for x in range(c0, c1):
-                        if not pseudo and buf.shape[0] - es[E_POS] < es[E_NBUF] + margin:
-                            return ERR_ROOM
-                        k = np.int64(levels[np.uint64(base + x)])
-                        q = k
-                        if dq and k != 0:
-                            odd = state & 1
-                            q = (k + odd) >> 1 if k > 0 else (k - odd) >> 1
-                            if 2 * q - (odd if q > 0 else -odd) != k or q == 0:
-                                info[0] = base + x
-                                es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
-                                return ERR_DQ_LEVEL
-                        if pseudo:
-                            _pseudo_level(cs0, cs01, cacc, k, state, nb, n_gtx)
-                            nb = k
-                        else:
-                            if not all_zero:
-                                low, rng, bits = _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx,
-                                                            max_pos, max_neg, sign_coded)
-                            nb = q
-                        if dq:
-                            state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
-            if resets and br < n_brows - 1:
-                if pseudo:
-                    cand_reset(cs0, cs01)
-                else:
-                    ctx_reset_all(ctx)
-                    nb = 0
-                    rng = 256
+    cand_init(cs0, cs01, cacc)
+    if param_opt and not all_zero:
+        status = _search_pass(cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, info)
+        if status != OK:
+            return status
+    for i in range(ci_list.shape[0]):
+        c = ci_list[i]
+        best = cand_best(cacc, c)
+        low, rng, bits = ebin(ctx, ci_ctx, 1 if best else 0, es, buf, low, rng, bits)
+        if best:
+            low, bits = ebypass(best - 1, 3, es, buf, low, rng, bits)
+        ctx_init(ctx, c, best)
+    if all_zero:  # nothing is coded, but the range is still reset at entry points
+        es[E_LOW], es[E_RANGE], es[E_BITS] = low, 256 if _block_dims(height, width, scan_order)[3] else rng, bits
+        return OK
     es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
-    return OK
+    if bounded and cbs > 0:
+        return _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_order, cbs - 1 - off,
+                           off, not (off == 0 or off == cbs - 1), info)
+    return _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_order, -1, -1, True, info)
 
 
 @kernel
