@@ -347,6 +347,8 @@ def frame_unit(offset: int, data, index: int = 0) -> tuple[int, int]:
     bytes present. Example: ``frame_unit(0, bytes.fromhex("80016fef") + bytes(94187))`` is
     ``(94191, 4)``.
     """
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= len(data):
+        raise InputError(f"offset {offset!r} is not a position in the {len(data)}-byte stream")
     where = f"unit {index} at byte {offset}"
     left = len(data) - offset
     if left < 2:

@@ -374,6 +374,8 @@ def test_unit_size_checks():
         read_units(bytes.fromhex("0001"))
     with pytest.raises(BitstreamError, match="mps_.*truncated"):
         read_units(STR + bytes.fromhex("0005068100") + MPS[5:])  # MPS cut short by its declared size
+    with pytest.raises(InputError, match="offset"):
+        read_unit(EXAMPLE, -4)
     with pytest.raises(BitstreamError, match="ends after"):
         read_units(bytes.fromhex("0005020100"))  # STR with a trailing byte
 
