@@ -145,6 +145,9 @@ MODEL_SETTINGS = [
     _settings(int_quant_bw=4, use_dq=False),
     _settings(int_quant_bw=6, qpd=4),
     _settings(int_quant_bw=3, lam=0.3, use_dq=False),
+    _settings(int_quant_bw=4, codebook_mode=1),
+    _settings(int_quant_bw=5, codebook_mode=2, use_dq=False),
+    _settings(int_quant_bw=3, codebook_mode=2),
 ]
 
 
@@ -164,7 +167,11 @@ def test_approximator_matches_nncodec(oracle):
             qp = s["qp"] if is_weight else R.nonweight_qp(s["qp"], qp_density=s["qpd"], nonweight_qp=s["nonweight_qp"])
             common = dict(qp_density=s["qpd"], lambda_scale=s["lam"], unary_length=s["cul_minus1"] + 1,
                           scan_order=s["scan_order"] if is_weight else 0)
+            clip = None
             if s["int_quant_bw"]:
+                qp, lo, hi = R.bitdepth_qp(w, s["int_quant_bw"], qp_density=s["qpd"], is_weight=is_weight)
+                clip = (lo, hi)
+            if s["int_quant_bw"] and not s["codebook_mode"]:
                 qp, lo, hi = R.bitdepth_qp(w, s["int_quant_bw"], qp_density=s["qpd"], is_weight=is_weight)
                 levels, used = R.quantize_bitdepth(w, s["int_quant_bw"], dq=s["use_dq"], is_weight=is_weight, **common)
                 assert (r["method"], used) == ("uniform", r["qp"]), where
@@ -179,11 +186,11 @@ def test_approximator_matches_nncodec(oracle):
                 seen.add("uniform")
             else:
                 if s["codebook_mode"] == 1:
-                    cb = R.quantize_codebook(w, qp, dq_requested=s["use_dq"], **common)
+                    cb = R.quantize_codebook(w, qp, dq_requested=s["use_dq"], clip=clip, **common)
                     use_cb = True
                 else:
                     choice = R.choose_codebook_or_uniform(w, qp, dq=s["use_dq"], profile=s["profile"],
-                                                          param_opt=bool(s["param_opt"]), **common)
+                                                          param_opt=bool(s["param_opt"]), clip=clip, **common)
                     cb, use_cb = choice.codebook, choice.use_codebook
                     seen.add(("mode2", use_cb))
                 if use_cb:

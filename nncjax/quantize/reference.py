@@ -389,6 +389,13 @@ def codebook_offset_search(indices, codebook_size: int, unary_length: int = 11) 
     return best
 
 
+def _clip(levels: np.ndarray, clip) -> np.ndarray:
+    if clip is None:
+        return levels
+    lo, hi = clip
+    return np.clip(levels, _int("clip low", lo), _int("clip high", hi)).astype(np.int32)
+
+
 class CodebookResult(NamedTuple):
     """Codebook-mode choice: coded ``levels`` (int32, w's shape; codebook index = level + offset),
     ``codebook`` (C,) int32 sorted, ``offset`` (CbZeroOffset), ``egk``, and the ``qp`` used."""
@@ -401,13 +408,14 @@ class CodebookResult(NamedTuple):
 
 
 def quantize_codebook(w, qp, *, qp_density=2, dq_requested=True, lambda_scale=0.0, unary_length=11,
-                      scan_order=0) -> CodebookResult:
+                      scan_order=0, clip=None) -> CodebookResult:
     """NNCodec's codebook approximation (``codebook_mode`` 1) of one tensor.
 
     Uniform quantization without DQ at ``qp - codebook_qp_offset(qp_density)`` if DQ was requested
     (else at ``qp``), with the overflow guard; codebook = sorted unique levels; CbZeroOffset by
     :func:`codebook_offset_search`; egk by :func:`codebook_best_egk`. The stream then carries
-    ``dq_flag = 0`` and the returned ``qp``.
+    ``dq_flag = 0`` and the returned ``qp``. ``clip = (lo, hi)`` (bit-depth mode, from
+    :func:`bitdepth_qp`) clips the levels before the codebook is derived, as NNCodec does.
 
     >>> r = quantize_codebook(np.array([0.1, -0.2, 0.1, 0.7], np.float32), -16, dq_requested=False)
     >>> r.codebook.tolist(), r.offset, r.levels.tolist(), r.egk, r.qp
@@ -417,6 +425,7 @@ def quantize_codebook(w, qp, *, qp_density=2, dq_requested=True, lambda_scale=0.
     enc_qp = qp - (codebook_qp_offset(qpd) if dq_requested else 0)
     levels, used = quantize_tensor(w, enc_qp, qp_density=qpd, dq=False, lambda_scale=lam,
                                    unary_length=n, scan_order=so)
+    levels = _clip(levels, clip)
     codebook, inverse = np.unique(levels, return_inverse=True)
     indices = inverse.reshape(levels.shape).astype(np.int32)
     offset = codebook_offset_search(indices, codebook.size, n)
@@ -442,8 +451,8 @@ class CodebookChoice(NamedTuple):
 
 
 def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0, unary_length=11,
-                               scan_order=0, profile=1, param_opt=True,
-                               parent_node_id_present=False) -> CodebookChoice:
+                               scan_order=0, profile=1, param_opt=True, parent_node_id_present=False,
+                               clip=None) -> CodebookChoice:
     """NNCodec's ``codebook_mode = 2``: codebook (as :func:`quantize_codebook`) or plain quantization.
 
     What NNCodec compares (reproduced as is): ``uniform_bytes`` = byte length of a test encoding of the
@@ -451,7 +460,10 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
     length of a test encoding of the codebook levels (dq off, **no** codebook bounds) **plus the
     codebook syntax size in bits** (bytes + bits, NNCodec's unit mix-up). Both test encodings: N - 1
     greater-than flags, the given scan order, profile, param_opt and ``parent_node_id_present``, no
-    row skipping, no QP delta. The codebook wins only if strictly smaller.
+    row skipping, no QP delta. The codebook wins only if strictly smaller. ``clip``: as in
+    :func:`quantize_codebook`, applied to both alternatives; with DQ, the clipped uniform trial is
+    coded as the reachable indices with the same coded levels (NNCodec's init search sees the raw
+    indices, so its trial size may differ slightly in this corner).
 
     >>> c = choose_codebook_or_uniform(np.array([[0.1, -0.2], [0.1, 0.7]], np.float32), -16, dq=True)
     >>> c.use_codebook, c.uniform_levels.tolist(), c.uniform_qp, c.uniform_bytes, c.codebook_cost
@@ -459,10 +471,11 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
     """
     w, qp, qpd, lam, n, so = _common(w, qp, qp_density, lambda_scale, unary_length, scan_order)
     cb = quantize_codebook(w, qp, qp_density=qpd, dq_requested=dq, lambda_scale=lam, unary_length=n,
-                           scan_order=so)
+                           scan_order=so, clip=clip)
     if dq:
         uni, uni_qp = quantize_tensor(w, qp, qp_density=qpd, dq=True, lambda_scale=lam, unary_length=n,
                                       scan_order=so)
+        uni = _clip(uni, clip)
     else:
         uni = (cb.levels + np.int32(cb.offset))
         uni = cb.codebook[uni]
@@ -470,7 +483,14 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
     common = dict(unary_length=n - 1, param_opt=bool(param_opt), scan_order=so, row_skipping=False,
                   profile=int(profile), codebook_size=0, codebook_offset=0,
                   parent_present=bool(parent_node_id_present))
-    uni_bytes = _encode_len(uni, dq=bool(dq), **common)
+    trial = uni
+    if dq and clip is not None:
+        # Clipping can leave DQ indices the state machine cannot produce. NNCodec codes them anyway
+        # (as the reachable indices with the same coded levels); our coder wants those indices.
+        from nncjax.clipped_dq import reachable_dq_levels
+
+        trial = reachable_dq_levels(uni, scan_order=so, row_skipping=False)
+    uni_bytes = _encode_len(trial, dq=bool(dq), **common)
     cb_cost = _encode_len(cb.levels, dq=False, **common) + codebook_syntax_bits(cb.codebook, cb.offset, cb.egk)
     return CodebookChoice(cb_cost < uni_bytes, cb, uni.astype(np.int32), uni_qp, bool(dq), uni_bytes, cb_cost)
 
@@ -537,4 +557,4 @@ def quantize_bitdepth(w, bitdepth, *, qp_density=2, dq=True, is_weight=True, lam
     qp, lo, hi = bitdepth_qp(w, bitdepth, qp_density=qp_density, is_weight=is_weight)
     levels, used = quantize_tensor(w, qp, qp_density=qp_density, dq=dq, lambda_scale=lambda_scale,
                                    unary_length=unary_length, scan_order=scan_order)
-    return np.clip(levels, lo, hi).astype(np.int32), used
+    return _clip(levels, (lo, hi)), used
