@@ -485,8 +485,7 @@ def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: M
             grows = r.ue(3, "g_number_of_rows")
         if dflag:
             count = r.ue(1, "count_tensor_dimensions")
-            if count > limits.max_tensor_rank:
-                raise r.fail("count_tensor_dimensions", f"{count} dimensions exceed the limit {limits.max_tensor_rank}", LimitError)
+            _check_rank(r, count, limits)
             r.need(8 * count, "tensor_dimensions")
             dims = tuple(r.ue(7, f"tensor_dimensions[{j}]") for j in range(count))
         if cflag:
@@ -496,6 +495,7 @@ def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: M
     if dims is None:
         raise r.fail("tensor_dimensions", "not in the bitstream and no out-of-band value was given")
     dims = tuple(int(d) for d in dims)
+    _check_rank(r, len(dims), limits)  # out-of-band dimensions obey the same limit
     cpt = 0 if cpt is None else cpt
     f.update(tensor_dimensions=dims, compressed_parameter_types=cpt,
              cabac_unary_length_minus1=9 if cul is None else cul)  # 9: NNCodec's decoder default
@@ -533,6 +533,12 @@ def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: M
     else:
         unit.payload = r.rest("nnr_compressed_data_unit_payload")
     return unit
+
+
+def _check_rank(r: BitReader, count: int, limits: DecodeLimits) -> None:
+    if count > limits.max_tensor_rank:
+        raise r.fail("count_tensor_dimensions", f"{count} dimensions exceed the limit {limits.max_tensor_rank}",
+                     LimitError)
 
 
 def _check_limits(r: BitReader, unit: CompressedDataUnit, limits: DecodeLimits) -> None:
