@@ -151,11 +151,22 @@ MODEL_SETTINGS = [
 ]
 
 
+def _percentile_model(rng):
+    # Sizes that hit both interpolation branches of the 99.95th percentile, and a tensor whose
+    # percentile is 0 (then NNCodec falls back to the maximum).
+    sparse = np.zeros(5000, np.float32)
+    sparse[17] = -0.3
+    model = {f"v{n}": _weights(rng, (n,), int(rng.integers(4))) for n in (1, 2, 1201, 3001)}
+    return model | {"m": _weights(rng, (40, 50), 0), "sparse": sparse}
+
+
 def test_approximator_matches_nncodec(oracle):
     """NNCodec's whole approximator on small models: per tensor the same QP (weights vs non-weights),
     levels, method, codebook, CbZeroOffset, egk, bit-depth QP and clipping, and reconstruction."""
     rng = np.random.default_rng(3)
     cases = [_model_case(rng, s) for s in MODEL_SETTINGS for _ in range(2)]
+    cases += [{"model": _percentile_model(rng), "settings": _settings(int_quant_bw=b, qpd=q)}
+              for b, q in ((8, 2), (4, 0), (6, 5))]
     results = oracle.call("quant", "approx_models", cases)
     seen = set()
     for case, res in zip(cases, results):
