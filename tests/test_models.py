@@ -78,8 +78,22 @@ def test_from_original_rejects_bad_tensors(name):
         m.from_original({k: v for k, v in original.items() if k != first})
     with pytest.raises(InputError):
         m.from_original({**original, "extra.weight": np.zeros(3)})
-    with pytest.raises(InputError):
-        m.from_original({**original, first: np.zeros((7, 7))})
+    for tensor_name in original:  # every tensor's shape is checked, whatever its layout conversion
+        with pytest.raises(InputError):
+            m.from_original({**original, tensor_name: np.zeros((7, 7, 1, 1))})
+
+
+def test_torch_style_names_of_flax_models():
+    original = models.get("fashion_cnn").to_original(models.get("fashion_cnn").params)
+    assert original["conv2.weight"].shape == (64, 32, 3, 3)  # torch Conv2d layout (out, in, kh, kw)
+    assert original["fc1.weight"].shape == (256, 1152)  # torch Linear layout (out, in)
+    assert {"bn4.weight", "bn4.bias", "bn4.running_mean", "bn4.running_var", "fc2.bias"} <= set(original)
+    assert set(models.get("digits_mlp").to_original(models.get("digits_mlp").params)) == {
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+    }
 
 
 def test_fashion_cnn_rejects_corrupt_weights(tmp_path):

@@ -19,12 +19,14 @@ from nncjax.errors import InputError
 
 __all__ = [
     "EvalModel",
+    "checked_tree",
     "classification_metrics",
     "compare_with_shipped",
     "flatten_paths",
     "frozen_float32",
-    "native_names",
+    "param_shapes",
     "resolve_subset",
+    "torch_style_names",
     "unflatten_paths",
 ]
 
@@ -78,32 +80,100 @@ def frozen_float32(tree: Any) -> Any:
     return jax.tree_util.tree_map(freeze, tree)
 
 
-def native_names(
-    params: Params,
-) -> tuple[dict[str, str], Callable[[Params], dict[str, np.ndarray]], Callable[[Mapping[str, Any]], Params]]:
-    """``(name_map, to_original, from_original)`` for a model born in Flax: its "original" names are
-    its Flax paths. ``from_original`` checks names and shapes against ``params``.
+def param_shapes(module: Any, *example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """``{flax_path: shape}`` of ``module.init``'s variables, computed abstractly (nothing runs).
 
     Example:
-        >>> names, to_orig, from_orig = native_names({"params": {"w": np.ones(2)}})
-        >>> names, from_orig({"params/w": [3, 4]})["params"]["w"]
-        ({'params/w': 'params/w'}, array([3., 4.], dtype=float32))
+        >>> import flax.linen as nn
+        >>> param_shapes(nn.Dense(3), np.zeros((1, 2), np.float32))
+        {'params/bias': (3,), 'params/kernel': (2, 3)}
     """
-    shapes = {p: a.shape for p, a in flatten_paths(params).items()}
+    tree = jax.eval_shape(module.init, jax.random.PRNGKey(0), *example_inputs)
+    return {
+        "/".join(str(k.key) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def checked_tree(flat: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], what: str = "tensors") -> Params:
+    """``flat`` (``{"a/b": array}``) as a float32 nested dict after checking it has exactly the paths
+    and shapes of ``shapes``; otherwise :class:`~nncjax.errors.InputError` naming the culprit.
+
+    Example:
+        >>> checked_tree({"params/w": [3, 4]}, {"params/w": (2,)})["params"]["w"]
+        array([3., 4.], dtype=float32)
+    """
+    missing, surplus = set(shapes) - set(flat), set(flat) - set(shapes)
+    if missing or surplus:
+        raise InputError(f"{what}: missing {sorted(missing)[:5]}, unexpected {sorted(surplus)[:5]}")
+    arrays = {p: np.asarray(flat[p], np.float32) for p in shapes}
+    for p, a in arrays.items():
+        if a.shape != tuple(shapes[p]):
+            raise InputError(f"{what}: {p} has shape {a.shape}, expected {tuple(shapes[p])}")
+    return unflatten_paths(arrays)
+
+
+# Flax leaf name -> torch parameter/buffer suffix.
+_TORCH_SUFFIX = {
+    "kernel": "weight",
+    "embedding": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+# Flax kernel layout -> torch layout, by rank: Dense (in, out) -> (out, in); Conv (k.., in, out) -> (out, in, k..).
+_TORCH_PERM = {2: (1, 0), 3: (2, 1, 0), 4: (3, 2, 0, 1)}
+
+
+def torch_style_names(
+    params: Params,
+) -> tuple[dict[str, str], Callable[[Params], dict[str, np.ndarray]], Callable[[Mapping[str, Any]], Params]]:
+    """``(name_map, to_original, from_original)`` for a model born in Flax, with PyTorch's naming and
+    layout as its "original": ``params/conv1/kernel (3, 3, in, out)`` <-> ``conv1.weight (out, in, 3, 3)``,
+    ``params/bn1/scale`` <-> ``bn1.weight``, ``batch_stats/bn1/mean`` <-> ``bn1.running_mean``. NNCodec
+    recognises parameter types (weight, bias, batch-norm statistics) and tensor rows by these names
+    and layouts, so its bitstreams of these models are comparable with those of torch models.
+
+    Example:
+        >>> names, to_orig, from_orig = torch_style_names({"params": {"fc": {"kernel": np.ones((2, 3))}}})
+        >>> names, to_orig({"params": {"fc": {"kernel": np.ones((2, 3))}}})["fc.weight"].shape
+        ({'params/fc/kernel': 'fc.weight'}, (3, 2))
+    """
+    flat = flatten_paths(params)
+    shapes = {p: a.shape for p, a in flat.items()}
+    rules: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    for path, shape in shapes.items():
+        _, *modules, leaf = path.split("/")
+        if leaf not in _TORCH_SUFFIX or not modules:
+            raise InputError(f"no PyTorch-style name for the Flax path {path!r}")
+        perm = _TORCH_PERM.get(len(shape)) if leaf == "kernel" else None
+        rules[path] = (".".join([*modules, _TORCH_SUFFIX[leaf]]), perm)
+    name_map = {p: name for p, (name, _) in rules.items()}
+    if len(set(name_map.values())) != len(name_map):
+        raise InputError("two Flax paths map to the same PyTorch-style name")
+
+    def to_original(tree: Params) -> dict[str, np.ndarray]:
+        leaves = flatten_paths(tree)
+        return {
+            name: np.ascontiguousarray(leaves[p] if perm is None else leaves[p].transpose(perm))
+            for p, (name, perm) in rules.items()
+        }
 
     def from_original(tensors: Mapping[str, Any]) -> Params:
-        if set(tensors) != set(shapes):
-            raise InputError(
-                f"tensors: missing {sorted(set(shapes) - set(tensors))[:5]}, "
-                f"unexpected {sorted(set(tensors) - set(shapes))[:5]}"
-            )
-        flat = {p: np.asarray(tensors[p], np.float32) for p in shapes}
-        for p, a in flat.items():
-            if a.shape != shapes[p]:
-                raise InputError(f"tensor {p}: shape {a.shape}, expected {shapes[p]}")
-        return unflatten_paths(flat)
+        by_name = {name: (p, perm) for p, (name, perm) in rules.items()}
+        if set(tensors) != set(by_name):
+            missing, surplus = set(by_name) - set(tensors), set(tensors) - set(by_name)
+            raise InputError(f"tensors: missing {sorted(missing)[:5]}, unexpected {sorted(surplus)[:5]}")
+        out = {}
+        for name, (p, perm) in by_name.items():
+            a = np.asarray(tensors[name], np.float32)
+            if perm is not None and a.ndim == len(perm):
+                a = a.transpose(np.argsort(perm))
+            out[p] = a
+        return checked_tree(out, shapes)
 
-    return {p: p for p in shapes}, flatten_paths, from_original
+    return name_map, to_original, from_original
 
 
 def resolve_subset(subset: str | int, ci_size: int, full_size: int) -> int:

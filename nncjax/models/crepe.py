@@ -17,6 +17,7 @@ Quality task: synthetic harmonic tones, see :func:`harmonic_tones`.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 from collections.abc import Mapping
@@ -30,11 +31,12 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    checked_tree,
     compare_with_shipped,
     flatten_paths,
     frozen_float32,
+    param_shapes,
     resolve_subset,
-    unflatten_paths,
 )
 from nncjax.models.torch_zip import load_state_dict
 
@@ -111,7 +113,8 @@ UNUSED_ORIGINAL = tuple(f"conv{i}_BN.num_batches_tracked" for i in range(1, 7))
 
 
 def _to_flax(path: str, a: np.ndarray) -> np.ndarray:
-    if _MAP[path][1]:
+    """Original layout -> Flax layout; a tensor of the wrong rank passes unchanged (the shape check rejects it)."""
+    if _MAP[path][1] and a.ndim == 4:
         return a[..., 0].transpose(2, 1, 0)  # (out, in, k, 1) -> (k, in, out)
     return a.T if path == "params/classifier/kernel" else a
 
@@ -143,24 +146,19 @@ def from_original(tensors: Mapping[str, Any]) -> dict[str, Any]:
         >>> v = from_original(load_state_dict(weights_path())); sorted(v)   # doctest: +SKIP
         ['batch_stats', 'params']
     """
-    wanted = set(NAME_MAP.values())
-    missing, surplus = wanted - set(tensors), set(tensors) - wanted - set(UNUSED_ORIGINAL)
-    if missing or surplus:
-        raise InputError(f"CREPE tensors: missing {sorted(missing)[:5]}, unexpected {sorted(surplus)[:5]}")
-    flat = {p: np.ascontiguousarray(_to_flax(p, np.asarray(tensors[o], np.float32))) for p, (o, _) in _MAP.items()}
-    expected = _shapes()
-    for p, a in flat.items():
-        if a.shape != expected[p]:
-            raise InputError(f"CREPE tensor {NAME_MAP[p]}: shape {a.shape}, expected {expected[p]}")
-    return unflatten_paths(flat)
+    surplus = set(tensors) - set(NAME_MAP.values()) - set(UNUSED_ORIGINAL)
+    if surplus:
+        raise InputError(f"CREPE tensors: unexpected {sorted(surplus)[:5]}")
+    missing = {orig for orig in NAME_MAP.values() if orig not in tensors}
+    if missing:
+        raise InputError(f"CREPE tensors: missing {sorted(missing)[:5]}")
+    flat = {p: _to_flax(p, np.asarray(tensors[o], np.float32)) for p, (o, _) in _MAP.items()}
+    return checked_tree(flat, _shapes(), "CREPE tensors")
 
 
+@functools.lru_cache(maxsize=1)
 def _shapes() -> dict[str, tuple[int, ...]]:
-    tree = jax.eval_shape(Crepe().init, jax.random.PRNGKey(0), jnp.zeros((1, WINDOW), jnp.float32))
-    return {
-        "/".join(str(k.key) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    return param_shapes(Crepe(), np.zeros((1, WINDOW), np.float32))
 
 
 def weights_path(capacity: str = "tiny") -> pathlib.Path:

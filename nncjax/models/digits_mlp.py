@@ -24,8 +24,8 @@ from nncjax.models.base import (
     classification_metrics,
     compare_with_shipped,
     frozen_float32,
-    native_names,
     resolve_subset,
+    torch_style_names,
 )
 
 __all__ = ["DigitsMLP", "apply", "evaluate", "load", "load_digits_split", "logits", "loss", "metrics", "train"]
@@ -122,7 +122,7 @@ def evaluate(params: Mapping[str, Any], subset: str | int = "ci") -> dict[str, f
 
 
 def load(seed: int = 0, steps: int = 300) -> EvalModel:
-    """A freshly trained digits MLP (about 1 s on CPU) as an :class:`EvalModel`; names are Flax paths.
+    """A freshly trained digits MLP (about 1 s on CPU) as an :class:`EvalModel`; original names are PyTorch-style (``fc1.weight (128, 64)``).
 
     Example:
         >>> m = load(); m.eval()["top1"] > 0.95                            # doctest: +SKIP
@@ -130,7 +130,7 @@ def load(seed: int = 0, steps: int = 300) -> EvalModel:
     """
     init = DigitsMLP().init(jax.random.PRNGKey(seed), jnp.zeros((1, 64), jnp.float32))
     params = frozen_float32(train(init, steps=steps))
-    name_map, to_original, from_original = native_names(params)
+    name_map, to_original, from_original = torch_style_names(params)
     return EvalModel(
         name="digits_mlp",
         params=params,

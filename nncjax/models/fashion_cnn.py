@@ -2,7 +2,8 @@
 
 Data: Debian ``dataset-fashion-mnist`` (idx files, gzip). The weights were produced by
 ``examples/train_fashion_mnist.py`` and ship as ``weights/fashion_cnn.msgpack``. The model is native
-Flax, so its "original" tensor names are its own Flax paths.
+Flax; its "original" tensor names and layouts are PyTorch's (``conv1.weight (out, in, 3, 3)``,
+``bn1.running_mean``, ...), see :func:`nncjax.models.base.torch_style_names`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    checked_tree,
     classification_metrics,
     compare_with_shipped,
     flatten_paths,
     frozen_float32,
-    native_names,
+    param_shapes,
     resolve_subset,
+    torch_style_names,
 )
 
 __all__ = [
@@ -147,16 +150,15 @@ def load(weights: str | pathlib.Path = WEIGHTS_PATH) -> EvalModel:
     path = pathlib.Path(weights)
     if not path.exists():
         raise InputError(f"{path} is missing: train it with examples/train_fashion_mnist.py")
-    template = jax.eval_shape(init_variables)  # shapes only: no random init, no conv executed
-    _, _, check = native_names(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.float32), template))
+    shapes = param_shapes(FashionCNN(), np.zeros((1, 28, 28), np.uint8))  # abstract: nothing runs
     try:
         restored = flax.serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # msgpack raises several unrelated types on corrupt input
         raise InputError(f"{path}: not a flax msgpack file ({e})") from e
     if not isinstance(restored, dict):
         raise InputError(f"{path}: not a variables dict")
-    params = frozen_float32(check(flatten_paths(restored)))
-    name_map, to_original, from_original = native_names(params)
+    params = frozen_float32(checked_tree(flatten_paths(restored), shapes, str(path)))
+    name_map, to_original, from_original = torch_style_names(params)
     return EvalModel(
         name="fashion_cnn",
         params=params,

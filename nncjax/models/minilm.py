@@ -25,11 +25,12 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    checked_tree,
     compare_with_shipped,
     flatten_paths,
     frozen_float32,
+    param_shapes,
     resolve_subset,
-    unflatten_paths,
 )
 
 __all__ = [
@@ -150,31 +151,21 @@ def from_original(tensors: Mapping[str, Any]) -> dict[str, Any]:
         >>> from safetensors.numpy import load_file
         >>> p = from_original(load_file(str(model_dir() / "model.safetensors")))   # doctest: +SKIP
     """
-    wanted = {orig for orig, _ in _MAP.values()}
-    surplus = set(tensors) - wanted - set(UNUSED_ORIGINAL)
-    missing = wanted - set(tensors)
-    if missing or surplus:
-        raise InputError(f"MiniLM tensors: missing {sorted(missing)[:5]}, unexpected {sorted(surplus)[:5]}")
-    flat = {}
-    for path, (orig, tr) in _MAP.items():
-        a = np.asarray(tensors[orig], np.float32)
-        flat[path] = np.ascontiguousarray(a.T if tr else a)
-    params = unflatten_paths(flat)
-    expected = _shapes()
-    for path, a in flat.items():
-        if a.shape != expected[path]:
-            raise InputError(f"MiniLM tensor {_MAP[path][0]}: shape {a.shape}, expected {expected[path]}")
-    return params
+    surplus = set(tensors) - set(NAME_MAP.values()) - set(UNUSED_ORIGINAL)
+    if surplus:
+        raise InputError(f"MiniLM tensors: unexpected {sorted(surplus)[:5]}")
+    missing = {orig for orig in NAME_MAP.values() if orig not in tensors}
+    if missing:
+        raise InputError(f"MiniLM tensors: missing {sorted(missing)[:5]}")
+    flat = {path: np.asarray(tensors[orig], np.float32) for path, (orig, _) in _MAP.items()}
+    flat = {path: a.T if _MAP[path][1] else a for path, a in flat.items()}
+    return checked_tree(flat, _shapes(), "MiniLM tensors")
 
 
 @functools.lru_cache(maxsize=1)
 def _shapes() -> dict[str, tuple[int, ...]]:
-    ids = jnp.zeros((1, 4), jnp.int32)
-    tree = jax.eval_shape(MiniLM().init, jax.random.PRNGKey(0), ids, ids)
-    return {
-        "/".join(str(k.key) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    ids = np.zeros((1, 4), np.int32)
+    return param_shapes(MiniLM(), ids, ids)
 
 
 def model_dir() -> pathlib.Path:
