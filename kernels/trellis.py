@@ -1,12 +1,13 @@
 """Encoder-side quantization kernels that reproduce NNCodec 2.1.3's ``quantLayer`` decisions exactly.
 
 * :func:`dq_trellis` -- the 8-state dependent-quantization Viterbi search (nnr-format.md §3.4), with
-  distortion only (``dist_scale == 0``) or distortion plus estimated DeepCABAC bits.
+  distortion only (``use_rate`` False, NNCodec's default ``lambda_scale = 0``) or distortion plus
+  estimated DeepCABAC bits.
 * :func:`uniform_rate_aware` -- uniform rounding with a rate term (§3.7, ``lambda_scale > 0``).
 * :func:`round_scaled` -- plain uniform rounding (``lambda_scale == 0``) and the overflow test.
 
-Both walk the weights in the order given by ``pos`` (the coder's scan order) and write their output at
-``pos``. Inputs are checked by the Python glue (:mod:`nncjax.quantize.reference`): finite weights,
+The first two walk the weights in the order given by ``pos`` (the coder's scan order) and write their
+output at ``pos``. Inputs are checked by the Python glue (:mod:`nncjax.quantize.reference`): finite weights,
 ``pos`` a permutation of ``range(len(out))``, magnitudes below 2**31 steps.
 
 Rate estimation mirrors NNCodec's estimator, quirks included, because the chosen levels depend on it:
@@ -31,7 +32,7 @@ from numba import njit
 from nncjax.kernels.contexts import ctx_init_all, ctx_update
 from nncjax.kernels.tables import DQ_NEXT, EST_BITS
 
-__all__ = ["dq_trellis", "uniform_rate_aware", "round_scaled", "DQ_BRANCHES", "estimator_size"]
+__all__ = ["dq_trellis", "uniform_rate_aware", "round_scaled", "DQ_BRANCHES"]
 
 # Offsets of the context store (nnr-format.md §6.2).
 _SIGN_BASE = 48
@@ -56,11 +57,6 @@ def _branches() -> np.ndarray:
 
 #: (8, 3, 2) int32: for each destination state, its branches ``(source state, candidate slot)``.
 DQ_BRANCHES = _branches()
-
-
-def estimator_size(n_gtx: int) -> int:
-    """Number of contexts in one estimator store for ``n_gtx`` greater-than flags."""
-    return 8 * 6 + 5 + 4 * n_gtx + 32 + 5
 
 
 @njit(cache=True, nogil=True)
@@ -157,7 +153,7 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
     cost[0] = 0.0
     new_cost = np.empty(8)
     dist = np.empty(5)
-    n_ctx = 8 * 6 + 5 + 4 * n_gtx + 32 + 5 if use_rate else 1
+    n_ctx = 8 * 6 + 5 + 4 * n_gtx + 32 + 5 if use_rate else 1  # NNCodec's store size for n_gtx flags
     # Two estimator objects per state, alternating by step parity (see module docstring).
     ctx = np.empty((2, 8, n_ctx, 5), dtype=np.int32)
     for i in range(2):
