@@ -36,7 +36,7 @@ from nncjax.kernels.unit_base import (
     UnitBase,
 )
 
-from nncjax.errors import InputError, LimitError, UnsupportedError
+from nncjax.errors import InputError, LimitError, UnsupportedStreamError
 
 __all__ = [
     "Codebook",
@@ -409,7 +409,7 @@ def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: M
                   base: dict) -> CompressedDataUnit:
     """Parse the NDU header (after the common unit header) and its payload up to ``r.end``.
 
-    ``base``: the common unit-header fields. Raises BitstreamError / LimitError / UnsupportedError.
+    ``base``: the common unit-header fields. Raises BitstreamError / LimitError / UnsupportedStreamError.
     """
     pt = r.u(5, "nnr_compressed_data_unit_payload_type")
     if pt > PayloadType.BLOCK:
@@ -421,7 +421,7 @@ def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: M
     if multiple != (pt == PayloadType.BLOCK):
         if multiple:
             raise r.fail("nnr_multiple_topology_elements_present_flag",
-                         "tensor splitting (multiple elements outside NNR_PT_BLOCK) is not supported", UnsupportedError)
+                         "tensor splitting (multiple elements outside NNR_PT_BLOCK) is not supported", UnsupportedStreamError)
         raise r.fail("nnr_multiple_topology_elements_present_flag", "NNR_PT_BLOCK needs multiple topology elements")
     indexed = ctx.topology_indexed_reference_flag
     if multiple:

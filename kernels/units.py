@@ -3,7 +3,7 @@
 Unit classes: :class:`StartUnit` (NNR_STR), :class:`ModelParameterSet` (NNR_MPS),
 :class:`LayerParameterSet` (NNR_LPS), :class:`TopologyUnit` (NNR_TPL) and
 :class:`~nncjax.kernels.ndu.CompressedDataUnit` (NNR_NDU). NNR_QNT and NNR_AGG are recognised and
-rejected with :class:`nncjax.UnsupportedError` (NNCodec implements neither).
+rejected with :class:`nncjax.UnsupportedStreamError` (NNCodec implements neither).
 
 Reading is strict: reserved bits must be 0, byte-alignment bits must be ``1 0…0``, every declared
 size is checked against the bytes present before anything is allocated, and each unit must be
@@ -58,7 +58,7 @@ from nncjax.kernels.unit_base import (
     UnitType,
 )
 
-from nncjax.errors import BitstreamError, InputError, LimitError, UnsupportedError
+from nncjax.errors import BitstreamError, InputError, LimitError, UnsupportedStreamError
 
 __all__ = [
     "CPT_BI",
@@ -310,7 +310,7 @@ def _read_tpl(r: BitReader, base: dict) -> TopologyUnit:
     f["compression_format"] = r.u(8, "topology_compression_format")
     if fmt == TopologyStorageFormat.PRUN:
         raise r.fail("topology_storage_format", "pruning topology container (NNR_TPL_PRUN) is not supported",
-                     UnsupportedError)
+                     UnsupportedStreamError)
     if fmt == TopologyStorageFormat.REFLIST:
         n = r.ue(7, "count_topology_elements_minus2") + 2
         r.byte_alignment("topology_elements_ids_list.byte_alignment")
@@ -325,7 +325,7 @@ def _write_tpl(w: BitWriter, u: TopologyUnit) -> None:
     w.u(8, u.storage_format)
     w.u(8, u.compression_format)
     if u.storage_format == TopologyStorageFormat.PRUN:
-        raise UnsupportedError("NNR_TPL_PRUN topology is not supported")
+        raise UnsupportedStreamError("NNR_TPL_PRUN topology is not supported")
     if u.storage_format == TopologyStorageFormat.REFLIST:
         if len(u.reference_list) < 2:
             raise InputError("a REFLIST topology needs at least 2 names")
@@ -373,7 +373,7 @@ def read_unit(data, offset: int = 0, ctx: SyntaxContext = _DEFAULT_CONTEXT, *, i
     """Parse the unit starting at byte ``offset``. Returns ``(unit, size in bytes)``.
 
     ``ctx`` supplies profile and MPS flags (see :func:`context_after`). Raises BitstreamError
-    (LimitError, UnsupportedError for QNT/AGG/PRUN/tensor splitting); never reads past the unit.
+    (LimitError, UnsupportedStreamError for QNT/AGG/PRUN/tensor splitting); never reads past the unit.
     """
     data = bytes(data) if not isinstance(data, bytes) else data
     size, head = frame_unit(offset, data, index)
@@ -384,14 +384,14 @@ def read_unit(data, offset: int = 0, ctx: SyntaxContext = _DEFAULT_CONTEXT, *, i
     if utype > UnitType.AGG:
         raise r.fail("nnr_unit_type", f"unknown unit type {utype}")
     if utype in (UnitType.QNT, UnitType.AGG):
-        raise r.fail("nnr_unit_type", f"NNR_{name} units are not supported", UnsupportedError)
+        raise r.fail("nnr_unit_type", f"NNR_{name} units are not supported", UnsupportedStreamError)
     base = {"independently_decodable_flag": r.u(1, "independently_decodable_flag")}
     if r.u(1, "partial_data_counter_present_flag"):
         base["partial_data_counter"] = r.u(8, "partial_data_counter")
     if utype == UnitType.STR:
         unit = StartUnit(general_profile_idc=r.u(8, "general_profile_idc"), **base)
         if unit.general_profile_idc > 1:
-            raise r.fail("general_profile_idc", f"unknown profile {unit.general_profile_idc}", UnsupportedError)
+            raise r.fail("general_profile_idc", f"unknown profile {unit.general_profile_idc}", UnsupportedStreamError)
     elif utype == UnitType.MPS:
         unit = _read_mps(r, ctx, base)
     elif utype == UnitType.LPS:

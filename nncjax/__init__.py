@@ -4,8 +4,8 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream. The bit-exact DeepCAB
 syntax live in :mod:`nncjax.kernels` (Numba); everything differentiable lives in JAX modules here.
 """
 
-from nncjax.errors import BitstreamError, InputError, LimitError, NNCError, UnsupportedError
+from nncjax.errors import BitstreamError, InputError, LimitError, NNCError, UnsupportedError, UnsupportedStreamError
 
 __version__ = "0.1.0"
 
-__all__ = ["NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "__version__"]
+__all__ = ["NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "UnsupportedStreamError", "__version__"]

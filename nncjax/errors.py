@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NNCError", "InputError", "BitstreamError", "UnsupportedError", "LimitError"]
+__all__ = ["NNCError", "InputError", "BitstreamError", "UnsupportedError", "LimitError", "UnsupportedStreamError"]
 
 
 class NNCError(Exception):
@@ -23,3 +23,11 @@ class LimitError(BitstreamError):
 
 class UnsupportedError(NNCError, NotImplementedError):
     """A valid feature of the format or an option that nncjax does not implement."""
+
+
+class UnsupportedStreamError(BitstreamError, UnsupportedError):
+    """A bitstream uses a valid feature that nncjax cannot decode (e.g. NNR_QNT or NNR_AGG units).
+
+    Both a :class:`BitstreamError` (so ``except BitstreamError`` catches every problem with a stream)
+    and an :class:`UnsupportedError`.
+    """

@@ -37,7 +37,7 @@ from nncjax.kernels.units import (
     write_unit,
 )
 
-from nncjax import BitstreamError, InputError, LimitError, UnsupportedError
+from nncjax import BitstreamError, InputError, LimitError, UnsupportedStreamError
 
 STR = bytes.fromhex("00040201")
 MPS = bytes.fromhex("0008068100400080")
@@ -398,14 +398,14 @@ def test_stream_order_rules():
 
 def test_unsupported_units_are_named():
     qnt = bytes([0x00, 0x06, 4 << 2 | 2, 0, 0, 0])
-    with pytest.raises(UnsupportedError, match="NNR_QNT"):
+    with pytest.raises(UnsupportedStreamError, match="NNR_QNT"):
         read_units(STR + MPS + qnt)
     agg = bytes([0x00, 0x03, 6 << 2 | 2])
-    with pytest.raises(UnsupportedError, match="NNR_AGG"):
+    with pytest.raises(UnsupportedStreamError, match="NNR_AGG"):
         read_units(STR + MPS + agg)
     with pytest.raises(BitstreamError, match="unknown unit type"):
         read_units(STR + MPS + bytes([0x00, 0x03, 9 << 2]))
-    with pytest.raises(UnsupportedError, match="PRUN"):
+    with pytest.raises(UnsupportedStreamError, match="PRUN"):
         read_units(STR + MPS + bytes.fromhex("00060e050000"))
 
 
