@@ -43,9 +43,18 @@ def nncodec_lambda(lambda_scale: float) -> float:
     return float(lambda_scale) * 4.0 * np.log(2.0) / 6.0 * 0.7
 
 
+def _pick(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[..., idx]`` elementwise: x (..., 8) broadcastable against idx (...) int -> idx's shape.
+
+    A one-hot sum, not a gather: XLA constant-folds the iota index arrays of large gathers, which made
+    compilation take minutes."""
+    hot = idx[..., None] == jnp.arange(8, dtype=idx.dtype)
+    return jnp.sum(jnp.where(hot, x, jnp.zeros((), x.dtype)), axis=-1)
+
+
 def _compose(a: jax.Array, b: jax.Array) -> jax.Array:
     """State maps (..., 8): apply ``a`` then ``b``."""
-    return jnp.take_along_axis(b, a, axis=-1)
+    return _pick(b[..., None, :], a)
 
 
 def dq_states(k: jax.Array) -> jax.Array:
@@ -57,7 +66,7 @@ def dq_states(k: jax.Array) -> jax.Array:
     s = jnp.arange(8, dtype=jnp.int32)
     # parity of q = (k + sgn(k) * (s & 1)) >> 1 for every possible state s: (n, 8)
     q = (flat[:, None] + jnp.sign(flat)[:, None] * (s & 1)[None, :]) >> 1
-    maps = jnp.asarray(_NEXT)[s[None, :], q & 1]
+    maps = jnp.where((q & 1) == 1, jnp.asarray(_NEXT[:, 1]), jnp.asarray(_NEXT[:, 0]))
     prefix = jax.lax.associative_scan(_compose, maps, axis=0)
     after = prefix[:, 0]
     before = jnp.concatenate([jnp.zeros((1,), jnp.int32), after[:-1]])
@@ -86,23 +95,20 @@ def _edges(u: jax.Array, lam, rate: RateFn | None):
     cheaper of the nonzero candidate and zero (ties to the nonzero one, as NNCodec does).
     """
     m = jnp.maximum(1, jnp.floor(u).astype(jnp.int32) - 1)
-    slot_idx = m[:, None] + (jnp.arange(4, dtype=jnp.int32)[None, :] - m[:, None]) % 4   # (n, 4): idx with idx&3 == r
-    d = (u[:, None] - slot_idx.astype(jnp.float32)) ** 2
-    d0 = u * u
-    qz = jnp.arange(8, dtype=jnp.int32) & 1                                            # quantizer per state
-    # nonzero candidate per (state, parity): q0 -> slots (0, 2); q1 -> slots (3, 1)
-    slot = jnp.where(qz[:, None] == 0, jnp.array([0, 2]), jnp.array([3, 1]))            # (8, 2)
-    absk = slot_idx[:, slot]                                                            # (n, 8, 2)
-    cost = d[:, slot]
-    zero_cost = jnp.broadcast_to(d0[:, None], (u.shape[0], 8))
+    # candidate |k| with |k| & 3 == r, r = 0..3: quantizer 0 uses slots (0, 2), quantizer 1 slots (3, 1)
+    slot_idx = [m + (r - m) % 4 for r in range(4)]
+    per_q = jnp.stack([jnp.stack([slot_idx[0], slot_idx[2]], -1), jnp.stack([slot_idx[3], slot_idx[1]], -1)], 1)
+    absk = jnp.tile(per_q, (1, 4, 1))                                                  # (n, 8, 2), state s -> s & 1
+    cost = (u[:, None, None] - absk.astype(jnp.float32)) ** 2
+    zero_cost = jnp.broadcast_to((u * u)[:, None], (u.shape[0], 8))
     if rate is not None:
         states = jnp.arange(8, dtype=jnp.int32)
-        absq = (absk + qz[None, :, None]) >> 1
+        absq = (absk + (states & 1)[None, :, None]) >> 1
         cost = cost + lam * rate(absq, states[None, :, None])
         zero_cost = zero_cost + lam * rate(jnp.zeros_like(zero_cost, jnp.int32), states[None, :])
     take_zero = zero_cost < cost[:, :, 0]
-    cost = cost.at[:, :, 0].set(jnp.where(take_zero, zero_cost, cost[:, :, 0]))
-    absk = absk.at[:, :, 0].set(jnp.where(take_zero, 0, absk[:, :, 0]))
+    cost = jnp.stack([jnp.where(take_zero, zero_cost, cost[:, :, 0]), cost[:, :, 1]], -1)
+    absk = jnp.stack([jnp.where(take_zero, 0, absk[:, :, 0]), absk[:, :, 1]], -1)
     return cost, absk
 
 
@@ -168,11 +174,12 @@ def dq_trellis(w: jax.Array, step: jax.Array, *, lam: float = 0.0, rate: RateFn 
         return new - jnp.min(new, axis=-1, keepdims=True), arg[:, 0]
 
     final, back = jax.lax.scan(fwd, start, jnp.swapaxes(cost, 0, 1))                    # back: (L, nc, 8)
-    pred_state = jnp.asarray(_PRED[:, :, 0])                                           # (8, 2)
 
     # 4. per chunk, the state at every position for each of the 8 possible end states
     def bwd(s_after, arg):
-        s_before = pred_state[s_after, jnp.take_along_axis(arg, s_after, axis=-1)]
+        slot = _pick(arg[..., None, :], s_after)
+        s_before = jnp.where(slot == 1, _pick(jnp.asarray(_PRED[:, 1, 0]), s_after),
+                             _pick(jnp.asarray(_PRED[:, 0, 0]), s_after))
         return s_before, s_before
 
     ends = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (nc, 8))
@@ -181,13 +188,13 @@ def dq_trellis(w: jax.Array, step: jax.Array, *, lam: float = 0.0, rate: RateFn 
     last_end = jnp.argmin(final[-1]).astype(jnp.int32)
     # state entering chunk c+1 = end state of chunk c; prefix of maps from the right
     maps = jax.lax.associative_scan(_compose, chunk_start_of_end, axis=0, reverse=True)
-    entry = maps[:, last_end]                                                          # state entering chunk c
+    entry = _pick(maps, jnp.broadcast_to(last_end, (nc,)))                              # state entering chunk c
     chunk_end = jnp.concatenate([entry[1:], last_end[None]])
-    states = jnp.take_along_axis(traj, jnp.broadcast_to(chunk_end[None, :, None], (L, nc, 1)), axis=-1)[..., 0]
+    states = _pick(traj, jnp.broadcast_to(chunk_end[None, :], (L, nc)))
     padded = jnp.concatenate([jnp.swapaxes(states, 0, 1).reshape(-1), chunk_end[-1:]])  # (nc*L + 1,)
     states, after = padded[:n], padded[1:n + 1]                                        # before / after element
-    parity = (jnp.asarray(_NEXT)[states, 1] == after).astype(jnp.int32)
-    ak = jnp.take_along_axis(absk[jnp.arange(n), states], parity[:, None], axis=-1)[:, 0]
+    parity = _pick(jnp.asarray(_NEXT[:, 1]), states) == after
+    ak = jnp.where(parity, _pick(absk[..., 1], states), _pick(absk[..., 0], states))
     return (jnp.sign(flat).astype(jnp.int32) * ak).reshape(shape)
 
 

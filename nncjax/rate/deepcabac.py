@@ -1,0 +1,293 @@
+"""Differentiable model of what DeepCABAC spends on one tensor (nnr-format.md §4–§6, §8).
+
+The model follows the real binarization bin by bin, in closed form (no sequential scan over elements):
+
+* every element codes ``sig_flag`` in context ``(DQ state, neighbour class)``; coded elements then a
+  ``sign_flag`` (context: neighbour class), ``min(|q|, N)`` greater-than flags (context: flag index and
+  sign), and for ``|q| > N`` an Exp-Golomb-0 remainder (context-coded prefix, bypass suffix);
+* the DQ states come from an associative scan of the 8-state machine (:func:`nncjax.quantize.dq_states`),
+  neighbours from the previous coded level (row skipping respected);
+* per context, the bins cost their empirical entropy ``n h(n1/n)`` plus the *excess* of the adaptive
+  estimator: the learning transient from the init state and the steady-state estimation noise, read
+  from a table simulated once with the exact estimator and engine (:mod:`nncjax.rate.calibration`);
+* ``param_opt``: the init index of each context is the cheapest of the 9 (plus 3 bypass bits for a
+  non-zero index), and the 59-80 context-initialisation flags are costed in their own context;
+* fixed costs: QP delta (``6 + qp_density`` bypass bits), row-skip flags (profile 1), termination.
+
+``training=False`` evaluates the model on hard integer levels. ``training=True`` replaces every
+indicator ``1[|q| >= t]`` by a logistic in ``|w| / step`` centred on the decision threshold of the
+quantizer the element's state selects, so gradients reach weights and steps. Following
+tensorflow-compression's convention, ``training=True`` is the differentiable, looser estimate: the
+smoothing spreads bins over neighbouring levels, which by concavity of the entropy tends to raise
+the estimate (measured in ``benchmarks/bench_rate.py``); ``training=False`` is the tight estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q
+from nncjax.quantize.uniform import quantize_uniform
+from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
+
+__all__ = ["BinStats", "bin_statistics", "bits_from_statistics", "estimate_bits_levels", "estimate_bits",
+           "estimate_bits_tree", "trellis_rate_fn"]
+
+_TABLE = np.load(os.path.join(os.path.dirname(__file__), "adaptive_cost.npz"))
+_EXCESS = jnp.asarray(_TABLE["excess"])          # (9, 17, P) bits above empirical entropy, by init idx, log2 n, p
+_SLOPE = jnp.asarray(_TABLE["slope"])            # (9, P) steady-state excess per bin
+_LOGIT_MAX = float(np.log(2.0**14))
+_N_LOG2N = _TABLE["log2n_grid"].size
+_N_P = _TABLE["p_grid"].size
+#: Prefix contexts of the Exp-Golomb remainder that are signalled (nnr-format.md §6.3 row 7).
+N_PREFIX = 31
+#: Termination bin, flush, stop bit and byte alignment (fitted against NNCodec's coder).
+TERMINATION_BITS = 12.0
+_INIT_IDX_BITS = 3.0                              # uae_v(3) of a non-zero init index
+
+
+class BinStats(dict):
+    """Per-context bin counts of one tensor (a pytree of float32 arrays).
+
+    ``sig`` (24, 2), ``sign`` (3, 2), ``gt`` (N, 2, 2), ``prefix`` (31, 2): last axis (bins, ones);
+    ``bypass`` (): suffix bins; ``rows`` (2,): row-skip flags (bins, ones); ``sig_used`` (): number of
+    signalled sig contexts (3 without DQ, 24 with).
+    """
+
+
+jax.tree_util.register_pytree_node(BinStats, lambda d: (tuple(d[k] for k in sorted(d)), tuple(sorted(d))),
+                                   lambda keys, vals: BinStats(zip(keys, vals)))
+
+
+def _excess(n: jax.Array, n1: jax.Array) -> jax.Array:
+    """Excess bits over empirical entropy, for all 9 init indices: (...,) -> (..., 9)."""
+    p = jnp.clip(n1 / jnp.maximum(n, 1e-12), 2.0**-14, 1.0 - 2.0**-14)
+    x = (jnp.log(p) - jnp.log1p(-p) + _LOGIT_MAX) / (2.0 * _LOGIT_MAX) * (_N_P - 1)
+    x = jnp.clip(x, 0.0, _N_P - 1.000001)
+    xi = jnp.floor(x).astype(jnp.int32)
+    fx = x - xi
+    ln = jnp.clip(jnp.log2(jnp.maximum(n, 1.0)), 0.0, _N_LOG2N - 1.000001)
+    li = jnp.floor(ln).astype(jnp.int32)
+    fl = ln - li
+
+    def at(i, j):
+        return jnp.moveaxis(_EXCESS[:, i, j], 0, -1)
+
+    e = ((1 - fl) * (1 - fx))[..., None] * at(li, xi) + ((1 - fl) * fx)[..., None] * at(li, xi + 1) \
+        + (fl * (1 - fx))[..., None] * at(li + 1, xi) + (fl * fx)[..., None] * at(li + 1, xi + 1)
+    slope = (1 - fx)[..., None] * jnp.moveaxis(_SLOPE[:, xi], 0, -1) + fx[..., None] * jnp.moveaxis(_SLOPE[:, xi + 1], 0, -1)
+    big = jnp.maximum(n - 2.0 ** (_N_LOG2N - 1), 0.0)[..., None]
+    return (e + big * slope) * jnp.minimum(n, 1.0)[..., None]
+
+
+def _entropy_bits(n: jax.Array, n1: jax.Array) -> jax.Array:
+    """``n h(n1/n)`` in bits, safe (and differentiable) at 0 and n."""
+    n1 = jnp.clip(n1, 0.0, n)
+    n0 = n - n1
+
+    def xlog(a):
+        return jnp.where(a > 0, a * jnp.log2(jnp.maximum(a, 1e-30)), 0.0)
+
+    return xlog(n) - xlog(n0) - xlog(n1)
+
+
+def _context_bits(counts: jax.Array, param_opt: bool):
+    """Cost of contexts with (bins, ones) counts (..., 2): returns (bits (...), nonzero init idx count (...))."""
+    n, n1 = counts[..., 0], counts[..., 1]
+    base = _entropy_bits(n, n1)
+    ex = _excess(n, n1)
+    if not param_opt:
+        return base + ex[..., 0], jnp.zeros_like(n)
+    pen = jnp.where(jnp.arange(9) > 0, _INIT_IDX_BITS, 0.0)
+    tot = ex + pen
+    best = jnp.argmin(jax.lax.stop_gradient(tot), axis=-1)
+    return base + jnp.take_along_axis(tot, best[..., None], axis=-1)[..., 0], (best > 0).astype(jnp.float32)
+
+
+def _shape_hw(shape) -> tuple[int, int]:
+    n = int(np.prod(shape)) if len(shape) else 1
+    h = int(shape[0]) if len(shape) else 1
+    return h, (n // h if h else 0)
+
+
+def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, row_skip: bool = True,
+                   u: jax.Array | None = None, temperature: float = 0.25) -> BinStats:
+    """Counts of the bins DeepCABAC codes for integer levels ``k`` (any shape; k values for DQ).
+
+    With ``u`` (= ``w / step``, shape of ``k``), indicators are the training relaxation around the
+    hard levels ``k``; contexts (states, neighbours, signs, skipped rows) always follow ``k``.
+    """
+    shape = jnp.shape(k)
+    h, w = _shape_hw(shape)
+    k = jnp.asarray(k, jnp.int32).reshape(-1)
+    n = k.shape[0]
+    if dq:
+        state = dq_states(k)
+        q = k_to_q(k, state)
+    else:
+        state = jnp.zeros_like(k)
+        q = k
+    q = jax.lax.stop_gradient(q)
+    skip_rows = profile == 1 and row_skip and h > 1 and w > 1
+    if skip_rows:
+        row_zero = jnp.all(k.reshape(h, w) == 0, axis=1)
+        active = jnp.repeat(~row_zero, w, total_repeat_length=n)
+    else:
+        row_zero = jnp.zeros((0,), bool)
+        active = jnp.ones((n,), bool)
+    # neighbour: previous *coded* element (skipped rows leave it untouched); 0 at the tensor start
+    idx = jnp.arange(n, dtype=jnp.int32)
+    last = jax.lax.cummax(jnp.where(active, idx, -1), axis=0)
+    prev = jnp.concatenate([jnp.full((1,), -1, jnp.int32), last[:-1]])
+    qprev = jnp.where(prev >= 0, q[jnp.maximum(prev, 0)], 0)
+    nb = jnp.where(qprev == 0, 0, jnp.where(qprev < 0, 1, 2))
+    act = active.astype(jnp.float32)
+    pos = (q > 0).astype(jnp.float32)
+    absq = jnp.abs(q)
+
+    # thresholds on |q|: 1..N+1 for sig/gt, N + 2**j for the remainder prefix
+    t_gt = jnp.arange(1, n_gt + 2, dtype=jnp.int32)
+    t_pf = jnp.asarray(np.minimum(n_gt + 2.0 ** np.arange(N_PREFIX + 1), 2**31 - 1).astype(np.int32))
+    if u is None:
+        def ind(t):
+            return (absq[:, None] >= t[None, :]).astype(jnp.float32)
+    else:
+        au = jnp.abs(jnp.asarray(u, jnp.float32).reshape(-1))
+        odd = (state & 1)[:, None].astype(jnp.float32)
+
+        def ind(t):
+            tf = t[None, :].astype(jnp.float32)
+            if dq:
+                theta = jnp.where(odd > 0, jnp.where(tf == 1, 0.5, 2 * tf - 2), 2 * tf - 1)
+                width = jnp.where((odd > 0) & (tf == 1), 1.0, 2.0)
+            else:
+                theta, width = tf - 0.5, 1.0
+            return jax.nn.sigmoid((au[:, None] - theta) / (temperature * width))
+
+    g = ind(t_gt) * act[:, None]                                   # (n, N+1)
+    sig_ctx = 3 * state + nb
+    sig_bins = jax.ops.segment_sum(act, sig_ctx, 24)
+    sig_ones = jax.ops.segment_sum(g[:, 0], sig_ctx, 24)
+    sign_bins = jax.ops.segment_sum(g[:, 0], nb, 3)
+    sign_ones = jax.ops.segment_sum(g[:, 0] * (1.0 - pos) * (absq > 0), nb, 3)
+    gp = jnp.sum(g * pos[:, None], axis=0)
+    gn = jnp.sum(g, axis=0) - gp
+    # gt flag n (0-based) is coded when |q| >= n+1 and is 1 when |q| >= n+2; axis 1: q > 0, q < 0
+    gt = jnp.stack([jnp.stack([gp[:-1], gp[1:]], -1), jnp.stack([gn[:-1], gn[1:]], -1)], axis=1)
+    e = jnp.sum(ind(t_pf) * act[:, None], axis=0)                  # (J+1,)
+    prefix = jnp.stack([e[:-1], e[1:]], -1)
+    rows = jnp.stack([jnp.float32(row_zero.size), jnp.sum(row_zero.astype(jnp.float32))])
+    return BinStats(sig=jnp.stack([sig_bins, sig_ones], -1), sign=jnp.stack([sign_bins, sign_ones], -1),
+                    gt=gt, prefix=prefix, bypass=jnp.sum(e[1:]), rows=rows,
+                    sig_used=jnp.float32(24 if dq else 3))
+
+
+def bits_from_statistics(stats: BinStats, *, param_opt: bool = True) -> jax.Array:
+    """Estimated arithmetic-coded bits of one tensor's levels from its :class:`BinStats` (float32 scalar),
+    including context-initialisation signalling and row-skip flags (not the QP delta or termination)."""
+    ctx = jnp.concatenate([stats["sig"], stats["sign"], stats["gt"].reshape(-1, 2), stats["prefix"]])
+    bits, nz = _context_bits(ctx, param_opt)
+    total = jnp.sum(bits) + stats["bypass"]
+    n_flags = stats["sig_used"] + 3 + stats["gt"].shape[0] * 2 + N_PREFIX
+    n_nz = jnp.sum(nz)
+    ci_bits, _ = _context_bits(jnp.stack([n_flags, n_nz]), False)
+    total = total + ci_bits + _INIT_IDX_BITS * n_nz
+    rows_bits, _ = _context_bits(stats["rows"], False)
+    return total + jnp.where(stats["rows"][0] > 0, rows_bits + 1.0, 0.0)
+
+
+def estimate_bits_levels(k: jax.Array, *, dq: bool, qp_density: int = 2, n_gt: int = 11, param_opt: bool = True,
+                         profile: int = 1, row_skip: bool = True, include_qp: bool = True) -> jax.Array:
+    """Estimated DeepCABAC payload bits (float32 scalar) of one tensor of integer levels ``k`` (any shape,
+    int; reconstruction indices ``k`` when ``dq``), as coded in its own NDU with raster scan.
+
+    >>> estimate_bits_levels(jnp.array([[0, 1], [-3, 0]]), dq=False)
+    """
+    stats = bin_statistics(k, dq=dq, n_gt=n_gt, profile=profile, row_skip=row_skip)
+    fixed = TERMINATION_BITS + (6 + check_qp_density(qp_density) if include_qp else 0)
+    return bits_from_statistics(stats, param_opt=param_opt) + fixed
+
+
+def _step(qp, qp_density):
+    qp = jnp.asarray(qp)
+    if jnp.issubdtype(qp.dtype, jnp.integer):
+        return qp_to_step_jax(qp, qp_density)
+    return qp_to_step_continuous(qp, qp_density)
+
+
+def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, training: bool = False,
+                  n_gt: int = 11, param_opt: bool = True, profile: int = 1, row_skip: bool = True,
+                  temperature: float = 0.25, include_qp: bool = True) -> jax.Array:
+    """Estimated coded bits (float32 scalar) of tensor ``x`` (float, any shape) quantized at ``qp``.
+
+    ``qp``: int (exact step) or float (continuous step, differentiable). The levels are NNCodec's
+    (uniform rounding, or the DQ trellis at lambda 0). ``training=True`` gives the differentiable
+    relaxation (gradients w.r.t. ``x`` and ``qp``); ``training=False`` the accurate hard estimate.
+
+    >>> bits = estimate_bits(w, -38)                                    # hard, DQ
+    >>> g = jax.grad(lambda q: estimate_bits(w, q, training=True))(-38.0)
+    """
+    x = jnp.asarray(x, jnp.float32)
+    step = _step(qp, check_qp_density(qp_density))
+    if dq:
+        k = dq_trellis(jax.lax.stop_gradient(x), jax.lax.stop_gradient(step))
+    else:
+        k, _ = quantize_uniform(jax.lax.stop_gradient(x), jax.lax.stop_gradient(step))
+    stats = bin_statistics(k, dq=dq, n_gt=n_gt, profile=profile, row_skip=row_skip,
+                           u=(x / step) if training else None, temperature=temperature)
+    fixed = TERMINATION_BITS + (6 + qp_density if include_qp else 0)
+    return bits_from_statistics(stats, param_opt=param_opt) + fixed
+
+
+def estimate_bits_tree(params: Any, qps: Any, **kwargs) -> Any:
+    """:func:`estimate_bits` over a pytree: ``qps`` has the structure of ``params`` (or is one scalar);
+    returns a pytree of float32 scalars (bits per tensor). ``kwargs`` as for :func:`estimate_bits`.
+
+    >>> bits = estimate_bits_tree({"w": w, "b": b}, {"w": -38, "b": -75})
+    >>> total = sum(jax.tree_util.tree_leaves(bits))
+    """
+    if not isinstance(qps, (dict, list, tuple)) and jnp.ndim(qps) == 0:
+        qps = jax.tree_util.tree_map(lambda _: qps, params)
+    return jax.tree_util.tree_map(lambda x, q: estimate_bits(x, q, **kwargs), params, qps)
+
+
+def trellis_rate_fn(k: jax.Array, *, dq: bool = True, n_gt: int = 11, max_level: int = 4096):
+    """A static rate table for :func:`nncjax.quantize.dq_trellis`: ``rate(absq, state) -> bits``.
+
+    Bin probabilities are taken from levels ``k`` (e.g. a lambda-0 pass) and averaged over neighbour
+    classes; |q| above ``max_level`` is costed as ``max_level``.
+    """
+    st = bin_statistics(k, dq=dq, n_gt=n_gt, profile=0)
+    sig = st["sig"].reshape(8, 3, 2).sum(1)
+    p_sig = (sig[:, 1] + 0.5) / (sig[:, 0] + 1.0)
+    gt = st["gt"].sum(1)
+    p_gt = (gt[:, 1] + 0.5) / (gt[:, 0] + 1.0)
+    pf = st["prefix"]
+    p_pf = (pf[:, 1] + 0.5) / (pf[:, 0] + 1.0)
+    a = jnp.arange(max_level + 1)
+    # greater-than flags: flag t-1 (t = 1..N) coded if |q| >= t, value |q| > t
+    t = jnp.arange(1, n_gt + 1)
+    flag_bits = jnp.where(a[:, None] > t[None, :], -jnp.log2(p_gt)[None, :], -jnp.log2(1 - p_gt)[None, :])
+    gt_bits = jnp.sum(jnp.where(a[:, None] >= t[None, :], flag_bits, 0.0), axis=1)
+    r = jnp.maximum(a - n_gt - 1, 0)
+    P = jnp.floor(jnp.log2(r + 1.0)).astype(jnp.int32)
+    j = jnp.arange(N_PREFIX)
+    pf_bits = jnp.sum(jnp.where(j[None, :] < P[:, None], -jnp.log2(p_pf)[None, :],
+                                jnp.where(j[None, :] == P[:, None], -jnp.log2(1 - p_pf)[None, :], 0.0)), axis=1)
+    rem = jnp.where(a > n_gt, pf_bits + P, 0.0)
+    nz_bits = 1.0 + gt_bits + rem                                  # sign + flags + remainder
+    table = jnp.where(a > 0, nz_bits, 0.0)                          # (A,)
+
+    def rate(absq, state):
+        absq = jnp.minimum(absq, max_level)
+        ps = p_sig[state]
+        return jnp.where(absq > 0, -jnp.log2(ps) + table[absq], -jnp.log2(1 - ps))
+
+    return rate
