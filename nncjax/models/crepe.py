@@ -230,6 +230,7 @@ def pitch_outputs(params: Mapping[str, Any], subset: str | int = "ci") -> np.nda
     """
     n = resolve_subset(subset, CI_SIZE, FULL_SIZE)
     frames = harmonic_tones(FULL_SIZE)[0][:n]
+    params = jax.device_put(params)  # once, not once per batch
     return np.concatenate([np.asarray(apply(params, frames[s : s + 100])) for s in range(0, n, 100)])
 
 

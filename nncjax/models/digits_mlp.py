@@ -128,7 +128,9 @@ def load(seed: int = 0, steps: int = 300) -> EvalModel:
         >>> m = load(); m.eval()["top1"] > 0.95                            # doctest: +SKIP
         True
     """
-    init = DigitsMLP().init(jax.random.PRNGKey(seed), jnp.zeros((1, 64), jnp.float32))
+    init = jax.jit(DigitsMLP().init)(
+        jax.random.PRNGKey(seed), jnp.zeros((1, 64), jnp.float32)
+    )  # one compile, not one per op
     params = frozen_float32(train(init, steps=steps))
     name_map, to_original, from_original = torch_style_names(params)
     return EvalModel(

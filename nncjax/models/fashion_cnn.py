@@ -122,6 +122,7 @@ def logits(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
     """
     images = load_fashion_mnist("test")[0]
     n = resolve_subset(subset, CI_SIZE, len(images))
+    params = jax.device_put(params)  # once, not once per batch
     return np.concatenate([np.asarray(apply(params, images[s : min(s + 500, n)])) for s in range(0, n, 500)])
 
 
