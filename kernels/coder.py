@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nncjax.errors import BitstreamError, InputError, UnsupportedError
+from nncjax.errors import BitstreamError, InputError
 from nncjax.kernels import contexts as _ctx
 from nncjax.kernels import engine as _eng
 from nncjax.kernels import levels as _lv
@@ -82,15 +82,23 @@ def _matrix_dims(shape):
     return shape, height, width
 
 
+def _side_info(name, a, shape, n, dtype):
+    """A TCA base or HDSP history array: same shape as the tensor, integers -> flat ``dtype``."""
+    a = np.asarray(a)
+    if a.shape != tuple(shape) and a.size != n:
+        raise InputError(f"{name} must have the tensor's shape {tuple(shape)}, got {a.shape}")
+    if a.dtype.kind not in "iub":
+        raise InputError(f"{name} must be an integer array, got dtype {a.dtype}")
+    if a.size and (int(a.min()) < np.iinfo(dtype).min or int(a.max()) > np.iinfo(dtype).max):
+        raise InputError(f"{name} values do not fit {np.dtype(dtype).name}")
+    return np.ascontiguousarray(a.reshape(-1), dtype=dtype)
+
+
 class _Layer:
     """Validated per-tensor settings, shared by encoder and decoder."""
 
     def __init__(self, shape, unary_length, dq, scan_order, profile, codebook_size, codebook_offset,
                  parent_present, base, hdsp_hist):
-        if base is not None:
-            raise UnsupportedError("temporal context adaptation (base levels) is not implemented yet")
-        if hdsp_hist is not None:
-            raise UnsupportedError("history-dependent significance probability (hdsp_hist) is not implemented yet")
         self.shape, self.height, self.width = _matrix_dims(shape)
         self.n_gtx = _check_int("unary_length", unary_length, 1, 256)
         self.dq = bool(dq)
@@ -108,7 +116,17 @@ class _Layer:
         self.bounded = self.profile == 1 and cbs > 0
         self.parent_present = bool(parent_present)
         self.rs_block = self.profile == 1 and self.width > 1 and self.height > 1 and cbs != 1
-        self.ci_list = _ctx.signalled_contexts(self.n_gtx, self.dq, cbs, off)
+        n = self.height * self.width
+        self.tca = base is not None
+        self.base = _side_info("base", base, self.shape, n, np.int32) if self.tca else np.zeros(1, np.int32)
+        self.hdsp = hdsp_hist is not None
+        self.hist = _side_info("hdsp_hist", hdsp_hist, self.shape, n, np.int8) if self.hdsp else np.zeros(1, np.int8)
+        if (self.tca or self.hdsp) and self.profile != 1:
+            raise InputError("TCA (base) and HDSP (hdsp_hist) exist only in profile 1")
+        if self.hdsp and not self.parent_present:
+            raise InputError("HDSP (hdsp_hist) needs parent_present (a differential NDU)")
+        hdsp_possible = self.rs_block and self.parent_present  # where hist_dep_sig_prob_enabled_flag is coded
+        self.ci_list = _ctx.signalled_contexts(self.n_gtx, self.dq, cbs, off, tca=self.tca, hdsp=hdsp_possible)
         self.ci_ctx = _ctx.ci_context(self.n_gtx)
         self.rs_ctx = _ctx.rs_context(self.n_gtx)
         self.n_ctx = _ctx.num_contexts(self.n_gtx)
@@ -189,8 +207,12 @@ class CabacEncoder:
         ``row_skipping``), ci_flags (with the init search if ``param_opt``), then the levels in scan
         order (``scan_order`` 0..4: raster or 8/16/32/64 blocks; ignored if H == 1 or W == 1).
         ``codebook_size``/``codebook_offset`` (profile 1): levels lie in [-offset, size-1-offset].
-        ``parent_present``: the NDU has parent_node_id_present_flag (codes hist_dep_sig_prob_enabled_flag=0).
-        ``base`` (TCA) and ``hdsp_hist`` (HDSP) are not implemented yet (UnsupportedError).
+        ``parent_present``: the NDU has parent_node_id_present_flag (then hist_dep_sig_prob_enabled_flag
+        is coded where the row-skip block is: 1 iff ``hdsp_hist`` is given).
+        ``base`` (profile 1, temporal context adaptation): the co-located integer levels of the
+        previous version of this tensor (k for DQ), same shape; selects contexts only.
+        ``hdsp_hist`` (profile 1, needs ``parent_present``): int array of the tensor's shape, 1 where a
+        level was ever non-zero in earlier updates; used where the flag is coded.
         Raises InputError for bad levels, e.g. a DQ index k that its DQ state cannot produce.
         """
         self._check_open()
@@ -208,8 +230,8 @@ class CabacEncoder:
         while True:
             self._room(need)
             status = _lv.encode_tensor(
-                self._es, self._buf, ctx, cs0, cs01, cacc, skip, adv, flat, lay.height, lay.width, lay.n_gtx,
-                lay.dq, lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
+                self._es, self._buf, ctx, cs0, cs01, cacc, skip, adv, flat, lay.base, lay.tca, lay.hist, lay.hdsp,
+                lay.height, lay.width, lay.n_gtx, lay.dq, lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
                 lay.bounded, lay.cbs, lay.off, self.param_opt, lay.ci_list, lay.ci_ctx, lay.rs_ctx, info)
             if status != _lv.ERR_ROOM:
                 break
@@ -288,7 +310,8 @@ class CabacDecoder:
                      unary_length: int | None = None):
         """Decodes one tensor of ``shape``; returns ``(levels int32 of shape, EntryPoints)``.
 
-        Settings as in :meth:`CabacEncoder.encode_layer` (they come from the NDU header). Block-row
+        Settings as in :meth:`CabacEncoder.encode_layer` (they come from the NDU header; ``base`` for
+        TCA, ``hdsp_hist`` when the payload may enable HDSP, else InputError if it does). Block-row
         resets are applied while decoding sequentially, so the signalled entry points are not needed;
         the returned ones are what ``entry_point_list()`` must carry. For DQ tensors the levels are the
         reconstruction indices k. Time is bounded by the number of elements.
@@ -302,17 +325,18 @@ class CabacDecoder:
         n_brows = max(-(-lay.height // (4 << lay.scan_order)), 1) if lay.scan_order else 1
         ep = np.zeros((3, n_brows), np.int64)
         info = np.zeros(2, np.int64)
-        status = _lv.decode_tensor(self._ds, self._data, ctx, skip, adv, out, lay.height, lay.width, lay.n_gtx, lay.dq,
+        status = _lv.decode_tensor(self._ds, self._data, ctx, skip, adv, out, lay.base, lay.tca, lay.hist, lay.hdsp,
+                                   lay.height, lay.width, lay.n_gtx, lay.dq,
                                    lay.scan_order, lay.parent_present, lay.rs_block, lay.bounded, lay.cbs, lay.off,
                                    lay.ci_list, lay.ci_ctx, lay.rs_ctx, ep[0], ep[1], ep[2], info)
+        if status == _lv.ERR_NO_HIST:
+            self._done = True
+            raise InputError("DeepCABAC payload enables HDSP (hist_dep_sig_prob_enabled_flag = 1): pass hdsp_hist")
         if status != _lv.OK:
             what = {_lv.ERR_PREFIX: "remainder prefix longer than 30 bins",
                     _lv.ERR_OVERFLOW: "level exceeds the int32 range"}[status]
             self._done = True
             raise BitstreamError(f"DeepCABAC payload, level {int(info[0])}: {what}")
-        if info[1]:
-            self._done = True
-            raise UnsupportedError("DeepCABAC payload: hist_dep_sig_prob_enabled_flag = 1 (HDSP) is not implemented")
         self._check("the levels")
         has_eps = lay.scan_order != 0 and n_brows > 1
         pos = ep[0]

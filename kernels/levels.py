@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from nncjax.kernels.contexts import (GTX, SIG, SIG_HDSP, SIG_TCA, SIGN, SIGN_TCA, cand_best, cand_bin, cand_init,
+                                      cand_reset, ctx_init, ctx_init_all, ctx_reset_all)
 from nncjax.kernels.jit import kernel, kernel_inline
-from nncjax.kernels.contexts import (GTX, SIGN, cand_best, cand_bin, cand_init, cand_reset, ctx_init,
-                                      ctx_init_all, ctx_reset_all)
 from nncjax.kernels.engine import (D_BITS, D_RANGE, D_VALUE, E_BITS, E_LOW, E_NBUF, E_POS, E_RANGE, dbin, dbypass,
                                    dec_position, ebin, ebypass, enc_room)
 from nncjax.kernels.tables import DQ_NEXT
 
-OK, ERR_DQ_LEVEL, ERR_PREFIX, ERR_OVERFLOW, ERR_ROOM = 0, 1, 2, 3, 4
+OK, ERR_DQ_LEVEL, ERR_PREFIX, ERR_OVERFLOW, ERR_ROOM, ERR_NO_HIST = 0, 1, 2, 3, 4, 5
 _DQ_NEXT = DQ_NEXT.astype(np.int64)
 INT32_MAX = 2**31 - 1
 
@@ -50,11 +50,34 @@ def _zero_rows(levels, height, width, flags):
                 break
 
 
-@kernel
-def _nb_class(nb):
-    if nb == 0:
-        return 0
-    return 1 if nb < 0 else 2
+@kernel_inline
+def _select(state, nb, base_v, hdsp_on, n_gtx):
+    """Contexts of one level: (sig, sign, first greater-than context, |base| or -1).
+
+    Default: by DQ state and the neighbour's sign. TCA (co-located ``base_v`` != 0): base-dependent
+    sig/sign/greater-than sets. HDSP (``hdsp_on``): sig context 40 + state, before everything else."""
+    if base_v != 0:
+        babs = base_v if base_v > 0 else -base_v
+        csig = SIG_TCA + 2 * state + (1 if babs > 1 else 0)
+        csign = SIGN_TCA + (0 if base_v < 0 else 1)
+        gbase = GTX + 2 * n_gtx
+    else:
+        babs = np.int64(-1)
+        nbc = 0 if nb == 0 else (1 if nb < 0 else 2)
+        csig = SIG + 3 * state + nbc
+        csign = SIGN + nbc
+        gbase = GTX
+    if hdsp_on:
+        csig = SIG_HDSP + state
+    return csig, csign, gbase, babs
+
+
+@kernel_inline
+def _gtx(gbase, babs, neg, n):
+    """Context of greater-than flag n: by the level's sign, or with TCA by |base| >= n."""
+    if babs >= 0:
+        return gbase + 2 * n + (0 if babs >= n else 1)
+    return gbase + 2 * n + neg
 
 
 @kernel
@@ -70,27 +93,26 @@ def _block_dims(height, width, scan_order):
 # ----------------------------------------------------------------------------------- binarization
 
 @kernel_inline
-def _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos, max_neg, sign_coded):
-    """Codes level ``q``; ``max_pos``/``max_neg`` = largest allowed |q| per sign, -1 if unbounded.
-    -> (low, rng, bits)"""
+def _enc_level(ctx, es, buf, low, rng, bits, q, csig, csign, gbase, babs, n_gtx, max_pos, max_neg, sign_coded):
+    """Codes level ``q`` with the contexts from ``_select``; ``max_pos``/``max_neg`` = largest allowed
+    |q| per sign, -1 if unbounded. -> (low, rng, bits)"""
     sig = 1 if q != 0 else 0
-    low, rng, bits = ebin(ctx, 3 * state + _nb_class(nb), sig, es, buf, low, rng, bits)
+    low, rng, bits = ebin(ctx, csig, sig, es, buf, low, rng, bits)
     if sig == 0:
         return low, rng, bits
     neg = 1 if q < 0 else 0
     if sign_coded:
-        low, rng, bits = ebin(ctx, SIGN + _nb_class(nb), neg, es, buf, low, rng, bits)
+        low, rng, bits = ebin(ctx, csign, neg, es, buf, low, rng, bits)
     max_abs = max_neg if neg else max_pos
     if max_abs == 1:
         return low, rng, bits
     mag = np.int64(-q) if neg else np.int64(q)
-    gctx = GTX + neg
     flag = 1 if mag > 1 else 0
-    low, rng, bits = ebin(ctx, gctx, flag, es, buf, low, rng, bits)
+    low, rng, bits = ebin(ctx, _gtx(gbase, babs, neg, 0), flag, es, buf, low, rng, bits)
     coded = 1
     while flag and coded < n_gtx and (max_abs == -1 or max_abs > coded + 1):
         flag = 1 if mag > coded + 1 else 0
-        low, rng, bits = ebin(ctx, gctx + 2 * coded, flag, es, buf, low, rng, bits)
+        low, rng, bits = ebin(ctx, _gtx(gbase, babs, neg, coded), flag, es, buf, low, rng, bits)
         coded += 1
     if flag == 0 or (max_abs != -1 and max_abs == coded + 1):
         return low, rng, bits
@@ -113,23 +135,22 @@ def _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos, max_n
 
 
 @kernel_inline
-def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
+def _pseudo_level(cs0, cs01, cacc, v, csig, csign, gbase, babs, n_gtx):
     """The init search's cost pass for level ``v``: unbounded, sign always coded, remainder prefix
     always terminated, bypass bins not counted (NNCodec's choices, copied for identical output)."""
     sig = 1 if v != 0 else 0
-    cand_bin(cs0, cs01, cacc, 3 * state + _nb_class(nb), sig)
+    cand_bin(cs0, cs01, cacc, csig, sig)
     if sig == 0:
         return
     neg = 1 if v < 0 else 0
-    cand_bin(cs0, cs01, cacc, SIGN + _nb_class(nb), neg)
+    cand_bin(cs0, cs01, cacc, csign, neg)
     mag = np.int64(-v) if neg else np.int64(v)
-    gctx = GTX + neg
     flag = 1 if mag > 1 else 0
-    cand_bin(cs0, cs01, cacc, gctx, flag)
+    cand_bin(cs0, cs01, cacc, _gtx(gbase, babs, neg, 0), flag)
     coded = 1
     while flag and coded < n_gtx:
         flag = 1 if mag > coded + 1 else 0
-        cand_bin(cs0, cs01, cacc, gctx + 2 * coded, flag)
+        cand_bin(cs0, cs01, cacc, _gtx(gbase, babs, neg, coded), flag)
         coded += 1
     if flag == 0:
         return
@@ -145,22 +166,22 @@ def _pseudo_level(cs0, cs01, cacc, v, state, nb, n_gtx):
 
 
 @kernel_inline
-def _dec_level(ctx, ds, data, value, rng, bits, state, nb, n_gtx, max_pos, max_neg, sign_coded, sign_inferred):
+def _dec_level(ctx, ds, data, value, rng, bits, csig, csign, gbase, babs, n_gtx, max_pos, max_neg, sign_coded,
+               sign_inferred):
     """Decodes one level (mirror of ``_enc_level``). -> (level, status, value, rng, bits)"""
-    sig, value, rng, bits = dbin(ctx, 3 * state + _nb_class(nb), ds, data, value, rng, bits)
+    sig, value, rng, bits = dbin(ctx, csig, ds, data, value, rng, bits)
     if sig == 0:
         return np.int64(0), OK, value, rng, bits
     if sign_coded:
-        neg, value, rng, bits = dbin(ctx, SIGN + _nb_class(nb), ds, data, value, rng, bits)
+        neg, value, rng, bits = dbin(ctx, csign, ds, data, value, rng, bits)
     else:
         neg = sign_inferred
     max_abs = max_neg if neg else max_pos
     mag = np.int64(1)
     if max_abs > 1 or max_abs == -1:
-        gctx = GTX + neg
         j = 0
         while True:
-            flag, value, rng, bits = dbin(ctx, gctx + 2 * j, ds, data, value, rng, bits)
+            flag, value, rng, bits = dbin(ctx, _gtx(gbase, babs, neg, j), ds, data, value, rng, bits)
             mag += flag
             if not (flag == 1 and j < n_gtx - 1 and (max_abs > mag or max_abs == -1)):
                 break
@@ -199,7 +220,8 @@ def _coded_level(k, state, dq):
 
 
 @kernel
-def _search_pass(cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, info):
+def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, scan_order,
+                 info):
     """The init search: charges every bin of the tensor to the nine candidates of its context.
     Follows NNCodec's pseudo pass: binarizes k (not q) and uses it as the neighbour, which block-row
     ends do not reset (only the candidates' states are reset)."""
@@ -216,14 +238,17 @@ def _search_pass(cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, s
                 if skip[r]:
                     state = adv[state]
                     continue
-                base = r * width
+                row = r * width
                 for x in range(c0, c1):
-                    k = np.int64(levels[np.uint64(base + x)])
+                    pos = np.uint64(row + x)
+                    k = np.int64(levels[pos])
                     q, valid = _coded_level(k, state, dq)
                     if not valid:
-                        info[0] = base + x
+                        info[0] = row + x
                         return ERR_DQ_LEVEL
-                    _pseudo_level(cs0, cs01, cacc, k, state, nb, n_gtx)
+                    csig, csign, gbase, babs = _select(state, nb, np.int64(base[pos]) if tca else np.int64(0),
+                                                       hdsp and hist[pos] == 1, n_gtx)
+                    _pseudo_level(cs0, cs01, cacc, k, csig, csign, gbase, babs, n_gtx)
                     nb = k
                     if dq:
                         state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
@@ -233,8 +258,8 @@ def _search_pass(cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, s
 
 
 @kernel
-def _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_order, max_pos, max_neg,
-                sign_coded, info):
+def _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, scan_order,
+                max_pos, max_neg, sign_coded, info):
     """Codes the levels in scan order, with block-row resets (contexts, neighbour, range)."""
     bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
     margin = (7 * (n_gtx + 34) + 32) // 8 + 16  # bytes one level can emit, at most
@@ -252,16 +277,19 @@ def _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_
                 if skip[r]:
                     state = adv[state]
                     continue
-                base = r * width
+                row = r * width
                 for x in range(c0, c1):
                     if buf.shape[0] - es[E_POS] < es[E_NBUF] + margin:
                         return ERR_ROOM
-                    q, valid = _coded_level(np.int64(levels[np.uint64(base + x)]), state, dq)
+                    pos = np.uint64(row + x)
+                    q, valid = _coded_level(np.int64(levels[pos]), state, dq)
                     if not valid:
-                        info[0] = base + x
+                        info[0] = row + x
                         return ERR_DQ_LEVEL
-                    low, rng, bits = _enc_level(ctx, es, buf, low, rng, bits, q, state, nb, n_gtx, max_pos,
-                                                max_neg, sign_coded)
+                    csig, csign, gbase, babs = _select(state, nb, np.int64(base[pos]) if tca else np.int64(0),
+                                                       hdsp and hist[pos] == 1, n_gtx)
+                    low, rng, bits = _enc_level(ctx, es, buf, low, rng, bits, q, csig, csign, gbase, babs, n_gtx,
+                                                max_pos, max_neg, sign_coded)
                     nb = q
                     if dq:
                         state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
@@ -274,11 +302,14 @@ def _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_
 
 
 @kernel
-def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, row_skip,
-                  parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx, rs_ctx, info):
+def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq,
+                  scan_order, row_skip, parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx,
+                  rs_ctx, info):
     """Codes one tensor's levels (after its qp_delta) into ``buf``: row-skip block, init search and
     ci_flags, then the levels. ``rs_block``: whether the HDSP/row-skip block is present (profile 1,
-    H > 1, W > 1, cbs != 1). ``bounded``: profile-1 codebook binarization. Scratch: ``skip`` int64 (H,),
+    H > 1, W > 1, cbs != 1). ``bounded``: profile-1 codebook binarization. ``tca``: ``base`` (int32,
+    raster, like ``levels``) selects contexts. ``hdsp``: code hist_dep_sig_prob_enabled_flag = 1 and
+    use ``hist`` (int8, raster) where the flag is present (else it is off). Scratch: ``skip`` int64 (H,),
     ``adv`` int64 (8,). Returns a status; ERR_ROOM (``buf`` too short, ``es`` is then undefined) asks
     the caller to retry from its saved state with a larger buffer."""
     ctx_init_all(ctx)
@@ -289,9 +320,10 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, widt
         _zero_rows(levels, height, width, skip)
     _skip_advance(width if dq else 0, adv)
     low, rng, bits = es[E_LOW], es[E_RANGE], es[E_BITS]
+    hdsp_flag = rs_block and parent_present and hdsp
     if rs_block:
         if parent_present:
-            low, bits = ebypass(0, 1, es, buf, low, rng, bits)  # hist_dep_sig_prob_enabled_flag (no HDSP)
+            low, bits = ebypass(1 if hdsp_flag else 0, 1, es, buf, low, rng, bits)
         low, bits = ebypass(1 if row_skip else 0, 1, es, buf, low, rng, bits)
         if row_skip:
             for r in range(height):
@@ -299,11 +331,14 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, widt
     all_zero = cbs == 1 and bounded
     cand_init(cs0, cs01, cacc)
     if param_opt and not all_zero:
-        status = _search_pass(cs0, cs01, cacc, skip, adv, levels, height, width, n_gtx, dq, scan_order, info)
+        status = _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx,
+                              dq, scan_order, info)
         if status != OK:
             return status
     for i in range(ci_list.shape[0]):
         c = ci_list[i]
+        if c >= SIG_HDSP and c < SIGN and not hdsp_flag:
+            continue  # HDSP contexts are signalled only when the flag is on
         best = cand_best(cacc, c)
         low, rng, bits = ebin(ctx, ci_ctx, 1 if best else 0, es, buf, low, rng, bits)
         if best:
@@ -314,20 +349,22 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, height, widt
         return OK
     es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
     if bounded and cbs > 0:
-        return _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_order, cbs - 1 - off,
-                           off, not (off == 0 or off == cbs - 1), info)
-    return _level_pass(es, buf, ctx, skip, adv, levels, height, width, n_gtx, dq, scan_order, -1, -1, True, info)
+        return _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx, dq,
+                           scan_order, cbs - 1 - off, off, not (off == 0 or off == cbs - 1), info)
+    return _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx, dq,
+                       scan_order, -1, -1, True, info)
 
 
 @kernel
-def decode_tensor(ds, data, ctx, skip, adv, out, height, width, n_gtx, dq, scan_order, parent_present, rs_block,
-                  bounded, cbs, off, ci_list, ci_ctx, rs_ctx, ep_pos, ep_value, ep_state, info):
+def decode_tensor(ds, data, ctx, skip, adv, out, base, tca, hist, has_hist, height, width, n_gtx, dq, scan_order,
+                  parent_present, rs_block, bounded, cbs, off, ci_list, ci_ctx, rs_ctx, ep_pos, ep_value, ep_state,
+                  info):
     """Decodes one tensor's levels (after its qp_delta) into ``out`` (raster order, int32).
 
     Entry points: ``ep_pos``/``ep_value``/``ep_state`` (int64, length = block rows) receive, for the
     start of each block row, the decoder bit position, the top 8 bits of its value register and the DQ
     state; they are filled only when the scan has more than one block row. ``info[1]`` = hdsp flag
-    read. Returns a status."""
+    read; if it is 1 without ``has_hist`` the status is ERR_NO_HIST. Returns a status."""
     ctx_init_all(ctx)
     skip[:] = 0
     value, rng, bits = ds[D_VALUE], ds[D_RANGE], ds[D_BITS]
@@ -338,8 +375,13 @@ def decode_tensor(ds, data, ctx, skip, adv, out, height, width, n_gtx, dq, scan_
         if enabled:
             for r in range(height):
                 skip[r], value, rng, bits = dbin(ctx, rs_ctx, ds, data, value, rng, bits)
+    hdsp = info[1] == 1
+    if hdsp and not has_hist:
+        return ERR_NO_HIST
     for i in range(ci_list.shape[0]):
         c = ci_list[i]
+        if c >= SIG_HDSP and c < SIGN and not hdsp:
+            continue
         flag, value, rng, bits = dbin(ctx, ci_ctx, ds, data, value, rng, bits)
         idx = 0
         if flag:
@@ -372,20 +414,23 @@ def decode_tensor(ds, data, ctx, skip, adv, out, height, width, n_gtx, dq, scan_
         for c0 in range(0, width, bw):
             c1 = min(width, c0 + bw)
             for r in range(r0, r1):
-                base = r * width
+                row = r * width
                 if skip[r]:
                     state = adv[state]
                     for x in range(c0, c1):
-                        out[base + x] = 0
+                        out[np.uint64(row + x)] = 0
                     continue
                 for x in range(c0, c1):
+                    pos = np.uint64(row + x)
                     if all_zero:
                         q = np.int64(0)
                     else:
-                        q, st, value, rng, bits = _dec_level(ctx, ds, data, value, rng, bits, state, nb, n_gtx,
-                                                             max_pos, max_neg, sign_coded, sign_inferred)
+                        csig, csign, gbase, babs = _select(state, nb, np.int64(base[pos]) if tca else np.int64(0),
+                                                           hdsp and hist[pos] == 1, n_gtx)
+                        q, st, value, rng, bits = _dec_level(ctx, ds, data, value, rng, bits, csig, csign, gbase, babs,
+                                                             n_gtx, max_pos, max_neg, sign_coded, sign_inferred)
                         if st != OK:
-                            info[0] = base + x
+                            info[0] = row + x
                             return st
                     nb = q
                     k = q
@@ -393,9 +438,9 @@ def decode_tensor(ds, data, ctx, skip, adv, out, height, width, n_gtx, dq, scan_
                         if q != 0:
                             k = 2 * q - (state & 1) if q > 0 else 2 * q + (state & 1)
                             if k > INT32_MAX or k < -INT32_MAX:
-                                info[0] = base + x
+                                info[0] = row + x
                                 return ERR_OVERFLOW
                         state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
-                    out[np.uint64(base + x)] = k
+                    out[pos] = k
     ds[D_VALUE], ds[D_RANGE], ds[D_BITS] = value, rng, bits
     return OK

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nncjax import BitstreamError, InputError, NNCError, UnsupportedError
+from nncjax import BitstreamError, InputError, NNCError
 from nncjax.kernels.coder import (LEVEL_MAX, CabacDecoder, CabacEncoder, decode_levels, decode_many, encode_levels,
                                   encode_many)
 from nncjax.kernels.contexts import GTX, SIGN, ci_context, ctx_init_all, num_contexts, rem_context, signalled_contexts
@@ -118,8 +118,8 @@ def _hostile_decode(data, case):
         decode_case(case, data)
     except BitstreamError:
         pass
-    except UnsupportedError:
-        assert case["parent"]  # a flipped bit can switch HDSP on
+    except InputError:
+        assert case["parent"] and case["hist"] is None  # a flipped bit switched HDSP on
 
 
 @settings(max_examples=30, deadline=None)
@@ -181,7 +181,7 @@ def test_bad_levels_and_settings_raise_input_error(levels, kwargs):
         encode_levels(levels, **({"dq": False} | kwargs))
 
 
-def test_bad_encoder_fields_and_unsupported_tools():
+def test_bad_encoder_fields_and_side_information():
     enc = CabacEncoder()
     with pytest.raises(InputError):
         enc.iae_v(8, 128)
@@ -189,10 +189,12 @@ def test_bad_encoder_fields_and_unsupported_tools():
         enc.uae_v(3, -1)
     with pytest.raises(InputError):
         CabacEncoder(unary_length=0)
-    with pytest.raises(UnsupportedError):
-        enc.encode_layer(np.zeros((2, 2), np.int32), dq=False, base=np.zeros((2, 2), np.int32))
-    with pytest.raises(UnsupportedError):
+    with pytest.raises(InputError):  # TCA is a profile-1 tool
+        enc.encode_layer(np.zeros((2, 2), np.int32), dq=False, profile=0, base=np.zeros((2, 2), np.int32))
+    with pytest.raises(InputError):  # HDSP needs a parent
         enc.encode_layer(np.zeros((2, 2), np.int32), dq=False, hdsp_hist=np.zeros((2, 2), np.int8))
+    with pytest.raises(InputError):
+        enc.encode_layer(np.zeros((2, 2), np.int32), dq=False, base=np.zeros((3, 2), np.int32))
     enc.finish()
     with pytest.raises(NNCError):
         enc.encode_layer(np.zeros(2, np.int32), dq=False)

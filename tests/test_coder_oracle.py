@@ -2,7 +2,7 @@
 
 Thousands of random level tensors (shapes from 1 element to ~10^5, 1-D to 4-D, 1xN and Nx1, all-zero,
 sparse, zero rows, Gaussian, heavy-tailed and huge levels; every DQ / unary length / scan order /
-row skipping / profile / codebook / param_opt combination) are batched into a few oracle calls:
+row skipping / profile / codebook / param_opt / TCA / HDSP combination) are batched into a few oracle calls:
 nncjax must produce NNCodec's bytes, decode NNCodec's bytes to the same levels and the same entry
 points, and NNCodec must decode them through our entry points (its seek path).
 """
@@ -114,16 +114,26 @@ def make_case(rng):
     if dq:
         rs_active = profile == 1 and row_skip and w > 1 and h > 1
         lv = q_to_k(lv, scan, rs_active)
+    base = hist = None
+    parent = bool(rng.random() < 0.1)
+    if profile == 1 and rng.random() < 0.25:  # TCA: the previous version's levels select contexts
+        base = (lv if rng.random() < 0.5 else _magnitudes(rng, n, 2**31 - 2).reshape(shape)).astype(np.int64)
+        base = (base + rng.integers(-2, 3, shape) * (rng.random(shape) < 0.3)).clip(-2**31 + 1, 2**31 - 1)
+        base = base.astype(np.int32)
+        parent = True  # NNCodec's TCA path keys the HDSP flag on the profile; valid streams have a parent
+    if profile == 1 and rng.random() < 0.2:
+        hist = (rng.random(shape) < rng.random()).astype(np.int8)
+        parent = True
     unary = int(rng.choice([int(rng.integers(1, 13)), int(rng.integers(13, 40)), 256], p=[0.85, 0.12, 0.03]))
     prefix = [[8, int(rng.integers(-128, 128))]] if rng.random() < 0.5 else []
     return {"levels": np.ascontiguousarray(lv, dtype=np.int32), "dq": dq, "n": unary,
             "param_opt": bool(rng.random() < 0.7), "scan": scan, "profile": profile, "row_skip": row_skip,
-            "cbs": cbs, "off": off, "parent": bool(rng.random() < 0.1), "prefix": prefix}
+            "cbs": cbs, "off": off, "parent": parent, "prefix": prefix, "base": base, "hist": hist}
 
 
 def layer_kwargs(case):
     return dict(dq=case["dq"], scan_order=case["scan"], profile=case["profile"], codebook_size=case["cbs"],
-                codebook_offset=case["off"], parent_present=case["parent"])
+                codebook_offset=case["off"], parent_present=case["parent"], base=case["base"], hdsp_hist=case["hist"])
 
 
 def encode_case(case):

@@ -1,7 +1,8 @@
 """NNCodec's C++ DeepCABAC coder (``nncodec.extensions.deepCABAC``) driven case by case, in batches.
 
 A *case* is a dict: ``levels`` (int32 array), ``dq``, ``n`` (unary length), ``param_opt``, ``scan``,
-``profile``, ``row_skip``, ``cbs``, ``off``, ``parent``, optional ``prefix`` (list of ``[nbits, value]``
+``profile``, ``row_skip``, ``cbs``, ``off``, ``parent``, optional ``base`` (TCA levels: encodeLayer2),
+``hist`` (HDSP history, int8: HdspMode.TensorOn), optional ``prefix`` (list of ``[nbits, value]``
 iae_v fields written before the tensor). Decoding cases carry ``data`` and ``shape`` instead of
 ``levels`` (and optional ``eps``: packed uint64 entry points to decode through NNCodec's seek path).
 """
@@ -14,6 +15,18 @@ import numpy as np
 def _hdsp_off():
     from nncodec.extensions.deepCABAC import HdspMode
     return HdspMode.AlwaysOff, np.zeros(2, dtype=np.int8)
+
+
+def _hdsp(case):
+    from nncodec.extensions.deepCABAC import HdspMode
+    if case.get("hist") is None:
+        return _hdsp_off()
+    return HdspMode.TensorOn, np.ascontiguousarray(case["hist"], dtype=np.int8)
+
+
+def _base(case):
+    b = case.get("base")
+    return () if b is None else (np.ascontiguousarray(b, dtype=np.int32),)
 
 
 def _chan_zero(levels, profile):
@@ -30,9 +43,10 @@ def _encode(case):
     for nbits, v in case.get("prefix", []):
         enc.iae_v(int(nbits), int(v))
     enc.initCtxModels(int(case["n"]), int(case["param_opt"]))
-    enc.encodeLayer(lv, int(case["dq"]), int(case["scan"]), int(case["profile"]), int(case["parent"]),
-                    int(case["row_skip"]) if case["profile"] == 1 else 0, _chan_zero(lv, case["profile"]),
-                    *_hdsp_off(), int(case["cbs"]), int(case["off"]))
+    layer = enc.encodeLayer2 if _base(case) else enc.encodeLayer
+    layer(lv, *_base(case), int(case["dq"]), int(case["scan"]), int(case["profile"]), int(case["parent"]),
+          int(case["row_skip"]) if case["profile"] == 1 else 0, _chan_zero(lv, case["profile"]), *_hdsp(case),
+          int(case["cbs"]), int(case["off"]))
     return bytes(enc.finish())
 
 
@@ -62,17 +76,19 @@ def _decode(case):
         prefix = [dec.iae_v(int(nbits)) for nbits, _ in case.get("prefix", [])]
         dec.initCtxModels(int(case["n"]))
         lv = np.zeros(shape, dtype=np.int32)
-        args = (int(case["dq"]), int(case["scan"]), int(case["profile"]), int(case["parent"]), *_hdsp_off(),
-                int(case["cbs"]), int(case["off"]))
+        args = (*_base(case), int(case["dq"]), int(case["scan"]), int(case["profile"]), int(case["parent"]),
+                *_hdsp(case), int(case["cbs"]), int(case["off"]))
+        tca = bool(_base(case))
         if mode == "seek":
             dec.setEntryPoints(np.ascontiguousarray(case["eps"], dtype=np.uint64))
-            dec.decodeLayer(lv, *args)
+            (dec.decodeLayer2 if tca else dec.decodeLayer)(lv, *args)
             out["levels_seek"] = lv
             continue
         if _block_rows(shape, int(case["scan"])) > 1:
-            out["eps"] = np.asarray(dec.decodeLayerAndCreateEPs(lv, *args), dtype=np.uint64)
+            create = dec.decodeLayerAndCreateEPs2 if tca else dec.decodeLayerAndCreateEPs
+            out["eps"] = np.asarray(create(lv, *args), dtype=np.uint64)
         else:
-            dec.decodeLayer(lv, *args)
+            (dec.decodeLayer2 if tca else dec.decodeLayer)(lv, *args)
             out["eps"] = np.zeros(0, dtype=np.uint64)
         out["levels"] = lv
         out["prefix"] = prefix
