@@ -1,0 +1,569 @@
+"""Gradient-based rate-distortion optimisation of per-tensor QPs and local scales (``nncjax.optimize``).
+
+:func:`optimize` learns, for every selected weight tensor, a continuous QP ``q`` (step
+:func:`~nncjax.steps.qp_to_step_continuous`) and optionally a vector of per-output-row *local scales*,
+by minimising with optax
+
+    L = D(params_hat) + lam * R_bits / n_weights
+
+where ``params_hat`` is the model quantized with the straight-through (or noise) relaxation of the
+codec's quantizer (:mod:`nncjax.quantize`), ``R_bits`` the differentiable DeepCABAC rate model
+(:func:`nncjax.rate.estimate_bits`, ``training=True``) summed over the optimised tensors, and
+``n_weights`` their number of elements (so ``lam`` prices *bits per weight*). ``D`` is by default the
+relative MSE between the original and the quantized model's outputs on ``data`` (no labels needed),
+or ``"kl"``, or any ``loss(params, batch)``. One optimisation step is one ``jax.jit``-compiled
+function; parameters may be sharded over a mesh (the step follows their shardings). At the end QPs
+are rounded to integers and, optionally, refined by a small coordinate search on the *hard* quantizer
+and the hard rate estimate.
+
+Local scales. A scaled tensor ``W`` (output axis ``scale_axis``, -1 in Flax) is coded as two tensors:
+``W / s`` at the tensor's QP, and ``t = s - 1`` (name ``"<name>_ls_delta"``, 1-D, QP ``scale_qp``); the
+decoder side (:meth:`RDSettings.restore`) multiplies them back, ``W_hat = (1 + t_hat) * Q(W / s)``.
+So a scale is a per-row refinement of the step *and* a per-row gain. ``t`` is itself quantized during
+training with the codec's quantizer, so what is optimised is exactly what is decoded. This is an
+nncjax packaging convention (the tensors are ordinary NNR tensors); :meth:`RDSettings.params_for_encoding`
+produces them and :func:`verify` runs the whole encode -> bytes -> decode -> restore -> evaluate path.
+
+Example:
+    >>> m = nncjax.models.get("digits_mlp")                                   # doctest: +SKIP
+    >>> x = nncjax.models.digits_mlp.load_digits_split("train")[0][:256]       # doctest: +SKIP
+    >>> rd = optimize(m.params, m.apply, x, lam=3e-3, steps=100)               # doctest: +SKIP
+    >>> data = nncjax.encode(rd.params_for_encoding(m.params), **rd.encode_kwargs())   # doctest: +SKIP
+    >>> params_hat = rd.restore(nncjax.decode(data), like=m.params)            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from nncjax.errors import InputError
+from nncjax.ioq import qp_limits
+from nncjax.pytree_names import flatten_named, unflatten_like
+from nncjax.quantize.dq import quantize_dq
+from nncjax.quantize.uniform import quantize_uniform
+from nncjax.rate import estimate_bits
+from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
+from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
+
+__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "verify"]
+
+#: Name suffix of the coded local-scale deltas ``t = s - 1`` of a scaled tensor.
+LS_SUFFIX = "_ls_delta"
+_MODES = ("ste", "noise")
+_DISTORTIONS = ("output", "kl")
+#: One instance, so that repeated calls hit the compilation cache of the training step.
+_DEFAULT_OPTIMIZER = optax.adam(0.2)
+
+
+# ------------------------------------------------------------------------------------------------
+# settings
+
+
+@dataclasses.dataclass(frozen=True)
+class RDSettings:
+    """What :func:`optimize` found: per-tensor QPs and local scales, ready for :func:`nncjax.encode`.
+
+    Attributes:
+      qp_overrides: ``{name: int qp}`` for every optimised weight and every ``"<name>_ls_delta"``
+        tensor; names as :func:`nncjax.pytree_names.flatten_named` gives them (``"params/fc1/kernel"``).
+      local_scales: ``{name: float32 (rows,)}`` the decoded scales ``s = 1 + t_hat`` (exact float32
+        values the decoder reconstructs); empty without ``learn_scales``.
+      scale_axis: output axis of the scaled weights (-1: Flax layout).
+      history: ``{"loss", "distortion", "rate_bits"}`` -> float64 ``(steps,)`` (training relaxation).
+      estimated_bits: hard rate estimate of the whole model with the final settings (float).
+      qp, qp_density, nonweight_qp, dq: the global encode settings used while optimising.
+
+    Example:
+      >>> data = nncjax.encode(rd.params_for_encoding(params), **rd.encode_kwargs())   # doctest: +SKIP
+    """
+
+    qp_overrides: dict[str, int]
+    local_scales: dict[str, np.ndarray]
+    scale_axis: int
+    history: dict[str, np.ndarray]
+    estimated_bits: float
+    qp: int
+    qp_density: int
+    nonweight_qp: int
+    dq: bool
+
+    def encode_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`nncjax.encode` reproducing these settings.
+
+        >>> nncjax.encode(rd.params_for_encoding(p), **rd.encode_kwargs())      # doctest: +SKIP
+        """
+        return {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
+                    "qp_overrides": dict(self.qp_overrides)}
+
+    def params_for_encoding(self, params: Any) -> dict[str, np.ndarray]:
+        """Flat ``{name: float32 array}`` to pass to :func:`nncjax.encode`: every leaf of ``params``
+        (in :func:`~nncjax.pytree_names.flatten_named` order), scaled weights replaced by ``W / s``
+        and each followed by its ``"<name>_ls_delta"`` tensor ``s - 1`` (shape ``(rows,)``).
+
+        >>> flat = rd.params_for_encoding({"d": {"kernel": w}})                   # doctest: +SKIP
+        >>> list(flat)                                                           # doctest: +SKIP
+        ['d/kernel', 'd/kernel_ls_delta']
+        """
+        named = flatten_named(params)
+        missing = set(self.local_scales) - set(named)
+        if missing:
+            raise InputError(f"params lack the scaled tensors {sorted(missing)}")
+        out: dict[str, np.ndarray] = {}
+        for name, leaf in named.items():
+            arr = np.asarray(leaf)
+            if name in self.local_scales:
+                s = self.local_scales[name]
+                out[name] = _divide_rows(arr.astype(np.float32), s, self.scale_axis)
+                out[name + LS_SUFFIX] = (s - np.float32(1.0)).astype(np.float32)
+            else:
+                out[name] = arr
+        return out
+
+    def restore(self, decoded: Mapping[str, Any], like: Any = None) -> Any:
+        """Model params from :func:`nncjax.decode` output (flat ``{name: array}``): multiplies every
+        scaled weight by ``1 + delta`` along ``scale_axis`` and drops the delta tensors. With ``like``
+        (e.g. the original params) the result has its structure and dtypes, else it is a flat dict.
+
+        >>> params_hat = rd.restore(nncjax.decode(data), like=params)             # doctest: +SKIP
+        """
+        flat = dict(decoded)
+        for name in self.local_scales:
+            key = name + LS_SUFFIX
+            if name not in flat or key not in flat:
+                raise InputError(f"decoded tensors lack {name!r} or its scales {key!r}")
+            s = np.float32(1.0) + np.asarray(flat.pop(key), np.float32)
+            flat[name] = _multiply_rows(np.asarray(flat[name], np.float32), s, self.scale_axis)
+        if like is None:
+            return flat
+
+        def cast(name, arr, ref):
+            out = np.asarray(arr).astype(np.asarray(ref).dtype).reshape(np.shape(ref))
+            return jnp.asarray(out) if type(ref).__module__.startswith(("jax", "jaxlib")) else out
+
+        return unflatten_like(like, flat, cast)
+
+
+def _row_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    ax = axis % ndim
+    return tuple(-1 if i == ax else 1 for i in range(ndim))
+
+
+def _divide_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
+    return (w / s.reshape(_row_shape(w.ndim, axis))).astype(np.float32)
+
+
+def _multiply_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
+    return (w * s.reshape(_row_shape(w.ndim, axis))).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# the differentiable model of the codec
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static configuration of the compiled functions (hashable)."""
+
+    names: tuple[str, ...]          # optimised tensors, largest first
+    scaled: tuple[bool, ...]        # which of them carry local scales
+    qp_density: int
+    dq: bool
+    mode: str
+    scale_axis: int
+    scale_qp: int
+    lo: int
+    hi: int
+
+
+def _quantizer(dq: bool):
+    return quantize_dq if dq else quantize_uniform
+
+
+def _quantize_tensor(cfg: _Config, w: jax.Array, qp: jax.Array, v: jax.Array | None,
+                     rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """One tensor through the relaxed codec: ``(w_hat (shape of w), estimated bits ())``.
+
+    ``qp``: float32 () (continuous step). ``v``: local-scale deltas in units of the scale step,
+    ``(rows,)``, or None. ``w_hat = s * Q(w / s)`` with ``s = 1 + Q(step_s * v)``.
+    """
+    quant = _quantizer(cfg.dq)
+    bits = jnp.float32(0.0)
+    s = None
+    x = w
+    if v is not None:
+        step_s = qp_to_step_jax(cfg.scale_qp, cfg.qp_density)
+        t = step_s * v
+        _, t_hat = quant(t, step_s, cfg.mode, rng=rng)
+        s = (1.0 + t_hat).reshape(_row_shape(w.ndim, cfg.scale_axis))
+        x = w / s
+        bits = bits + estimate_bits(t, jnp.int32(cfg.scale_qp), dq=cfg.dq, qp_density=cfg.qp_density,
+                                    training=True)
+    step = qp_to_step_continuous(qp, cfg.qp_density)
+    _, x_hat = quant(x, step, cfg.mode, rng=rng)
+    bits = bits + estimate_bits(x, qp, dq=cfg.dq, qp_density=cfg.qp_density, training=True)
+    return (x_hat if s is None else x_hat * s), bits
+
+
+def _model_hat(cfg: _Config, theta: dict, base: Any, weights: dict, rng: jax.Array | None):
+    """``(params_hat, bits (n,))``: ``base`` (fixed tensors already quantized) with the optimised
+    weights quantized (relaxed) at ``theta["qp"] (n,)`` with scales ``theta["ls"]``."""
+    new, bits = {}, []
+    for i, name in enumerate(cfg.names):
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        v = theta["ls"].get(name) if cfg.scaled[i] else None
+        new[name], b = _quantize_tensor(cfg, weights[name], theta["qp"][i], v, key)
+        bits.append(b)
+    return replace_named(base, new), jnp.stack(bits)
+
+
+def _tree_mean(fn, a, b):
+    vals = jax.tree_util.tree_leaves(jax.tree_util.tree_map(fn, a, b))
+    return sum(vals) / len(vals)
+
+
+def _output_mse(y, ref):
+    y, ref = jnp.asarray(y, jnp.float32), jnp.asarray(ref, jnp.float32)
+    return jnp.mean((y - ref) ** 2) / (jnp.var(ref) + 1e-12)
+
+
+def _output_kl(y, ref):
+    logp_ref = jax.nn.log_softmax(jnp.asarray(ref, jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(jnp.asarray(y, jnp.float32), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(logp_ref) * (logp_ref - logp), axis=-1))
+
+
+def _distortion_fn(apply_fn, loss, distortion):
+    """``D(params_hat, batch, ref) -> ()``."""
+    if loss is not None:
+        return lambda p, batch, ref: jnp.asarray(loss(p, batch), jnp.float32)
+    per_leaf = _output_mse if distortion == "output" else _output_kl
+    return lambda p, batch, ref: _tree_mean(per_leaf, apply_fn(p, batch), ref)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _apply(params, batch, *, apply_fn):
+    return apply_fn(params, batch)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "distortion"))
+def _distortion(params_hat, batch, ref, *, apply_fn, loss, distortion):
+    return _distortion_fn(apply_fn, loss, distortion)(params_hat, batch, ref)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "apply_fn", "loss", "distortion"))
+def _train_step(theta, opt_state, base, weights, batch, ref, rng, lam_n, *, cfg, optimizer, apply_fn, loss,
+                distortion):
+    """One optimiser step on ``D + lam_n * bits``; returns ``(theta, opt_state, [loss, D, bits])``."""
+    dist = _distortion_fn(apply_fn, loss, distortion)
+
+    def objective(th):
+        p_hat, bits = _model_hat(cfg, th, base, weights, rng if cfg.mode == "noise" else None)
+        d = dist(p_hat, batch, ref)
+        r = jnp.sum(bits)
+        return d + lam_n * r, (d, r)
+
+    (total, (d, r)), g = jax.value_and_grad(objective, has_aux=True)(theta)
+    upd, opt_state = optimizer.update(g, opt_state, theta)
+    theta = optax.apply_updates(theta, upd)
+    theta = {"qp": jnp.clip(theta["qp"], cfg.lo, cfg.hi), "ls": theta["ls"]}
+    return theta, opt_state, jnp.stack([total, d, r])
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+
+
+def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis):
+    if not isinstance(lam, (int, float, np.floating, np.integer)) or isinstance(lam, bool) \
+            or not math.isfinite(float(lam)) or float(lam) < 0:
+        raise InputError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
+        raise InputError(f"steps must be an integer >= 0, got {steps!r}")
+    if mode not in _MODES:
+        raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
+    if loss is None and distortion not in _DISTORTIONS:
+        raise InputError(f"distortion must be one of {_DISTORTIONS} (or pass loss=), got {distortion!r}")
+    if loss is not None and not callable(loss):
+        raise InputError("loss must be a callable loss(params, batch) -> scalar")
+    if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
+        raise InputError(f"refine must be an integer >= 0, got {refine!r}")
+    if not isinstance(scale_axis, (int, np.integer)) or isinstance(scale_axis, bool):
+        raise InputError(f"scale_axis must be an integer, got {scale_axis!r}")
+    check_qp_density(qp_density)
+
+
+def _selection(named: dict, select) -> list[str]:
+    floats = [n for n, x in named.items() if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    if callable(select):
+        chosen = [n for n in floats if select(n, named[n])]
+    else:
+        try:
+            chosen = list(select)
+        except TypeError:
+            raise InputError("select must be a predicate (name, leaf) -> bool or a list of names") from None
+        bad = [n for n in chosen if n not in floats]
+        if bad:
+            raise InputError(f"select names no float tensors of params: {bad}")
+    return chosen
+
+
+def _fixed_qp(leaf, qp: int, nonweight_qp: int) -> int:
+    return qp if jnp.ndim(leaf) > 1 else nonweight_qp
+
+
+def optimize(
+    params: Any,
+    apply_fn: Callable[[Any, Any], Any] | None,
+    data: Any,
+    loss: Callable[[Any, Any], jax.Array] | None = None,
+    *,
+    lam: float,
+    base_qp: int = -32,
+    qp_density: int = 2,
+    dq: bool = True,
+    nonweight_qp: int | None = -75,
+    steps: int = 200,
+    optimizer: optax.GradientTransformation | None = None,
+    learn_scales: bool = True,
+    scale_axis: int = -1,
+    scale_qp: int = -24,
+    select: Callable[[str, Any], bool] | Any = default_weight_select,
+    init_qps: Mapping[str, int] | None = None,
+    distortion: str = "output",
+    mode: str = "ste",
+    refine: int = 3,
+    seed: int = 0,
+    param_sharding: Any = None,
+    data_sharding: Any = None,
+    progress: bool = True,
+) -> RDSettings:
+    """Learns per-tensor QPs (and local scales) minimising ``D + lam * R_bits / n_weights`` by gradient.
+
+    Args:
+      params: model parameters, any pytree of arrays (e.g. Flax variables), possibly sharded.
+      apply_fn: ``apply_fn(params, batch) -> outputs`` (pytree of arrays); needed for the output
+        distortions, may be None with ``loss``.
+      data: one batch (a pytree of arrays, passed to ``apply_fn`` / ``loss`` as is) or a ``list`` of
+        batches, cycled over the steps.
+      loss: optional ``loss(params, batch) -> scalar`` task distortion of the quantized model;
+        replaces ``distortion``.
+      lam: price of one bit per optimised weight (``R_bits / n_weights``) in units of ``D``.
+      base_qp, qp_density, nonweight_qp, dq: the codec settings (as :func:`nncjax.encode`); tensors
+        not optimised are quantized (hard) as the codec would with them. ``base_qp`` is also the
+        starting QP of the optimised tensors unless ``init_qps`` gives one.
+      steps: optimisation steps. optimizer: any optax transformation (default ``optax.adam(0.2)``:
+        QPs and scale deltas are both in quantizer units, so one learning rate fits both).
+      learn_scales: learn per-output-row local scales of every optimised tensor with ``ndim >= 2``.
+      scale_axis: output axis of those tensors (-1 for Flax kernels, 0 for PyTorch / NNR layout).
+      scale_qp: QP of the coded scale deltas ``s - 1`` (default -24: step 1/64).
+      select: predicate ``(name, leaf) -> bool`` or a list of names of the tensors to optimise
+        (default: float tensors with ``ndim > 1``, NNCodec's "weights").
+      init_qps: optional starting QPs ``{name: qp}`` (e.g. :func:`nncjax.ioq.ioq_initial_qps`).
+      distortion: ``"output"`` (MSE between quantized and original outputs, relative to the
+        outputs' variance) or ``"kl"`` (softmax KL on the last axis); labels are not needed.
+      mode: quantizer relaxation, ``"ste"`` (straight-through) or ``"noise"`` (additive uniform noise).
+      refine: after rounding the QPs, try ``qp +- 1`` on this many largest tensors with the hard
+        quantizer and the hard rate estimate, keeping what lowers ``D + lam * R``.
+      param_sharding / data_sharding: optional ``jax.sharding.Sharding`` (or pytree of them, for the
+        params) to place params / every batch leaf with; already sharded inputs are used as they are.
+      progress: tqdm progress bar.
+
+    Returns:
+      :class:`RDSettings` (``qp_overrides``, ``local_scales``, ``history``, ``estimated_bits``).
+
+    Raises:
+      InputError for bad arguments.
+
+    Example:
+      >>> rd = optimize(m.params, m.apply, x_calib, lam=3e-3, steps=100)         # doctest: +SKIP
+      >>> rd.qp_overrides                                                        # doctest: +SKIP
+      {'params/fc1/kernel': -27, 'params/fc1/kernel_ls_delta': -24, 'params/fc2/kernel': -33, ...}
+    """
+    _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis)
+    if loss is None and not callable(apply_fn):
+        raise InputError("apply_fn must be callable (or pass loss=)")
+    qpd = check_qp_density(qp_density)
+    lo, hi = qp_limits(qpd)
+    for what, q in (("base_qp", base_qp), ("scale_qp", scale_qp)):
+        if not isinstance(q, (int, np.integer)) or isinstance(q, bool) or not lo <= q <= hi:
+            raise InputError(f"{what} must be an integer in [{lo}, {hi}], got {q!r}")
+    nw_qp = int(nonweight_qp) if nonweight_qp else int(base_qp) - (2 << qpd)
+    if not lo <= nw_qp <= hi:
+        raise InputError(f"nonweight_qp must be in [{lo}, {hi}], got {nonweight_qp!r}")
+    optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise InputError("optimizer must be an optax.GradientTransformation")
+
+    if param_sharding is not None:
+        params = jax.device_put(params, param_sharding)
+    batches = data if isinstance(data, list) else [data]
+    if not batches:
+        raise InputError("data is an empty list")
+    if data_sharding is not None:
+        batches = [jax.device_put(b, data_sharding) for b in batches]
+
+    named = named_leaves(params)
+    chosen = _selection(flatten_named(params), select)
+    if not chosen:
+        raise InputError("select chose no tensors to optimise")
+    chosen.sort(key=lambda n: -int(np.size(named[n])))
+    init = dict(init_qps or {})
+    unknown = set(init) - set(chosen)
+    if unknown:
+        raise InputError(f"init_qps names tensors that are not optimised: {sorted(unknown)}")
+    for n, q in init.items():
+        if not isinstance(q, (int, np.integer)) or not lo <= q <= hi:
+            raise InputError(f"init_qps[{n!r}] must be an integer in [{lo}, {hi}], got {q!r}")
+    scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2 for n in chosen)
+    for n, sc in zip(chosen, scaled):
+        if sc and not -jnp.ndim(named[n]) <= scale_axis < jnp.ndim(named[n]):
+            raise InputError(f"scale_axis {scale_axis} is out of range for {n!r} of shape {jnp.shape(named[n])}")
+    cfg = _Config(tuple(chosen), scaled, qpd, bool(dq), mode, int(scale_axis), int(scale_qp), lo, hi)
+
+    # Fixed tensors: quantized once, as the codec will; integer tensors stay as they are.
+    fixed = {}
+    fixed_bits = 0.0
+    for n, x in named.items():
+        if n in cfg.names or not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+            continue
+        x_hat, b = _codec_reconstruct(np.asarray(x, np.float32), _fixed_qp(x, int(base_qp), nw_qp), qpd, cfg.dq)
+        fixed[n] = jnp.asarray(x_hat, jnp.asarray(x).dtype)
+        fixed_bits += b
+    base = replace_named(params, fixed)
+    weights = {n: jnp.asarray(named[n], jnp.float32) for n in cfg.names}
+    n_weights = float(sum(np.size(w) for w in weights.values()))
+    statics = {"apply_fn": apply_fn, "loss": loss, "distortion": distortion}
+    refs = [None if loss is not None else _apply(params, b, apply_fn=apply_fn) for b in batches]
+
+    theta = {"qp": jnp.asarray([float(init.get(n, base_qp)) for n in cfg.names], jnp.float32),
+             "ls": {n: jnp.zeros((jnp.shape(named[n])[scale_axis],), jnp.float32)
+                    for n, sc in zip(cfg.names, scaled) if sc}}
+    opt_state = optimizer.init(theta)
+    lam_n = jnp.float32(float(lam) / n_weights)
+
+    rng = jax.random.PRNGKey(seed)
+    hist = []
+    bar = tqdm(range(int(steps)), desc="RD optimise", disable=not progress, leave=False)
+    for i in bar:
+        j = i % len(batches)
+        theta, opt_state, rec = _train_step(theta, opt_state, base, weights, batches[j], refs[j],
+                                            jax.random.fold_in(rng, i), lam_n, cfg=cfg, optimizer=optimizer,
+                                            **statics)
+        hist.append(rec)
+        if progress and (i % 10 == 0 or i == steps - 1):
+            total, d, r = (float(v) for v in rec)
+            bar.set_postfix(loss=f"{total:.4g}", D=f"{d:.3g}", bits=f"{r:.0f}")
+    bar.close()
+    h = np.asarray(jnp.stack(hist), np.float64) if hist else np.zeros((0, 3))
+
+    # Snap: integer QPs and hard scales, then the optional coordinate refinement on the real codec.
+    qps = np.clip(np.round(np.asarray(theta["qp"], np.float64)), lo, hi).astype(np.int64)
+    step_s = float(qp_to_step_jax(cfg.scale_qp, qpd))
+    deltas = {n: _codec_reconstruct(step_s * np.asarray(v, np.float32), cfg.scale_qp, qpd, cfg.dq)[0]
+              for n, v in theta["ls"].items()}
+    scales = {n: (np.float32(1.0) + t).astype(np.float32) for n, t in deltas.items()}
+    ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics)
+    best = ev.cost(qps, float(lam), n_weights)
+    for i in range(min(int(refine), len(cfg.names))):
+        for delta in (-1, 1):
+            trial = qps.copy()
+            trial[i] = np.clip(trial[i] + delta, lo, hi)
+            if trial[i] != qps[i]:
+                c = ev.cost(trial, float(lam), n_weights)
+                if c < best:
+                    best, qps = c, trial
+
+    overrides: dict[str, int] = {}
+    bits = fixed_bits
+    for i, n in enumerate(cfg.names):
+        overrides[n] = int(qps[i])
+        bits += ev.rec(n, int(qps[i]))[1]
+        if n in scales:
+            overrides[n + LS_SUFFIX] = cfg.scale_qp
+            bits += _codec_reconstruct(deltas[n], cfg.scale_qp, qpd, cfg.dq)[1]
+    history = {"loss": h[:, 0], "distortion": h[:, 1], "rate_bits": h[:, 2]}
+    return RDSettings(overrides, scales, int(scale_axis), history, float(bits), int(base_qp), qpd, nw_qp,
+                      bool(dq))
+
+
+def _codec_reconstruct(x: np.ndarray, qp: int, qpd: int, dq: bool) -> tuple[np.ndarray, float]:
+    """What the codec makes of tensor ``x`` at ``qp``: ``(reconstruction float32 (shape of x), payload bits)``
+    with NNCodec's quantizer and the real DeepCABAC coder (QP delta included, unit header excluded)."""
+    from nncjax.kernels.coder import encode_levels
+    from nncjax.quantize.reference import quantize_tensor, reconstruct
+    x = np.asarray(x, np.float32)
+    levels, used = quantize_tensor(x, qp, qp_density=qpd, dq=dq)
+    payload = encode_levels(levels, dq=dq, row_skipping=True, profile=1)
+    return reconstruct(levels, used, qp_density=qpd).reshape(x.shape), 8.0 * len(payload) + 6 + qpd
+
+
+class _HardEvaluator:
+    """``D + lam * R`` of integer QP assignments with the codec's own quantizer and coder (cached per
+    tensor and QP); ``D`` from one jit-compiled forward pass per batch."""
+
+    def __init__(self, cfg: _Config, named: dict, scales: dict, base: Any, batches: list, refs: list,
+                 statics: dict):
+        self.cfg, self.named, self.scales, self.base = cfg, named, scales, base
+        self.batches, self.refs, self.statics = batches, refs, statics
+        self._cache: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
+
+    def rec(self, name: str, qp: int) -> tuple[np.ndarray, float]:
+        key = (name, qp)
+        if key not in self._cache:
+            w = np.asarray(self.named[name], np.float32)
+            s = self.scales.get(name)
+            x = w if s is None else _divide_rows(w, s, self.cfg.scale_axis)
+            x_hat, bits = _codec_reconstruct(x, qp, self.cfg.qp_density, self.cfg.dq)
+            self._cache[key] = (x_hat if s is None else _multiply_rows(x_hat, s, self.cfg.scale_axis), bits)
+        return self._cache[key]
+
+    def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
+        recs = {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)}
+        p_hat = replace_named(self.base, {n: jnp.asarray(r[0]) for n, r in recs.items()})
+        d = np.mean([float(_distortion(p_hat, b, r, **self.statics)) for b, r in zip(self.batches, self.refs)])
+        return float(d) + lam * sum(r[1] for r in recs.values()) / n_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` measured: ``nbytes`` (bitstream size), ``metric`` (``eval_fn``'s result),
+    ``params`` (the decoded, restored model) and ``bitstream`` itself."""
+
+    nbytes: int
+    metric: Any
+    params: Any
+    bitstream: bytes
+
+
+def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | None = None,
+           **encode_kwargs) -> VerifyResult:
+    """Real check of ``settings``: :func:`nncjax.encode` -> bytes -> :func:`nncjax.decode` ->
+    :meth:`RDSettings.restore` -> ``eval_fn(params_hat)``.
+
+    ``encode_kwargs`` override :meth:`RDSettings.encode_kwargs` (e.g. ``workers``, ``scan_order``).
+    ``eval_fn`` may be None (``metric`` is then None).
+
+    Example:
+      >>> res = verify(m.params, rd, lambda p: m.eval(p)["top1"])                # doctest: +SKIP
+      >>> res.nbytes, res.metric                                                 # doctest: +SKIP
+    """
+    from nncjax.codec import decode, encode
+    if not isinstance(settings, RDSettings):
+        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
+    if eval_fn is not None and not callable(eval_fn):
+        raise InputError("eval_fn must be callable or None")
+    kwargs = settings.encode_kwargs()
+    kwargs.update(encode_kwargs)
+    bitstream = encode(settings.params_for_encoding(params), **kwargs)
+    params_hat = settings.restore(decode(bitstream), like=params)
+    return VerifyResult(len(bitstream), None if eval_fn is None else eval_fn(params_hat), params_hat, bitstream)
