@@ -14,10 +14,14 @@ One arithmetic-coded payload (an NDU's) holds, per tensor, optional bypass field
     assert dec.finish() == len(payload)
 
 Tensors of any rank are coded as an H x W matrix, H = shape[0] and W = prod(shape[1:]) (W = 1 for
-1-D and 0-d tensors). Tensors with H == 1 or W == 1 are always raster-scanned, as in NNCodec. For DQ tensors the levels are NNCodec's
-reconstruction indices k; the coder transmits the DQ-coded levels and checks that every k is
-reachable from its DQ state. Codebook settings only count in profile 1 (as in NNCodec, profile 0
-codes codebook levels unbounded) and never go with DQ.
+1-D and 0-d tensors). Tensors with H == 1 or W == 1 are always raster-scanned, as in NNCodec. For
+DQ tensors the levels are NNCodec's reconstruction indices k; the coder transmits the DQ-coded
+levels and checks that every k is reachable from its DQ state. Codebook settings only count in
+profile 1 (as in NNCodec, profile 0 codes codebook levels unbounded) and never go with DQ.
+Differential updates (profile 1) may use temporal context adaptation (``base``: the previous
+version's levels) and HDSP (``hdsp_hist``: where levels were ever non-zero); both only select
+contexts. Entry points (:class:`EntryPoints`) come out of the decoder, which is also how an encoder
+learns what ``entry_point_list()`` must carry: decode the finished payload.
 
 Everything here is thread-safe per object and the kernels release the GIL, so the tensors of a
 model can be coded in parallel: see :func:`encode_many` / :func:`decode_many`.
@@ -29,14 +33,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-
-from nncjax.errors import BitstreamError, InputError
 from nncjax.kernels import contexts as _ctx
 from nncjax.kernels import engine as _eng
 from nncjax.kernels import levels as _lv
 
-__all__ = ["CabacEncoder", "CabacDecoder", "EntryPoints", "encode_levels", "decode_levels", "encode_many",
-           "decode_many", "LEVEL_MAX"]
+from nncjax.errors import BitstreamError, InputError
+
+__all__ = [
+    "LEVEL_MAX",
+    "CabacDecoder",
+    "CabacEncoder",
+    "EntryPoints",
+    "decode_levels",
+    "decode_many",
+    "encode_levels",
+    "encode_many",
+]
 
 #: Largest |level| accepted: NNCodec's int32 arithmetic (k -> q conversion, abs) is safe below this.
 LEVEL_MAX = 2**31 - 2

@@ -18,7 +18,6 @@ row-skip flag 53+4N+36.
 from __future__ import annotations
 
 import numpy as np
-
 from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import CURVE, EST_BITS, INIT, INIT_INDEX_PENALTY
 

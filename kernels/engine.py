@@ -23,9 +23,8 @@ The encoder's output buffer never grows inside these kernels: callers guarantee 
 from __future__ import annotations
 
 import numpy as np
-
-from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.contexts import ctx_update
+from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import RPS
 
 E_LOW, E_RANGE, E_BITS, E_NBUF, E_BBYTE, E_POS = 0, 1, 2, 3, 4, 5

@@ -4,7 +4,7 @@ the Python API.
 
 A tensor is coded as an H x W matrix (``levels`` is its raster-order int32 vector, length H*W). The
 scan is raster (``scan_order`` 0) or square blocks of B = 4 << scan_order; at the end of every block
-row but the last, contexts, neighbour and range are reset (an entry point). ``bounds``: for profile-1
+row but the last, contexts, neighbour and range are reset (an entry point). ``bounded``: for profile-1
 codebook tensors the coded level lies in [-off, cbs - 1 - off] and the binarization is truncated.
 
 Kernels return a status: 0 = ok, else one of the ``ERR_*`` codes with the failing raster position in
@@ -15,12 +15,38 @@ Kernels do not allocate (see :mod:`jit`): scratch arrays come from the glue.
 from __future__ import annotations
 
 import numpy as np
-
-from nncjax.kernels.contexts import (GTX, SIG, SIG_HDSP, SIG_TCA, SIGN, SIGN_TCA, cand_best, cand_bin, cand_init,
-                                      cand_reset, ctx_init, ctx_init_all, ctx_reset_all)
+from nncjax.kernels.contexts import (
+    GTX,
+    SIG,
+    SIG_HDSP,
+    SIG_TCA,
+    SIGN,
+    SIGN_TCA,
+    cand_best,
+    cand_bin,
+    cand_init,
+    cand_reset,
+    ctx_init,
+    ctx_init_all,
+    ctx_reset_all,
+)
+from nncjax.kernels.engine import (
+    D_BITS,
+    D_RANGE,
+    D_VALUE,
+    E_BITS,
+    E_LOW,
+    E_NBUF,
+    E_POS,
+    E_RANGE,
+    dbin,
+    dbypass,
+    dec_position,
+    ebin,
+    ebypass,
+    enc_room,
+)
 from nncjax.kernels.jit import kernel, kernel_inline
-from nncjax.kernels.engine import (D_BITS, D_RANGE, D_VALUE, E_BITS, E_LOW, E_NBUF, E_POS, E_RANGE, dbin, dbypass,
-                                   dec_position, ebin, ebypass, enc_room)
 from nncjax.kernels.tables import DQ_NEXT
 
 OK, ERR_DQ_LEVEL, ERR_PREFIX, ERR_OVERFLOW, ERR_ROOM, ERR_NO_HIST = 0, 1, 2, 3, 4, 5
@@ -30,10 +56,11 @@ INT32_MAX = 2**31 - 1
 
 @kernel
 def _skip_advance(width, adv):
-    """``adv[s]``: DQ state after a skipped row segment, ``width`` parity-0 transitions from state s."""
+    """``adv[s]``: DQ state after a skipped row segment, ``width`` parity-0 transitions from state s.
+    The parity-0 transitions form cycles of length 1, 2 and 4, so ``width % 4`` steps suffice."""
     for s in range(8):
         t = s
-        for _ in range(width):
+        for _ in range(width % 4):
             t = _DQ_NEXT[t, 0]
         adv[s] = t
 

@@ -6,13 +6,41 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nncjax.kernels.coder import (
+    LEVEL_MAX,
+    CabacDecoder,
+    CabacEncoder,
+    decode_levels,
+    decode_many,
+    encode_levels,
+    encode_many,
+)
+from nncjax.kernels.contexts import (
+    GTX,
+    SIGN,
+    ci_context,
+    ctx_init_all,
+    num_contexts,
+    rem_context,
+    signalled_contexts,
+)
+from nncjax.kernels.engine import (
+    E_POS,
+    ENC_STATE_SIZE,
+    enc_bin,
+    enc_bypass,
+    enc_init,
+    enc_terminate_and_finish,
+)
 
 from nncjax import BitstreamError, InputError, NNCError
-from nncjax.kernels.coder import (LEVEL_MAX, CabacDecoder, CabacEncoder, decode_levels, decode_many, encode_levels,
-                                  encode_many)
-from nncjax.kernels.contexts import GTX, SIGN, ci_context, ctx_init_all, num_contexts, rem_context, signalled_contexts
-from nncjax.kernels.engine import E_POS, ENC_STATE_SIZE, enc_bin, enc_bypass, enc_init, enc_terminate_and_finish
-from tests.test_coder_oracle import decode_case, encode_case, layer_kwargs, make_case, q_to_k
+from tests.test_coder_oracle import (
+    decode_case,
+    encode_case,
+    layer_kwargs,
+    make_case,
+    q_to_k,
+)
 
 EXAMPLE = np.array([[0.011, -0.023, 0], [0.25, 0, -0.004], [0, 0, 0]], np.float32)
 

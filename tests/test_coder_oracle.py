@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from nncjax.kernels.coder import CabacDecoder, CabacEncoder
 from nncjax.kernels.tables import DQ_NEXT
 
@@ -132,8 +131,9 @@ def make_case(rng):
 
 
 def layer_kwargs(case):
-    return dict(dq=case["dq"], scan_order=case["scan"], profile=case["profile"], codebook_size=case["cbs"],
-                codebook_offset=case["off"], parent_present=case["parent"], base=case["base"], hdsp_hist=case["hist"])
+    return {"dq": case["dq"], "scan_order": case["scan"], "profile": case["profile"], "codebook_size": case["cbs"],
+            "codebook_offset": case["off"], "parent_present": case["parent"], "base": case["base"],
+            "hdsp_hist": case["hist"]}
 
 
 def encode_case(case):
