@@ -1,1 +1,18 @@
-"""Quantizers: NNCodec-identical reference quantizers (:mod:`nncjax.quantize.reference`) and JAX quantizers."""
+"""Quantizers: NNCodec-identical reference quantizers (:mod:`nncjax.quantize.reference`) and JAX quantizers.
+
+JAX quantizers (jit/grad/vmap-able; hard modes equal the codec bit for bit):
+
+* :func:`quantize_uniform` -- uniform (``hard``, ``ste``, ``noise``, ``soft``);
+* :func:`quantize_dq`, :func:`dq_trellis`, :func:`dq_states` -- dependent quantization;
+* :func:`quantize_codebook`, :func:`codebook_init` -- learnable integer codebooks;
+* :func:`quantizer` / :func:`rate_model` -- optax-style ``init``/``apply`` pairs over pytrees.
+"""
+
+from nncjax.quantize.codebook import codebook_init, quantize_codebook
+from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q, nncodec_lambda, q_to_k, quantize_dq
+from nncjax.quantize.transform import QuantizerTransform, RateTransform, match_rules, path_name, quantizer, rate_model
+from nncjax.quantize.uniform import quantize_uniform, round_half_away, soft_round
+
+__all__ = ["quantize_uniform", "round_half_away", "soft_round", "quantize_dq", "dq_trellis", "dq_states", "k_to_q",
+           "q_to_k", "nncodec_lambda", "quantize_codebook", "codebook_init", "quantizer", "rate_model",
+           "QuantizerTransform", "RateTransform", "match_rules", "path_name"]

@@ -1,0 +1,168 @@
+"""optax-style quantization and rate transforms over pytrees, configured by regular expressions on paths.
+
+Each tensor is named by its key path joined with ``"/"`` (``{"dense": {"kernel": w}}`` -> ``"dense/kernel"``,
+list items by index), the codec's naming convention. The first rule whose pattern ``re.fullmatch``-es a
+name configures that tensor; tensors that no rule matches pass through unquantized (and cost nothing).
+
+Settings of a rule (all optional): ``qp`` (int, default -38), ``dq`` (bool, default True),
+``codebook`` (int size; uniform if 0/absent, never with DQ), ``lam`` (DQ trellis rate weight),
+``alpha`` (soft-round sharpness).
+
+State: ``{name: {"qp": float32 scalar, ["codebook": (C,) float32]}}``, learnable. Hard mode uses
+``round(qp)`` and the integer-rounded codebook, i.e. exactly what the codec writes; training modes
+use the continuous step :func:`nncjax.steps.qp_to_step_continuous` so gradients reach the QPs.
+
+>>> q = quantizer(rules=[(r".*kernel", dict(qp=-38, dq=True)), (r".*bias", dict(qp=-75, dq=False))], mode="ste")
+>>> state = q.init(params)
+>>> qparams, aux = q.apply(state, params)             # aux[name]: {"levels", "step"}
+>>> r = rate_model(rules=..., training=True)
+>>> bits = r.apply(state, params)                     # {name: float32 bits}
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from nncjax.errors import InputError
+from nncjax.quantize.codebook import codebook_init, quantize_codebook
+from nncjax.quantize.dq import quantize_dq
+from nncjax.quantize.uniform import MODES, quantize_uniform
+from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
+
+__all__ = ["Rules", "QuantizerTransform", "RateTransform", "quantizer", "rate_model", "path_name", "match_rules"]
+
+Rules = Sequence[tuple[str, dict]]
+_KNOWN = {"qp", "dq", "codebook", "lam", "alpha"}
+
+
+def path_name(path) -> str:
+    """A jax key path as a ``"/"``-joined name (dict keys, attribute names, sequence indices)."""
+    parts = []
+    for e in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(e, attr):
+                parts.append(str(getattr(e, attr)))
+                break
+        else:
+            parts.append(str(e))
+    return "/".join(parts)
+
+
+def match_rules(rules: Rules, params: Any) -> dict[str, dict]:
+    """``{name: settings}`` for every leaf of ``params`` matched by a rule (first match wins)."""
+    compiled = []
+    for pat, cfg in rules:
+        bad = set(cfg) - _KNOWN
+        if bad:
+            raise InputError(f"unknown quantizer settings {sorted(bad)} in rule {pat!r}")
+        if cfg.get("dq", True) and cfg.get("codebook", 0):
+            raise InputError(f"rule {pat!r}: a codebook is never combined with DQ (NNR); set dq=False")
+        compiled.append((re.compile(pat), cfg))
+    out = {}
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_name(path)
+        for rx, cfg in compiled:
+            if rx.fullmatch(name):
+                out[name] = dict(qp=-38, dq=True, codebook=0, lam=0.0, alpha=4.0) | cfg
+                break
+    return out
+
+
+class QuantizerTransform(NamedTuple):
+    """``init(params) -> state``; ``apply(state, params, rng=None) -> (quantized params, aux)``."""
+    init: Callable[[Any], dict]
+    apply: Callable[..., tuple[Any, dict]]
+
+
+class RateTransform(NamedTuple):
+    """``init(params) -> state``; ``apply(state, params) -> {name: bits}`` (float32 scalars)."""
+    init: Callable[[Any], dict]
+    apply: Callable[[dict, Any], dict]
+
+
+def _init(settings: dict[str, dict], params: Any, qp_density: int) -> dict:
+    state = {}
+    leaves = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for name, cfg in settings.items():
+        st = {"qp": jnp.float32(cfg["qp"])}
+        if cfg["codebook"]:
+            st["codebook"] = codebook_init(leaves[name], qp_to_step_jax(int(cfg["qp"]), qp_density), int(cfg["codebook"]))
+        state[name] = st
+    return state
+
+
+def quantizer(rules: Rules, mode: str = "ste", *, qp_density: int = 2) -> QuantizerTransform:
+    """Quantization of the tensors ``rules`` select, in ``mode`` (``hard``, ``ste``, ``noise``, ``soft``).
+
+    ``apply`` returns the quantized pytree (same structure, float32 leaves where quantized) and
+    ``aux = {name: {"levels": k, "step": step}}`` (int32 levels in hard mode, the bitstream's).
+    ``mode="noise"`` needs ``rng``; each tensor gets its own fold of it.
+    """
+    if mode not in MODES:
+        raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
+    qpd = check_qp_density(qp_density)
+
+    def init(params):
+        return _init(match_rules(rules, params), params, qpd)
+
+    def apply(state, params, rng=None):
+        settings = match_rules(rules, params)
+        aux = {}
+
+        def one(path, x):
+            name = path_name(path)
+            if name not in settings:
+                return x
+            cfg, st = settings[name], state[name]
+            key = None if rng is None else jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+            if mode == "hard":
+                step = qp_to_step_jax(jnp.round(st["qp"]).astype(jnp.int32), qpd)
+            else:
+                step = qp_to_step_continuous(st["qp"], qpd)
+            if cfg["codebook"]:
+                k, xq = quantize_codebook(x, step, st["codebook"], "soft" if mode == "soft" else
+                                          ("hard" if mode == "hard" else "ste"))
+            elif cfg["dq"]:
+                k, xq = quantize_dq(x, step, mode, lam=cfg["lam"], rng=key, alpha=cfg["alpha"])
+            else:
+                k, xq = quantize_uniform(x, step, mode, rng=key, alpha=cfg["alpha"])
+            aux[name] = {"levels": k, "step": step}
+            return xq
+
+        out = jax.tree_util.tree_map_with_path(one, params)
+        return out, aux
+
+    return QuantizerTransform(init, apply)
+
+
+def rate_model(rules: Rules, *, training: bool = True, qp_density: int = 2, **rate_kwargs) -> RateTransform:
+    """Estimated DeepCABAC bits of the tensors ``rules`` select (:func:`nncjax.rate.estimate_bits`).
+
+    ``apply(state, params) -> {name: bits}``; the state is the quantizer's (it carries the QPs), so
+    ``rate_model(rules).apply(quantizer(rules).init(params), params)`` is the usual pairing. Codebook
+    tensors are costed as uniform levels (no DQ). ``rate_kwargs`` go to ``estimate_bits``.
+    """
+    qpd = check_qp_density(qp_density)
+
+    def init(params):
+        return _init(match_rules(rules, params), params, qpd)
+
+    def apply(state, params):
+        from nncjax.rate.deepcabac import estimate_bits
+
+        settings = match_rules(rules, params)
+        leaves = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+        out = {}
+        for name, cfg in settings.items():
+            qp = state[name]["qp"]
+            out[name] = estimate_bits(leaves[name], qp if training else jnp.round(qp).astype(jnp.int32),
+                                      dq=bool(cfg["dq"]) and not cfg["codebook"], qp_density=qpd,
+                                      training=training, **rate_kwargs)
+        return out
+
+    return RateTransform(init, apply)
