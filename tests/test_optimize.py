@@ -1,0 +1,164 @@
+"""nncjax.optimize: gradient RD optimisation of per-tensor QPs and local scales, checked by real coding.
+
+One optimisation configuration (digits MLP, DQ, local scales, output distortion) is shared by most
+tests so that the jit-compiled step is compiled once per session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nncjax.models as models
+from nncjax.codec import decode, encode, inspect
+from nncjax.errors import InputError
+from nncjax.models.digits_mlp import load_digits_split
+from nncjax.optimize import LS_SUFFIX, RDSettings, optimize, verify
+from nncjax.quantize.reference import quantize_tensor, reconstruct
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def digits():
+    m = models.get("digits_mlp")
+    calib = jnp.asarray(load_digits_split("train")[0][:128])
+    test = jnp.asarray(load_digits_split("test")[0])
+    ref = np.asarray(m.apply(m.params, test))
+
+    def test_mse(p):
+        """Relative output MSE on the held-out split (the distortion the optimiser was not tuned on)."""
+        return float(np.mean((np.asarray(m.apply(p, test)) - ref) ** 2) / np.var(ref))
+
+    return m, calib, test_mse
+
+
+@pytest.fixture(scope="module")
+def runs(digits):
+    m, calib, _ = digits
+    return {lam: optimize(m.params, m.apply, calib, lam=lam, steps=STEPS, progress=False)
+            for lam in (3e-4, 3e-3, 3e-2)}
+
+
+def test_step_is_jitted_and_loss_decreases(runs):
+    rd = runs[3e-3]
+    h = rd.history
+    assert set(h) == {"loss", "distortion", "rate_bits"}
+    assert all(v.shape == (STEPS,) and np.all(np.isfinite(v)) for v in h.values())
+    assert h["loss"][-5:].mean() < 0.9 * h["loss"][:5].mean()
+    assert h["rate_bits"][-1] < h["rate_bits"][0]          # the rate term pulls the QPs up ...
+    assert h["distortion"][-1] > h["distortion"][0]        # ... at the price of distortion
+
+
+def test_larger_lambda_gives_fewer_real_bytes(digits, runs):
+    m, _, _ = digits
+    sizes = [verify(m.params, runs[lam]).nbytes for lam in sorted(runs)]
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+    qps = [runs[lam].qp_overrides["params/fc1/kernel"] for lam in sorted(runs)]
+    assert qps == sorted(qps)
+
+
+def test_settings_round_trip_through_the_codec(digits, runs):
+    m, _, _ = digits
+    rd = runs[3e-3]
+    assert isinstance(rd, RDSettings)
+    assert set(rd.qp_overrides) == {"params/fc1/kernel", "params/fc2/kernel",
+                                    "params/fc1/kernel" + LS_SUFFIX, "params/fc2/kernel" + LS_SUFFIX}
+    flat = rd.params_for_encoding(m.params)
+    res = verify(m.params, rd, lambda p: m.eval(p)["top1"])
+    # the stream carries the chosen QPs
+    info = {t.name: t.qp for t in inspect(res.bitstream).tensors}
+    for name, qp in rd.qp_overrides.items():
+        assert info[name] == qp
+    assert info["params/fc1/bias"] == -75
+    raw = decode(res.bitstream)
+    for name, s in rd.local_scales.items():
+        # scale deltas are on the codec's grid: decoded exactly
+        np.testing.assert_array_equal(raw[name + LS_SUFFIX], s - np.float32(1))
+        # the weight is coded as W / s and restored as s * Q(W / s)
+        levels, qp = quantize_tensor(flat[name], rd.qp_overrides[name], dq=True)
+        np.testing.assert_array_equal(raw[name], reconstruct(levels, qp))
+        got = np.asarray(res.params["params"][name.split("/")[1]]["kernel"])
+        np.testing.assert_array_equal(got, raw[name] * s[None, :])
+    assert not np.all(np.concatenate([s for s in rd.local_scales.values()]) == 1.0)
+    assert res.metric > 0.9
+    assert res.nbytes == len(encode(flat, **rd.encode_kwargs()))
+    # the payload estimate is the coder's: the stream adds only unit headers and names
+    assert 0 < res.nbytes * 8 - rd.estimated_bits < 8 * 400
+
+
+def test_gradient_rd_beats_uniform_qp_at_equal_size(digits, runs, capsys):
+    m, _, test_mse = digits
+    ours = []
+    for lam in sorted(runs):
+        res = verify(m.params, runs[lam])
+        ours.append((res.nbytes, test_mse(res.params)))
+    uniform = []
+    for qp in range(-34, -13, 2):
+        data = encode(m.params, qp=qp, nonweight_qp=-75, dq=True)
+        uniform.append((len(data), test_mse(decode(data, like=m.params))))
+    uniform.sort()
+    ub, ud = np.array([u[0] for u in uniform], float), np.array([u[1] for u in uniform])
+    with capsys.disabled():
+        print("\n  gradient RD vs uniform QP (digits MLP, relative output MSE on the test split)")
+        for nbytes, d in ours:
+            d_uni = float(np.exp(np.interp(nbytes, ub, np.log(ud))))
+            print(f"    {nbytes:6d} bytes: gradient RD {d:.3e}   uniform (interpolated) {d_uni:.3e}")
+    for nbytes, d in ours:
+        assert ub[0] <= nbytes <= ub[-1]
+        assert d <= float(np.exp(np.interp(nbytes, ub, np.log(ud))))
+
+
+def test_task_loss_and_no_scales(digits):
+    m, calib, _ = digits
+    x, y = load_digits_split("train")
+    batch = (jnp.asarray(x[:128]), jnp.asarray(y[:128]))
+    loss = models.digits_mlp.loss
+    rd = optimize(m.params, None, [batch, batch], lambda p, b: loss(p, *b), lam=1e-2, dq=False,
+                  learn_scales=False, steps=3, refine=0, progress=False)
+    assert rd.local_scales == {} and set(rd.qp_overrides) == {"params/fc1/kernel", "params/fc2/kernel"}
+    assert rd.history["loss"].shape == (3,)
+    assert list(rd.params_for_encoding(m.params)) == ["params/fc1/bias", "params/fc1/kernel",
+                                                      "params/fc2/bias", "params/fc2/kernel"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(lam=-1.0), dict(lam=float("nan")), dict(lam=1.0, steps=-1),
+                                    dict(lam=1.0, mode="soft"), dict(lam=1.0, distortion="l1"),
+                                    dict(lam=1.0, select=["nope"]), dict(lam=1.0, base_qp=1000),
+                                    dict(lam=1.0, init_qps={"params/fc1/bias": -30}),
+                                    dict(lam=1.0, optimizer="adam"), dict(lam=1.0, scale_axis=5),
+                                    dict(lam=1.0, data=[])])
+def test_bad_arguments_raise_input_error(digits, kwargs):
+    m, calib, _ = digits
+    data = kwargs.pop("data", calib)
+    with pytest.raises(InputError):
+        optimize(m.params, m.apply, data, progress=False, **kwargs)
+
+
+def test_verify_rejects_foreign_settings(digits):
+    m, _, _ = digits
+    with pytest.raises(InputError):
+        verify(m.params, {"qp_overrides": {}})
+
+
+def test_sharded_equals_unsharded():
+    """8 host devices in a subprocess (the flag must be set before jax starts)."""
+    script = pathlib.Path(__file__).with_name("_optimize_sharded.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    assert d["devices"] == 8
+    assert d["qps"][0] == d["qps"][1]
+    for key in d["plain"]:
+        np.testing.assert_allclose(d["sharded"][key], d["plain"][key], rtol=1e-4)
+    for name in d["scales"][0]:
+        np.testing.assert_array_equal(d["scales"][0][name], d["scales"][1][name])
+    assert d["plain"]["loss"][-1] < d["plain"]["loss"][0]
