@@ -21,10 +21,10 @@ import optax
 
 from nncjax.models.fashion_cnn import (
     WEIGHTS_PATH,
-    FashionCNN,
     evaluate,
     init_variables,
     load_fashion_mnist,
+    make_train_step,
 )
 
 
@@ -34,29 +34,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-images", type=int, default=60000, help="use the first N (for a quick check)")
     parser.add_argument("--out", type=pathlib.Path, default=WEIGHTS_PATH)
     args = parser.parse_args()
 
     images, labels = load_fashion_mnist("train")
+    images, labels = images[: args.train_images], labels[: args.train_images]
     steps_per_epoch = len(labels) // args.batch
     schedule = optax.cosine_decay_schedule(args.lr, args.epochs * steps_per_epoch)
     tx = optax.adamw(schedule, weight_decay=1e-4)
     variables = init_variables(args.seed)
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    opt_state = tx.init(params)
-    model = FashionCNN()
-
-    @jax.jit
-    def train_step(params, batch_stats, opt_state, x, y):
-        def loss_fn(p):
-            logits, updates = model.apply(
-                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-            )
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates["batch_stats"]
-
-        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), new_stats, opt_state, loss
+    opt_state = tx.init(variables["params"])
+    train_step = make_train_step(tx)
 
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
@@ -65,19 +54,17 @@ def main() -> None:
         losses = []
         for s in range(steps_per_epoch):
             idx = order[s * args.batch : (s + 1) * args.batch]
-            params, batch_stats, opt_state, loss = train_step(
-                params, batch_stats, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+            variables, opt_state, loss = train_step(
+                variables, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx])
             )
             losses.append(loss)
-        top1 = evaluate({"params": params, "batch_stats": batch_stats}, "full")["top1"]
+        top1 = evaluate(variables, "full")["top1"]
         print(
             f"epoch {epoch + 1}: loss {float(np.mean(losses)):.4f}  test top-1 {top1:.4f}  ({time.time() - t0:.0f} s)",
             flush=True,
         )
 
-    variables = jax.tree_util.tree_map(
-        lambda a: np.asarray(a, np.float32), {"params": params, "batch_stats": batch_stats}
-    )
+    variables = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), variables)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(flax.serialization.to_bytes(variables))
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")

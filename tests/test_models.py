@@ -189,6 +189,32 @@ def test_fashion_cnn_top1():
     assert m.eval(_noisy(m.params, 2.0), subset=200)["top1"] < 0.6
 
 
+def test_fashion_cnn_train_step_fine_tunes():
+    import optax
+
+    m = models.get("fashion_cnn")
+    x, y = fashion_cnn.load_fashion_mnist("train")
+    tx = optax.sgd(0.05)
+    step = fashion_cnn.make_train_step(tx)
+    variables, opt_state = m.params, tx.init(m.params["params"])
+    losses = []
+    for _ in range(4):  # the same batch four times: its loss must fall
+        variables, opt_state, loss = step(variables, opt_state, x[:64], y[:64])
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    moved = flatten_paths(variables)
+    assert not np.array_equal(moved["batch_stats/bn1/mean"], flatten_paths(m.params)["batch_stats/bn1/mean"])
+
+
+def test_report_command(capsys, monkeypatch):
+    from nncjax.models.__main__ import main
+
+    monkeypatch.setattr("sys.argv", ["nncjax.models", "--subset", "20", "crepe"])
+    main()
+    line = capsys.readouterr().out
+    assert line.startswith("crepe") and "within_50c 1" in line and "487,096 params" in line
+
+
 def test_fashion_mnist_data_shapes():
     x, y = fashion_cnn.load_fashion_mnist("test")
     assert x.shape == (10000, 28, 28) and x.dtype == np.uint8
