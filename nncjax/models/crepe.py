@@ -88,22 +88,23 @@ class Crepe(nn.Module):
         return nn.sigmoid(nn.Dense(PITCH_BINS, name="classifier")(x.reshape(x.shape[0], -1)))
 
 
-def _build_name_map() -> dict[str, tuple[str, bool]]:
-    """``{flax_path: (original_name, is_conv_kernel)}``."""
-    m: dict[str, tuple[str, bool]] = {}
+def _build_name_map() -> dict[str, tuple[str, str | None]]:
+    """``{flax_path: (original_name, layout)}``; layout ``"conv"``: torch ``(out, in, k, 1)`` vs
+    Flax ``(k, in, out)``; ``"dense"``: torch ``(out, in)`` vs Flax ``(in, out)``; ``None``: same."""
+    bn_leaves = (
+        ("params", "scale", "weight"),
+        ("params", "bias", "bias"),
+        ("batch_stats", "mean", "running_mean"),
+        ("batch_stats", "var", "running_var"),
+    )
+    m: dict[str, tuple[str, str | None]] = {}
     for i in range(1, 7):
-        m[f"params/conv{i}/kernel"] = (f"conv{i}.weight", True)
-        m[f"params/conv{i}/bias"] = (f"conv{i}.bias", False)
-        for flax_name, orig in (
-            ("params", "weight"),
-            ("params", "bias"),
-            ("batch_stats", "running_mean"),
-            ("batch_stats", "running_var"),
-        ):
-            leaf = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var": "var"}[orig]
-            m[f"{flax_name}/conv{i}_BN/{leaf}"] = (f"conv{i}_BN.{orig}", False)
-    m["params/classifier/kernel"] = ("classifier.weight", False)  # transposed, see below
-    m["params/classifier/bias"] = ("classifier.bias", False)
+        m[f"params/conv{i}/kernel"] = (f"conv{i}.weight", "conv")
+        m[f"params/conv{i}/bias"] = (f"conv{i}.bias", None)
+        for collection, leaf, orig in bn_leaves:
+            m[f"{collection}/conv{i}_BN/{leaf}"] = (f"conv{i}_BN.{orig}", None)
+    m["params/classifier/kernel"] = ("classifier.weight", "dense")
+    m["params/classifier/bias"] = ("classifier.bias", None)
     return m
 
 
@@ -114,15 +115,17 @@ UNUSED_ORIGINAL = tuple(f"conv{i}_BN.num_batches_tracked" for i in range(1, 7))
 
 def _to_flax(path: str, a: np.ndarray) -> np.ndarray:
     """Original layout -> Flax layout; a tensor of the wrong rank passes unchanged (the shape check rejects it)."""
-    if _MAP[path][1] and a.ndim == 4:
-        return a[..., 0].transpose(2, 1, 0)  # (out, in, k, 1) -> (k, in, out)
-    return a.T if path == "params/classifier/kernel" else a
+    layout = _MAP[path][1]
+    if layout == "conv" and a.ndim == 4:
+        return a[..., 0].transpose(2, 1, 0)
+    return a.T if layout == "dense" else a
 
 
 def _to_torch(path: str, a: np.ndarray) -> np.ndarray:
-    if _MAP[path][1]:
+    layout = _MAP[path][1]
+    if layout == "conv":
         return a.transpose(2, 1, 0)[..., None]
-    return a.T if path == "params/classifier/kernel" else a
+    return a.T if layout == "dense" else a
 
 
 def to_original(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
