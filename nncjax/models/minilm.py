@@ -103,8 +103,8 @@ class MiniLM(nn.Module):
 def _build_name_map() -> dict[str, tuple[str, bool]]:
     """``{flax_path: (original_name, transpose)}``; ``transpose`` marks torch ``Linear`` weights."""
     m: dict[str, tuple[str, bool]] = {}
-    for flax_name, orig in (("word", "word"), ("position", "position"), ("token_type", "token_type")):
-        m[f"params/{flax_name}_embeddings/embedding"] = (f"embeddings.{orig}_embeddings.weight", False)
+    for kind in ("word", "position", "token_type"):
+        m[f"params/{kind}_embeddings/embedding"] = (f"embeddings.{kind}_embeddings.weight", False)
     m["params/embeddings_norm/scale"] = ("embeddings.LayerNorm.weight", False)
     m["params/embeddings_norm/bias"] = ("embeddings.LayerNorm.bias", False)
     for i in range(LAYERS):
