@@ -100,13 +100,18 @@ def bench_set(oracle, name, levels, repeat, parallel):
           f"    encode  nncjax {e_o:6.2f}  NNCodec {e_n:6.2f} Mlevels/s  ratio {e_o / e_n:5.2f}\n"
           f"    decode  nncjax {d_o:6.2f}  NNCodec {d_n:6.2f} Mlevels/s  ratio {d_o / d_n:5.2f}")
     if parallel:
+        shapes = [lv.shape for lv in levels]
         w_enc, par = wall_best(lambda: encode_many(levels, workers=2, row_skipping=True, **SETTINGS, **LAYER), repeat)
-        w_dec, _ = wall_best(lambda: decode_many(par, [lv.shape for lv in levels], workers=2, **SETTINGS, **LAYER),
-                             repeat)
+        w_dec, _ = wall_best(lambda: decode_many(par, shapes, workers=2, **SETTINGS, **LAYER), repeat)
+        w_enc1, _ = wall_best(lambda: encode_many(levels, workers=1, row_skipping=True, **SETTINGS, **LAYER), repeat)
+        w_dec1, _ = wall_best(lambda: decode_many(par, shapes, workers=1, **SETTINGS, **LAYER), repeat)
         assert par == ours
+        s_enc, s_dec = w_enc1 / w_enc, w_dec1 / w_dec
         print(f"    2 threads (wall): encode {n / w_enc / 1e6:6.2f} Mlevels/s, ratio {theirs['encode_s'] / w_enc:5.2f}; "
               f"decode {n / w_dec / 1e6:6.2f} Mlevels/s, ratio {theirs['decode_s'] / w_dec:5.2f}  "
-              f"(vs NNCodec single-threaded)")
+              f"(wall, vs NNCodec's single-threaded CPU time)\n"
+              f"    2 threads vs 1 thread (wall, back to back): encode x{s_enc:4.2f}, decode x{s_dec:4.2f}; "
+              f"times the CPU ratio: encode {s_enc * e_o / e_n:5.2f}, decode {s_dec * d_o / d_n:5.2f}")
     return same and ok
 
 

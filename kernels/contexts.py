@@ -111,14 +111,11 @@ def ctx_reset_all(ctx):
 def ctx_update(ctx, c, b):
     """Adapts context ``c`` to bin ``b``: both states move toward ``b`` by a curve-shaped step."""
     c = np.uint64(c)  # unsigned indices spare Numba's negative-index wraparound
+    sgn = np.int32(2 * b - 1)  # branch-free: bins are hard to predict
     s0 = np.int32(ctx[c, 0])
     s1 = np.int32(ctx[c, 1]) - 16 * s0
-    if b:
-        s0 += _CURVE[np.uint64(16 + (s0 >> 3))] >> ctx[c, 2]
-        s1 += _CURVE[np.uint64(16 + (s1 >> 7))] >> ctx[c, 3]
-    else:
-        s0 -= _CURVE[np.uint64(16 + ((-s0) >> 3))] >> ctx[c, 2]
-        s1 -= _CURVE[np.uint64(16 + ((-s1) >> 7))] >> ctx[c, 3]
+    s0 += sgn * (_CURVE[np.uint64(16 + ((sgn * s0) >> 3))] >> ctx[c, 2])
+    s1 += sgn * (_CURVE[np.uint64(16 + ((sgn * s1) >> 7))] >> ctx[c, 3])
     ctx[c, 0] = s0
     ctx[c, 1] = s1 + 16 * s0
 
@@ -148,18 +145,15 @@ def cand_bin(cand_s0, cand_s01, cand_acc, c, b):
     """Charges bin ``b`` of context ``c`` to all nine candidates, then adapts each of them."""
     c = np.uint64(c)
     bu = np.uint64(b)
+    sgn = np.int32(2 * b - 1)
     for ii in range(9):
         i = np.uint64(ii)
         s0 = np.int32(cand_s0[c, i])
         s01 = np.int32(cand_s01[c, i])
         cand_acc[c, i] += _EST[np.uint64(512 + (s01 >> 3)), bu]
         s1 = s01 - 16 * s0
-        if b:
-            s0 += _CURVE[np.uint64(16 + (s0 >> 3))] >> _SH0[i]
-            s1 += _CURVE[np.uint64(16 + (s1 >> 7))] >> _SH1[i]
-        else:
-            s0 -= _CURVE[np.uint64(16 + ((-s0) >> 3))] >> _SH0[i]
-            s1 -= _CURVE[np.uint64(16 + ((-s1) >> 7))] >> _SH1[i]
+        s0 += sgn * (_CURVE[np.uint64(16 + ((sgn * s0) >> 3))] >> _SH0[i])
+        s1 += sgn * (_CURVE[np.uint64(16 + ((sgn * s1) >> 7))] >> _SH1[i])
         cand_s0[c, i] = s0
         cand_s01[c, i] = s1 + 16 * s0
 

@@ -203,14 +203,11 @@ def dbin(ctx, c, ds, data, value, rng, bits):
         a = -a
     rlps = _RPS[np.uint64(a + (rng & 0xE0))]
     rmps = rng - rlps
-    mps = 1 if s01 >= 0 else 0
-    if (value >> 7) >= rmps:
-        value -= rmps << 7
-        rng = rlps
-        b = 1 - mps
-    else:
-        rng = rmps
-        b = mps
+    lps = np.int64((value >> 7) >= rmps)  # branch-free selection: bins are hard to predict
+    mask = -lps
+    value -= (rmps << 7) & mask
+    rng = rmps ^ ((rmps ^ rlps) & mask)
+    b = (1 if s01 >= 0 else 0) ^ lps
     n = RENORM[np.uint64(rng)]
     rng <<= n
     value <<= n
