@@ -405,7 +405,7 @@ def encode_many(tensors, *, workers: int = 2, **common) -> list[bytes]:
     arguments (with ``levels``); ``common`` supplies the rest (e.g. ``dq=True, unary_length=11``).
 
     >>> [len(b) for b in encode_many([np.zeros(4, np.int32), np.ones(4, np.int32)], dq=False)]
-    [8, 9]
+    [4, 5]
     """
     jobs = [dict(common, **(t if isinstance(t, dict) else {"levels": t})) for t in tensors]
 

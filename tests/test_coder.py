@@ -226,3 +226,12 @@ def test_bad_encoder_fields_and_side_information():
     enc.finish()
     with pytest.raises(NNCError):
         enc.encode_layer(np.zeros(2, np.int32), dq=False)
+
+
+def test_docstring_examples():
+    import doctest
+
+    from nncjax.kernels import coder, contexts
+
+    for mod in (coder, contexts):
+        assert doctest.testmod(mod, extraglobs={"np": np}).failed == 0
