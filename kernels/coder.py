@@ -323,7 +323,7 @@ class CabacDecoder:
         """Decodes one tensor of ``shape``; returns ``(levels int32 of shape, EntryPoints)``.
 
         Settings as in :meth:`CabacEncoder.encode_layer` (they come from the NDU header; ``base`` for
-        TCA, ``hdsp_hist`` when the payload may enable HDSP, else InputError if it does). Block-row
+        TCA, ``hdsp_hist`` when the payload may enable HDSP, else BitstreamError if it does). Block-row
         resets are applied while decoding sequentially, so the signalled entry points are not needed;
         the returned ones are what ``entry_point_list()`` must carry. For DQ tensors the levels are the
         reconstruction indices k. Time is bounded by the number of elements.
@@ -343,7 +343,8 @@ class CabacDecoder:
                                    lay.ci_list, lay.ci_ctx, lay.rs_ctx, ep[0], ep[1], ep[2], info)
         if status == _lv.ERR_NO_HIST:
             self._done = True
-            raise InputError("DeepCABAC payload enables HDSP (hist_dep_sig_prob_enabled_flag = 1): pass hdsp_hist")
+            raise BitstreamError("DeepCABAC payload: hist_dep_sig_prob_enabled_flag = 1 (HDSP) but no hdsp_hist "
+                                 "was given for this tensor")
         if status != _lv.OK:
             what = {_lv.ERR_PREFIX: "remainder prefix longer than 30 bins",
                     _lv.ERR_OVERFLOW: "level exceeds the int32 range"}[status]
