@@ -1,0 +1,281 @@
+"""Rate-distortion curves of real models: NNCodec vs nncjax (reference, BNF+IOQ+LSA, gradient RD).
+
+Per model, four methods, each point measured for real (bitstream bytes -> decode -> task metric):
+
+* ``nncodec``: NNCodec 2.1.3's ``nncodec.nn.encode`` with its defaults (DQ, qp_density 2,
+  nonweight QP -75) over a global QP sweep, via the test oracle, on the model's original (PyTorch)
+  tensor names and layouts; decoded with NNCodec.
+* ``nncjax-ref``: :func:`nncjax.encode` with the same settings on the same tensors; the bytes must be
+  identical to NNCodec's (asserted, column ``bytes_equal``).
+* ``nncjax-ioq``: :func:`nncjax.pipeline.optimize_ioq` (BN folding + IOQ + LSA) at a few λ.
+* ``nncjax-grad``: :func:`nncjax.optimize.optimize` (gradient RD of QPs and local scales) at the same λ.
+
+λ prices one bit per weight in units of D, the relative output MSE on the tuning set (both methods
+minimise the same ``D + λ R_bits / n_weights``). Tuning data never overlaps the evaluation data:
+Fashion-MNIST tunes on training images and evaluates on the test set; MiniLM tunes on WordNet *verb*
+glosses and evaluates on the noun reverse-dictionary task.
+
+Transparent quality (issue 5): Fashion-MNIST top-1 drop <= 0.1 points; MiniLM MRR drop <= 0.005 and
+mean embedding cosine to the original >= 0.999 (on the evaluation subset).
+
+Outputs: ``benchmarks/results/rd_<model>.csv``, ``rd_<model>.png`` and ``RD.md`` (summary tables).
+
+Usage: python benchmarks/rd.py [--models fashion_cnn minilm] [--quick] [--subset N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import pathlib
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import nncjax.models as models  # noqa: E402
+from nncjax.codec import QPAdjustedWarning, decode, encode  # noqa: E402
+from nncjax.optimize import optimize, verify  # noqa: E402
+from nncjax.pipeline import optimize_ioq  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results"
+FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "argmax_agree", "transparent",
+          "opt_wall_s", "encode_s", "bytes_equal", "note"]
+
+
+@dataclasses.dataclass
+class Config:
+    name: str
+    subset: object  # evaluation subset for every point
+    qps: list  # NNCodec global QP sweep
+    lams: list  # λ of the optimised methods
+    base_qp: int
+    tune: object  # tuning batches
+    ioq_kwargs: dict
+    grad_steps: int
+
+
+def fashion_config(quick: bool, subset) -> Config:
+    from nncjax.models.fashion_cnn import load_fashion_mnist
+    x = load_fashion_mnist("train")[0]
+    tune = [jnp.asarray(x[i:i + 64]) for i in range(0, 256, 64)]
+    pairs = [(("conv1",), ("bn1",)), (("conv2",), ("bn2",)), (("conv3",), ("bn3",)), (("fc1",), ("bn4",))]
+    return Config("fashion_cnn", subset or "full",
+                  [-30, -24] if quick else [-32, -30, -28, -27, -26, -25, -24, -22, -20],
+                  [3e-3] if quick else [1e-3, 3e-3, 1e-2, 3e-2],
+                  -28, tune, dict(bn_pairs=pairs, lsa_steps=20 if quick else 150, rounds=1 if quick else 2,
+                                  ls_qp=-44), 30 if quick else 150)
+
+
+def minilm_config(quick: bool, subset) -> Config:
+    from nncjax.models.minilm import tokenize
+    from nncjax.models.wordnet import WORDNET_DIR
+    glosses = []
+    for line in (WORDNET_DIR / "data.verb").read_text().splitlines():
+        if line and not line.startswith(" ") and " | " in line:
+            glosses.append(line.partition(" | ")[2].strip())
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(glosses), 64, replace=False)
+    texts = [glosses[i] for i in pick]
+    tune = [tokenize(texts[i:i + 32], length=64) for i in (0, 32)]
+    tune = [{k: jnp.asarray(v) for k, v in b.items()} for b in tune]
+    return Config("minilm", subset or (200 if quick else "full"),
+                  [-34, -28] if quick else [-38, -36, -34, -32, -30, -28],
+                  [1e-4] if quick else [3e-5, 1e-4, 3e-4],
+                  -32, tune, dict(bn_pairs=None, lsa_steps=10 if quick else 60, rounds=1,
+                                  offsets=(-4, -2, 2, 4), ls_qp=-44), 20 if quick else 100)
+
+
+def metrics_row(m, params, subset) -> dict:
+    ev = m.eval(params, subset=subset)
+    return {k: ev.get(k, "") for k in ("top1", "mrr", "mean_cosine", "argmax_agree")}
+
+
+def transparent(model: str, met: dict, ref: dict) -> bool:
+    if model == "minilm":
+        return met["mrr"] >= ref["mrr"] - 0.005 and met["mean_cosine"] >= 0.999
+    return met["top1"] >= ref["top1"] - 0.001 - 1e-12
+
+
+def run_model(cfg: Config, oracle) -> list[dict]:
+    m = models.get(cfg.name)
+    rows: list[dict] = []
+
+    def add(method, setting, nbytes, met, opt_s="", enc_s="", eq="", note=""):
+        row = dict(model=cfg.name, method=method, setting=setting, bytes=nbytes, **met,
+                   transparent=transparent(cfg.name, met, ref) if method != "float" else True,
+                   opt_wall_s=opt_s if opt_s == "" else round(opt_s, 2),
+                   encode_s=enc_s if enc_s == "" else round(enc_s, 3), bytes_equal=eq, note=note)
+        rows.append(row)
+        print({k: v for k, v in row.items() if v != ""}, flush=True)
+
+    ref = metrics_row(m, m.params, cfg.subset)
+    n_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(m.params))
+    add("float", "float32", 4 * n_params, ref)
+
+    # (a) NNCodec defaults and (b) nncjax reference mode, same tensors and settings
+    orig = {k: np.asarray(v, np.float32) for k, v in m.to_original(m.params).items()}
+    for qp in cfg.qps:
+        t0 = time.perf_counter()
+        nnc = oracle.call("nn", "encode", orig, {"qp": qp})
+        t_nnc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        ours = encode(orig, qp=qp)
+        t_ours = time.perf_counter() - t0
+        dec = oracle.call("nn", "decode", nnc)
+        params = m.from_original(dict(zip(dec["names"], dec["arrays"])))
+        met = metrics_row(m, params, cfg.subset)
+        eq = ours == nnc
+        add("nncodec", f"qp={qp}", len(nnc), met, enc_s=t_nnc, note="encode_s includes oracle IPC")
+        add("nncjax-ref", f"qp={qp}", len(ours), met, enc_s=t_ours, eq=eq)
+        if not eq:
+            raise AssertionError(f"{cfg.name} qp={qp}: nncjax reference bytes differ from NNCodec's")
+
+    # (c) BN folding + IOQ + LSA, (d) gradient RD, at the same λ
+    for lam in cfg.lams:
+        res = optimize_ioq(m.params, m.apply, cfg.tune, lam=lam, base_qp=cfg.base_qp, **cfg.ioq_kwargs)
+        t0 = time.perf_counter()
+        data = encode(res.tensors, **res.encode_kwargs())
+        t_enc = time.perf_counter() - t0
+        met = metrics_row(m, res.restore(decode(data)), cfg.subset)
+        w = res.wall_s
+        add("nncjax-ioq", f"lam={lam:g}", len(data), met, w["total"], t_enc,
+            note=f"fold {w['fold']:.1f}s ioq {w['ioq']:.1f}s lsa {w['lsa']:.1f}s; D_tune ioq "
+                 f"{res.history['d_ioq']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
+                 f"{sorted(res.history['ioq_qps'].values())}")
+
+        t0 = time.perf_counter()
+        rd = optimize(m.params, m.apply, cfg.tune, lam=lam, base_qp=cfg.base_qp, steps=cfg.grad_steps,
+                      progress=False)
+        t_opt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        v = verify(m.params, rd)
+        t_enc = time.perf_counter() - t0  # encode + decode
+        met = metrics_row(m, v.params, cfg.subset)
+        qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith("_ls_delta"))
+        add("nncjax-grad", f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
+            note=f"steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
+                 f"{float(rd.history['distortion'][-1]):.3g}; weight QPs {qps}; encode_s = encode+decode")
+    return rows
+
+
+def write_csv(rows: list[dict], path: pathlib.Path) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["mrr", "mean_cosine"] if model == "minilm" else ["top1"]
+    ref = next(r for r in rows if r["method"] == "float")
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False)
+    style = {"nncodec": ("o-", "NNCodec 2.1.3 defaults (QP sweep)"),
+             "nncjax-ref": ("x", "nncjax reference mode (= NNCodec bytes)"),
+             "nncjax-ioq": ("s-", "nncjax BNF + IOQ + LSA (λ sweep)"),
+             "nncjax-grad": ("^-", "nncjax gradient RD (λ sweep)")}
+    for ax, key in zip(axes[0], keys):
+        for method, (fmt, label) in style.items():
+            pts = sorted((r["bytes"] / 1024, r[key]) for r in rows if r["method"] == method)
+            if pts:
+                ax.plot(*zip(*pts), fmt, label=label, ms=7 if method != "nncjax-ref" else 9)
+        if key == "mean_cosine":
+            ax.axhline(0.999, color="gray", ls="--", lw=1, label="transparent (cos ≥ 0.999)")
+        else:
+            tol = 0.005 if key == "mrr" else 0.001
+            ax.axhline(ref[key], color="k", lw=0.8, label=f"float32 ({ref[key]:.4f})")
+            ax.axhline(ref[key] - tol, color="gray", ls="--", lw=1, label=f"transparent (drop ≤ {tol:g})")
+        ax.set_xlabel("bitstream size [KiB]")
+        ax.set_ylabel(key)
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{model}: rate-distortion (bytes vs quality on the evaluation set)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(rows: list[dict], model: str) -> str:
+    """Markdown: per method, the smallest transparent bitstream, its ratio to NNCodec's, wall times;
+    then gradient vs IOQ at each λ."""
+    ref = next(r for r in rows if r["method"] == "float")
+    best = {}
+    for r in rows:
+        if r["method"] != "float" and r["transparent"]:
+            if r["method"] not in best or r["bytes"] < best[r["method"]]["bytes"]:
+                best[r["method"]] = r
+    nnc = best.get("nncodec")
+    key = "mrr" if model == "minilm" else "top1"
+    lines = [f"### {model}", "",
+             f"float32: {ref['bytes']} bytes, {key} {ref[key]:.4f}" +
+             (f", transparent = {key} ≥ {ref[key] - 0.005:.4f} and mean cosine ≥ 0.999" if model == "minilm"
+              else f", transparent = top-1 ≥ {ref[key] - 0.001:.4f}"), "",
+             f"| method | smallest transparent bitstream [bytes] | vs NNCodec | setting | {key} |"
+             + (" mean cosine |" if model == "minilm" else "") + " optimisation wall [s] |",
+             "|---|---|---|---|---|" + ("---|" if model == "minilm" else "") + "---|"]
+    for method in ("nncodec", "nncjax-ref", "nncjax-ioq", "nncjax-grad"):
+        r = best.get(method)
+        if r is None:
+            lines.append(f"| {method} | none transparent | | | |" + (" |" if model == "minilm" else "") + " |")
+            continue
+        ratio = f"{r['bytes'] / nnc['bytes']:.3f} ({100 * (1 - r['bytes'] / nnc['bytes']):+.1f} % smaller)" \
+            if nnc else "n/a"
+        cos = f" {r['mean_cosine']:.5f} |" if model == "minilm" else ""
+        lines.append(f"| {method} | {r['bytes']} | {ratio} | {r['setting']} | {r[key]:.4f} |{cos} "
+                     f"{r['opt_wall_s']} |")
+    lines += ["", "Gradient RD vs IOQ at equal λ (same objective):", "",
+              f"| λ | IOQ bytes | IOQ {key} | IOQ wall [s] | gradient bytes | gradient {key} | gradient wall [s] |"
+              " wall ratio | gradient at or beyond IOQ's point |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["method"] != "nncjax-ioq":
+            continue
+        g = next((x for x in rows if x["method"] == "nncjax-grad" and x["setting"] == r["setting"]), None)
+        if g is None:
+            continue
+        better = g["bytes"] <= r["bytes"] and g[key] >= r[key]
+        lines.append(f"| {r['setting'][4:]} | {r['bytes']} | {r[key]:.4f} | {r['opt_wall_s']} | {g['bytes']} | "
+                     f"{g[key]:.4f} | {g['opt_wall_s']} | {r['opt_wall_s'] / g['opt_wall_s']:.1f}x | "
+                     f"{'yes' if better else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["fashion_cnn", "minilm"], choices=["fashion_cnn", "minilm"])
+    ap.add_argument("--quick", action="store_true", help="few points, few steps (smoke run)")
+    ap.add_argument("--subset", type=int, default=None, help="evaluation items (default: the full task)")
+    ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore", QPAdjustedWarning)
+    from tests.oracle.client import Oracle
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    oracle = Oracle()
+    try:
+        for name in args.models:
+            cfg = (fashion_config if name == "fashion_cnn" else minilm_config)(args.quick, args.subset)
+            rows = run_model(cfg, oracle)
+            write_csv(rows, args.out / f"rd_{name}.csv")
+            plot(rows, name, args.out / f"rd_{name}.png")
+            text = summary(rows, name)
+            (args.out / f"RD_{name}.md").write_text(text)
+            print(text, flush=True)
+    finally:
+        oracle.close()
+    parts = [p.read_text() for p in sorted(args.out.glob("RD_*.md"))]
+    (args.out / "RD.md").write_text("## Rate-distortion on real models (benchmarks/rd.py)\n\n" + "\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()

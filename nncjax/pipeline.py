@@ -1,0 +1,418 @@
+"""The "BN folding + IOQ + LSA" encoder pipeline as one function: :func:`optimize_ioq`.
+
+Stages (each one of the existing tools, in the order an NNR encoder applies them):
+
+1. **Coding layout.** The Flax variables become a flat, ordered dict of the tensors to code
+   (:class:`CodingLayout`): kernels in NNR layout (output rows first, :func:`nncjax.reduce.flax_to_nnr`),
+   other leaves as they are. Every (layer, BatchNorm) pair is folded
+   (:func:`nncjax.reduce.fold_batchnorm`) into ``W`` (unscaled), ``W_scaling`` (LS, per row) and the
+   layer's bias ``BI``: four BN vectors become two. Models without BN pairs (MiniLM) skip folding.
+2. **IOQ.** :func:`nncjax.ioq.ioq_initial_qps` then :func:`nncjax.ioq.ioq_search` choose one QP per
+   weight tensor (ndim > 1) minimising ``D + lam * R_bits / n_weights`` with ``D`` the output
+   distortion on a small tuning set (relative MSE of the outputs, as :func:`nncjax.optimize.optimize`
+   uses, so the two are comparable at equal ``lam``) and ``R`` the real DeepCABAC payload bits of the
+   codec's own quantizer (DQ trellis) and coder.
+3. **LSA.** The weights are frozen at their decoded values; per-row scales and all biases are
+   fine-tuned with optax on the same output-matching loss (:func:`nncjax.reduce.fit_local_scales`).
+   The scales merge into LS (``LS = s * g``) for folded blocks; other kernels get a
+   ``<name>_scaling`` tensor.
+
+The result is coded with :func:`nncjax.encode` as *plain tensors* with per-tensor ``qp_overrides``:
+the codec has no NNR_PT_BLOCK writer yet, so ``W``, ``W_scaling`` and ``BI`` are separate NDUs (what a
+block would carry, without the block header's savings). :meth:`IOQResult.restore` maps decoded
+tensors back onto the model's own Flax structure (:func:`nncjax.reduce.unfold_batchnorm` for BN
+layers), so the decoded model is evaluated by the unchanged ``apply``.
+
+Example:
+    >>> m = nncjax.models.get("fashion_cnn")                                        # doctest: +SKIP
+    >>> res = optimize_ioq(m.params, m.apply, x_tune, lam=1e-3, base_qp=-30,
+    ...                    bn_pairs=[(("conv1",), ("bn1",))])                        # doctest: +SKIP
+    >>> data = nncjax.encode(res.tensors, **res.encode_kwargs())                    # doctest: +SKIP
+    >>> params_hat = res.restore(nncjax.decode(data))                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nncjax.errors import InputError
+from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
+from nncjax.reduce import (
+    BNPair,
+    FoldedBlock,
+    block_names,
+    find_bn_pairs,
+    fit_local_scales,
+    flax_to_nnr,
+    fold_batchnorm,
+    named_leaves,
+    nnr_to_flax,
+    replace_named,
+    unfold_batchnorm,
+)
+from nncjax.steps import check_qp_density
+
+__all__ = ["CodingLayout", "IOQResult", "coded_tensor_bits", "codec_reconstruct", "optimize_ioq"]
+
+SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
+
+
+# ------------------------------------------------------------------------------------------------
+# the codec's view of one tensor
+
+
+def codec_reconstruct(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> np.ndarray:
+    """What :func:`nncjax.decode` returns for tensor ``x`` coded at ``qp``: float32, shape of ``x``.
+
+    Uses the codec's quantizer (:func:`nncjax.quantize.reference.quantize_tensor`, DQ trellis included,
+    overflow guard included), so the result is bit-identical to a real round trip.
+
+    >>> codec_reconstruct(np.array([0.3, -0.3], np.float32), -20).tolist()
+    [0.3125, -0.3125]
+    """
+    from nncjax.quantize.reference import quantize_tensor, reconstruct
+
+    x = np.asarray(x, np.float32)
+    levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
+    return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape)
+
+
+def coded_tensor_bits(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> int:
+    """DeepCABAC payload bits of tensor ``x`` at ``qp`` (real coder, row skipping; unit headers excluded).
+
+    >>> coded_tensor_bits(np.zeros((4, 4), np.float32), -32) < 64
+    True
+    """
+    from nncjax.kernels.coder import encode_levels
+    from nncjax.quantize.reference import quantize_tensor
+
+    levels, _ = quantize_tensor(np.asarray(x, np.float32), int(qp), qp_density=qp_density, dq=dq)
+    return 8 * len(encode_levels(levels, dq=dq, row_skipping=True, profile=1))
+
+
+# ------------------------------------------------------------------------------------------------
+# coding layout: Flax variables <-> flat dict of coded tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class CodingLayout:
+    """How a Flax variable dict is coded as a flat, ordered dict of tensors, and back.
+
+    Attributes:
+      template: the model's variables (structure and dtypes only are used by :meth:`to_variables`).
+      pairs: the folded (layer, BatchNorm) pairs (module paths inside ``params``).
+      eps: the BatchNorm epsilon used for folding.
+      entries: ordered ``(coded name, kind, source)``; kind is ``"block_w"`` / ``"block_ls"`` /
+        ``"block_bi"`` (source: the block's weight name, relative to ``params``), ``"kernel"`` (a Flax
+        kernel stored in NNR layout), ``"scaling"`` (per-row scale of the ``"kernel"`` named by
+        source), or ``"leaf"`` (any other leaf as is; source = its full variables path).
+
+    Coded names are full variable paths (``"params/conv1/kernel"``); LS is ``"<weight>_scaling"``.
+
+    Example:
+      >>> lay = CodingLayout.build({"params": {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}})
+      >>> [e[:2] for e in lay.entries]
+      [('params/d/bias', 'leaf'), ('params/d/kernel', 'kernel')]
+      >>> lay.to_coded(lay.template)["params/d/kernel"].shape   # NNR layout: output rows first
+      (2, 3)
+    """
+
+    template: Any
+    pairs: tuple[BNPair, ...]
+    eps: float
+    entries: tuple[tuple[str, str, str], ...]
+
+    @staticmethod
+    def build(variables: Mapping[str, Any], bn_pairs: Sequence | str | None = "auto", eps: float = 1e-5
+              ) -> CodingLayout:
+        """Layout of ``variables``. ``bn_pairs``: ``"auto"`` (:func:`nncjax.reduce.find_bn_pairs`:
+        Flax's ``Conv_i``/``BatchNorm_i`` names), None (no folding) or explicit
+        ``[(layer_path, bn_path), ...]`` module paths inside ``params``."""
+        if not isinstance(variables, Mapping) or "params" not in variables:
+            raise InputError("variables must be a Flax variable dict with a 'params' entry")
+        if bn_pairs == "auto":
+            pairs = find_bn_pairs(variables["params"]) if "batch_stats" in variables else []
+        elif bn_pairs is None:
+            pairs = []
+        else:
+            pairs = [BNPair(tuple(a), tuple(b)) for a, b in bn_pairs]
+        entries: list[tuple[str, str, str]] = []
+        consumed: set[str] = set()
+        if pairs:
+            folded = fold_batchnorm(variables, pairs, eps=eps)
+            for wname in folded.blocks:
+                names = block_names(wname)
+                entries += [("params/" + wname, "block_w", wname),
+                            ("params/" + wname + SCALING_SUFFIX, "block_ls", wname),
+                            ("params/" + names["BI"], "block_bi", wname)]
+            kept = {"params/" + k for k in folded.rest}
+            consumed = {k for k in named_leaves(variables["params"])}
+            consumed = {"params/" + k for k in consumed} - kept
+            for p in pairs:
+                consumed |= {"batch_stats/" + "/".join(p.bn) + "/" + k for k in ("mean", "var")}
+        for name, leaf in named_leaves(variables).items():
+            if name in consumed:
+                continue
+            kind = "kernel" if name.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2 else "leaf"
+            entries.append((name, kind, name))
+        return CodingLayout(variables, tuple(pairs), float(eps), tuple(entries))
+
+    def with_scalings(self, kernels: Sequence[str]) -> CodingLayout:
+        """This layout plus a ``"<kernel>_scaling"`` tensor after each named ``"kernel"`` entry."""
+        out = []
+        for e in self.entries:
+            out.append(e)
+            if e[1] == "kernel" and e[0] in kernels:
+                out.append((e[0] + SCALING_SUFFIX, "scaling", e[0]))
+        return dataclasses.replace(self, entries=tuple(out))
+
+    def to_coded(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
+        """``variables`` -> ``{coded name: array}`` in entry order (scalings start at 1)."""
+        leaves = named_leaves(variables)
+        blocks = fold_batchnorm(variables, self.pairs, eps=self.eps).blocks if self.pairs else {}
+        out: dict[str, jax.Array] = {}
+        for name, kind, src in self.entries:
+            if kind.startswith("block_"):
+                blk = blocks[src]
+                out[name] = {"block_w": blk.w, "block_ls": blk.ls, "block_bi": blk.bi}[kind]
+            elif kind == "kernel":
+                out[name] = flax_to_nnr(jnp.asarray(leaves[src]))
+            elif kind == "scaling":
+                out[name] = jnp.ones((np.shape(leaves[src])[-1],), jnp.float32)
+            else:
+                out[name] = jnp.asarray(leaves[src])
+        return out
+
+    def to_variables(self, coded: Mapping[str, Any]) -> Any:
+        """``{coded name: array}`` -> Flax variables computing the coded model. Pure and jit-able.
+
+        Folded blocks: ``unfold_batchnorm`` (BN scale = LS, shift = BI, mean 0, unit variance);
+        kernels: back to Flax layout, rows multiplied by their ``_scaling`` if any.
+        """
+        missing = [e[0] for e in self.entries if e[0] not in coded]
+        if missing:
+            raise InputError(f"coded tensors lack {missing[:5]}")
+        scal = {src: coded[name] for name, kind, src in self.entries if kind == "scaling"}
+        blocks: dict[str, dict[str, Any]] = {}
+        updates: dict[str, Any] = {}
+        for name, kind, src in self.entries:
+            x = jnp.asarray(coded[name])
+            if kind.startswith("block_"):
+                blocks.setdefault(src, {})[kind[6:]] = x
+            elif kind == "kernel":
+                if src in scal:
+                    x = x * jnp.asarray(scal[src], x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+                updates[src] = nnr_to_flax(x)
+            elif kind == "leaf":
+                updates[src] = x
+        tmpl = named_leaves(self.template)
+        updates = {k: v.astype(np.asarray(tmpl[k]).dtype).reshape(np.shape(tmpl[k])) for k, v in updates.items()}
+        variables = self.template
+        if blocks:
+            fb = {w: FoldedBlock(b["w"], b["ls"], b["bi"]) for w, b in blocks.items()}
+            in_params = {k[len("params/"):]: v for k, v in updates.items() if k.startswith("params/")}
+            variables = unfold_batchnorm(self.template, fb, self.pairs, eps=self.eps, rest=in_params)
+            updates = {k: v for k, v in updates.items() if not k.startswith("params/")}
+        return replace_named(variables, updates)
+
+
+# ------------------------------------------------------------------------------------------------
+# result
+
+
+@dataclasses.dataclass(frozen=True)
+class IOQResult:
+    """What :func:`optimize_ioq` produced.
+
+    Attributes:
+      tensors: ``{coded name: float32 np.ndarray}`` to pass to :func:`nncjax.encode`, in coding order.
+      qp_overrides: ``{coded name: qp}`` for every float tensor.
+      qp, qp_density, nonweight_qp, dq: the global codec settings.
+      layout: the :class:`CodingLayout` (maps decoded tensors back to the model).
+      lam: the rate price used (per bit per weight).
+      wall_s: ``{"fold", "ioq", "lsa", "total"}`` seconds spent in each stage.
+      history: ``{"ioq_qps": {name: qp}, "d_ioq": D after IOQ, "d_lsa": D after LSA (tuning set,
+        scales quantized), "lsa_losses": (steps,)}``.
+
+    Example:
+      >>> data = nncjax.encode(res.tensors, **res.encode_kwargs())          # doctest: +SKIP
+      >>> params_hat = res.restore(nncjax.decode(data))                     # doctest: +SKIP
+    """
+
+    tensors: dict[str, np.ndarray]
+    qp_overrides: dict[str, int]
+    qp: int
+    qp_density: int
+    nonweight_qp: int
+    dq: bool
+    layout: CodingLayout
+    lam: float
+    wall_s: dict[str, float]
+    history: dict[str, Any]
+
+    def encode_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`nncjax.encode` for :attr:`tensors`."""
+        return {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
+                "qp_overrides": dict(self.qp_overrides)}
+
+    def restore(self, decoded: Mapping[str, Any]) -> Any:
+        """Flax variables of the model from :func:`nncjax.decode` output (flat ``{name: array}``)."""
+        return jax.device_get(self.layout.to_variables({k: jnp.asarray(v) for k, v in decoded.items()}))
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline
+
+
+def _relative_mse(y: Any, ref: Any) -> jax.Array:
+    ys, rs = jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(ref)
+    return sum(jnp.mean((a - b) ** 2) / jnp.maximum(jnp.var(b), 1e-30) for a, b in zip(ys, rs)) / len(ys)
+
+
+def optimize_ioq(
+    variables: Mapping[str, Any],
+    apply_fn: Callable[[Any, Any], Any],
+    data: Any,
+    *,
+    lam: float,
+    base_qp: int = -32,
+    qp_density: int = 2,
+    nonweight_qp: int = -75,
+    ls_qp: int | None = None,
+    dq: bool = True,
+    bn_pairs: Sequence | str | None = "auto",
+    eps: float = 1e-5,
+    offsets: Sequence[int] = (-4, -2, -1, 1, 2, 4),
+    rounds: int = 2,
+    lsa_steps: int = 200,
+    lsa_optimizer: optax.GradientTransformation | None = None,
+    progress: bool = False,
+) -> IOQResult:
+    """BN folding, IOQ and LSA (module docstring) for a Flax model; returns what to encode.
+
+    Args:
+      variables: Flax variables ``{"params": ..., "batch_stats": ...}`` (float32).
+      apply_fn: ``apply_fn(variables, batch) -> outputs`` (pytree of arrays), jit-able.
+      data: tuning data: one batch or a list of batches (passed to ``apply_fn`` as is). ``D`` is the
+        relative output MSE against the original model, averaged over the batches; LSA cycles them.
+      lam: rate price per bit per weight (``D + lam * R_bits / n_weights``, as :func:`nncjax.optimize`).
+      base_qp: starting QP of the weights (IOQ's closed-form spread/size offsets are added to it).
+      qp_density, dq: codec settings. nonweight_qp: QP of 1-D tensors (biases, BI, LayerNorm).
+      ls_qp: QP of the LS / scaling tensors (default ``nonweight_qp``).
+      bn_pairs: ``"auto"``, None, or explicit ``[(layer_path, bn_path)]`` (see :class:`CodingLayout`).
+      eps: BatchNorm epsilon of the model.
+      offsets, rounds: IOQ greedy search moves (:func:`nncjax.ioq.ioq_search`).
+      lsa_steps: optax steps of LSA (0 disables it). lsa_optimizer: default ``optax.adam(1e-3)``.
+      progress: tqdm bars.
+
+    Returns:
+      :class:`IOQResult` (``tensors``, ``qp_overrides``, ``restore``, ``wall_s``, ``history``).
+
+    Example:
+      >>> res = optimize_ioq(m.params, m.apply, x_tune, lam=1e-3, base_qp=-30)   # doctest: +SKIP
+      >>> params_hat = res.restore(nncjax.decode(nncjax.encode(res.tensors, **res.encode_kwargs())))  # doctest: +SKIP
+    """
+    if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam >= 0):
+        raise InputError(f"lam must be a finite number >= 0, got {lam!r}")
+    qpd = check_qp_density(qp_density)
+    lo, hi = qp_limits(qpd)
+    for what, q in (("base_qp", base_qp), ("nonweight_qp", nonweight_qp), ("ls_qp", ls_qp)):
+        if q is not None and not (isinstance(q, (int, np.integer)) and lo <= q <= hi):
+            raise InputError(f"{what} must be an int in [{lo}, {hi}], got {q!r}")
+    ls_qp = nonweight_qp if ls_qp is None else int(ls_qp)
+    batches = list(data) if isinstance(data, list) else [data]
+    if not batches:
+        raise InputError("data must hold at least one batch")
+    t_start = time.perf_counter()
+
+    # 1. coding layout (BN folding)
+    layout = CodingLayout.build(variables, bn_pairs, eps)
+    scaled = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")] if lsa_steps else []
+    layout = layout.with_scalings([n for n, kind, _ in layout.entries if kind == "kernel" and n in scaled])
+    coded = {k: np.asarray(v, np.float32) for k, v in layout.to_coded(variables).items()}
+    t_fold = time.perf_counter()
+
+    refs = [jax.jit(apply_fn)(variables, b) for b in batches]
+
+    @jax.jit
+    def distortion_one(c, batch, ref):
+        return _relative_mse(apply_fn(layout.to_variables(c), batch), ref)
+
+    def distortion(c: Mapping[str, Any]) -> float:
+        c = {k: jnp.asarray(v) for k, v in c.items()}
+        return float(np.mean([float(distortion_one(c, b, r)) for b, r in zip(batches, refs)]))
+
+    # 2. IOQ on the weights; 1-D tensors fixed at their QPs
+    weights = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")
+               or (kind == "leaf" and coded[n].ndim > 1)]
+    n_weights = sum(coded[n].size for n in weights)
+    fixed = {n: (ls_qp if kind in ("block_ls", "scaling") else nonweight_qp)
+             for n, kind, _ in layout.entries if n not in weights}
+    init = ioq_initial_qps({n: coded[n] for n in weights}, int(base_qp), qp_density=qpd)
+    init.update(fixed)
+    cache: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+    by_id = {id(v): k for k, v in coded.items()}
+
+    def coded_at(name: str, qp: int) -> tuple[np.ndarray, int]:
+        if (name, qp) not in cache:
+            x = coded[name]
+            bits = coded_tensor_bits(x, qp, qp_density=qpd, dq=dq) if name in weights else 0
+            cache[(name, qp)] = (codec_reconstruct(x, qp, qp_density=qpd, dq=dq), bits)
+        return cache[(name, qp)]
+
+    def quantize_fn(w, qp):
+        return jnp.asarray(coded_at(by_id[id(w)], int(qp))[0])
+
+    def rate_bits(name, w, qp):
+        return float(coded_at(name, int(qp))[1])
+
+    qps = ioq_search(coded, distortion, rate_bits, float(lam) / max(n_weights, 1), init, offsets=tuple(offsets),
+                     rounds=rounds, progress=progress, quantize_fn=quantize_fn, qp_density=qpd, names=weights)
+    hat = {n: coded_at(n, q)[0] for n, q in qps.items()}
+    d_ioq = distortion(hat)
+    t_ioq = time.perf_counter()
+
+    # 3. LSA: weights frozen at their decoded values; per-row scales and biases (1-D "bias" leaves,
+    # folded BI included) trained on the output-matching loss
+    tensors = dict(coded)
+    losses = np.zeros((0,))
+    d_lsa = d_ioq
+    if lsa_steps:
+        base = {n: jnp.asarray(hat[n]) for n in coded}
+        row_scales = {n: jnp.ones((coded[n].shape[0],), jnp.float32) for n in scaled}
+        pairs_ = list(zip(batches, refs))
+
+        def loss_fn(c, br):
+            return _relative_mse(apply_fn(layout.to_variables(c), br[0]), br[1])
+
+        res = fit_local_scales(loss_fn, base, row_scales, itertools.cycle(pairs_),
+                               lsa_optimizer or optax.adam(1e-3), steps=lsa_steps, progress=progress,
+                               train_biases=True, axis=0)
+        losses = np.asarray(res.losses)
+        trained = {k: np.asarray(v, np.float32) for k, v in res.params.items()}
+        for n, kind, src in layout.entries:
+            if kind == "scaling":
+                tensors[n] = np.asarray(res.scales[src], np.float32)
+            elif kind == "block_ls":
+                tensors[n] = (coded[n] * np.asarray(res.scales["params/" + src], np.float32)).astype(np.float32)
+            elif coded[n].ndim == 1 and n.rsplit("/", 1)[-1] == "bias":
+                tensors[n] = trained[n]
+        d_lsa = distortion({n: (hat[n] if n in weights else codec_reconstruct(tensors[n], qps[n], qp_density=qpd,
+                                                                                   dq=dq)) for n in tensors})
+    t_end = time.perf_counter()
+    nw = {n: int(q) for n, q in qps.items()}
+    return IOQResult(
+        tensors=tensors, qp_overrides=nw, qp=int(base_qp), qp_density=qpd, nonweight_qp=int(nonweight_qp),
+        dq=bool(dq), layout=layout, lam=float(lam),
+        wall_s={"fold": t_fold - t_start, "ioq": t_ioq - t_fold, "lsa": t_end - t_ioq, "total": t_end - t_start},
+        history={"ioq_qps": {n: nw[n] for n in weights}, "d_ioq": d_ioq, "d_lsa": d_lsa, "lsa_losses": losses},
+    )

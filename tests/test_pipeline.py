@@ -1,0 +1,109 @@
+"""nncjax.pipeline: BN folding + IOQ + LSA as one encoder pipeline, measured through real bitstreams."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nncjax.models as models
+from nncjax.codec import QPAdjustedWarning, decode, encode
+from nncjax.errors import InputError
+from nncjax.models.digits_mlp import load_digits_split
+from nncjax.pipeline import CodingLayout, codec_reconstruct, coded_tensor_bits, optimize_ioq
+
+
+class _TinyBN(nn.Module):
+    """Conv + BatchNorm + ReLU, then Dense: Flax's automatic names, so pairs are found by find_bn_pairs."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), use_bias=True)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(x))
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def tiny_bn():
+    model = _TinyBN()
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, 6, 6, 2))
+    v = model.init(jax.random.PRNGKey(0), x)
+    rng = np.random.default_rng(0)
+    # non-trivial BN statistics and affine parameters, so folding has something to fold
+    v = jax.tree_util.tree_map(np.asarray, v)
+    v["batch_stats"]["BatchNorm_0"]["mean"] = rng.normal(0, 0.3, 8).astype(np.float32)
+    v["batch_stats"]["BatchNorm_0"]["var"] = rng.uniform(0.2, 3.0, 8).astype(np.float32)
+    v["params"]["BatchNorm_0"]["scale"] = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    v["params"]["BatchNorm_0"]["bias"] = rng.normal(0, 0.3, 8).astype(np.float32)
+    return model.apply, v, x
+
+
+def test_layout_round_trip_folds_bn_exactly(tiny_bn):
+    apply, v, x = tiny_bn
+    lay = CodingLayout.build(v)  # "auto" pairs Conv_0 with BatchNorm_0
+    coded = lay.to_coded(v)
+    assert list(coded) == ["params/Conv_0/kernel", "params/Conv_0/kernel_scaling", "params/Conv_0/bias",
+                           "params/Dense_0/bias", "params/Dense_0/kernel"]
+    assert coded["params/Conv_0/kernel"].shape == (8, 2, 3, 3)  # NNR layout: output rows first
+    assert coded["params/Dense_0/kernel"].shape == (4, 288)
+    back = lay.to_variables(coded)
+    np.testing.assert_allclose(apply(back, x), apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+def test_layout_without_folding_is_the_identity(tiny_bn):
+    apply, v, x = tiny_bn
+    lay = CodingLayout.build(v, bn_pairs=None)
+    assert {kind for _, kind, _ in lay.entries} == {"kernel", "leaf"}
+    np.testing.assert_array_equal(apply(lay.to_variables(lay.to_coded(v)), x), apply(v, x))
+    with pytest.raises(InputError):
+        lay.to_variables({})
+
+
+def test_codec_view_matches_real_round_trip():
+    w = np.random.default_rng(0).normal(0, 0.05, (16, 24)).astype(np.float32)
+    data = encode({"w": w}, qp=-28)
+    np.testing.assert_array_equal(codec_reconstruct(w, -28), decode(data)["w"])
+    bits = coded_tensor_bits(w, -28)
+    assert bits // 8 <= len(data) <= bits // 8 + 64  # payload plus a few header bytes
+
+
+def test_bn_pipeline_end_to_end(tiny_bn):
+    apply, v, x = tiny_bn
+    res = optimize_ioq(v, apply, x, lam=1e-3, base_qp=-32, lsa_steps=10, rounds=1)
+    assert "batch_stats/BatchNorm_0/mean" not in res.tensors  # folded away
+    assert set(res.qp_overrides) == set(res.tensors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QPAdjustedWarning)
+        data = encode(res.tensors, **res.encode_kwargs())
+    v_hat = res.restore(decode(data))
+    y, y_hat = np.asarray(apply(v, x)), np.asarray(apply(v_hat, x))
+    rel = float(np.mean((y - y_hat) ** 2) / np.var(y))
+    assert rel < 0.05
+    assert res.wall_s["total"] >= res.wall_s["ioq"] > 0
+
+
+def test_digits_pipeline_beats_uniform_at_equal_accuracy():
+    m = models.get("digits_mlp")
+    x = jnp.asarray(load_digits_split("train")[0][:256])
+    uniform = encode(m.params, qp=-20)
+    acc_uniform = m.eval(decode(uniform, like=m.params))["top1"]
+    res = optimize_ioq(m.params, m.apply, x, lam=1e-2, base_qp=-20, ls_qp=-40, lsa_steps=100)
+    data = encode(res.tensors, **res.encode_kwargs())
+    acc = m.eval(res.restore(decode(data)))["top1"]
+    assert len(data) < 0.8 * len(uniform)
+    assert acc >= acc_uniform - 2 / 360  # within two of the 360 test images
+    assert acc >= 0.97
+
+
+def test_input_errors(tiny_bn):
+    apply, v, x = tiny_bn
+    with pytest.raises(InputError):
+        optimize_ioq(v, apply, x, lam=-1.0)
+    with pytest.raises(InputError):
+        optimize_ioq(v, apply, x, lam=1e-3, base_qp=1000)
+    with pytest.raises(InputError):
+        optimize_ioq(v, apply, [], lam=1e-3)
+    with pytest.raises(InputError):
+        CodingLayout.build({"w": np.ones((2, 2))})
