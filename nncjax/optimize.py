@@ -13,8 +13,8 @@ codec's quantizer (:mod:`nncjax.quantize`), ``R_bits`` the differentiable DeepCA
 relative MSE between the original and the quantized model's outputs on ``data`` (no labels needed),
 or ``"kl"``, or any ``loss(params, batch)``. One optimisation step is one ``jax.jit``-compiled
 function; parameters may be sharded over a mesh (the step follows their shardings). At the end QPs
-are rounded to integers and, optionally, refined by a small coordinate search on the *hard* quantizer
-and the hard rate estimate.
+are rounded to integers and, optionally, refined by a small coordinate search (``qp +- 1`` on the
+largest tensors) with the codec's own quantizer and the real DeepCABAC payload size.
 
 Local scales. A scaled tensor ``W`` (output axis ``scale_axis``, -1 in Flax) is coded as two tensors:
 ``W / s`` at the tensor's QP, and ``t = s - 1`` (name ``"<name>_ls_delta"``, 1-D, QP ``scale_qp``); the
@@ -80,7 +80,9 @@ class RDSettings:
         values the decoder reconstructs); empty without ``learn_scales``.
       scale_axis: output axis of the scaled weights (-1: Flax layout).
       history: ``{"loss", "distortion", "rate_bits"}`` -> float64 ``(steps,)`` (training relaxation).
-      estimated_bits: hard rate estimate of the whole model with the final settings (float).
+      estimated_bits: payload bits of all float tensors with the final settings, from the codec's
+        quantizer and the real DeepCABAC coder (QP deltas included; unit headers, tensor names and
+        integer tensors are not): the bitstream is this plus a few bytes per tensor.
       qp, qp_density, nonweight_qp, dq: the global encode settings used while optimising.
 
     Example:
@@ -183,6 +185,7 @@ class _Config:
     scale_qp: int
     lo: int
     hi: int
+    rate_sample: int | None  # elements per tensor the training rate model sees (None: all)
 
 
 def _quantizer(dq: bool):
@@ -210,8 +213,30 @@ def _quantize_tensor(cfg: _Config, w: jax.Array, qp: jax.Array, v: jax.Array | N
                                     training=True)
     step = qp_to_step_continuous(qp, cfg.qp_density)
     _, x_hat = quant(x, step, cfg.mode, rng=rng)
-    bits = bits + estimate_bits(x, qp, dq=cfg.dq, qp_density=cfg.qp_density, training=True)
+    sample, factor = _rate_sample(x, cfg.rate_sample)
+    bits = bits + factor * estimate_bits(sample, qp, dq=cfg.dq, qp_density=cfg.qp_density, training=True)
     return (x_hat if s is None else x_hat * s), bits
+
+
+_RUN = 256  # length of the contiguous runs the rate model samples
+
+
+def _rate_sample(x: jax.Array, limit: int | None) -> tuple[jax.Array, float]:
+    """At most ``limit`` elements of ``x`` for the rate model, and the factor to scale its bits by.
+
+    Evenly spaced runs of 256 consecutive elements (scan order), stacked as rows ``(runs, 256)``:
+    runs keep the neighbour contexts and the DQ state sequence realistic, and the bits of a
+    tensor's elements are additive up to small per-tensor constants, so ``factor * bits(sample)``
+    estimates ``bits(x)`` (and its gradient) at a fraction of the cost for big tensors.
+    """
+    n = int(np.prod(x.shape))
+    if limit is None or n <= limit:
+        return x, 1.0
+    total = n // _RUN
+    runs = max(1, min(total, limit // _RUN))
+    idx = (np.arange(runs, dtype=np.int64) * total) // runs
+    sample = x.reshape(-1)[: total * _RUN].reshape(total, _RUN)[idx]
+    return sample, n / (runs * _RUN)
 
 
 def _model_hat(cfg: _Config, theta: dict, base: Any, weights: dict, rng: jax.Array | None):
@@ -339,6 +364,7 @@ def optimize(
     scale_qp: int = -24,
     select: Callable[[str, Any], bool] | Any = default_weight_select,
     init_qps: Mapping[str, int] | None = None,
+    rate_sample: int | None = 1 << 16,
     distortion: str = "output",
     mode: str = "ste",
     refine: int = 3,
@@ -369,11 +395,15 @@ def optimize(
       select: predicate ``(name, leaf) -> bool`` or a list of names of the tensors to optimise
         (default: float tensors with ``ndim > 1``, NNCodec's "weights").
       init_qps: optional starting QPs ``{name: qp}`` (e.g. :func:`nncjax.ioq.ioq_initial_qps`).
+      rate_sample: the training rate model of a tensor with more elements sees this many (evenly
+        spaced runs of 256, bits scaled up); None: every element. The final snapping always uses
+        the real coder on whole tensors.
       distortion: ``"output"`` (MSE between quantized and original outputs, relative to the
         outputs' variance) or ``"kl"`` (softmax KL on the last axis); labels are not needed.
       mode: quantizer relaxation, ``"ste"`` (straight-through) or ``"noise"`` (additive uniform noise).
-      refine: after rounding the QPs, try ``qp +- 1`` on this many largest tensors with the hard
-        quantizer and the hard rate estimate, keeping what lowers ``D + lam * R``.
+      refine: after rounding the QPs, try ``qp +- 1`` on this many largest tensors with the codec's
+        quantizer and the real coder's size, keeping what lowers ``D + lam * R`` (``D`` over all of
+        ``data``).
       param_sharding / data_sharding: optional ``jax.sharding.Sharding`` (or pytree of them, for the
         params) to place params / every batch leaf with; already sharded inputs are used as they are.
       progress: tqdm progress bar.
@@ -428,7 +458,11 @@ def optimize(
     for n, sc in zip(chosen, scaled):
         if sc and not -jnp.ndim(named[n]) <= scale_axis < jnp.ndim(named[n]):
             raise InputError(f"scale_axis {scale_axis} is out of range for {n!r} of shape {jnp.shape(named[n])}")
-    cfg = _Config(tuple(chosen), scaled, qpd, bool(dq), mode, int(scale_axis), int(scale_qp), lo, hi)
+    if rate_sample is not None and (not isinstance(rate_sample, (int, np.integer)) or isinstance(rate_sample, bool)
+                                    or rate_sample < _RUN):
+        raise InputError(f"rate_sample must be None or an integer >= {_RUN}, got {rate_sample!r}")
+    cfg = _Config(tuple(chosen), scaled, qpd, bool(dq), mode, int(scale_axis), int(scale_qp), lo, hi,
+                  None if rate_sample is None else int(rate_sample))
 
     # Fixed tensors: quantized once, as the codec will; integer tensors stay as they are.
     fixed = {}

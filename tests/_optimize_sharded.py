@@ -6,12 +6,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from nncjax.optimize import optimize  # noqa: E402
+from nncjax.optimize import optimize
 
 
 def apply(p, x):
@@ -26,7 +27,7 @@ def main():
               "fc2": {"kernel": rng.normal(size=(128, 16)).astype(np.float32) * 0.1,
                       "bias": rng.normal(size=16).astype(np.float32) * 0.1}}
     x = rng.normal(size=(64, 64)).astype(np.float32)
-    kw = dict(lam=3e-3, base_qp=-28, steps=12, dq=False, learn_scales=True, progress=False, refine=1)
+    kw = {"lam": 3e-3, "base_qp": -28, "steps": 12, "dq": False, "learn_scales": True, "progress": False, "refine": 1}
     plain = optimize(params, apply, x, **kw)
     mesh = Mesh(np.array(jax.devices()), ("d",))
     shard = {"fc1": {"kernel": NamedSharding(mesh, P(None, "d")), "bias": NamedSharding(mesh, P("d"))},
