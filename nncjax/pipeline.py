@@ -61,7 +61,7 @@ from nncjax.reduce import (
 )
 from nncjax.steps import check_qp_density
 
-__all__ = ["CodingLayout", "IOQResult", "coded_tensor_bits", "codec_reconstruct", "optimize_ioq"]
+__all__ = ["CodingLayout", "IOQResult", "codec_reconstruct", "coded_tensor_bits", "optimize_ioq"]
 
 SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
 

@@ -8,11 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import nncjax.models as models
+from nncjax import models
 from nncjax.codec import QPAdjustedWarning, decode, encode
 from nncjax.errors import InputError
 from nncjax.models.digits_mlp import load_digits_split
-from nncjax.pipeline import CodingLayout, codec_reconstruct, coded_tensor_bits, optimize_ioq
+from nncjax.pipeline import (
+    CodingLayout,
+    codec_reconstruct,
+    coded_tensor_bits,
+    optimize_ioq,
+)
 
 
 class _TinyBN(nn.Module):
