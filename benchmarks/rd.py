@@ -102,15 +102,32 @@ def transparent(model: str, met: dict, ref: dict) -> bool:
     return met["top1"] >= ref["top1"] - 0.001 - 1e-12
 
 
-def run_model(cfg: Config, oracle, csv_path: pathlib.Path) -> list[dict]:
+def read_csv(path: pathlib.Path) -> list[dict]:
+    """Rows of an earlier run (numbers and booleans parsed back)."""
+    def parse(k, v):
+        if k in ("transparent", "bytes_equal") and v in ("True", "False"):
+            return v == "True"
+        if k == "bytes":
+            return int(v)
+        if k in ("top1", "mrr", "mean_cosine", "argmax_agree", "opt_wall_s", "encode_s") and v != "":
+            return float(v)
+        return v
+    with open(path, newline="") as f:
+        return [{k: parse(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "ioq", "grad"),
+              previous: list[dict] = ()) -> list[dict]:
+    """Measures ``methods`` for ``cfg``; rows of ``previous`` with another (method, setting) are kept."""
     m = models.get(cfg.name)
-    rows: list[dict] = []
+    rows: list[dict] = [r for r in previous if r["method"] != "float"]
 
     def add(method, setting, nbytes, met, opt_s="", enc_s="", eq="", note=""):
         row = dict(model=cfg.name, method=method, setting=setting, bytes=nbytes, **met,
                    transparent=transparent(cfg.name, met, ref) if method != "float" else True,
                    opt_wall_s=opt_s if opt_s == "" else round(opt_s, 2),
                    encode_s=enc_s if enc_s == "" else round(enc_s, 3), bytes_equal=eq, note=note)
+        rows[:] = [r for r in rows if (r["method"], r["setting"]) != (method, setting)]
         rows.append(row)
         write_csv(rows, csv_path)  # after every point: a long run interrupted keeps what it measured
         print({k: v for k, v in row.items() if v != ""}, flush=True)
@@ -121,7 +138,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path) -> list[dict]:
 
     # (a) NNCodec defaults and (b) nncjax reference mode, same tensors and settings
     orig = {k: np.asarray(v, np.float32) for k, v in m.to_original(m.params).items()}
-    for qp in cfg.qps:
+    for qp in cfg.qps if "nncodec" in methods else ():
         t0 = time.perf_counter()
         nnc = oracle.call("nn", "encode", orig, {"qp": qp})
         t_nnc = time.perf_counter() - t0
@@ -139,6 +156,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path) -> list[dict]:
 
     # (c) BN folding + IOQ + LSA, (d) gradient RD, at the same λ
     for lam in cfg.lams:
+        if "ioq" not in methods:
+            break
         res = optimize_ioq(m.params, m.apply, cfg.tune, lam=lam, base_qp=cfg.base_qp, **cfg.ioq_kwargs)
         t0 = time.perf_counter()
         data = encode(res.tensors, **res.encode_kwargs())
@@ -150,6 +169,9 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path) -> list[dict]:
                  f"{res.history['d_ioq']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
                  f"{sorted(res.history['ioq_qps'].values())}")
 
+    for lam in cfg.lams:
+        if "grad" not in methods:
+            break
         t0 = time.perf_counter()
         rd = optimize(m.params, m.apply, cfg.tune, lam=lam, base_qp=cfg.base_qp, steps=cfg.grad_steps,
                       progress=False)
@@ -254,6 +276,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few points, few steps (smoke run)")
     ap.add_argument("--subset", type=int, default=None, help="evaluation items (default: the full task)")
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
+    ap.add_argument("--methods", nargs="+", default=["nncodec", "ioq", "grad"], choices=["nncodec", "ioq", "grad"])
+    ap.add_argument("--lams", type=float, nargs="+", default=None, help="override the model's λ list")
+    ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
+    ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
     args = ap.parse_args()
     warnings.simplefilter("ignore", QPAdjustedWarning)
     from tests.oracle.client import Oracle
@@ -263,7 +289,11 @@ def main() -> None:
     try:
         for name in args.models:
             cfg = (fashion_config if name == "fashion_cnn" else minilm_config)(args.quick, args.subset)
-            rows = run_model(cfg, oracle, args.out / f"rd_{name}.csv")
+            cfg.lams = args.lams or cfg.lams
+            cfg.qps = args.qps or cfg.qps
+            path = args.out / f"rd_{name}.csv"
+            previous = read_csv(path) if args.append and path.exists() else []
+            rows = run_model(cfg, oracle, path, args.methods, previous)
             plot(rows, name, args.out / f"rd_{name}.png")
             text = summary(rows, name)
             (args.out / f"RD_{name}.md").write_text(text)
