@@ -21,6 +21,7 @@ level arrays hold ``k``.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -57,6 +58,7 @@ def _compose(a: jax.Array, b: jax.Array) -> jax.Array:
     return _pick(b[..., None, :], a)
 
 
+@jax.jit
 def dq_states(k: jax.Array) -> jax.Array:
     """DQ state before each element, scanning ``k`` (any shape, int) in C order -> int32 of the same shape.
 
@@ -140,14 +142,20 @@ def dq_trellis(w: jax.Array, step: jax.Array, *, lam: float = 0.0, rate: RateFn 
     >>> k = dq_trellis(jnp.array([0.01, -0.02, 0.003]), qp_to_step_jax(-38))
     """
     w = jnp.asarray(w, jnp.float32)
+    if w.size == 0:
+        return jnp.zeros(w.shape, jnp.int32)
+    use_rate = rate is not None and not (isinstance(lam, (int, float)) and lam == 0)
+    return _trellis(w, jnp.asarray(step, jnp.float32), jnp.asarray(lam, jnp.float32), rate if use_rate else None,
+                    int(chunk))
+
+
+@functools.partial(jax.jit, static_argnames=("rate", "chunk"))
+def _trellis(w, step, lam, rate, chunk):
     shape = w.shape
     flat = w.reshape(-1)
     n = flat.shape[0]
-    if n == 0:
-        return jnp.zeros(shape, jnp.int32)
-    u = jnp.abs(flat) / jnp.asarray(step, jnp.float32)
-    use_rate = rate is not None and not (isinstance(lam, (int, float)) and lam == 0)
-    cost, absk = _edges(u, lam, rate if use_rate else None)
+    u = jnp.abs(flat) / step
+    cost, absk = _edges(u, lam, rate)
     L = int(max(1, min(chunk, n)))
     nc = -(-n // L)
     pad = nc * L - n
@@ -195,7 +203,8 @@ def dq_trellis(w: jax.Array, step: jax.Array, *, lam: float = 0.0, rate: RateFn 
     states, after = padded[:n], padded[1:n + 1]                                        # before / after element
     parity = _pick(jnp.asarray(_NEXT[:, 1]), states) == after
     ak = jnp.where(parity, _pick(absk[..., 1], states), _pick(absk[..., 0], states))
-    return (jnp.sign(flat).astype(jnp.int32) * ak).reshape(shape)
+    # a zero weight may take a non-zero level when the path needs its parity; it counts as positive
+    return (jnp.where(flat < 0, -1, 1) * ak).reshape(shape)
 
 
 def quantize_dq(w: jax.Array, step: jax.Array, mode: str = "hard", *, lam: float = 0.0,

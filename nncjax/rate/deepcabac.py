@@ -203,6 +203,8 @@ def bits_from_statistics(stats: BinStats, *, param_opt: bool = True) -> jax.Arra
     return total + jnp.where(stats["rows"][0] > 0, rows_bits + 1.0, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames=("dq", "qp_density", "n_gt", "param_opt", "profile", "row_skip",
+                                             "include_qp"))
 def estimate_bits_levels(k: jax.Array, *, dq: bool, qp_density: int = 2, n_gt: int = 11, param_opt: bool = True,
                          profile: int = 1, row_skip: bool = True, include_qp: bool = True) -> jax.Array:
     """Estimated DeepCABAC payload bits (float32 scalar) of one tensor of integer levels ``k`` (any shape,
@@ -222,6 +224,8 @@ def _step(qp, qp_density):
     return qp_to_step_continuous(qp, qp_density)
 
 
+@functools.partial(jax.jit, static_argnames=("dq", "qp_density", "training", "n_gt", "param_opt", "profile",
+                                             "row_skip", "temperature", "include_qp"))
 def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, training: bool = False,
                   n_gt: int = 11, param_opt: bool = True, profile: int = 1, row_skip: bool = True,
                   temperature: float = 0.25, include_qp: bool = True) -> jax.Array:
