@@ -30,7 +30,9 @@ def _walk(k, height, width, block, skip, nxt):  # pragma: no cover - numba
             c1 = min(c0 + block, width)
             for r in range(r0, r1):
                 if skip[r]:
-                    # A skipped row segment advances the state by the full row width (NNCodec).
+                    # A skipped row segment is zero and advances the state by the full row width (NNCodec).
+                    for c in range(c0, c1):
+                        out[r * width + c] = 0
                     for _ in range(width):
                         state = nxt[state, 0]
                     continue
@@ -57,8 +59,13 @@ def _walk(k, height, width, block, skip, nxt):  # pragma: no cover - numba
 def reachable_dq_levels(levels: np.ndarray, *, scan_order: int, row_skipping: bool) -> np.ndarray:
     """``levels``: int32 DQ indices k of any shape (H = shape[0], W = the rest) -> int32 k', same shape.
 
-    ``scan_order``: 0 raster, 1..4 blocks of 4 << scan_order; ``row_skipping``: all-zero rows (of the
-    input k, as NNCodec decides) are skipped. Reachable levels come back unchanged.
+    ``scan_order``: 0 raster, 1..4 blocks of 4 << scan_order; ``row_skipping``: rows whose coded
+    levels are all zero are skipped (the coder decides on the levels it is given, so a row that only
+    becomes zero here is skipped too: iterated until no new row becomes zero). Reachable levels come back unchanged.
+
+    Under block scans with row skipping a skipped segment advances the DQ state by W, not by its
+    length, so a row that becomes zero only here can change later states: the result is then a valid
+    stream whose values may differ slightly from NNCodec's own choice.
 
     >>> reachable_dq_levels(np.array([[1, 3]], np.int32), scan_order=0, row_skipping=False).tolist()
     [[0, 2]]
@@ -68,9 +75,15 @@ def reachable_dq_levels(levels: np.ndarray, *, scan_order: int, row_skipping: bo
         return k
     h = k.shape[0] if k.ndim else 1
     w = k.size // h
-    flat = k.reshape(h, w)
+    flat = k.reshape(h, w).ravel()
     blocky = scan_order > 0 and h > 1 and w > 1
-    skip = (~flat.any(axis=1)) if (row_skipping and h > 1 and w > 1) else np.zeros(h, np.bool_)
     # Raster order is one "block" as tall as the tensor and as wide as a row.
     block = (4 << scan_order) if blocky else max(h, w)
-    return _walk(flat.ravel(), h, w, block, skip, _NEXT).reshape(k.shape)
+    skipping = row_skipping and h > 1 and w > 1
+    skip = ~flat.reshape(h, w).any(axis=1) if skipping else np.zeros(h, np.bool_)
+    while True:  # the skipped set only grows, so this ends after at most H rounds
+        out = _walk(flat, h, w, block, skip, _NEXT)
+        new_skip = skip | ~out.reshape(h, w).any(axis=1) if skipping else skip
+        if np.array_equal(new_skip, skip):
+            return out.reshape(k.shape)
+        skip = new_skip

@@ -74,3 +74,23 @@ def decode_many(streams):
 def versions():
     import nncodec
     return {"python": sys.version, "nncodec": getattr(nncodec, "__version__", "?")}
+
+
+def time_nn(model, args, repeat=1):
+    """Best-of-``repeat`` wall time of ``nn.encode`` and ``nn.decode`` (measured here, in NNCodec's
+    process), with the bitstream and NNCodec's decoding of it."""
+    import time
+    from nncodec import nn
+    model = {k: np.asarray(v) for k, v in model.items()}
+    enc_s = dec_s = float("inf")
+    for _ in range(repeat):
+        with _quiet(), tempfile.TemporaryDirectory() as d:
+            t = time.perf_counter()
+            bs = nn.encode(model, args=dict(args, results=d, verbose=False))
+            enc_s = min(enc_s, time.perf_counter() - t)
+        with _quiet():
+            t = time.perf_counter()
+            out = nn.decode(bytearray(bs))
+            dec_s = min(dec_s, time.perf_counter() - t)
+    return {"bytes": bytes(bs), "encode_s": enc_s, "decode_s": dec_s,
+            "names": list(out.keys()), "arrays": [np.asarray(v) for v in out.values()]}
