@@ -280,11 +280,19 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="+", default=None, help="override the model's λ list")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
+    ap.add_argument("--report-only", action="store_true", help="plot and summarise existing CSVs, measure nothing")
     args = ap.parse_args()
     warnings.simplefilter("ignore", QPAdjustedWarning)
     from tests.oracle.client import Oracle
 
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        for name in args.models:
+            rows = read_csv(args.out / f"rd_{name}.csv")
+            plot(rows, name, args.out / f"rd_{name}.png")
+            (args.out / f"RD_{name}.md").write_text(summary(rows, name))
+        write_report(args.out)
+        return
     oracle = Oracle()
     try:
         for name in args.models:
@@ -300,8 +308,12 @@ def main() -> None:
             print(text, flush=True)
     finally:
         oracle.close()
-    parts = [p.read_text() for p in sorted(args.out.glob("RD_*.md"))]
-    (args.out / "RD.md").write_text("## Rate-distortion on real models (benchmarks/rd.py)\n\n" + "\n".join(parts))
+    write_report(args.out)
+
+
+def write_report(out: pathlib.Path) -> None:
+    parts = [p.read_text() for p in sorted(out.glob("RD_*.md"))]
+    (out / "RD.md").write_text("## Rate-distortion on real models (benchmarks/rd.py)\n\n" + "\n".join(parts))
 
 
 if __name__ == "__main__":
