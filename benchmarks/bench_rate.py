@@ -17,11 +17,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from nncjax.kernels.coder import encode_levels
+
 from nncjax.quantize import dq_trellis, quantize_uniform
 from nncjax.rate import estimate_bits, estimate_bits_levels, trellis_rate_fn
-from nncjax.steps import qp_to_step_jax
+from nncjax.steps import qp_to_step_continuous, qp_to_step_jax
 
 
 def minilm_tensors(min_size: int) -> dict:
@@ -76,9 +76,7 @@ def speed(n_params: float):
     def loss(qps, params):
         tot = 0.0
         for k, w in params.items():
-            step = jnp.ldexp(1.0, 0) * 0 + qp_to_step_jax(-38) * 0 + jnp.exp2(qps[k] / 4.0)
-            u = w / step
-            wq = step * (u + jax.lax.stop_gradient(jnp.round(u) - u))
+            _, wq = quantize_uniform(w, qp_to_step_continuous(qps[k]), "ste")
             tot = tot + estimate_bits(w, qps[k], dq=False, training=True) + 1e6 * jnp.sum((wq - w) ** 2)
         return tot
 
@@ -106,10 +104,15 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few tensors and QPs only")
     ap.add_argument("--params", type=float, default=2e6, help="pytree size for the speed test")
     ap.add_argument("--no-accuracy", action="store_true")
+    ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--qps", type=str, default="-44,-40,-36,-32,-28,-24,-20,-16")
+    ap.add_argument("--every", type=int, default=1, help="use every n-th MiniLM tensor")
+    ap.add_argument("--max-size", type=float, default=2e6, help="skip larger MiniLM tensors (CPU time)")
     a = ap.parse_args()
     if not a.no_accuracy:
-        qps = (-40, -32, -24) if a.quick else (-44, -40, -36, -32, -28, -24, -20, -16)
+        qps = (-40, -32, -24) if a.quick else tuple(int(q) for q in a.qps.split(","))
         t = minilm_tensors(4096)
+        t = {k: v for i, (k, v) in enumerate(t.items()) if i % a.every == 0 and v.size <= a.max_size}
         if a.quick:
             t = dict(list(t.items())[:4])
         rng = np.random.default_rng(0)
@@ -117,7 +120,8 @@ def main():
         t["random/laplace_512x128"] = rng.laplace(0, 0.03, (512, 128)).astype(np.float32)
         t["random/gauss_5000"] = rng.normal(0, 0.02, (5000,)).astype(np.float32)
         accuracy(t, qps, a.quick)
-    speed(a.params)
+    if not a.no_speed:
+        speed(a.params)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
+from nncjax.kernels.coder import decode_levels, encode_levels
 
 from nncjax.errors import InputError
-from nncjax.kernels.coder import decode_levels, encode_levels
-from nncjax.quantize import (codebook_init, dq_states, dq_trellis, k_to_q, q_to_k, quantize_codebook, quantize_dq,
-                             quantize_uniform, quantizer, rate_model, soft_round)
-from nncjax.quantize import reference
+from nncjax.quantize import (
+    codebook_init,
+    dq_states,
+    dq_trellis,
+    k_to_q,
+    q_to_k,
+    quantize_codebook,
+    quantize_dq,
+    quantize_uniform,
+    quantizer,
+    rate_model,
+    reference,
+    soft_round,
+)
 from nncjax.rate import estimate_bits_levels, trellis_rate_fn
 from nncjax.steps import qp_to_step_continuous, qp_to_step_jax
 
@@ -159,7 +171,7 @@ def test_codebook_init_and_hard_mode():
 
 def test_quantizer_transform_rules_and_hard_equality():
     params = {"dense": {"kernel": W, "bias": jnp.full((40,), 0.01)}, "emb": [W[:2]]}
-    rules = [(r".*kernel", dict(qp=-38, dq=True)), (r".*bias", dict(qp=-75, dq=False))]
+    rules = [(r".*kernel", {"qp": -38, "dq": True}), (r".*bias", {"qp": -75, "dq": False})]
     q = quantizer(rules, mode="hard")
     state = q.init(params)
     assert set(state) == {"dense/kernel", "dense/bias"}
@@ -178,6 +190,6 @@ def test_quantizer_transform_rules_and_hard_equality():
     g = jax.jit(jax.grad(loss))(state)
     assert all(np.isfinite(float(v["qp"])) and float(v["qp"]) != 0 for v in g.values())
     with pytest.raises(InputError):
-        quantizer([(r".*", dict(qp=-38, typo=1))]).init(params)
+        quantizer([(r".*", {"qp": -38, "typo": 1})]).init(params)
     with pytest.raises(InputError):
-        quantizer([(r".*", dict(dq=True, codebook=4))]).init(params)
+        quantizer([(r".*", {"dq": True, "codebook": 4})]).init(params)

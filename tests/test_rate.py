@@ -6,10 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from nncjax.kernels.coder import encode_levels
+
 from nncjax.quantize import dq_trellis, quantize_uniform
-from nncjax.rate import bin_statistics, bits_from_statistics, estimate_bits, estimate_bits_levels, estimate_bits_tree
+from nncjax.rate import (
+    bin_statistics,
+    bits_from_statistics,
+    estimate_bits,
+    estimate_bits_levels,
+    estimate_bits_tree,
+)
 from nncjax.steps import qp_to_step_jax
 
 RNG = np.random.default_rng(11)
@@ -31,11 +37,11 @@ def _levels(w, qp, dq):
 
 def test_hard_estimate_within_3_percent_of_real_coder(oracle):
     cases, ests = [], []
-    for name, w in TENSORS.items():
+    for w in TENSORS.values():
         for qp in (-40, -30, -20):
             for dq in (False, True):
                 k = _levels(w, qp, dq)
-                cases.append(dict(levels=k, dq=dq, qp_delta=qp))
+                cases.append({"levels": k, "dq": dq, "qp_delta": qp})
                 ests.append(float(estimate_bits_levels(k, dq=dq)))
     # the real size: our bit-exact coder, with NNCodec's C++ coder as the oracle on the same streams
     real = [8 * len(encode_levels(c["levels"], dq=c["dq"], row_skipping=True)) for c in cases]

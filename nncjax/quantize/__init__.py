@@ -9,10 +9,40 @@ JAX quantizers (jit/grad/vmap-able; hard modes equal the codec bit for bit):
 """
 
 from nncjax.quantize.codebook import codebook_init, quantize_codebook
-from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q, nncodec_lambda, q_to_k, quantize_dq
-from nncjax.quantize.transform import QuantizerTransform, RateTransform, match_rules, path_name, quantizer, rate_model
+from nncjax.quantize.dq import (
+           dq_states,
+           dq_trellis,
+           k_to_q,
+           nncodec_lambda,
+           q_to_k,
+           quantize_dq,
+)
+from nncjax.quantize.transform import (
+           QuantizerTransform,
+           RateTransform,
+           match_rules,
+           path_name,
+           quantizer,
+           rate_model,
+)
 from nncjax.quantize.uniform import quantize_uniform, round_half_away, soft_round
 
-__all__ = ["quantize_uniform", "round_half_away", "soft_round", "quantize_dq", "dq_trellis", "dq_states", "k_to_q",
-           "q_to_k", "nncodec_lambda", "quantize_codebook", "codebook_init", "quantizer", "rate_model",
-           "QuantizerTransform", "RateTransform", "match_rules", "path_name"]
+__all__ = [
+           "QuantizerTransform",
+           "RateTransform",
+           "codebook_init",
+           "dq_states",
+           "dq_trellis",
+           "k_to_q",
+           "match_rules",
+           "nncodec_lambda",
+           "path_name",
+           "q_to_k",
+           "quantize_codebook",
+           "quantize_dq",
+           "quantize_uniform",
+           "quantizer",
+           "rate_model",
+           "round_half_away",
+           "soft_round",
+]

@@ -22,7 +22,7 @@ level arrays hold ``k``.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 from nncjax.kernels.tables import DQ_NEXT
 from nncjax.quantize.uniform import relax_round
 
-__all__ = ["dq_states", "k_to_q", "q_to_k", "dq_trellis", "quantize_dq", "nncodec_lambda"]
+__all__ = ["dq_states", "dq_trellis", "k_to_q", "nncodec_lambda", "q_to_k", "quantize_dq"]
 
 _NEXT = np.asarray(DQ_NEXT, dtype=np.int32)                      # (8, 2): next state by parity
 # Each state has exactly two predecessors; _PRED[j] = ((state, parity), (state, parity)), lower state first.

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.uniform import MODES, quantize_uniform
 from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
 
-__all__ = ["Rules", "QuantizerTransform", "RateTransform", "quantizer", "rate_model", "path_name", "match_rules"]
+__all__ = ["QuantizerTransform", "RateTransform", "Rules", "match_rules", "path_name", "quantizer", "rate_model"]
 
 Rules = Sequence[tuple[str, dict]]
 _KNOWN = {"qp", "dq", "codebook", "lam", "alpha"}
@@ -68,7 +69,7 @@ def match_rules(rules: Rules, params: Any) -> dict[str, dict]:
         name = path_name(path)
         for rx, cfg in compiled:
             if rx.fullmatch(name):
-                out[name] = dict(qp=-38, dq=True, codebook=0, lam=0.0, alpha=4.0) | cfg
+                out[name] = {"qp": -38, "dq": True, "codebook": 0, "lam": 0.0, "alpha": 4.0} | cfg
                 break
     return out
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["round_half_away", "soft_round", "quantize_uniform", "relax_round", "MODES"]
+__all__ = ["MODES", "quantize_uniform", "relax_round", "round_half_away", "soft_round"]
 
 #: Rounding surrogates for training: straight-through, additive uniform noise, soft rounding.
 MODES = ("hard", "ste", "noise", "soft")

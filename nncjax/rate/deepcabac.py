@@ -32,13 +32,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax.errors import InputError
 from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
 
-__all__ = ["BinStats", "bin_statistics", "bits_from_statistics", "estimate_bits_levels", "estimate_bits",
-           "estimate_bits_tree", "trellis_rate_fn"]
+__all__ = [
+    "BinStats",
+    "bin_statistics",
+    "bits_from_statistics",
+    "estimate_bits",
+    "estimate_bits_levels",
+    "estimate_bits_tree",
+    "trellis_rate_fn",
+]
 
 _TABLE = np.load(os.path.join(os.path.dirname(__file__), "adaptive_cost.npz"))
 _EXCESS = jnp.asarray(_TABLE["excess"])          # (9, 17, P) bits above empirical entropy, by init idx, log2 n, p
