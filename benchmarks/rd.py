@@ -249,7 +249,7 @@ def summary(rows: list[dict], model: str) -> str:
         if r is None:
             lines.append(f"| {method} | none transparent | | | |" + (" |" if model == "minilm" else "") + " |")
             continue
-        ratio = f"{r['bytes'] / nnc['bytes']:.3f} ({100 * (1 - r['bytes'] / nnc['bytes']):+.1f} % smaller)" \
+        ratio = f"{r['bytes'] / nnc['bytes']:.3f} ({100 * (1 - r['bytes'] / nnc['bytes']):.1f} % smaller)" \
             if nnc else "n/a"
         cos = f" {r['mean_cosine']:.5f} |" if model == "minilm" else ""
         lines.append(f"| {method} | {r['bytes']} | {ratio} | {r['setting']} | {r[key]:.4f} |{cos} "
