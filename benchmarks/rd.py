@@ -198,7 +198,7 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = ["mrr", "mean_cosine"] if model == "minilm" else ["top1"]
+    keys = ["mrr", "mean_cosine"] if model == "minilm" else ["top1", "argmax_agree"]
     ref = next(r for r in rows if r["method"] == "float")
     fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.5), squeeze=False)
     style = {"nncodec": ("o-", "NNCodec 2.1.3 defaults (QP sweep)"),
@@ -212,7 +212,7 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
                 ax.plot(*zip(*pts), fmt, label=label, ms=7 if method != "nncjax-ref" else 9)
         if key == "mean_cosine":
             ax.axhline(0.999, color="gray", ls="--", lw=1, label="transparent (cos ≥ 0.999)")
-        else:
+        elif key in ("top1", "mrr"):
             tol = 0.005 if key == "mrr" else 0.001
             ax.axhline(ref[key], color="k", lw=0.8, label=f"float32 ({ref[key]:.4f})")
             ax.axhline(ref[key] - tol, color="gray", ls="--", lw=1, label=f"transparent (drop ≤ {tol:g})")
