@@ -134,7 +134,7 @@ def test_task_loss_and_no_scales(digits):
                                     {"lam": 1.0, "select": ["nope"]}, {"lam": 1.0, "base_qp": 1000},
                                     {"lam": 1.0, "init_qps": {"params/fc1/bias": -30}},
                                     {"lam": 1.0, "optimizer": "adam"}, {"lam": 1.0, "scale_axis": 5},
-                                    {"lam": 1.0, "data": []}])
+                                    {"lam": 1.0, "data": []}, {"lam": 1.0, "rate_sample": 10}])
 def test_bad_arguments_raise_input_error(digits, kwargs):
     m, calib, _ = digits
     data = kwargs.pop("data", calib)
@@ -163,3 +163,14 @@ def test_sharded_equals_unsharded():
     for name in d["scales"][0]:
         np.testing.assert_array_equal(d["scales"][0][name], d["scales"][1][name])
     assert d["plain"]["loss"][-1] < d["plain"]["loss"][0]
+
+
+def test_rate_sample_takes_evenly_spaced_runs():
+    from nncjax.optimize import _rate_sample
+    x = jnp.arange(10 * 1024, dtype=jnp.float32).reshape(40, 256)
+    same, f = _rate_sample(x, 1 << 16)
+    assert same is x and f == 1.0
+    sample, f = _rate_sample(x, 1024)                      # 4 runs of 256 out of 40
+    assert sample.shape == (4, 256) and f == 10.0
+    np.testing.assert_array_equal(np.asarray(sample[:, 0]), [0, 10 * 256, 20 * 256, 30 * 256])
+    np.testing.assert_array_equal(np.asarray(sample[1]), np.arange(2560, 2816))
