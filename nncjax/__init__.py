@@ -1,11 +1,32 @@
 """nncjax: differentiable Neural Network Coding (ISO/IEC 15938-17, NNR bitstreams) in JAX.
 
-Pipeline: reduce -> quantize -> rate -> code -> bitstream. The bit-exact DeepCABAC coder and the NNR
-syntax live in :mod:`nncjax.kernels` (Numba); everything differentiable lives in JAX modules here.
+Pipeline: reduce -> quantize -> rate -> code -> bitstream.
+
+* :func:`encode` / :func:`decode` / :func:`inspect` -- whole models (any pytree) to NNR bitstreams and
+  back, byte-identical to NNCodec 2.1.3 under equal settings.
+* :mod:`nncjax.quantize` -- JAX quantizers (uniform, dependent/trellis, codebook; hard and
+  differentiable) and the NNCodec-identical reference quantizers.
+* :mod:`nncjax.rate` -- differentiable DeepCABAC rate models (:func:`estimate_bits`).
+* :mod:`nncjax.reduce` -- batch-norm folding, local scaling, pruning, low rank, unification.
+* :func:`optimize` -- gradient rate-distortion optimisation of per-tensor QPs and local scales;
+  :func:`optimize_ioq` -- BN folding + IOQ + LSA encoder pipeline.
+* :mod:`nncjax.kernels` -- the bit-exact Numba DeepCABAC coder and NNR syntax.
+* :mod:`nncjax.models` -- real models (MiniLM-L6, CREPE tiny, a Fashion-MNIST CNN) with metrics.
 """
 
-from nncjax.errors import BitstreamError, InputError, LimitError, NNCError, UnsupportedError, UnsupportedStreamError
+from nncjax.errors import (BitstreamError, InputError, LimitError, NNCError, UnsupportedError,
+                           UnsupportedStreamError)
+from nncjax.codec import QPAdjustedWarning, StreamInfo, TensorInfo, decode, encode, inspect
+from nncjax.optimize import RDSettings, optimize, verify
+from nncjax.pipeline import optimize_ioq
+from nncjax.rate import estimate_bits, estimate_bits_tree
+from nncjax.steps import qp_to_step, step_to_qp
 
 __version__ = "0.1.0"
 
-__all__ = ["NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "UnsupportedStreamError", "__version__"]
+__all__ = [
+    "NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "UnsupportedStreamError",
+    "encode", "decode", "inspect", "StreamInfo", "TensorInfo", "QPAdjustedWarning",
+    "estimate_bits", "estimate_bits_tree", "optimize", "verify", "RDSettings", "optimize_ioq",
+    "qp_to_step", "step_to_qp", "__version__",
+]
