@@ -194,7 +194,7 @@ def test_minilm_matches_nncodec(oracle):
     weights = safetensors.load_file(str(gt.get_model_path() / "model.safetensors"))
     ours_in = dict(weights)  # int64 position_ids: coded losslessly as int32 by our input policy
     nnc_in = {k: (v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in weights.items()}
-    grid = [{}, dict(qp=-38, dq=False, scan_order=1)]
+    grid = [{}, dict(qp=-38, dq=False)]  # (position_ids is a single row: NNCodec crashes on block scans)
     theirs = oracle.call("model", "encode_decode_many", [{"model": nnc_in, "args": nncodec_args(s)} for s in grid])
     for s, ref in zip(grid, theirs):
         assert "error" not in ref, ref.get("error")
