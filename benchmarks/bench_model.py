@@ -21,8 +21,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nncjax.codec import decode, encode  # noqa: E402
-from tests.oracle.client import Oracle  # noqa: E402
+from nncjax.codec import decode, encode
+from tests.oracle.client import Oracle
 
 
 def gaussian_model(n_params: float, seed: int = 0) -> dict[str, np.ndarray]:
@@ -84,9 +84,9 @@ def main() -> None:
     for name, m in models.items():
         n = sum(v.size for v in m.values())
         ref = oracle.call("model", "time_nn", m, {}, args.repeat)
-        t_enc, data = timed(lambda: encode(m, workers=args.workers, progress=False), args.repeat)
+        t_enc, data = timed(lambda m=m: encode(m, workers=args.workers, progress=False), args.repeat)
         assert data == ref["bytes"], f"{name}: nncjax bytes differ from nncodec.nn.encode"
-        t_dec, out = timed(lambda: decode(data, workers=args.workers, progress=False), args.repeat)
+        t_dec, out = timed(lambda data=data: decode(data, workers=args.workers, progress=False), args.repeat)
         for k, a in zip(ref["names"], ref["arrays"]):
             assert np.array_equal(out[k], a), f"{name}: decoded {k!r} differs"
         rows.append((name, n, len(data), ref["encode_s"], t_enc, ref["decode_s"], t_dec))

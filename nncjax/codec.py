@@ -25,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from nncjax.clipped_dq import reachable_dq_levels
-from nncjax.errors import BitstreamError, InputError, NNCError
+from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.steps import check_qp_density
 from nncjax.tensor_policy import PreparedTensor, prepare_tensor, restore_dtype
 
-__all__ = ["encode", "decode", "inspect", "StreamInfo", "TensorInfo", "QPAdjustedWarning"]
+__all__ = ["QPAdjustedWarning", "StreamInfo", "TensorInfo", "decode", "encode", "inspect"]
 
 PROFILE = 1  # NNCodec 2.1.3 hard-codes general_profile_idc = 1
 _PROGRESS_MIN_ELEMENTS = 1 << 23  # auto progress bar from ~8 M parameters on
@@ -198,7 +198,11 @@ def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
     the codebook side adds codebook() *bits* to payload *bytes*, as NNCodec does.
     """
     from nncjax.kernels.coder import encode_levels
-    from nncjax.quantize.reference import codebook_best_egk, codebook_offset_search, codebook_qp_offset
+    from nncjax.quantize.reference import (
+        codebook_best_egk,
+        codebook_offset_search,
+        codebook_qp_offset,
+    )
     scan = _effective_scan(t.data.shape, s.scan_order)
     qp_cb = plan.qp - (codebook_qp_offset(s.qp_density) if s.dq else 0)
     # NNCodec skips the bitdepth clip for all-zero tensors here (their levels are 0 anyway).
@@ -285,13 +289,23 @@ def _entry_points(c: _Coded, s: _Settings):
 
 
 def _header_units(s: _Settings) -> bytes:
-    from nncjax.kernels.units import ModelParameterSet, StartUnit, TopologyUnit, write_stream
+    from nncjax.kernels.units import (
+        ModelParameterSet,
+        StartUnit,
+        TopologyUnit,
+        write_stream,
+    )
     return write_stream([StartUnit(general_profile_idc=PROFILE), ModelParameterSet(qp_density=s.qp_density),
                          TopologyUnit()])
 
 
 def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
-    from nncjax.kernels.units import Codebook, CompressedDataUnit, PayloadType, write_unit
+    from nncjax.kernels.units import (
+        Codebook,
+        CompressedDataUnit,
+        PayloadType,
+        write_unit,
+    )
     cb = None if c.codebook is None else Codebook(c.codebook_egk, tuple(int(v) for v in c.codebook),
                                                   c.codebook_offset)
     ndu = CompressedDataUnit(
@@ -430,8 +444,14 @@ class _Stream:
 
 
 def _parse(data, limits) -> _Stream:
-    from nncjax.kernels.units import (CompressedDataUnit, DecodeLimits, LayerParameterSet, ModelParameterSet,
-                                      StartUnit, read_units)
+    from nncjax.kernels.units import (
+        CompressedDataUnit,
+        DecodeLimits,
+        LayerParameterSet,
+        ModelParameterSet,
+        StartUnit,
+        read_units,
+    )
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InputError(f"data must be bytes, got {type(data).__name__}")
     if limits is not None and not isinstance(limits, DecodeLimits):
@@ -509,11 +529,11 @@ def _decode_ndu(job) -> _Decoded:
     return out
 
 
-def _decode_all(data, limits, workers, progress) -> tuple[_Stream, list[_Decoded]]:
+def _decode_all(data, limits, workers, progress) -> list[_Decoded]:
     st = _parse(data, limits)
     jobs = [(u, qpd, base_qp, st.profile) for u, qpd, base_qp in st.ndus]
     sizes = [max(u.element_count(), 1) for u, _, _ in st.ndus]
-    return st, _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode")
+    return _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode")
 
 
 def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | None = None):
@@ -541,7 +561,7 @@ def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | N
       >>> decode(data)["w"][0, 0]
       1.0
     """
-    st, parts = _decode_all(data, limits, workers, progress)
+    parts = _decode_all(data, limits, workers, progress)
     flat: dict[str, np.ndarray] = {}
     for part in parts:
         for name, arr in zip(part.names, part.arrays):
@@ -610,7 +630,7 @@ class StreamInfo:
                  "y" if t.dq else "n", f"{t.codebook_size}@{t.codebook_offset}" if t.codebook_size else "",
                  str(t.scan_order), str(t.coded_bytes)) for t in self.tensors]
         width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
-        fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w)  # noqa: E731
+        fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w)
                                   for i, (v, w) in enumerate(zip(r, width)))
         lines = [head, fmt(cols), fmt(["-" * w for w in width])] + [fmt(r) for r in rows]
         units = ", ".join(f"{u.type}@{u.offset}({u.size})" for u in self.units if u.type != "NDU")
@@ -618,7 +638,13 @@ class StreamInfo:
 
 
 def _unit_type_name(u) -> str:
-    from nncjax.kernels.units import CompressedDataUnit, LayerParameterSet, ModelParameterSet, StartUnit, TopologyUnit
+    from nncjax.kernels.units import (
+        CompressedDataUnit,
+        LayerParameterSet,
+        ModelParameterSet,
+        StartUnit,
+        TopologyUnit,
+    )
     names = {StartUnit: "STR", ModelParameterSet: "MPS", LayerParameterSet: "LPS", TopologyUnit: "TPL",
              CompressedDataUnit: "NDU"}
     return names.get(type(u), type(u).__name__)

@@ -21,7 +21,7 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["flatten_named", "unflatten_like", "check_name"]
+__all__ = ["check_name", "flatten_named", "unflatten_like"]
 
 _SEP = "/"
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nncjax.kernels.unit_base import DecodeLimits
 
 from nncjax.codec import QPAdjustedWarning, decode, encode, inspect
 from nncjax.errors import BitstreamError, InputError, LimitError, NNCError
-from nncjax.kernels.unit_base import DecodeLimits
 from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.steps import qp_to_step
 

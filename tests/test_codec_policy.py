@@ -138,9 +138,12 @@ def test_settings_validation():
 def test_qp_plan_weight_nonweight_and_int():
     ts = [prepare_tensor(n, a) for n, a in [("w", np.ones((2, 2), np.float32)), ("b", np.ones(2, np.float32)),
                                            ("i", np.ones((2, 2), np.int32)), ("s", np.float32(1))]]
-    assert _qp_plan(ts, settings(), None) == [-32, -75, None, -75]
+    assert [p.qp for p in _qp_plan(ts, settings(), None)] == [-32, -75, None, -75]
     # falsy nonweight_qp: qp - (2 << qp_density), as NNCodec
-    assert _qp_plan(ts, settings(nonweight_qp=0, qp=-40, qp_density=3), None) == [-40, -56, None, -56]
+    assert [p.qp for p in _qp_plan(ts, settings(nonweight_qp=0, qp=-40, qp_density=3), None)] == [-40, -56, None, -56]
+    # bitdepth: QP from the value range, levels clipped to the (unsigned here) range; non-weights >= 8 bits
+    plan = _qp_plan(ts, settings(bitdepth=4), None)
+    assert plan[0].clip == (0, 15) and plan[1].clip == (0, 255) and plan[2].clip is None
 
 
 def test_qp_overrides_exact_then_regex():

@@ -47,7 +47,7 @@ def decode_one(data):
     try:
         with _quiet():
             out = nn.decode(bytearray(data))
-    except BaseException as e:  # NNCodec raises SystemExit/AssertionError on some streams
+    except BaseException as e:  # noqa: BLE001  NNCodec raises SystemExit/AssertionError on some streams
         return {"error": f"{type(e).__name__}: {e}"}
     return {"names": list(out.keys()), "arrays": [np.asarray(v) for v in out.values()]}
 
@@ -59,7 +59,7 @@ def encode_decode_many(cases):
     for c in cases:
         try:
             bs = encode_one(c["model"], c["args"])
-        except BaseException as e:  # NNCodec's known crashes (e.g. codebooks of empty tensors)
+        except BaseException as e:  # noqa: BLE001  NNCodec's known crashes (e.g. codebooks of empty tensors)
             out.append({"error": f"{type(e).__name__}: {e}"})
             continue
         dec = decode_one(bs)
@@ -80,6 +80,7 @@ def time_nn(model, args, repeat=1):
     """Best-of-``repeat`` wall time of ``nn.encode`` and ``nn.decode`` (measured here, in NNCodec's
     process), with the bitstream and NNCodec's decoding of it."""
     import time
+
     from nncodec import nn
     model = {k: np.asarray(v) for k, v in model.items()}
     enc_s = dec_s = float("inf")
