@@ -558,8 +558,8 @@ def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | N
 
     Example:
       >>> data = encode({"w": np.ones((4, 4), np.float32)})
-      >>> decode(data)["w"][0, 0]
-      1.0
+      >>> decode(data)["w"].tolist()[0]
+      [1.0, 1.0, 1.0, 1.0]
     """
     parts = _decode_all(data, limits, workers, progress)
     flat: dict[str, np.ndarray] = {}
