@@ -155,39 +155,47 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
     qprev = jnp.where(prev >= 0, q[jnp.maximum(prev, 0)], 0)
     nb = jnp.where(qprev == 0, 0, jnp.where(qprev < 0, 1, 2))
     act = active.astype(jnp.float32)
-    pos = (q > 0).astype(jnp.float32)
     absq = jnp.abs(q)
 
-    # thresholds on |q|: 1..N+1 for sig/gt, N + 2**j for the remainder prefix
-    t_gt = jnp.arange(1, n_gt + 2, dtype=jnp.int32)
-    t_pf = jnp.asarray(np.minimum(n_gt + 2.0 ** np.arange(N_PREFIX + 1), 2**31 - 1).astype(np.int32))
+    sig_ctx = 3 * state + nb
+    n_pf = N_PREFIX + 1                                            # prefix thresholds N + 2**j, j = 0..31
     if u is None:
-        def ind(t):
-            return (absq[:, None] >= t[None, :]).astype(jnp.float32)
+        # hard levels: histograms, then "at least" counts by reverse cumulative sums
+        sig = (absq > 0).astype(jnp.float32) * act
+        neg = (q < 0).astype(jnp.float32)
+        cap = jnp.minimum(absq, n_gt + 1)                          # |q| >= t for t = 1..N+1 read off cap
+        hist = jax.ops.segment_sum(act, cap + (n_gt + 2) * (q < 0), 2 * (n_gt + 2)).reshape(2, n_gt + 2)
+        at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]          # (2, N+1): sign, t = 1..N+1
+        gp, gn = at_least[0], at_least[1]
+        rem = jnp.maximum(absq - n_gt, 1)                          # r + 1 for coded remainders
+        plen = 31 - jax.lax.clz(rem)                               # prefix length P = floor(log2(r + 1))
+        ph = jax.ops.segment_sum(act * (absq > n_gt), plen, n_pf)
+        e = jnp.cumsum(ph[::-1])[::-1]                             # (J+1,): remainders with P >= j
     else:
         au = jnp.abs(jnp.asarray(u, jnp.float32).reshape(-1))
         odd = (state & 1)[:, None].astype(jnp.float32)
+        neg = (jnp.asarray(u).reshape(-1) < 0).astype(jnp.float32)
 
         def ind(t):
-            tf = t[None, :].astype(jnp.float32)
+            tf = jnp.asarray(t, jnp.float32)[None, :]
             if dq:
                 theta = jnp.where(odd > 0, jnp.where(tf == 1, 0.5, 2 * tf - 2), 2 * tf - 1)
                 width = jnp.where((odd > 0) & (tf == 1), 1.0, 2.0)
             else:
                 theta, width = tf - 0.5, 1.0
-            return jax.nn.sigmoid((au[:, None] - theta) / (temperature * width))
+            return jax.nn.sigmoid((au[:, None] - theta) / (temperature * width)) * act[:, None]
 
-    g = ind(t_gt) * act[:, None]                                   # (n, N+1)
-    sig_ctx = 3 * state + nb
+        g = ind(np.arange(1, n_gt + 2))                            # (n, N+1): soft 1[|q| >= t]
+        sig = g[:, 0]
+        gn = jnp.sum(g * neg[:, None], axis=0)
+        gp = jnp.sum(g, axis=0) - gn
+        e = jnp.sum(ind(np.minimum(n_gt + 2.0 ** np.arange(n_pf), 2.0**31)), axis=0)
     sig_bins = jax.ops.segment_sum(act, sig_ctx, 24)
-    sig_ones = jax.ops.segment_sum(g[:, 0], sig_ctx, 24)
-    sign_bins = jax.ops.segment_sum(g[:, 0], nb, 3)
-    sign_ones = jax.ops.segment_sum(g[:, 0] * (1.0 - pos) * (absq > 0), nb, 3)
-    gp = jnp.sum(g * pos[:, None], axis=0)
-    gn = jnp.sum(g, axis=0) - gp
+    sig_ones = jax.ops.segment_sum(sig, sig_ctx, 24)
+    sign_bins = jax.ops.segment_sum(sig, nb, 3)
+    sign_ones = jax.ops.segment_sum(sig * neg, nb, 3)
     # gt flag n (0-based) is coded when |q| >= n+1 and is 1 when |q| >= n+2; axis 1: q > 0, q < 0
     gt = jnp.stack([jnp.stack([gp[:-1], gp[1:]], -1), jnp.stack([gn[:-1], gn[1:]], -1)], axis=1)
-    e = jnp.sum(ind(t_pf) * act[:, None], axis=0)                  # (J+1,)
     prefix = jnp.stack([e[:-1], e[1:]], -1)
     rows = jnp.stack([jnp.float32(row_zero.size), jnp.sum(row_zero.astype(jnp.float32))])
     return BinStats(sig=jnp.stack([sig_bins, sig_ones], -1), sign=jnp.stack([sign_bins, sign_ones], -1),
