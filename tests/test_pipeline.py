@@ -112,3 +112,12 @@ def test_input_errors(tiny_bn):
         optimize_ioq(v, apply, [], lam=1e-3)
     with pytest.raises(InputError):
         CodingLayout.build({"w": np.ones((2, 2))})
+
+
+def test_pipeline_docstring_examples():
+    import doctest
+
+    import nncjax.pipeline
+
+    result = doctest.testmod(nncjax.pipeline)
+    assert result.attempted >= 5 and result.failed == 0
