@@ -43,12 +43,13 @@ def digits():
 @pytest.fixture(scope="module")
 def runs(digits):
     m, calib, _ = digits
-    return {lam: optimize(m.params, m.apply, calib, lam=lam, steps=STEPS, progress=False)
+    # starting near the optimum (QP -24) lets each lambda settle within STEPS (Adam moves <= 0.2 QP a step)
+    return {lam: optimize(m.params, m.apply, calib, lam=lam, base_qp=-24, steps=STEPS, progress=False)
             for lam in (3e-4, 3e-3, 3e-2)}
 
 
 def test_step_is_jitted_and_loss_decreases(runs):
-    rd = runs[3e-3]
+    rd = runs[3e-2]
     h = rd.history
     assert set(h) == {"loss", "distortion", "rate_bits"}
     assert all(v.shape == (STEPS,) and np.all(np.isfinite(v)) for v in h.values())
@@ -101,7 +102,7 @@ def test_gradient_rd_beats_uniform_qp_at_equal_size(digits, runs, capsys):
         res = verify(m.params, runs[lam])
         ours.append((res.nbytes, test_mse(res.params)))
     uniform = []
-    for qp in range(-34, -13, 2):
+    for qp in range(-34, -5, 2):
         data = encode(m.params, qp=qp, nonweight_qp=-75, dq=True)
         uniform.append((len(data), test_mse(decode(data, like=m.params))))
     uniform.sort()
