@@ -211,7 +211,8 @@ class CabacEncoder:
 
     def encode_layer(self, levels, *, dq: bool, scan_order: int = 0, row_skipping: bool = False,
                      profile: int = 1, codebook_size: int = 0, codebook_offset: int = 0,
-                     parent_present: bool = False, base=None, hdsp_hist=None, unary_length: int | None = None):
+                     parent_present: bool = False, base=None, hdsp_hist=None, unary_length: int | None = None,
+                     strict_dq: bool = True):
         """Codes one tensor's integer levels (any shape, integer dtype; |level| <= LEVEL_MAX).
 
         Same bytes as NNCodec's ``initCtxModels(N, param_opt)`` + ``encodeLayer(...)``:
@@ -225,7 +226,10 @@ class CabacEncoder:
         previous version of this tensor (k for DQ), same shape; selects contexts only.
         ``hdsp_hist`` (profile 1, needs ``parent_present``): int array of the tensor's shape, 1 where a
         level was ever non-zero in earlier updates; used where the flag is coded.
-        Raises InputError for bad levels, e.g. a DQ index k that its DQ state cannot produce.
+        ``strict_dq``: a DQ index k that its DQ state cannot produce raises InputError. With
+        ``strict_dq=False`` it is coded as NNCodec codes it, ``q = (k + sgn(k)*(state & 1)) >> 1``,
+        and decodes to the neighbouring reachable index (needed for NNCodec's bit-depth clipping).
+        Raises InputError for bad levels.
         """
         self._check_open()
         a = np.asarray(levels)
@@ -243,7 +247,7 @@ class CabacEncoder:
             self._room(need)
             status = _lv.encode_tensor(
                 self._es, self._buf, ctx, cs0, cs01, cacc, skip, adv, flat, lay.base, lay.tca, lay.hist, lay.hdsp,
-                lay.height, lay.width, lay.n_gtx, lay.dq, lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
+                lay.height, lay.width, lay.n_gtx, lay.dq, bool(strict_dq), lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
                 lay.bounded, lay.cbs, lay.off, self.param_opt, lay.ci_list, lay.ci_ctx, lay.rs_ctx, info)
             if status != _lv.ERR_ROOM:
                 break

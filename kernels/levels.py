@@ -237,18 +237,21 @@ def _dec_level(ctx, ds, data, value, rng, bits, csig, csign, gbase, babs, n_gtx,
 # ---------------------------------------------------------------------------------- tensor kernels
 
 @kernel
-def _coded_level(k, state, dq):
-    """The transmitted level q of index k (DQ: ``(k + sgn(k)*(state & 1)) >> 1``). -> (q, valid)"""
+def _coded_level(k, state, dq, strict):
+    """The transmitted level q of index k (DQ: ``(k + sgn(k)*(state & 1)) >> 1``). -> (q, valid)
+
+    ``valid``: k is what the decoder reconstructs from q. Unless ``strict``, an unreachable k is
+    converted all the same (NNCodec does so for indices its bit-depth clipping leaves unreachable)."""
     if not dq or k == 0:
         return k, True
     odd = state & 1
     q = (k + odd) >> 1 if k > 0 else (k - odd) >> 1
-    return q, q != 0 and 2 * q - (odd if q > 0 else -odd) == k
+    return q, not strict or (q != 0 and 2 * q - (odd if q > 0 else -odd) == k)
 
 
 @kernel
-def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, scan_order,
-                 info):
+def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, strict,
+                 scan_order, info):
     """The init search: charges every bin of the tensor to the nine candidates of its context.
     Follows NNCodec's pseudo pass: binarizes k (not q) and uses it as the neighbour, which block-row
     ends do not reset (only the candidates' states are reset)."""
@@ -269,7 +272,7 @@ def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, heig
                 for x in range(c0, c1):
                     pos = np.uint64(row + x)
                     k = np.int64(levels[pos])
-                    q, valid = _coded_level(k, state, dq)
+                    q, valid = _coded_level(k, state, dq, strict)
                     if not valid:
                         info[0] = row + x
                         return ERR_DQ_LEVEL
@@ -285,8 +288,8 @@ def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, heig
 
 
 @kernel
-def _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, scan_order,
-                max_pos, max_neg, sign_coded, info):
+def _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, strict,
+                scan_order, max_pos, max_neg, sign_coded, info):
     """Codes the levels in scan order, with block-row resets (contexts, neighbour, range)."""
     bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
     margin = (7 * (n_gtx + 34) + 32) // 8 + 16  # bytes one level can emit, at most
@@ -309,7 +312,7 @@ def _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp, height, 
                     if buf.shape[0] - es[E_POS] < es[E_NBUF] + margin:
                         return ERR_ROOM
                     pos = np.uint64(row + x)
-                    q, valid = _coded_level(np.int64(levels[pos]), state, dq)
+                    q, valid = _coded_level(np.int64(levels[pos]), state, dq, strict)
                     if not valid:
                         info[0] = row + x
                         return ERR_DQ_LEVEL
@@ -330,7 +333,7 @@ def _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp, height, 
 
 @kernel
 def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq,
-                  scan_order, row_skip, parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx,
+                  strict, scan_order, row_skip, parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx,
                   rs_ctx, info):
     """Codes one tensor's levels (after its qp_delta) into ``buf``: row-skip block, init search and
     ci_flags, then the levels. ``rs_block``: whether the HDSP/row-skip block is present (profile 1,
@@ -359,7 +362,7 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, base, tca, h
     cand_init(cs0, cs01, cacc)
     if param_opt and not all_zero:
         status = _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx,
-                              dq, scan_order, info)
+                              dq, strict, scan_order, info)
         if status != OK:
             return status
     for i in range(ci_list.shape[0]):
@@ -377,9 +380,9 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, base, tca, h
     es[E_LOW], es[E_RANGE], es[E_BITS] = low, rng, bits
     if bounded and cbs > 0:
         return _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx, dq,
-                           scan_order, cbs - 1 - off, off, not (off == 0 or off == cbs - 1), info)
+                           strict, scan_order, cbs - 1 - off, off, not (off == 0 or off == cbs - 1), info)
     return _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx, dq,
-                       scan_order, -1, -1, True, info)
+                       strict, scan_order, -1, -1, True, info)
 
 
 @kernel

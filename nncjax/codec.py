@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from nncjax.clipped_dq import reachable_dq_levels
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.steps import check_qp_density
@@ -258,12 +257,12 @@ def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings) -> _C
                          f"(max |w| = {float(np.abs(t.data).max()):.6g}); coded with QP {c['qp']} instead")
         enc.iae_v(s.qp_bits, c["qp"])
     cb = c["codebook"]
-    if c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping)):
-        # Clipping, or NNCodec's row-skip DQ quirk under block scans, can leave DQ indices that the
-        # state machine cannot produce; code what every decoder reconstructs from NNCodec's q.
-        c["levels"] = reachable_dq_levels(c["levels"], scan_order=scan, row_skipping=s.row_skipping)
+    # Bit-depth clipping, or NNCodec's row-skip DQ quirk under block scans (its trellis assumes one
+    # state transition per skipped element), can leave DQ indices the state machine cannot produce;
+    # NNCodec codes them anyway and every decoder reconstructs a neighbouring index. Do the same.
+    lenient = c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping))
     enc.encode_layer(c["levels"], dq=c["dq"], scan_order=scan, row_skipping=s.row_skipping, profile=PROFILE,
-                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"])
+                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"], strict_dq=not lenient)
     coded = _Coded(t.name, index, shape, t.is_int, c["qp"], c["dq"], scan, enc.finish(), cb, c["offset"],
                    c["egk"], notes=notes)
     h, w = _matrix_dims(shape)

@@ -247,3 +247,14 @@ def test_docstring_examples():
 
     for mod in (coder, contexts):
         assert doctest.testmod(mod, extraglobs={"np": np}).failed == 0
+
+
+def test_lenient_dq_codes_unreachable_indices_as_nncodec_does():
+    """strict_dq=False codes q = (k + sgn(k)*(state & 1)) >> 1; the decoder returns the reachable index."""
+    k = np.array([[1, 2, 3, -3, 0, 5]], np.int32)  # 1 is unreachable from state 0 (it codes as q = 0)
+    with pytest.raises(InputError):
+        encode_levels(k, dq=True)
+    data = encode_levels(k, dq=True, strict_dq=False)
+    back = decode_levels(data, k.shape, dq=True)
+    assert back[0, 0] == 0 and back.shape == k.shape
+    assert np.all(np.abs(back - k) <= 1)

@@ -483,14 +483,8 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
     common = dict(unary_length=n - 1, param_opt=bool(param_opt), scan_order=so, row_skipping=False,
                   profile=int(profile), codebook_size=0, codebook_offset=0,
                   parent_present=bool(parent_node_id_present))
-    trial = uni
-    if dq and clip is not None:
-        # Clipping can leave DQ indices the state machine cannot produce. NNCodec codes them anyway
-        # (as the reachable indices with the same coded levels); our coder wants those indices.
-        from nncjax.clipped_dq import reachable_dq_levels
-
-        trial = reachable_dq_levels(uni, scan_order=so, row_skipping=False)
-    uni_bytes = _encode_len(trial, dq=bool(dq), **common)
+    # Clipping can leave DQ indices the state machine cannot produce; NNCodec codes them anyway.
+    uni_bytes = _encode_len(uni, dq=bool(dq), strict_dq=False, **common)
     cb_cost = _encode_len(cb.levels, dq=False, **common) + codebook_syntax_bits(cb.codebook, cb.offset, cb.egk)
     return CodebookChoice(cb_cost < uni_bytes, cb, uni.astype(np.int32), uni_qp, bool(dq), uni_bytes, cb_cost)
 
