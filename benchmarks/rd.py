@@ -165,7 +165,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
         met = metrics_row(m, res.restore(decode(data)), cfg.subset)
         w = res.wall_s
         add("nncjax-ioq", f"lam={lam:g}", len(data), met, w["total"], t_enc,
-            note=f"fold {w['fold']:.1f}s ioq {w['ioq']:.1f}s lsa {w['lsa']:.1f}s; D_tune ioq "
+            note=f"base_qp {cfg.base_qp}; fold {w['fold']:.1f}s ioq {w['ioq']:.1f}s lsa {w['lsa']:.1f}s; D_tune ioq "
                  f"{res.history['d_ioq']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
                  f"{sorted(res.history['ioq_qps'].values())}")
 
@@ -182,7 +182,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
         met = metrics_row(m, v.params, cfg.subset)
         qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith("_ls_delta"))
         add("nncjax-grad", f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
-            note=f"steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
+            note=f"base_qp {cfg.base_qp}; steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
                  f"{float(rd.history['distortion'][-1]):.3g}; weight QPs {qps}; encode_s = encode+decode")
     return rows
 
@@ -279,6 +279,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["nncodec", "ioq", "grad"], choices=["nncodec", "ioq", "grad"])
     ap.add_argument("--lams", type=float, nargs="+", default=None, help="override the model's λ list")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
+    ap.add_argument("--base-qp", type=int, default=None, help="override the model's starting QP")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
     ap.add_argument("--report-only", action="store_true", help="plot and summarise existing CSVs, measure nothing")
     args = ap.parse_args()
@@ -299,6 +300,7 @@ def main() -> None:
             cfg = (fashion_config if name == "fashion_cnn" else minilm_config)(args.quick, args.subset)
             cfg.lams = args.lams or cfg.lams
             cfg.qps = args.qps or cfg.qps
+            cfg.base_qp = cfg.base_qp if args.base_qp is None else args.base_qp
             path = args.out / f"rd_{name}.csv"
             previous = read_csv(path) if args.append and path.exists() else []
             rows = run_model(cfg, oracle, path, args.methods, previous)
