@@ -247,7 +247,8 @@ def summary(rows: list[dict], model: str) -> str:
     for method in ("nncodec", "nncjax-ref", "nncjax-ioq", "nncjax-grad"):
         r = best.get(method)
         if r is None:
-            lines.append(f"| {method} | none transparent | | | |" + (" |" if model == "minilm" else "") + " |")
+            what = "none transparent" if any(x["method"] == method for x in rows) else "not measured"
+            lines.append(f"| {method} | {what} | | | |" + (" |" if model == "minilm" else "") + " |")
             continue
         ratio = f"{r['bytes'] / nnc['bytes']:.3f} ({100 * (1 - r['bytes'] / nnc['bytes']):.1f} % smaller)" \
             if nnc else "n/a"
