@@ -193,3 +193,18 @@ def test_quantizer_transform_rules_and_hard_equality():
         quantizer([(r".*", {"qp": -38, "typo": 1})]).init(params)
     with pytest.raises(InputError):
         quantizer([(r".*", {"dq": True, "codebook": 4})]).init(params)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_hard_quantizers_equal_the_codec_round_trip(dq):
+    """Hard mode of the JAX quantizers == nncjax.decode(nncjax.encode(...)) bit for bit, per tensor."""
+    import nncjax
+
+    rng = np.random.default_rng(11)
+    params = {"a": {"kernel": rng.laplace(0, 0.05, (48, 40)).astype(np.float32)},
+              "b": {"kernel": rng.normal(0, 0.02, (4, 3, 3, 8)).astype(np.float32)}}
+    back = nncjax.decode(nncjax.encode(params, qp=-36, dq=dq), like=params)
+    quantize = quantize_dq if dq else quantize_uniform
+    for name in ("a", "b"):
+        _, w_hat = quantize(params[name]["kernel"], qp_to_step_jax(-36))
+        np.testing.assert_array_equal(np.asarray(w_hat).view(np.uint32), back[name]["kernel"].view(np.uint32))
