@@ -149,6 +149,9 @@ class _Coded:
     codebook_egk: int = 0
     entry_points: Any = None
     notes: list[str] = field(default_factory=list)
+    cpt: int = 0  # compressed_parameter_types of a block (0: a single tensor)
+    topology: tuple = ()  # a block's member names in topology order
+    coded_shapes: tuple = ()  # a block's member shapes in coded order (W last)
 
 
 def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -235,11 +238,9 @@ def _codebook_bits(cb: np.ndarray, off: int, egk: int) -> int:
     return codebook_bits(cb, off, egk)
 
 
-def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings) -> _Coded:
-    from nncjax.kernels.coder import CabacEncoder
-    shape = t.data.shape
-    scan = _effective_scan(shape, s.scan_order)
-    enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=t.data.size // 2 + 1024)
+def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings) -> tuple[dict, list[str]]:
+    """Quantizes one tensor and appends its QP delta and levels to ``enc``'s stream."""
+    scan = _effective_scan(t.data.shape, s.scan_order)
     notes: list[str] = []
     if t.is_int:
         c = dict(levels=t.data, qp=None, dq=False, codebook=None, offset=0, egk=0)
@@ -263,8 +264,27 @@ def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings) -> _C
     lenient = c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping))
     enc.encode_layer(c["levels"], dq=c["dq"], scan_order=scan, row_skipping=s.row_skipping, profile=PROFILE,
                      codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"], strict_dq=not lenient)
-    coded = _Coded(t.name, index, shape, t.is_int, c["qp"], c["dq"], scan, enc.finish(), cb, c["offset"],
-                   c["egk"], notes=notes)
+    return c, notes
+
+
+def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings, block: _Block | None = None,
+                 members: tuple = ()) -> _Coded:
+    """One NDU's payload: the tensor ``t``, or with ``block`` the block's ``members`` (coded order,
+    ``(PreparedTensor, _Plan)`` pairs) followed by its weight ``t``."""
+    from nncjax.kernels.coder import CabacEncoder
+    shape = t.data.shape
+    scan = _effective_scan(shape, s.scan_order)
+    size = t.data.size + sum(m.data.size for m, _ in members)
+    enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
+    notes: list[str] = []
+    for m, mplan in members:
+        notes += _code_member(enc, m, mplan, s)[1]
+    c, w_notes = _code_member(enc, t, plan, s)
+    coded = _Coded(t.name, index, shape, t.is_int, c["qp"], c["dq"], scan, enc.finish(), c["codebook"], c["offset"],
+                   c["egk"], notes=notes + w_notes)
+    if block is not None:
+        coded.cpt, coded.topology = block.cpt, block.topology
+        coded.coded_shapes = tuple(m.data.shape for m, _ in members) + (shape,)
     h, w = _matrix_dims(shape)
     if scan > 0 and h > 1 and w > 1:
         coded.entry_points = _entry_points(coded, s)
@@ -272,15 +292,86 @@ def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings) -> _C
 
 
 def _entry_points(c: _Coded, s: _Settings):
-    """Entry points can only be known by decoding the finished payload (as NNCodec does)."""
+    """Entry points can only be known by decoding the finished payload (as NNCodec does); in a block
+    only the weight, coded last, has any."""
     from nncjax.kernels.coder import CabacDecoder
     dec = CabacDecoder(c.payload, unary_length=s.unary_length)
+    for shape in c.coded_shapes[:-1]:
+        dec.iae_v(s.qp_bits)
+        dec.decode_layer(shape, dq=c.dq, scan_order=0, profile=PROFILE)
     if not c.is_int:
         dec.iae_v(s.qp_bits)
     _, eps = dec.decode_layer(c.shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
                               codebook_size=0 if c.codebook is None else len(c.codebook),
                               codebook_offset=c.codebook_offset)
     return eps
+
+
+# ------------------------------------------------------------------------------------------------
+# blocks
+
+_BLOCK_ROLES = ("ls", "bn_beta", "bn_gamma", "bn_mean", "bn_var", "bi")  # topology order after W
+_BLOCK_CODED = ("ls", "bi", "bn_beta", "bn_gamma", "bn_mean", "bn_var")  # coded order before W
+_BN_ROLES = ("bn_beta", "bn_gamma", "bn_mean", "bn_var")
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One NNR_PT_BLOCK: its weight, cpt, topology names and member names in coded order."""
+
+    weight: str
+    cpt: int
+    topology: tuple
+    coded: tuple
+
+
+def _block_table(blocks, prepared: list[PreparedTensor], s: _Settings) -> dict[str, _Block]:
+    """Validates ``encode``'s ``blocks`` argument -> {weight name: _Block}."""
+    from nncjax.reduce.block import CPT_BI, CPT_BN, CPT_LS
+    if blocks is None:
+        return {}
+    if not isinstance(blocks, Mapping):
+        raise InputError("blocks must be a mapping {weight name: {role: member name}}")
+    if blocks and s.codebook != "off":
+        raise InputError("blocks cannot be combined with codebook (block members are coded uniformly)")
+    by_name = {t.name: t for t in prepared}
+    used: dict[str, str] = {}
+    table: dict[str, _Block] = {}
+    for wname, roles in blocks.items():
+        where = f"blocks[{wname!r}]"
+        if not isinstance(wname, str) or wname not in by_name:
+            raise InputError(f"{where}: no tensor named {wname!r} in params")
+        if not isinstance(roles, Mapping) or not roles:
+            raise InputError(f"{where} must be a non-empty mapping {{role: member name}} with roles {_BLOCK_ROLES}")
+        unknown = [r for r in roles if r not in _BLOCK_ROLES]
+        if unknown:
+            raise InputError(f"{where}: unknown roles {unknown}; allowed: {_BLOCK_ROLES}")
+        bn = [r for r in _BN_ROLES if r in roles]
+        if bn and len(bn) != 4:
+            raise InputError(f"{where}: batch norm needs all of {_BN_ROLES}, got {bn}")
+        w = by_name[wname]
+        if w.is_int:
+            raise InputError(f"{where}: the weight is an integer tensor (blocks carry float tensors only)")
+        if w.data.ndim < 1 or w.data.shape[0] < 1 or w.orig_shape == ():
+            raise InputError(f"{where}: the weight needs at least one output row, shape {w.orig_shape}")
+        rows = w.data.shape[0]
+        for role, mname in roles.items():
+            if not isinstance(mname, str) or mname not in by_name:
+                raise InputError(f"{where}[{role!r}]: no tensor named {mname!r} in params")
+            if mname == wname or mname in blocks:
+                raise InputError(f"{where}[{role!r}]: {mname!r} is a block weight, not a member")
+            if mname in used:
+                raise InputError(f"{where}[{role!r}]: {mname!r} is already a member of block {used[mname]!r}")
+            used[mname] = wname
+            m = by_name[mname]
+            if m.is_int:
+                raise InputError(f"{where}[{role!r}]: {mname!r} is an integer tensor (blocks carry float tensors only)")
+            if tuple(m.orig_shape) != (rows,):
+                raise InputError(f"{where}[{role!r}]: {mname!r} must have shape ({rows},), got {tuple(m.orig_shape)}")
+        cpt = (CPT_LS if "ls" in roles else 0) | (CPT_BN if bn else 0) | (CPT_BI if "bi" in roles else 0)
+        table[wname] = _Block(wname, cpt, (wname,) + tuple(roles[r] for r in _BLOCK_ROLES if r in roles),
+                              tuple(roles[r] for r in _BLOCK_CODED if r in roles))
+    return table
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,8 +398,9 @@ def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
     )
     cb = None if c.codebook is None else Codebook(c.codebook_egk, tuple(int(v) for v in c.codebook),
                                                   c.codebook_offset)
+    ptype = PayloadType.BLOCK if c.topology else PayloadType.INT if c.is_int else PayloadType.FLOAT
     ndu = CompressedDataUnit(
-        payload_type=PayloadType.INT if c.is_int else PayloadType.FLOAT, topology_elem_ids=(c.name,),
+        payload_type=ptype, topology_elem_ids=c.topology or (c.name,), compressed_parameter_types=c.cpt,
         parameter_id=c.index, codebook=cb, dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
         cabac_unary_length_minus1=s.unary_length - 1, scan_order=c.scan_order, entry_points=c.entry_points,
         payload=c.payload)
@@ -376,7 +468,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
            codebook: bool | str = False, bitdepth: int | None = None, row_skipping: bool = True,
            param_opt: bool = True, scan_order: int = 0, qp_overrides: Mapping | None = None,
            lambda_scale: float = 0.0, unary_length: int = 11, workers: int = 2,
-           progress: bool | None = None) -> bytes:
+           progress: bool | None = None, blocks: Mapping | None = None) -> bytes:
     """Encodes a model (any pytree of arrays) into an NNR bitstream, byte-identical to NNCodec.
 
     Args:
@@ -398,6 +490,12 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
       lambda_scale: rate-distortion trade-off of the quantizer (0: nearest / pure distortion).
       unary_length: number of greater-than flags of the level binarization (NNCodec: 11).
       workers: threads coding tensors in parallel. progress: tqdm bar (None: only for big models).
+      blocks: ``{weight name: {role: member name}}`` codes each weight together with its per-row
+        members (float tensors of shape ``(weight.shape[0],)``) in one NNR_PT_BLOCK unit, written where
+        the weight is. Roles: "ls" (local scaling, e.g. ``"<w>_scaling"``), "bi" (bias), and all four
+        of "bn_beta", "bn_gamma", "bn_mean", "bn_var" (an unfolded batch norm); cpt = LS 0x02 | BN 0x04
+        | BI 0x08. Members keep their own QPs (``nonweight_qp`` unless overridden) and come back from
+        :func:`decode` under their names. Not with ``codebook``.
 
     Returns:
       the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a
@@ -408,19 +506,30 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
       ...                "b": np.zeros(64, np.float32)}, qp=-36)
       >>> sorted(decode(data))
       ['b', 'w']
+      >>> bn = encode({"conv.weight": np.ones((8, 3, 3, 3), np.float32), "conv.bias": np.zeros(8, np.float32)},
+      ...             blocks={"conv.weight": {"bi": "conv.bias"}})
+      >>> sorted(decode(bn))
+      ['conv.bias', 'conv.weight']
     """
     s = _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
                   lambda_scale, unary_length)
     named = flatten_named(params)
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
     plan = _qp_plan(prepared, s, qp_overrides)
-    jobs = list(zip(prepared, range(len(prepared)), plan))
+    block_of = _block_table(blocks, prepared, s)
+    position = {t.name: i for i, t in enumerate(prepared)}
+    in_block = {m for b in block_of.values() for m in b.coded}
+    # A block's NDU takes its weight's place and parameter_id (the input index), as NNCodec writes it.
+    jobs = [(t, i, plan[i], block_of.get(t.name)) for i, t in enumerate(prepared) if t.name not in in_block]
 
     def work(job):
-        c = _code_tensor(job[0], job[1], job[2], s)
+        t, i, p, blk = job
+        members = () if blk is None else tuple((prepared[position[m]], plan[position[m]]) for m in blk.coded)
+        c = _code_tensor(t, i, p, s, blk, members)
         return c, _ndu_bytes(c, s)
 
-    results = _run_parallel(work, jobs, [max(t.data.size, 1) for t in prepared], workers, progress, "encode")
+    sizes = [max(t.data.size, 1) + (len(b.coded) * t.data.shape[0] if b else 0) for t, _, _, b in jobs]
+    results = _run_parallel(work, jobs, sizes, workers, progress, "encode")
     for c, _ in results:
         for note in c.notes:
             warnings.warn(note, QPAdjustedWarning, stacklevel=2)

@@ -1,0 +1,126 @@
+"""NNR_PT_BLOCK writing in :func:`nncjax.encode` (``blocks=``): a weight and its per-row members
+(LS, BN β/γ/mean/var, BI) in one NDU, round trip, :func:`nncjax.inspect`, input validation, and
+interop with NNCodec 2.1.3 (its decoder reads our blocks; its encoder writes the same bytes).
+"""
+
+import numpy as np
+import pytest
+
+from nncjax import InputError
+from nncjax.codec import decode, encode, inspect
+
+RNG = np.random.default_rng(20261122)
+BN_TYPES = {"bn_beta": "bn.beta", "bn_gamma": "bn.gamma", "bn_mean": "bn.mean", "bn_var": "bn.var"}
+
+
+def gauss(*shape, scale=0.05):
+    return RNG.normal(0, scale, shape).astype(np.float32)
+
+
+def bn_model(c=24, prefix="conv"):
+    """A conv weight with an unfolded batch norm and a bias, plus an unrelated tensor before it."""
+    b = gauss(c)
+    model = {"head": gauss(7, 5), f"{prefix}.weight": gauss(c, 3, 3, 3), f"{prefix}.bn.beta": b,
+             f"{prefix}.bn.gamma": b + 1, f"{prefix}.bn.mean": b * 0.5, f"{prefix}.bn.var": np.abs(b) + 1,
+             f"{prefix}.bias": gauss(c)}
+    roles = {r: f"{prefix}.{t}" for r, t in BN_TYPES.items()} | {"bi": f"{prefix}.bias"}
+    return model, {f"{prefix}.weight": roles}
+
+
+def ls_model(c=20, prefix="fc"):
+    """A folded layer (LSA/BNF style): weight, its ``_scaling`` and bias, the members before the weight."""
+    model = {f"{prefix}.weight_scaling": 1 + gauss(c), f"{prefix}.bias": gauss(c), f"{prefix}.weight": gauss(c, 40),
+             "tail": gauss(9)}
+    return model, {f"{prefix}.weight": {"ls": f"{prefix}.weight_scaling", "bi": f"{prefix}.bias"}}
+
+
+CASES = [  # (model builder, encode kwargs)
+    (bn_model, {"scan_order": 0, "dq": True}),
+    (bn_model, {"scan_order": 2, "dq": False}),
+    (ls_model, {"scan_order": 1, "dq": True}),
+    (ls_model, {"scan_order": 0, "dq": True, "nonweight_qp": -60}),
+]
+
+
+def test_round_trip_equals_the_quantizer():
+    """Every member decodes to exactly what the same tensor decodes to when coded on its own NDU."""
+    for build, kw in CASES:
+        model, blocks = build()
+        got = decode(encode(model, blocks=blocks, **kw))
+        ref = decode(encode(model, **kw))
+        assert set(got) == set(model)
+        for k in model:
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    # overrides reach members: a coarser member QP changes that member only
+    model, blocks = ls_model()
+    got = decode(encode(model, blocks=blocks, qp_overrides={"fc.bias": -40}))
+    ref = decode(encode(model, qp_overrides={"fc.bias": -40}))
+    assert all(np.array_equal(got[k], ref[k]) for k in model)
+
+
+def test_inspect_shows_one_block_unit():
+    model, blocks = bn_model()
+    info = inspect(encode(model, blocks=blocks, scan_order=2))
+    assert [u.type for u in info.units] == ["STR", "MPS", "TPL", "NDU", "NDU"]
+    blk = [t for t in info.tensors if t.payload_type == "BLOCK"]
+    # coded order: BI, β, γ, mean, var, then W; scan 2 = 16-row blocks -> ceil(24 / 16) - 1 entry points
+    assert [t.name for t in blk] == ["conv.bias", "conv.bn.beta", "conv.bn.gamma", "conv.bn.mean", "conv.bn.var",
+                                     "conv.weight"]
+    assert blk[0].qp == -75 and blk[-1].shape == (24, 3, 3, 3) and blk[-1].scan_order == 2
+    assert blk[-1].entry_points == 1 and all(t.shape == (24,) for t in blk[:-1])
+    assert len({t.coded_bytes for t in blk}) == 1 and blk[0].parameter_id == 1  # W's input index
+
+    from nncjax.kernels.units import CompressedDataUnit, PayloadType, read_units
+    ndu = [u for u in read_units(encode(model, blocks=blocks)) if isinstance(u, CompressedDataUnit)][1]
+    assert ndu.payload_type == PayloadType.BLOCK and ndu.compressed_parameter_types == 0x0C
+    assert list(ndu.topology_elem_ids) == ["conv.weight", "conv.bn.beta", "conv.bn.gamma", "conv.bn.mean",
+                                           "conv.bn.var", "conv.bias"]
+    model, blocks = ls_model()
+    ndu = next(u for u in read_units(encode(model, blocks=blocks)) if isinstance(u, CompressedDataUnit))
+    assert ndu.compressed_parameter_types == 0x0A and ndu.parameter_id == 2
+    assert list(ndu.topology_elem_ids) == ["fc.weight", "fc.weight_scaling", "fc.bias"]
+
+
+@pytest.mark.parametrize("blocks, codebook, match", [
+    ({"nope": {"bi": "fc.bias"}}, False, "no tensor named 'nope'"),
+    ({"fc.weight": {"bias": "fc.bias"}}, False, "unknown roles"),
+    ({"fc.weight": {"bi": "missing"}}, False, "no tensor named 'missing'"),
+    ({"fc.weight": {"bi": ["fc.bias"]}}, False, "no tensor named"),
+    ({"fc.weight": {"bi": "tail"}}, False, r"must have shape \(20,\)"),
+    ({"fc.weight": {"bi": "ids"}}, False, "integer tensor"),
+    ({"fc.weight": {"bn_beta": "fc.bias"}}, False, "batch norm needs all"),
+    ({"fc.weight": {"bi": "fc.bias", "ls": "fc.bias"}}, False, "already a member"),
+    ({"fc.weight": {}}, False, "non-empty mapping"),
+    ({"fc.weight": {"bi": "fc.weight"}}, False, "is a block weight"),
+    ({"fc.weight": {"bi": "fc.bias"}}, True, "codebook"),
+    ([("fc.weight", {})], False, "blocks must be a mapping"),
+])
+def test_bad_blocks_raise_input_error(blocks, codebook, match):
+    model, _ = ls_model()
+    model["ids"] = np.arange(20, dtype=np.int32)
+    with pytest.raises(InputError, match=match):
+        encode(model, blocks=blocks, codebook=codebook)
+
+
+def test_nncodec_decodes_our_blocks_and_writes_the_same_bytes(oracle):
+    """NNCodec's decoder reads our BLOCK streams to exactly our decoding, and ``nnc.compress`` with
+    the same block ids and settings writes byte-identical streams."""
+    ours, cases = [], []
+    for build, kw in CASES:
+        model, blocks = build()
+        ours.append(encode(model, blocks=blocks, row_skipping=False, **kw))
+        wname, roles = next(iter(blocks.items()))
+        types = {wname: "weight"} | {n: {"ls": "weight.ls", "bi": "bias"}.get(r, BN_TYPES.get(r)) for r, n in roles.items()}
+        cases.append({"model": model, "block": {"block_identifier": {n: "blk" for n in types}, "parameter_type": types},
+                      "kwargs": {"scan_order": kw["scan_order"], "use_dq": kw["dq"],
+                                 "nonweight_qp": kw.get("nonweight_qp", -75)}})
+    decoded = oracle.call("model", "decode_many", ours)
+    written = oracle.call("syntax", "generate", cases)
+    for data, theirs, ref in zip(ours, decoded, written):
+        assert "error" not in theirs, theirs.get("error")
+        mine = decode(data)
+        assert sorted(theirs["names"]) == sorted(mine)
+        for name, arr in zip(theirs["names"], theirs["arrays"]):
+            np.testing.assert_array_equal(np.asarray(arr, np.float32), mine[name], err_msg=name)
+        assert "error" not in ref, ref.get("error")
+        assert ref["bitstream"] == data
