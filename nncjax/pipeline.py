@@ -17,9 +17,9 @@ Stages (each one of the existing tools, in the order an NNR encoder applies them
    The scales merge into LS (``LS = s * g``) for folded blocks; other kernels get a
    ``<name>_scaling`` tensor.
 
-The result is coded with :func:`nncjax.encode` as *plain tensors* with per-tensor ``qp_overrides``:
-the codec has no NNR_PT_BLOCK writer yet, so ``W``, ``W_scaling`` and ``BI`` are separate NDUs (what a
-block would carry, without the block header's savings). :meth:`IOQResult.restore` maps decoded
+The result is coded with :func:`nncjax.encode` with per-tensor ``qp_overrides`` and ``blocks``: each
+folded layer is one NNR_PT_BLOCK unit carrying ``W``, its local scales ``LS`` (``W_scaling``) and
+``BI`` (cpt LS|BI), as the standard's batch-norm folding signals it. :meth:`IOQResult.restore` maps decoded
 tensors back onto the model's own Flax structure (:func:`nncjax.reduce.unfold_batchnorm` for BN
 layers), so the decoded model is evaluated by the unchanged ``apply``.
 
@@ -175,6 +175,17 @@ class CodingLayout:
                 out.append((e[0] + SCALING_SUFFIX, "scaling", e[0]))
         return dataclasses.replace(self, entries=tuple(out))
 
+    def blocks(self) -> dict[str, dict[str, str]]:
+        """:func:`nncjax.encode`'s ``blocks``: each folded layer's weight with its LS and BI, and each
+        scaled kernel with its LS, so they are written as NNR_PT_BLOCK units (cpt LS|BI, or LS)."""
+        out: dict[str, dict[str, str]] = {}
+        for name, kind, src in self.entries:
+            if kind in ("block_ls", "block_bi"):
+                out.setdefault("params/" + src, {})[kind[-2:]] = name
+            elif kind == "scaling":
+                out.setdefault(src, {})["ls"] = name
+        return out
+
     def to_coded(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
         """``variables`` -> ``{coded name: array}`` in entry order (scalings start at 1)."""
         leaves = named_leaves(variables)
@@ -261,8 +272,12 @@ class IOQResult:
 
     def encode_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`nncjax.encode` for :attr:`tensors`."""
-        return {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
-                "qp_overrides": dict(self.qp_overrides)}
+        kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
+              "qp_overrides": dict(self.qp_overrides)}
+        blocks = self.layout.blocks()
+        if blocks:
+            kw["blocks"] = blocks
+        return kw
 
     def restore(self, decoded: Mapping[str, Any]) -> Any:
         """Flax variables of the model from :func:`nncjax.decode` output (flat ``{name: array}``)."""

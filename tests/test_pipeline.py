@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nncjax import models
-from nncjax.codec import QPAdjustedWarning, decode, encode
+from nncjax.codec import QPAdjustedWarning, decode, encode, inspect
 from nncjax.errors import InputError
 from nncjax.models.digits_mlp import load_digits_split
 from nncjax.pipeline import (
@@ -82,6 +82,13 @@ def test_bn_pipeline_end_to_end(tiny_bn):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", QPAdjustedWarning)
         data = encode(res.tensors, **res.encode_kwargs())
+    # The folded layer travels as one NNR_PT_BLOCK unit (weight, local scales LS, bias BI); a
+    # scaled kernel without batch norm as a block of weight and LS.
+    blocks = res.encode_kwargs()["blocks"]
+    assert {w: set(m) for w, m in blocks.items()} == {"params/Conv_0/kernel": {"ls", "bi"},
+                                                      "params/Dense_0/kernel": {"ls"}}
+    kinds = {t.name: t.payload_type for t in inspect(data).tensors}
+    assert {kinds[n] for w, m in blocks.items() for n in [w, *m.values()]} == {"BLOCK"}
     v_hat = res.restore(decode(data))
     y, y_hat = np.asarray(apply(v, x)), np.asarray(apply(v_hat, x))
     rel = float(np.mean((y - y_hat) ** 2) / np.var(y))
