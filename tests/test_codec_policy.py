@@ -44,13 +44,11 @@ def test_unflatten_like_rebuilds_structure():
 
 
 def test_flax_params_are_named_by_path():
-    flax = pytest.importorskip("flax")
     import jax
     from flax import linen as nn
 
     params = nn.Dense(3).init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
     assert list(flatten_named(params)) == ["params/kernel", "params/bias"]
-    del flax
 
 
 def test_name_collisions_and_bad_names_raise():
