@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
+from nncjax.pipeline import code_tensor
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.uniform import quantize_uniform
@@ -533,12 +534,8 @@ def optimize(
 def _codec_reconstruct(x: np.ndarray, qp: int, qpd: int, dq: bool) -> tuple[np.ndarray, float]:
     """What the codec makes of tensor ``x`` at ``qp``: ``(reconstruction float32 (shape of x), payload bits)``
     with NNCodec's quantizer and the real DeepCABAC coder (QP delta included, unit header excluded)."""
-    from nncjax.kernels.coder import encode_levels
-    from nncjax.quantize.reference import quantize_tensor, reconstruct
-    x = np.asarray(x, np.float32)
-    levels, used = quantize_tensor(x, qp, qp_density=qpd, dq=dq)
-    payload = encode_levels(levels, dq=dq, row_skipping=True, profile=1)
-    return reconstruct(levels, used, qp_density=qpd).reshape(x.shape), 8.0 * len(payload) + 6 + qpd
+    x_hat, bits = code_tensor(x, qp, qp_density=qpd, dq=dq)
+    return x_hat, bits + 6.0 + qpd
 
 
 class _HardEvaluator:

@@ -61,7 +61,7 @@ from nncjax.reduce import (
 )
 from nncjax.steps import check_qp_density
 
-__all__ = ["CodingLayout", "IOQResult", "codec_reconstruct", "coded_tensor_bits", "optimize_ioq"]
+__all__ = ["CodingLayout", "IOQResult", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "optimize_ioq"]
 
 SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
 
@@ -92,11 +92,23 @@ def coded_tensor_bits(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool =
     >>> coded_tensor_bits(np.zeros((4, 4), np.float32), -32) < 64
     True
     """
-    from nncjax.kernels.coder import encode_levels
-    from nncjax.quantize.reference import quantize_tensor
+    return code_tensor(x, qp, qp_density=qp_density, dq=dq)[1]
 
-    levels, _ = quantize_tensor(np.asarray(x, np.float32), int(qp), qp_density=qp_density, dq=dq)
-    return 8 * len(encode_levels(levels, dq=dq, row_skipping=True, profile=1))
+
+def code_tensor(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> tuple[np.ndarray, int]:
+    """``(codec_reconstruct(x, qp), coded_tensor_bits(x, qp))`` with one quantization of ``x``.
+
+    >>> x_hat, bits = code_tensor(np.array([[0.3, -0.3]], np.float32), -20)
+    >>> x_hat.tolist(), bits > 0
+    ([[0.3125, -0.3125]], True)
+    """
+    from nncjax.kernels.coder import encode_levels
+    from nncjax.quantize.reference import quantize_tensor, reconstruct
+
+    x = np.asarray(x, np.float32)
+    levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
+    bits = 8 * len(encode_levels(levels, dq=dq, row_skipping=True, profile=1))
+    return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape), bits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,8 +392,10 @@ def optimize_ioq(
     def coded_at(name: str, qp: int) -> tuple[np.ndarray, int]:
         if (name, qp) not in cache:
             x = coded[name]
-            bits = coded_tensor_bits(x, qp, qp_density=qpd, dq=dq) if name in weights else 0
-            cache[(name, qp)] = (codec_reconstruct(x, qp, qp_density=qpd, dq=dq), bits)
+            if name in weights:
+                cache[(name, qp)] = code_tensor(x, qp, qp_density=qpd, dq=dq)
+            else:
+                cache[(name, qp)] = (codec_reconstruct(x, qp, qp_density=qpd, dq=dq), 0)
         return cache[(name, qp)]
 
     def quantize_fn(w, qp):
