@@ -26,8 +26,9 @@ import numpy as np
 
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
+from nncjax.ready import block_roles, cast_leaf, map_onto, ready_flat
 from nncjax.steps import check_qp_density
-from nncjax.tensor_policy import PreparedTensor, prepare_tensor, restore_dtype
+from nncjax.tensor_policy import PreparedTensor, prepare_tensor
 
 __all__ = ["QPAdjustedWarning", "StreamInfo", "TensorInfo", "decode", "encode", "inspect"]
 
@@ -597,6 +598,7 @@ def _reconstruct(levels: np.ndarray, qp: int, qpd: int, cb) -> np.ndarray:
 class _Decoded:
     names: list
     arrays: list
+    roles: list  # each member's role (:class:`nncjax.kernels.ndu.Member`)
 
 
 def _decode_ndu(job) -> _Decoded:
@@ -607,12 +609,12 @@ def _decode_ndu(job) -> _Decoded:
     members = u.members()
     where = f"NNR_NDU {u.topology_elem_ids[0]!r} (unit {u.span.index if u.span else '?'})"
     if u.payload_type == PayloadType.RAW_FLOAT:
-        return _Decoded([m.name for m in members], [np.asarray(u.payload, np.float32)])
+        return _Decoded([m.name for m in members], [np.asarray(u.payload, np.float32)], [m.role for m in members])
     if any(m.role in ("dc_g", "dc_h") for m in members):
         raise UnsupportedError(f"{where}: low-rank decomposed (CPT_DC) tensors are not supported")
     is_int = u.payload_type == PayloadType.INT
     dec = CabacDecoder(u.payload, unary_length=u.cabac_unary_length_minus1 + 1)
-    out = _Decoded([], [])
+    out = _Decoded([], [], [m.role for m in members])
     try:
         for m in members:
             qp = None if is_int else dec.iae_v(6 + qpd) + base_qp
@@ -644,13 +646,32 @@ def _decode_all(data, limits, workers, progress) -> list[_Decoded]:
     return _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode")
 
 
-def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | None = None):
-    """Decodes an NNR bitstream into arrays.
+def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 1e-5, limits=None,
+           workers: int = 2, progress: bool | None = None):
+    """Decodes an NNR bitstream into weights ready to use (or, with ``raw=True``, the coded tensors).
+
+    Ready (default, :mod:`nncjax.ready`): a block unit's weight ``W`` (NNR layout, rows first, shape
+    ``(O, ...)``) with local scales ``LS`` ``(O,)`` comes back as ``LS[:, None, ...] * W`` (float32) and
+    LS is dropped; other members (BI, unfolded BN β/γ/mean/var) and single tensors come back as coded.
+    Streams without LS (every plain NNCodec stream) decode exactly as with ``raw=True``.
 
     Args:
       data: the bitstream (``bytes``), from :func:`encode` or NNCodec.
-      like: optional pytree (e.g. the original params). If given, the result has its structure, and
-        each leaf gets ``like``'s dtype and shape (e.g. bf16, int8, 0-d scalars come back as such).
+      like: optional pytree (e.g. the original params or Flax variables). The result has its
+        structure; each leaf gets ``like``'s dtype, shape and array type (bf16, int8, 0-d scalars come
+        back as such). Every stream tensor must have a leaf of the same name (key paths joined by "/")
+        and every leaf a tensor, else InputError naming it. A block weight named ``.../kernel`` is a
+        Flax kernel in NNR layout and goes back to Flax layout (other ``.../kernel`` tensors only where
+        their shape fits ``like`` that way alone). A folded block (LS/BI, no BN members) whose layer
+        is followed by a BatchNorm of ``like`` that the stream does not carry is written onto that
+        BatchNorm: scale = LS, bias = BI, mean 0, unit variance, kernel unscaled (as
+        :func:`nncjax.reduce.unfold_batchnorm`), so the model's own ``apply`` computes the coded model.
+      raw: return the tensors exactly as coded (block members under their own names, LS not applied;
+        with ``like``, leaves mapped by name only, extra stream tensors ignored).
+      bn_pairs: which layer each folded BatchNorm of ``like`` belongs to: ``"auto"`` (Flax's
+        ``Conv_i``/``BatchNorm_i``, otherwise the only folded block with the BatchNorm's row count),
+        None, or ``[(layer_path, bn_path), ...]`` module paths inside ``params``.
+      eps: the model's BatchNorm epsilon (for the exact unit variance).
       limits: a :class:`nncjax.kernels.unit_base.DecodeLimits` capping declared sizes (default: rank
         16, 2**31 - 1 elements per tensor, 2**32 per stream) -> ``LimitError`` beyond them.
       workers: threads decoding tensors in parallel. progress: tqdm bar (None: only for big models).
@@ -662,12 +683,17 @@ def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | N
 
     Raises:
       BitstreamError (naming unit and field) for any malformed input; LimitError beyond ``limits``;
-      UnsupportedError for valid features nncjax does not decode (low-rank DC tensors).
+      UnsupportedError for valid features nncjax does not decode (low-rank DC tensors); InputError
+      (naming the tensor) when ``like`` does not fit the stream.
 
     Example:
       >>> data = encode({"w": np.ones((4, 4), np.float32)})
       >>> decode(data)["w"].tolist()[0]
       [1.0, 1.0, 1.0, 1.0]
+      >>> blk = encode({"w": np.ones((2, 3), np.float32), "w_scaling": np.float32([2, 4])},
+      ...              blocks={"w": {"ls": "w_scaling"}})
+      >>> decode(blk)["w"][:, 0].round(3).tolist(), sorted(decode(blk, raw=True))
+      ([2.0, 4.0], ['w', 'w_scaling'])
     """
     parts = _decode_all(data, limits, workers, progress)
     flat: dict[str, np.ndarray] = {}
@@ -677,19 +703,16 @@ def decode(data, like=None, *, limits=None, workers: int = 2, progress: bool | N
             if key in flat:
                 raise BitstreamError(f"NNR_NDU {key!r}: topology_elem_id occurs twice in the bitstream")
             flat[key] = arr
+    if raw:
+        return _float32(flat) if like is None else unflatten_like(like, flat, cast_leaf)
+    blocks = [b for b in (block_roles([str(n) for n in p.names], p.roles) for p in parts) if b is not None]
     if like is None:
-        return {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in flat.items()}
+        return _float32(ready_flat(flat, blocks))
+    return map_onto(like, flat, blocks, bn_pairs=bn_pairs, eps=eps)
 
-    def cast(name, arr, ref):
-        ref_arr = np.asarray(ref) if not hasattr(ref, "dtype") else ref
-        dtype = np.dtype(ref_arr.dtype)
-        out = restore_dtype(name, arr, dtype, tuple(np.shape(ref_arr)))
-        if type(ref).__module__.startswith(("jax", "jaxlib")):
-            import jax.numpy as jnp
-            return jnp.asarray(out)
-        return out
 
-    return unflatten_like(like, flat, cast)
+def _float32(flat: dict) -> dict:
+    return {k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in flat.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Ready-to-use weights from decoded NNR tensors: what :func:`nncjax.decode` returns by default.
+
+A block unit (NNR_PT_BLOCK) carries a weight ``W`` in NNR layout (output rows first) together with
+per-row members: local scales ``LS`` (cpt 0x02), an unfolded batch norm β, γ, mean, var (0x04) and a
+bias ``BI`` (0x08). The coded model computes ``(LS[:, None, ...] * W) ⊛ x + BI`` per block.
+
+* :func:`ready_flat` -- the flat view: LS multiplied into W's rows (float32) and dropped; every other
+  tensor as coded. A folded batch norm stays folded (W·LS and BI): there is no BN to map it to.
+* :func:`map_onto` -- the view of a model (``like``): names map to ``like``'s leaves; a block weight
+  named like a Flax kernel (``.../kernel``) goes back to Flax layout
+  (:func:`nncjax.reduce.nnr_to_flax`); a folded block whose layer is followed by a BatchNorm in
+  ``like`` is written onto that BatchNorm exactly as :meth:`nncjax.pipeline.CodingLayout.to_variables`
+  does (:func:`nncjax.reduce.unfold_batchnorm`: BN scale = LS, bias = BI, mean 0, unit variance, the
+  kernel unscaled), so the model's own ``apply`` computes the coded model.
+
+Every stream tensor must find its place in ``like`` and every leaf of ``like`` must get a value;
+anything else raises :class:`~nncjax.errors.InputError` naming the tensor.
+
+Example:
+    >>> import nncjax
+    >>> w, s = np.ones((2, 3), np.float32), np.array([2.0, 0.5], np.float32)
+    >>> data = nncjax.encode({"d/kernel": w, "d/kernel_scaling": s}, blocks={"d/kernel": {"ls": "d/kernel_scaling"}})
+    >>> out = nncjax.decode(data)            # LS applied to W's rows and dropped
+    >>> list(out), out["d/kernel"][:, 0].round(3).tolist()
+    (['d/kernel'], [2.0, 0.5])
+    >>> nncjax.decode(data, like={"d": {"kernel": np.zeros((3, 2), np.float32)}})["d"]["kernel"].shape
+    (3, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.pytree_names import flatten_named, unflatten_like
+from nncjax.tensor_policy import restore_dtype
+
+__all__ = ["BlockRoles", "block_roles", "cast_leaf", "map_onto", "ready_flat", "scale_rows"]
+
+_BN_ROLES = ("bn_beta", "bn_gamma", "bn_mean", "bn_var")
+
+
+@dataclass(frozen=True)
+class BlockRoles:
+    """Member names of one decoded block unit.
+
+    ``weight``: W's name; ``ls`` / ``bi``: the LS / BI member names or None; ``bn``: the names of an
+    unfolded batch norm's β, γ, mean, var (cpt BN), or ``()``.
+    """
+
+    weight: str
+    ls: str | None = None
+    bi: str | None = None
+    bn: tuple[str, ...] = ()
+
+
+def block_roles(names: Sequence[str], roles: Sequence[str]) -> BlockRoles | None:
+    """The :class:`BlockRoles` of one unit from its members' names and roles (those of
+    :meth:`nncjax.kernels.ndu.CompressedDataUnit.members`); None for a single-tensor unit.
+
+    >>> block_roles(["c/k_scaling", "c/bias", "c/k"], ["ls", "bias", "weight"])
+    BlockRoles(weight='c/k', ls='c/k_scaling', bi='c/bias', bn=())
+    """
+    by_role = dict(zip(roles, names))
+    if "weight" not in by_role:
+        return None
+    bn = tuple(by_role[r] for r in _BN_ROLES if r in by_role)
+    return BlockRoles(by_role["weight"], by_role.get("ls"), by_role.get("bias"), bn)
+
+
+def scale_rows(w: np.ndarray, ls: np.ndarray) -> np.ndarray:
+    """``LS[:, None, ...] * W`` in float32: ``w`` (O, ...), ``ls`` (O,) -> (O, ...).
+
+    >>> scale_rows(np.ones((2, 2), np.float32), np.array([3.0, 0.5], np.float32)).tolist()
+    [[3.0, 3.0], [0.5, 0.5]]
+    """
+    w = np.asarray(w, np.float32)
+    ls = np.asarray(ls, np.float32)
+    if w.ndim < 1 or ls.shape != w.shape[:1]:
+        raise InputError(f"local scales of shape {ls.shape} do not fit a weight of shape {w.shape}")
+    return w * ls.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+def _scaled(coded: Mapping[str, np.ndarray], b: BlockRoles) -> np.ndarray:
+    w = coded[b.weight]
+    return w if b.ls is None else scale_rows(w, coded[b.ls])
+
+
+def ready_flat(coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles]) -> dict[str, np.ndarray]:
+    """Flat ready weights: every block weight with LS becomes ``LS[:, None, ...] * W`` (float32) and its
+    LS tensor is dropped; everything else as coded, in the order of ``coded``.
+
+    >>> b = BlockRoles("w", ls="s")
+    >>> ready_flat({"s": np.float32([2, 3]), "w": np.ones((2, 1), np.float32)}, [b])["w"].ravel().tolist()
+    [2.0, 3.0]
+    """
+    ls_names = {b.ls for b in blocks if b.ls is not None}
+    by_weight = {b.weight: b for b in blocks}
+    return {name: (_scaled(coded, by_weight[name]) if name in by_weight else arr)
+            for name, arr in coded.items() if name not in ls_names}
+
+
+# ------------------------------------------------------------------------------------------------
+# onto a model
+
+
+def _is_kernel(name: str) -> bool:
+    return name.rsplit("/", 1)[-1] == "kernel"
+
+
+def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarray:
+    """``arr`` in the shape of ``like``'s leaf ``ref``: as coded; a 1-element vector for a 0-d leaf;
+    or a Flax kernel (``.../kernel``, ndim >= 2) coded in NNR layout, transposed back. ``nnr_layout``:
+    ``arr`` is known to be in NNR layout (a block weight): a Flax kernel then fits only transposed;
+    otherwise it is transposed only where the coded shape does not fit as is."""
+    from nncjax.reduce.layout import nnr_to_flax_perm
+
+    shape = tuple(np.shape(ref))
+    arr = np.asarray(arr)
+    perm = nnr_to_flax_perm(arr.ndim) if arr.ndim >= 2 and _is_kernel(name) else None
+    if perm is not None and tuple(arr.shape[i] for i in perm) == shape and (nnr_layout or arr.shape != shape):
+        return np.transpose(arr, perm)
+    if arr.shape == shape and not (nnr_layout and perm is not None):
+        return arr
+    if shape == () and arr.shape == (1,):
+        return arr.reshape(())
+    raise InputError(f"tensor {name!r}: decoded shape {arr.shape}" + (" (NNR layout)" if perm is not None else "")
+                     + f" does not fit `like`'s {shape}")
+
+
+def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
+    """``arr`` with the dtype, shape (0-d from ``(1,)``) and array type (numpy / jax) of ``like``'s leaf
+    ``ref``; lossy integer narrowing raises (:func:`nncjax.tensor_policy.restore_dtype`)."""
+    ref_arr = ref if hasattr(ref, "dtype") else np.asarray(ref)
+    out = restore_dtype(name, np.asarray(arr), np.dtype(ref_arr.dtype), tuple(np.shape(ref_arr)))
+    if type(ref).__module__.startswith(("jax", "jaxlib")):
+        import jax.numpy as jnp
+        return jnp.asarray(out)
+    return out
+
+
+def _bn_modules(stats: Mapping[str, Any], prefix: tuple = ()) -> list[tuple[str, ...]]:
+    """Module paths of ``batch_stats`` holding ``mean`` and ``var``, depth first in key order."""
+    out = []
+    if "mean" in stats and "var" in stats and not isinstance(stats["mean"], Mapping):
+        out.append(prefix)
+    for k, v in stats.items():
+        if isinstance(v, Mapping):
+            out += _bn_modules(v, prefix + (str(k),))
+    return out
+
+
+def _path(p: Sequence[str]) -> str:
+    return "/".join(str(k) for k in p)
+
+
+def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles], bn_pairs) -> list:
+    """The (BNPair, BlockRoles) whose folded block is written onto the pair's BatchNorm.
+
+    A block is folded onto a BatchNorm when its layer's kernel is ``params/<layer>/kernel``, it
+    carries no BN members, and none of the BatchNorm's tensors is in the stream. ``"auto"``: Flax's
+    ``Conv_i``/``BatchNorm_i`` pairs (:func:`nncjax.reduce.find_bn_pairs`), then every other such
+    BatchNorm with the one folded block (LS/BI) of its row count; ambiguity raises.
+    """
+    from nncjax.reduce.bnfold import BNPair, find_bn_pairs
+
+    is_vars = (isinstance(like, Mapping) and isinstance(like.get("params"), Mapping)
+               and isinstance(like.get("batch_stats"), Mapping))
+    if bn_pairs is None:
+        return []
+    if not is_vars:
+        if isinstance(bn_pairs, str) and bn_pairs == "auto":
+            return []
+        raise InputError("bn_pairs needs `like` to be a Flax variable dict with 'params' and 'batch_stats'")
+    params, stats = like["params"], like["batch_stats"]
+    foldable = {b.weight[len("params/"):-len("/kernel")]: b for b in blocks
+                if not b.bn and b.weight.startswith("params/") and b.weight.endswith("/kernel")}
+    in_stream = {n.split("/", 1)[1].rsplit("/", 1)[0] for n in coded
+                 if n.startswith(("params/", "batch_stats/")) and n.count("/") >= 2}
+    free = [m for m in _bn_modules(stats) if _path(m) not in in_stream]
+    rows = {_path(m): int(np.shape(_resolve(stats, m)["mean"])[0]) for m in free}
+
+    if isinstance(bn_pairs, str):
+        if bn_pairs != "auto":
+            raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}")
+        try:
+            named = find_bn_pairs(params)
+        except InputError:
+            named = []  # Conv_i/BatchNorm_i do not pair up here; fall back to row counts
+        pairs = [p for p in named if _path(p.layer) in foldable and _path(p.bn) in rows]
+        taken_l = {_path(p.layer) for p in pairs}
+        taken_b = {_path(p.bn) for p in pairs}
+        left_b = [m for m in free if _path(m) not in taken_b]
+        left_l = [lay for lay, b in foldable.items() if lay not in taken_l and b.bi is not None]
+        for m in left_b:
+            n = rows[_path(m)]
+            hits = [lay for lay in left_l if np.shape(coded[foldable[lay].weight])[0] == n]
+            rivals = [o for o in left_b if rows[_path(o)] == n]
+            if len(hits) == 1 and len(rivals) == 1:
+                pairs.append(BNPair(tuple(hits[0].split("/")), m))
+            elif hits:
+                raise InputError(f"cannot tell which of the folded layers {hits} BatchNorm {_path(m)!r} "
+                                 f"({n} rows) belongs to; pass bn_pairs=[(layer_path, bn_path), ...]")
+    else:
+        try:
+            pairs = [BNPair(tuple(a), tuple(b)) for a, b in bn_pairs]
+        except (TypeError, ValueError):
+            raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}"
+                             ) from None
+        for p in pairs:
+            if _path(p.layer) not in foldable:
+                raise InputError(f"bn_pairs: the bitstream has no folded block for 'params/{_path(p.layer)}/kernel'")
+            if _path(p.bn) not in rows:
+                raise InputError(f"bn_pairs: {_path(p.bn)!r} is no BatchNorm of `like` absent from the bitstream")
+    out = []
+    for p in pairs:
+        b = foldable[_path(p.layer)]
+        n = int(np.shape(coded[b.weight])[0])
+        if rows[_path(p.bn)] != n:
+            raise InputError(f"block {b.weight!r} has {n} rows but BatchNorm {_path(p.bn)!r} has {rows[_path(p.bn)]}")
+        out.append((p, b))
+    return out
+
+
+def _resolve(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def map_onto(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles], *,
+             bn_pairs: Sequence | str | None = "auto", eps: float = 1e-5) -> Any:
+    """Decoded tensors ``coded`` (``{name: array}``, block members under their names) as a pytree
+    shaped like ``like``, ready to use (module docstring): leaves get ``like``'s shapes, dtypes and
+    array types.
+
+    Args:
+      like: the model's pytree; a Flax variable dict ``{"params", "batch_stats", ...}`` for folded
+        batch norms. Names are key paths joined by "/" (:func:`nncjax.pytree_names.flatten_named`).
+      coded: the decoded tensors by name. blocks: the stream's block units.
+      bn_pairs: ``"auto"``, None (no folded BatchNorm) or ``[(layer_path, bn_path), ...]`` module
+        paths inside ``params`` (as :class:`nncjax.pipeline.CodingLayout`).
+      eps: the model's BatchNorm epsilon (the unit variance is exact for it).
+
+    Raises:
+      InputError naming the tensor if a stream tensor has no place in ``like``, a leaf of ``like``
+      gets no value, or shapes do not fit.
+
+    Example:
+      >>> map_onto({"b": np.zeros(2)}, {"b": np.float32([1, 2])}, [])["b"].tolist()
+      [1.0, 2.0]
+    """
+    from nncjax.reduce.bnfold import FoldedBlock, unfold_batchnorm
+
+    like_named = flatten_named(like)
+    pairs = _fold_pairs(like, coded, blocks, bn_pairs)
+    by_weight = {b.weight: b for b in blocks}
+    ls_of = {b.ls: b.weight for b in blocks if b.ls is not None}
+    consumed: set[str] = set()
+    by_unfold: set[str] = set()
+    folded: dict[str, FoldedBlock] = {}
+    for p, b in pairs:
+        w = np.asarray(coded[b.weight], np.float32)
+        n = w.shape[0]
+        ls = np.ones(n, np.float32) if b.ls is None else np.asarray(coded[b.ls], np.float32)
+        bi = np.zeros(n, np.float32) if b.bi is None else np.asarray(coded[b.bi], np.float32)
+        folded[_path(p.layer) + "/kernel"] = FoldedBlock(w, ls, bi)
+        consumed |= {x for x in (b.weight, b.ls, b.bi) if x is not None}
+        layer, bn = "params/" + _path(p.layer), _path(p.bn)
+        by_unfold |= {x for x in (layer + "/kernel", layer + "/bias", f"params/{bn}/scale", f"params/{bn}/bias",
+                                  f"batch_stats/{bn}/mean", f"batch_stats/{bn}/var") if x in like_named}
+    values: dict[str, Any] = {}
+    for name, arr in coded.items():
+        if name in consumed or name in ls_of:
+            continue
+        if name in by_unfold:
+            raise InputError(f"tensor {name!r} is in the bitstream but also set by unfolding a folded batch norm")
+        if name not in like_named:
+            raise InputError(f"the bitstream's tensor {name!r} has no place in `like`")
+        blk = by_weight.get(name)
+        x = _scaled(coded, blk) if blk is not None else arr
+        values[name] = cast_leaf(name, _fit(name, x, like_named[name], nnr_layout=blk is not None), like_named[name])
+    missing = [n for n in like_named if n not in values and n not in by_unfold]
+    if missing:
+        hint = [f"{n!r} (its local scales are applied to {ls_of[n]!r}; pass raw=True to get them as coded)"
+                if n in ls_of else repr(n) for n in missing[:5]]
+        raise InputError(f"`like` has leaves the bitstream does not carry: {', '.join(hint)}"
+                         + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if folded:
+        from nncjax.reduce._tree import named_leaves, replace_named
+        rest = {k[len("params/"):]: v for k, v in values.items() if k.startswith("params/")}
+        variables = unfold_batchnorm(like, folded, [p for p, _ in pairs], eps=eps, rest=rest)
+        variables = replace_named(variables, {k: v for k, v in values.items() if not k.startswith("params/")})
+        values = named_leaves(variables)
+    return unflatten_like(like, values, cast_leaf)

@@ -1,0 +1,300 @@
+"""nncjax.decode returns ready-to-use weights: local scales applied, folded batch norms mapped back
+onto the model's own Flax structure (``like=``); ``raw=True`` gives the coded tensors (nncjax.ready)."""
+
+from __future__ import annotations
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nncjax import models
+from nncjax.codec import QPAdjustedWarning, decode, encode
+from nncjax.errors import InputError
+from nncjax.pipeline import CodingLayout, IOQResult, optimize_ioq
+from nncjax.ready import scale_rows
+from nncjax.reduce import nnr_to_flax
+
+FASHION_PAIRS = [(("conv1",), ("bn1",)), (("conv2",), ("bn2",)), (("conv3",), ("bn3",)), (("fc1",), ("bn4",))]
+
+
+def assert_trees_equal(a, b):
+    la, ta = jax.tree_util.tree_flatten_with_path(a)
+    lb, tb = jax.tree_util.tree_flatten_with_path(b)
+    assert ta == tb
+    for (path, x), (_, y) in zip(la, lb):
+        assert np.shape(x) == np.shape(y), path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+# ------------------------------------------------------------------------------------------------
+# flat
+
+
+@st.composite
+def block_models(draw):
+    """A flat model with one block (weight rows-first, LS and/or BI and/or BN members) and a plain tensor."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    rows = draw(st.integers(1, 9))
+    tail = tuple(draw(st.lists(st.integers(1, 4), min_size=0, max_size=3)))
+    roles = draw(st.sets(st.sampled_from(["ls", "bi", "bn"]), min_size=1))
+    model = {"head": rng.normal(0, 0.1, (3, 2)).astype(np.float32),
+             "w": rng.normal(0, 0.1, (rows,) + tail).astype(np.float32)}
+    blk = {}
+    if "ls" in roles:
+        model["w_scaling"] = rng.uniform(0.25, 4.0, rows).astype(np.float32)
+        blk["ls"] = "w_scaling"
+    if "bi" in roles:
+        model["b"] = rng.normal(0, 0.1, rows).astype(np.float32)
+        blk["bi"] = "b"
+    if "bn" in roles:
+        for r in ("bn_beta", "bn_gamma", "bn_mean", "bn_var"):
+            model[r] = rng.uniform(0.5, 1.5, rows).astype(np.float32)
+            blk[r] = r
+    return model, {"w": blk}
+
+
+@settings(max_examples=25)
+@given(block_models(), st.booleans())
+def test_flat_ready_is_raw_with_local_scales_applied(mb, dq):
+    model, blocks = mb
+    data = encode(model, blocks=blocks, qp=-30, dq=dq)
+    raw, ready = decode(data, raw=True), decode(data)
+    assert set(raw) == set(model)
+    ls = blocks["w"].get("ls")
+    assert list(ready) == [n for n in raw if n != ls]  # bitstream order, LS dropped
+    for name, arr in ready.items():
+        expect = scale_rows(raw["w"], raw[ls]) if (name == "w" and ls) else raw[name]
+        assert arr.dtype == expect.dtype == np.float32
+        np.testing.assert_array_equal(arr, expect, err_msg=name)
+
+
+@settings(max_examples=15)
+@given(st.integers(0, 2**32 - 1), st.booleans(), st.integers(0, 2))
+def test_streams_without_blocks_decode_as_before(seed, dq, scan):
+    rng = np.random.default_rng(seed)
+    model = {"a": rng.normal(0, 0.1, (5, 7)).astype(np.float32), "b": rng.normal(0, 0.1, 5).astype(np.float32),
+             "n": np.arange(4, dtype=np.int32)}
+    data = encode(model, qp=-32, dq=dq, scan_order=scan)
+    raw, ready = decode(data, raw=True), decode(data)
+    assert list(raw) == list(ready)
+    for k in raw:
+        assert raw[k].dtype == ready[k].dtype
+        np.testing.assert_array_equal(raw[k], ready[k])
+    back = decode(data, like=model)
+    for k in model:
+        np.testing.assert_array_equal(back[k], raw[k])
+
+
+# ------------------------------------------------------------------------------------------------
+# onto a model
+
+
+def test_block_kernel_goes_back_to_flax_layout_with_scales_applied():
+    rng = np.random.default_rng(3)
+    for shape in [(6, 4), (4, 4), (5, 3, 3, 3)]:  # dense, square dense (layout by name), conv (O, I, kh, kw)
+        w = rng.normal(0, 0.1, shape).astype(np.float32)
+        ls = rng.uniform(0.5, 2.0, shape[0]).astype(np.float32)
+        coded = {"params/d/kernel": w, "params/d/kernel_scaling": ls,
+                 "params/d/bias": rng.normal(0, 0.1, shape[0]).astype(np.float32)}
+        data = encode(coded, blocks={"params/d/kernel": {"ls": "params/d/kernel_scaling", "bi": "params/d/bias"}})
+        raw = decode(data, raw=True)
+        like = {"params": {"d": {"kernel": jnp.zeros(nnr_to_flax(w).shape, jnp.bfloat16),
+                                 "bias": np.zeros(shape[0], np.float32)}}}
+        out = decode(data, like=like)
+        k = out["params"]["d"]["kernel"]
+        assert isinstance(k, jax.Array) and k.dtype == jnp.bfloat16 and k.shape == like["params"]["d"]["kernel"].shape
+        expect = np.asarray(nnr_to_flax(scale_rows(raw["params/d/kernel"], raw["params/d/kernel_scaling"])))
+        np.testing.assert_array_equal(np.asarray(k), np.asarray(jnp.asarray(expect, jnp.bfloat16)))
+        np.testing.assert_array_equal(out["params"]["d"]["bias"], raw["params/d/bias"])
+
+
+def test_rows_first_weights_keep_their_layout():
+    """PyTorch-style names (``conv.weight``): the like leaf is in the coded layout, nothing is transposed."""
+    rng = np.random.default_rng(4)
+    model = {"fc.weight": rng.normal(0, 0.1, (4, 4)).astype(np.float32),
+             "fc.weight_scaling": rng.uniform(0.5, 2.0, 4).astype(np.float32)}
+    data = encode(model, blocks={"fc.weight": {"ls": "fc.weight_scaling"}})
+    raw = decode(data, raw=True)
+    out = decode(data, like={"fc.weight": model["fc.weight"]})
+    np.testing.assert_array_equal(out["fc.weight"], scale_rows(raw["fc.weight"], raw["fc.weight_scaling"]))
+    # raw=True with like keeps today's behaviour: names only, LS as coded
+    both = decode(data, like=model, raw=True)
+    np.testing.assert_array_equal(both["fc.weight_scaling"], raw["fc.weight_scaling"])
+
+
+class _TinyBN(nn.Module):
+    """Conv + BN (Flax's names, found by find_bn_pairs), a biasless Dense + BN with custom names, a Dense."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(6, (3, 3))(x)))
+        x = nn.Dense(5, use_bias=False, name="fc")(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=True, name="norm")(x))
+        return nn.Dense(3)(x)
+
+
+def _randomise(v, seed):
+    rng = np.random.default_rng(seed)
+    v = jax.tree_util.tree_map(np.asarray, v)
+
+    def perturb(path, x):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['var']"):
+            return rng.uniform(0.2, 3.0, x.shape).astype(x.dtype)
+        if name.endswith("['scale']"):
+            return rng.uniform(0.5, 2.0, x.shape).astype(x.dtype)
+        return (x + rng.normal(0, 0.2, x.shape)).astype(x.dtype)
+
+    return jax.tree_util.tree_map_with_path(perturb, v)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = _TinyBN()
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 5, 5, 2))
+    v = _randomise(model.init(jax.random.PRNGKey(0), x), 0)
+    return model.apply, v, x
+
+
+def _block_stream(v, pairs, seed, **kw):
+    """The pipeline's coding layout with random local scales on every kernel, coded with blocks."""
+    lay = CodingLayout.build(v, pairs)
+    lay = lay.with_scalings([n for n, kind, _ in lay.entries if kind == "kernel"])
+    rng = np.random.default_rng(seed)
+    coded = {}
+    for (name, kind, _), arr in zip(lay.entries, lay.to_coded(v).values()):
+        arr = np.asarray(arr, np.float32)
+        coded[name] = arr * rng.uniform(0.5, 1.5, arr.shape).astype(np.float32) if kind in ("scaling", "block_ls") \
+            else arr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QPAdjustedWarning)
+        data = encode(coded, blocks=lay.blocks(), nonweight_qp=-60, **kw)
+    return lay, data
+
+
+def _restore(lay, data):
+    res = IOQResult(tensors={}, qp_overrides={}, qp=0, qp_density=2, nonweight_qp=0, dq=True, layout=lay, lam=0.0,
+                    wall_s={}, history={})
+    return res.restore(decode(data, raw=True))
+
+
+def test_folded_batchnorm_maps_back_exactly_as_the_pipeline(tiny):
+    apply, v, x = tiny
+    pairs = [(("Conv_0",), ("BatchNorm_0",)), (("fc",), ("norm",))]
+    lay, data = _block_stream(v, pairs, seed=1, qp=-36)
+    assert set(lay.blocks()) == {"params/Conv_0/kernel", "params/fc/kernel", "params/Dense_0/kernel"}
+    # "auto": Conv_0/BatchNorm_0 by Flax's names, fc/norm as the only folded block of 5 rows
+    out = decode(data, like=v)
+    assert_trees_equal(out, _restore(lay, data))
+    assert_trees_equal(out, decode(data, like=v, bn_pairs=pairs[::-1]))
+    # the model's own apply computes the coded model: BN scale = LS, shift = BI, mean 0, unit variance
+    raw = decode(data, raw=True)
+    assert np.all(out["batch_stats"]["norm"]["mean"] == 0)
+    np.testing.assert_array_equal(out["params"]["norm"]["scale"], raw["params/fc/kernel_scaling"])
+    np.testing.assert_array_equal(out["params"]["norm"]["bias"], raw["params/fc/bias"])
+    np.testing.assert_array_equal(out["params"]["fc"]["kernel"], nnr_to_flax(raw["params/fc/kernel"]))
+    y = np.asarray(apply(out, x))
+    coded = lay.to_variables({k: jnp.asarray(a) for k, a in raw.items()})
+    np.testing.assert_array_equal(y, np.asarray(apply(coded, x)))
+    # a layout folding only Conv_0/BatchNorm_0: "norm" travels as plain tensors and maps by name
+    lay2, data2 = _block_stream(v, "auto", seed=4)
+    assert "params/norm/scale" in decode(data2)
+    assert_trees_equal(decode(data2, like=v), _restore(lay2, data2))
+    with pytest.raises(InputError, match="'norm'"):
+        decode(data2, like=v, bn_pairs=pairs)
+
+
+def test_fashion_cnn_block_stream():
+    m = models.get("fashion_cnn")
+    lay, data = _block_stream(m.params, FASHION_PAIRS, seed=2, qp=-28)
+    out = decode(data, like=m.params)  # conv1/bn1 ... by row counts 32, 64, 128, 256
+    assert_trees_equal(out, _restore(lay, data))
+    flat = decode(data)
+    assert not any(k.endswith("_scaling") for k in flat)
+    assert flat["params/conv1/kernel"].shape == (32, 1, 3, 3)  # no like: NNR layout, BN stays folded
+
+
+def test_optimize_ioq_stream(tiny):
+    apply, v, x = tiny
+    res = optimize_ioq(v, apply, x, lam=1e-3, base_qp=-32, lsa_steps=3, rounds=1,
+                       bn_pairs=[(("Conv_0",), ("BatchNorm_0",)), (("fc",), ("norm",))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", QPAdjustedWarning)
+        data = encode(res.tensors, **res.encode_kwargs())
+    out = decode(data, like=v)
+    assert_trees_equal(out, res.restore(decode(data, raw=True)))
+    # restore also takes the ready flat output (LS in the kernels): the same model up to rounding
+    np.testing.assert_allclose(np.asarray(apply(res.restore(decode(data)), x)), np.asarray(apply(out, x)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_streams():
+    """nncjax.optimize codes its scales as plain ``_ls_delta`` tensors (no block units): the default
+    decode is the raw one, RDSettings.restore gives the model, and ``like`` alone refuses the deltas."""
+    from nncjax.models.digits_mlp import load_digits_split
+    from nncjax.optimize import LS_SUFFIX, optimize
+
+    m = models.get("digits_mlp")
+    calib = jnp.asarray(load_digits_split("train")[0][:64])
+    rd = optimize(m.params, m.apply, calib, lam=3e-3, base_qp=-24, steps=2, refine=0)
+    data = encode(rd.params_for_encoding(m.params), **rd.encode_kwargs())
+    assert_trees_equal(rd.restore(decode(data), like=m.params), rd.restore(decode(data, raw=True), like=m.params))
+    with pytest.raises(InputError, match=LS_SUFFIX):
+        decode(data, like=m.params)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+
+
+def test_like_that_does_not_fit_raises_naming_the_tensor(tiny):
+    _, v, _ = tiny
+    _, data = _block_stream(v, "auto", seed=3)
+    missing = jax.tree_util.tree_map(lambda a: a, v)
+    missing["params"]["extra"] = {"kernel": np.zeros((2, 2), np.float32)}
+    with pytest.raises(InputError, match="params/extra/kernel"):
+        decode(data, like=missing)
+    less = jax.tree_util.tree_map(lambda a: a, v)
+    del less["params"]["Dense_0"]
+    with pytest.raises(InputError, match="params/Dense_0/(bias|kernel).*no place"):
+        decode(data, like=less)
+    bad = jax.tree_util.tree_map(lambda a: a, v)
+    bad["params"]["Dense_0"]["kernel"] = np.zeros((3, 5), np.float32)
+    with pytest.raises(InputError, match="params/Dense_0/kernel"):
+        decode(data, like=bad)
+    with pytest.raises(InputError, match="bn_pairs"):
+        decode(data, like=v, bn_pairs=[(("Dense_0",), ("norm",))])
+    with pytest.raises(InputError, match="bn_pairs"):
+        decode(data, like=v["params"], bn_pairs=[(("fc",), ("norm",))])
+    # without pairing, the folded BatchNorms' leaves have no tensor
+    with pytest.raises(InputError, match="batch_stats"):
+        decode(data, like=v, bn_pairs=None)
+
+
+def test_ambiguous_batchnorm_pairing_asks_for_pairs():
+    rng = np.random.default_rng(5)
+
+    def f32(*s):
+        return rng.normal(0, 0.1, s).astype(np.float32)
+
+    v = {"params": {"a": {"kernel": f32(3, 4)}, "b": {"kernel": f32(4, 4)}, "na": {"scale": f32(4), "bias": f32(4)},
+                    "nb": {"scale": f32(4), "bias": f32(4)}},
+         "batch_stats": {"na": {"mean": f32(4), "var": f32(4) ** 2 + 1}, "nb": {"mean": f32(4), "var": f32(4) ** 2 + 1}}}
+    pairs = [(("a",), ("na",)), (("b",), ("nb",))]
+    lay, data = _block_stream(v, pairs, seed=6)
+    with pytest.raises(InputError, match="bn_pairs"):
+        decode(data, like=v)
+    assert_trees_equal(decode(data, like=v, bn_pairs=pairs), _restore(lay, data))
+
+
+def test_applied_scales_are_named_when_like_wants_them():
+    model = {"w": np.ones((2, 3), np.float32), "w_scaling": np.float32([2, 3])}
+    data = encode(model, blocks={"w": {"ls": "w_scaling"}})
+    with pytest.raises(InputError, match="'w_scaling'.*raw=True"):
+        decode(data, like=model)
