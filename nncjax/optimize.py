@@ -136,6 +136,8 @@ class RDSettings:
         """Model params from :func:`nncjax.decode` output (flat ``{name: array}``): multiplies every
         scaled weight by ``1 + delta`` along ``scale_axis`` and drops the delta tensors. With ``like``
         (e.g. the original params) the result has its structure and dtypes, else it is a flat dict.
+        The deltas are plain tensors (no block units), so ``decode(data)`` and ``decode(data,
+        raw=True)`` give the same input here; ``decode(data, like=params)`` alone refuses them.
 
         >>> params_hat = rd.restore(nncjax.decode(data), like=params)             # doctest: +SKIP
         """

@@ -19,16 +19,18 @@ Stages (each one of the existing tools, in the order an NNR encoder applies them
 
 The result is coded with :func:`nncjax.encode` with per-tensor ``qp_overrides`` and ``blocks``: each
 folded layer is one NNR_PT_BLOCK unit carrying ``W``, its local scales ``LS`` (``W_scaling``) and
-``BI`` (cpt LS|BI), as the standard's batch-norm folding signals it. :meth:`IOQResult.restore` maps decoded
-tensors back onto the model's own Flax structure (:func:`nncjax.reduce.unfold_batchnorm` for BN
-layers), so the decoded model is evaluated by the unchanged ``apply``.
+``BI`` (cpt LS|BI), as the standard's batch-norm folding signals it. ``nncjax.decode(data,
+like=variables)`` maps the decoded tensors back onto the model's own Flax structure
+(:func:`nncjax.reduce.unfold_batchnorm` for BN layers) without the encoder's result object, so the
+decoded model is evaluated by the unchanged ``apply``; :meth:`IOQResult.restore` does the same from
+``decode(data, raw=True)``.
 
 Example:
     >>> m = nncjax.models.get("fashion_cnn")                                        # doctest: +SKIP
     >>> res = optimize_ioq(m.params, m.apply, x_tune, lam=1e-3, base_qp=-30,
     ...                    bn_pairs=[(("conv1",), ("bn1",))])                        # doctest: +SKIP
     >>> data = nncjax.encode(res.tensors, **res.encode_kwargs())                    # doctest: +SKIP
-    >>> params_hat = res.restore(nncjax.decode(data))                               # doctest: +SKIP
+    >>> variables_hat = nncjax.decode(data, like=m.params)                          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ class IOQResult:
 
     Example:
       >>> data = nncjax.encode(res.tensors, **res.encode_kwargs())          # doctest: +SKIP
-      >>> params_hat = res.restore(nncjax.decode(data))                     # doctest: +SKIP
+      >>> variables_hat = res.restore(nncjax.decode(data, raw=True))        # doctest: +SKIP
     """
 
     tensors: dict[str, np.ndarray]
@@ -292,8 +294,23 @@ class IOQResult:
         return kw
 
     def restore(self, decoded: Mapping[str, Any]) -> Any:
-        """Flax variables of the model from :func:`nncjax.decode` output (flat ``{name: array}``)."""
-        return jax.device_get(self.layout.to_variables({k: jnp.asarray(v) for k, v in decoded.items()}))
+        """Flax variables of the model from flat :func:`nncjax.decode` output ``{name: array}``.
+
+        From ``decode(data, raw=True)`` (LS tensors present) the result is exactly what
+        ``decode(data, like=variables)`` gives without this object. From ``decode(data)`` (LS already
+        multiplied into the kernels and dropped) LS counts as 1, which computes the same model up to
+        float rounding (BN scales are 1, the kernels carry LS).
+
+        >>> v_hat = res.restore(nncjax.decode(data, raw=True))                 # doctest: +SKIP
+        """
+        coded = {k: jnp.asarray(v) for k, v in decoded.items()}
+        ls = [n for n, kind, _ in self.layout.entries if kind in ("block_ls", "scaling")]
+        if ls and not any(n in coded for n in ls):
+            for n in ls:  # an LS tensor is named "<weight>_scaling"
+                w = n[: -len(SCALING_SUFFIX)]
+                if w in coded:
+                    coded[n] = jnp.ones((coded[w].shape[0],), jnp.float32)
+        return jax.device_get(self.layout.to_variables(coded))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,7 +363,7 @@ def optimize_ioq(
 
     Example:
       >>> res = optimize_ioq(m.params, m.apply, x_tune, lam=1e-3, base_qp=-30)   # doctest: +SKIP
-      >>> params_hat = res.restore(nncjax.decode(nncjax.encode(res.tensors, **res.encode_kwargs())))  # doctest: +SKIP
+      >>> variables_hat = nncjax.decode(nncjax.encode(res.tensors, **res.encode_kwargs()), like=m.params)  # doctest: +SKIP
     """
     if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam >= 0):
         raise InputError(f"lam must be a finite number >= 0, got {lam!r}")

@@ -89,7 +89,8 @@ def test_bn_pipeline_end_to_end(tiny_bn):
                                                       "params/Dense_0/kernel": {"ls"}}
     kinds = {t.name: t.payload_type for t in inspect(data).tensors}
     assert {kinds[n] for w, m in blocks.items() for n in [w, *m.values()]} == {"BLOCK"}
-    v_hat = res.restore(decode(data))
+    v_hat = res.restore(decode(data, raw=True))
+    np.testing.assert_array_equal(np.asarray(apply(decode(data, like=v), x)), np.asarray(apply(v_hat, x)))
     y, y_hat = np.asarray(apply(v, x)), np.asarray(apply(v_hat, x))
     rel = float(np.mean((y - y_hat) ** 2) / np.var(y))
     assert rel < 0.05
@@ -103,7 +104,7 @@ def test_digits_pipeline_beats_uniform_at_equal_accuracy():
     acc_uniform = m.eval(decode(uniform, like=m.params))["top1"]
     res = optimize_ioq(m.params, m.apply, x, lam=1e-2, base_qp=-20, ls_qp=-40, lsa_steps=100)
     data = encode(res.tensors, **res.encode_kwargs())
-    acc = m.eval(res.restore(decode(data)))["top1"]
+    acc = m.eval(decode(data, like=m.params))["top1"]  # LS applied, no encoder-side object needed
     assert len(data) < 0.8 * len(uniform)
     assert acc >= acc_uniform - 2 / 360  # within two of the 360 test images
     assert acc >= 0.97
