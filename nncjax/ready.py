@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from nncjax.errors import InputError
+from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.tensor_policy import restore_dtype
 
@@ -87,7 +87,12 @@ def scale_rows(w: np.ndarray, ls: np.ndarray) -> np.ndarray:
 
 def _scaled(coded: Mapping[str, np.ndarray], b: BlockRoles) -> np.ndarray:
     w = coded[b.weight]
-    return w if b.ls is None else scale_rows(w, coded[b.ls])
+    if b.ls is None:
+        return w
+    if np.ndim(w) < 1:  # a stream can declare a rank-0 block; its LS then has no rows to scale
+        raise BitstreamError(f"NNR_NDU {b.weight!r}: tensor_dimensions: a block with local scales needs a "
+                             f"weight with rows, got shape {np.shape(w)}")
+    return scale_rows(w, coded[b.ls])
 
 
 def ready_flat(coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles]) -> dict[str, np.ndarray]:
@@ -178,10 +183,11 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
         raise InputError("bn_pairs needs `like` to be a Flax variable dict with 'params' and 'batch_stats'")
     params, stats = like["params"], like["batch_stats"]
     foldable = {b.weight[len("params/"):-len("/kernel")]: b for b in blocks
-                if not b.bn and b.weight.startswith("params/") and b.weight.endswith("/kernel")}
+                if not b.bn and b.weight.startswith("params/") and b.weight.endswith("/kernel")
+                and np.ndim(coded[b.weight]) >= 1}
     in_stream = {n.split("/", 1)[1].rsplit("/", 1)[0] for n in coded
                  if n.startswith(("params/", "batch_stats/")) and n.count("/") >= 2}
-    free = [m for m in _bn_modules(stats) if _path(m) not in in_stream]
+    free = [m for m in _bn_modules(stats) if _path(m) not in in_stream and np.ndim(_resolve(stats, m)["mean"]) == 1]
     rows = {_path(m): int(np.shape(_resolve(stats, m)["mean"])[0]) for m in free}
 
     if isinstance(bn_pairs, str):

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nncjax import models
 from nncjax.codec import QPAdjustedWarning, decode, encode
-from nncjax.errors import InputError
+from nncjax.errors import BitstreamError, InputError
 from nncjax.pipeline import CodingLayout, IOQResult, optimize_ioq
 from nncjax.ready import scale_rows
 from nncjax.reduce import nnr_to_flax
@@ -210,6 +210,66 @@ def test_folded_batchnorm_maps_back_exactly_as_the_pipeline(tiny):
         decode(data2, like=v, bn_pairs=pairs)
 
 
+@st.composite
+def bn_variables(draw):
+    """Flax variables of Conv_0 (+ bias?) -> BatchNorm_0 (scale? bias?) -> Dense_0, random shapes and values."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    k, cin, cout, dout = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 5))
+
+    def f32(*shape, lo=None):
+        return (rng.uniform(lo, 2.0, shape) if lo else rng.normal(0, 0.3, shape)).astype(np.float32)
+
+    conv = {"kernel": f32(k, k, cin, cout)}
+    if draw(st.booleans()):
+        conv["bias"] = f32(cout)
+    bn = {}
+    if draw(st.booleans()):
+        bn["scale"] = f32(cout, lo=0.5)
+    if draw(st.booleans()) or "bias" not in conv:  # BI needs a BN shift or a layer bias to live in
+        bn["bias"] = f32(cout)
+    params = {"Conv_0": conv, "BatchNorm_0": bn, "Dense_0": {"kernel": f32(cout, dout), "bias": f32(dout)}}
+    return {"params": params, "batch_stats": {"BatchNorm_0": {"mean": f32(cout), "var": f32(cout, lo=0.2)}}}
+
+
+class _ConvBNDense(nn.Module):
+    conv_bias: bool
+    bn_scale: bool
+    bn_bias: bool
+    features: tuple  # (conv, dense)
+    k: int
+    with_bn: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(self.features[0], (self.k, self.k), use_bias=self.conv_bias or not self.with_bn)(x)
+        if self.with_bn:
+            x = nn.BatchNorm(use_running_average=True, use_scale=self.bn_scale, use_bias=self.bn_bias)(x)
+        return nn.Dense(self.features[1])(x)  # per position
+
+
+@settings(max_examples=12)
+@given(bn_variables(), st.integers(0, 2**16))
+def test_random_folded_models_map_back_as_the_pipeline(v, seed):
+    lay, data = _block_stream(v, "auto", seed=seed, qp=-34)
+    out = decode(data, like=v)
+    assert_trees_equal(out, _restore(lay, data))
+    assert np.all(out["batch_stats"]["BatchNorm_0"]["mean"] == 0)
+    # independently: the model's own apply on `out` computes conv(x, LS * W) + BI, then the dense layer,
+    # with the flat ready tensors (LS applied, BN folded) in a model without BatchNorm
+    p = v["params"]
+    k, _, _, cout = p["Conv_0"]["kernel"].shape
+    cfg = {"conv_bias": "bias" in p["Conv_0"], "bn_scale": "scale" in p["BatchNorm_0"],
+           "bn_bias": "bias" in p["BatchNorm_0"], "features": (cout, p["Dense_0"]["kernel"].shape[1]), "k": k}
+    flat = decode(data)
+    folded = {"params": {"Conv_0": {"kernel": nnr_to_flax(flat["params/Conv_0/kernel"]),
+                                    "bias": flat["params/Conv_0/bias"]},
+                         "Dense_0": {"kernel": nnr_to_flax(flat["params/Dense_0/kernel"]),
+                                     "bias": flat["params/Dense_0/bias"]}}}
+    x = jax.random.normal(jax.random.PRNGKey(seed), (2, 4, 4, p["Conv_0"]["kernel"].shape[2]))
+    np.testing.assert_allclose(np.asarray(_ConvBNDense(**cfg).apply(out, x)),
+                               np.asarray(_ConvBNDense(**cfg, with_bn=False).apply(folded, x)), rtol=1e-4, atol=1e-4)
+
+
 def test_fashion_cnn_block_stream():
     m = models.get("fashion_cnn")
     lay, data = _block_stream(m.params, FASHION_PAIRS, seed=2, qp=-28)
@@ -298,3 +358,25 @@ def test_applied_scales_are_named_when_like_wants_them():
     data = encode(model, blocks={"w": {"ls": "w_scaling"}})
     with pytest.raises(InputError, match="'w_scaling'.*raw=True"):
         decode(data, like=model)
+
+
+def test_rank0_block_with_local_scales_is_a_bitstream_error():
+    """A hostile stream can declare a block whose weight has no dimensions: no rows for LS to scale."""
+    import dataclasses
+
+    from nncjax.kernels.coder import CabacEncoder
+    from nncjax.kernels.units import read_units, write_stream
+
+    units = read_units(encode({"w": np.ones((2, 3), np.float32), "w_scaling": np.float32([2, 4])},
+                              blocks={"w": {"ls": "w_scaling"}}))
+    enc = CabacEncoder(unary_length=11, param_opt=True, capacity=1024)
+    for _ in range(2):  # LS, then W: one element each, as tensor_dimensions () declares
+        enc.iae_v(8, -32)
+        enc.encode_layer(np.array(4, np.int32).reshape(()), dq=True, scan_order=0, row_skipping=True, profile=1)
+    ndu = dataclasses.replace(units[-1], tensor_dimensions=(), entry_points=None, payload=enc.finish())
+    data = write_stream(units[:-1] + [ndu])
+    assert sorted(decode(data, raw=True)) == ["w", "w_scaling"]
+    with pytest.raises(BitstreamError, match="'w'.*tensor_dimensions"):
+        decode(data)
+    with pytest.raises(BitstreamError, match="'w'.*tensor_dimensions"):
+        decode(data, like={"w": np.float32(0)})
