@@ -237,8 +237,7 @@ class CabacEncoder:
                      profile, codebook_size, codebook_offset, parent_present, base, hdsp_hist)
         flat = lay.check_levels(a)
         ctx = np.empty((lay.n_ctx, 5), np.int32)
-        cs0 = np.empty((lay.n_ctx, 9), np.int32)
-        cs01 = np.empty((lay.n_ctx, 9), np.int32)
+        cand = np.empty((lay.n_ctx, 3 * _ctx.LANES), np.float32)
         cacc = np.empty((lay.n_ctx, 9), np.int64)
         skip, adv, info = np.empty(lay.height, np.int64), np.empty(8, np.int64), np.zeros(2, np.int64)
         saved = self._es.copy()
@@ -246,7 +245,7 @@ class CabacEncoder:
         while True:
             self._room(need)
             status = _lv.encode_tensor(
-                self._es, self._buf, ctx, cs0, cs01, cacc, skip, adv, flat, lay.base, lay.tca, lay.hist, lay.hdsp,
+                self._es, self._buf, ctx, cand, cacc, skip, adv, flat, lay.base, lay.tca, lay.hist, lay.hdsp,
                 lay.height, lay.width, lay.n_gtx, lay.dq, bool(strict_dq), lay.scan_order, bool(row_skipping) and lay.profile == 1, lay.parent_present, lay.rs_block,
                 lay.bounded, lay.cbs, lay.off, self.param_opt, lay.ci_list, lay.ci_ctx, lay.rs_ctx, info)
             if status != _lv.ERR_ROOM:

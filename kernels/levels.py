@@ -162,22 +162,22 @@ def _enc_level(ctx, es, buf, low, rng, bits, q, csig, csign, gbase, babs, n_gtx,
 
 
 @kernel_inline
-def _pseudo_level(cs0, cs01, cacc, v, csig, csign, gbase, babs, n_gtx):
+def _pseudo_level(cand, cacc, v, csig, csign, gbase, babs, n_gtx):
     """The init search's cost pass for level ``v``: unbounded, sign always coded, remainder prefix
     always terminated, bypass bins not counted (NNCodec's choices, copied for identical output)."""
     sig = 1 if v != 0 else 0
-    cand_bin(cs0, cs01, cacc, csig, sig)
+    cand_bin(cand, cacc, csig, sig)
     if sig == 0:
         return
     neg = 1 if v < 0 else 0
-    cand_bin(cs0, cs01, cacc, csign, neg)
+    cand_bin(cand, cacc, csign, neg)
     mag = np.int64(-v) if neg else np.int64(v)
     flag = 1 if mag > 1 else 0
-    cand_bin(cs0, cs01, cacc, _gtx(gbase, babs, neg, 0), flag)
+    cand_bin(cand, cacc, _gtx(gbase, babs, neg, 0), flag)
     coded = 1
     while flag and coded < n_gtx:
         flag = 1 if mag > coded + 1 else 0
-        cand_bin(cs0, cs01, cacc, _gtx(gbase, babs, neg, coded), flag)
+        cand_bin(cand, cacc, _gtx(gbase, babs, neg, coded), flag)
         coded += 1
     if flag == 0:
         return
@@ -186,10 +186,10 @@ def _pseudo_level(cs0, cs01, cacc, v, csig, csign, gbase, babs, n_gtx):
     p = 0
     done = np.int64(0)
     while rem > done + (np.int64(1) << p) - 1:
-        cand_bin(cs0, cs01, cacc, rctx + p, 1)
+        cand_bin(cand, cacc, rctx + p, 1)
         done += np.int64(1) << p
         p += 1
-    cand_bin(cs0, cs01, cacc, rctx + p, 0)
+    cand_bin(cand, cacc, rctx + p, 0)
 
 
 @kernel_inline
@@ -250,12 +250,12 @@ def _coded_level(k, state, dq, strict):
 
 
 @kernel
-def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, strict,
+def _search_pass(cand, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq, strict,
                  scan_order, info):
     """The init search: charges every bin of the tensor to the nine candidates of its context.
     Follows NNCodec's pseudo pass: binarizes k (not q) and uses it as the neighbour, which block-row
     ends do not reset (only the candidates' states are reset)."""
-    cand_init(cs0, cs01, cacc)
+    cand_init(cand, cacc)
     bh, bw, n_brows, resets = _block_dims(height, width, scan_order)
     state = 0
     nb = np.int64(0)
@@ -278,12 +278,12 @@ def _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, heig
                         return ERR_DQ_LEVEL
                     csig, csign, gbase, babs = _select(state, nb, np.int64(base[pos]) if tca else np.int64(0),
                                                        hdsp and hist[pos] == 1, n_gtx)
-                    _pseudo_level(cs0, cs01, cacc, k, csig, csign, gbase, babs, n_gtx)
+                    _pseudo_level(cand, cacc, k, csig, csign, gbase, babs, n_gtx)
                     nb = k
                     if dq:
                         state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]
         if resets and br < n_brows - 1:
-            cand_reset(cs0, cs01)
+            cand_reset(cand)
     return OK
 
 
@@ -332,7 +332,7 @@ def _level_pass(es, buf, ctx, skip, adv, levels, base, tca, hist, hdsp, height, 
 
 
 @kernel
-def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq,
+def encode_tensor(es, buf, ctx, cand, cacc, skip, adv, levels, base, tca, hist, hdsp, height, width, n_gtx, dq,
                   strict, scan_order, row_skip, parent_present, rs_block, bounded, cbs, off, param_opt, ci_list, ci_ctx,
                   rs_ctx, info):
     """Codes one tensor's levels (after its qp_delta) into ``buf``: row-skip block, init search and
@@ -359,9 +359,9 @@ def encode_tensor(es, buf, ctx, cs0, cs01, cacc, skip, adv, levels, base, tca, h
             for r in range(height):
                 low, rng, bits = ebin(ctx, rs_ctx, skip[r], es, buf, low, rng, bits)
     all_zero = cbs == 1 and bounded
-    cand_init(cs0, cs01, cacc)
+    cand_init(cand, cacc)
     if param_opt and not all_zero:
-        status = _search_pass(cs0, cs01, cacc, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx,
+        status = _search_pass(cand, cacc, skip, adv, levels, base, tca, hist, hdsp_flag, height, width, n_gtx,
                               dq, strict, scan_order, info)
         if status != OK:
             return status
