@@ -173,12 +173,15 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
     """
     from nncjax.reduce.bnfold import BNPair, find_bn_pairs
 
-    is_vars = (isinstance(like, Mapping) and isinstance(like.get("params"), Mapping)
-               and isinstance(like.get("batch_stats"), Mapping))
     if bn_pairs is None:
         return []
+    auto = isinstance(bn_pairs, str)
+    if auto and bn_pairs != "auto":
+        raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}")
+    is_vars = (isinstance(like, Mapping) and isinstance(like.get("params"), Mapping)
+               and isinstance(like.get("batch_stats"), Mapping))
     if not is_vars:
-        if isinstance(bn_pairs, str) and bn_pairs == "auto":
+        if auto:
             return []
         raise InputError("bn_pairs needs `like` to be a Flax variable dict with 'params' and 'batch_stats'")
     params, stats = like["params"], like["batch_stats"]
@@ -187,12 +190,12 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
                 and np.ndim(coded[b.weight]) >= 1}
     in_stream = {n.split("/", 1)[1].rsplit("/", 1)[0] for n in coded
                  if n.startswith(("params/", "batch_stats/")) and n.count("/") >= 2}
+    if not foldable and auto:
+        return []
     free = [m for m in _bn_modules(stats) if _path(m) not in in_stream and np.ndim(_resolve(stats, m)["mean"]) == 1]
     rows = {_path(m): int(np.shape(_resolve(stats, m)["mean"])[0]) for m in free}
 
-    if isinstance(bn_pairs, str):
-        if bn_pairs != "auto":
-            raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}")
+    if auto:
         try:
             named = find_bn_pairs(params)
         except InputError:
@@ -217,6 +220,10 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
         except (TypeError, ValueError):
             raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}"
                              ) from None
+        for what, paths in (("layer", [_path(p.layer) for p in pairs]), ("BatchNorm", [_path(p.bn) for p in pairs])):
+            twice = sorted({x for x in paths if paths.count(x) > 1})
+            if twice:
+                raise InputError(f"bn_pairs names the {what} {twice} more than once")
         for p in pairs:
             if _path(p.layer) not in foldable:
                 raise InputError(f"bn_pairs: the bitstream has no folded block for 'params/{_path(p.layer)}/kernel'")

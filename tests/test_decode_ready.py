@@ -332,6 +332,10 @@ def test_like_that_does_not_fit_raises_naming_the_tensor(tiny):
         decode(data, like=v, bn_pairs=[(("Dense_0",), ("norm",))])
     with pytest.raises(InputError, match="bn_pairs"):
         decode(data, like=v["params"], bn_pairs=[(("fc",), ("norm",))])
+    with pytest.raises(InputError, match="bn_pairs"):
+        decode(data, like=v, bn_pairs="Conv_0")
+    with pytest.raises(InputError, match="more than once"):
+        decode(data, like=v, bn_pairs=[(("Conv_0",), ("BatchNorm_0",)), (("Dense_0",), ("BatchNorm_0",))])
     # without pairing, the folded BatchNorms' leaves have no tensor
     with pytest.raises(InputError, match="batch_stats"):
         decode(data, like=v, bn_pairs=None)
@@ -380,3 +384,16 @@ def test_rank0_block_with_local_scales_is_a_bitstream_error():
         decode(data)
     with pytest.raises(BitstreamError, match="'w'.*tensor_dimensions"):
         decode(data, like={"w": np.float32(0)})
+
+
+def test_docstring_examples():
+    import doctest
+
+    import nncjax.codec
+    import nncjax.ready
+
+    assert doctest.testmod(nncjax.ready, extraglobs={"np": np}).failed == 0
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(nncjax.codec.decode, globs={"np": np, **vars(nncjax.codec)}):
+        runner.run(test)
+    assert runner.summarize(verbose=False).attempted >= 4 and runner.failures == 0
