@@ -305,7 +305,7 @@ def test_optimize_streams():
     rd = optimize(m.params, m.apply, calib, lam=3e-3, base_qp=-24, steps=2, refine=0)
     data = encode(rd.params_for_encoding(m.params), **rd.encode_kwargs())
     assert_trees_equal(rd.restore(decode(data), like=m.params), rd.restore(decode(data, raw=True), like=m.params))
-    with pytest.raises(InputError, match=LS_SUFFIX):
+    with pytest.raises(InputError, match=f"{LS_SUFFIX}.*RDSettings.restore"):
         decode(data, like=m.params)
 
 
