@@ -210,6 +210,16 @@ def test_folded_batchnorm_maps_back_exactly_as_the_pipeline(tiny):
         decode(data2, like=v, bn_pairs=pairs)
 
 
+def test_plain_kernels_in_nnr_layout_fit_like_transposed(tiny):
+    """A pipeline layout without folding or scales codes kernels in NNR layout as plain tensors; with
+    ``like`` each goes back to Flax layout where only that reading fits its shape."""
+    _, v, _ = tiny
+    lay = CodingLayout.build(v, bn_pairs=None)
+    data = encode({k: np.asarray(a) for k, a in lay.to_coded(v).items()}, qp=-36)
+    assert decode(data)["params/fc/kernel"].shape == (5, 150)
+    assert_trees_equal(decode(data, like=v), _restore(lay, data))
+
+
 @st.composite
 def bn_variables(draw):
     """Flax variables of Conv_0 (+ bias?) -> BatchNorm_0 (scale? bias?) -> Dense_0, random shapes and values."""
