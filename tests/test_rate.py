@@ -109,3 +109,41 @@ def test_tree_form():
     assert float(bits["a"]) == pytest.approx(float(estimate_bits(params["a"], -36, dq=False)))
     one = estimate_bits_tree(params, -36, dq=False)
     assert float(one["b"][0]) > 0
+
+
+def test_accelerator_counting_equals_cpu_scatter():
+    """The one-hot reduction used off-CPU counts exactly what the CPU's segment_sum counts, values and
+    gradients alike, so the rate model is the same function on every backend."""
+    from nncjax.rate.deepcabac import _count_onehot
+    rng = np.random.default_rng(5)
+    ids = jnp.asarray(rng.integers(0, 26, 5000), jnp.int32)
+    v = jnp.asarray(rng.random(5000), jnp.float32)
+    np.testing.assert_allclose(_count_onehot(v, ids, 26), jax.ops.segment_sum(v, ids, 26), rtol=1e-5)
+    w = jnp.asarray(rng.normal(size=26), jnp.float32)
+    g1 = jax.grad(lambda v: jnp.dot(_count_onehot(v, ids, 26), w))(v)
+    g2 = jax.grad(lambda v: jnp.dot(jax.ops.segment_sum(v, ids, 26), w))(v)
+    np.testing.assert_array_equal(g1, g2)
+
+
+def test_neighbours_skip_zero_rows_and_empty_tensors_cost_only_fixed_bits():
+    """A row's first element takes its neighbour from the nearest coded row above (skipped all-zero rows
+    in between leave it untouched): counted here by brute force over the raster scan."""
+    from nncjax.rate.deepcabac import bin_statistics
+    rng = np.random.default_rng(6)
+    k = rng.integers(-2, 3, (9, 4)) * (rng.random((9, 4)) < 0.6)
+    k[[0, 3, 4, 7]] = 0
+    stats = bin_statistics(jnp.asarray(k), dq=False)
+    sign = np.zeros((3, 2))
+    prev = 0
+    for r in range(9):
+        if not k[r].any():
+            continue
+        for x in range(4):
+            nb = 0 if prev == 0 else (1 if prev < 0 else 2)
+            if k[r, x]:
+                sign[nb] += (1, k[r, x] < 0)
+            prev = k[r, x]
+    np.testing.assert_array_equal(np.asarray(stats["sign"]), sign)
+    for dq in (False, True):
+        empty = float(estimate_bits_levels(jnp.zeros((0,), jnp.int32), dq=dq))
+        assert np.isfinite(empty) and empty < 64

@@ -123,6 +123,21 @@ def _shape_hw(shape) -> tuple[int, int]:
     return h, (n // h if h else 0)
 
 
+def _count_onehot(values: jax.Array, ids: jax.Array, n_bins: int) -> jax.Array:
+    """``segment_sum`` as a reduction over one-hot masks: no atomics, which on a GPU serialise when
+    millions of elements land in a few dozen bins."""
+    return jnp.sum(jnp.where(ids[:, None] == jnp.arange(n_bins), values[:, None], 0.0), axis=0)
+
+
+def _count(values: jax.Array, ids: jax.Array, n_bins: int) -> jax.Array:
+    """Sum of ``values`` (n,) per bin ``ids`` (n,) int in ``[0, n_bins)`` -> (n_bins,) float32. The CPU
+    scatters (one pass); accelerators reduce one-hot masks (see :func:`_count_onehot`)."""
+    values = jnp.asarray(values, jnp.float32)
+    return jax.lax.platform_dependent(
+        values, ids, cpu=lambda v, i: jax.ops.segment_sum(v, i, n_bins),
+        default=lambda v, i: _count_onehot(v, i, n_bins))
+
+
 def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, row_skip: bool = True,
                    u: jax.Array | None = None, temperature: float = 0.25) -> BinStats:
     """Counts of the bins DeepCABAC codes for integer levels ``k`` (any shape; k values for DQ).
@@ -134,7 +149,7 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
     h, w = _shape_hw(shape)
     k = jnp.asarray(k, jnp.int32).reshape(-1)
     n = k.shape[0]
-    if dq:
+    if dq and n:  # (an empty tensor has no states to scan)
         state = dq_states(k)
         q = k_to_q(k, state)
     else:
@@ -142,17 +157,22 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
         q = k
     q = jax.lax.stop_gradient(q)
     skip_rows = profile == 1 and row_skip and h > 1 and w > 1
+    # neighbour: previous *coded* element in raster order, 0 at the tensor start. Skipped rows leave
+    # it untouched, so a row's first element sees the last element of the nearest coded row above;
+    # only that needs a scan, over rows (a scan over all n elements is slow to compile and run).
+    flat_prev = jnp.concatenate([jnp.zeros((min(n, 1),), q.dtype), q[:-1]])
     if skip_rows:
         row_zero = jnp.all(k.reshape(h, w) == 0, axis=1)
-        active = jnp.repeat(~row_zero, w, total_repeat_length=n)
+        active = jnp.broadcast_to(~row_zero[:, None], (h, w)).reshape(-1)
+        rows = jnp.arange(h, dtype=jnp.int32)
+        last_row = jax.lax.cummax(jnp.where(row_zero, -1, rows), axis=0)
+        above = jnp.concatenate([jnp.full((1,), -1, jnp.int32), last_row[:-1]])
+        first = jnp.where(above >= 0, q.reshape(h, w)[jnp.maximum(above, 0), w - 1], 0)
+        qprev = jnp.concatenate([first[:, None], flat_prev.reshape(h, w)[:, 1:]], axis=1).reshape(-1)
     else:
         row_zero = jnp.zeros((0,), bool)
         active = jnp.ones((n,), bool)
-    # neighbour: previous *coded* element (skipped rows leave it untouched); 0 at the tensor start
-    idx = jnp.arange(n, dtype=jnp.int32)
-    last = jax.lax.cummax(jnp.where(active, idx, -1), axis=0)
-    prev = jnp.concatenate([jnp.full((1,), -1, jnp.int32), last[:-1]])
-    qprev = jnp.where(prev >= 0, q[jnp.maximum(prev, 0)], 0)
+        qprev = flat_prev
     nb = jnp.where(qprev == 0, 0, jnp.where(qprev < 0, 1, 2))
     act = active.astype(jnp.float32)
     absq = jnp.abs(q)
@@ -164,12 +184,12 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
         sig = (absq > 0).astype(jnp.float32) * act
         neg = (q < 0).astype(jnp.float32)
         cap = jnp.minimum(absq, n_gt + 1)                          # |q| >= t for t = 1..N+1 read off cap
-        hist = jax.ops.segment_sum(act, cap + (n_gt + 2) * (q < 0), 2 * (n_gt + 2)).reshape(2, n_gt + 2)
+        hist = _count(act, cap + (n_gt + 2) * (q < 0), 2 * (n_gt + 2)).reshape(2, n_gt + 2)
         at_least = jnp.cumsum(hist[:, ::-1], axis=1)[:, ::-1][:, 1:]          # (2, N+1): sign, t = 1..N+1
         gp, gn = at_least[0], at_least[1]
         rem = jnp.maximum(absq - n_gt, 1)                          # r + 1 for coded remainders
         plen = 31 - jax.lax.clz(rem)                               # prefix length P = floor(log2(r + 1))
-        ph = jax.ops.segment_sum(act * (absq > n_gt), plen, n_pf)
+        ph = _count(act * (absq > n_gt), plen, n_pf)
         e = jnp.cumsum(ph[::-1])[::-1]                             # (J+1,): remainders with P >= j
     else:
         au = jnp.abs(jnp.asarray(u, jnp.float32).reshape(-1))
@@ -190,10 +210,10 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
         gn = jnp.sum(g * neg[:, None], axis=0)
         gp = jnp.sum(g, axis=0) - gn
         e = jnp.sum(ind(np.minimum(n_gt + 2.0 ** np.arange(n_pf), 2.0**31)), axis=0)
-    sig_bins = jax.ops.segment_sum(act, sig_ctx, 24)
-    sig_ones = jax.ops.segment_sum(sig, sig_ctx, 24)
-    sign_bins = jax.ops.segment_sum(sig, nb, 3)
-    sign_ones = jax.ops.segment_sum(sig * neg, nb, 3)
+    sig_bins = _count(act, sig_ctx, 24)
+    sig_ones = _count(sig, sig_ctx, 24)
+    sign_bins = _count(sig, nb, 3)
+    sign_ones = _count(sig * neg, nb, 3)
     # gt flag n (0-based) is coded when |q| >= n+1 and is 1 when |q| >= n+2; axis 1: q > 0, q < 0
     gt = jnp.stack([jnp.stack([gp[:-1], gp[1:]], -1), jnp.stack([gn[:-1], gn[1:]], -1)], axis=1)
     prefix = jnp.stack([e[:-1], e[1:]], -1)
