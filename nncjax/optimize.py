@@ -244,13 +244,26 @@ def _rate_sample(x: jax.Array, limit: int | None) -> tuple[jax.Array, float]:
 
 def _model_hat(cfg: _Config, theta: dict, base: Any, weights: dict, rng: jax.Array | None):
     """``(params_hat, bits (n,))``: ``base`` (fixed tensors already quantized) with the optimised
-    weights quantized (relaxed) at ``theta["qp"] (n,)`` with scales ``theta["ls"]``."""
-    new, bits = {}, []
+    weights quantized (relaxed) at ``theta["qp"] (n,)`` with scales ``theta["ls"]``.
+
+    Tensors of one shape (and scaling) go through one ``vmap``-ed quantizer and rate model: a
+    transformer's layers share a handful of shapes, so the compiled step holds a few trellis scans
+    instead of one per tensor (compile time and kernel launches shrink by the number of layers).
+    """
+    groups: dict[tuple, list[int]] = {}
     for i, name in enumerate(cfg.names):
-        key = None if rng is None else jax.random.fold_in(rng, i)
-        v = theta["ls"].get(name) if cfg.scaled[i] else None
-        new[name], b = _quantize_tensor(cfg, weights[name], theta["qp"][i], v, key)
-        bits.append(b)
+        groups.setdefault((jnp.shape(weights[name]), cfg.scaled[i]), []).append(i)
+    new, bits = {}, [None] * len(cfg.names)
+    for (_, scaled), idx in groups.items():
+        members = [cfg.names[i] for i in idx]
+        w = jnp.stack([weights[n] for n in members])
+        qp = theta["qp"][np.asarray(idx)]
+        v = jnp.stack([theta["ls"][n] for n in members]) if scaled else None
+        keys = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(idx))
+        w_hat, b = jax.vmap(functools.partial(_quantize_tensor, cfg),
+                            in_axes=(0, 0, 0 if scaled else None, 0 if rng is not None else None))(w, qp, v, keys)
+        for j, (i, n) in enumerate(zip(idx, members)):
+            new[n], bits[i] = w_hat[j], b[j]
     return replace_named(base, new), jnp.stack(bits)
 
 
