@@ -162,7 +162,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
         t0 = time.perf_counter()
         data = encode(res.tensors, **res.encode_kwargs())
         t_enc = time.perf_counter() - t0
-        met = metrics_row(m, res.restore(decode(data)), cfg.subset)
+        met = metrics_row(m, decode(data, like=m.params, bn_pairs=cfg.ioq_kwargs["bn_pairs"]), cfg.subset)
         w = res.wall_s
         add("nncjax-ioq", f"lam={lam:g}", len(data), met, w["total"], t_enc,
             note=f"base_qp {cfg.base_qp}; fold {w['fold']:.1f}s ioq {w['ioq']:.1f}s lsa {w['lsa']:.1f}s; D_tune ioq "
