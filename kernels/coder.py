@@ -237,7 +237,7 @@ class CabacEncoder:
                      profile, codebook_size, codebook_offset, parent_present, base, hdsp_hist)
         flat = lay.check_levels(a)
         ctx = np.empty((lay.n_ctx, 5), np.int32)
-        cand = np.empty((lay.n_ctx, 3 * _ctx.LANES), np.float32)
+        cand = np.empty((lay.n_ctx, _ctx.CAND_WIDTH), np.int16)
         cacc = np.empty((lay.n_ctx, 9), np.int64)
         skip, adv, info = np.empty(lay.height, np.int64), np.empty(8, np.int64), np.zeros(2, np.int64)
         saved = self._es.copy()

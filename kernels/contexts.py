@@ -5,11 +5,11 @@ Context store ``ctx``: int32 array (n_contexts, 5), one row per context:
 the combined state (its sign is the MPS, its magnitude the LPS probability), shift0 = SH0 + 4 and
 shift1 = SH1 the adaptation rates of the chosen init set ``INIT[init_idx]``.
 
-Candidate store for the encoder's context-initialisation search (``param_opt``): ``cand`` float32
-(n_contexts, 3 * LANES) and ``cand_acc`` int64 (n_contexts, 9): for every context the nine init sets
-run side by side over the same bins, each accumulating its estimated cost. A row of ``cand`` holds
-S0 in lanes 0..15, S1 = S01 - 16*S0 in lanes 16..31 and the cost-table index of the latest bin in
-lanes 32..47; lanes 9..15 of each group are padding that keeps the update a whole SIMD loop.
+Candidate store for the encoder's context-initialisation search (``param_opt``): ``cand`` int16
+(n_contexts, CAND_WIDTH = 48), C-contiguous, and ``cand_acc`` int64 (n_contexts, 9): for every
+context the nine init sets run side by side over the same bins, each accumulating its estimated
+cost. A row of ``cand`` holds S0 in lanes 0..15, S1 = S01 - 16*S0 in lanes 16..31 and the
+cost-table indices of the latest bin in lanes 32..47; lanes 9..15 of each group are padding.
 
 Context index layout for unary length N (``n_contexts = 90 + 4N``): sig 0..23 (3 per DQ state),
 TCA sig 24..39, HDSP sig 40..47, sign 48..50, TCA sign 51..52, greater-than flags 53..53+2N-1,
@@ -20,6 +20,9 @@ row-skip flag 53+4N+36.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import CURVE, EST_BITS, INIT, INIT_INDEX_PENALTY
 
@@ -123,27 +126,81 @@ def ctx_update(ctx, c, b):
 
 # ------------------------------------------------------------------- the init-index search (encoder)
 #
-# The search adapts nine candidate estimators per bin, so its update must vectorize. S0 and S1 evolve
-# independently (S0 from S0 and SH0 alone, S1 from S1 and SH1) and are small integers, |S0| <= 128
-# and |S1| <= 2048, so they are held exactly in float32: every step (scaling by a power of two,
-# floor, a product with a small integer, a sum) is exact there. Integer lanes would do, but Numba
-# widens int32 arithmetic to int64 and LLVM then vectorizes at half the width; float32 stays
-# float32. CURVE is evaluated arithmetically (a table read would become a slow gather). The cost
-# table read stays scalar for the same reason: nine loads beside the vector work are cheaper.
+# The search adapts nine candidate estimators per bin, which dominates the encoder unless it runs as
+# SIMD. S0 and S1 evolve independently (S0 from S0 and SH0 alone, S1 from S1 and SH1) and stay small
+# (|S0| < 124, |S1| < 1924: the step is 0 once |16 + ((sgn*S) >> shift)| reaches 31), so all eighteen
+# states fit one vector of 32 int16 lanes and one bin is a couple of dozen vector instructions. Numba
+# cannot express that (it widens every int16/int32 operation to int64, and LLVM's auto-vectorizer
+# then works at a quarter of the width), so the update is written as LLVM vector IR in
+# :func:`_cand_update`: generic operations only, which LLVM lowers to AVX-512, AVX2 or SSE. CURVE is
+# evaluated arithmetically (a table read per lane would need a slow gather); the cost-table reads
+# stay scalar for the same reason.
 
-LANES = 16
-_F32 = np.float32
+LANES = 16  # lanes per state group: the nine init sets and padding
+CAND_WIDTH = 3 * LANES  # a cand row: S0 lanes, S1 lanes, then the cost-table indices of the latest bin
+_I16 = ir.IntType(16)
+_VEC = ir.VectorType(_I16, 2 * LANES)
+_HALF = ir.VectorType(_I16, LANES)
 
 
-def _lanes(values, pad) -> np.ndarray:
-    return np.array(list(values) + [pad] * (LANES - 9), dtype=np.float32)
+def _const(vtype, values):
+    return ir.Constant(vtype, [int(v) for v in values])
 
 
-_S0_LANES = _lanes(_S0_INIT, 0)
-_S1_LANES = _lanes(_S01_INIT - 16 * _S0_INIT, 0)
-_SCALE0 = _lanes(2.0 ** -_SH0.astype(np.float64), 1.0)  # x >> SH0 == floor(x * 2**-SH0)
-_SCALE1 = _lanes(2.0 ** -_SH1.astype(np.float64), 1.0)
+def _lanes(values, pad) -> list:
+    return list(values) + [pad] * (LANES - 9)
+
+
+_STATE_INIT = np.array(_lanes(_S0_INIT, 0) + _lanes(_S01_INIT - 16 * _S0_INIT, 0), dtype=np.int16)
 _EST_BY_BIN = np.ascontiguousarray(EST_BITS.T).astype(np.int64)  # [bin, index]: one row per bin value
+
+
+@intrinsic
+def _cand_update(typingctx, cand, c, b):
+    """Adapts row ``c`` of the int16 candidate store (C-contiguous, CAND_WIDTH columns) to bin ``b``
+    and writes ``512 + ((S1 + 16*S0) >> 3)`` of the states before the update (the cost-table index)
+    to lanes 32..47. Per lane: x = sgn*S; j = x >> (3 or 7); S += sgn * (CURVE[16 + j] >> shift)."""
+    if not (isinstance(cand, types.Array) and cand.dtype == types.int16 and cand.ndim == 2 and cand.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary, row, bin_ = args
+        data = context.make_array(sig.args[0])(context, builder, value=ary).data
+        row = context.cast(builder, row, sig.args[1], types.intp)
+        base = builder.mul(row, ir.Constant(row.type, CAND_WIDTH))
+        states_ptr = builder.bitcast(builder.gep(data, [base], inbounds=True), _VEC.as_pointer())
+        states = builder.load(states_ptr, align=2)
+        # m = b - 1: 0 for a 1-bin, all ones for a 0-bin; (v ^ m) - m == sgn * v.
+        m = builder.trunc(context.cast(builder, bin_, sig.args[2], types.int64), _I16)
+        m = builder.sub(m, ir.Constant(_I16, 1))
+        m = builder.insert_element(ir.Constant(_VEC, ir.Undefined), m, ir.Constant(ir.IntType(32), 0))
+        m = builder.shuffle_vector(m, m, ir.Constant(ir.VectorType(ir.IntType(32), 2 * LANES), [0] * (2 * LANES)))
+        j = builder.ashr(builder.sub(builder.xor(states, m), m), _const(_VEC, [3] * LANES + [7] * LANES))
+
+        def splat(v):
+            return _const(_VEC, [v] * (2 * LANES))
+
+        def smax(a, b):
+            return builder.select(builder.icmp_signed(">", a, b), a, b)
+
+        # CURVE[16 + j] is the upper envelope of three lines and 64, cut to 0 at j = 15.
+        curve = smax(smax(builder.sub(splat(-1072), builder.mul(j, splat(224))),
+                          builder.sub(splat(-112), builder.mul(j, splat(96)))),
+                     smax(builder.sub(splat(16), builder.mul(j, splat(64))), splat(64)))
+        curve = builder.select(builder.icmp_signed("==", j, splat(15)), splat(0), curve)
+        step = builder.lshr(curve, _const(_VEC, _lanes(_SH0, 4) + _lanes(_SH1, 4)))
+        builder.store(builder.add(states, builder.sub(builder.xor(step, m), m)), states_ptr, align=2)
+        first = ir.Constant(ir.VectorType(ir.IntType(32), LANES), list(range(LANES)))
+        second = ir.Constant(ir.VectorType(ir.IntType(32), LANES), list(range(LANES, 2 * LANES)))
+        s01 = builder.add(builder.shuffle_vector(states, states, second),
+                          builder.shl(builder.shuffle_vector(states, states, first), _const(_HALF, [4] * LANES)))
+        index = builder.add(builder.ashr(s01, _const(_HALF, [3] * LANES)), _const(_HALF, [512] * LANES))
+        index_at = builder.add(base, ir.Constant(base.type, 2 * LANES))
+        builder.store(index, builder.bitcast(builder.gep(data, [index_at], inbounds=True), _HALF.as_pointer()),
+                      align=2)
+        return context.get_dummy_value()
+
+    return types.void(cand, c, b), codegen
 
 
 @kernel
@@ -158,37 +215,18 @@ def cand_init(cand, cand_acc):
 def cand_reset(cand):
     """Block-row reset of the candidates' states; their accumulated costs are kept."""
     for c in range(cand.shape[0]):
-        for i in range(LANES):
-            cand[c, i] = _S0_LANES[i]
-            cand[c, LANES + i] = _S1_LANES[i]
-
-
-@kernel_inline
-def _curve(j):
-    """``CURVE[16 + j]`` for an integral float32 ``j`` in -16..15: the table is the upper envelope of
-    three lines and 64, cut to 0 at j = 15 (where ``2512 * (15 - j)`` is the only term <= 0)."""
-    v = max(max(_F32(-1072.0) - _F32(224.0) * j, _F32(-112.0) - _F32(96.0) * j),
-            max(_F32(16.0) - _F32(64.0) * j, _F32(64.0)))
-    return min(v, _F32(2512.0) * (_F32(15.0) - j))
+        for i in range(2 * LANES):
+            cand[c, i] = _STATE_INIT[i]
 
 
 @kernel_inline
 def cand_bin(cand, cand_acc, c, b):
     """Charges bin ``b`` of context ``c`` to all nine candidates, then adapts each of them."""
-    c = np.uint64(c)
-    sgn = _F32(2 * b - 1)
-    k0 = sgn * _F32(0.125)  # sgn*S0 >> 3 == floor(S0 * k0)
-    k1 = sgn * _F32(0.0078125)  # sgn*S1 >> 7
-    for ii in range(LANES):
-        i = np.uint64(ii)
-        s0 = cand[c, i]
-        s1 = cand[c, i + LANES]
-        cand[c, i + 2 * LANES] = np.floor((s1 + _F32(16.0) * s0) * _F32(0.125))  # S01 >> 3
-        cand[c, i] = s0 + sgn * np.floor(_curve(np.floor(s0 * k0)) * _SCALE0[i])
-        cand[c, i + LANES] = s1 + sgn * np.floor(_curve(np.floor(s1 * k1)) * _SCALE1[i])
+    _cand_update(cand, c, np.int64(b))
     est = _EST_BY_BIN[np.uint64(b)]
+    c = np.uint64(c)
     for i in range(9):
-        cand_acc[c, i] += est[np.uint64(512 + np.int64(cand[c, i + 2 * LANES]))]
+        cand_acc[c, i] += est[np.uint64(cand[c, 2 * LANES + i])]
 
 
 @kernel
