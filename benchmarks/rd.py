@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from nncjax import models
 from nncjax.codec import QPAdjustedWarning, decode, encode
-from nncjax.optimize import optimize, verify
+from nncjax.optimize import LS_SUFFIX, optimize, verify
 from nncjax.pipeline import optimize_ioq
 
 OUT = ROOT / "benchmarks" / "results"
@@ -180,7 +180,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
         v = verify(m.params, rd)
         t_enc = time.perf_counter() - t0  # encode + decode
         met = metrics_row(m, v.params, cfg.subset)
-        qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith("_ls_delta"))
+        qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith(LS_SUFFIX))
         add("nncjax-grad", f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
             note=f"base_qp {cfg.base_qp}; steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
                  f"{float(rd.history['distortion'][-1]):.3g}; weight QPs {qps}; encode_s = encode+decode")

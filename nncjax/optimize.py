@@ -16,20 +16,22 @@ function; parameters may be sharded over a mesh (the step follows their sharding
 are rounded to integers and, optionally, refined by a small coordinate search (``qp +- 1`` on the
 largest tensors) with the codec's own quantizer and the real DeepCABAC payload size.
 
-Local scales. A scaled tensor ``W`` (output axis ``scale_axis``, -1 in Flax) is coded as two tensors:
-``W / s`` at the tensor's QP, and ``t = s - 1`` (name ``"<name>_ls_delta"``, 1-D, QP ``scale_qp``); the
-decoder side (:meth:`RDSettings.restore`) multiplies them back, ``W_hat = (1 + t_hat) * Q(W / s)``.
-So a scale is a per-row refinement of the step *and* a per-row gain. ``t`` is itself quantized during
-training with the codec's quantizer, so what is optimised is exactly what is decoded. This is an
-nncjax packaging convention (the tensors are ordinary NNR tensors); :meth:`RDSettings.params_for_encoding`
-produces them and :func:`verify` runs the whole encode -> bytes -> decode -> restore -> evaluate path.
+Local scales. A scaled tensor ``W`` is coded as the standard's local scaling: one NNR_PT_BLOCK
+unit holding ``W / s`` in NNR layout (rows first) at the tensor's QP and ``LS = s`` (name
+``"<name>_scaling"``, NNCodec's, QP ``scale_qp``). Rows are a Flax kernel's output (last) axis,
+coded transposed (:func:`nncjax.reduce.flax_to_nnr`), and axis 0 of every other tensor. The decoder
+reconstructs ``W_hat = LS_hat * Q(W / s)``, so a scale is a per-row refinement of the step *and* a
+per-row gain. ``s`` is quantized during training with the codec's quantizer at ``scale_qp``, so
+what is optimised is exactly what is decoded. :meth:`RDSettings.params_for_encoding` produces the
+tensors, ``nncjax.decode(data, like=params)`` gives the ready model back, and :func:`verify` runs
+the whole encode -> bytes -> decode -> evaluate path.
 
 Example:
     >>> m = nncjax.models.get("digits_mlp")                                   # doctest: +SKIP
     >>> x = nncjax.models.digits_mlp.load_digits_split("train")[0][:256]       # doctest: +SKIP
     >>> rd = optimize(m.params, m.apply, x, lam=3e-3, steps=100)               # doctest: +SKIP
     >>> data = nncjax.encode(rd.params_for_encoding(m.params), **rd.encode_kwargs())   # doctest: +SKIP
-    >>> params_hat = rd.restore(nncjax.decode(data), like=m.params)            # doctest: +SKIP
+    >>> params_hat = nncjax.decode(data, like=m.params)                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -48,18 +50,19 @@ from tqdm.auto import tqdm
 
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
-from nncjax.pipeline import code_tensor
+from nncjax.pipeline import SCALING_SUFFIX, code_tensor
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
 from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
+from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
 from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
 
-__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "verify"]
+__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "verify"]
 
-#: Name suffix of the coded local-scale deltas ``t = s - 1`` of a scaled tensor.
-LS_SUFFIX = "_ls_delta"
+#: Name suffix of a scaled tensor's local scales (the LS member of its block unit; NNCodec's name).
+LS_SUFFIX = SCALING_SUFFIX
 _MODES = ("ste", "noise")
 _DISTORTIONS = ("output", "kl")
 #: One instance, so that repeated calls hit the compilation cache of the training step.
@@ -75,11 +78,12 @@ class RDSettings:
     """What :func:`optimize` found: per-tensor QPs and local scales, ready for :func:`nncjax.encode`.
 
     Attributes:
-      qp_overrides: ``{name: int qp}`` for every optimised weight and every ``"<name>_ls_delta"``
+      qp_overrides: ``{name: int qp}`` for every optimised weight and every ``"<name>_scaling"``
         tensor; names as :func:`nncjax.pytree_names.flatten_named` gives them (``"params/fc1/kernel"``).
-      local_scales: ``{name: float32 (rows,)}`` the decoded scales ``s = 1 + t_hat`` (exact float32
-        values the decoder reconstructs); empty without ``learn_scales``.
-      scale_axis: output axis of the scaled weights (-1: Flax layout).
+      local_scales: ``{name: float32 (rows,)}`` the decoded scales ``LS_hat`` (exact float32 values
+        the decoder reconstructs); empty without ``learn_scales``.
+      scale_axis: -1 (Flax: kernels scaled along their output axis, other tensors along axis 0) or 0
+        (every tensor along axis 0); see :func:`rows_axis`.
       history: ``{"loss", "distortion", "rate_bits"}`` -> float64 ``(steps,)`` (training relaxation).
       estimated_bits: payload bits of all float tensors with the final settings, from the codec's
         quantizer and the real DeepCABAC coder (QP deltas included; unit headers, tensor names and
@@ -105,17 +109,21 @@ class RDSettings:
 
         >>> nncjax.encode(rd.params_for_encoding(p), **rd.encode_kwargs())      # doctest: +SKIP
         """
-        return {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
-                    "qp_overrides": dict(self.qp_overrides)}
+        kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
+              "qp_overrides": dict(self.qp_overrides)}
+        if self.local_scales:
+            kw["blocks"] = {name: {"ls": name + LS_SUFFIX} for name in self.local_scales}
+        return kw
 
     def params_for_encoding(self, params: Any) -> dict[str, np.ndarray]:
-        """Flat ``{name: float32 array}`` to pass to :func:`nncjax.encode`: every leaf of ``params``
-        (in :func:`~nncjax.pytree_names.flatten_named` order), scaled weights replaced by ``W / s``
-        and each followed by its ``"<name>_ls_delta"`` tensor ``s - 1`` (shape ``(rows,)``).
+        """Flat ``{name: array}`` to pass to :func:`nncjax.encode` with :meth:`encode_kwargs`: every leaf
+        of ``params`` (in :func:`~nncjax.pytree_names.flatten_named` order); a scaled weight becomes
+        ``W / s`` in NNR layout (rows first, float32) followed by its ``"<name>_scaling"`` tensor ``s``
+        (shape ``(rows,)``); the two are written as one block unit.
 
         >>> flat = rd.params_for_encoding({"d": {"kernel": w}})                   # doctest: +SKIP
         >>> list(flat)                                                           # doctest: +SKIP
-        ['d/kernel', 'd/kernel_ls_delta']
+        ['d/kernel', 'd/kernel_scaling']
         """
         named = flatten_named(params)
         missing = set(self.local_scales) - set(named)
@@ -126,28 +134,30 @@ class RDSettings:
             arr = np.asarray(leaf)
             if name in self.local_scales:
                 s = self.local_scales[name]
-                out[name] = _divide_rows(arr.astype(np.float32), s, self.scale_axis)
-                out[name + LS_SUFFIX] = (s - np.float32(1.0)).astype(np.float32)
+                axis = rows_axis(name, arr.ndim, self.scale_axis)
+                out[name] = _to_rows_first(_divide_rows(arr.astype(np.float32), s, axis), axis)
+                out[name + LS_SUFFIX] = np.asarray(s, np.float32)
             else:
                 out[name] = arr
         return out
 
     def restore(self, decoded: Mapping[str, Any], like: Any = None) -> Any:
-        """Model params from :func:`nncjax.decode` output (flat ``{name: array}``): multiplies every
-        scaled weight by ``1 + delta`` along ``scale_axis`` and drops the delta tensors. With ``like``
-        (e.g. the original params) the result has its structure and dtypes, else it is a flat dict.
-        The deltas are plain tensors (no block units), so ``decode(data)`` and ``decode(data,
-        raw=True)`` give the same input here; ``decode(data, like=params)`` alone refuses them.
+        """Model params from :func:`nncjax.decode` output without ``like`` (flat ``{name: array}``,
+        ready or ``raw=True``): applies the local scales where they are still separate and puts scaled
+        Flax kernels back in Flax layout. With ``like`` (e.g. the original params) the result has its
+        structure and dtypes, else it is a flat dict. ``nncjax.decode(data, like=params)`` gives the
+        same model directly.
 
         >>> params_hat = rd.restore(nncjax.decode(data), like=params)             # doctest: +SKIP
         """
         flat = dict(decoded)
         for name in self.local_scales:
-            key = name + LS_SUFFIX
-            if name not in flat or key not in flat:
-                raise InputError(f"decoded tensors lack {name!r} or its scales {key!r}")
-            s = np.float32(1.0) + np.asarray(flat.pop(key), np.float32)
-            flat[name] = _multiply_rows(np.asarray(flat[name], np.float32), s, self.scale_axis)
+            if name not in flat:
+                raise InputError(f"decoded tensors lack the scaled tensor {name!r}")
+            x = np.asarray(flat[name], np.float32)
+            if name + LS_SUFFIX in flat:  # raw: the scales are still a tensor of their own
+                x = _multiply_rows(x, np.asarray(flat.pop(name + LS_SUFFIX), np.float32), 0)
+            flat[name] = _from_rows_first(x, rows_axis(name, x.ndim, self.scale_axis))
         if like is None:
             return flat
 
@@ -156,6 +166,29 @@ class RDSettings:
             return jnp.asarray(out) if type(ref).__module__.startswith(("jax", "jaxlib")) else out
 
         return unflatten_like(like, flat, cast)
+
+
+def rows_axis(name: str, ndim: int, scale_axis: int = -1) -> int:
+    """The axis of a tensor that local scales (NNR rows) run along.
+
+    ``scale_axis=-1`` (Flax): a kernel (name ending in ``"kernel"``, ``ndim >= 2``) is scaled along
+    its output (last) axis and coded transposed; any other tensor along axis 0. ``scale_axis=0``:
+    axis 0 of every tensor (PyTorch / NNR layout).
+
+    >>> rows_axis("params/fc1/kernel", 2), rows_axis("params/embed/embedding", 2), rows_axis("fc.weight", 2, 0)
+    (1, 0, 0)
+    """
+    if scale_axis == -1 and ndim >= 2 and name.rsplit("/", 1)[-1] == "kernel":
+        return ndim - 1
+    return 0
+
+
+def _to_rows_first(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(x, flax_to_nnr_perm(x.ndim))) if axis else x
+
+
+def _from_rows_first(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.ascontiguousarray(np.transpose(x, nnr_to_flax_perm(x.ndim))) if axis else x
 
 
 def _row_shape(ndim: int, axis: int) -> tuple[int, ...]:
@@ -181,10 +214,10 @@ class _Config:
 
     names: tuple[str, ...]          # optimised tensors, largest first
     scaled: tuple[bool, ...]        # which of them carry local scales
+    axes: tuple[int, ...]           # their rows axes (:func:`rows_axis`)
     qp_density: int
     dq: bool
     mode: str
-    scale_axis: int
     scale_qp: int
     lo: int
     hi: int
@@ -195,12 +228,13 @@ def _quantizer(dq: bool):
     return quantize_dq if dq else quantize_uniform
 
 
-def _quantize_tensor(cfg: _Config, w: jax.Array, qp: jax.Array, v: jax.Array | None,
+def _quantize_tensor(cfg: _Config, axis: int, w: jax.Array, qp: jax.Array, v: jax.Array | None,
                      rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """One tensor through the relaxed codec: ``(w_hat (shape of w), estimated bits ())``.
 
-    ``qp``: float32 () (continuous step). ``v``: local-scale deltas in units of the scale step,
-    ``(rows,)``, or None. ``w_hat = s * Q(w / s)`` with ``s = 1 + Q(step_s * v)``.
+    ``qp``: float32 () (continuous step). ``v``: local scales as offsets from 1 in units of the scale
+    step, ``(rows,)`` along ``axis``, or None. ``w_hat = s * Q(w / s)`` with ``s = Q(1 + step_s * v)``
+    at ``scale_qp``, the LS tensor the codec writes.
     """
     quant = _quantizer(cfg.dq)
     bits = jnp.float32(0.0)
@@ -208,11 +242,11 @@ def _quantize_tensor(cfg: _Config, w: jax.Array, qp: jax.Array, v: jax.Array | N
     x = w
     if v is not None:
         step_s = qp_to_step_jax(cfg.scale_qp, cfg.qp_density)
-        t = step_s * v
-        _, t_hat = quant(t, step_s, cfg.mode, rng=rng)
-        s = (1.0 + t_hat).reshape(_row_shape(w.ndim, cfg.scale_axis))
+        ls = 1.0 + step_s * v
+        _, ls_hat = quant(ls, step_s, cfg.mode, rng=rng)
+        s = ls_hat.reshape(_row_shape(w.ndim, axis))
         x = w / s
-        bits = bits + estimate_bits(t, jnp.int32(cfg.scale_qp), dq=cfg.dq, qp_density=cfg.qp_density,
+        bits = bits + estimate_bits(ls, jnp.int32(cfg.scale_qp), dq=cfg.dq, qp_density=cfg.qp_density,
                                     training=True)
     step = qp_to_step_continuous(qp, cfg.qp_density)
     _, x_hat = quant(x, step, cfg.mode, rng=rng)
@@ -252,15 +286,15 @@ def _model_hat(cfg: _Config, theta: dict, base: Any, weights: dict, rng: jax.Arr
     """
     groups: dict[tuple, list[int]] = {}
     for i, name in enumerate(cfg.names):
-        groups.setdefault((jnp.shape(weights[name]), cfg.scaled[i]), []).append(i)
+        groups.setdefault((jnp.shape(weights[name]), cfg.scaled[i], cfg.axes[i]), []).append(i)
     new, bits = {}, [None] * len(cfg.names)
-    for (_, scaled), idx in groups.items():
+    for (_, scaled, axis), idx in groups.items():
         members = [cfg.names[i] for i in idx]
         w = jnp.stack([weights[n] for n in members])
         qp = theta["qp"][np.asarray(idx)]
         v = jnp.stack([theta["ls"][n] for n in members]) if scaled else None
         keys = None if rng is None else jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(idx))
-        w_hat, b = jax.vmap(functools.partial(_quantize_tensor, cfg),
+        w_hat, b = jax.vmap(functools.partial(_quantize_tensor, cfg, axis),
                             in_axes=(0, 0, 0 if scaled else None, 0 if rng is not None else None))(w, qp, v, keys)
         for j, (i, n) in enumerate(zip(idx, members)):
             new[n], bits[i] = w_hat[j], b[j]
@@ -338,8 +372,8 @@ def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_ax
         raise InputError("loss must be a callable loss(params, batch) -> scalar")
     if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
         raise InputError(f"refine must be an integer >= 0, got {refine!r}")
-    if not isinstance(scale_axis, (int, np.integer)) or isinstance(scale_axis, bool):
-        raise InputError(f"scale_axis must be an integer, got {scale_axis!r}")
+    if scale_axis not in (-1, 0) or isinstance(scale_axis, bool):
+        raise InputError(f"scale_axis must be -1 (Flax kernels: output axis) or 0 (rows first), got {scale_axis!r}")
     check_qp_density(qp_density)
 
 
@@ -406,7 +440,9 @@ def optimize(
       steps: optimisation steps. optimizer: any optax transformation (default ``optax.adam(0.2)``:
         QPs and scale deltas are both in quantizer units, so one learning rate fits both).
       learn_scales: learn per-output-row local scales of every optimised tensor with ``ndim >= 2``.
-      scale_axis: output axis of those tensors (-1 for Flax kernels, 0 for PyTorch / NNR layout).
+      scale_axis: -1 (Flax): kernels are scaled along their output (last) axis and coded transposed,
+        rows first; other tensors (e.g. embeddings) along axis 0. 0: every tensor along axis 0
+        (PyTorch / NNR layout). See :func:`rows_axis`.
       scale_qp: QP of the coded scale deltas ``s - 1`` (default -24: step 1/64).
       select: predicate ``(name, leaf) -> bool`` or a list of names of the tensors to optimise
         (default: float tensors with ``ndim > 1``, NNCodec's "weights").
@@ -433,7 +469,7 @@ def optimize(
     Example:
       >>> rd = optimize(m.params, m.apply, x_calib, lam=3e-3, steps=100)         # doctest: +SKIP
       >>> rd.qp_overrides                                                        # doctest: +SKIP
-      {'params/fc1/kernel': -27, 'params/fc1/kernel_ls_delta': -24, 'params/fc2/kernel': -33, ...}
+      {'params/fc1/kernel': -27, 'params/fc1/kernel_scaling': -24, 'params/fc2/kernel': -33, ...}
     """
     _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis)
     if loss is None and not callable(apply_fn):
@@ -471,13 +507,16 @@ def optimize(
         if not isinstance(q, (int, np.integer)) or not lo <= q <= hi:
             raise InputError(f"init_qps[{n!r}] must be an integer in [{lo}, {hi}], got {q!r}")
     scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2 for n in chosen)
+    axes = tuple(rows_axis(n, jnp.ndim(named[n]), scale_axis) for n in chosen)
     for n, sc in zip(chosen, scaled):
-        if sc and not -jnp.ndim(named[n]) <= scale_axis < jnp.ndim(named[n]):
-            raise InputError(f"scale_axis {scale_axis} is out of range for {n!r} of shape {jnp.shape(named[n])}")
+        if sc and scale_axis == 0 and n.rsplit("/", 1)[-1] == "kernel":
+            # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
+            raise InputError(f"{n!r} is named like a Flax kernel: its scales run along the output axis, "
+                             "use scale_axis=-1")
     if rate_sample is not None and (not isinstance(rate_sample, (int, np.integer)) or isinstance(rate_sample, bool)
                                     or rate_sample < _RUN):
         raise InputError(f"rate_sample must be None or an integer >= {_RUN}, got {rate_sample!r}")
-    cfg = _Config(tuple(chosen), scaled, qpd, bool(dq), mode, int(scale_axis), int(scale_qp), lo, hi,
+    cfg = _Config(tuple(chosen), scaled, axes, qpd, bool(dq), mode, int(scale_qp), lo, hi,
                   None if rate_sample is None else int(rate_sample))
 
     # Fixed tensors: quantized once, as the codec will; integer tensors stay as they are.
@@ -496,8 +535,8 @@ def optimize(
     refs = [None if loss is not None else _apply(params, b, apply_fn=apply_fn) for b in batches]
 
     theta = {"qp": jnp.asarray([float(init.get(n, base_qp)) for n in cfg.names], jnp.float32),
-             "ls": {n: jnp.zeros((jnp.shape(named[n])[scale_axis],), jnp.float32)
-                    for n, sc in zip(cfg.names, scaled) if sc}}
+             "ls": {n: jnp.zeros((jnp.shape(named[n])[ax],), jnp.float32)
+                    for n, sc, ax in zip(cfg.names, scaled, axes) if sc}}
     opt_state = optimizer.init(theta)
     lam_n = jnp.float32(float(lam) / n_weights)
 
@@ -519,9 +558,9 @@ def optimize(
     # Snap: integer QPs and hard scales, then the optional coordinate refinement on the real codec.
     qps = np.clip(np.round(np.asarray(theta["qp"], np.float64)), lo, hi).astype(np.int64)
     step_s = float(qp_to_step_jax(cfg.scale_qp, qpd))
-    deltas = {n: _codec_reconstruct(step_s * np.asarray(v, np.float32), cfg.scale_qp, qpd, cfg.dq)[0]
-              for n, v in theta["ls"].items()}
-    scales = {n: (np.float32(1.0) + t).astype(np.float32) for n, t in deltas.items()}
+    coded_ls = {n: _codec_reconstruct((1.0 + step_s * np.asarray(v, np.float32)).astype(np.float32), cfg.scale_qp,
+                                      qpd, cfg.dq) for n, v in theta["ls"].items()}
+    scales = {n: ls for n, (ls, _) in coded_ls.items()}
     ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics)
     best = ev.cost(qps, float(lam), n_weights)
     for i in range(min(int(refine), len(cfg.names))):
@@ -540,7 +579,7 @@ def optimize(
         bits += ev.rec(n, int(qps[i]))[1]
         if n in scales:
             overrides[n + LS_SUFFIX] = cfg.scale_qp
-            bits += _codec_reconstruct(deltas[n], cfg.scale_qp, qpd, cfg.dq)[1]
+            bits += coded_ls[n][1]
     history = {"loss": h[:, 0], "distortion": h[:, 1], "rate_bits": h[:, 2]}
     return RDSettings(overrides, scales, int(scale_axis), history, float(bits), int(base_qp), qpd, nw_qp,
                       bool(dq))
@@ -564,13 +603,19 @@ class _HardEvaluator:
         self._cache: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
 
     def rec(self, name: str, qp: int) -> tuple[np.ndarray, float]:
+        """The decoder's reconstruction of tensor ``name`` (its own layout) and its payload bits; a
+        scaled tensor is quantized as it is coded, ``W / s`` rows first, then scaled back."""
         key = (name, qp)
         if key not in self._cache:
             w = np.asarray(self.named[name], np.float32)
             s = self.scales.get(name)
-            x = w if s is None else _divide_rows(w, s, self.cfg.scale_axis)
-            x_hat, bits = _codec_reconstruct(x, qp, self.cfg.qp_density, self.cfg.dq)
-            self._cache[key] = (x_hat if s is None else _multiply_rows(x_hat, s, self.cfg.scale_axis), bits)
+            if s is None:
+                self._cache[key] = _codec_reconstruct(w, qp, self.cfg.qp_density, self.cfg.dq)
+            else:
+                ax = self.cfg.axes[self.cfg.names.index(name)]
+                x_hat, bits = _codec_reconstruct(_to_rows_first(_divide_rows(w, s, ax), ax), qp,
+                                                 self.cfg.qp_density, self.cfg.dq)
+                self._cache[key] = (_multiply_rows(_from_rows_first(x_hat, ax), s, ax), bits)
         return self._cache[key]
 
     def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
@@ -593,8 +638,8 @@ class VerifyResult:
 
 def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | None = None,
            **encode_kwargs) -> VerifyResult:
-    """Real check of ``settings``: :func:`nncjax.encode` -> bytes -> :func:`nncjax.decode` ->
-    :meth:`RDSettings.restore` -> ``eval_fn(params_hat)``.
+    """Real check of ``settings``: :func:`nncjax.encode` -> bytes -> ``nncjax.decode(bytes, like=params)``
+    (ready weights: local scales applied, Flax layout) -> ``eval_fn(params_hat)``.
 
     ``encode_kwargs`` override :meth:`RDSettings.encode_kwargs` (e.g. ``workers``, ``scan_order``).
     ``eval_fn`` may be None (``metric`` is then None).
@@ -611,5 +656,5 @@ def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | No
     kwargs = settings.encode_kwargs()
     kwargs.update(encode_kwargs)
     bitstream = encode(settings.params_for_encoding(params), **kwargs)
-    params_hat = settings.restore(decode(bitstream), like=params)
+    params_hat = decode(bitstream, like=params, bn_pairs=None)
     return VerifyResult(len(bitstream), None if eval_fn is None else eval_fn(params_hat), params_hat, bitstream)

@@ -293,9 +293,7 @@ def map_onto(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockR
         if name in by_unfold:
             raise InputError(f"tensor {name!r} is in the bitstream but also set by unfolding a folded batch norm")
         if name not in like_named:
-            hint = (" (nncjax.optimize's local-scale deltas: RDSettings.restore(decode(data), like) applies them)"
-                    if name.endswith("_ls_delta") else "")
-            raise InputError(f"the bitstream's tensor {name!r} has no place in `like`{hint}")
+            raise InputError(f"the bitstream's tensor {name!r} has no place in `like`")
         blk = by_weight.get(name)
         x = _scaled(coded, blk) if blk is not None else arr
         values[name] = cast_leaf(name, _fit(name, x, like_named[name], nnr_layout=blk is not None), like_named[name])

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nncjax import models
-from nncjax.codec import QPAdjustedWarning, decode, encode
+from nncjax.codec import QPAdjustedWarning, decode, encode, inspect
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pipeline import CodingLayout, IOQResult, optimize_ioq
 from nncjax.ready import scale_rows
@@ -305,18 +305,19 @@ def test_optimize_ioq_stream(tiny):
 
 
 def test_optimize_streams():
-    """nncjax.optimize codes its scales as plain ``_ls_delta`` tensors (no block units): the default
-    decode is the raw one, RDSettings.restore gives the model, and ``like`` alone refuses the deltas."""
+    """nncjax.optimize writes each scaled kernel as a block (W / s rows first, LS = s): ``decode(like=)``
+    alone gives the ready model, equal to RDSettings.restore of the raw or the flat ready output."""
     from nncjax.models.digits_mlp import load_digits_split
-    from nncjax.optimize import LS_SUFFIX, optimize
+    from nncjax.optimize import optimize
 
     m = models.get("digits_mlp")
     calib = jnp.asarray(load_digits_split("train")[0][:64])
     rd = optimize(m.params, m.apply, calib, lam=3e-3, base_qp=-24, steps=2, refine=0)
     data = encode(rd.params_for_encoding(m.params), **rd.encode_kwargs())
-    assert_trees_equal(rd.restore(decode(data), like=m.params), rd.restore(decode(data, raw=True), like=m.params))
-    with pytest.raises(InputError, match=f"{LS_SUFFIX}.*RDSettings.restore"):
-        decode(data, like=m.params)
+    ready = decode(data, like=m.params)
+    assert_trees_equal(ready, rd.restore(decode(data, raw=True), like=m.params))
+    assert_trees_equal(ready, rd.restore(decode(data), like=m.params))
+    assert all(t.payload_type == "BLOCK" for t in inspect(data).tensors if t.name.endswith("/kernel"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,17 +78,28 @@ def test_settings_round_trip_through_the_codec(digits, runs):
     # the stream carries the chosen QPs
     info = {t.name: t.qp for t in inspect(res.bitstream).tensors}
     for name, qp in rd.qp_overrides.items():
-        assert info[name] == qp
+        if name not in rd.local_scales and not name.endswith(LS_SUFFIX):
+            assert info[name] == qp  # (a block's QPs sit in its payload: checked by reconstruction below)
     assert info["params/fc1/bias"] == -75
-    raw = decode(res.bitstream)
+    raw = decode(res.bitstream, raw=True)
+    units = {t.name: t for t in inspect(res.bitstream).tensors}
     for name, s in rd.local_scales.items():
-        # scale deltas are on the codec's grid: decoded exactly
-        np.testing.assert_array_equal(raw[name + LS_SUFFIX], s - np.float32(1))
-        # the weight is coded as W / s and restored as s * Q(W / s)
+        # scales are on the codec's grid: decoded exactly, as the LS member of the weight's block
+        np.testing.assert_array_equal(raw[name + LS_SUFFIX], s)
+        # the weight is coded as W / s in NNR layout (rows first) and comes back as s * Q(W / s)
+        assert flat[name].shape == np.asarray(m.params["params"][name.split("/")[1]]["kernel"]).T.shape
         levels, qp = quantize_tensor(flat[name], rd.qp_overrides[name], dq=True)
         np.testing.assert_array_equal(raw[name], reconstruct(levels, qp))
         got = np.asarray(res.params["params"][name.split("/")[1]]["kernel"])
-        np.testing.assert_array_equal(got, raw[name] * s[None, :])
+        np.testing.assert_array_equal(got, (raw[name] * s[:, None]).T)
+        assert units[name].name == name
+    # the default decode of the stream is the ready model: nothing to restore by hand
+    ready = decode(res.bitstream, like=m.params)
+    for a, b in zip(jax.tree_util.tree_leaves(ready), jax.tree_util.tree_leaves(res.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    restored = rd.restore(decode(res.bitstream, raw=True), like=m.params)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(res.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.all(np.concatenate([s for s in rd.local_scales.values()]) == 1.0)
     assert res.metric > 0.9
     assert res.nbytes == len(encode(flat, **rd.encode_kwargs()))
