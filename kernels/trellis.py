@@ -136,12 +136,11 @@ def _distortions(org, dist_scale, dist):
 
 @njit(cache=True, nogil=True)
 def _level(org, sign, slot):
-    """Coded (DQ) level of candidate ``slot`` (see :func:`_distortions`)."""
-    if slot == 4:
-        return np.int64(0)
+    """Coded (DQ) level of candidate ``slot`` (see :func:`_distortions`); slot 4 is the zero level.
+    Branch-free: the slot is data, and a mispredicted jump costs more than the arithmetic."""
     m = max(np.int64(1), np.int64(org) - 1)
     idx = m + ((slot - m) & 3)
-    return sign * ((idx + 1) >> 1)
+    return sign * ((idx + 1) >> 1) * np.int64(slot != 4)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -197,15 +196,11 @@ def _backtrack(w, pos, inv_step, dec, state, out):
         prev = DQ_BRANCHES[state, b, 0]
         slot = DQ_BRANCHES[state, b, 1]
         x = np.float64(w[pos[t]])
-        sign = -1 if x < 0 else 1
+        sign = np.int64(1) - 2 * np.int64(x < 0)
         org = inv_step * x * sign
         q = _level(org, sign, slot)
-        k = 2 * q
-        if q < 0:
-            k += prev & 1
-        elif q > 0:
-            k -= prev & 1
-        out[pos[t]] = np.int32(k)
+        # k = 2q - sgn(q) * (prev & 1), without jumps on the sign.
+        out[pos[t]] = np.int32(2 * q - sign * (prev & 1) * np.int64(q != 0))
         state = prev
 
 
