@@ -601,6 +601,20 @@ class _Decoded:
     roles: list  # each member's role (:class:`nncjax.kernels.ndu.Member`)
 
 
+def _decode_levels(dec, u, m, profile: int) -> np.ndarray:
+    """Member ``m``'s levels of NDU ``u`` (after its QP delta) from the CABAC decoder ``dec``."""
+    from nncjax.kernels.units import PayloadType
+    is_int = u.payload_type == PayloadType.INT
+    # Codebook bounds shape the binarization only in profile 1.
+    bounded = m.codebook is not None and profile == 1
+    # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
+    levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
+                                 scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
+                                 codebook_size=len(m.codebook.values) if bounded else 0,
+                                 codebook_offset=m.codebook.zero_offset if bounded else 0)
+    return levels
+
+
 def _decode_ndu(job) -> _Decoded:
     from nncjax.errors import UnsupportedError
     from nncjax.kernels.coder import CabacDecoder
@@ -618,18 +632,11 @@ def _decode_ndu(job) -> _Decoded:
     try:
         for m in members:
             qp = None if is_int else dec.iae_v(6 + qpd) + base_qp
-            # Codebook bounds shape the binarization only in profile 1.
-            cb = m.codebook
-            bounded = cb is not None and profile == 1
-            if cb is not None and u.dq_flag:
+            if m.codebook is not None and u.dq_flag:
                 raise UnsupportedError(f"{where}: dq_flag = 1 together with a codebook")
-            # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
-            levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
-                                         scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
-                                         codebook_size=len(cb.values) if bounded else 0,
-                                         codebook_offset=cb.zero_offset if bounded else 0)
+            levels = _decode_levels(dec, u, m, profile)
             out.names.append(m.name)
-            out.arrays.append(levels if is_int else _reconstruct(levels, qp, qpd, cb))
+            out.arrays.append(levels if is_int else _reconstruct(levels, qp, qpd, m.codebook))
         used = dec.finish()
     except BitstreamError as e:
         raise BitstreamError(f"{where}: nnr_compressed_data_unit_payload: {e}") from None
@@ -784,7 +791,7 @@ def _unit_type_name(u) -> str:
 def inspect(data, *, limits=None) -> StreamInfo:
     """Lists the units and tensors of a bitstream without decoding the tensors' levels.
 
-    Per tensor: name, shape, payload type, QP (read from the start of its arithmetic-coded data),
+    Per tensor: name, shape, payload type, QP (read from its arithmetic-coded data),
     DQ flag, codebook size and zero offset, scan order, entry-point count and NDU size in bytes.
 
     Example:
@@ -800,14 +807,25 @@ def inspect(data, *, limits=None) -> StreamInfo:
         span = u.span
         units.append(UnitInfo(_unit_type_name(u), span.offset if span else -1, span.size if span else -1))
     for u, qpd, base_qp in st.ndus:
-        qp = None
+        members = u.members()
+        qps: list = [None] * len(members)
         if u.payload_type in (PayloadType.FLOAT, PayloadType.BLOCK):
-            qp = CabacDecoder(u.payload, unary_length=u.cabac_unary_length_minus1 + 1).iae_v(6 + qpd) + base_qp
-        for j, m in enumerate(u.members()):
+            # a block's members are coded one after another, each after its own QP delta: reading the
+            # weight's (last) QP means decoding the per-row members before it
+            dec = CabacDecoder(u.payload, unary_length=u.cabac_unary_length_minus1 + 1)
+            try:
+                for j, m in enumerate(members):
+                    qps[j] = dec.iae_v(6 + qpd) + base_qp
+                    if j < len(members) - 1:
+                        _decode_levels(dec, u, m, st.profile)
+            except BitstreamError as e:
+                raise BitstreamError(f"NNR_NDU {u.topology_elem_ids[0]!r}: nnr_compressed_data_unit_payload: "
+                                     f"{e}") from None
+        for j, m in enumerate(members):
             cb = m.codebook
             tensors.append(TensorInfo(
                 name=str(m.name), shape=tuple(m.shape), payload_type=PayloadType(u.payload_type).name,
-                qp=qp if j == 0 else None, dq=bool(u.dq_flag) and u.payload_type != PayloadType.INT,
+                qp=qps[j], dq=bool(u.dq_flag) and u.payload_type != PayloadType.INT,
                 codebook_size=len(cb.values) if cb is not None else 0,
                 codebook_offset=cb.zero_offset if cb is not None else None,
                 scan_order=u.scan_order if len(m.shape) > 1 else 0,

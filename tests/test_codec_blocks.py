@@ -61,13 +61,15 @@ def test_round_trip_equals_the_quantizer():
 
 def test_inspect_shows_one_block_unit():
     model, blocks = bn_model()
-    info = inspect(encode(model, blocks=blocks, scan_order=2))
+    info = inspect(encode(model, blocks=blocks, scan_order=2, qp=-30, qp_overrides={"conv.bn.gamma": -50}))
     assert [u.type for u in info.units] == ["STR", "MPS", "TPL", "NDU", "NDU"]
     blk = [t for t in info.tensors if t.payload_type == "BLOCK"]
     # coded order: BI, β, γ, mean, var, then W; scan 2 = 16-row blocks -> ceil(24 / 16) - 1 entry points
     assert [t.name for t in blk] == ["conv.bias", "conv.bn.beta", "conv.bn.gamma", "conv.bn.mean", "conv.bn.var",
                                      "conv.weight"]
-    assert blk[0].qp == -75 and blk[-1].shape == (24, 3, 3, 3) and blk[-1].scan_order == 2
+    # every member's own QP, the weight's after decoding the members before it
+    assert [t.qp for t in blk] == [-75, -75, -50, -75, -75, -30]
+    assert blk[-1].shape == (24, 3, 3, 3) and blk[-1].scan_order == 2
     assert blk[-1].entry_points == 1 and all(t.shape == (24,) for t in blk[:-1])
     assert len({t.coded_bytes for t in blk}) == 1 and blk[0].parameter_id == 1  # W's input index
 
