@@ -127,7 +127,8 @@ class CodingLayout:
       eps: the BatchNorm epsilon used for folding.
       entries: ordered ``(coded name, kind, source)``; kind is ``"block_w"`` / ``"block_ls"`` /
         ``"block_bi"`` (source: the block's weight name, relative to ``params``), ``"kernel"`` (a Flax
-        kernel stored in NNR layout), ``"scaling"`` (per-row scale of the ``"kernel"`` named by
+        kernel: stored in NNR layout when it has a scaling, so that its LS block's rows are its outputs;
+        else as is, so that an unmarked plain tensor is never transposed), ``"scaling"`` (per-row scale of the ``"kernel"`` named by
         source), or ``"leaf"`` (any other leaf as is; source = its full variables path).
 
     Coded names are full variable paths (``"params/conv1/kernel"``); LS is ``"<weight>_scaling"``.
@@ -136,7 +137,9 @@ class CodingLayout:
       >>> lay = CodingLayout.build({"params": {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}})
       >>> [e[:2] for e in lay.entries]
       [('params/d/bias', 'leaf'), ('params/d/kernel', 'kernel')]
-      >>> lay.to_coded(lay.template)["params/d/kernel"].shape   # NNR layout: output rows first
+      >>> lay.to_coded(lay.template)["params/d/kernel"].shape   # unscaled: as is
+      (3, 2)
+      >>> lay.with_scalings(["params/d/kernel"]).to_coded(lay.template)["params/d/kernel"].shape  # rows first
       (2, 3)
     """
 
@@ -204,12 +207,13 @@ class CodingLayout:
         """``variables`` -> ``{coded name: array}`` in entry order (scalings start at 1)."""
         leaves = named_leaves(variables)
         blocks = fold_batchnorm(variables, self.pairs, eps=self.eps).blocks if self.pairs else {}
+        scaled = self._scaled_kernels()
         out: dict[str, jax.Array] = {}
         for name, kind, src in self.entries:
             if kind.startswith("block_"):
                 blk = blocks[src]
                 out[name] = {"block_w": blk.w, "block_ls": blk.ls, "block_bi": blk.bi}[kind]
-            elif kind == "kernel":
+            elif kind == "kernel" and name in scaled:
                 out[name] = flax_to_nnr(jnp.asarray(leaves[src]))
             elif kind == "scaling":
                 out[name] = jnp.ones((np.shape(leaves[src])[-1],), jnp.float32)
@@ -217,11 +221,14 @@ class CodingLayout:
                 out[name] = jnp.asarray(leaves[src])
         return out
 
+    def _scaled_kernels(self) -> set[str]:
+        return {src for _, kind, src in self.entries if kind == "scaling"}
+
     def to_variables(self, coded: Mapping[str, Any]) -> Any:
         """``{coded name: array}`` -> Flax variables computing the coded model. Pure and jit-able.
 
         Folded blocks: ``unfold_batchnorm`` (BN scale = LS, shift = BI, mean 0, unit variance);
-        kernels: back to Flax layout, rows multiplied by their ``_scaling`` if any.
+        scaled kernels: rows multiplied by their ``_scaling``, back in Flax layout.
         """
         missing = [e[0] for e in self.entries if e[0] not in coded]
         if missing:
@@ -233,11 +240,9 @@ class CodingLayout:
             x = jnp.asarray(coded[name])
             if kind.startswith("block_"):
                 blocks.setdefault(src, {})[kind[6:]] = x
-            elif kind == "kernel":
-                if src in scal:
-                    x = x * jnp.asarray(scal[src], x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-                updates[src] = nnr_to_flax(x)
-            elif kind == "leaf":
+            elif kind == "kernel" and src in scal:
+                updates[src] = nnr_to_flax(x * jnp.asarray(scal[src], x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)))
+            elif kind in ("leaf", "kernel"):
                 updates[src] = x
         tmpl = named_leaves(self.template)
         updates = {k: v.astype(np.asarray(tmpl[k]).dtype).reshape(np.shape(tmpl[k])) for k, v in updates.items()}

@@ -118,18 +118,18 @@ def _is_kernel(name: str) -> bool:
 
 
 def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarray:
-    """``arr`` in the shape of ``like``'s leaf ``ref``: as coded; a 1-element vector for a 0-d leaf;
-    or a Flax kernel (``.../kernel``, ndim >= 2) coded in NNR layout, transposed back. ``nnr_layout``:
-    ``arr`` is known to be in NNR layout (a block weight): a Flax kernel then fits only transposed;
-    otherwise it is transposed only where the coded shape does not fit as is."""
+    """``arr`` in the shape of ``like``'s leaf ``ref``: as coded (a 1-element vector also fits a 0-d
+    leaf), except a block weight (``nnr_layout``: rows first) named like a Flax kernel (``.../kernel``,
+    ndim >= 2), which is transposed back to Flax layout. Shapes are never guessed from: a square
+    kernel would fit either way."""
     from nncjax.reduce.layout import nnr_to_flax_perm
 
     shape = tuple(np.shape(ref))
     arr = np.asarray(arr)
-    perm = nnr_to_flax_perm(arr.ndim) if arr.ndim >= 2 and _is_kernel(name) else None
-    if perm is not None and tuple(arr.shape[i] for i in perm) == shape and (nnr_layout or arr.shape != shape):
+    perm = nnr_to_flax_perm(arr.ndim) if nnr_layout and arr.ndim >= 2 and _is_kernel(name) else None
+    if perm is not None and tuple(arr.shape[i] for i in perm) == shape:
         return np.transpose(arr, perm)
-    if arr.shape == shape and not (nnr_layout and perm is not None):
+    if arr.shape == shape and perm is None:
         return arr
     if shape == () and arr.shape == (1,):
         return arr.reshape(())

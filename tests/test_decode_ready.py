@@ -210,14 +210,20 @@ def test_folded_batchnorm_maps_back_exactly_as_the_pipeline(tiny):
         decode(data2, like=v, bn_pairs=pairs)
 
 
-def test_plain_kernels_in_nnr_layout_fit_like_transposed(tiny):
-    """A pipeline layout without folding or scales codes kernels in NNR layout as plain tensors; with
-    ``like`` each goes back to Flax layout where only that reading fits its shape."""
+def test_plain_kernels_keep_flax_layout(tiny):
+    """A pipeline layout without folding or scales codes kernels as they are (only a block's weight is
+    rows first, which the stream says): ``like`` then fits without guessing from shapes, and a plain
+    tensor that does not fit raises rather than being transposed."""
     _, v, _ = tiny
     lay = CodingLayout.build(v, bn_pairs=None)
     data = encode({k: np.asarray(a) for k, a in lay.to_coded(v).items()}, qp=-36)
-    assert decode(data)["params/fc/kernel"].shape == (5, 150)
+    assert decode(data)["params/fc/kernel"].shape == (150, 5)
     assert_trees_equal(decode(data, like=v), _restore(lay, data))
+    square = {"d": {"kernel": np.arange(16, dtype=np.float32).reshape(4, 4)}}
+    out = decode(encode(square, qp=-40), like=square)
+    np.testing.assert_allclose(out["d"]["kernel"], square["d"]["kernel"], atol=0.01)
+    with pytest.raises(InputError, match="kernel"):
+        decode(encode({"d/kernel": np.ones((3, 2), np.float32)}), like={"d": {"kernel": np.ones((2, 3), np.float32)}})
 
 
 @st.composite

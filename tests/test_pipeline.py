@@ -52,7 +52,7 @@ def test_layout_round_trip_folds_bn_exactly(tiny_bn):
     assert list(coded) == ["params/Conv_0/kernel", "params/Conv_0/kernel_scaling", "params/Conv_0/bias",
                            "params/Dense_0/bias", "params/Dense_0/kernel"]
     assert coded["params/Conv_0/kernel"].shape == (8, 2, 3, 3)  # NNR layout: output rows first
-    assert coded["params/Dense_0/kernel"].shape == (4, 288)
+    assert coded["params/Dense_0/kernel"].shape == (288, 4)  # unscaled kernels stay in Flax layout
     back = lay.to_variables(coded)
     np.testing.assert_allclose(apply(back, x), apply(v, x), rtol=1e-5, atol=1e-5)
 
