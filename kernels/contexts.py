@@ -6,10 +6,10 @@ the combined state (its sign is the MPS, its magnitude the LPS probability), shi
 shift1 = SH1 the adaptation rates of the chosen init set ``INIT[init_idx]``.
 
 Candidate store for the encoder's context-initialisation search (``param_opt``): ``cand`` int16
-(n_contexts, CAND_WIDTH = 48), C-contiguous, and ``cand_acc`` int64 (n_contexts, 9): for every
+(n_contexts, CAND_WIDTH = 32), C-contiguous, and ``cand_acc`` int64 (n_contexts, 9): for every
 context the nine init sets run side by side over the same bins, each accumulating its estimated
-cost. A row of ``cand`` holds S0 in lanes 0..15, S1 = S01 - 16*S0 in lanes 16..31 and the
-cost-table indices of the latest bin in lanes 32..47; lanes 9..15 of each group are padding.
+cost. A row of ``cand`` holds S0 in lanes 0..15 and S1 = S01 - 16*S0 in lanes 16..31; lanes 9..15
+of each group are padding.
 
 Context index layout for unary length N (``n_contexts = 90 + 4N``): sig 0..23 (3 per DQ state),
 TCA sig 24..39, HDSP sig 40..47, sign 48..50, TCA sign 51..52, greater-than flags 53..53+2N-1,
@@ -137,7 +137,7 @@ def ctx_update(ctx, c, b):
 # stay scalar for the same reason.
 
 LANES = 16  # lanes per state group: the nine init sets and padding
-CAND_WIDTH = 3 * LANES  # a cand row: S0 lanes, S1 lanes, then the cost-table indices of the latest bin
+CAND_WIDTH = 2 * LANES  # a cand row: S0 lanes, then S1 lanes
 _I16 = ir.IntType(16)
 _VEC = ir.VectorType(_I16, 2 * LANES)
 _HALF = ir.VectorType(_I16, LANES)
@@ -157,9 +157,9 @@ _EST_BY_BIN = np.ascontiguousarray(EST_BITS.T).astype(np.int64)  # [bin, index]:
 
 @intrinsic
 def _cand_update(typingctx, cand, c, b):
-    """Adapts row ``c`` of the int16 candidate store (C-contiguous, CAND_WIDTH columns) to bin ``b``
-    and writes ``512 + ((S1 + 16*S0) >> 3)`` of the states before the update (the cost-table index)
-    to lanes 32..47. Per lane: x = sgn*S; j = x >> (3 or 7); S += sgn * (CURVE[16 + j] >> shift)."""
+    """Adapts row ``c`` of the int16 candidate store (C-contiguous, CAND_WIDTH columns) to bin ``b``;
+    returns the nine candidates' cost-table indices ``512 + ((S1 + 16*S0) >> 3)`` from before the
+    update. Per lane: x = sgn*S; j = x >> (3 or 7); S += sgn * (CURVE[16 + j] >> shift)."""
     if not (isinstance(cand, types.Array) and cand.dtype == types.int16 and cand.ndim == 2 and cand.layout == "C"):
         return None
 
@@ -195,12 +195,14 @@ def _cand_update(typingctx, cand, c, b):
         s01 = builder.add(builder.shuffle_vector(states, states, second),
                           builder.shl(builder.shuffle_vector(states, states, first), _const(_HALF, [4] * LANES)))
         index = builder.add(builder.ashr(s01, _const(_HALF, [3] * LANES)), _const(_HALF, [512] * LANES))
-        index_at = builder.add(base, ir.Constant(base.type, 2 * LANES))
-        builder.store(index, builder.bitcast(builder.gep(data, [index_at], inbounds=True), _HALF.as_pointer()),
-                      align=2)
-        return context.get_dummy_value()
+        # Returned in registers: read back from memory, the indices would wait on store forwarding.
+        out = context.get_constant_undef(sig.return_type)
+        for i in range(9):
+            lane = builder.extract_element(index, ir.Constant(ir.IntType(32), i))
+            out = builder.insert_value(out, builder.sext(lane, ir.IntType(64)), i)
+        return out
 
-    return types.void(cand, c, b), codegen
+    return types.UniTuple(types.int64, 9)(cand, c, b), codegen
 
 
 @kernel
@@ -222,11 +224,11 @@ def cand_reset(cand):
 @kernel_inline
 def cand_bin(cand, cand_acc, c, b):
     """Charges bin ``b`` of context ``c`` to all nine candidates, then adapts each of them."""
-    _cand_update(cand, c, np.int64(b))
+    index = _cand_update(cand, c, np.int64(b))
     est = _EST_BY_BIN[np.uint64(b)]
     c = np.uint64(c)
     for i in range(9):
-        cand_acc[c, i] += est[np.uint64(cand[c, 2 * LANES + i])]
+        cand_acc[c, i] += est[np.uint64(index[i])]
 
 
 @kernel
