@@ -23,6 +23,7 @@ The encoder's output buffer never grows inside these kernels: callers guarantee 
 from __future__ import annotations
 
 import numpy as np
+from numba.cpython.unsafe.numbers import leading_zeros
 from nncjax.kernels.contexts import ctx_update
 from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import RPS
@@ -90,17 +91,15 @@ def ebin(ctx, c, b, es, buf, low, rng, bits):
     if a < 0:
         a = -a
     rlps = _RPS[np.uint64(a + (rng & 0xE0))]
-    rng -= rlps
-    mps = 1 if s01 >= 0 else 0
-    if b != mps:
-        n = RENORM[np.uint64(rlps)]
-        low = (low + rng) << n
-        rng = rlps << n
-        bits -= n
-    elif rng < 256:
-        rng <<= 1
-        low <<= 1
-        bits -= 1
+    rmps = rng - rlps  # >= 128: an MPS renormalises by at most one bit
+    mask = -np.int64(b ^ (1 if s01 >= 0 else 0))  # all ones for an LPS; branch-free like dbin
+    low += rmps & mask
+    rng = rmps ^ ((rmps ^ rlps) & mask)
+    # The range is the serial path from bin to bin: a leading-zero count beats a RENORM read.
+    n = np.int64(leading_zeros(np.uint32(rng))) - 23
+    low <<= n
+    rng <<= n
+    bits -= n
     if bits < 12:
         low, bits = write_out(es, buf, low, bits)
     ctx_update(ctx, c, b)
