@@ -27,7 +27,9 @@ Rate estimation mirrors NNCodec's estimator, quirks included, because the chosen
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 from nncjax.kernels.contexts import ctx_init_all, ctx_update
 from nncjax.kernels.tables import DQ_NEXT, EST_BITS
@@ -143,47 +145,72 @@ def _level(org, sign, slot):
     return sign * ((idx + 1) >> 1) * np.int64(slot != 4)
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _best3(c0, c1, c2):
-    """The cheapest of a state's three branch costs and which branch won, as the code ``dec`` keeps:
-    bit 0 = branch 1 beat branch 0, bit 1 = branch 2 beat both (ties keep the earlier branch, as in
-    NNCodec). Built from comparisons without selects, so no unpredictable jumps are compiled."""
-    b = min(c0, c1)
-    return min(b, c2), np.uint8(c1 < c0) + np.uint8(2) * np.uint8(c2 < b)
+_F64X8 = ir.VectorType(ir.DoubleType(), 8)
+_I8X8 = ir.VectorType(ir.IntType(8), 8)
+
+
+def _lane_map(values) -> ir.Constant:
+    return ir.Constant(ir.VectorType(ir.IntType(32), 8), [int(v) for v in values])
+
+
+@intrinsic
+def _viterbi_step(typingctx, cost, dec, t, d0, d1, d2, d3, dz):
+    """One step of the distortion-only Viterbi search as eight-lane vector code (LLVM vector IR; Numba
+    would compile the spelled-out states to scalar code with jumps). ``cost`` float64 (8,): path
+    costs, updated in place; the distortions ``d0..d3, dz`` of slots 0..4. Destination state s takes
+    the cheapest of its DQ_BRANCHES row, ``cost[source] + dist[slot]`` (ties keep the earlier branch,
+    as NNCodec does); ``dec[t, s]`` records which: bit 0 = branch 1 beat branch 0, bit 1 = branch 2
+    beat both."""
+    if not (isinstance(cost, types.Array) and cost.dtype == types.float64 and cost.ndim == 1 and cost.layout == "C"
+            and isinstance(dec, types.Array) and dec.dtype == types.uint8 and dec.ndim == 2 and dec.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        cost_arg, dec_arg, row, *dist = args
+        cost_ptr = builder.bitcast(context.make_array(sig.args[0])(context, builder, value=cost_arg).data,
+                                   _F64X8.as_pointer())
+        costs = builder.load(cost_ptr, align=8)
+        slots = ir.Constant(_F64X8, ir.Undefined)
+        for i, v in enumerate(dist):
+            slots = builder.insert_element(slots, context.cast(builder, v, sig.args[3 + i], types.float64),
+                                           ir.Constant(ir.IntType(32), i))
+        best = code = None
+        for k in range(3):
+            branch = builder.fadd(builder.shuffle_vector(costs, costs, _lane_map(DQ_BRANCHES[:, k, 0])),
+                                  builder.shuffle_vector(slots, slots, _lane_map(DQ_BRANCHES[:, k, 1])))
+            if best is None:
+                best = branch
+                continue
+            won = builder.fcmp_ordered("<", branch, best)
+            best = builder.select(won, branch, best)
+            bit = builder.shl(builder.zext(won, _I8X8), ir.Constant(_I8X8, [k - 1] * 8))
+            code = bit if code is None else builder.add(code, bit)
+        builder.store(best, cost_ptr, align=8)
+        data = context.make_array(sig.args[1])(context, builder, value=dec_arg).data
+        at = builder.mul(context.cast(builder, row, sig.args[2], types.intp), ir.Constant(ir.IntType(64), 8))
+        builder.store(code, builder.bitcast(builder.gep(data, [at], inbounds=True), _I8X8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(cost, dec, t, d0, d1, d2, d3, dz), codegen
 
 
 @njit(cache=True, nogil=True)
-def _forward_distortion(w, pos, inv_step, dist_scale, dec):
-    """The Viterbi forward pass without rate (NNCodec's default): the eight states' costs live in
-    registers and the branches of ``DQ_BRANCHES`` are spelled out (about 3x faster than the
-    table-driven loop). Fills ``dec``; returns the best final state."""
-    big = 0.5 * np.finfo(np.float64).max
-    c0, c1, c2, c3, c4, c5, c6, c7 = 0.0, big, big, big, big, big, big, big
+def _forward_distortion(w, pos, inv_step, dist_scale, dec, cost):
+    """The Viterbi forward pass without rate (NNCodec's default), one vector step per weight. Fills
+    ``dec`` (n, 8) and uses ``cost`` (8,) float64 as scratch; returns the best final state."""
+    cost[:] = 0.5 * np.finfo(np.float64).max
+    cost[0] = 0.0
     for t in range(pos.shape[0]):
         x = np.float64(w[pos[t]])
         sign = -1 if x < 0 else 1
         org = inv_step * x * sign
         m = max(np.int64(1), np.int64(org) - 1)
-        d0 = _slot_distortion(org, m, 0, dist_scale)
-        d1 = _slot_distortion(org, m, 1, dist_scale)
-        d2 = _slot_distortion(org, m, 2, dist_scale)
-        d3 = _slot_distortion(org, m, 3, dist_scale)
-        dz = dist_scale * (org * org)
-        # Per destination state, its DQ_BRANCHES row: each (source state, slot) branch costs the
-        # source's path cost plus the slot's distortion.
-        n0, dec[t, 0] = _best3(c0 + d0, c0 + dz, c4 + d2)
-        n1, dec[t, 1] = _best3(c2 + d0, c2 + dz, c6 + d2)
-        n2, dec[t, 2] = _best3(c0 + d2, c4 + d0, c4 + dz)
-        n3, dec[t, 3] = _best3(c2 + d2, c6 + d0, c6 + dz)
-        n4, dec[t, 4] = _best3(c3 + d1, c7 + d3, c7 + dz)
-        n5, dec[t, 5] = _best3(c1 + d1, c5 + d3, c5 + dz)
-        n6, dec[t, 6] = _best3(c3 + d3, c3 + dz, c7 + d1)
-        n7, dec[t, 7] = _best3(c1 + d3, c1 + dz, c5 + d1)
-        c0, c1, c2, c3, c4, c5, c6, c7 = n0, n1, n2, n3, n4, n5, n6, n7
-    costs = (c0, c1, c2, c3, c4, c5, c6, c7)
+        _viterbi_step(cost, dec, np.int64(t), _slot_distortion(org, m, 0, dist_scale),
+                      _slot_distortion(org, m, 1, dist_scale), _slot_distortion(org, m, 2, dist_scale),
+                      _slot_distortion(org, m, 3, dist_scale), dist_scale * (org * org))
     state = 0
     for s in range(1, 8):
-        if costs[s] < costs[state]:
+        if cost[s] < cost[state]:
             state = s
     return state
 
@@ -271,12 +298,12 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
     greater-than flags of the estimator. out: (n,) int32, written at ``pos``.
     """
     n = pos.shape[0]
-    # Decision per step and destination state: the winning branch of DQ_BRANCHES (see _best3).
+    # Decision per step and destination state: the winning branch of DQ_BRANCHES (see _viterbi_step).
     dec = np.empty((n, 8), dtype=np.uint8)
     if use_rate:
         state = _forward_rate(w, pos, inv_step, dist_scale, n_gtx, dec)
     else:
-        state = _forward_distortion(w, pos, inv_step, dist_scale, dec)
+        state = _forward_distortion(w, pos, inv_step, dist_scale, dec, np.empty(8))
     _backtrack(w, pos, inv_step, dec, state, out)
 
 
