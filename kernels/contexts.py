@@ -128,7 +128,7 @@ def ctx_update(ctx, c, b):
 #
 # The search adapts nine candidate estimators per bin, which dominates the encoder unless it runs as
 # SIMD. S0 and S1 evolve independently (S0 from S0 and SH0 alone, S1 from S1 and SH1) and stay small
-# (|S0| < 124, |S1| < 1924: the step is 0 once |16 + ((sgn*S) >> shift)| reaches 31), so all eighteen
+# (|S0| < 124, |S1| < 1924: the step is 0 once 16 + ((sgn*S) >> shift) reaches 31), so all eighteen
 # states fit one vector of 32 int16 lanes and one bin is a couple of dozen vector instructions. Numba
 # cannot express that (it widens every int16/int32 operation to int64, and LLVM's auto-vectorizer
 # then works at a quarter of the width), so the update is written as LLVM vector IR in
