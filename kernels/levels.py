@@ -340,7 +340,8 @@ def encode_tensor(es, buf, ctx, cand, cacc, skip, adv, levels, base, tca, hist, 
     H > 1, W > 1, cbs != 1). ``bounded``: profile-1 codebook binarization. ``tca``: ``base`` (int32,
     raster, like ``levels``) selects contexts. ``hdsp``: code hist_dep_sig_prob_enabled_flag = 1 and
     use ``hist`` (int8, raster) where the flag is present (else it is off). Scratch: ``skip`` int64 (H,),
-    ``adv`` int64 (8,). Returns a status; ERR_ROOM (``buf`` too short, ``es`` is then undefined) asks
+    ``adv`` int64 (8,), the init search's ``cand`` int16 (n_contexts, CAND_WIDTH) and ``cacc`` int64
+    (n_contexts, 9) (see :mod:`contexts`). Returns a status; ERR_ROOM (``buf`` too short, ``es`` is then undefined) asks
     the caller to retry from its saved state with a larger buffer."""
     ctx_init_all(ctx)
     if buf.shape[0] - es[E_POS] < enc_room(es, 8 * ci_list.shape[0] + 8 * height + 64):
