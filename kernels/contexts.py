@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import CURVE, EST_BITS, INIT, INIT_INDEX_PENALTY
+from numba import types
+from numba.extending import intrinsic
 
 SIG, SIG_TCA, SIG_HDSP, SIGN, SIGN_TCA, GTX = 0, 24, 40, 48, 51, 53
 

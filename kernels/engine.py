@@ -23,10 +23,10 @@ The encoder's output buffer never grows inside these kernels: callers guarantee 
 from __future__ import annotations
 
 import numpy as np
-from numba.cpython.unsafe.numbers import leading_zeros
 from nncjax.kernels.contexts import ctx_update
 from nncjax.kernels.jit import kernel, kernel_inline
 from nncjax.kernels.tables import RPS
+from numba.cpython.unsafe.numbers import leading_zeros
 
 E_LOW, E_RANGE, E_BITS, E_NBUF, E_BBYTE, E_POS = 0, 1, 2, 3, 4, 5
 ENC_STATE_SIZE = 6

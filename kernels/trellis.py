@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
-from numba.extending import intrinsic
-
 from nncjax.kernels.contexts import ctx_init_all, ctx_update
 from nncjax.kernels.tables import DQ_NEXT, EST_BITS
+from numba import njit, types
+from numba.extending import intrinsic
 
 __all__ = ["dq_trellis", "uniform_rate_aware", "round_scaled", "DQ_BRANCHES"]
 
