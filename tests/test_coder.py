@@ -258,3 +258,20 @@ def test_lenient_dq_codes_unreachable_indices_as_nncodec_does():
     back = decode_levels(data, k.shape, dq=True)
     assert back[0, 0] == 0 and back.shape == k.shape
     assert np.all(np.abs(back - k) <= 1)
+
+
+def test_stale_numba_caches_are_dropped_when_any_kernel_source_changes(tmp_path):
+    """Numba re-checks only a kernel's own file; a change to a module it inlines must drop the cache."""
+    from nncjax.kernels.jit import drop_stale_cache
+    (tmp_path / "engine.py").write_text("x = 1\n")
+    (tmp_path / "levels.py").write_text("y = 2\n")
+    cache = tmp_path / "__pycache__"
+    cache.mkdir()
+    (cache / "levels.k-1.py311.nbi").write_bytes(b"old")
+    (cache / "levels.cpython-311.pyc").write_bytes(b"bytecode")
+    assert drop_stale_cache(tmp_path) and not (cache / "levels.k-1.py311.nbi").exists()
+    (cache / "levels.k-1.py311.nbi").write_bytes(b"new")
+    assert not drop_stale_cache(tmp_path) and (cache / "levels.k-1.py311.nbi").exists()
+    (tmp_path / "engine.py").write_text("x = 2\n")  # only the inlined module changes
+    assert drop_stale_cache(tmp_path) and not (cache / "levels.k-1.py311.nbi").exists()
+    assert (cache / "levels.cpython-311.pyc").exists()  # only Numba's files go
