@@ -61,6 +61,16 @@ DQ_BRANCHES = _branches()
 
 
 @njit(cache=True, nogil=True)
+def _best_state(cost):
+    """The state (0..7) of least path cost; ties go to the lowest state, as NNCodec's."""
+    state = 0
+    for s in range(1, 8):
+        if cost[s] < cost[state]:
+            state = s
+    return state
+
+
+@njit(cache=True, nogil=True)
 def _nb_class(neighbour):
     # 0: neighbour zero, 1: negative, 2: positive (sig and sign context selection).
     if neighbour == 0:
@@ -207,11 +217,7 @@ def _forward_distortion(w, pos, inv_step, dist_scale, dec, cost):
         _viterbi_step(cost, dec, np.int64(t), _slot_distortion(org, m, 0, dist_scale),
                       _slot_distortion(org, m, 1, dist_scale), _slot_distortion(org, m, 2, dist_scale),
                       _slot_distortion(org, m, 3, dist_scale), dist_scale * (org * org))
-    state = 0
-    for s in range(1, 8):
-        if cost[s] < cost[state]:
-            state = s
-    return state
+    return _best_state(cost)
 
 
 @njit(cache=True, nogil=True)
@@ -281,11 +287,7 @@ def _forward_rate(w, pos, inv_step, dist_scale, n_gtx, dec):
             _code_level(ctx[dst, cur], lv, cur, nb[dst, cur], n_gtx, True)
             nb[dst, cur] = lv
         cost, new_cost = new_cost, cost
-    state = 0
-    for s in range(1, 8):
-        if cost[s] < cost[state]:
-            state = s
-    return state
+    return _best_state(cost)
 
 
 @njit(cache=True, nogil=True)
