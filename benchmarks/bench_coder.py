@@ -50,21 +50,13 @@ def model_shapes(total: int, rng: np.random.Generator) -> list[tuple[int, ...]]:
     return shapes
 
 
-def cpu_best(fn, repeat):
+def best_time(fn, repeat, clock=time.process_time):
+    """Least ``clock`` seconds of ``repeat`` calls of ``fn`` (CPU time by default), and its result."""
     best = float("inf")
     for _ in range(repeat):
-        t = time.process_time()
+        t = clock()
         out = fn()
-        best = min(best, time.process_time() - t)
-    return best, out
-
-
-def wall_best(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best, out
 
 
@@ -87,10 +79,10 @@ def first_call_time(cache_dir: str | None) -> float:
 def bench_set(oracle, name, levels, repeat, parallel):
     n = sum(lv.size for lv in levels)
     theirs = oracle.call("coder", "time_coder", levels, True, n=11, param_opt=True, row_skip=True, repeat=repeat)
-    t_enc, ours = cpu_best(lambda: [encode_levels(lv, row_skipping=True, **SETTINGS, **LAYER) for lv in levels],
+    t_enc, ours = best_time(lambda: [encode_levels(lv, row_skipping=True, **SETTINGS, **LAYER) for lv in levels],
                            repeat)
     same = ours == theirs["streams"]
-    t_dec, dec = cpu_best(lambda: [decode_levels(d, lv.shape, **SETTINGS, **LAYER) for d, lv in zip(ours, levels)],
+    t_dec, dec = best_time(lambda: [decode_levels(d, lv.shape, **SETTINGS, **LAYER) for d, lv in zip(ours, levels)],
                           repeat)
     ok = all(np.array_equal(a, b) for a, b in zip(dec, levels))
     nbytes = sum(len(d) for d in ours)
@@ -101,10 +93,14 @@ def bench_set(oracle, name, levels, repeat, parallel):
           f"    decode  nncjax {d_o:6.2f}  NNCodec {d_n:6.2f} Mlevels/s  ratio {d_o / d_n:5.2f}")
     if parallel:
         shapes = [lv.shape for lv in levels]
-        w_enc, par = wall_best(lambda: encode_many(levels, workers=2, row_skipping=True, **SETTINGS, **LAYER), repeat)
-        w_dec, _ = wall_best(lambda: decode_many(par, shapes, workers=2, **SETTINGS, **LAYER), repeat)
-        w_enc1, _ = wall_best(lambda: encode_many(levels, workers=1, row_skipping=True, **SETTINGS, **LAYER), repeat)
-        w_dec1, _ = wall_best(lambda: decode_many(par, shapes, workers=1, **SETTINGS, **LAYER), repeat)
+        w_enc, par = best_time(lambda: encode_many(levels, workers=2, row_skipping=True, **SETTINGS, **LAYER),
+                            repeat, time.perf_counter)
+        w_dec, _ = best_time(lambda: decode_many(par, shapes, workers=2, **SETTINGS, **LAYER),
+                            repeat, time.perf_counter)
+        w_enc1, _ = best_time(lambda: encode_many(levels, workers=1, row_skipping=True, **SETTINGS, **LAYER),
+                            repeat, time.perf_counter)
+        w_dec1, _ = best_time(lambda: decode_many(par, shapes, workers=1, **SETTINGS, **LAYER),
+                            repeat, time.perf_counter)
         assert par == ours
         s_enc, s_dec = w_enc1 / w_enc, w_dec1 / w_dec
         print(f"    2 threads (wall): encode {n / w_enc / 1e6:6.2f} Mlevels/s, ratio {theirs['encode_s'] / w_enc:5.2f}; "
