@@ -39,6 +39,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,7 +59,8 @@ from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
 from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
 from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
-from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
+from nncjax.sensitivity import allocate_steps, output_sensitivity
+from nncjax.steps import check_qp_density, qp_to_step, qp_to_step_continuous, qp_to_step_jax
 
 __all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "verify"]
 
@@ -65,6 +68,7 @@ __all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "
 LS_SUFFIX = SCALING_SUFFIX
 _MODES = ("ste", "noise")
 _DISTORTIONS = ("output", "kl")
+_INITS = ("base", "sensitivity")
 #: One instance, so that repeated calls hit the compilation cache of the training step.
 _DEFAULT_OPTIMIZER = optax.adam(0.2)
 
@@ -358,7 +362,8 @@ def _train_step(theta, opt_state, base, weights, batch, ref, rng, lam_n, *, cfg,
 # public API
 
 
-def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis):
+def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
+                max_scale_ratio):
     if not isinstance(lam, (int, float, np.floating, np.integer)) or isinstance(lam, bool) \
             or not math.isfinite(float(lam)) or float(lam) < 0:
         raise InputError(f"lam must be a finite number >= 0, got {lam!r}")
@@ -374,6 +379,20 @@ def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_ax
         raise InputError(f"refine must be an integer >= 0, got {refine!r}")
     if scale_axis not in (-1, 0) or isinstance(scale_axis, bool):
         raise InputError(f"scale_axis must be -1 (Flax kernels: output axis) or 0 (rows first), got {scale_axis!r}")
+    if init not in _INITS:
+        raise InputError(f"init must be one of {_INITS}, got {init!r}")
+    if init == "sensitivity":
+        if loss is not None or distortion != "output":
+            raise InputError("init='sensitivity' models the output distortion: use distortion='output' without loss=")
+        if init_qps:
+            raise InputError("init='sensitivity' chooses the starting QPs itself: pass init_qps only with init='base'")
+        if float(lam) <= 0:
+            raise InputError("init='sensitivity' needs lam > 0")
+        if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
+            raise InputError(f"probes must be an integer >= 1, got {probes!r}")
+        if not isinstance(max_scale_ratio, (int, float, np.floating)) or not float(max_scale_ratio) >= 1 \
+                or not math.isfinite(float(max_scale_ratio)):
+            raise InputError(f"max_scale_ratio must be a finite number >= 1, got {max_scale_ratio!r}")
     check_qp_density(qp_density)
 
 
@@ -414,6 +433,9 @@ def optimize(
     scale_qp: int = -24,
     select: Callable[[str, Any], bool] | Any = default_weight_select,
     init_qps: Mapping[str, int] | None = None,
+    init: str = "base",
+    probes: int = 4,
+    max_scale_ratio: float = 4.0,
     rate_sample: int | None = 1 << 16,
     distortion: str = "output",
     mode: str = "ste",
@@ -447,6 +469,17 @@ def optimize(
       select: predicate ``(name, leaf) -> bool`` or a list of names of the tensors to optimise
         (default: float tensors with ``ndim > 1``, NNCodec's "weights").
       init_qps: optional starting QPs ``{name: qp}`` (e.g. :func:`nncjax.ioq.ioq_initial_qps`).
+      init: ``"base"`` (start every tensor at ``base_qp`` or ``init_qps``, scales at 1) or
+        ``"sensitivity"``: start from the closed-form allocation of
+        :func:`nncjax.sensitivity.allocate_steps` (per-tensor QPs and per-row scales from the
+        Gauss-Newton diagonal of the output distortion, :func:`~nncjax.sensitivity.output_sensitivity`
+        with ``probes`` probes per batch), calibrated once against the real codec (the model's
+        predicted D is rescaled to the measured one and the allocation redone). Rows the data never
+        exercise (e.g. embeddings of unseen tokens) make their tensor keep a single step. With
+        ``steps=0`` this allocation (snapped and refined) is the result: no training step is
+        compiled. Needs ``distortion="output"`` and ``lam > 0``.
+      max_scale_ratio: with ``init="sensitivity"``, per-row steps stay within this factor of their
+        tensor's step.
       rate_sample: the training rate model of a tensor with more elements sees this many (evenly
         spaced runs of 256, bits scaled up); None: every element. The final snapping always uses
         the real coder on whole tensors.
@@ -471,7 +504,8 @@ def optimize(
       >>> rd.qp_overrides                                                        # doctest: +SKIP
       {'params/fc1/kernel': -27, 'params/fc1/kernel_scaling': -24, 'params/fc2/kernel': -33, ...}
     """
-    _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis)
+    _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
+                max_scale_ratio)
     if loss is None and not callable(apply_fn):
         raise InputError("apply_fn must be callable (or pass loss=)")
     qpd = check_qp_density(qp_density)
@@ -499,15 +533,21 @@ def optimize(
     if not chosen:
         raise InputError("select chose no tensors to optimise")
     chosen.sort(key=lambda n: -int(np.size(named[n])))
-    init = dict(init_qps or {})
-    unknown = set(init) - set(chosen)
+    start_qps = dict(init_qps or {})
+    unknown = set(start_qps) - set(chosen)
     if unknown:
         raise InputError(f"init_qps names tensors that are not optimised: {sorted(unknown)}")
-    for n, q in init.items():
+    for n, q in start_qps.items():
         if not isinstance(q, (int, np.integer)) or not lo <= q <= hi:
             raise InputError(f"init_qps[{n!r}] must be an integer in [{lo}, {hi}], got {q!r}")
-    scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2 for n in chosen)
     axes = tuple(rows_axis(n, jnp.ndim(named[n]), scale_axis) for n in chosen)
+    sens = None
+    if init == "sensitivity":
+        sens = output_sensitivity(params, apply_fn, batches, probes=probes, select=chosen, seed=seed)
+    # with sensitivities, only tensors whose every row the data exercise get scales (see allocate_steps)
+    scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2
+                   and (sens is None or bool(np.all(_row_sums(sens[n], ax) > 0)))
+                   for n, ax in zip(chosen, axes))
     for n, sc in zip(chosen, scaled):
         if sc and scale_axis == 0 and n.rsplit("/", 1)[-1] == "kernel":
             # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
@@ -534,9 +574,17 @@ def optimize(
     statics = {"apply_fn": apply_fn, "loss": loss, "distortion": distortion}
     refs = [None if loss is not None else _apply(params, b, apply_fn=apply_fn) for b in batches]
 
-    theta = {"qp": jnp.asarray([float(init.get(n, base_qp)) for n in cfg.names], jnp.float32),
-             "ls": {n: jnp.zeros((jnp.shape(named[n])[ax],), jnp.float32)
-                    for n, sc, ax in zip(cfg.names, scaled, axes) if sc}}
+    step_s = float(qp_to_step_jax(cfg.scale_qp, qpd))
+    start = None
+    if sens is not None:
+        start = _sensitivity_start(cfg, sens, named, base, batches, refs, statics, float(lam), n_weights,
+                                   float(max_scale_ratio))
+        theta = {"qp": jnp.asarray(start[0], jnp.float32),
+                 "ls": {n: jnp.asarray((s - 1.0) / step_s, jnp.float32) for n, s in start[1].items()}}
+    else:
+        theta = {"qp": jnp.asarray([float(start_qps.get(n, base_qp)) for n in cfg.names], jnp.float32),
+                 "ls": {n: jnp.zeros((jnp.shape(named[n])[ax],), jnp.float32)
+                        for n, sc, ax in zip(cfg.names, scaled, axes) if sc}}
     opt_state = optimizer.init(theta)
     lam_n = jnp.float32(float(lam) / n_weights)
 
@@ -557,13 +605,18 @@ def optimize(
 
     # Snap: integer QPs and hard scales, then the optional coordinate refinement on the real codec.
     qps = np.clip(np.round(np.asarray(theta["qp"], np.float64)), lo, hi).astype(np.int64)
-    step_s = float(qp_to_step_jax(cfg.scale_qp, qpd))
-    coded_ls = {n: _codec_reconstruct((1.0 + step_s * np.asarray(v, np.float32)).astype(np.float32), cfg.scale_qp,
-                                      qpd, cfg.dq) for n, v in theta["ls"].items()}
+    if start is not None and not hist:  # nothing trained: the calibrated start (and its coded tensors)
+        coded_ls, ev = start[2], start[3]
+    else:
+        coded_ls = {n: _codec_reconstruct((1.0 + step_s * np.asarray(v, np.float32)).astype(np.float32),
+                                          cfg.scale_qp, qpd, cfg.dq) for n, v in theta["ls"].items()}
+        ev = _HardEvaluator(cfg, named, {n: ls for n, (ls, _) in coded_ls.items()}, base, batches, refs, statics)
     scales = {n: ls for n, (ls, _) in coded_ls.items()}
-    ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics)
+    n_refine = min(int(refine), len(cfg.names))
+    ev.prefetch([(n, q) for n, q in zip(cfg.names, qps)]
+                + [(cfg.names[i], np.clip(qps[i] + d, lo, hi)) for i in range(n_refine) for d in (-1, 1)])
     best = ev.cost(qps, float(lam), n_weights)
-    for i in range(min(int(refine), len(cfg.names))):
+    for i in range(n_refine):
         for delta in (-1, 1):
             trial = qps.copy()
             trial[i] = np.clip(trial[i] + delta, lo, hi)
@@ -583,6 +636,51 @@ def optimize(
     history = {"loss": h[:, 0], "distortion": h[:, 1], "rate_bits": h[:, 2]}
     return RDSettings(overrides, scales, int(scale_axis), history, float(bits), int(base_qp), qpd, nw_qp,
                       bool(dq))
+
+
+def _row_sums(x: np.ndarray, axis: int) -> np.ndarray:
+    return np.asarray(x, np.float64).sum(axis=tuple(i for i in range(np.ndim(x)) if i != axis % np.ndim(x)))
+
+
+def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches: list, refs: list, statics: dict,
+                       lam: float, n_weights: float, max_ratio: float):
+    """Integer QPs ``(n,)``, decoded scales ``{name: (rows,)}``, their coded form and the evaluator
+    of the closed-form allocation, calibrated once against the real codec: the model's D
+    (``sum sens * err**2``) is rescaled to the D measured on ``batches`` and each tensor's rate slope
+    is measured by coding it one octave coarser; then the allocation is redone with both."""
+    axes = {n: ax for n, sc, ax in zip(cfg.names, cfg.scaled, cfg.axes) if sc}
+    kappa, slopes = 1.0, None
+    for attempt in range(2):
+        alloc = allocate_steps({n: sens[n] for n in cfg.names}, lam / kappa, n_weights=n_weights, rows_axes=axes,
+                               rate_slope=slopes, max_ratio=max_ratio, qp_density=cfg.qp_density,
+                               qp_range=(cfg.lo, cfg.hi))
+        qps = np.clip(np.round([alloc.qp[n] for n in cfg.names]), cfg.lo, cfg.hi).astype(np.int64)
+        coded = {}
+        for n, q in zip(cfg.names, qps):
+            if n in axes:
+                # the row steps are kept when the tensor's QP is rounded: the scales absorb the rounding
+                rel = qp_to_step_continuous(alloc.qp[n], cfg.qp_density) / qp_to_step(int(q), cfg.qp_density)
+                s = alloc.row_scale.get(n, np.ones(np.shape(named[n])[axes[n]]))
+                coded[n] = _codec_reconstruct((s * float(rel)).astype(np.float32), cfg.scale_qp, cfg.qp_density, cfg.dq)
+        scales = {n: ls for n, (ls, _) in coded.items()}
+        ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics)
+        octave = 1 << cfg.qp_density
+        ev.prefetch([(n, q) for n, q in zip(cfg.names, qps)]
+                    + ([] if attempt else [(n, min(q + octave, cfg.hi)) for n, q in zip(cfg.names, qps)]))
+        if attempt == 1:
+            break
+        d_real = ev.distortion(qps)
+        d_model = sum(float(np.sum(sens[n] * np.square(ev.rec(n, int(q))[0] - np.asarray(named[n], np.float32))))
+                      for n, q in zip(cfg.names, qps))
+        if not (d_real > 0 and d_model > 0):
+            break
+        kappa = d_real / d_model
+        slopes = {}
+        for n, q in zip(cfg.names, qps):
+            coarser = int(min(q + octave, cfg.hi))
+            saved = (ev.rec(n, int(q))[1] - ev.rec(n, coarser)[1]) / np.size(named[n]) if coarser > q else 1.0
+            slopes[n] = float(np.clip(saved, 0.05, 1.5))  # bits per weight per octave; bounded against noise
+    return qps.astype(np.float64), scales, coded, ev
 
 
 def _codec_reconstruct(x: np.ndarray, qp: int, qpd: int, dq: bool) -> tuple[np.ndarray, float]:
@@ -605,24 +703,41 @@ class _HardEvaluator:
     def rec(self, name: str, qp: int) -> tuple[np.ndarray, float]:
         """The decoder's reconstruction of tensor ``name`` (its own layout) and its payload bits; a
         scaled tensor is quantized as it is coded, ``W / s`` rows first, then scaled back."""
-        key = (name, qp)
+        key = (name, int(qp))
         if key not in self._cache:
-            w = np.asarray(self.named[name], np.float32)
-            s = self.scales.get(name)
-            if s is None:
-                self._cache[key] = _codec_reconstruct(w, qp, self.cfg.qp_density, self.cfg.dq)
-            else:
-                ax = self.cfg.axes[self.cfg.names.index(name)]
-                x_hat, bits = _codec_reconstruct(_to_rows_first(_divide_rows(w, s, ax), ax), qp,
-                                                 self.cfg.qp_density, self.cfg.dq)
-                self._cache[key] = (_multiply_rows(_from_rows_first(x_hat, ax), s, ax), bits)
+            self._cache[key] = self._code(*key)
         return self._cache[key]
 
-    def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
+    def prefetch(self, keys, workers: int | None = None) -> None:
+        """Codes the ``(name, qp)`` pairs not cached yet on ``workers`` threads (default: one per
+        CPU; the coder kernels release the GIL)."""
+        todo = [k for k in dict.fromkeys((n, int(q)) for n, q in keys) if k not in self._cache]
+        workers = workers or os.cpu_count() or 1
+        if len(todo) < 2 or workers == 1:
+            return
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            for key, rec in zip(todo, pool.map(lambda k: self._code(*k), todo)):
+                self._cache[key] = rec
+
+    def _code(self, name: str, qp: int) -> tuple[np.ndarray, float]:
+        w = np.asarray(self.named[name], np.float32)
+        s = self.scales.get(name)
+        if s is None:
+            return _codec_reconstruct(w, qp, self.cfg.qp_density, self.cfg.dq)
+        ax = self.cfg.axes[self.cfg.names.index(name)]
+        x_hat, bits = _codec_reconstruct(_to_rows_first(_divide_rows(w, s, ax), ax), qp, self.cfg.qp_density,
+                                         self.cfg.dq)
+        return _multiply_rows(_from_rows_first(x_hat, ax), s, ax), bits
+
+    def distortion(self, qps: np.ndarray) -> float:
         recs = {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)}
         p_hat = replace_named(self.base, {n: jnp.asarray(r[0]) for n, r in recs.items()})
-        d = np.mean([float(_distortion(p_hat, b, r, **self.statics)) for b, r in zip(self.batches, self.refs)])
-        return float(d) + lam * sum(r[1] for r in recs.values()) / n_weights
+        return float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
+                              for b, r in zip(self.batches, self.refs)]))
+
+    def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
+        bits = sum(self.rec(n, int(q))[1] for n, q in zip(self.cfg.names, qps))
+        return self.distortion(qps) + lam * bits / n_weights
 
 
 @dataclasses.dataclass(frozen=True)

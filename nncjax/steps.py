@@ -13,7 +13,7 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["qp_to_step", "step_to_qp", "qp_to_step_jax", "qp_to_step_continuous", "check_qp_density"]
+__all__ = ["qp_to_step", "step_to_qp", "qp_to_step_jax", "qp_to_step_continuous", "step_to_qp_continuous", "check_qp_density"]
 
 
 def check_qp_density(qp_density: int) -> int:
@@ -72,3 +72,19 @@ def qp_to_step_continuous(qp, qp_density: int = 2):
     q = jnp.asarray(qp, dtype=jnp.float32)
     e = jnp.floor(q / k)
     return jnp.ldexp(1.0 + (q - e * k) / k, e.astype(jnp.int32))
+
+
+def step_to_qp_continuous(step, qp_density: int = 2) -> np.ndarray | float:
+    """Inverse of :func:`qp_to_step_continuous`: the real-valued QP of ``step`` (float64, any shape).
+
+    >>> step_to_qp_continuous(qp_to_step(-37)), round(step_to_qp_continuous(0.0034), 4)
+    (-37.0, -33.0368)
+    """
+    qpd = check_qp_density(qp_density)
+    s = np.asarray(step, dtype=np.float64)
+    if np.any(~np.isfinite(s)) or np.any(s <= 0):
+        raise InputError("step sizes must be finite and positive")
+    k = 1 << qpd
+    e = np.floor(np.log2(s))
+    qp = k * e + k * (s / np.exp2(e) - 1.0)
+    return float(qp) if qp.ndim == 0 else qp

@@ -35,5 +35,6 @@ from pathlib import Path
 def get_model_path() -> Path:
     return Path("/tmp/minilm/model")
 PY
-cp benchmarks/gpu/setup.sh benchmarks/gpu/make_minilm.py benchmarks/gpu/rate_parts.py benchmarks/gpu/minilm_grad.py $out/
+cp benchmarks/gpu/setup.sh benchmarks/gpu/make_minilm.py benchmarks/gpu/rate_parts.py benchmarks/gpu/minilm_grad.py \
+   benchmarks/gpu/rd_sens.py $out/
 du -sh $out

@@ -1,0 +1,235 @@
+"""Weight sensitivities of the output distortion and the step sizes they imply (``nncjax.sensitivity``).
+
+For the relative output MSE ``D(w) = mean_k (y_k(w) - y_k(w0))**2 / var(y(w0))`` a small weight
+error ``e`` costs ``D ~ e^T G e`` with ``G = J^T J / (N var(y))`` (Gauss-Newton, exact to second
+order at ``w0`` because the residual is zero there). :func:`output_sensitivity` estimates the
+diagonal of ``G`` with random-sign probes: for ``v`` uniform on ``{-1, 1}`` over the outputs,
+``E[(J^T v)_j**2] = (J^T J)_jj``, one vector-Jacobian product per probe.
+
+Quantizing with step ``delta`` adds error of variance ``~ delta**2 / 12`` at ``~ -log2 delta`` bits
+per weight, so minimising ``D + lam * R_bits / n`` over the step of a group of weights (a tensor or
+one of its rows) with mean sensitivity ``g`` gives ``delta**2 = 6 lam / (n ln2 g)``:
+:func:`allocate_steps` turns sensitivities into per-tensor QPs and per-row step ratios (the local
+scales of the codec) in closed form, with no search. ``nncjax.optimize(..., init="sensitivity")``
+starts from this allocation and calibrates it against the real codec.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> apply = lambda p, x: x @ p["d"]["kernel"] + p["d"]["bias"]
+    >>> sens = output_sensitivity(params, apply, jnp.eye(3), probes=2)
+    >>> sorted(sens), sens["d/kernel"].shape
+    (['d/kernel'], (3, 2))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.pytree_names import flatten_named
+from nncjax.reduce._tree import default_weight_select, replace_named
+from nncjax.steps import check_qp_density, step_to_qp_continuous
+
+__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity"]
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
+def _squared_probes(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int) -> dict:
+    """Sum over ``probes`` random-sign probes of ``(J^T v)**2``, each output leaf weighted by
+    ``1 / (leaves * size * var)`` so that the result estimates ``diag(G)`` of this batch's D."""
+    ys, vjp = jax.vjp(lambda w: apply_fn(replace_named(params, w), batch), weights)
+    leaves, treedef = jax.tree_util.tree_flatten(ys)
+    weights_out = [1.0 / math.sqrt(len(leaves) * y.size) / jnp.sqrt(jnp.var(y.astype(jnp.float32)) + 1e-12)
+                   for y in leaves]
+
+    def one(acc, k):
+        ks = jax.random.split(k, len(leaves))
+        v = [(jax.random.rademacher(kk, y.shape, jnp.float32) * c).astype(y.dtype)
+             for kk, y, c in zip(ks, leaves, weights_out)]
+        (g,) = vjp(jax.tree_util.tree_unflatten(treedef, v))
+        return jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g), None
+
+    zero = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, jnp.float32), weights)
+    acc, _ = jax.lax.scan(one, zero, jax.random.split(key, probes))
+    return acc
+
+
+def output_sensitivity(
+    params: Any,
+    apply_fn: Callable[[Any, Any], Any],
+    data: Any,
+    *,
+    probes: int = 4,
+    select: Callable[[str, Any], bool] | Any = default_weight_select,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Diagonal Gauss-Newton sensitivities of the relative output MSE, per weight.
+
+    Args:
+      params: model parameters (any pytree; sharded arrays keep their sharding).
+      apply_fn: ``apply_fn(params, batch) -> outputs`` (a pytree of arrays; each leaf's MSE is taken
+        relative to its variance, leaves averaged, as ``nncjax.optimize``'s ``distortion="output"``).
+      data: one batch or a ``list`` of batches (D averaged over them).
+      probes: random-sign probes per batch (one VJP each); the estimate's relative noise falls as
+        ``1 / sqrt(probes * outputs)``, and summing it over a row or tensor averages it further.
+      select: predicate ``(name, leaf) -> bool`` or list of names (default: float tensors with
+        ``ndim > 1``).
+      seed: PRNG seed of the probes.
+
+    Returns:
+      ``{name: float32 array of the leaf's shape}`` with ``D(w0 + e) ~ sum_j sens_j * e_j**2`` for
+      small independent errors ``e`` (names as :func:`nncjax.pytree_names.flatten_named`).
+
+    Raises:
+      InputError: bad ``probes``, empty ``data``, or no float tensor selected.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> sens = output_sensitivity({"w": jnp.ones((4, 2))}, lambda p, x: x @ p["w"], jnp.ones((8, 4)))
+      >>> sens["w"].shape
+      (4, 2)
+    """
+    if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
+        raise InputError(f"probes must be an integer >= 1, got {probes!r}")
+    if not callable(apply_fn):
+        raise InputError("apply_fn must be callable")
+    batches = data if isinstance(data, list) else [data]
+    if not batches:
+        raise InputError("data is an empty list")
+    named = flatten_named(params)
+    floats = {n: x for n, x in named.items() if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)}
+    if callable(select):
+        chosen = [n for n, x in floats.items() if select(n, x)]
+    else:
+        chosen = list(select)
+        bad = [n for n in chosen if n not in floats]
+        if bad:
+            raise InputError(f"select names no float tensors of params: {bad}")
+    if not chosen:
+        raise InputError("select chose no float tensors")
+    weights = {n: floats[n] for n in chosen}
+    key = jax.random.PRNGKey(seed)
+    total = None
+    for i, batch in enumerate(batches):
+        acc = _squared_probes(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
+                              probes=int(probes))
+        total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
+    scale = 1.0 / (int(probes) * len(batches))
+    return {n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAllocation:
+    """What :func:`allocate_steps` chose.
+
+    Attributes:
+      qp: ``{name: float}`` real-valued QP of each tensor's step (round it for the codec).
+      row_scale: ``{name: float64 (rows,)}`` per-row step factors (the codec's local scales: row
+        ``r`` is quantized with step ``row_scale[r] * step(qp)``), for tensors given a rows axis whose
+        every row the data exercised.
+      predicted_d: the model's ``sum sens * step**2 / 12`` of the allocation (no rounding).
+    """
+
+    qp: dict[str, float]
+    row_scale: dict[str, np.ndarray]
+    predicted_d: float
+
+
+def _row_means(g: np.ndarray, axis: int) -> np.ndarray:
+    other = tuple(i for i in range(g.ndim) if i != axis % g.ndim)
+    return g.astype(np.float64).mean(axis=other)
+
+
+def allocate_steps(
+    sensitivity: Mapping[str, np.ndarray],
+    lam: float,
+    *,
+    n_weights: float | None = None,
+    rows_axes: Mapping[str, int] | None = None,
+    rate_slope: Mapping[str, float] | None = None,
+    max_ratio: float = 4.0,
+    qp_density: int = 2,
+    qp_range: tuple[float, float] = (-128.0, 127.0),
+) -> StepAllocation:
+    """Closed-form steps minimising ``sum sens * step**2 / 12 + lam * R_bits / n_weights`` with the
+    rate model ``R = -beta log2 step`` bits per weight: ``step**2 = 6 lam beta / (n_weights ln2 g)``
+    for a group of weights of mean sensitivity ``g`` (``beta = 1`` at high rate).
+
+    Args:
+      sensitivity: ``{name: array}`` from :func:`output_sensitivity`.
+      lam: price of one bit per weight in units of D (``nncjax.optimize``'s ``lam``); > 0.
+      n_weights: the ``n`` of ``lam * R / n`` (default: all elements of ``sensitivity``).
+      rows_axes: ``{name: axis}`` of tensors that get per-row steps (local scales); a tensor with a
+        row that has zero sensitivity (not exercised by the data, e.g. an embedding row of a token
+        never seen) keeps one step: the data say nothing about such rows.
+      rate_slope: ``{name: beta}`` bits per weight saved by doubling the tensor's step (default 1, the
+        high-rate value; at low rates it is smaller, e.g. measured with the real coder at two QPs).
+      max_ratio: per-row steps stay within ``[1 / max_ratio, max_ratio]`` of the tensor's step.
+      qp_density: QP resolution of the returned QPs. qp_range: QPs are clipped to it.
+
+    Returns:
+      :class:`StepAllocation`.
+
+    Raises:
+      InputError: ``lam <= 0``, ``max_ratio < 1``, a negative or non-finite sensitivity, or a rows
+      axis outside a tensor.
+
+    Example:
+      >>> sens = {"w": np.array([[4.0, 4.0], [1.0, 1.0]]) * 1e-3}
+      >>> a = allocate_steps(sens, 1e-2, rows_axes={"w": 0})
+      >>> np.round(a.row_scale["w"], 3)                       # rows 4x more sensitive: half the step
+      array([0.707, 1.414])
+    """
+    if not isinstance(lam, (int, float, np.floating)) or not math.isfinite(float(lam)) or float(lam) <= 0:
+        raise InputError(f"lam must be a finite number > 0, got {lam!r}")
+    if not math.isfinite(float(max_ratio)) or float(max_ratio) < 1:
+        raise InputError(f"max_ratio must be >= 1, got {max_ratio!r}")
+    qpd = check_qp_density(qp_density)
+    sens = {n: np.asarray(g, np.float64) for n, g in sensitivity.items()}
+    for n, g in sens.items():
+        if not np.all(np.isfinite(g)) or np.any(g < 0):
+            raise InputError(f"sensitivity of {n!r} must be finite and >= 0")
+    n = float(n_weights) if n_weights is not None else float(sum(g.size for g in sens.values()))
+    rows_axes = dict(rows_axes or {})
+    slopes = dict(rate_slope or {})
+    for name, beta in slopes.items():
+        if not math.isfinite(float(beta)) or float(beta) <= 0:
+            raise InputError(f"rate_slope of {name!r} must be finite and > 0, got {beta!r}")
+
+    lo, hi = qp_range
+    qps, scales, pred = {}, {}, 0.0
+    for name, g in sens.items():
+        beta = float(slopes.get(name, 1.0))
+
+        def step_of(mean):  # mean sensitivity (array); zero -> the coarsest step
+            with np.errstate(divide="ignore"):
+                return np.sqrt(6.0 * float(lam) * beta / (n * math.log(2.0) * mean))
+
+        axis = rows_axes.get(name)
+        if axis is not None and not -g.ndim <= axis < g.ndim:
+            raise InputError(f"rows axis {axis} is outside {name!r} of shape {g.shape}")
+        rows = _row_means(g, axis) if axis is not None and g.ndim >= 1 else None
+        if rows is not None and rows.size > 1 and np.all(rows > 0):
+            log_step = np.log(step_of(rows))
+            centre = float(np.median(log_step))
+            log_step = np.clip(log_step, centre - math.log(max_ratio), centre + math.log(max_ratio))
+            qp = float(np.clip(step_to_qp_continuous(math.exp(centre), qpd), lo, hi))
+            scales[name] = np.exp(log_step - centre)
+            steps = np.exp(log_step)
+            pred += float(np.sum(rows * steps ** 2 / 12.0) * (g.size / rows.size))
+        else:
+            mean = float(g.mean()) if g.size else 0.0
+            step = float(step_of(np.float64(mean))) if mean > 0 else math.inf
+            qp = hi if not math.isfinite(step) else float(np.clip(step_to_qp_continuous(step, qpd), lo, hi))
+            pred += 0.0 if mean == 0 else mean * g.size * step ** 2 / 12.0
+        qps[name] = qp
+    return StepAllocation(qps, scales, pred)

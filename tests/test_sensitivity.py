@@ -1,0 +1,180 @@
+"""nncjax.sensitivity (Gauss-Newton sensitivities, closed-form step allocation) and
+``nncjax.optimize(init="sensitivity")``, checked against exact values and real coding."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nncjax import models
+from nncjax.codec import decode, encode
+from nncjax.errors import InputError
+from nncjax.models.digits_mlp import load_digits_split
+from nncjax.optimize import optimize, verify
+from nncjax.sensitivity import allocate_steps, output_sensitivity
+from nncjax.steps import qp_to_step_continuous
+
+
+def _linear(p, x):
+    return x @ p["w"] + p["b"]
+
+
+def test_linear_model_matches_the_exact_gauss_newton_diagonal():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(64, 5)) * np.array([1, 2, 3, 0.5, 0.1]), jnp.float32)
+    p = {"w": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32), "b": jnp.zeros(3)}
+    y = np.asarray(_linear(p, x))
+    # D = mean((x e)^2) / var(y): d2D/de_jk^2 / 2 = sum_b x_bj^2 / (B * 3 * var(y))
+    exact = np.repeat((np.asarray(x) ** 2).sum(0)[:, None], 3, 1) / (y.size * y.var())
+    sens = output_sensitivity(p, _linear, x, probes=256)
+    assert set(sens) == {"w"} and sens["w"].dtype == np.float32
+    np.testing.assert_allclose(sens["w"].sum(1), exact.sum(1), rtol=0.1)
+    # two batches: D is their mean
+    two = output_sensitivity(p, _linear, [x[:32], x[32:]], probes=256)
+    np.testing.assert_allclose(two["w"].sum(), exact.sum(), rtol=0.1)
+
+
+def _mlp(p, x):
+    return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_sensitivity_predicts_the_distortion_of_small_random_errors(seed):
+    rng = np.random.default_rng(seed)
+    p = {"w1": jnp.asarray(rng.normal(size=(6, 16)) / 2, jnp.float32),
+         "w2": jnp.asarray(rng.normal(size=(16, 4)) / 4, jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(128, 6)), jnp.float32)
+    sens = output_sensitivity(p, _mlp, x, probes=64, seed=seed)
+    ref = np.asarray(_mlp(p, x))
+    predicted, measured = [], []
+    for _ in range(16):
+        e = {k: rng.uniform(-1, 1, size=v.shape).astype(np.float32) * 1e-2 for k, v in p.items()}
+        q = {k: p[k] + e[k] for k in p}
+        measured.append(np.mean((np.asarray(_mlp(q, x)) - ref) ** 2) / ref.var())
+        predicted.append(sum(float(np.sum(sens[k] * e[k] ** 2)) for k in p))
+    assert np.mean(predicted) == pytest.approx(np.mean(measured), rel=0.3)
+
+
+def test_allocate_steps_closed_form():
+    g = np.full((4, 8), 2e-4)
+    g[1] *= 4.0  # row 1 four times as sensitive: half the step
+    g[3] *= 100.0  # far out: clipped to max_ratio
+    a = allocate_steps({"w": g}, 1e-3, rows_axes={"w": 0}, max_ratio=4.0)
+    s = a.row_scale["w"]
+    assert s[1] / s[0] == pytest.approx(0.5)
+    assert s[3] == pytest.approx(0.25)  # relative to the median row step
+    # one step per tensor: step^2 = 6 lam beta / (n ln2 g)
+    b = allocate_steps({"v": np.full((3, 3), 1e-3)}, 2e-3, rate_slope={"v": 0.5})
+    step = math.sqrt(6 * 2e-3 * 0.5 / (9 * math.log(2) * 1e-3))
+    assert a.row_scale.keys() == {"w"} and not b.row_scale
+    assert float(qp_to_step_continuous(b.qp["v"])) == pytest.approx(step, rel=1e-5)
+    # more lambda, coarser steps; no sensitivity: the coarsest QP
+    assert allocate_steps({"v": np.full((3, 3), 1e-3)}, 2e-2).qp["v"] > b.qp["v"]
+    assert allocate_steps({"z": np.zeros((2, 2))}, 1e-3, qp_range=(-60, 10)).qp["z"] == 10
+
+
+def test_rows_the_data_never_exercise_keep_one_step():
+    g = np.ones((5, 4))
+    g[2] = 0.0  # e.g. an embedding row of a token absent from the tuning data
+    a = allocate_steps({"emb": g}, 1e-3, rows_axes={"emb": 0})
+    assert "emb" not in a.row_scale
+
+
+@pytest.mark.parametrize("kwargs", [{"lam": 0.0}, {"lam": float("inf")}, {"max_ratio": 0.5},
+                                    {"rows_axes": {"w": 2}}, {"rate_slope": {"w": -1.0}},
+                                    {"sensitivity": {"w": -np.ones((2, 2))}}])
+def test_allocate_steps_rejects_bad_input(kwargs):
+    args = {"sensitivity": {"w": np.ones((2, 2))}, "lam": 1e-3, **kwargs}
+    with pytest.raises(InputError):
+        allocate_steps(args.pop("sensitivity"), args.pop("lam"), **args)
+
+
+@pytest.mark.parametrize("kwargs", [{"probes": 0}, {"data": []}, {"select": ["nope"]}, {"select": lambda n, x: False}])
+def test_output_sensitivity_rejects_bad_input(kwargs):
+    p = {"w": jnp.ones((2, 2)), "b": jnp.zeros(2)}
+    data = kwargs.pop("data", jnp.ones((3, 2)))
+    with pytest.raises(InputError):
+        output_sensitivity(p, _linear, data, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    m = models.get("digits_mlp")
+    calib = jnp.asarray(load_digits_split("train")[0][:128])
+    test = jnp.asarray(load_digits_split("test")[0])
+    ref = np.asarray(m.apply(m.params, test))
+    return m, calib, lambda p: float(np.mean((np.asarray(m.apply(p, test)) - ref) ** 2) / np.var(ref))
+
+
+def test_sensitivity_allocation_beats_uniform_qp_at_equal_size(digits):
+    """No training step: the calibrated closed form alone lies below the uniform-QP curve (held-out
+    distortion) at three λ, and its stream decodes to what it promised."""
+    m, calib, test_mse = digits
+    uniform = []
+    for qp in range(-34, -1, 2):
+        data = encode(m.params, qp=qp)
+        uniform.append((len(data), test_mse(decode(data, like=m.params))))
+    uniform.sort()
+    ub, ud = np.array([u[0] for u in uniform], float), np.log([u[1] for u in uniform])
+    sizes = []
+    for lam in (3e-4, 3e-3, 3e-2):
+        rd = optimize(m.params, m.apply, calib, lam=lam, init="sensitivity", steps=0, progress=False)
+        assert rd.history["loss"].shape == (0,)
+        # fc1 has ReLU units the calibration images never activate: no row scales for it
+        assert set(rd.local_scales) == {"params/fc2/kernel"}
+        res = verify(m.params, rd)
+        assert 0 < res.nbytes * 8 - rd.estimated_bits < 8 * 400
+        d = test_mse(res.params)
+        assert ub[0] <= res.nbytes <= ub[-1]
+        assert d <= math.exp(np.interp(res.nbytes, ub, ud)), (lam, res.nbytes, d)
+        sizes.append(res.nbytes)
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_sensitivity_start_then_training_steps(digits):
+    m, calib, _ = digits
+    rd = optimize(m.params, m.apply, calib, lam=3e-3, init="sensitivity", steps=3, refine=0, progress=False)
+    assert rd.history["loss"].shape == (3,) and np.all(np.isfinite(rd.history["loss"]))
+    assert verify(m.params, rd).nbytes > 0
+
+
+def test_unexercised_rows_get_no_scales():
+    rng = np.random.default_rng(1)
+    p = {"emb": jnp.asarray(rng.normal(size=(10, 8)), jnp.float32),
+         "w": jnp.asarray(rng.normal(size=(8, 6)) / 3, jnp.float32)}
+    apply = lambda q, ids: jnp.take(q["emb"], ids, axis=0) @ q["w"]  # noqa: E731
+    ids = jnp.asarray(rng.integers(0, 5, size=(64, 3)))  # tokens 5..9 never occur
+    rd = optimize(p, apply, ids, lam=1e-3, init="sensitivity", steps=0, refine=0, progress=False)
+    assert set(rd.local_scales) == {"w"}
+    assert set(rd.qp_overrides) == {"emb", "w", "w_scaling"}
+    out = decode(encode(rd.params_for_encoding(p), **rd.encode_kwargs()), like=p)
+    assert np.abs(np.asarray(out["emb"]) - np.asarray(p["emb"])).max() < 0.5
+
+
+@pytest.mark.parametrize("kwargs", [{"init": "random"}, {"init": "sensitivity", "distortion": "kl"},
+                                    {"init": "sensitivity", "init_qps": {"params/fc1/kernel": -30}},
+                                    {"init": "sensitivity", "lam": 0.0}, {"init": "sensitivity", "probes": 0},
+                                    {"init": "sensitivity", "max_scale_ratio": 0.5}])
+def test_bad_init_arguments_raise_input_error(digits, kwargs):
+    m, calib, _ = digits
+    kwargs = {"lam": 1e-3, **kwargs}
+    with pytest.raises(InputError):
+        optimize(m.params, m.apply, calib, progress=False, **kwargs)
+
+
+def test_sensitivity_step_compiles_once():
+    # the estimator's step is one jit-compiled function: a second call with new values hits the cache
+    p = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
+    x = jnp.ones((8, 4))
+    from nncjax.sensitivity import _squared_probes
+    output_sensitivity(p, _linear, x)
+    before = _squared_probes._cache_size()
+    output_sensitivity(jax.tree_util.tree_map(lambda a: a + 1, p), _linear, x * 2)
+    assert _squared_probes._cache_size() == before
