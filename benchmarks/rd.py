@@ -357,15 +357,18 @@ Every point is a real bitstream: encode -> bytes -> decode -> task metric on the
 (Fashion-MNIST: the 10,000 test images; MiniLM: the 1000-synset WordNet reverse dictionary).
 *nncodec*: NNCodec 2.1.3 `nncodec.nn.encode` defaults (DQ, qp_density 2, non-weight QP -75) over a
 global QP sweep; *nncjax-ref*: `nncjax.encode` with the same settings (byte-identical to NNCodec at
-every QP, checked); *nncjax-ioq*: `nncjax.pipeline.optimize_ioq` (BN folding + IOQ + LSA);
-*nncjax-grad*: `nncjax.optimize` (gradient RD of per-tensor QPs and local scales, 60-100 optax
-steps); *nncjax-sens*: `nncjax.optimize(init="sensitivity", steps=0)` (closed-form per-tensor QPs
-and per-row scales from Gauss-Newton sensitivities, calibrated once on the real codec). λ prices one
-bit per weight in units of the relative output MSE on a small tuning set (Fashion-MNIST training
-images; WordNet verb glosses), the same objective for IOQ and gradient RD. Transparent: top-1 drop
-≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥ 0.999 (MiniLM).
-Wall times were measured on a shared 2-core CPU machine under heavy load (other jobs running), so
-compare them only within one table.
+every QP, checked); *nncjax-ioq*: `nncjax.pipeline.optimize_ioq` (BN folding + IOQ + LSA; the
+Fashion-MNIST points and MiniLM's λ = 1e-3 and 4e-3 were measured with W, LS and BI coded as
+separate units, before the pipeline wrote them as one NNR_PT_BLOCK unit, which only saves header
+bytes); *nncjax-grad*: `nncjax.optimize` (gradient RD of per-tensor QPs and local scales, 60-100
+optax steps from `base_qp`); *nncjax-sens*: `nncjax.optimize(init="sensitivity", steps=0)`
+(closed-form per-tensor QPs and per-row scales from Gauss-Newton sensitivities, calibrated once on
+the real codec; no training step). λ prices one bit per weight in units of the relative output MSE
+on a small tuning set (Fashion-MNIST training images; WordNet verb glosses), the same objective for
+every method. Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean
+embedding cosine ≥ 0.999 (MiniLM). Wall times are from a shared 2-core CPU machine, the older ones
+(IOQ, and nncjax-grad at MiniLM λ = 1e-3) often under heavy load, so ratios against them flatter the
+newer rows; same-session GPU timings are in `benchmarks/results/gpu_h100.md`.
 
 """
 
