@@ -282,8 +282,8 @@ def summary(rows: list[dict], model: str) -> str:
     quality = [key, "mean_cosine"] if model == "minilm" else [key]
     lines += ["", "Does gradient RD reach each IOQ point? The fastest gradient point (`nncjax-grad` or "
               "`nncjax-sens`, any λ) with no more bytes and no worse " + " and ".join(quality) + ":", "",
-              f"| IOQ λ | IOQ bytes | IOQ {key} | IOQ wall [s] | gradient point | bytes | {key} | wall [s] | "
-              "wall ratio |", "|---|---|---|---|---|---|---|---|---|"]
+              (f"| IOQ λ | IOQ bytes | IOQ {key} | IOQ wall [s] | gradient point | bytes | {key} | wall [s] | "
+               "wall ratio |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] != "nncjax-ioq":
             continue

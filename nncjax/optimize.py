@@ -40,8 +40,8 @@ import dataclasses
 import functools
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -60,7 +60,12 @@ from nncjax.rate import estimate_bits
 from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
 from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
 from nncjax.sensitivity import allocate_steps, output_sensitivity
-from nncjax.steps import check_qp_density, qp_to_step, qp_to_step_continuous, qp_to_step_jax
+from nncjax.steps import (
+    check_qp_density,
+    qp_to_step,
+    qp_to_step_continuous,
+    qp_to_step_jax,
+)
 
 __all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "verify"]
 

@@ -205,21 +205,20 @@ def allocate_steps(
         if not math.isfinite(float(beta)) or float(beta) <= 0:
             raise InputError(f"rate_slope of {name!r} must be finite and > 0, got {beta!r}")
 
+    def step_of(mean, beta):  # mean sensitivity (array); zero -> the coarsest step
+        with np.errstate(divide="ignore"):
+            return np.sqrt(6.0 * float(lam) * beta / (n * math.log(2.0) * mean))
+
     lo, hi = qp_range
     qps, scales, pred = {}, {}, 0.0
     for name, g in sens.items():
         beta = float(slopes.get(name, 1.0))
-
-        def step_of(mean):  # mean sensitivity (array); zero -> the coarsest step
-            with np.errstate(divide="ignore"):
-                return np.sqrt(6.0 * float(lam) * beta / (n * math.log(2.0) * mean))
-
         axis = rows_axes.get(name)
         if axis is not None and not -g.ndim <= axis < g.ndim:
             raise InputError(f"rows axis {axis} is outside {name!r} of shape {g.shape}")
         rows = _row_means(g, axis) if axis is not None and g.ndim >= 1 else None
         if rows is not None and rows.size > 1 and np.all(rows > 0):
-            log_step = np.log(step_of(rows))
+            log_step = np.log(step_of(rows, beta))
             centre = float(np.median(log_step))
             log_step = np.clip(log_step, centre - math.log(max_ratio), centre + math.log(max_ratio))
             qp = float(np.clip(step_to_qp_continuous(math.exp(centre), qpd), lo, hi))
@@ -228,7 +227,7 @@ def allocate_steps(
             pred += float(np.sum(rows * steps ** 2 / 12.0) * (g.size / rows.size))
         else:
             mean = float(g.mean()) if g.size else 0.0
-            step = float(step_of(np.float64(mean))) if mean > 0 else math.inf
+            step = float(step_of(np.float64(mean), beta)) if mean > 0 else math.inf
             qp = hi if not math.isfinite(step) else float(np.clip(step_to_qp_continuous(step, qpd), lo, hi))
             pred += 0.0 if mean == 0 else mean * g.size * step ** 2 / 12.0
         qps[name] = qp

@@ -13,7 +13,7 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["qp_to_step", "step_to_qp", "qp_to_step_jax", "qp_to_step_continuous", "step_to_qp_continuous", "check_qp_density"]
+__all__ = ["check_qp_density", "qp_to_step", "qp_to_step_continuous", "qp_to_step_jax", "step_to_qp", "step_to_qp_continuous"]
 
 
 def check_qp_density(qp_density: int) -> int:
@@ -35,19 +35,24 @@ def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
     return float(step) if step.ndim == 0 else step
 
 
+def _octave_split(step, qp_density: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(2**qp_density, octave e, mantissa fraction in [0, 1))`` of checked step sizes: step = 2**e * (1 + frac)."""
+    k = 1 << check_qp_density(qp_density)
+    s = np.asarray(step, dtype=np.float64)
+    if np.any(~np.isfinite(s)) or np.any(s <= 0):
+        raise InputError("step sizes must be finite and positive")
+    e = np.floor(np.log2(s))
+    return k, e, s / np.exp2(e) - 1.0
+
+
 def step_to_qp(step, qp_density: int = 2) -> np.ndarray | int:
     """Largest integer QP whose step does not exceed ``step`` (float array of any shape -> int64).
 
     >>> step_to_qp(2.0 ** -8)
     -32
     """
-    qpd = check_qp_density(qp_density)
-    s = np.asarray(step, dtype=np.float64)
-    if np.any(~np.isfinite(s)) or np.any(s <= 0):
-        raise InputError("step sizes must be finite and positive")
-    k = 1 << qpd
-    e = np.floor(np.log2(s))
-    mant = np.floor((s / np.exp2(e) - 1.0) * k + 1e-9)
+    k, e, frac = _octave_split(step, qp_density)
+    mant = np.floor(frac * k + 1e-9)
     qp = (e.astype(np.int64) * k + np.clip(mant, 0, k - 1).astype(np.int64))
     return int(qp) if qp.ndim == 0 else qp
 
@@ -80,11 +85,6 @@ def step_to_qp_continuous(step, qp_density: int = 2) -> np.ndarray | float:
     >>> step_to_qp_continuous(qp_to_step(-37)), round(step_to_qp_continuous(0.0034), 4)
     (-37.0, -33.0368)
     """
-    qpd = check_qp_density(qp_density)
-    s = np.asarray(step, dtype=np.float64)
-    if np.any(~np.isfinite(s)) or np.any(s <= 0):
-        raise InputError("step sizes must be finite and positive")
-    k = 1 << qpd
-    e = np.floor(np.log2(s))
-    qp = k * e + k * (s / np.exp2(e) - 1.0)
+    k, e, frac = _octave_split(step, qp_density)
+    qp = k * (e + frac)
     return float(qp) if qp.ndim == 0 else qp

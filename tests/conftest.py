@@ -26,3 +26,24 @@ def oracle():
         pytest.fail(f"NNCodec oracle unavailable (run tools/build_oracle.sh): {e}", pytrace=False)
     yield o
     o.close()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """``(model, calibration images (128, 64), test_mse)`` of the digits MLP; ``test_mse(params)`` is the
+    relative output MSE on the held-out split (the distortion an optimiser was not tuned on)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from nncjax import models
+    from nncjax.models.digits_mlp import load_digits_split
+
+    m = models.get("digits_mlp")
+    calib = jnp.asarray(load_digits_split("train")[0][:128])
+    test = jnp.asarray(load_digits_split("test")[0])
+    ref = np.asarray(m.apply(m.params, test))
+
+    def test_mse(p):
+        return float(np.mean((np.asarray(m.apply(p, test)) - ref) ** 2) / np.var(ref))
+
+    return m, calib, test_mse

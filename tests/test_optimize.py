@@ -28,20 +28,6 @@ STEPS = 60
 
 
 @pytest.fixture(scope="module")
-def digits():
-    m = models.get("digits_mlp")
-    calib = jnp.asarray(load_digits_split("train")[0][:128])
-    test = jnp.asarray(load_digits_split("test")[0])
-    ref = np.asarray(m.apply(m.params, test))
-
-    def test_mse(p):
-        """Relative output MSE on the held-out split (the distortion the optimiser was not tuned on)."""
-        return float(np.mean((np.asarray(m.apply(p, test)) - ref) ** 2) / np.var(ref))
-
-    return m, calib, test_mse
-
-
-@pytest.fixture(scope="module")
 def runs(digits):
     m, calib, _ = digits
     # starting near the optimum (QP -24) lets each lambda settle within STEPS (Adam moves <= 0.2 QP a step)

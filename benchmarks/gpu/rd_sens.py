@@ -6,7 +6,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path.cwd()))
-from benchmarks.rd import fashion_config, minilm_config, run_model, summary  # noqa: E402
+from benchmarks.rd import fashion_config, minilm_config, run_model, summary
 
 out = pathlib.Path(os.environ.get("OUT", "."))
 runs = (("minilm", minilm_config, [2e-3], [5e-4, 7e-4, 8.5e-4, 1e-3]),
