@@ -164,7 +164,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
         if not eq:
             raise AssertionError(f"{cfg.name} qp={qp}: nncjax reference bytes differ from NNCodec's")
 
-    # (c) BN folding + IOQ + LSA, (d) gradient RD, at the same λ
+    # (c) BN folding + IOQ + LSA
     for lam in cfg.lams:
         if "ioq" not in methods:
             break
@@ -179,34 +179,25 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
                  f"{res.history['d_ioq']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
                  f"{sorted(res.history['ioq_qps'].values())}")
 
-    for lam in cfg.lams:
-        if "grad" not in methods:
-            break
+    # (d) gradient RD from base_qp and (e) the sensitivity allocation without steps: one measurement each
+    runs = ([("nncjax-grad", lam, {"base_qp": cfg.base_qp, "steps": cfg.grad_steps}) for lam in cfg.lams]
+            if "grad" in methods else [])
+    runs += ([("nncjax-sens", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.sens_lams]
+             if "sens" in methods else [])
+    for method, lam, kwargs in runs:
         t0 = time.perf_counter()
-        rd = optimize(m.params, m.apply, cfg.tune, lam=lam, base_qp=cfg.base_qp, steps=cfg.grad_steps,
-                      progress=False)
+        rd = optimize(m.params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
         t_opt = time.perf_counter() - t0
         t0 = time.perf_counter()
         v = verify(m.params, rd)
         t_enc = time.perf_counter() - t0  # encode + decode
         met = metrics_row(m, v.params, cfg.subset)
         qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith(LS_SUFFIX))
-        add("nncjax-grad", f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
-            note=f"base_qp {cfg.base_qp}; steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
-                 f"{float(rd.history['distortion'][-1]):.3g}; weight QPs {qps}; encode_s = encode+decode")
-
-    for lam in cfg.sens_lams if "sens" in methods else ():
-        t0 = time.perf_counter()
-        rd = optimize(m.params, m.apply, cfg.tune, lam=lam, init="sensitivity", steps=0, progress=False)
-        t_opt = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        v = verify(m.params, rd)
-        t_enc = time.perf_counter() - t0
-        met = metrics_row(m, v.params, cfg.subset)
-        qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith(LS_SUFFIX))
-        add("nncjax-sens", f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
-            note=f"init=sensitivity steps=0 (wall includes jit compile); {len(rd.local_scales)} tensors with row "
-                 f"scales; weight QPs {qps}; encode_s = encode+decode")
+        how = (f"base_qp {cfg.base_qp}; steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
+               f"{float(rd.history['distortion'][-1]):.3g}" if kwargs["steps"] else
+               f"init=sensitivity steps=0 (wall includes jit compile); {len(rd.local_scales)} tensors with row scales")
+        add(method, f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
+            note=f"{how}; weight QPs {qps}; encode_s = encode+decode")
     return rows
 
 

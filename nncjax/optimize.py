@@ -57,9 +57,20 @@ from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
-from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
+from nncjax.reduce._tree import (
+    default_weight_select,
+    named_leaves,
+    replace_named,
+    select_float_names,
+)
 from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
-from nncjax.sensitivity import allocate_steps, output_sensitivity
+from nncjax.sensitivity import (
+    allocate_steps,
+    check_max_ratio,
+    check_probes,
+    output_sensitivity,
+    rows_exercised,
+)
 from nncjax.steps import (
     check_qp_density,
     qp_to_step,
@@ -393,27 +404,9 @@ def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_ax
             raise InputError("init='sensitivity' chooses the starting QPs itself: pass init_qps only with init='base'")
         if float(lam) <= 0:
             raise InputError("init='sensitivity' needs lam > 0")
-        if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
-            raise InputError(f"probes must be an integer >= 1, got {probes!r}")
-        if not isinstance(max_scale_ratio, (int, float, np.floating)) or not float(max_scale_ratio) >= 1 \
-                or not math.isfinite(float(max_scale_ratio)):
-            raise InputError(f"max_scale_ratio must be a finite number >= 1, got {max_scale_ratio!r}")
+        check_probes(probes)
+        check_max_ratio(max_scale_ratio, "max_scale_ratio")
     check_qp_density(qp_density)
-
-
-def _selection(named: dict, select) -> list[str]:
-    floats = [n for n, x in named.items() if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-    if callable(select):
-        chosen = [n for n in floats if select(n, named[n])]
-    else:
-        try:
-            chosen = list(select)
-        except TypeError:
-            raise InputError("select must be a predicate (name, leaf) -> bool or a list of names") from None
-        bad = [n for n in chosen if n not in floats]
-        if bad:
-            raise InputError(f"select names no float tensors of params: {bad}")
-    return chosen
 
 
 def _fixed_qp(leaf, qp: int, nonweight_qp: int) -> int:
@@ -534,7 +527,7 @@ def optimize(
         batches = [jax.device_put(b, data_sharding) for b in batches]
 
     named = named_leaves(params)
-    chosen = _selection(flatten_named(params), select)
+    chosen = select_float_names(flatten_named(params), select)
     if not chosen:
         raise InputError("select chose no tensors to optimise")
     chosen.sort(key=lambda n: -int(np.size(named[n])))
@@ -551,7 +544,7 @@ def optimize(
         sens = output_sensitivity(params, apply_fn, batches, probes=probes, select=chosen, seed=seed)
     # with sensitivities, only tensors whose every row the data exercise get scales (see allocate_steps)
     scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2
-                   and (sens is None or bool(np.all(_row_sums(sens[n], ax) > 0)))
+                   and (sens is None or rows_exercised(sens[n], ax))
                    for n, ax in zip(chosen, axes))
     for n, sc in zip(chosen, scaled):
         if sc and scale_axis == 0 and n.rsplit("/", 1)[-1] == "kernel":
@@ -641,10 +634,6 @@ def optimize(
     history = {"loss": h[:, 0], "distortion": h[:, 1], "rate_bits": h[:, 2]}
     return RDSettings(overrides, scales, int(scale_axis), history, float(bits), int(base_qp), qpd, nw_qp,
                       bool(dq))
-
-
-def _row_sums(x: np.ndarray, axis: int) -> np.ndarray:
-    return np.asarray(x, np.float64).sum(axis=tuple(i for i in range(np.ndim(x)) if i != axis % np.ndim(x)))
 
 
 def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches: list, refs: list, statics: dict,

@@ -36,10 +36,10 @@ import numpy as np
 
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
-from nncjax.reduce._tree import default_weight_select, replace_named
+from nncjax.reduce._tree import default_weight_select, replace_named, select_float_names
 from nncjax.steps import check_qp_density, step_to_qp_continuous
 
-__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity"]
+__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity", "rows_exercised"]
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
@@ -98,25 +98,17 @@ def output_sensitivity(
       >>> sens["w"].shape
       (4, 2)
     """
-    if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
-        raise InputError(f"probes must be an integer >= 1, got {probes!r}")
+    check_probes(probes)
     if not callable(apply_fn):
         raise InputError("apply_fn must be callable")
     batches = data if isinstance(data, list) else [data]
     if not batches:
         raise InputError("data is an empty list")
     named = flatten_named(params)
-    floats = {n: x for n, x in named.items() if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)}
-    if callable(select):
-        chosen = [n for n, x in floats.items() if select(n, x)]
-    else:
-        chosen = list(select)
-        bad = [n for n in chosen if n not in floats]
-        if bad:
-            raise InputError(f"select names no float tensors of params: {bad}")
+    chosen = select_float_names(named, select)
     if not chosen:
         raise InputError("select chose no float tensors")
-    weights = {n: floats[n] for n in chosen}
+    weights = {n: named[n] for n in chosen}
     key = jax.random.PRNGKey(seed)
     total = None
     for i, batch in enumerate(batches):
@@ -136,17 +128,38 @@ class StepAllocation:
       row_scale: ``{name: float64 (rows,)}`` per-row step factors (the codec's local scales: row
         ``r`` is quantized with step ``row_scale[r] * step(qp)``), for tensors given a rows axis whose
         every row the data exercised.
-      predicted_d: the model's ``sum sens * step**2 / 12`` of the allocation (no rounding).
     """
 
     qp: dict[str, float]
     row_scale: dict[str, np.ndarray]
-    predicted_d: float
+
+
+def check_probes(probes: Any) -> None:
+    """Raises InputError unless ``probes`` is an integer >= 1."""
+    if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
+        raise InputError(f"probes must be an integer >= 1, got {probes!r}")
+
+
+def check_max_ratio(ratio: Any, what: str = "max_ratio") -> None:
+    """Raises InputError unless ``ratio`` is a finite number >= 1."""
+    if not isinstance(ratio, (int, float, np.integer, np.floating)) or isinstance(ratio, bool) \
+            or not math.isfinite(float(ratio)) or float(ratio) < 1:
+        raise InputError(f"{what} must be a finite number >= 1, got {ratio!r}")
 
 
 def _row_means(g: np.ndarray, axis: int) -> np.ndarray:
     other = tuple(i for i in range(g.ndim) if i != axis % g.ndim)
-    return g.astype(np.float64).mean(axis=other)
+    return np.asarray(g, np.float64).mean(axis=other)
+
+
+def rows_exercised(sensitivity: np.ndarray, axis: int) -> bool:
+    """Whether every row along ``axis`` has positive sensitivity: the data exercised it, so its
+    step may be set from its own sensitivity (otherwise the tensor keeps one step).
+
+    >>> rows_exercised(np.array([[1.0, 0.0], [0.0, 2.0]]), 0), rows_exercised(np.array([[1.0, 0.0]]), 1)
+    (True, False)
+    """
+    return bool(np.all(_row_means(sensitivity, axis) > 0))
 
 
 def allocate_steps(
@@ -191,8 +204,7 @@ def allocate_steps(
     """
     if not isinstance(lam, (int, float, np.floating)) or not math.isfinite(float(lam)) or float(lam) <= 0:
         raise InputError(f"lam must be a finite number > 0, got {lam!r}")
-    if not math.isfinite(float(max_ratio)) or float(max_ratio) < 1:
-        raise InputError(f"max_ratio must be >= 1, got {max_ratio!r}")
+    check_max_ratio(max_ratio)
     qpd = check_qp_density(qp_density)
     sens = {n: np.asarray(g, np.float64) for n, g in sensitivity.items()}
     for n, g in sens.items():
@@ -210,25 +222,21 @@ def allocate_steps(
             return np.sqrt(6.0 * float(lam) * beta / (n * math.log(2.0) * mean))
 
     lo, hi = qp_range
-    qps, scales, pred = {}, {}, 0.0
+    qps, scales = {}, {}
     for name, g in sens.items():
         beta = float(slopes.get(name, 1.0))
         axis = rows_axes.get(name)
         if axis is not None and not -g.ndim <= axis < g.ndim:
             raise InputError(f"rows axis {axis} is outside {name!r} of shape {g.shape}")
-        rows = _row_means(g, axis) if axis is not None and g.ndim >= 1 else None
-        if rows is not None and rows.size > 1 and np.all(rows > 0):
-            log_step = np.log(step_of(rows, beta))
+        if axis is not None and g.shape[axis] > 1 and rows_exercised(g, axis):
+            log_step = np.log(step_of(_row_means(g, axis), beta))
             centre = float(np.median(log_step))
             log_step = np.clip(log_step, centre - math.log(max_ratio), centre + math.log(max_ratio))
             qp = float(np.clip(step_to_qp_continuous(math.exp(centre), qpd), lo, hi))
             scales[name] = np.exp(log_step - centre)
-            steps = np.exp(log_step)
-            pred += float(np.sum(rows * steps ** 2 / 12.0) * (g.size / rows.size))
         else:
             mean = float(g.mean()) if g.size else 0.0
             step = float(step_of(np.float64(mean), beta)) if mean > 0 else math.inf
             qp = hi if not math.isfinite(step) else float(np.clip(step_to_qp_continuous(step, qpd), lo, hi))
-            pred += 0.0 if mean == 0 else mean * g.size * step ** 2 / 12.0
         qps[name] = qp
-    return StepAllocation(qps, scales, pred)
+    return StepAllocation(qps, scales)

@@ -6,10 +6,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from nncjax.errors import InputError
 
-__all__ = ["named_leaves", "replace_named", "path_name", "default_weight_select", "resolve"]
+__all__ = ["default_weight_select", "named_leaves", "path_name", "replace_named", "resolve", "select_float_names"]
 
 Path = tuple[str, ...]
 
@@ -53,6 +54,27 @@ def replace_named(tree: Any, updates: Mapping[str, Any]) -> Any:
 def default_weight_select(name: str, leaf: jax.Array) -> bool:
     """NNCodec's notion of a "weight": any tensor with more than one dimension."""
     return getattr(leaf, "ndim", 0) > 1
+
+
+def select_float_names(named: Mapping[str, Any], select: Any) -> list[str]:
+    """Names of the floating-point leaves of ``named`` (``{name: leaf}``) that ``select`` picks: a
+    predicate ``(name, leaf) -> bool`` or a list of names (each must be a float leaf).
+
+    >>> select_float_names({"w": jnp.ones((2, 2)), "n": jnp.ones(2, jnp.int32)}, lambda n, x: True)
+    ['w']
+    """
+    floats = [n for n, x in named.items()
+              if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype, jnp.floating)]
+    if callable(select):
+        return [n for n in floats if select(n, named[n])]
+    try:
+        chosen = list(select)
+    except TypeError:
+        raise InputError("select must be a predicate (name, leaf) -> bool or a list of names") from None
+    bad = [n for n in chosen if n not in floats]
+    if bad:
+        raise InputError(f"select names no float tensors of params: {bad}")
+    return chosen
 
 
 def resolve(tree: Mapping[str, Any], path: Path | str) -> Any:
