@@ -12,8 +12,11 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
 * ``nncjax-sens``: :func:`nncjax.optimize.optimize` with ``init="sensitivity", steps=0``: the
   closed-form allocation from Gauss-Newton sensitivities (per-tensor QPs, per-row scales), calibrated
   once against the real codec, no training steps; its own λ list (``sens_lams``).
+* ``nncjax-sens-bnf``: :func:`nncjax.pipeline.optimize_ioq` with ``allocation="sensitivity"``: IOQ's
+  pipeline (BN folding, LSA, same settings) with that allocation in place of IOQ's search; for models
+  with batch norm (``sens_bnf_lams``).
 
-Gradient RD "reaches IOQ's point" when one of its points (either variant) has no more bytes and no
+Gradient RD "reaches IOQ's point" when one of its points (any of the three variants) has no more bytes and no
 worse quality (MiniLM: MRR and mean cosine) than the IOQ point; the summary reports the fastest such
 point and the wall-time ratio.
 
@@ -57,6 +60,10 @@ FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "
           "opt_wall_s", "encode_s", "bytes_equal", "note"]
 
 
+METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf")  # what --methods selects
+GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf")  # compared against IOQ's points
+
+
 @dataclasses.dataclass
 class Config:
     name: str
@@ -68,6 +75,7 @@ class Config:
     ioq_kwargs: dict
     grad_steps: int
     sens_lams: list  # λ of the sensitivity allocation (steps=0)
+    sens_bnf_lams: list  # λ of the pipeline with the sensitivity allocation (models with batch norm)
 
 
 def fashion_config(quick: bool, subset) -> Config:
@@ -80,7 +88,7 @@ def fashion_config(quick: bool, subset) -> Config:
                   [3e-3] if quick else [3e-3, 1e-2, 3e-2],
                   -28, tune, {"bn_pairs": pairs, "lsa_steps": 20 if quick else 150, "rounds": 1 if quick else 2,
                                   "ls_qp": -44}, 30 if quick else 100,
-                  [1e-2] if quick else [3e-3, 1e-2, 3e-2])
+                  [1e-2] if quick else [3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1])
 
 
 def minilm_config(quick: bool, subset) -> Config:
@@ -98,7 +106,7 @@ def minilm_config(quick: bool, subset) -> Config:
                   [1e-3] if quick else [3e-4, 1e-3],
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
-                  [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3])
+                  [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [])
 
 
 def metrics_row(m, params, subset) -> dict:
@@ -126,7 +134,7 @@ def read_csv(path: pathlib.Path) -> list[dict]:
         return [{k: parse(k, v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
-def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "ioq", "grad", "sens"),
+def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
               previous: list[dict] = ()) -> list[dict]:
     """Measures ``methods`` for ``cfg``; rows of ``previous`` with another (method, setting) are kept."""
     m = models.get(cfg.name)
@@ -164,20 +172,22 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=("nncodec", "
         if not eq:
             raise AssertionError(f"{cfg.name} qp={qp}: nncjax reference bytes differ from NNCodec's")
 
-    # (c) BN folding + IOQ + LSA
-    for lam in cfg.lams:
-        if "ioq" not in methods:
-            break
-        res = optimize_ioq(m.params, m.apply, cfg.tune, lam=lam, base_qp=cfg.base_qp, **cfg.ioq_kwargs)
+    # (c) BN folding + IOQ + LSA, and the same pipeline with the sensitivity allocation
+    pipes = [("nncjax-ioq", lam, "ioq") for lam in cfg.lams if "ioq" in methods]
+    pipes += [("nncjax-sens-bnf", lam, "sensitivity") for lam in cfg.sens_bnf_lams if "sens-bnf" in methods]
+    for method, lam, allocation in pipes:
+        res = optimize_ioq(m.params, m.apply, cfg.tune, lam=lam, allocation=allocation, base_qp=cfg.base_qp,
+                           **cfg.ioq_kwargs)
         t0 = time.perf_counter()
         data = encode(res.tensors, **res.encode_kwargs())
         t_enc = time.perf_counter() - t0
         met = metrics_row(m, decode(data, like=m.params, bn_pairs=cfg.ioq_kwargs["bn_pairs"]), cfg.subset)
         w = res.wall_s
-        add("nncjax-ioq", f"lam={lam:g}", len(data), met, w["total"], t_enc,
-            note=f"base_qp {cfg.base_qp}; fold {w['fold']:.1f}s ioq {w['ioq']:.1f}s lsa {w['lsa']:.1f}s; D_tune ioq "
-                 f"{res.history['d_ioq']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
-                 f"{sorted(res.history['ioq_qps'].values())}")
+        add(method, f"lam={lam:g}", len(data), met, w["total"], t_enc,
+            note=f"base_qp {cfg.base_qp}; fold {w['fold']:.1f}s {allocation} {w['alloc']:.1f}s lsa {w['lsa']:.1f}s; "
+                 f"D_tune {allocation} "
+                 f"{res.history['d_alloc']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
+                 f"{sorted(res.history['weight_qps'].values())}")
 
     # (d) gradient RD from base_qp and (e) the sensitivity allocation without steps: one measurement each
     runs = ([("nncjax-grad", lam, {"base_qp": cfg.base_qp, "steps": cfg.grad_steps}) for lam in cfg.lams]
@@ -219,7 +229,8 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-ref": ("x", "nncjax reference mode (= NNCodec bytes)"),
              "nncjax-ioq": ("s-", "nncjax BNF + IOQ + LSA (λ sweep)"),
              "nncjax-grad": ("^-", "nncjax gradient RD (λ sweep)"),
-             "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)")}
+             "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
+             "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)")}
     for ax, key in zip(axes[0], keys):
         for method, (fmt, label) in style.items():
             pts = sorted((r["bytes"] / 1024, r[key]) for r in rows if r["method"] == method)
@@ -259,7 +270,7 @@ def summary(rows: list[dict], model: str) -> str:
              f"| method | smallest transparent bitstream [bytes] | vs NNCodec | setting | {key} |"
              + (" mean cosine |" if model == "minilm" else "") + " optimisation wall [s] |",
              "|---|---|---|---|---|" + ("---|" if model == "minilm" else "") + "---|"]
-    for method in ("nncodec", "nncjax-ref", "nncjax-ioq", "nncjax-grad", "nncjax-sens"):
+    for method in ("nncodec", "nncjax-ref", "nncjax-ioq", *GRADIENT_METHODS):
         r = best.get(method)
         if r is None:
             what = "none transparent" if any(x["method"] == method for x in rows) else "not measured"
@@ -271,14 +282,15 @@ def summary(rows: list[dict], model: str) -> str:
         lines.append(f"| {method} | {r['bytes']} | {ratio} | {r['setting']} | {r[key]:.4f} |{cos} "
                      f"{r['opt_wall_s']} |")
     quality = [key, "mean_cosine"] if model == "minilm" else [key]
-    lines += ["", "Does gradient RD reach each IOQ point? The fastest gradient point (`nncjax-grad` or "
-              "`nncjax-sens`, any λ) with no more bytes and no worse " + " and ".join(quality) + ":", "",
+    lines += ["", "Does gradient RD reach each IOQ point? The fastest gradient point ("
+              + ", ".join(f"`{g}`" for g in GRADIENT_METHODS) + ", any λ) with no more bytes and no worse "
+              + " and ".join(quality) + ":", "",
               (f"| IOQ λ | IOQ bytes | IOQ {key} | IOQ wall [s] | gradient point | bytes | {key} | wall [s] | "
                "wall ratio |"), "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["method"] != "nncjax-ioq":
             continue
-        dominating = [g for g in rows if g["method"] in ("nncjax-grad", "nncjax-sens") and g["bytes"] <= r["bytes"]
+        dominating = [g for g in rows if g["method"] in GRADIENT_METHODS and g["bytes"] <= r["bytes"]
                       and all(g[q] >= r[q] for q in quality)]
         head = f"| {r['setting'][4:]} | {r['bytes']} | {r[key]:.4f} | {r['opt_wall_s']} |"
         if not dominating:
@@ -296,10 +308,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="few points, few steps (smoke run)")
     ap.add_argument("--subset", type=int, default=None, help="evaluation items (default: the full task)")
     ap.add_argument("--out", type=pathlib.Path, default=OUT)
-    ap.add_argument("--methods", nargs="+", default=["nncodec", "ioq", "grad", "sens"],
-                    choices=["nncodec", "ioq", "grad", "sens"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--lams", type=float, nargs="+", default=None, help="override the model's λ list")
     ap.add_argument("--sens-lams", type=float, nargs="+", default=None, help="override the sensitivity λ list")
+    ap.add_argument("--sens-bnf-lams", type=float, nargs="+", default=None,
+                    help="override the λ list of the pipeline with the sensitivity allocation")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
     ap.add_argument("--base-qp", type=int, default=None, help="override the model's starting QP")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
@@ -322,6 +335,7 @@ def main() -> None:
             cfg = (fashion_config if name == "fashion_cnn" else minilm_config)(args.quick, args.subset)
             cfg.lams = args.lams or cfg.lams
             cfg.sens_lams = args.sens_lams or cfg.sens_lams
+            cfg.sens_bnf_lams = args.sens_bnf_lams or cfg.sens_bnf_lams
             cfg.qps = args.qps or cfg.qps
             cfg.base_qp = cfg.base_qp if args.base_qp is None else args.base_qp
             path = args.out / f"rd_{name}.csv"

@@ -50,9 +50,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from nncjax.coded_tensor import SCALING_SUFFIX, code_tensor
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
-from nncjax.pipeline import SCALING_SUFFIX, code_tensor
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.uniform import quantize_uniform
@@ -149,6 +149,11 @@ class RDSettings:
         missing = set(self.local_scales) - set(named)
         if missing:
             raise InputError(f"params lack the scaled tensors {sorted(missing)}")
+        for n in self.local_scales:
+            if self.scale_axis == 0 and n.rsplit("/", 1)[-1] == "kernel":
+                # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
+                raise InputError(f"{n!r} is named like a Flax kernel but scaled along axis 0: optimize Flax "
+                                 "params with scale_axis=-1")
         out: dict[str, np.ndarray] = {}
         for name, leaf in named.items():
             arr = np.asarray(leaf)
@@ -546,11 +551,6 @@ def optimize(
     scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2
                    and (sens is None or rows_exercised(sens[n], ax))
                    for n, ax in zip(chosen, axes))
-    for n, sc in zip(chosen, scaled):
-        if sc and scale_axis == 0 and n.rsplit("/", 1)[-1] == "kernel":
-            # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
-            raise InputError(f"{n!r} is named like a Flax kernel: its scales run along the output axis, "
-                             "use scale_axis=-1")
     if rate_sample is not None and (not isinstance(rate_sample, (int, np.integer)) or isinstance(rate_sample, bool)
                                     or rate_sample < _RUN):
         raise InputError(f"rate_sample must be None or an integer >= {_RUN}, got {rate_sample!r}")

@@ -7,11 +7,14 @@ Stages (each one of the existing tools, in the order an NNR encoder applies them
    other leaves as they are. Every (layer, BatchNorm) pair is folded
    (:func:`nncjax.reduce.fold_batchnorm`) into ``W`` (unscaled), ``W_scaling`` (LS, per row) and the
    layer's bias ``BI``: four BN vectors become two. Models without BN pairs (MiniLM) skip folding.
-2. **IOQ.** :func:`nncjax.ioq.ioq_initial_qps` then :func:`nncjax.ioq.ioq_search` choose one QP per
-   weight tensor (ndim > 1) minimising ``D + lam * R_bits / n_weights`` with ``D`` the output
-   distortion on a small tuning set (relative MSE of the outputs, as :func:`nncjax.optimize.optimize`
-   uses, so the two are comparable at equal ``lam``) and ``R`` the real DeepCABAC payload bits of the
-   codec's own quantizer (DQ trellis) and coder.
+2. **QP allocation.** One QP per weight tensor (ndim > 1) minimising ``D + lam * R_bits / n_weights``
+   with ``D`` the output distortion on a small tuning set (relative MSE of the outputs, as
+   :func:`nncjax.optimize.optimize` uses, so the two are comparable at equal ``lam``) and ``R`` the
+   real DeepCABAC payload bits of the codec's own quantizer (DQ trellis) and coder.
+   ``allocation="ioq"``: :func:`nncjax.ioq.ioq_initial_qps` then the greedy
+   :func:`nncjax.ioq.ioq_search`. ``allocation="sensitivity"``: the closed-form allocation of
+   :mod:`nncjax.sensitivity` on the folded tensors (``nncjax.optimize(init="sensitivity",
+   steps=0)``), which also gives per-row steps: they are coded as local scales, merged into LS.
 3. **LSA.** The weights are frozen at their decoded values; per-row scales and all biases are
    fine-tuned with optax on the same output-matching loss (:func:`nncjax.reduce.fit_local_scales`).
    The scales merge into LS (``LS = s * g``) for folded blocks; other kernels get a
@@ -39,6 +42,7 @@ import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -46,8 +50,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nncjax.coded_tensor import (
+    SCALING_SUFFIX,
+    code_tensor,
+    codec_reconstruct,
+    coded_tensor_bits,
+)
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
+from nncjax.optimize import optimize
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -63,54 +74,10 @@ from nncjax.reduce import (
 )
 from nncjax.steps import check_qp_density
 
+_ALLOCATIONS = ("ioq", "sensitivity")
+
 __all__ = ["CodingLayout", "IOQResult", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "optimize_ioq"]
 
-SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
-
-
-# ------------------------------------------------------------------------------------------------
-# the codec's view of one tensor
-
-
-def codec_reconstruct(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> np.ndarray:
-    """What :func:`nncjax.decode` returns for tensor ``x`` coded at ``qp``: float32, shape of ``x``.
-
-    Uses the codec's quantizer (:func:`nncjax.quantize.reference.quantize_tensor`, DQ trellis included,
-    overflow guard included), so the result is bit-identical to a real round trip.
-
-    >>> codec_reconstruct(np.array([0.3, -0.3], np.float32), -20).tolist()
-    [0.3125, -0.3125]
-    """
-    from nncjax.quantize.reference import quantize_tensor, reconstruct
-
-    x = np.asarray(x, np.float32)
-    levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
-    return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape)
-
-
-def coded_tensor_bits(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> int:
-    """DeepCABAC payload bits of tensor ``x`` at ``qp`` (real coder, row skipping; unit headers excluded).
-
-    >>> coded_tensor_bits(np.zeros((4, 4), np.float32), -32) < 64
-    True
-    """
-    return code_tensor(x, qp, qp_density=qp_density, dq=dq)[1]
-
-
-def code_tensor(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> tuple[np.ndarray, int]:
-    """``(codec_reconstruct(x, qp), coded_tensor_bits(x, qp))`` with one quantization of ``x``.
-
-    >>> x_hat, bits = code_tensor(np.array([[0.3, -0.3]], np.float32), -20)
-    >>> x_hat.tolist(), bits > 0
-    ([[0.3125, -0.3125]], True)
-    """
-    from nncjax.kernels.coder import encode_levels
-    from nncjax.quantize.reference import quantize_tensor, reconstruct
-
-    x = np.asarray(x, np.float32)
-    levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
-    bits = 8 * len(encode_levels(levels, dq=dq, row_skipping=True, profile=1))
-    return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape), bits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,7 +95,7 @@ class CodingLayout:
       entries: ordered ``(coded name, kind, source)``; kind is ``"block_w"`` / ``"block_ls"`` /
         ``"block_bi"`` (source: the block's weight name, relative to ``params``), ``"kernel"`` (a Flax
         kernel: stored in NNR layout when it has a scaling, so that its LS block's rows are its outputs;
-        else as is, so that an unmarked plain tensor is never transposed), ``"scaling"`` (per-row scale of the ``"kernel"`` named by
+        else as is, so that an unmarked plain tensor is never transposed), ``"scaling"`` (per-row scale of the ``"kernel"`` or ``"leaf"`` named by
         source), or ``"leaf"`` (any other leaf as is; source = its full variables path).
 
     Coded names are full variable paths (``"params/conv1/kernel"``); LS is ``"<weight>_scaling"``.
@@ -183,12 +150,15 @@ class CodingLayout:
             entries.append((name, kind, name))
         return CodingLayout(variables, tuple(pairs), float(eps), tuple(entries))
 
-    def with_scalings(self, kernels: Sequence[str]) -> CodingLayout:
-        """This layout plus a ``"<kernel>_scaling"`` tensor after each named ``"kernel"`` entry."""
+    def with_scalings(self, names: Sequence[str]) -> CodingLayout:
+        """This layout plus a ``"<name>_scaling"`` tensor after each named ``"kernel"`` entry (its
+        rows are its outputs: it is then coded in NNR layout) or ``"leaf"`` entry with ``ndim >= 2``
+        (its rows are axis 0, as coded)."""
+        leaves = named_leaves(self.template)
         out = []
         for e in self.entries:
             out.append(e)
-            if e[1] == "kernel" and e[0] in kernels:
+            if e[0] in names and e[1] in ("kernel", "leaf") and np.ndim(leaves[e[2]]) >= 2:
                 out.append((e[0] + SCALING_SUFFIX, "scaling", e[0]))
         return dataclasses.replace(self, entries=tuple(out))
 
@@ -216,19 +186,24 @@ class CodingLayout:
             elif kind == "kernel" and name in scaled:
                 out[name] = flax_to_nnr(jnp.asarray(leaves[src]))
             elif kind == "scaling":
-                out[name] = jnp.ones((np.shape(leaves[src])[-1],), jnp.float32)
+                axis = -1 if self._is_kernel(src) else 0
+                out[name] = jnp.ones((np.shape(leaves[src])[axis],), jnp.float32)
             else:
                 out[name] = jnp.asarray(leaves[src])
         return out
 
     def _scaled_kernels(self) -> set[str]:
-        return {src for _, kind, src in self.entries if kind == "scaling"}
+        return {src for _, kind, src in self.entries if kind == "scaling" and self._is_kernel(src)}
+
+    def _is_kernel(self, name: str) -> bool:
+        return any(n == name and kind == "kernel" for n, kind, _ in self.entries)
 
     def to_variables(self, coded: Mapping[str, Any]) -> Any:
         """``{coded name: array}`` -> Flax variables computing the coded model. Pure and jit-able.
 
         Folded blocks: ``unfold_batchnorm`` (BN scale = LS, shift = BI, mean 0, unit variance);
-        scaled kernels: rows multiplied by their ``_scaling``, back in Flax layout.
+        scaled kernels: rows multiplied by their ``_scaling``, back in Flax layout; scaled leaves:
+        rows (axis 0) multiplied by theirs.
         """
         missing = [e[0] for e in self.entries if e[0] not in coded]
         if missing:
@@ -240,8 +215,9 @@ class CodingLayout:
             x = jnp.asarray(coded[name])
             if kind.startswith("block_"):
                 blocks.setdefault(src, {})[kind[6:]] = x
-            elif kind == "kernel" and src in scal:
-                updates[src] = nnr_to_flax(x * jnp.asarray(scal[src], x.dtype).reshape((-1,) + (1,) * (x.ndim - 1)))
+            elif kind in ("kernel", "leaf") and src in scal:
+                x = x * jnp.asarray(scal[src], x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+                updates[src] = nnr_to_flax(x) if kind == "kernel" else x
             elif kind in ("leaf", "kernel"):
                 updates[src] = x
         tmpl = named_leaves(self.template)
@@ -269,8 +245,8 @@ class IOQResult:
       qp, qp_density, nonweight_qp, dq: the global codec settings.
       layout: the :class:`CodingLayout` (maps decoded tensors back to the model).
       lam: the rate price used (per bit per weight).
-      wall_s: ``{"fold", "ioq", "lsa", "total"}`` seconds spent in each stage.
-      history: ``{"ioq_qps": {name: qp}, "d_ioq": D after IOQ, "d_lsa": D after LSA (tuning set,
+      wall_s: ``{"fold", "alloc", "lsa", "total"}`` seconds spent in each stage.
+      history: ``{"weight_qps": {name: qp}, "d_alloc": D after the QP allocation, "d_lsa": D after LSA (tuning set,
         scales quantized), "lsa_losses": (steps,)}``.
 
     Example:
@@ -333,6 +309,7 @@ def optimize_ioq(
     data: Any,
     *,
     lam: float,
+    allocation: str = "ioq",
     base_qp: int = -32,
     qp_density: int = 2,
     nonweight_qp: int = -75,
@@ -342,11 +319,13 @@ def optimize_ioq(
     eps: float = 1e-5,
     offsets: Sequence[int] = (-4, -2, -1, 1, 2, 4),
     rounds: int = 2,
+    probes: int = 4,
+    max_scale_ratio: float = 4.0,
     lsa_steps: int = 200,
     lsa_optimizer: optax.GradientTransformation | None = None,
     progress: bool = False,
 ) -> IOQResult:
-    """BN folding, IOQ and LSA (module docstring) for a Flax model; returns what to encode.
+    """BN folding, a per-tensor QP allocation and LSA (module docstring) for a Flax model; returns what to encode.
 
     Args:
       variables: Flax variables ``{"params": ..., "batch_stats": ...}`` (float32).
@@ -354,17 +333,27 @@ def optimize_ioq(
       data: tuning data: one batch or a list of batches (passed to ``apply_fn`` as is). ``D`` is the
         relative output MSE against the original model, averaged over the batches; LSA cycles them.
       lam: rate price per bit per weight (``D + lam * R_bits / n_weights``, as :func:`nncjax.optimize`).
+      allocation: how stage 2 chooses the weights' QPs. ``"ioq"``: IOQ's closed-form start and greedy
+        search over ``offsets`` (``rounds`` passes). ``"sensitivity"``: the closed-form allocation of
+        :func:`nncjax.optimize.optimize` with ``init="sensitivity", steps=0`` on the folded tensors
+        (per-tensor QPs and per-row scales from Gauss-Newton sensitivities, ``probes`` probes per
+        batch, row steps within ``max_scale_ratio`` of their tensor's; the scales merge into LS), in
+        a fraction of IOQ's time; needs ``lam > 0``.
       base_qp: starting QP of the weights (IOQ's closed-form spread/size offsets are added to it).
       qp_density, dq: codec settings. nonweight_qp: QP of 1-D tensors (biases, BI, LayerNorm).
       ls_qp: QP of the LS / scaling tensors (default ``nonweight_qp``).
       bn_pairs: ``"auto"``, None, or explicit ``[(layer_path, bn_path)]`` (see :class:`CodingLayout`).
       eps: BatchNorm epsilon of the model.
       offsets, rounds: IOQ greedy search moves (:func:`nncjax.ioq.ioq_search`).
+      probes, max_scale_ratio: of the sensitivity allocation.
       lsa_steps: optax steps of LSA (0 disables it). lsa_optimizer: default ``optax.adam(1e-3)``.
       progress: tqdm bars.
 
     Returns:
       :class:`IOQResult` (``tensors``, ``qp_overrides``, ``restore``, ``wall_s``, ``history``).
+
+    Raises:
+      InputError: bad arguments (``lam``, QPs, ``allocation``).
 
     Example:
       >>> res = optimize_ioq(m.params, m.apply, x_tune, lam=1e-3, base_qp=-30)   # doctest: +SKIP
@@ -372,6 +361,10 @@ def optimize_ioq(
     """
     if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam >= 0):
         raise InputError(f"lam must be a finite number >= 0, got {lam!r}")
+    if allocation not in _ALLOCATIONS:
+        raise InputError(f"allocation must be one of {_ALLOCATIONS}, got {allocation!r}")
+    if allocation == "sensitivity" and not lam > 0:
+        raise InputError("allocation='sensitivity' needs lam > 0")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
     for what, q in (("base_qp", base_qp), ("nonweight_qp", nonweight_qp), ("ls_qp", ls_qp)):
@@ -383,67 +376,55 @@ def optimize_ioq(
         raise InputError("data must hold at least one batch")
     t_start = time.perf_counter()
 
-    # 1. coding layout (BN folding)
+    # 1. coding layout (BN folding); kernels are coded rows first with a scaling when anything
+    # scales their rows
     layout = CodingLayout.build(variables, bn_pairs, eps)
+    kernels = [n for n, kind, _ in layout.entries if kind == "kernel"]
+    if lsa_steps or allocation == "sensitivity":
+        layout = layout.with_scalings(kernels)
     scaled = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")] if lsa_steps else []
-    layout = layout.with_scalings([n for n, kind, _ in layout.entries if kind == "kernel" and n in scaled])
-    coded = {k: np.asarray(v, np.float32) for k, v in layout.to_coded(variables).items()}
+    leaves = named_leaves(variables)
+    weights = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")
+               or (kind == "leaf" and np.ndim(leaves[n]) > 1)]
     t_fold = time.perf_counter()
 
     refs = [jax.jit(apply_fn)(variables, b) for b in batches]
 
+    def apply_coded(c, batch):
+        return apply_fn(layout.to_variables(c), batch)
+
     @jax.jit
     def distortion_one(c, batch, ref):
-        return _relative_mse(apply_fn(layout.to_variables(c), batch), ref)
+        return _relative_mse(apply_coded(c, batch), ref)
 
     def distortion(c: Mapping[str, Any]) -> float:
         c = {k: jnp.asarray(v) for k, v in c.items()}
         return float(np.mean([float(distortion_one(c, b, r)) for b, r in zip(batches, refs)]))
 
-    # 2. IOQ on the weights; 1-D tensors fixed at their QPs
-    weights = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")
-               or (kind == "leaf" and coded[n].ndim > 1)]
-    n_weights = sum(coded[n].size for n in weights)
-    fixed = {n: (ls_qp if kind in ("block_ls", "scaling") else nonweight_qp)
-             for n, kind, _ in layout.entries if n not in weights}
-    init = ioq_initial_qps({n: coded[n] for n in weights}, int(base_qp), qp_density=qpd)
-    init.update(fixed)
-    cache: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
-    by_id = {id(v): k for k, v in coded.items()}
-
-    def coded_at(name: str, qp: int) -> tuple[np.ndarray, int]:
-        if (name, qp) not in cache:
-            x = coded[name]
-            if name in weights:
-                cache[(name, qp)] = code_tensor(x, qp, qp_density=qpd, dq=dq)
-            else:
-                cache[(name, qp)] = (codec_reconstruct(x, qp, qp_density=qpd, dq=dq), 0)
-        return cache[(name, qp)]
-
-    def quantize_fn(w, qp):
-        return jnp.asarray(coded_at(by_id[id(w)], int(qp))[0])
-
-    def rate_bits(name, w, qp):
-        return float(coded_at(name, int(qp))[1])
-
-    qps = ioq_search(coded, distortion, rate_bits, float(lam) / max(n_weights, 1), init, offsets=tuple(offsets),
-                     rounds=rounds, progress=progress, quantize_fn=quantize_fn, qp_density=qpd, names=weights)
-    hat = {n: coded_at(n, q)[0] for n, q in qps.items()}
-    d_ioq = distortion(hat)
-    t_ioq = time.perf_counter()
+    # 2. per-tensor QPs of the weights; 1-D tensors fixed at their QPs
+    if allocation == "ioq":
+        tensors, qps, hat = _ioq_stage(layout.to_coded(variables), weights, _fixed_qps(layout, weights, nonweight_qp,
+                                                                                       ls_qp),
+                                       distortion, lam, base_qp, qpd, dq, offsets, rounds, progress)
+    else:
+        layout, tensors, qps, hat = _sensitivity_stage(layout, variables, apply_coded, batches, weights, lam,
+                                                       base_qp, qpd, dq, nonweight_qp, probes, max_scale_ratio)
+        for n, q in _fixed_qps(layout, weights, nonweight_qp, ls_qp).items():
+            qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=dq)
+    d_alloc = distortion(hat)
+    t_alloc = time.perf_counter()
 
     # 3. LSA: weights frozen at their decoded values; per-row scales and biases (1-D "bias" leaves,
-    # folded BI included) trained on the output-matching loss
-    tensors = dict(coded)
+    # folded BI included) trained on the output-matching loss; the scales multiply the LS tensors
     losses = np.zeros((0,))
-    d_lsa = d_ioq
+    d_lsa = d_alloc
     if lsa_steps:
-        base = {n: jnp.asarray(hat[n]) for n in coded}
-        row_scales = {n: jnp.ones((coded[n].shape[0],), jnp.float32) for n in scaled}
+        base = {n: jnp.asarray(hat[n]) for n in tensors}
+        row_scales = {n: jnp.ones((tensors[n].shape[0],), jnp.float32) for n in scaled}
         pairs_ = list(zip(batches, refs))
 
         def loss_fn(c, br):
-            return _relative_mse(apply_fn(layout.to_variables(c), br[0]), br[1])
+            return _relative_mse(apply_coded(c, br[0]), br[1])
 
         res = fit_local_scales(loss_fn, base, row_scales, itertools.cycle(pairs_),
                                lsa_optimizer or optax.adam(1e-3), steps=lsa_steps, progress=progress,
@@ -451,11 +432,10 @@ def optimize_ioq(
         losses = np.asarray(res.losses)
         trained = {k: np.asarray(v, np.float32) for k, v in res.params.items()}
         for n, kind, src in layout.entries:
-            if kind == "scaling":
-                tensors[n] = np.asarray(res.scales[src], np.float32)
-            elif kind == "block_ls":
-                tensors[n] = (coded[n] * np.asarray(res.scales["params/" + src], np.float32)).astype(np.float32)
-            elif coded[n].ndim == 1 and n.rsplit("/", 1)[-1] == "bias":
+            w = "params/" + src if kind == "block_ls" else src
+            if kind in ("scaling", "block_ls") and w in res.scales:
+                tensors[n] = (tensors[n] * np.asarray(res.scales[w], np.float32)).astype(np.float32)
+            elif tensors[n].ndim == 1 and n.rsplit("/", 1)[-1] == "bias":
                 tensors[n] = trained[n]
         d_lsa = distortion({n: (hat[n] if n in weights else codec_reconstruct(tensors[n], qps[n], qp_density=qpd,
                                                                                    dq=dq)) for n in tensors})
@@ -464,6 +444,67 @@ def optimize_ioq(
     return IOQResult(
         tensors=tensors, qp_overrides=nw, qp=int(base_qp), qp_density=qpd, nonweight_qp=int(nonweight_qp),
         dq=bool(dq), layout=layout, lam=float(lam),
-        wall_s={"fold": t_fold - t_start, "ioq": t_ioq - t_fold, "lsa": t_end - t_ioq, "total": t_end - t_start},
-        history={"ioq_qps": {n: nw[n] for n in weights}, "d_ioq": d_ioq, "d_lsa": d_lsa, "lsa_losses": losses},
+        wall_s={"fold": t_fold - t_start, "alloc": t_alloc - t_fold, "lsa": t_end - t_alloc,
+                "total": t_end - t_start},
+        history={"weight_qps": {n: nw[n] for n in weights}, "d_alloc": d_alloc, "d_lsa": d_lsa,
+                 "lsa_losses": losses},
     )
+
+
+def _fixed_qps(layout: CodingLayout, weights: list[str], nonweight_qp: int, ls_qp: int) -> dict[str, int]:
+    """QPs of the tensors no allocation searches: LS / scalings at ``ls_qp``, the rest at ``nonweight_qp``."""
+    return {n: (ls_qp if kind in ("block_ls", "scaling") else nonweight_qp)
+            for n, kind, _ in layout.entries if n not in weights}
+
+
+def _ioq_stage(coded: Mapping[str, Any], weights: list[str], fixed: dict[str, int], distortion: Callable,
+               lam: float, base_qp: int, qpd: int, dq: bool, offsets: Sequence[int], rounds: int, progress: bool):
+    """IOQ's QPs: ``(tensors to code, {name: qp}, {name: decoded})`` (``fixed`` tensors at their QPs)."""
+    tensors = {k: np.asarray(v, np.float32) for k, v in coded.items()}
+    n_weights = sum(tensors[n].size for n in weights)
+    cache: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+    by_id = {id(v): k for k, v in tensors.items()}
+
+    def coded_at(name: str, qp: int) -> tuple[np.ndarray, int]:
+        if (name, qp) not in cache:
+            x = tensors[name]
+            cache[(name, qp)] = (code_tensor(x, qp, qp_density=qpd, dq=dq) if name in weights
+                                 else (codec_reconstruct(x, qp, qp_density=qpd, dq=dq), 0))
+        return cache[(name, qp)]
+
+    def quantize_fn(w, qp):
+        return jnp.asarray(coded_at(by_id[id(w)], int(qp))[0])
+
+    def rate_bits(name, w, qp):
+        return float(coded_at(name, int(qp))[1])
+
+    init = ioq_initial_qps({n: tensors[n] for n in weights}, int(base_qp), qp_density=qpd)
+    init.update(fixed)
+    qps = ioq_search(tensors, distortion, rate_bits, float(lam) / max(n_weights, 1), init, offsets=tuple(offsets),
+                     rounds=rounds, progress=progress, quantize_fn=quantize_fn, qp_density=qpd, names=weights)
+    qps = {n: int(q) for n, q in qps.items()}
+    return tensors, qps, {n: coded_at(n, q)[0] for n, q in qps.items()}
+
+
+def _sensitivity_stage(layout: CodingLayout, variables: Mapping[str, Any], apply_coded: Callable, batches: list,
+                       weights: list[str], lam: float, base_qp: int, qpd: int, dq: bool, nonweight_qp: int,
+                       probes: int, max_scale_ratio: float):
+    """The sensitivity allocation of ``weights`` on the coded tensors: ``(layout with the scaled
+    leaves' scalings, tensors to code (``W / s`` and ``LS * s``), {weight: qp}, {weight: decoded})``."""
+    coded = layout.to_coded(variables)
+    rd = optimize(coded, apply_coded, batches, lam=float(lam), init="sensitivity", steps=0, select=weights,
+                  scale_axis=0, base_qp=int(base_qp), qp_density=qpd, dq=dq, nonweight_qp=int(nonweight_qp),
+                  probes=probes, max_scale_ratio=max_scale_ratio, progress=False)
+    leaves = [n for n, kind, _ in layout.entries if kind == "leaf" and n in rd.local_scales]
+    if leaves:
+        layout = layout.with_scalings(leaves)
+        coded = layout.to_coded(variables)
+    tensors = {k: np.asarray(v, np.float32) for k, v in coded.items()}
+    for n, s in rd.local_scales.items():
+        rows = np.asarray(s, np.float32).reshape((-1,) + (1,) * (tensors[n].ndim - 1))
+        tensors[n] = (tensors[n] / rows).astype(np.float32)
+        tensors[n + SCALING_SUFFIX] = (tensors[n + SCALING_SUFFIX] * np.asarray(s, np.float32)).astype(np.float32)
+    qps = {n: int(rd.qp_overrides[n]) for n in weights}
+    with ThreadPoolExecutor() as pool:  # the coder kernels release the GIL
+        decoded = list(pool.map(lambda n: code_tensor(tensors[n], qps[n], qp_density=qpd, dq=dq)[0], weights))
+    return layout, tensors, qps, dict(zip(weights, decoded))

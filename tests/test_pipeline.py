@@ -74,9 +74,10 @@ def test_codec_view_matches_real_round_trip():
     assert bits // 8 <= len(data) <= bits // 8 + 64  # payload plus a few header bytes
 
 
-def test_bn_pipeline_end_to_end(tiny_bn):
+@pytest.mark.parametrize("allocation", ["ioq", "sensitivity"])
+def test_bn_pipeline_end_to_end(tiny_bn, allocation):
     apply, v, x = tiny_bn
-    res = optimize_ioq(v, apply, x, lam=1e-3, base_qp=-32, lsa_steps=10, rounds=1)
+    res = optimize_ioq(v, apply, x, lam=1e-3, allocation=allocation, base_qp=-32, lsa_steps=10, rounds=1)
     assert "batch_stats/BatchNorm_0/mean" not in res.tensors  # folded away
     assert set(res.qp_overrides) == set(res.tensors)
     with warnings.catch_warnings():
@@ -94,15 +95,17 @@ def test_bn_pipeline_end_to_end(tiny_bn):
     y, y_hat = np.asarray(apply(v, x)), np.asarray(apply(v_hat, x))
     rel = float(np.mean((y - y_hat) ** 2) / np.var(y))
     assert rel < 0.05
-    assert res.wall_s["total"] >= res.wall_s["ioq"] > 0
+    assert res.wall_s["total"] >= res.wall_s["alloc"] > 0
 
 
-def test_digits_pipeline_beats_uniform_at_equal_accuracy():
+@pytest.mark.parametrize("allocation", ["ioq", "sensitivity"])
+def test_digits_pipeline_beats_uniform_at_equal_accuracy(allocation):
     m = models.get("digits_mlp")
     x = jnp.asarray(load_digits_split("train")[0][:256])
     uniform = encode(m.params, qp=-20)
     acc_uniform = m.eval(decode(uniform, like=m.params))["top1"]
-    res = optimize_ioq(m.params, m.apply, x, lam=1e-2, base_qp=-20, ls_qp=-40, lsa_steps=100)
+    res = optimize_ioq(m.params, m.apply, x, lam=1e-2, allocation=allocation, base_qp=-20, ls_qp=-40,
+                       lsa_steps=100)
     data = encode(res.tensors, **res.encode_kwargs())
     acc = m.eval(decode(data, like=m.params))["top1"]  # LS applied, no encoder-side object needed
     assert len(data) < 0.8 * len(uniform)
@@ -110,8 +113,53 @@ def test_digits_pipeline_beats_uniform_at_equal_accuracy():
     assert acc >= 0.97
 
 
+def _table_model():
+    """A 2-D leaf that is not a kernel (rows on axis 0, all exercised by dense inputs) and a kernel."""
+    rng = np.random.default_rng(3)
+    v = {"params": {"table": (rng.normal(0, 1, (6, 12)) * np.linspace(0.2, 3, 6)[:, None]).astype(np.float32),
+                    "out": {"kernel": rng.normal(0, 0.3, (12, 5)).astype(np.float32)}}}
+
+    def apply(variables, x):
+        p = variables["params"]
+        return jnp.tanh(x @ p["table"]) @ p["out"]["kernel"]
+
+    return apply, v, jnp.asarray(rng.normal(0, 1, (64, 6)), jnp.float32)
+
+
+def test_layout_scales_a_leaf_along_axis_0():
+    _, v, _ = _table_model()
+    lay = CodingLayout.build(v, bn_pairs=None).with_scalings(["params/table", "params/out/kernel"])
+    coded = lay.to_coded(v)
+    assert coded["params/table"].shape == (6, 12) and coded["params/table_scaling"].shape == (6,)
+    assert coded["params/out/kernel"].shape == (5, 12) and coded["params/out/kernel_scaling"].shape == (5,)
+    s = jnp.arange(1.0, 7.0)
+    coded["params/table"] = coded["params/table"] / s[:, None]
+    coded["params/table_scaling"] = s
+    np.testing.assert_allclose(lay.to_variables(coded)["params"]["table"], v["params"]["table"], rtol=1e-6)
+
+
+def test_sensitivity_allocation_codes_what_it_evaluated():
+    """With no LSA, the D the pipeline reports is the D of the real decoded model: the per-row
+    scales of a scaled leaf travel as its own LS tensor and decode(like=) applies them."""
+    apply, v, x = _table_model()
+    res = optimize_ioq(v, apply, x, lam=3e-3, allocation="sensitivity", bn_pairs=None, base_qp=-30, ls_qp=-44,
+                       lsa_steps=0)
+    assert {"params/table_scaling", "params/out/kernel_scaling"} <= set(res.tensors)
+    s = res.tensors["params/table_scaling"]
+    assert np.ptp(s) > 0  # rows of different magnitude got different steps
+    data = encode(res.tensors, **res.encode_kwargs())
+    y, y_hat = apply(v, x), apply(decode(data, like=v), x)
+    d_real = float(jnp.mean((y_hat - y) ** 2) / jnp.var(y))
+    np.testing.assert_allclose(d_real, res.history["d_alloc"], rtol=1e-4)
+    assert res.history["weight_qps"].keys() == {"params/table", "params/out/kernel"}
+
+
 def test_input_errors(tiny_bn):
     apply, v, x = tiny_bn
+    with pytest.raises(InputError, match="allocation"):
+        optimize_ioq(v, apply, x, lam=1e-3, allocation="greedy")
+    with pytest.raises(InputError, match="lam > 0"):
+        optimize_ioq(v, apply, x, lam=0.0, allocation="sensitivity")
     with pytest.raises(InputError):
         optimize_ioq(v, apply, x, lam=-1.0)
     with pytest.raises(InputError):
@@ -125,7 +173,9 @@ def test_input_errors(tiny_bn):
 def test_pipeline_docstring_examples():
     import doctest
 
+    import nncjax.coded_tensor
     import nncjax.pipeline
 
-    result = doctest.testmod(nncjax.pipeline)
-    assert result.attempted >= 5 and result.failed == 0
+    for mod, at_least in ((nncjax.pipeline, 4), (nncjax.coded_tensor, 3)):
+        result = doctest.testmod(mod)
+        assert result.attempted >= at_least and result.failed == 0, mod.__name__
