@@ -15,6 +15,10 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
 * ``nncjax-sens-bnf``: :func:`nncjax.pipeline.optimize_ioq` with ``allocation="sensitivity"``: IOQ's
   pipeline (BN folding, LSA, same settings) with that allocation in place of IOQ's search; for models
   with batch norm (``sens_bnf_lams``).
+* ``nncjax-sens-gptq``: ``nncjax-sens`` followed by :func:`nncjax.optimize.with_error_feedback`: each
+  ``Dense`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose layer-output error
+  stays within DQ's, checked on inputs GPTQ was not fitted to; for models with ``Dense`` layers
+  (``gptq_lams``; the wall time includes collecting the input moments).
 
 Gradient RD "reaches IOQ's point" when one of its points (any of the three variants) has no more bytes and no
 worse quality (MiniLM: MRR and mean cosine) than the IOQ point; the summary reports the fastest such
@@ -52,16 +56,17 @@ sys.path.insert(0, str(ROOT))
 
 from nncjax import models
 from nncjax.codec import QPAdjustedWarning, decode, encode
-from nncjax.optimize import LS_SUFFIX, optimize, verify
+from nncjax.optimize import LS_SUFFIX, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
+from nncjax.quantize.gptq import dense_input_moments
 
 OUT = ROOT / "benchmarks" / "results"
 FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "argmax_agree", "transparent",
           "opt_wall_s", "encode_s", "bytes_equal", "note"]
 
 
-METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf")  # what --methods selects
-GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf")  # compared against IOQ's points
+METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq")  # what --methods selects
+GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf", "nncjax-sens-gptq")  # vs IOQ's points
 
 
 @dataclasses.dataclass
@@ -76,6 +81,8 @@ class Config:
     grad_steps: int
     sens_lams: list  # λ of the sensitivity allocation (steps=0)
     sens_bnf_lams: list  # λ of the pipeline with the sensitivity allocation (models with batch norm)
+    gptq_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ (models with Dense layers)
+    calib: tuple = ()  # (fit batches, check batches, mask) for the Dense input moments
 
 
 def fashion_config(quick: bool, subset) -> Config:
@@ -101,12 +108,20 @@ def minilm_config(quick: bool, subset) -> Config:
     rng = np.random.default_rng(0)
     texts = [glosses[i] for i in rng.choice(len(glosses), 48, replace=False)]
     tune = {k: jnp.asarray(v) for k, v in tokenize(texts, length=32).items()}  # one batch, truncated
+    # GPTQ's input moments: other verb glosses, one half fitted, the other checked
+    rest = [glosses[i] for i in rng.choice(len(glosses), 256 if quick else 1024, replace=False)]
+    size = len(rest) // 4  # few large batches: the moments are collected eagerly
+    batches = [{k: jnp.asarray(v) for k, v in tokenize(rest[i:i + size], length=32).items()}
+               for i in range(0, len(rest), size)]
+    half = len(batches) // 2
     return Config("minilm", subset or (200 if quick else "full"),
                   [-40, -34] if quick else [-42, -40, -38, -36],
                   [1e-3] if quick else [3e-4, 1e-3],
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
-                  [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [])
+                  [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
+                  [8e-4] if quick else [7e-4, 8.5e-4, 1e-3],
+                  (batches[:half], batches[half:], lambda b: b["attention_mask"] > 0))
 
 
 def metrics_row(m, params, subset) -> dict:
@@ -194,18 +209,27 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
             if "grad" in methods else [])
     runs += ([("nncjax-sens", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.sens_lams]
              if "sens" in methods else [])
+    runs += ([("nncjax-sens-gptq", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.gptq_lams]
+             if "sens-gptq" in methods else [])
     for method, lam, kwargs in runs:
         t0 = time.perf_counter()
         rd = optimize(m.params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
+        params = m.params
+        if method == "nncjax-sens-gptq":
+            fit, check, mask = cfg.calib
+            moments = [dense_input_moments(m.apply, m.params, x, mask=mask) for x in (fit, check)]
+            params, rd = with_error_feedback(m.params, rd, moments[0], check_moments=moments[1], progress=False)
         t_opt = time.perf_counter() - t0
         t0 = time.perf_counter()
-        v = verify(m.params, rd)
+        v = verify(params, rd)
         t_enc = time.perf_counter() - t0  # encode + decode
         met = metrics_row(m, v.params, cfg.subset)
         qps = sorted(q for n, q in rd.qp_overrides.items() if not n.endswith(LS_SUFFIX))
         how = (f"base_qp {cfg.base_qp}; steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
                f"{float(rd.history['distortion'][-1]):.3g}" if kwargs["steps"] else
                f"init=sensitivity steps=0 (wall includes jit compile); {len(rd.local_scales)} tensors with row scales")
+        if rd.dq_overrides:
+            how += f"; {len(rd.dq_overrides)} kernels GPTQ without DQ"
         add(method, f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
             note=f"{how}; weight QPs {qps}; encode_s = encode+decode")
     return rows
@@ -230,7 +254,8 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-ioq": ("s-", "nncjax BNF + IOQ + LSA (λ sweep)"),
              "nncjax-grad": ("^-", "nncjax gradient RD (λ sweep)"),
              "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
-             "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)")}
+             "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
+             "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense kernels (λ sweep)")}
     for ax, key in zip(axes[0], keys):
         for method, (fmt, label) in style.items():
             pts = sorted((r["bytes"] / 1024, r[key]) for r in rows if r["method"] == method)
@@ -313,6 +338,8 @@ def main() -> None:
     ap.add_argument("--sens-lams", type=float, nargs="+", default=None, help="override the sensitivity λ list")
     ap.add_argument("--sens-bnf-lams", type=float, nargs="+", default=None,
                     help="override the λ list of the pipeline with the sensitivity allocation")
+    ap.add_argument("--gptq-lams", type=float, nargs="+", default=None,
+                    help="override the λ list of the sensitivity allocation + GPTQ")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
     ap.add_argument("--base-qp", type=int, default=None, help="override the model's starting QP")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
@@ -336,6 +363,7 @@ def main() -> None:
             cfg.lams = args.lams or cfg.lams
             cfg.sens_lams = args.sens_lams or cfg.sens_lams
             cfg.sens_bnf_lams = args.sens_bnf_lams or cfg.sens_bnf_lams
+            cfg.gptq_lams = args.gptq_lams or cfg.gptq_lams
             cfg.qps = args.qps or cfg.qps
             cfg.base_qp = cfg.base_qp if args.base_qp is None else args.base_qp
             path = args.out / f"rd_{name}.csv"

@@ -9,7 +9,8 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 * :mod:`nncjax.rate` -- differentiable DeepCABAC rate models (:func:`estimate_bits`).
 * :mod:`nncjax.reduce` -- batch-norm folding, local scaling, pruning, low rank, unification.
 * :func:`optimize` -- gradient rate-distortion optimisation of per-tensor QPs and local scales;
-  :func:`optimize_ioq` -- BN folding + IOQ + LSA encoder pipeline.
+  :func:`optimize_ioq` -- BN folding + (IOQ or sensitivity allocation) + LSA encoder pipeline;
+  :func:`with_error_feedback` -- GPTQ for linear layers at equal layer-output error, fewer bits.
 * :mod:`nncjax.kernels` -- the bit-exact Numba DeepCABAC coder and NNR syntax.
 * :mod:`nncjax.models` -- real models (MiniLM-L6, CREPE tiny, a Fashion-MNIST CNN) with metrics.
 """
@@ -17,7 +18,7 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 from nncjax.errors import (BitstreamError, InputError, LimitError, NNCError, UnsupportedError,
                            UnsupportedStreamError)
 from nncjax.codec import QPAdjustedWarning, StreamInfo, TensorInfo, decode, encode, inspect
-from nncjax.optimize import RDSettings, optimize, verify
+from nncjax.optimize import RDSettings, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
 from nncjax.rate import estimate_bits, estimate_bits_tree
 from nncjax.steps import qp_to_step, step_to_qp
@@ -27,6 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "UnsupportedStreamError",
     "encode", "decode", "inspect", "StreamInfo", "TensorInfo", "QPAdjustedWarning",
-    "estimate_bits", "estimate_bits_tree", "optimize", "verify", "RDSettings", "optimize_ioq",
+    "estimate_bits", "estimate_bits_tree", "optimize", "verify", "RDSettings", "optimize_ioq", "with_error_feedback",
     "qp_to_step", "step_to_qp", "__version__",
 ]

@@ -19,7 +19,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -98,35 +98,39 @@ def _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping
                      s.lambda_scale, s.unary_length)
 
 
-def _override_table(qp_overrides, names: list[str], float_names: set[str], s: _Settings) -> dict[str, int]:
-    """``qp_overrides`` -> {tensor name: qp}. Exact names win; other keys are regular expressions
-    (``re.fullmatch``), applied in the order given, the first match winning."""
-    if qp_overrides is None:
+def _override_table(overrides, what: str, check, names: list[str], float_names: set[str]) -> dict[str, Any]:
+    """``overrides`` (argument ``what``) -> {tensor name: check(value)}. Exact names win; other keys
+    are regular expressions (``re.fullmatch``), applied in the order given, the first match winning."""
+    if overrides is None:
         return {}
-    if not isinstance(qp_overrides, Mapping):
-        raise InputError("qp_overrides must be a mapping {tensor name or regex: qp}")
-    if s.bitdepth is not None and qp_overrides:
-        raise InputError("qp_overrides cannot be combined with bitdepth (bitdepth derives each tensor's QP)")
-    table: dict[str, int] = {}
+    if not isinstance(overrides, Mapping):
+        raise InputError(f"{what} must be a mapping {{tensor name or regex: value}}")
+    table: dict[str, Any] = {}
     patterns = []
-    for key, qp in qp_overrides.items():
-        qp = s.check_qp(qp, f"qp_overrides[{key!r}]")
+    for key, value in overrides.items():
+        value = check(value, f"{what}[{key!r}]")
         if isinstance(key, str) and key in float_names:
-            table[key] = qp
+            table[key] = value
             continue
         try:
             pat = key if isinstance(key, re.Pattern) else re.compile(str(key))
         except re.error as e:
-            raise InputError(f"qp_overrides key {key!r} is neither a float tensor's name nor a valid "
+            raise InputError(f"{what} key {key!r} is neither a float tensor's name nor a valid "
                              f"regular expression: {e}") from None
-        patterns.append((key, pat, qp))
-    for key, pat, qp in patterns:
+        patterns.append((key, pat, value))
+    for key, pat, value in patterns:
         hits = [n for n in names if n in float_names and pat.fullmatch(n)]
         if not hits:
-            raise InputError(f"qp_overrides key {key!r} matches no float tensor (integer tensors have no QP)")
+            raise InputError(f"{what} key {key!r} matches no float tensor (integer tensors are coded losslessly)")
         for n in hits:
-            table.setdefault(n, qp)
+            table.setdefault(n, value)
     return table
+
+
+def _check_dq(value, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,10 +179,12 @@ def _effective_scan(shape: tuple[int, ...], scan_order: int) -> int:
 
 @dataclass(frozen=True)
 class _Plan:
-    """A tensor's requested QP (None for integer tensors) and, in bitdepth mode, its level range."""
+    """A tensor's requested QP (None for integer tensors), in bitdepth mode its level range, and
+    whether it uses dependent quantization."""
 
     qp: int | None
     clip: tuple[int, int] | None = None
+    dq: bool = True
 
 
 def _clip(levels: np.ndarray, clip: tuple[int, int] | None) -> np.ndarray:
@@ -249,11 +255,11 @@ def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings) -> tuple[dic
         if s.codebook != "off" and t.data.size:  # an empty tensor has no codebook (NNCodec crashes)
             c = _codebook_choice(t, plan, s)
         else:
-            levels, qp_used = _quantize(t, plan.qp, s, dq=s.dq)
+            levels, qp_used = _quantize(t, plan.qp, s, dq=plan.dq)
             # NNCodec leaves tensors named like BatchNorm step counters unclipped.
             if ".num_batches_tracked" not in t.name:
                 levels = _clip(levels, plan.clip)
-            c = dict(levels=levels, qp=int(qp_used), requested=plan.qp, dq=s.dq, codebook=None, offset=0, egk=0)
+            c = dict(levels=levels, qp=int(qp_used), requested=plan.qp, dq=plan.dq, codebook=None, offset=0, egk=0)
         if c["qp"] != c["requested"]:
             notes.append(f"tensor {t.name!r}: QP {c['requested']} would overflow int32 levels "
                          f"(max |w| = {float(np.abs(t.data).max()):.6g}); coded with QP {c['qp']} instead")
@@ -447,21 +453,27 @@ def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, des
     return results
 
 
-def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides) -> list[_Plan]:
+def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_overrides) -> list[_Plan]:
     from nncjax.quantize.reference import bitdepth_qp
     names = [t.name for t in prepared]
     float_names = {t.name for t in prepared if not t.is_int}
-    overrides = _override_table(qp_overrides, names, float_names, s)
+    if s.bitdepth is not None and qp_overrides:
+        raise InputError("qp_overrides cannot be combined with bitdepth (bitdepth derives each tensor's QP)")
+    if s.codebook != "off" and dq_overrides:
+        raise InputError("dq_overrides cannot be combined with codebook (codebooks are coded without DQ)")
+    overrides = _override_table(qp_overrides, "qp_overrides", s.check_qp, names, float_names)
+    dqs = _override_table(dq_overrides, "dq_overrides", _check_dq, names, float_names)
     nonweight = s.nonweight_qp if s.nonweight_qp is not None else s.qp - (2 << s.qp_density)
     plan: list[_Plan] = []
     for t in prepared:
+        dq = dqs.get(t.name, s.dq)
         if t.is_int:
-            plan.append(_Plan(None))
+            plan.append(_Plan(None, dq=False))
         elif s.bitdepth is not None:
             qp, lo, hi = bitdepth_qp(t.data, s.bitdepth, qp_density=s.qp_density, is_weight=t.data.ndim > 1)
-            plan.append(_Plan(int(qp), (int(lo), int(hi))))
+            plan.append(_Plan(int(qp), (int(lo), int(hi)), dq=dq))
         else:
-            plan.append(_Plan(overrides.get(t.name, s.qp if t.data.ndim > 1 else nonweight)))
+            plan.append(_Plan(overrides.get(t.name, s.qp if t.data.ndim > 1 else nonweight), dq=dq))
     return plan
 
 
@@ -469,7 +481,8 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
            codebook: bool | str = False, bitdepth: int | None = None, row_skipping: bool = True,
            param_opt: bool = True, scan_order: int = 0, qp_overrides: Mapping | None = None,
            lambda_scale: float = 0.0, unary_length: int = 11, workers: int = 2,
-           progress: bool | None = None, blocks: Mapping | None = None) -> bytes:
+           progress: bool | None = None, blocks: Mapping | None = None,
+           dq_overrides: Mapping | None = None) -> bytes:
     """Encodes a model (any pytree of arrays) into an NNR bitstream, byte-identical to NNCodec.
 
     Args:
@@ -497,6 +510,9 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         of "bn_beta", "bn_gamma", "bn_mean", "bn_var" (an unfolded batch norm); cpt = LS 0x02 | BN 0x04
         | BI 0x08. Members keep their own QPs (``nonweight_qp`` unless overridden) and come back from
         :func:`decode` under their names. Not with ``codebook``.
+      dq_overrides: ``{name or regex: bool}`` per-tensor ``dq`` (resolved like ``qp_overrides``); each
+        NNR unit signals its own ``dq_flag``, so e.g. tensors already on a uniform grid (GPTQ) can be
+        coded without DQ next to DQ tensors. A block's members follow its weight. Not with ``codebook``.
 
     Returns:
       the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a
@@ -516,9 +532,12 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
                   lambda_scale, unary_length)
     named = flatten_named(params)
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
-    plan = _qp_plan(prepared, s, qp_overrides)
+    plan = _qp_plan(prepared, s, qp_overrides, dq_overrides)
     block_of = _block_table(blocks, prepared, s)
     position = {t.name: i for i, t in enumerate(prepared)}
+    for w, b in block_of.items():  # one dq_flag per unit: the members follow the weight
+        for m in b.coded:
+            plan[position[m]] = replace(plan[position[m]], dq=plan[position[w]].dq)
     in_block = {m for b in block_of.values() for m in b.coded}
     # A block's NDU takes its weight's place and parameter_id (the input index), as NNCodec writes it.
     jobs = [(t, i, plan[i], block_of.get(t.name)) for i, t in enumerate(prepared) if t.name not in in_block]

@@ -78,7 +78,7 @@ from nncjax.steps import (
     qp_to_step_jax,
 )
 
-__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "verify"]
+__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "verify", "with_error_feedback"]
 
 #: Name suffix of a scaled tensor's local scales (the LS member of its block unit; NNCodec's name).
 LS_SUFFIX = SCALING_SUFFIX
@@ -109,6 +109,7 @@ class RDSettings:
         quantizer and the real DeepCABAC coder (QP deltas included; unit headers, tensor names and
         integer tensors are not): the bitstream is this plus a few bytes per tensor.
       qp, qp_density, nonweight_qp, dq: the global encode settings used while optimising.
+      dq_overrides: ``{name: False}`` for tensors coded without DQ (:func:`with_error_feedback`).
 
     Example:
       >>> data = nncjax.encode(rd.params_for_encoding(params), **rd.encode_kwargs())   # doctest: +SKIP
@@ -123,6 +124,7 @@ class RDSettings:
     qp_density: int
     nonweight_qp: int
     dq: bool
+    dq_overrides: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def encode_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`nncjax.encode` reproducing these settings.
@@ -133,6 +135,8 @@ class RDSettings:
               "qp_overrides": dict(self.qp_overrides)}
         if self.local_scales:
             kw["blocks"] = {name: {"ls": name + LS_SUFFIX} for name in self.local_scales}
+        if self.dq_overrides:
+            kw["dq_overrides"] = dict(self.dq_overrides)
         return kw
 
     def params_for_encoding(self, params: Any) -> dict[str, np.ndarray]:
@@ -767,3 +771,114 @@ def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | No
     bitstream = encode(settings.params_for_encoding(params), **kwargs)
     params_hat = decode(bitstream, like=params, bn_pairs=None)
     return VerifyResult(len(bitstream), None if eval_fn is None else eval_fn(params_hat), params_hat, bitstream)
+
+
+def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str, Any], *,
+                        check_moments: Mapping[str, Any] | None = None, damp: float = 0.01,
+                        act_order: bool = True, max_offset: int | None = None,
+                        progress: bool = True) -> tuple[Any, RDSettings]:
+    """Trades each linear layer's quantizer for GPTQ at equal layer-output error and fewer bits.
+
+    For every optimised 2-D tensor with input moments ``H`` (:func:`nncjax.quantize.gptq.dense_input_moments`),
+    the reference is what ``settings`` codes: ``W / s`` at its QP with the codec's quantizer (DQ
+    unless ``settings.dq`` is False), output error ``e^T H e``. GPTQ
+    (:func:`nncjax.quantize.gptq.quantize_gptq`, uniform, no DQ) cancels most of that error across
+    correlated inputs, so the same output error is reached with a coarser step: the coarsest QP (up
+    to ``max_offset`` above the reference, default two octaves) whose GPTQ output error does not
+    exceed the reference is taken, if the real coder then spends fewer bits on the tensor. Other
+    tensors, local scales and QPs are kept.
+
+    Args:
+      params: the model parameters ``settings`` was optimised for (same names).
+      settings: :func:`optimize`'s result.
+      moments: ``{name: (inputs, inputs)}`` second moments of each tensor's inputs, which GPTQ fits;
+        the tensor's rows-first form (:func:`rows_axis`: outputs by inputs for Flax kernels) must
+        have that many columns.
+      check_moments: moments of *other* inputs (same names) on which the output errors are compared
+        (default: ``moments``). GPTQ hides error in the directions its inputs rarely take, so an
+        error budget checked on the inputs it was fitted to is optimistic; held-out inputs keep the
+        substitution honest.
+      damp, act_order: GPTQ's diagonal regularisation and column order
+        (:func:`nncjax.quantize.gptq.quantize_gptq`). max_offset: largest QP increase tried.
+      progress: tqdm bar over the tensors.
+
+    Returns:
+      ``(params_gptq, settings_gptq)``: ``params`` with the substituted tensors replaced by their
+      GPTQ reconstructions (so that :meth:`RDSettings.params_for_encoding` puts them exactly on the
+      codec's grid), and ``settings`` with their new QPs, ``dq_overrides`` False, and updated
+      ``estimated_bits``. ``verify(params_gptq, settings_gptq)`` encodes and decodes them.
+
+    Raises:
+      InputError: ``settings`` not from :func:`optimize`, moments for a tensor that is not
+        optimised or of the wrong size.
+
+    Example:
+      >>> h = nncjax.quantize.gptq.dense_input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
+      >>> p_g, rd_g = with_error_feedback(m.params, rd, h)                            # doctest: +SKIP
+      >>> verify(p_g, rd_g).nbytes < verify(m.params, rd).nbytes                      # doctest: +SKIP
+      True
+    """
+    from nncjax.quantize.gptq import layer_output_error, quantize_gptq
+
+    if not isinstance(settings, RDSettings):
+        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
+    qpd = settings.qp_density
+    _, hi = qp_limits(qpd)
+    max_offset = 2 << qpd if max_offset is None else max_offset
+    if not isinstance(max_offset, (int, np.integer)) or isinstance(max_offset, bool) or max_offset < 0:
+        raise InputError(f"max_offset must be an integer >= 0, got {max_offset!r}")
+    named = flatten_named(params)
+    unknown = [n for n in moments if n not in settings.qp_overrides or n not in named]
+    if unknown:
+        raise InputError(f"moments name tensors that settings does not optimise: {unknown[:5]}")
+    qps, dqs, bits = dict(settings.qp_overrides), dict(settings.dq_overrides), settings.estimated_bits
+    updates = {}
+    for name in tqdm(list(moments), desc="GPTQ", disable=not progress, leave=False):
+        w = np.asarray(named[name], np.float32)
+        if w.ndim != 2:
+            raise InputError(f"moments[{name!r}]: error feedback needs a 2-D tensor, {name!r} is {w.shape}")
+        axis = rows_axis(name, 2, settings.scale_axis)
+        s = settings.local_scales.get(name, np.ones(w.shape[axis], np.float32))
+        x = _to_rows_first(_divide_rows(w, s, axis), axis)  # what the codec codes: (outputs, inputs)
+        h = np.asarray(moments[name], np.float32)
+        h_check = h if check_moments is None else np.asarray(check_moments.get(name, h), np.float32)
+        for what, m in (("moments", h), ("check_moments", h_check)):
+            if m.shape != (x.shape[1],) * 2:
+                raise InputError(f"{what}[{name!r}] has shape {m.shape}; {name!r} coded rows first is {x.shape}")
+        q0 = qps[name]
+        x_ref, bits_ref = code_tensor(x, q0, qp_density=qpd, dq=dqs.get(name, settings.dq))
+        s_rows = jnp.asarray(s)[:, None]
+
+        def out_err(x_hat, x=x, h=h_check, s_rows=s_rows):  # in the weights' units: the scales multiply back
+            return float(layer_output_error(s_rows * x, s_rows * x_hat, h))
+
+        def gptq_at(q, x=x, h=h):
+            return np.asarray(quantize_gptq(x, h, qp_to_step(q, qpd), damp=damp, act_order=act_order)[1],
+                              np.float32)
+
+        budget = out_err(x_ref)
+        x_g = gptq_at(q0)
+        err0 = out_err(x_g)
+        if not err0 <= budget:
+            continue
+        # error ~ step**2: it doubles every 2**qpd / 2 QPs; start at the predicted offset, step down
+        guess = int(np.floor((1 << qpd) / 2 * np.log2(budget / err0))) if err0 > 0 else max_offset
+        best = (q0, x_g)
+        for q in range(min(q0 + min(guess, max_offset), hi), q0, -1):
+            x_q = gptq_at(q)
+            if out_err(x_q) <= budget:
+                best = (q, x_q)
+                break
+        q, x_g = best
+        bits_g = code_tensor(x_g, q, qp_density=qpd, dq=False)[1]
+        if bits_g >= bits_ref:
+            continue
+        updates[name] = _multiply_rows(_from_rows_first(x_g, axis), s, axis).astype(np.asarray(named[name]).dtype)
+        if name in settings.local_scales:  # its LS member shares the unit's dq_flag
+            ls, ls_qp = np.asarray(s, np.float32), qps[name + LS_SUFFIX]
+            bits += (code_tensor(ls, ls_qp, qp_density=qpd, dq=False)[1]
+                     - code_tensor(ls, ls_qp, qp_density=qpd, dq=dqs.get(name, settings.dq))[1])
+        qps[name], dqs[name] = q, False
+        bits += bits_g - bits_ref
+    return (replace_named(params, {n: jnp.asarray(v) for n, v in updates.items()}),
+            dataclasses.replace(settings, qp_overrides=qps, dq_overrides=dqs, estimated_bits=float(bits)))

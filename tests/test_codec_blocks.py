@@ -127,3 +127,38 @@ def test_nncodec_decodes_our_blocks_and_writes_the_same_bytes(oracle):
             np.testing.assert_array_equal(np.asarray(arr, np.float32), mine[name], err_msg=name)
         assert "error" not in ref, ref.get("error")
         assert ref["bitstream"] == data
+
+
+def test_dq_overrides_mix_dq_and_uniform_units(oracle):
+    """Each NNR unit carries its own dq_flag: tensors coded without DQ next to DQ tensors decode to the
+    codec's reconstruction of each, in ours and in NNCodec's decoder; a block's members follow its weight."""
+    model, blocks = ls_model()
+    model["other"] = gauss(16, 12)
+    data = encode(model, qp=-30, blocks=blocks, dq_overrides={"fc.weight": False})
+    info = {t.name: t.dq for t in inspect(data).tensors}
+    assert info == {"fc.weight_scaling": False, "fc.bias": False, "fc.weight": False, "tail": True, "other": True}
+    mine = decode(data, raw=True)
+    from nncjax.coded_tensor import codec_reconstruct
+    np.testing.assert_array_equal(mine["fc.weight"], codec_reconstruct(model["fc.weight"], -30, dq=False))
+    np.testing.assert_array_equal(mine["other"], codec_reconstruct(model["other"], -30, dq=True))
+    # a regex key; True where the global setting is False
+    flipped = encode(model, qp=-30, dq=False, dq_overrides={r"oth.*": True})
+    assert {t.name: t.dq for t in inspect(flipped).tensors}["other"] is True
+    theirs = oracle.call("model", "decode_many", [data, flipped])
+    for stream, out in zip((data, flipped), theirs):
+        assert "error" not in out, out.get("error")
+        ref = decode(stream, raw=True)
+        for name, arr in zip(out["names"], out["arrays"]):
+            np.testing.assert_array_equal(np.asarray(arr, np.float32), ref[name], err_msg=name)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"dq_overrides": {"fc.weight": 1}}, "True or False"),
+    ({"dq_overrides": {"nothing.*": False}}, "matches no float tensor"),
+    ({"dq_overrides": ["fc.weight"]}, "must be a mapping"),
+    ({"dq_overrides": {"fc.weight": False}, "codebook": True}, "codebook"),
+])
+def test_bad_dq_overrides_raise_input_error(kw, match):
+    model, _ = ls_model()
+    with pytest.raises(InputError, match=match):
+        encode(model, **kw)

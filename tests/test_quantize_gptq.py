@@ -1,0 +1,175 @@
+"""nncjax.quantize.gptq (error-feedback quantization of linear layers) and
+nncjax.optimize.with_error_feedback (GPTQ in place of DQ at equal layer-output error)."""
+
+import doctest
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import nncjax.quantize.gptq
+from nncjax import InputError, decode, encode
+from nncjax.coded_tensor import codec_reconstruct
+from nncjax.optimize import optimize, verify, with_error_feedback
+from nncjax.pytree_names import flatten_named
+from nncjax.quantize.gptq import (
+    _error_feedback,
+    dense_input_moments,
+    layer_output_error,
+    quantize_gptq,
+)
+from nncjax.steps import qp_to_step
+
+
+def _correlated(rng, cols, n=256):
+    """Second moment of inputs with a strong common component (as in transformer activations)."""
+    x = rng.normal(0, 1, (n, 1)) * rng.normal(1, 0.3, (1, cols)) + 0.4 * rng.normal(0, 1, (n, cols))
+    return (x.T @ x / n).astype(np.float32)
+
+
+def test_diagonal_moments_give_plain_rounding():
+    """Uncorrelated inputs leave nothing to feed back: the levels are the codec's uniform ones."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (12, 20)).astype(np.float32)
+    h = np.diag(rng.uniform(0.5, 2.0, 20)).astype(np.float32)
+    step = qp_to_step(-30)
+    _, w_hat = quantize_gptq(w, h, step)
+    np.testing.assert_array_equal(np.asarray(w_hat), codec_reconstruct(w, -30, dq=False))
+    rows = np.full(12, step, np.float32)
+    rows[::2] *= 2  # per-row steps (local scales): each row on its own grid
+    levels, w_rows = quantize_gptq(w, h, rows)
+    np.testing.assert_array_equal(np.asarray(levels), np.sign(w) * np.floor(np.abs(w / rows[:, None]) + 0.5))
+    np.testing.assert_array_equal(np.asarray(w_rows), np.asarray(levels) * rows[:, None])
+
+
+def test_error_feedback_lowers_the_layer_output_error():
+    rng = np.random.default_rng(1)
+    ratios = []
+    for _ in range(10):
+        w = rng.normal(0, 0.05, (16, 32)).astype(np.float32)
+        h = _correlated(rng, 32)
+        step = qp_to_step(-28)
+        rtn = codec_reconstruct(w, -28, dq=False)
+        _, w_hat = quantize_gptq(w, h, step)
+        ratios.append(float(layer_output_error(w, w_hat, h) / layer_output_error(w, rtn, h)))
+    assert np.mean(ratios) < 0.5 and max(ratios) < 1.0
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 24), qp=st.integers(-44, -16), seed=st.integers(0, 2**31 - 1))
+def test_gptq_output_is_coded_losslessly_without_dq(rows, cols, qp, seed):
+    """The invariant with_error_feedback relies on: GPTQ's reconstruction lies on the codec's grid, so
+    encoding it with dq=False at the same QP decodes to exactly it."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.1, (rows, cols)).astype(np.float32)
+    _, w_hat = quantize_gptq(w, _correlated(rng, cols, n=64), qp_to_step(qp))
+    w_hat = np.asarray(w_hat, np.float32)
+    np.testing.assert_array_equal(decode(encode({"w": w_hat}, qp=qp, dq=False))["w"], w_hat)
+
+
+def test_error_feedback_loop_compiles_once_per_shape():
+    rng = np.random.default_rng(2)
+    h = _correlated(rng, 8)
+    quantize_gptq(rng.normal(0, 1, (4, 8)), h, 0.1)
+    before = _error_feedback._cache_size()
+    quantize_gptq(rng.normal(0, 1, (4, 8)), h, 0.3)
+    assert _error_feedback._cache_size() == before
+
+
+@pytest.mark.parametrize(("w", "h", "step", "match"), [
+    (np.ones((2, 3)), np.eye(2), 0.1, "columns"),
+    (np.ones(3), np.eye(3), 0.1, "columns"),
+    (np.ones((2, 3)), np.eye(3), 0.0, "positive"),
+    (np.ones((2, 3)), np.eye(3), np.ones(3), "shape"),
+    (np.full((2, 3), np.nan), np.eye(3), 0.1, "finite"),
+    (np.ones((2, 3)), -np.eye(3), 0.1, "semi-definite"),
+])
+def test_bad_inputs_raise_input_error(w, h, step, match):
+    with pytest.raises(InputError, match=match):
+        quantize_gptq(w, h, step)
+
+
+class _TwoDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3, name="out")(nn.relu(nn.Dense(5, name="hidden")(x)))
+
+
+def test_dense_input_moments_are_the_inputs_second_moments():
+    model = _TwoDense()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 4))
+    v = model.init(jax.random.PRNGKey(1), x)
+    apply = jax.jit(model.apply)  # a jitted apply_fn still shows its layers (the capture runs eagerly)
+    h = dense_input_moments(apply, v, [x[:1], x[1:]])
+    assert set(h) == {"params/hidden/kernel", "params/out/kernel"}
+    flat = np.asarray(x, np.float64).reshape(-1, 4)
+    np.testing.assert_allclose(h["params/hidden/kernel"], flat.T @ flat / 14, rtol=1e-6)
+    hidden = np.asarray(nn.relu(x @ v["params"]["hidden"]["kernel"] + v["params"]["hidden"]["bias"]),
+                        np.float64).reshape(-1, 5)
+    np.testing.assert_allclose(h["params/out/kernel"], hidden.T @ hidden / 14, rtol=1e-5, atol=1e-7)
+    keep = np.zeros((1, 7), bool)
+    keep[0, :3] = True  # e.g. an attention mask: only these positions count
+    masked = dense_input_moments(model.apply, v, x[:1], mask=lambda b: keep)
+    first = np.asarray(x[0, :3], np.float64)
+    np.testing.assert_allclose(masked["params/hidden/kernel"], first.T @ first / 3, rtol=1e-6)
+    with pytest.raises(InputError):
+        dense_input_moments(model.apply, v, [])
+    with pytest.raises(InputError, match="no flax.linen.Dense"):
+        dense_input_moments(lambda p, b: b * 2, v, x)
+
+
+def test_with_error_feedback_moves_the_rd_point_down(digits):
+    """On the digits MLP: the substituted tensors keep their (held-out) layer-output error within the
+    DQ reference's at a coarser QP, decode to exactly what with_error_feedback put in the params, and
+    the point lies well below the sensitivity allocation's own RD curve (held-out distortion vs bytes)."""
+    from nncjax.models.digits_mlp import load_digits_split
+
+    m, calib, test_mse = digits
+    train = jnp.asarray(load_digits_split("train")[0])
+    half = len(train) // 2
+    fit, check = (dense_input_moments(m.apply, m.params, x) for x in (train[:half], train[half:]))
+    curve = []
+    for lam in (1e-3, 3e-3, 1e-2):
+        rd = optimize(m.params, m.apply, calib, lam=lam, init="sensitivity", steps=0, progress=False)
+        v = verify(m.params, rd)
+        curve.append((v.nbytes, np.log(test_mse(v.params))))
+        if lam == 1e-3:
+            rd_ref, ref = rd, v
+    p_g, rd_g = with_error_feedback(m.params, rd_ref, fit, check_moments=check, progress=False)
+    changed = [n for n in fit if rd_g.dq_overrides.get(n) is False]
+    assert changed, "no tensor was worth substituting"
+    new = verify(p_g, rd_g)
+    saved = ref.nbytes - new.nbytes  # the estimate tracks it (unit headers differ slightly)
+    assert abs((rd_ref.estimated_bits - rd_g.estimated_bits) / 8 - saved) < 0.05 * saved
+    dec_new, dec_ref, orig, subst = (flatten_named(t) for t in (new.params, ref.params, m.params, p_g))
+    for n in changed:
+        assert rd_g.qp_overrides[n] > rd_ref.qp_overrides[n]  # a coarser step, the error fed back
+        np.testing.assert_array_equal(np.asarray(dec_new[n]), np.asarray(subst[n]))
+        w, h = np.asarray(orig[n]).T, check[n]  # Flax kernels: (inputs, outputs) -> rows first
+        assert layer_output_error(w, np.asarray(dec_new[n]).T, h) <= layer_output_error(
+            w, np.asarray(dec_ref[n]).T, h) * (1 + 1e-5)
+    sizes, log_d = zip(*sorted(curve))
+    assert sizes[0] <= new.nbytes <= sizes[-1]
+    assert test_mse(new.params) < 0.7 * np.exp(np.interp(new.nbytes, sizes, log_d))
+
+
+def test_with_error_feedback_input_errors(digits):
+    m, calib, _ = digits
+    rd = optimize(m.params, m.apply, calib, lam=3e-3, init="sensitivity", steps=0, progress=False)
+    with pytest.raises(InputError, match="RDSettings"):
+        with_error_feedback(m.params, {}, {})
+    with pytest.raises(InputError, match="does not optimise"):
+        with_error_feedback(m.params, rd, {"params/nope/kernel": np.eye(2)})
+    with pytest.raises(InputError, match="shape"):
+        with_error_feedback(m.params, rd, {"params/fc1/kernel": np.eye(3)}, progress=False)
+    with pytest.raises(InputError, match="max_offset"):
+        with_error_feedback(m.params, rd, {}, max_offset=-1)
+
+
+def test_gptq_docstring_examples():
+    result = doctest.testmod(nncjax.quantize.gptq)
+    assert result.attempted >= 8 and result.failed == 0
