@@ -19,6 +19,8 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   ``Dense`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose layer-output error
   stays within DQ's, checked on inputs GPTQ was not fitted to; for models with ``Dense`` layers
   (``gptq_lams``; the wall time includes collecting the input moments).
+* ``nncjax-sens-bnf-gptq``: ``nncjax-sens-bnf`` with the same GPTQ step before LSA
+  (``optimize_ioq(..., moments=)``; ``bnf_gptq_lams``).
 
 Gradient RD "reaches IOQ's point" when one of its points (any of the three variants) has no more bytes and no
 worse quality (MiniLM: MRR and mean cosine) than the IOQ point; the summary reports the fastest such
@@ -65,8 +67,9 @@ FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "
           "opt_wall_s", "encode_s", "bytes_equal", "note"]
 
 
-METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq")  # what --methods selects
-GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf", "nncjax-sens-gptq")  # vs IOQ's points
+METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq")  # what --methods selects
+GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf", "nncjax-sens-gptq",
+                    "nncjax-sens-bnf-gptq")  # compared against IOQ's points
 
 
 @dataclasses.dataclass
@@ -82,6 +85,7 @@ class Config:
     sens_lams: list  # λ of the sensitivity allocation (steps=0)
     sens_bnf_lams: list  # λ of the pipeline with the sensitivity allocation (models with batch norm)
     gptq_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ (models with Dense layers)
+    bnf_gptq_lams: list = dataclasses.field(default_factory=list)  # λ of the sensitivity pipeline + GPTQ
     calib: tuple = ()  # (fit batches, check batches, mask) for the Dense input moments
 
 
@@ -95,7 +99,10 @@ def fashion_config(quick: bool, subset) -> Config:
                   [3e-3] if quick else [3e-3, 1e-2, 3e-2],
                   -28, tune, {"bn_pairs": pairs, "lsa_steps": 20 if quick else 150, "rounds": 1 if quick else 2,
                                   "ls_qp": -44}, 30 if quick else 100,
-                  [1e-2] if quick else [3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1])
+                  [1e-2] if quick else [3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
+                  bnf_gptq_lams=[3e-3] if quick else [3e-3, 1e-2],
+                  # GPTQ's input moments: other training images, one half fitted, the other checked
+                  calib=([jnp.asarray(x[1000:3000])], [jnp.asarray(x[3000:5000])], None))
 
 
 def minilm_config(quick: bool, subset) -> Config:
@@ -120,8 +127,8 @@ def minilm_config(quick: bool, subset) -> Config:
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
-                  [8e-4] if quick else [7e-4, 8.5e-4, 1e-3],
-                  (batches[:half], batches[half:], lambda b: b["attention_mask"] > 0))
+                  gptq_lams=[8e-4] if quick else [7e-4, 8e-4, 8.5e-4, 1e-3],
+                  calib=(batches[:half], batches[half:], lambda b: b["attention_mask"] > 0))
 
 
 def metrics_row(m, params, subset) -> dict:
@@ -190,16 +197,26 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
     # (c) BN folding + IOQ + LSA, and the same pipeline with the sensitivity allocation
     pipes = [("nncjax-ioq", lam, "ioq") for lam in cfg.lams if "ioq" in methods]
     pipes += [("nncjax-sens-bnf", lam, "sensitivity") for lam in cfg.sens_bnf_lams if "sens-bnf" in methods]
+    pipes += [("nncjax-sens-bnf-gptq", lam, "sensitivity") for lam in cfg.bnf_gptq_lams
+              if "sens-bnf-gptq" in methods]
     for method, lam, allocation in pipes:
+        t0 = time.perf_counter()
+        gptq = {}
+        if method.endswith("gptq"):
+            fit, check, mask = cfg.calib
+            gptq = dict(zip(("moments", "check_moments"),
+                            (dense_input_moments(m.apply, m.params, x, mask=mask) for x in (fit, check))))
+        t_moments = time.perf_counter() - t0
         res = optimize_ioq(m.params, m.apply, cfg.tune, lam=lam, allocation=allocation, base_qp=cfg.base_qp,
-                           **cfg.ioq_kwargs)
+                           **gptq, **cfg.ioq_kwargs)
         t0 = time.perf_counter()
         data = encode(res.tensors, **res.encode_kwargs())
         t_enc = time.perf_counter() - t0
         met = metrics_row(m, decode(data, like=m.params, bn_pairs=cfg.ioq_kwargs["bn_pairs"]), cfg.subset)
         w = res.wall_s
-        add(method, f"lam={lam:g}", len(data), met, w["total"], t_enc,
-            note=f"base_qp {cfg.base_qp}; fold {w['fold']:.1f}s {allocation} {w['alloc']:.1f}s lsa {w['lsa']:.1f}s; "
+        add(method, f"lam={lam:g}", len(data), met, t_moments + w["total"], t_enc,
+            note=f"base_qp {cfg.base_qp}; moments {t_moments:.1f}s fold {w['fold']:.1f}s {allocation} "
+                 f"{w['alloc']:.1f}s lsa {w['lsa']:.1f}s; {len(res.dq_overrides)} kernels GPTQ without DQ; "
                  f"D_tune {allocation} "
                  f"{res.history['d_alloc']:.3g} lsa {res.history['d_lsa']:.3g}; weight QPs "
                  f"{sorted(res.history['weight_qps'].values())}")
@@ -255,7 +272,8 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-grad": ("^-", "nncjax gradient RD (λ sweep)"),
              "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
              "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
-             "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense kernels (λ sweep)")}
+             "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense kernels (λ sweep)"),
+             "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)")}
     for ax, key in zip(axes[0], keys):
         for method, (fmt, label) in style.items():
             pts = sorted((r["bytes"] / 1024, r[key]) for r in rows if r["method"] == method)
@@ -297,9 +315,10 @@ def summary(rows: list[dict], model: str) -> str:
              "|---|---|---|---|---|" + ("---|" if model == "minilm" else "") + "---|"]
     for method in ("nncodec", "nncjax-ref", "nncjax-ioq", *GRADIENT_METHODS):
         r = best.get(method)
+        if r is None and not any(x["method"] == method for x in rows):
+            continue  # a method this model does not run
         if r is None:
-            what = "none transparent" if any(x["method"] == method for x in rows) else "not measured"
-            lines.append(f"| {method} | {what} | | | |" + (" |" if model == "minilm" else "") + " |")
+            lines.append(f"| {method} | none transparent | | | |" + (" |" if model == "minilm" else "") + " |")
             continue
         ratio = f"{r['bytes'] / nnc['bytes']:.3f} ({100 * (1 - r['bytes'] / nnc['bytes']):.1f} % smaller)" \
             if nnc else "n/a"
@@ -340,6 +359,8 @@ def main() -> None:
                     help="override the λ list of the pipeline with the sensitivity allocation")
     ap.add_argument("--gptq-lams", type=float, nargs="+", default=None,
                     help="override the λ list of the sensitivity allocation + GPTQ")
+    ap.add_argument("--bnf-gptq-lams", type=float, nargs="+", default=None,
+                    help="override the λ list of the sensitivity pipeline + GPTQ")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
     ap.add_argument("--base-qp", type=int, default=None, help="override the model's starting QP")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
@@ -364,6 +385,7 @@ def main() -> None:
             cfg.sens_lams = args.sens_lams or cfg.sens_lams
             cfg.sens_bnf_lams = args.sens_bnf_lams or cfg.sens_bnf_lams
             cfg.gptq_lams = args.gptq_lams or cfg.gptq_lams
+            cfg.bnf_gptq_lams = args.bnf_gptq_lams or cfg.bnf_gptq_lams
             cfg.qps = args.qps or cfg.qps
             cfg.base_qp = cfg.base_qp if args.base_qp is None else args.base_qp
             path = args.out / f"rd_{name}.csv"
@@ -390,18 +412,22 @@ Every point is a real bitstream: encode -> bytes -> decode -> task metric on the
 (Fashion-MNIST: the 10,000 test images; MiniLM: the 1000-synset WordNet reverse dictionary).
 *nncodec*: NNCodec 2.1.3 `nncodec.nn.encode` defaults (DQ, qp_density 2, non-weight QP -75) over a
 global QP sweep; *nncjax-ref*: `nncjax.encode` with the same settings (byte-identical to NNCodec at
-every QP, checked); *nncjax-ioq*: `nncjax.pipeline.optimize_ioq` (BN folding + IOQ + LSA; the
-Fashion-MNIST points and MiniLM's λ = 1e-3 and 4e-3 were measured with W, LS and BI coded as
-separate units, before the pipeline wrote them as one NNR_PT_BLOCK unit, which only saves header
-bytes); *nncjax-grad*: `nncjax.optimize` (gradient RD of per-tensor QPs and local scales, 60-100
-optax steps from `base_qp`); *nncjax-sens*: `nncjax.optimize(init="sensitivity", steps=0)`
-(closed-form per-tensor QPs and per-row scales from Gauss-Newton sensitivities, calibrated once on
-the real codec; no training step). λ prices one bit per weight in units of the relative output MSE
-on a small tuning set (Fashion-MNIST training images; WordNet verb glosses), the same objective for
-every method. Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean
-embedding cosine ≥ 0.999 (MiniLM). Wall times are from a shared 2-core CPU machine, the older ones
-(IOQ, and nncjax-grad at MiniLM λ = 1e-3) often under heavy load, so ratios against them flatter the
-newer rows; same-session GPU timings are in `benchmarks/results/gpu_h100.md`.
+every QP, checked); *nncjax-ioq*: `nncjax.pipeline.optimize_ioq` (BN folding + IOQ + LSA);
+*nncjax-grad*: `nncjax.optimize` (gradient RD of per-tensor QPs and local scales, 60-100 optax steps
+from `base_qp`); *nncjax-sens*: `nncjax.optimize(init="sensitivity", steps=0)` (closed-form
+per-tensor QPs and per-row scales from Gauss-Newton sensitivities, calibrated once on the real
+codec; no training step); *nncjax-sens-bnf*: `optimize_ioq(allocation="sensitivity")` (IOQ's
+pipeline, BN folding and LSA included, with that allocation in place of IOQ's search);
+*nncjax-sens-gptq*: *nncjax-sens*, then `nncjax.with_error_feedback`: each Dense kernel is coded
+with GPTQ (uniform, no DQ) at the coarsest QP whose layer-output error stays within DQ's on
+held-out verb glosses (wall time includes collecting the input moments, about 20 s on the CPU).
+λ prices one bit per weight in units of the relative output MSE on a small tuning set
+(Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
+Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥
+0.999 (MiniLM). Wall times are from a 2-core CPU machine; IOQ, nncjax-sens, nncjax-sens-bnf and
+nncjax-sens-gptq were re-measured on the idle machine in one session (2026-11-22); the nncjax-grad
+rows are older and were taken under load. Same-session GPU timings are in
+`benchmarks/results/gpu_h100.md`.
 
 """
 

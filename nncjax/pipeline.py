@@ -58,7 +58,7 @@ from nncjax.coded_tensor import (
 )
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
-from nncjax.optimize import optimize
+from nncjax.optimize import optimize, with_error_feedback
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -243,6 +243,8 @@ class IOQResult:
       tensors: ``{coded name: float32 np.ndarray}`` to pass to :func:`nncjax.encode`, in coding order.
       qp_overrides: ``{coded name: qp}`` for every float tensor.
       qp, qp_density, nonweight_qp, dq: the global codec settings.
+      dq_overrides: ``{weight: False}`` for the kernels coded with GPTQ (``moments``); their block
+        members follow them.
       layout: the :class:`CodingLayout` (maps decoded tensors back to the model).
       lam: the rate price used (per bit per weight).
       wall_s: ``{"fold", "alloc", "lsa", "total"}`` seconds spent in each stage.
@@ -264,11 +266,14 @@ class IOQResult:
     lam: float
     wall_s: dict[str, float]
     history: dict[str, Any]
+    dq_overrides: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def encode_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`nncjax.encode` for :attr:`tensors`."""
         kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
               "qp_overrides": dict(self.qp_overrides)}
+        if self.dq_overrides:
+            kw["dq_overrides"] = dict(self.dq_overrides)
         blocks = self.layout.blocks()
         if blocks:
             kw["blocks"] = blocks
@@ -321,6 +326,8 @@ def optimize_ioq(
     rounds: int = 2,
     probes: int = 4,
     max_scale_ratio: float = 4.0,
+    moments: Mapping[str, Any] | None = None,
+    check_moments: Mapping[str, Any] | None = None,
     lsa_steps: int = 200,
     lsa_optimizer: optax.GradientTransformation | None = None,
     progress: bool = False,
@@ -346,6 +353,11 @@ def optimize_ioq(
       eps: BatchNorm epsilon of the model.
       offsets, rounds: IOQ greedy search moves (:func:`nncjax.ioq.ioq_search`).
       probes, max_scale_ratio: of the sensitivity allocation.
+      moments, check_moments: with ``allocation="sensitivity"``, the kernels' input moments
+        (:func:`nncjax.quantize.gptq.dense_input_moments`; names as the variables', e.g.
+        ``"params/layer_0/output/kernel"``): each of those kernels then switches to GPTQ without DQ
+        where that saves bits at equal layer-output error (:func:`nncjax.optimize.with_error_feedback`,
+        the error checked on ``check_moments``), before LSA.
       lsa_steps: optax steps of LSA (0 disables it). lsa_optimizer: default ``optax.adam(1e-3)``.
       progress: tqdm bars.
 
@@ -365,6 +377,8 @@ def optimize_ioq(
         raise InputError(f"allocation must be one of {_ALLOCATIONS}, got {allocation!r}")
     if allocation == "sensitivity" and not lam > 0:
         raise InputError("allocation='sensitivity' needs lam > 0")
+    if allocation != "sensitivity" and (moments or check_moments):
+        raise InputError("moments (GPTQ) need allocation='sensitivity'")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
     for what, q in (("base_qp", base_qp), ("nonweight_qp", nonweight_qp), ("ls_qp", ls_qp)):
@@ -402,15 +416,20 @@ def optimize_ioq(
         return float(np.mean([float(distortion_one(c, b, r)) for b, r in zip(batches, refs)]))
 
     # 2. per-tensor QPs of the weights; 1-D tensors fixed at their QPs
+    dq_overrides: dict[str, bool] = {}
     if allocation == "ioq":
         tensors, qps, hat = _ioq_stage(layout.to_coded(variables), weights, _fixed_qps(layout, weights, nonweight_qp,
                                                                                        ls_qp),
                                        distortion, lam, base_qp, qpd, dq, offsets, rounds, progress)
     else:
-        layout, tensors, qps, hat = _sensitivity_stage(layout, variables, apply_coded, batches, weights, lam,
-                                                       base_qp, qpd, dq, nonweight_qp, probes, max_scale_ratio)
+        layout, tensors, qps, hat, dq_overrides = _sensitivity_stage(
+            layout, variables, apply_coded, batches, weights, lam, base_qp, qpd, dq, nonweight_qp, probes,
+            max_scale_ratio, moments, check_moments)
+    # a block's members share its weight's dq_flag
+    unit_dq = {n: dq_overrides.get(w, dq) for w, roles in layout.blocks().items() for n in [w, *roles.values()]}
+    if allocation != "ioq":
         for n, q in _fixed_qps(layout, weights, nonweight_qp, ls_qp).items():
-            qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=dq)
+            qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=unit_dq.get(n, dq))
     d_alloc = distortion(hat)
     t_alloc = time.perf_counter()
 
@@ -438,7 +457,8 @@ def optimize_ioq(
             elif tensors[n].ndim == 1 and n.rsplit("/", 1)[-1] == "bias":
                 tensors[n] = trained[n]
         d_lsa = distortion({n: (hat[n] if n in weights else codec_reconstruct(tensors[n], qps[n], qp_density=qpd,
-                                                                                   dq=dq)) for n in tensors})
+                                                                                   dq=unit_dq.get(n, dq)))
+                            for n in tensors})
     t_end = time.perf_counter()
     nw = {n: int(q) for n, q in qps.items()}
     return IOQResult(
@@ -448,6 +468,7 @@ def optimize_ioq(
                 "total": t_end - t_start},
         history={"weight_qps": {n: nw[n] for n in weights}, "d_alloc": d_alloc, "d_lsa": d_lsa,
                  "lsa_losses": losses},
+        dq_overrides=dq_overrides,
     )
 
 
@@ -488,23 +509,29 @@ def _ioq_stage(coded: Mapping[str, Any], weights: list[str], fixed: dict[str, in
 
 def _sensitivity_stage(layout: CodingLayout, variables: Mapping[str, Any], apply_coded: Callable, batches: list,
                        weights: list[str], lam: float, base_qp: int, qpd: int, dq: bool, nonweight_qp: int,
-                       probes: int, max_scale_ratio: float):
-    """The sensitivity allocation of ``weights`` on the coded tensors: ``(layout with the scaled
-    leaves' scalings, tensors to code (``W / s`` and ``LS * s``), {weight: qp}, {weight: decoded})``."""
+                       probes: int, max_scale_ratio: float, moments: Mapping | None, check_moments: Mapping | None):
+    """The sensitivity allocation of ``weights`` on the coded tensors (then GPTQ where ``moments``
+    are given): ``(layout with the scaled leaves' scalings, tensors to code (``W / s`` and
+    ``LS * s``), {weight: qp}, {weight: decoded}, {weight: False} for the GPTQ ones)``."""
     coded = layout.to_coded(variables)
     rd = optimize(coded, apply_coded, batches, lam=float(lam), init="sensitivity", steps=0, select=weights,
                   scale_axis=0, base_qp=int(base_qp), qp_density=qpd, dq=dq, nonweight_qp=int(nonweight_qp),
                   probes=probes, max_scale_ratio=max_scale_ratio, progress=False)
+    gptq = {}
+    if moments:
+        with_gptq, rd = with_error_feedback(coded, rd, moments, check_moments=check_moments, progress=False)
+        gptq = {n: with_gptq[n] for n in rd.dq_overrides}
     leaves = [n for n, kind, _ in layout.entries if kind == "leaf" and n in rd.local_scales]
     if leaves:
         layout = layout.with_scalings(leaves)
         coded = layout.to_coded(variables)
-    tensors = {k: np.asarray(v, np.float32) for k, v in coded.items()}
+    tensors = {k: np.asarray(gptq.get(k, v), np.float32) for k, v in coded.items()}
     for n, s in rd.local_scales.items():
         rows = np.asarray(s, np.float32).reshape((-1,) + (1,) * (tensors[n].ndim - 1))
         tensors[n] = (tensors[n] / rows).astype(np.float32)
         tensors[n + SCALING_SUFFIX] = (tensors[n + SCALING_SUFFIX] * np.asarray(s, np.float32)).astype(np.float32)
     qps = {n: int(rd.qp_overrides[n]) for n in weights}
     with ThreadPoolExecutor() as pool:  # the coder kernels release the GIL
-        decoded = list(pool.map(lambda n: code_tensor(tensors[n], qps[n], qp_density=qpd, dq=dq)[0], weights))
-    return layout, tensors, qps, dict(zip(weights, decoded))
+        decoded = list(pool.map(lambda n: code_tensor(tensors[n], qps[n], qp_density=qpd,
+                                                      dq=rd.dq_overrides.get(n, dq))[0], weights))
+    return layout, tensors, qps, dict(zip(weights, decoded)), dict(rd.dq_overrides)

@@ -136,24 +136,28 @@ def test_settings_validation():
 def test_qp_plan_weight_nonweight_and_int():
     ts = [prepare_tensor(n, a) for n, a in [("w", np.ones((2, 2), np.float32)), ("b", np.ones(2, np.float32)),
                                            ("i", np.ones((2, 2), np.int32)), ("s", np.float32(1))]]
-    assert [p.qp for p in _qp_plan(ts, settings(), None)] == [-32, -75, None, -75]
+    assert [p.qp for p in _qp_plan(ts, settings(), None, None)] == [-32, -75, None, -75]
     # falsy nonweight_qp: qp - (2 << qp_density), as NNCodec
-    assert [p.qp for p in _qp_plan(ts, settings(nonweight_qp=0, qp=-40, qp_density=3), None)] == [-40, -56, None, -56]
+    assert [p.qp for p in _qp_plan(ts, settings(nonweight_qp=0, qp=-40, qp_density=3), None, None)] == [
+        -40, -56, None, -56]
     # bitdepth: QP from the value range, levels clipped to the (unsigned here) range; non-weights >= 8 bits
-    plan = _qp_plan(ts, settings(bitdepth=4), None)
+    plan = _qp_plan(ts, settings(bitdepth=4), None, None)
     assert plan[0].clip == (0, 15) and plan[1].clip == (0, 255) and plan[2].clip is None
+    # per-tensor dq: the global setting unless overridden; integer tensors never use DQ
+    assert [p.dq for p in _qp_plan(ts, settings(), None, {"w": False})] == [False, True, False, True]
+    with pytest.raises(InputError, match="bitdepth"):
+        _qp_plan(ts, settings(bitdepth=8), {"w": -3}, None)
 
 
 def test_qp_overrides_exact_then_regex():
     s = settings()
     names = ["enc/w", "enc/b", "dec/w", "i"]
-    table = _override_table({"enc/b": -60, r".*/w": -20, "dec/.*": -10}, names, {"enc/w", "enc/b", "dec/w"}, s)
+    floats = {"enc/w", "enc/b", "dec/w"}
+    table = _override_table({"enc/b": -60, r".*/w": -20, "dec/.*": -10}, "qp_overrides", s.check_qp, names, floats)
     assert table == {"enc/b": -60, "enc/w": -20, "dec/w": -20}
     with pytest.raises(InputError, match="matches no float tensor"):
-        _override_table({"nope": -3}, names, set(names[:3]), s)
+        _override_table({"nope": -3}, "qp_overrides", s.check_qp, names, floats)
     with pytest.raises(InputError, match="matches no float tensor"):
-        _override_table({"i": -3}, names, set(names[:3]), s)
-    with pytest.raises(InputError):
-        _override_table({"enc/w": 999}, names, set(names[:3]), s)
-    with pytest.raises(InputError, match="bitdepth"):
-        _override_table({"enc/w": -3}, names, set(names[:3]), settings(bitdepth=8))
+        _override_table({"i": -3}, "qp_overrides", s.check_qp, names, floats)
+    with pytest.raises(InputError, match=r"qp_overrides\['enc/w'\]"):
+        _override_table({"enc/w": 999}, "qp_overrides", s.check_qp, names, floats)

@@ -154,6 +154,27 @@ def test_sensitivity_allocation_codes_what_it_evaluated():
     assert res.history["weight_qps"].keys() == {"params/table", "params/out/kernel"}
 
 
+def test_sensitivity_pipeline_with_gptq_codes_what_it_evaluated():
+    """With input moments the kernel switches to GPTQ without DQ (its LS member follows it in the
+    same unit), and the reported D is still the real decoded model's."""
+    apply, v, x = _table_model()
+    hidden = np.asarray(jnp.tanh(x @ v["params"]["table"]), np.float64)
+    h = {"params/out/kernel": hidden[:32].T @ hidden[:32] / 32}
+    check = {"params/out/kernel": hidden[32:].T @ hidden[32:] / 32}
+    res = optimize_ioq(v, apply, x, lam=3e-3, allocation="sensitivity", bn_pairs=None, base_qp=-30, ls_qp=-44,
+                       lsa_steps=0, moments=h, check_moments=check)
+    assert res.dq_overrides == {"params/out/kernel": False}
+    data = encode(res.tensors, **res.encode_kwargs())
+    units = {t.name: t.dq for t in inspect(data).tensors}
+    assert units["params/out/kernel"] is False and units["params/out/kernel_scaling"] is False
+    assert units["params/table"] is True
+    y, y_hat = apply(v, x), apply(decode(data, like=v), x)
+    d_real = float(jnp.mean((y_hat - y) ** 2) / jnp.var(y))
+    np.testing.assert_allclose(d_real, res.history["d_alloc"], rtol=1e-4)
+    with pytest.raises(InputError, match="allocation='sensitivity'"):
+        optimize_ioq(v, apply, x, lam=3e-3, bn_pairs=None, moments=h)
+
+
 def test_input_errors(tiny_bn):
     apply, v, x = tiny_bn
     with pytest.raises(InputError, match="allocation"):
