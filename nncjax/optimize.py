@@ -55,6 +55,7 @@ from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
+from nncjax.quantize.gptq import layer_output_error, quantize_gptq
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
 from nncjax.reduce._tree import (
@@ -818,8 +819,6 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
       >>> verify(p_g, rd_g).nbytes < verify(m.params, rd).nbytes                      # doctest: +SKIP
       True
     """
-    from nncjax.quantize.gptq import layer_output_error, quantize_gptq
-
     if not isinstance(settings, RDSettings):
         raise InputError("settings must be the RDSettings returned by nncjax.optimize")
     qpd = settings.qp_density
