@@ -15,7 +15,8 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
 * ``nncjax-sens-bnf``: :func:`nncjax.pipeline.optimize_ioq` with ``allocation="sensitivity"``: IOQ's
   pipeline (BN folding, LSA, same settings) with that allocation in place of IOQ's search; for models
   with batch norm (``sens_bnf_lams``).
-* ``nncjax-sens-gptq``: ``nncjax-sens`` followed by :func:`nncjax.optimize.with_error_feedback`: each
+* ``nncjax-sens-gptq``: ``nncjax-sens`` at ``qp_density=3`` (finer QPs, the same steps and
+  non-weight precision as the others), followed by :func:`nncjax.optimize.with_error_feedback`: each
   ``Dense`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose layer-output error
   stays within DQ's, checked on inputs GPTQ was not fitted to; for models with ``Dense`` layers
   (``gptq_lams``; the wall time includes collecting the input moments).
@@ -226,7 +227,9 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
             if "grad" in methods else [])
     runs += ([("nncjax-sens", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.sens_lams]
              if "sens" in methods else [])
-    runs += ([("nncjax-sens-gptq", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.gptq_lams]
+    # qp_density 3: twice as many QPs per octave, so that the allocation's rounding costs less
+    fine = {"qp_density": 3, "base_qp": 2 * cfg.base_qp, "nonweight_qp": -150, "scale_qp": -48}
+    runs += ([("nncjax-sens-gptq", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.gptq_lams]
              if "sens-gptq" in methods else [])
     for method, lam, kwargs in runs:
         t0 = time.perf_counter()
@@ -418,9 +421,10 @@ from `base_qp`); *nncjax-sens*: `nncjax.optimize(init="sensitivity", steps=0)` (
 per-tensor QPs and per-row scales from Gauss-Newton sensitivities, calibrated once on the real
 codec; no training step); *nncjax-sens-bnf*: `optimize_ioq(allocation="sensitivity")` (IOQ's
 pipeline, BN folding and LSA included, with that allocation in place of IOQ's search);
-*nncjax-sens-gptq*: *nncjax-sens*, then `nncjax.with_error_feedback`: each Dense kernel is coded
-with GPTQ (uniform, no DQ) at the coarsest QP whose layer-output error stays within DQ's on
-held-out verb glosses (wall time includes collecting the input moments, about 20 s on the CPU).
+*nncjax-sens-gptq*: *nncjax-sens* at `qp_density=3` (finer QPs), then `nncjax.with_error_feedback`:
+each Dense kernel is coded with GPTQ (uniform, no DQ) at the coarsest QP whose layer-output error
+stays within DQ's on held-out verb glosses (wall time includes collecting the input moments, about
+20 s on the CPU).
 λ prices one bit per weight in units of the relative output MSE on a small tuning set
 (Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
 Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥

@@ -1,5 +1,6 @@
-"""On the device: IOQ vs the sensitivity allocation (``optimize(init="sensitivity", steps=0)`` and,
-for the batch-norm CNN, the BNF + sensitivity + LSA pipeline), same session, same machine, through
+"""On the device: IOQ vs the sensitivity allocation (``optimize(init="sensitivity", steps=0)``, with
+GPTQ for MiniLM; for the batch-norm CNN the BNF + sensitivity + LSA pipeline, with and without
+GPTQ), same session, same machine, through
 ``benchmarks/rd.py``'s own measuring code (no NNCodec: not installed there). Writes
 ``$OUT/rd_<model>_gpu.csv`` and prints the summaries. ``python benchmarks/gpu/rd_sens.py [model ...]``
 (default: both models)."""
@@ -19,5 +20,6 @@ for name, make, lams, sens_lams, sens_bnf_lams in runs:
         continue
     cfg = make(False, None)
     cfg.lams, cfg.sens_lams, cfg.sens_bnf_lams = lams, sens_lams, sens_bnf_lams
-    rows = run_model(cfg, None, out / f"rd_{name}_gpu.csv", ("ioq", "sens", "sens-bnf"))
+    # the GPTQ variants use the configs' own λ lists (MiniLM: sens-gptq, Fashion-MNIST: sens-bnf-gptq)
+    rows = run_model(cfg, None, out / f"rd_{name}_gpu.csv", ("ioq", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq"))
     print(summary(rows, name), flush=True)
