@@ -132,6 +132,13 @@ def minilm_config(quick: bool, subset) -> Config:
                   calib=(batches[:half], batches[half:], lambda b: b["attention_mask"] > 0))
 
 
+def calib_moments(m, cfg: Config) -> dict:
+    """GPTQ's ``moments`` (fitted) and ``check_moments`` (held out) of the model's Dense inputs."""
+    fit, check, mask = cfg.calib
+    return {"moments": dense_input_moments(m.apply, m.params, fit, mask=mask),
+            "check_moments": dense_input_moments(m.apply, m.params, check, mask=mask)}
+
+
 def metrics_row(m, params, subset) -> dict:
     ev = m.eval(params, subset=subset)
     return {k: ev.get(k, "") for k in ("top1", "mrr", "mean_cosine", "argmax_agree")}
@@ -202,11 +209,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
               if "sens-bnf-gptq" in methods]
     for method, lam, allocation in pipes:
         t0 = time.perf_counter()
-        gptq = {}
-        if method.endswith("gptq"):
-            fit, check, mask = cfg.calib
-            gptq = dict(zip(("moments", "check_moments"),
-                            (dense_input_moments(m.apply, m.params, x, mask=mask) for x in (fit, check))))
+        gptq = calib_moments(m, cfg) if method.endswith("gptq") else {}
         t_moments = time.perf_counter() - t0
         res = optimize_ioq(m.params, m.apply, cfg.tune, lam=lam, allocation=allocation, base_qp=cfg.base_qp,
                            **gptq, **cfg.ioq_kwargs)
@@ -236,9 +239,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
         rd = optimize(m.params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
         params = m.params
         if method == "nncjax-sens-gptq":
-            fit, check, mask = cfg.calib
-            moments = [dense_input_moments(m.apply, m.params, x, mask=mask) for x in (fit, check)]
-            params, rd = with_error_feedback(m.params, rd, moments[0], check_moments=moments[1], progress=False)
+            params, rd = with_error_feedback(m.params, rd, **calib_moments(m, cfg), progress=False)
         t_opt = time.perf_counter() - t0
         t0 = time.perf_counter()
         v = verify(params, rd)

@@ -79,7 +79,6 @@ _ALLOCATIONS = ("ioq", "sensitivity")
 __all__ = ["CodingLayout", "IOQResult", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "optimize_ioq"]
 
 
-
 # ------------------------------------------------------------------------------------------------
 # coding layout: Flax variables <-> flat dict of coded tensors
 
@@ -425,11 +424,10 @@ def optimize_ioq(
         layout, tensors, qps, hat, dq_overrides = _sensitivity_stage(
             layout, variables, apply_coded, batches, weights, lam, base_qp, qpd, dq, nonweight_qp, probes,
             max_scale_ratio, moments, check_moments)
-    # a block's members share its weight's dq_flag
+    # the fixed (1-D) tensors as decoded: a block's members share its weight's dq_flag
     unit_dq = {n: dq_overrides.get(w, dq) for w, roles in layout.blocks().items() for n in [w, *roles.values()]}
-    if allocation != "ioq":
-        for n, q in _fixed_qps(layout, weights, nonweight_qp, ls_qp).items():
-            qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=unit_dq.get(n, dq))
+    for n, q in _fixed_qps(layout, weights, nonweight_qp, ls_qp).items():
+        qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=unit_dq.get(n, dq))
     d_alloc = distortion(hat)
     t_alloc = time.perf_counter()
 
