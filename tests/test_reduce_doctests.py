@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["nncjax.reduce._tree", "nncjax.reduce.layout", "nncjax.reduce.bnfold", "nncjax.reduce.block",
-           "nncjax.reduce.lsa", "nncjax.reduce.prune", "nncjax.reduce.lowrank", "nncjax.reduce.unify",
+           "nncjax.reduce.lsa", "nncjax.reduce.prune", "nncjax.reduce.lowrank", "nncjax.reduce.unify", "nncjax.reduce.vocab",
            "nncjax.ioq", "nncjax.sensitivity", "nncjax.steps"]
 
 

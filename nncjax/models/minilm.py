@@ -47,6 +47,7 @@ __all__ = [
     "reverse_dictionary_metrics",
     "to_original",
     "tokenize",
+    "unreachable_rows",
 ]
 
 HIDDEN, LAYERS, HEADS, FFN, VOCAB, MAX_POS = 384, 6, 12, 1536, 30522, 512
@@ -185,6 +186,21 @@ def _tokenizer():
     tok.no_padding()  # padded per batch below, to a few fixed lengths
     tok.enable_truncation(MAX_TOKENS)
     return tok
+
+
+def unreachable_rows() -> dict[str, np.ndarray]:
+    """``{"params/word_embeddings/embedding": ids}``: the vocabulary rows this model's tokenizer can
+    never emit (``[unused*]``, capitalised and accented entries, continuations that start with
+    punctuation or a CJK character; :func:`nncjax.reduce.vocab.unreachable_token_ids`), ready for
+    :func:`nncjax.reduce.zero_rows`. Zeroing them changes no embedding of any text.
+
+    Example:
+        >>> len(unreachable_rows()["params/word_embeddings/embedding"])     # doctest: +SKIP
+        1331
+    """
+    from nncjax.reduce.vocab import unreachable_token_ids
+
+    return {"params/word_embeddings/embedding": unreachable_token_ids(_tokenizer())}
 
 
 def _bucket(n: int) -> int:

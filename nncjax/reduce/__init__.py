@@ -5,7 +5,8 @@ and produce the tensors an NNR block carries (format digest §2.14, §10):
 
 * :mod:`~nncjax.reduce.bnfold` — BN folding into LS/BI and the exact inverse onto a Flax model;
 * :mod:`~nncjax.reduce.lsa` — local scaling adaptation (trained per-row scales, the LS tensor);
-* :mod:`~nncjax.reduce.prune` — magnitude / statistics / structured-row sparsification;
+* :mod:`~nncjax.reduce.prune` — magnitude / statistics / structured-row sparsification, zeroing rows;
+* :mod:`~nncjax.reduce.vocab` — the vocabulary rows a WordPiece tokenizer can never emit;
 * :mod:`~nncjax.reduce.lowrank` — truncated SVD into the DC factors G, H;
 * :mod:`~nncjax.reduce.unify` — weight unification (tiles sharing one magnitude);
 * :mod:`~nncjax.reduce.block` — the members of an NNR_PT_BLOCK, their names and orders;
@@ -57,8 +58,10 @@ from nncjax.reduce.prune import (
     row_scores,
     sparsity,
     stats_threshold_prune,
+    zero_rows,
 )
 from nncjax.reduce.unify import unify_params, unify_tiles
+from nncjax.reduce.vocab import unreachable_token_ids
 
 __all__ = [
     "CPT_BI",
@@ -106,4 +109,6 @@ __all__ = [
     "stats_threshold_prune",
     "unify_params",
     "unify_tiles",
+    "unreachable_token_ids",
+    "zero_rows",
 ]

@@ -11,11 +11,12 @@ ratio removes exactly ``floor(ratio · n)`` entries (ties broken by position), s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nncjax.errors import InputError
 from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
@@ -28,6 +29,7 @@ __all__ = [
     "row_scores",
     "row_prune",
     "row_prune_below_mean",
+    "zero_rows",
 ]
 
 Select = Callable[[str, jax.Array], bool]
@@ -176,3 +178,40 @@ def row_prune_below_mean(
     """
     m = _row_masks(params, lambda s: s >= jnp.asarray(gain, s.dtype) * jnp.mean(s), select, axis)
     return apply_masks(params, m), m
+
+
+def zero_rows(params: Any, rows: Mapping[str, Any], *, axis: int = 0) -> Any:
+    """``params`` with the listed rows (indices along ``axis``) of the named tensors set to zero,
+    e.g. the vocabulary rows a tokenizer never emits (:func:`nncjax.reduce.vocab.unreachable_token_ids`).
+
+    Args:
+      params: parameter pytree. rows: ``{name: int indices}`` (names as
+        :func:`nncjax.pytree_names.flatten_named`). axis: the rows axis (0 for embedding tables).
+
+    Returns:
+      params of the same structure, shapes and dtypes.
+
+    Raises:
+      InputError: an unknown name, a tensor without ``axis``, or an index outside the tensor.
+
+    >>> zero_rows({"emb": jnp.ones((3, 2))}, {"emb": [0, 2]})["emb"].tolist()
+    [[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]
+    """
+    named = named_leaves(params)
+    new = {}
+    for name, idx in rows.items():
+        if name not in named:
+            raise InputError(f"zero_rows: no tensor named {name!r}")
+        w = jnp.asarray(named[name])
+        if not -w.ndim <= axis < w.ndim:
+            raise InputError(f"zero_rows: {name!r} of shape {w.shape} has no axis {axis}")
+        ids = np.asarray(idx)
+        if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.ndim != 1
+                         or ids.min() < 0 or ids.max() >= w.shape[axis]):
+            raise InputError(f"zero_rows: row indices of {name!r} must be 1-D integers in [0, {w.shape[axis]})")
+        keep = np.ones(w.shape[axis], bool)
+        keep[ids.astype(np.int64)] = False
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        new[name] = jnp.where(jnp.asarray(keep).reshape(shape), w, jnp.zeros((), w.dtype))
+    return replace_named(params, new)
