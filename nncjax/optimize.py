@@ -71,6 +71,7 @@ from nncjax.sensitivity import (
     check_probes,
     output_sensitivity,
     rows_exercised,
+    spread_over_rows,
 )
 from nncjax.steps import (
     check_qp_density,
@@ -444,6 +445,7 @@ def optimize(
     init: str = "base",
     probes: int = 4,
     max_scale_ratio: float = 4.0,
+    row_usage: Mapping[str, Any] | None = None,
     rate_sample: int | None = 1 << 16,
     distortion: str = "output",
     mode: str = "ste",
@@ -488,6 +490,13 @@ def optimize(
         compiled. Needs ``distortion="output"`` and ``lam > 0``.
       max_scale_ratio: with ``init="sensitivity"``, per-row steps stay within this factor of their
         tensor's step.
+      row_usage: with ``init="sensitivity"``, ``{name: (rows,) counts}`` for lookup tables (token
+        embeddings) whose rows ``data`` exercises only in part: how often each row (along the
+        tensor's rows axis, :func:`rows_axis`) is used in a larger corpus, e.g. token counts of
+        plain text. The tensor's measured sensitivity is spread over its rows in proportion to the
+        counts (:func:`nncjax.sensitivity.spread_over_rows`, pseudo-count 0.2x the mean count), so
+        every row gets its own step: frequent tokens finer, rare and unseen ones coarser (within
+        ``max_scale_ratio``).
       rate_sample: the training rate model of a tensor with more elements sees this many (evenly
         spaced runs of 256, bits scaled up); None: every element. The final snapping always uses
         the real coder on whole tensors.
@@ -514,6 +523,10 @@ def optimize(
     """
     _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
                 max_scale_ratio)
+    row_usage = dict(row_usage or {})
+    if row_usage and (init != "sensitivity" or not learn_scales):
+        raise InputError("row_usage shapes the sensitivity allocation's row scales: it needs init='sensitivity' "
+                         "and learn_scales=True")
     if loss is None and not callable(apply_fn):
         raise InputError("apply_fn must be callable (or pass loss=)")
     qpd = check_qp_density(qp_density)
@@ -549,9 +562,15 @@ def optimize(
         if not isinstance(q, (int, np.integer)) or not lo <= q <= hi:
             raise InputError(f"init_qps[{n!r}] must be an integer in [{lo}, {hi}], got {q!r}")
     axes = tuple(rows_axis(n, jnp.ndim(named[n]), scale_axis) for n in chosen)
+    unknown = set(row_usage) - {n for n, ax in zip(chosen, axes) if jnp.ndim(named[n]) >= 2}
+    if unknown:
+        raise InputError(f"row_usage names tensors that are not optimised with row scales: {sorted(unknown)}")
     sens = None
     if init == "sensitivity":
         sens = output_sensitivity(params, apply_fn, batches, probes=probes, select=chosen, seed=seed)
+        for n, ax in zip(chosen, axes):
+            if n in row_usage:
+                sens[n] = spread_over_rows(sens[n], row_usage[n], ax)
     # with sensitivities, only tensors whose every row the data exercise get scales (see allocate_steps)
     scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2
                    and (sens is None or rows_exercised(sens[n], ax))

@@ -39,7 +39,7 @@ from nncjax.pytree_names import flatten_named
 from nncjax.reduce._tree import default_weight_select, replace_named, select_float_names
 from nncjax.steps import check_qp_density, step_to_qp_continuous
 
-__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity", "rows_exercised"]
+__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity", "rows_exercised", "spread_over_rows"]
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
@@ -148,8 +148,7 @@ def check_max_ratio(ratio: Any, what: str = "max_ratio") -> None:
 
 
 def _row_means(g: np.ndarray, axis: int) -> np.ndarray:
-    other = tuple(i for i in range(g.ndim) if i != axis % g.ndim)
-    return np.asarray(g, np.float64).mean(axis=other)
+    return np.asarray(g, np.float64).mean(axis=_other_axes(g.ndim, axis))
 
 
 def rows_exercised(sensitivity: np.ndarray, axis: int) -> bool:
@@ -160,6 +159,56 @@ def rows_exercised(sensitivity: np.ndarray, axis: int) -> bool:
     (True, False)
     """
     return bool(np.all(_row_means(sensitivity, axis) > 0))
+
+
+def spread_over_rows(sensitivity: np.ndarray, usage: Any, axis: int = 0, prior: float = 0.2) -> np.ndarray:
+    """Redistributes a tensor's total sensitivity over its rows in proportion to ``usage + prior * mean(usage)``.
+
+    For lookup tables (token embeddings) a small tuning batch exercises few rows, yet a row's
+    sensitivity is, to first order, how often it is looked up times a cost per lookup that is about
+    the same for every row. Counts from a larger corpus (e.g. token counts of plain text, which need
+    no forward pass) then give every row its own sensitivity. ``prior`` (a pseudo-count, as a
+    fraction of the mean count) smooths them: rows never counted keep a small share, so the
+    allocation coarsens them by a bounded factor instead of treating them as free.
+
+    Args:
+      sensitivity: ``(..., rows along axis, ...)`` float array from :func:`output_sensitivity`.
+      usage: ``(rows,)`` non-negative finite counts, one per row along ``axis`` (all zero: uniform).
+      axis: the rows axis of ``sensitivity``.
+      prior: pseudo-count added to every row, as a fraction of the mean count; ``> 0``.
+
+    Returns:
+      float32 array of ``sensitivity``'s shape and total; constant along each row, row ``r`` holding
+      ``total * w[r] / sum(w) / row_size`` with ``w = usage + prior * mean(usage)``.
+
+    Raises:
+      InputError: ``usage`` of the wrong shape, negative or non-finite, a bad ``prior`` or ``axis``.
+
+    Example:
+      >>> spread_over_rows(np.array([[3.0, 3.0], [0.0, 0.0], [0.0, 0.0]]), [3, 0, 0], prior=1.0)
+      array([[2. , 2. ],
+             [0.5, 0.5],
+             [0.5, 0.5]], dtype=float32)
+    """
+    g = np.asarray(sensitivity, np.float64)
+    if not isinstance(axis, (int, np.integer)) or not -g.ndim <= axis < g.ndim:
+        raise InputError(f"rows axis {axis!r} is outside a sensitivity of shape {g.shape}")
+    u = np.asarray(usage, np.float64)
+    if u.shape != (g.shape[axis],):
+        raise InputError(f"usage must have shape ({g.shape[axis]},) (rows along axis {axis} of {g.shape}), "
+                         f"got {u.shape}")
+    if not np.all(np.isfinite(u)) or np.any(u < 0):
+        raise InputError("usage counts must be finite and >= 0")
+    if not isinstance(prior, (int, float, np.integer, np.floating)) or isinstance(prior, bool) \
+            or not math.isfinite(float(prior)) or float(prior) <= 0:
+        raise InputError(f"prior must be a finite number > 0, got {prior!r}")
+    w = u + float(prior) * u.mean() if u.any() else np.ones_like(u)
+    per_row = g.sum() * w / w.sum() / (g.size // g.shape[axis])
+    return np.broadcast_to(np.expand_dims(per_row, _other_axes(g.ndim, axis)), g.shape).astype(np.float32)
+
+
+def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis % ndim)
 
 
 def allocate_steps(

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from nncjax.codec import decode, encode
 from nncjax.errors import InputError
 from nncjax.optimize import optimize, verify
-from nncjax.sensitivity import allocate_steps, output_sensitivity
+from nncjax.sensitivity import allocate_steps, output_sensitivity, spread_over_rows
 from nncjax.steps import qp_to_step_continuous
 
 
@@ -135,16 +135,58 @@ def test_sensitivity_start_then_training_steps(digits):
 
 
 def test_unexercised_rows_get_no_scales():
-    rng = np.random.default_rng(1)
-    p = {"emb": jnp.asarray(rng.normal(size=(10, 8)), jnp.float32),
-         "w": jnp.asarray(rng.normal(size=(8, 6)) / 3, jnp.float32)}
-    apply = lambda q, ids: jnp.take(q["emb"], ids, axis=0) @ q["w"]
-    ids = jnp.asarray(rng.integers(0, 5, size=(64, 3)))  # tokens 5..9 never occur
+    p, apply, ids = _lookup_model()
     rd = optimize(p, apply, ids, lam=1e-3, init="sensitivity", steps=0, refine=0, progress=False)
     assert set(rd.local_scales) == {"w"}
     assert set(rd.qp_overrides) == {"emb", "w", "w_scaling"}
     out = decode(encode(rd.params_for_encoding(p), **rd.encode_kwargs()), like=p)
     assert np.abs(np.asarray(out["emb"]) - np.asarray(p["emb"])).max() < 0.5
+
+
+def _lookup_model(seed=1):
+    rng = np.random.default_rng(seed)
+    p = {"emb": jnp.asarray(rng.normal(size=(10, 8)), jnp.float32),
+         "w": jnp.asarray(rng.normal(size=(8, 6)) / 3, jnp.float32)}
+    apply = lambda q, ids: jnp.take(q["emb"], ids, axis=0) @ q["w"]
+    return p, apply, jnp.asarray(rng.integers(0, 5, size=(64, 3)))  # tokens 5..9 never occur
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 1000), min_size=2, max_size=12), st.floats(0.01, 10.0), st.sampled_from([0, 1]))
+def test_spread_over_rows_keeps_the_total_and_follows_usage(usage, prior, axis):
+    rng = np.random.default_rng(len(usage))
+    shape = (len(usage), 3) if axis == 0 else (3, len(usage))
+    g = rng.random(shape)
+    out = spread_over_rows(g, usage, axis, prior)
+    assert out.shape == g.shape and math.isclose(out.sum(), g.sum(), rel_tol=1e-5)
+    rows = np.moveaxis(out, axis, 0)[:, 0]
+    u = np.asarray(usage, float)
+    assert np.all(np.diff(rows[np.argsort(u, kind="stable")]) >= -1e-6 * rows.max())  # more use, more sensitive
+    assert rows.min() > 0  # unused rows keep a share
+
+
+@pytest.mark.parametrize("kwargs", [{"usage": [1.0, 2.0]}, {"usage": [-1.0] * 4}, {"usage": [np.nan] * 4},
+                                    {"usage": [1.0] * 4, "prior": 0.0}, {"usage": [1.0] * 4, "axis": 2}])
+def test_spread_over_rows_rejects_bad_input(kwargs):
+    with pytest.raises(InputError):
+        spread_over_rows(np.ones((4, 2)), **kwargs)
+
+
+def test_row_usage_gives_every_embedding_row_a_step():
+    p, apply, ids = _lookup_model()
+    usage = np.array([1000, 1000, 10, 10, 10, 0, 0, 0, 0, 1000], float)
+    rd = optimize(p, apply, ids, lam=1e-3, init="sensitivity", steps=0, refine=0, progress=False,
+                  row_usage={"emb": usage})
+    s = rd.local_scales["emb"]
+    assert s[0] < s[2] < s[5] and s[9] < s[5]  # frequent rows finer, unseen ones coarser
+    out = decode(encode(rd.params_for_encoding(p), **rd.encode_kwargs()), like=p)
+    assert np.abs(np.asarray(out["emb"]) - np.asarray(p["emb"])).max() < 0.5
+    with pytest.raises(InputError, match="not optimised"):
+        optimize(p, apply, ids, lam=1e-3, init="sensitivity", steps=0, progress=False, row_usage={"x": usage})
+    with pytest.raises(InputError, match="init='sensitivity'"):
+        optimize(p, apply, ids, lam=1e-3, steps=0, progress=False, row_usage={"emb": usage})
+    with pytest.raises(InputError, match="usage must have shape"):
+        optimize(p, apply, ids, lam=1e-3, init="sensitivity", steps=0, progress=False, row_usage={"emb": usage[:3]})
 
 
 @pytest.mark.parametrize("kwargs", [{"init": "random"}, {"init": "sensitivity", "distortion": "kl"},
