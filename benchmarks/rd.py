@@ -122,11 +122,12 @@ def minilm_lookup(params) -> tuple:
     (exact: no embedding changes) and count how often each token occurs in the verb, adjective and
     adverb glosses (disjoint from the noun evaluation) as the allocation's ``row_usage``."""
     from nncjax.models.minilm import tokenize, unreachable_rows
+    from nncjax.pytree_names import flatten_named
     from nncjax.reduce import zero_rows
     rows = unreachable_rows()
     (name, dead), = rows.items()
     texts = [g for pos in ("verb", "adj", "adv") for g in wordnet_glosses(pos)]
-    counts = np.zeros(np.shape(params["params"]["word_embeddings"]["embedding"])[0])
+    counts = np.zeros(np.shape(flatten_named(params)[name])[0])
     for i in range(0, len(texts), 1024):
         t = tokenize(texts[i:i + 1024], length=128)
         counts += np.bincount(t["input_ids"][t["attention_mask"] > 0], minlength=len(counts))

@@ -562,7 +562,7 @@ def optimize(
         if not isinstance(q, (int, np.integer)) or not lo <= q <= hi:
             raise InputError(f"init_qps[{n!r}] must be an integer in [{lo}, {hi}], got {q!r}")
     axes = tuple(rows_axis(n, jnp.ndim(named[n]), scale_axis) for n in chosen)
-    unknown = set(row_usage) - {n for n, ax in zip(chosen, axes) if jnp.ndim(named[n]) >= 2}
+    unknown = set(row_usage) - {n for n in chosen if jnp.ndim(named[n]) >= 2}
     if unknown:
         raise InputError(f"row_usage names tensors that are not optimised with row scales: {sorted(unknown)}")
     sens = None

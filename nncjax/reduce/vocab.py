@@ -39,9 +39,9 @@ def _survives(tokenizer: Any, text: str) -> bool:
 def unreachable_token_ids(tokenizer: Any) -> np.ndarray:
     """Ids of the vocabulary entries a WordPiece ``tokenizers.Tokenizer`` can never emit.
 
-    An entry ``t`` (not an added/special token, nor the unknown-word token) is unreachable when its text cannot survive the
-    tokenizer's own preprocessing: a word-initial ``t`` that the normalizer changes or the
-    pre-tokenizer splits, or is longer than ``max_input_chars_per_word``; a continuation
+    An entry ``t`` (not an added/special token, nor the unknown-word token) is unreachable when its
+    text cannot survive the tokenizer's own preprocessing: a word-initial ``t`` that the normalizer
+    changes or the pre-tokenizer splits, or is longer than ``max_input_chars_per_word``; a continuation
     ``prefix + p`` whose ``p`` the normalizer changes or the pre-tokenizer splits off after a plain
     letter. Normalization is applied character by character and splitting happens at characters,
     so no surrounding text can bring such an entry back.
