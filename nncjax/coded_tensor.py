@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCALING_SUFFIX", "code_tensor", "codec_reconstruct", "coded_tensor_bits"]
+__all__ = ["SCALING_SUFFIX", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "levels_bits"]
 
 SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
 
@@ -46,10 +46,20 @@ def code_tensor(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True)
     >>> x_hat.tolist(), bits > 0
     ([[0.3125, -0.3125]], True)
     """
-    from nncjax.kernels.coder import encode_levels
     from nncjax.quantize.reference import quantize_tensor, reconstruct
 
     x = np.asarray(x, np.float32)
     levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
-    bits = 8 * len(encode_levels(levels, dq=dq, row_skipping=True, profile=1))
-    return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape), bits
+    return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape), levels_bits(levels, dq=dq)
+
+
+def levels_bits(levels: np.ndarray, *, dq: bool = True) -> int:
+    """DeepCABAC payload bits of integer ``levels`` (any shape; real coder, row skipping, as
+    :func:`code_tensor` counts them).
+
+    >>> levels_bits(np.zeros((4, 4), np.int32)) < 64
+    True
+    """
+    from nncjax.kernels.coder import encode_levels
+
+    return 8 * len(encode_levels(np.asarray(levels, np.int32), dq=dq, row_skipping=True, profile=1))

@@ -14,7 +14,7 @@ relative MSE between the original and the quantized model's outputs on ``data`` 
 or ``"kl"``, or any ``loss(params, batch)``. One optimisation step is one ``jax.jit``-compiled
 function; parameters may be sharded over a mesh (the step follows their shardings). At the end QPs
 are rounded to integers and, optionally, refined by a small coordinate search (``qp +- 1`` on the
-largest tensors) with the codec's own quantizer and the real DeepCABAC payload size.
+largest tensors) with the codec's own quantizer and the real DeepCABAC coder.
 
 Local scales. A scaled tensor ``W`` is coded as the standard's local scaling: one NNR_PT_BLOCK
 unit holding ``W / s`` in NNR layout (rows first) at the tensor's QP and ``LS = s`` (name
@@ -50,12 +50,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from nncjax.coded_tensor import SCALING_SUFFIX, code_tensor
+from nncjax.coded_tensor import SCALING_SUFFIX, code_tensor, levels_bits
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.gptq import layer_output_error, quantize_gptq
+from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
 from nncjax.reduce._tree import (
@@ -498,14 +499,15 @@ def optimize(
         every row gets its own step: frequent tokens finer, rare and unseen ones coarser (within
         ``max_scale_ratio``).
       rate_sample: the training rate model of a tensor with more elements sees this many (evenly
-        spaced runs of 256, bits scaled up); None: every element. The final snapping always uses
-        the real coder on whole tensors.
+        spaced runs of 256, bits scaled up); None: every element. The real-codec comparisons
+        (``refine``, the sensitivity start's rate slopes) code the same sample with the real coder;
+        ``estimated_bits`` always codes whole tensors.
       distortion: ``"output"`` (MSE between quantized and original outputs, relative to the
         outputs' variance) or ``"kl"`` (softmax KL on the last axis); labels are not needed.
       mode: quantizer relaxation, ``"ste"`` (straight-through) or ``"noise"`` (additive uniform noise).
       refine: after rounding the QPs, try ``qp +- 1`` on this many largest tensors with the codec's
-        quantizer and the real coder's size, keeping what lowers ``D + lam * R`` (``D`` over all of
-        ``data``).
+        quantizer and the real coder (rate differences from the rate samples), keeping what lowers
+        ``D + lam * R`` (``D`` over all of ``data``).
       param_sharding / data_sharding: optional ``jax.sharding.Sharding`` (or pytree of them, for the
         params) to place params / every batch leaf with; already sharded inputs are used as they are.
       progress: tqdm progress bar.
@@ -635,8 +637,9 @@ def optimize(
         ev = _HardEvaluator(cfg, named, {n: ls for n, (ls, _) in coded_ls.items()}, base, batches, refs, statics)
     scales = {n: ls for n, (ls, _) in coded_ls.items()}
     n_refine = min(int(refine), len(cfg.names))
-    ev.prefetch([(n, q) for n, q in zip(cfg.names, qps)]
-                + [(cfg.names[i], np.clip(qps[i] + d, lo, hi)) for i in range(n_refine) for d in (-1, 1)])
+    trials = [(cfg.names[i], np.clip(qps[i] + d, lo, hi)) for i in range(n_refine) for d in (-1, 1)]
+    ev.prefetch([*zip(cfg.names, qps), *trials], "rec")
+    ev.prefetch([*zip(cfg.names, qps), *trials], "sample")
     best = ev.cost(qps, float(lam), n_weights)
     for i in range(n_refine):
         for delta in (-1, 1):
@@ -646,12 +649,14 @@ def optimize(
                 c = ev.cost(trial, float(lam), n_weights)
                 if c < best:
                     best, qps = c, trial
+                    break  # the other direction is the assignment just left
 
     overrides: dict[str, int] = {}
     bits = fixed_bits
+    ev.prefetch(zip(cfg.names, qps), "bits")
     for i, n in enumerate(cfg.names):
         overrides[n] = int(qps[i])
-        bits += ev.rec(n, int(qps[i]))[1]
+        bits += ev.bits(n, int(qps[i]))
         if n in scales:
             overrides[n + LS_SUFFIX] = cfg.scale_qp
             bits += coded_ls[n][1]
@@ -665,9 +670,10 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
     """Integer QPs ``(n,)``, decoded scales ``{name: (rows,)}``, their coded form and the evaluator
     of the closed-form allocation, calibrated once against the real codec: the model's D
     (``sum sens * err**2``) is rescaled to the D measured on ``batches`` and each tensor's rate slope
-    is measured by coding it one octave coarser; then the allocation is redone with both."""
+    is measured by coding its rate sample at its QP and one octave coarser; then the allocation is
+    redone with both."""
     axes = {n: ax for n, sc, ax in zip(cfg.names, cfg.scaled, cfg.axes) if sc}
-    kappa, slopes = 1.0, None
+    kappa, slopes, cache = 1.0, None, {}
     for attempt in range(2):
         alloc = allocate_steps({n: sens[n] for n in cfg.names}, lam / kappa, n_weights=n_weights, rows_axes=axes,
                                rate_slope=slopes, max_ratio=max_ratio, qp_density=cfg.qp_density,
@@ -681,80 +687,118 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
                 s = alloc.row_scale.get(n, np.ones(np.shape(named[n])[axes[n]]))
                 coded[n] = _codec_reconstruct((s * float(rel)).astype(np.float32), cfg.scale_qp, cfg.qp_density, cfg.dq)
         scales = {n: ls for n, (ls, _) in coded.items()}
-        ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics)
+        ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics, cache)
         octave = 1 << cfg.qp_density
-        ev.prefetch([(n, q) for n, q in zip(cfg.names, qps)]
-                    + ([] if attempt else [(n, min(q + octave, cfg.hi)) for n, q in zip(cfg.names, qps)]))
+        ev.prefetch(zip(cfg.names, qps), "rec")
         if attempt == 1:
             break
+        coarser = np.minimum(qps + octave, cfg.hi)
+        ev.prefetch([*zip(cfg.names, qps), *zip(cfg.names, coarser)], "sample")
         d_real = ev.distortion(qps)
-        d_model = sum(float(np.sum(sens[n] * np.square(ev.rec(n, int(q))[0] - np.asarray(named[n], np.float32))))
+        d_model = sum(float(np.sum(sens[n] * np.square(np.asarray(ev.rec(n, int(q))) - np.asarray(named[n], np.float32))))
                       for n, q in zip(cfg.names, qps))
         if not (d_real > 0 and d_model > 0):
             break
         kappa = d_real / d_model
         slopes = {}
-        for n, q in zip(cfg.names, qps):
-            coarser = int(min(q + octave, cfg.hi))
-            saved = (ev.rec(n, int(q))[1] - ev.rec(n, coarser)[1]) / np.size(named[n]) if coarser > q else 1.0
+        for n, q, c in zip(cfg.names, qps, coarser):
+            saved = (ev.sample_bits(n, int(q)) - ev.sample_bits(n, int(c))) / np.size(named[n]) if c > q else 1.0
             slopes[n] = float(np.clip(saved, 0.05, 1.5))  # bits per weight per octave; bounded against noise
     return qps.astype(np.float64), scales, coded, ev
+
+
+_QP_DELTA_BITS = 6.0  # the QP delta's code with qp_density's bits added: NNCodec's per-tensor overhead
 
 
 def _codec_reconstruct(x: np.ndarray, qp: int, qpd: int, dq: bool) -> tuple[np.ndarray, float]:
     """What the codec makes of tensor ``x`` at ``qp``: ``(reconstruction float32 (shape of x), payload bits)``
     with NNCodec's quantizer and the real DeepCABAC coder (QP delta included, unit header excluded)."""
     x_hat, bits = code_tensor(x, qp, qp_density=qpd, dq=dq)
-    return x_hat, bits + 6.0 + qpd
+    return x_hat, bits + _QP_DELTA_BITS + qpd
 
 
 class _HardEvaluator:
-    """``D + lam * R`` of integer QP assignments with the codec's own quantizer and coder (cached per
-    tensor and QP); ``D`` from one jit-compiled forward pass per batch."""
+    """``D + lam * R`` of integer QP assignments with the codec's own quantizer and coder.
+
+    ``D`` comes from one jit-compiled forward pass per batch of the decoder's reconstruction.
+    Rate *differences* between QPs come from each tensor's rate sample (``cfg.rate_sample``
+    elements, see ``_rate_sample``) coded with the real coder and scaled up, so comparing QPs never
+    codes a whole tensor; :meth:`bits` codes a whole tensor once its QP is final. Everything is
+    cached per tensor, QP and scales; evaluators given the same ``cache`` share what they agree on."""
 
     def __init__(self, cfg: _Config, named: dict, scales: dict, base: Any, batches: list, refs: list,
-                 statics: dict):
+                 statics: dict, cache: dict | None = None):
         self.cfg, self.named, self.scales, self.base = cfg, named, scales, base
         self.batches, self.refs, self.statics = batches, refs, statics
-        self._cache: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
+        self._cache: dict[tuple, Any] = {} if cache is None else cache
+        self._scale_key = {n: np.asarray(v, np.float32).tobytes() for n, v in scales.items()}
 
-    def rec(self, name: str, qp: int) -> tuple[np.ndarray, float]:
-        """The decoder's reconstruction of tensor ``name`` (its own layout) and its payload bits; a
-        scaled tensor is quantized as it is coded, ``W / s`` rows first, then scaled back."""
-        key = (name, int(qp))
-        if key not in self._cache:
-            self._cache[key] = self._code(*key)
-        return self._cache[key]
+    def rec(self, name: str, qp: int) -> jax.Array:
+        """The decoder's reconstruction of tensor ``name`` at ``qp`` (its own layout, float32); a scaled
+        tensor is quantized as it is coded, ``W / s`` rows first, then scaled back."""
+        return self._get(name, qp, "rec")
 
-    def prefetch(self, keys, workers: int | None = None) -> None:
-        """Codes the ``(name, qp)`` pairs not cached yet on ``workers`` threads (default: one per
-        CPU; the coder kernels release the GIL)."""
-        todo = [k for k in dict.fromkeys((n, int(q)) for n, q in keys) if k not in self._cache]
+    def bits(self, name: str, qp: int) -> float:
+        """Payload bits of the whole tensor at ``qp`` (real coder; QP delta included, unit header not)."""
+        return self._get(name, qp, "bits")
+
+    def sample_bits(self, name: str, qp: int) -> float:
+        """The rate sample's payload bits at ``qp``, scaled to the tensor's size: an estimate of
+        :meth:`bits` whose differences between QPs are accurate."""
+        return self._get(name, qp, "sample")
+
+    def prefetch(self, keys, what: str = "levels", workers: int | None = None) -> None:
+        """Computes ``what`` (``"levels"``, ``"rec"``, ``"bits"`` or ``"sample"``) of the ``(name, qp)`` pairs not
+        cached yet on ``workers`` threads (default: one per CPU; the kernels release the GIL)."""
+        todo = [k for k in dict.fromkeys((n, int(q), what) for n, q in keys) if self._key(*k) not in self._cache]
         workers = workers or os.cpu_count() or 1
         if len(todo) < 2 or workers == 1:
-            return
+            return  # computed when asked for
+        todo.sort(key=lambda k: -np.size(self.named[k[0]]))  # largest first: no big tensor runs alone at the end
         with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            for key, rec in zip(todo, pool.map(lambda k: self._code(*k), todo)):
-                self._cache[key] = rec
+            for k, value in zip(todo, pool.map(lambda k: self._compute(*k), todo)):
+                self._cache[self._key(*k)] = value
 
-    def _code(self, name: str, qp: int) -> tuple[np.ndarray, float]:
+    def _key(self, name: str, qp: int, what: str) -> tuple:
+        return name, int(qp), what, self._scale_key.get(name, b"")
+
+    def _get(self, name: str, qp: int, what: str):
+        key = self._key(name, qp, what)
+        if key not in self._cache:
+            self._cache[key] = self._compute(name, int(qp), what)
+        return self._cache[key]
+
+    def _coded_layout(self, name: str) -> np.ndarray:
         w = np.asarray(self.named[name], np.float32)
         s = self.scales.get(name)
-        if s is None:
-            return _codec_reconstruct(w, qp, self.cfg.qp_density, self.cfg.dq)
         ax = self.cfg.axes[self.cfg.names.index(name)]
-        x_hat, bits = _codec_reconstruct(_to_rows_first(_divide_rows(w, s, ax), ax), qp, self.cfg.qp_density,
-                                         self.cfg.dq)
-        return _multiply_rows(_from_rows_first(x_hat, ax), s, ax), bits
+        return w if s is None else _to_rows_first(_divide_rows(w, s, ax), ax)
+
+    def _compute(self, name: str, qp: int, what: str):
+        qpd, dq = self.cfg.qp_density, self.cfg.dq
+        if what == "levels":
+            return quantize_tensor(self._coded_layout(name), qp, qp_density=qpd, dq=dq)
+        if what == "rec":
+            levels, used = self._get(name, qp, "levels")
+            x_hat = reconstruct(levels, used, qp_density=qpd)
+            ax = self.cfg.axes[self.cfg.names.index(name)]
+            s = self.scales.get(name)
+            return jnp.asarray(x_hat if s is None else _multiply_rows(_from_rows_first(x_hat, ax), s, ax))
+        if what == "bits":
+            return levels_bits(self._get(name, qp, "levels")[0], dq=dq) + _QP_DELTA_BITS + qpd
+        x, factor = _rate_sample(self._coded_layout(name), self.cfg.rate_sample)
+        return factor * levels_bits(quantize_tensor(np.asarray(x), qp, qp_density=qpd, dq=dq)[0], dq=dq)
 
     def distortion(self, qps: np.ndarray) -> float:
-        recs = {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)}
-        p_hat = replace_named(self.base, {n: jnp.asarray(r[0]) for n, r in recs.items()})
+        self.prefetch(zip(self.cfg.names, qps), "rec")
+        p_hat = replace_named(self.base, {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)})
         return float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
                               for b, r in zip(self.batches, self.refs)]))
 
     def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
-        bits = sum(self.rec(n, int(q))[1] for n, q in zip(self.cfg.names, qps))
+        """``D + lam * R / n_weights`` with ``R`` from the rate samples (for comparing assignments)."""
+        self.prefetch(zip(self.cfg.names, qps), "sample")
+        bits = sum(self.sample_bits(n, int(q)) for n, q in zip(self.cfg.names, qps))
         return self.distortion(qps) + lam * bits / n_weights
 
 

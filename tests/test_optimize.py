@@ -172,3 +172,28 @@ def test_rate_sample_takes_evenly_spaced_runs():
     assert sample.shape == (4, 256) and f == 10.0
     np.testing.assert_array_equal(np.asarray(sample[:, 0]), [0, 10 * 256, 20 * 256, 30 * 256])
     np.testing.assert_array_equal(np.asarray(sample[1]), np.arange(2560, 2816))
+
+
+def test_hard_evaluator_matches_the_codec_and_samples_the_rate():
+    """Reconstructions and whole-tensor bits are the codec's; rate-sample bits track the whole
+    tensor's bits and their difference between QPs; a shared cache is reused only for equal scales."""
+    from nncjax.coded_tensor import code_tensor
+    from nncjax.optimize import _Config, _HardEvaluator
+    rng = np.random.default_rng(0)
+    w = rng.laplace(0.0, 0.05, (1024, 384)).astype(np.float32)     # 6x the rate sample
+    cfg = _Config(("w",), (True,), (0,), 2, True, "ste", -24, -64, 0, 1 << 16)
+    cache: dict = {}
+    ev = _HardEvaluator(cfg, {"w": w}, {}, None, [], [], {}, cache)
+    x_hat, bits = code_tensor(w, -30)
+    np.testing.assert_array_equal(np.asarray(ev.rec("w", -30)), x_hat)
+    assert ev.bits("w", -30) == bits + 6 + 2
+    assert abs(ev.sample_bits("w", -30) / bits - 1) < 0.02
+    saved = bits - code_tensor(w, -26)[1]
+    assert abs((ev.sample_bits("w", -30) - ev.sample_bits("w", -26)) / saved - 1) < 0.05
+    n = len(cache)
+    again = _HardEvaluator(cfg, {"w": w}, {}, None, [], [], {}, cache)
+    assert again.bits("w", -30) == ev.bits("w", -30) and len(cache) == n
+    s = np.linspace(0.5, 2.0, 1024).astype(np.float32)
+    scaled = _HardEvaluator(cfg, {"w": w}, {"w": s}, None, [], [], {}, cache)
+    np.testing.assert_array_equal(np.asarray(scaled.rec("w", -30)), code_tensor(w / s[:, None], -30)[0] * s[:, None])
+    assert len(cache) > n
