@@ -105,7 +105,7 @@ def fashion_config(quick: bool, subset) -> Config:
                   -28, tune, {"bn_pairs": pairs, "lsa_steps": 20 if quick else 150, "rounds": 1 if quick else 2,
                                   "ls_qp": -44}, 30 if quick else 100,
                   [1e-2] if quick else [3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
-                  bnf_gptq_lams=[3e-3] if quick else [3e-3, 1e-2],
+                  bnf_gptq_lams=[3e-3] if quick else [1e-3, 3e-3, 1e-2],
                   # GPTQ's input moments: other training images, one half fitted, the other checked
                   calib=([jnp.asarray(x[1000:3000])], [jnp.asarray(x[3000:5000])], None))
 
@@ -149,7 +149,7 @@ def minilm_config(quick: bool, subset) -> Config:
     half = len(batches) // 2
     return Config("minilm", subset or (200 if quick else "full"),
                   [-40, -34] if quick else [-42, -40, -38, -36],
-                  [1e-3] if quick else [3e-4, 1e-3],
+                  [1e-3] if quick else [1e-3, 2e-3, 4e-3],
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],

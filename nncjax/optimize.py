@@ -308,6 +308,17 @@ def _rate_sample(x: jax.Array, limit: int | None) -> tuple[jax.Array, float]:
     return sample, n / (runs * _RUN)
 
 
+def _row_sample(x: np.ndarray, limit: int | None) -> tuple[np.ndarray, float]:
+    """Evenly spaced whole rows (axis 0) of ``x`` with at most ``limit`` elements (at least one row),
+    and the factor to scale their bits by. Whole rows keep the coder's row skipping as it is on
+    the whole tensor (a run sample would not)."""
+    if limit is None or x.size <= limit:
+        return x, 1.0
+    rows = x.shape[0]
+    k = max(1, min(rows, limit // (x.size // rows)))
+    return x[(np.arange(k) * rows) // k], rows / k
+
+
 def _model_hat(cfg: _Config, theta: dict, base: Any, weights: dict, rng: jax.Array | None):
     """``(params_hat, bits (n,))``: ``base`` (fixed tensors already quantized) with the optimised
     weights quantized (relaxed) at ``theta["qp"] (n,)`` with scales ``theta["ls"]``.
@@ -500,13 +511,13 @@ def optimize(
         ``max_scale_ratio``).
       rate_sample: the training rate model of a tensor with more elements sees this many (evenly
         spaced runs of 256, bits scaled up); None: every element. The real-codec comparisons
-        (``refine``, the sensitivity start's rate slopes) code the same sample with the real coder;
-        ``estimated_bits`` always codes whole tensors.
+        (``refine``, the sensitivity start's rate slopes) code as many elements (whole rows) with the
+        real coder; ``estimated_bits`` always codes whole tensors.
       distortion: ``"output"`` (MSE between quantized and original outputs, relative to the
         outputs' variance) or ``"kl"`` (softmax KL on the last axis); labels are not needed.
       mode: quantizer relaxation, ``"ste"`` (straight-through) or ``"noise"`` (additive uniform noise).
       refine: after rounding the QPs, try ``qp +- 1`` on this many largest tensors with the codec's
-        quantizer and the real coder (rate differences from the rate samples), keeping what lowers
+        quantizer and the real coder (rate differences from row samples), keeping what lowers
         ``D + lam * R`` (``D`` over all of ``data``).
       param_sharding / data_sharding: optional ``jax.sharding.Sharding`` (or pytree of them, for the
         params) to place params / every batch leaf with; already sharded inputs are used as they are.
@@ -670,7 +681,7 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
     """Integer QPs ``(n,)``, decoded scales ``{name: (rows,)}``, their coded form and the evaluator
     of the closed-form allocation, calibrated once against the real codec: the model's D
     (``sum sens * err**2``) is rescaled to the D measured on ``batches`` and each tensor's rate slope
-    is measured by coding its rate sample at its QP and one octave coarser; then the allocation is
+    is measured by coding its row sample at its QP and one octave coarser; then the allocation is
     redone with both."""
     axes = {n: ax for n, sc, ax in zip(cfg.names, cfg.scaled, cfg.axes) if sc}
     kappa, slopes, cache = 1.0, None, {}
@@ -721,9 +732,9 @@ class _HardEvaluator:
     """``D + lam * R`` of integer QP assignments with the codec's own quantizer and coder.
 
     ``D`` comes from one jit-compiled forward pass per batch of the decoder's reconstruction.
-    Rate *differences* between QPs come from each tensor's rate sample (``cfg.rate_sample``
-    elements, see ``_rate_sample``) coded with the real coder and scaled up, so comparing QPs never
-    codes a whole tensor; :meth:`bits` codes a whole tensor once its QP is final. Everything is
+    Rate *differences* between QPs come from a sample of each tensor (evenly spaced whole rows, about
+    ``cfg.rate_sample`` elements, see ``_row_sample``) coded with the real coder and scaled up, so
+    comparing QPs never codes a whole tensor; :meth:`bits` codes a whole tensor once its QP is final. Everything is
     cached per tensor, QP and scales; evaluators given the same ``cache`` share what they agree on."""
 
     def __init__(self, cfg: _Config, named: dict, scales: dict, base: Any, batches: list, refs: list,
@@ -743,7 +754,7 @@ class _HardEvaluator:
         return self._get(name, qp, "bits")
 
     def sample_bits(self, name: str, qp: int) -> float:
-        """The rate sample's payload bits at ``qp``, scaled to the tensor's size: an estimate of
+        """The row sample's payload bits at ``qp``, scaled to the tensor's size: an estimate of
         :meth:`bits` whose differences between QPs are accurate."""
         return self._get(name, qp, "sample")
 
@@ -786,8 +797,8 @@ class _HardEvaluator:
             return jnp.asarray(x_hat if s is None else _multiply_rows(_from_rows_first(x_hat, ax), s, ax))
         if what == "bits":
             return levels_bits(self._get(name, qp, "levels")[0], dq=dq) + _QP_DELTA_BITS + qpd
-        x, factor = _rate_sample(self._coded_layout(name), self.cfg.rate_sample)
-        return factor * levels_bits(quantize_tensor(np.asarray(x), qp, qp_density=qpd, dq=dq)[0], dq=dq)
+        x, factor = _row_sample(self._coded_layout(name), self.cfg.rate_sample)
+        return factor * levels_bits(quantize_tensor(x, qp, qp_density=qpd, dq=dq)[0], dq=dq)
 
     def distortion(self, qps: np.ndarray) -> float:
         self.prefetch(zip(self.cfg.names, qps), "rec")
@@ -796,7 +807,7 @@ class _HardEvaluator:
                               for b, r in zip(self.batches, self.refs)]))
 
     def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
-        """``D + lam * R / n_weights`` with ``R`` from the rate samples (for comparing assignments)."""
+        """``D + lam * R / n_weights`` with ``R`` from the row samples (for comparing assignments)."""
         self.prefetch(zip(self.cfg.names, qps), "sample")
         bits = sum(self.sample_bits(n, int(q)) for n, q in zip(self.cfg.names, qps))
         return self.distortion(qps) + lam * bits / n_weights

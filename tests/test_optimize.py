@@ -197,3 +197,15 @@ def test_hard_evaluator_matches_the_codec_and_samples_the_rate():
     scaled = _HardEvaluator(cfg, {"w": w}, {"w": s}, None, [], [], {}, cache)
     np.testing.assert_array_equal(np.asarray(scaled.rec("w", -30)), code_tensor(w / s[:, None], -30)[0] * s[:, None])
     assert len(cache) > n
+
+
+def test_row_sample_takes_evenly_spaced_whole_rows():
+    from nncjax.optimize import _row_sample
+    x = np.arange(40 * 8 * 32, dtype=np.float32).reshape(40, 8, 32)
+    same, f = _row_sample(x, 1 << 16)
+    assert same is x and f == 1.0
+    sample, f = _row_sample(x, 1024)                       # 4 rows of 256 out of 40
+    assert sample.shape == (4, 8, 32) and f == 10.0
+    np.testing.assert_array_equal(sample, x[[0, 10, 20, 30]])
+    one, f = _row_sample(x, 16)                            # never less than one row
+    assert one.shape == (1, 8, 32) and f == 40.0
