@@ -104,7 +104,7 @@ def fashion_config(quick: bool, subset) -> Config:
                   [3e-3] if quick else [3e-3, 1e-2, 3e-2],
                   -28, tune, {"bn_pairs": pairs, "lsa_steps": 20 if quick else 150, "rounds": 1 if quick else 2,
                                   "ls_qp": -44}, 30 if quick else 100,
-                  [1e-2] if quick else [3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
+                  [1e-2] if quick else [1e-3, 3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
                   bnf_gptq_lams=[3e-3] if quick else [1e-3, 3e-3, 1e-2],
                   # GPTQ's input moments: other training images, one half fitted, the other checked
                   calib=([jnp.asarray(x[1000:3000])], [jnp.asarray(x[3000:5000])], None))
