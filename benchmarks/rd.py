@@ -104,7 +104,7 @@ def fashion_config(quick: bool, subset) -> Config:
                   [3e-3] if quick else [3e-3, 1e-2, 3e-2],
                   -28, tune, {"bn_pairs": pairs, "lsa_steps": 20 if quick else 150, "rounds": 1 if quick else 2,
                                   "ls_qp": -44}, 30 if quick else 100,
-                  [1e-2] if quick else [1e-3, 3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
+                  [1e-2] if quick else [1e-3, 2e-3, 3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
                   bnf_gptq_lams=[3e-3] if quick else [1e-3, 3e-3, 1e-2],
                   # GPTQ's input moments: other training images, one half fitted, the other checked
                   calib=([jnp.asarray(x[1000:3000])], [jnp.asarray(x[3000:5000])], None))
@@ -465,10 +465,9 @@ glosses (`row_usage`).
 λ prices one bit per weight in units of the relative output MSE on a small tuning set
 (Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
 Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥
-0.999 (MiniLM). Wall times are from a 2-core CPU machine; IOQ, nncjax-sens, nncjax-sens-bnf and
-the Fashion-MNIST nncjax-sens-gptq were re-measured on the idle machine in one session (2026-11-22),
-MiniLM's nncjax-sens-gptq on the idle machine on 2026-11-23; the nncjax-grad rows are older and
-were taken under load. Same-session GPU timings are in
+0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, all rows but MiniLM's nncjax-grad
+measured in one session (2026-11-23) with the same code; MiniLM's nncjax-grad rows are older
+(earlier code, taken under load). GPU timings of earlier code are in
 `benchmarks/results/gpu_h100.md`.
 
 """
