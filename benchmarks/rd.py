@@ -465,10 +465,9 @@ glosses (`row_usage`).
 λ prices one bit per weight in units of the relative output MSE on a small tuning set
 (Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
 Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥
-0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, all rows but MiniLM's nncjax-grad
-measured in one session (2026-11-23) with the same code; MiniLM's nncjax-grad rows are older
-(earlier code, taken under load). GPU timings of earlier code are in
-`benchmarks/results/gpu_h100.md`.
+0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, every row measured in one session
+(2026-11-23) with the same code; MiniLM's nncjax-grad only at λ = 2e-3 (9 minutes a point on the
+CPU). GPU timings of earlier code are in `benchmarks/results/gpu_h100.md`.
 
 """
 

@@ -706,8 +706,8 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
         coarser = np.minimum(qps + octave, cfg.hi)
         ev.prefetch([*zip(cfg.names, qps), *zip(cfg.names, coarser)], "sample")
         d_real = ev.distortion(qps)
-        d_model = sum(float(np.sum(sens[n] * np.square(np.asarray(ev.rec(n, int(q))) - np.asarray(named[n], np.float32))))
-                      for n, q in zip(cfg.names, qps))
+        err = {n: np.asarray(ev.rec(n, int(q))) - np.asarray(named[n], np.float32) for n, q in zip(cfg.names, qps)}
+        d_model = sum(float(np.sum(sens[n] * np.square(e))) for n, e in err.items())
         if not (d_real > 0 and d_model > 0):
             break
         kappa = d_real / d_model
@@ -734,8 +734,9 @@ class _HardEvaluator:
     ``D`` comes from one jit-compiled forward pass per batch of the decoder's reconstruction.
     Rate *differences* between QPs come from a sample of each tensor (evenly spaced whole rows, about
     ``cfg.rate_sample`` elements, see ``_row_sample``) coded with the real coder and scaled up, so
-    comparing QPs never codes a whole tensor; :meth:`bits` codes a whole tensor once its QP is final. Everything is
-    cached per tensor, QP and scales; evaluators given the same ``cache`` share what they agree on."""
+    comparing QPs never codes a whole tensor; :meth:`bits` codes a whole tensor once its QP is
+    final. Everything is cached per tensor, QP and scales; evaluators given the same ``cache``
+    share what they agree on."""
 
     def __init__(self, cfg: _Config, named: dict, scales: dict, base: Any, batches: list, refs: list,
                  statics: dict, cache: dict | None = None):
@@ -759,8 +760,9 @@ class _HardEvaluator:
         return self._get(name, qp, "sample")
 
     def prefetch(self, keys, what: str = "levels", workers: int | None = None) -> None:
-        """Computes ``what`` (``"levels"``, ``"rec"``, ``"bits"`` or ``"sample"``) of the ``(name, qp)`` pairs not
-        cached yet on ``workers`` threads (default: one per CPU; the kernels release the GIL)."""
+        """Computes ``what`` (``"levels"``, ``"rec"``, ``"bits"`` or ``"sample"``) of the ``(name, qp)``
+        pairs not cached yet on ``workers`` threads (default: one per CPU; the kernels release the
+        GIL)."""
         todo = [k for k in dict.fromkeys((n, int(q), what) for n, q in keys) if self._key(*k) not in self._cache]
         workers = workers or os.cpu_count() or 1
         if len(todo) < 2 or workers == 1:
