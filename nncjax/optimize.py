@@ -706,8 +706,10 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
         coarser = np.minimum(qps + octave, cfg.hi)
         ev.prefetch([*zip(cfg.names, qps), *zip(cfg.names, coarser)], "sample")
         d_real = ev.distortion(qps)
-        err = {n: np.asarray(ev.rec(n, int(q))) - np.asarray(named[n], np.float32) for n, q in zip(cfg.names, qps)}
-        d_model = sum(float(np.sum(sens[n] * np.square(e))) for n, e in err.items())
+        d_model = 0.0
+        for n, q in zip(cfg.names, qps):  # one tensor's error at a time: no second copy of the model
+            err = np.asarray(ev.rec(n, int(q))) - np.asarray(named[n], np.float32)
+            d_model += float(np.sum(sens[n] * np.square(err)))
         if not (d_real > 0 and d_model > 0):
             break
         kappa = d_real / d_model
