@@ -135,6 +135,16 @@ def minilm_lookup(params) -> tuple:
     return zero_rows(params, rows), {"row_usage": {name: counts}}
 
 
+def length_batches(texts: list[str], n: int, length: int = 32) -> list[dict]:
+    """``texts`` tokenized to at most ``length`` tokens as ``n`` batches of similar lengths, each cut
+    to its longest text: the same tokens as one padded batch, with little padding to run."""
+    from nncjax.models.minilm import tokenize
+    t = tokenize(texts, length=length)
+    used = t["attention_mask"].sum(1)
+    return [{k: jnp.asarray(v[idx, :int(used[idx].max())]) for k, v in t.items()}
+            for idx in np.array_split(np.argsort(used, kind="stable"), n)]
+
+
 def minilm_config(quick: bool, subset) -> Config:
     from nncjax.models.minilm import tokenize
     glosses = wordnet_glosses("verb")
@@ -143,10 +153,8 @@ def minilm_config(quick: bool, subset) -> Config:
     tune = {k: jnp.asarray(v) for k, v in tokenize(texts, length=32).items()}  # one batch, truncated
     # GPTQ's input moments: other verb glosses, one half fitted, the other checked
     rest = [glosses[i] for i in rng.choice(len(glosses), 256 if quick else 1024, replace=False)]
-    size = len(rest) // 4  # few large batches: the moments are collected eagerly
-    batches = [{k: jnp.asarray(v) for k, v in tokenize(rest[i:i + size], length=32).items()}
-               for i in range(0, len(rest), size)]
-    half = len(batches) // 2
+    half = len(rest) // 2
+    fit, check = (length_batches(part, 2) for part in (rest[:half], rest[half:]))
     return Config("minilm", subset or (200 if quick else "full"),
                   [-40, -34] if quick else [-42, -40, -38, -36],
                   [1e-3] if quick else [1e-3, 2e-3, 4e-3],
@@ -154,7 +162,7 @@ def minilm_config(quick: bool, subset) -> Config:
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
                   gptq_lams=[6e-4] if quick else [5e-4, 5.5e-4, 6e-4, 6.5e-4],
-                  calib=(batches[:half], batches[half:], lambda b: b["attention_mask"] > 0),
+                  calib=(fit, check, lambda b: b["attention_mask"] > 0),
                   lookup=minilm_lookup)
 
 

@@ -41,7 +41,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -55,7 +55,9 @@ from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.dq import quantize_dq
-from nncjax.quantize.gptq import layer_output_error, quantize_gptq
+from nncjax.quantize.gptq import _checked_factor as _gptq_factor
+from nncjax.quantize.gptq import _quantize_ordered as _gptq_quantize
+from nncjax.quantize.gptq import layer_output_error
 from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
@@ -113,6 +115,8 @@ class RDSettings:
         integer tensors are not): the bitstream is this plus a few bytes per tensor.
       qp, qp_density, nonweight_qp, dq: the global encode settings used while optimising.
       dq_overrides: ``{name: False}`` for tensors coded without DQ (:func:`with_error_feedback`).
+      tensor_bits: ``{name: bits}`` each optimised weight's share of ``estimated_bits`` (its payload
+        and QP delta at its final settings; its LS tensor not included).
 
     Example:
       >>> data = nncjax.encode(rd.params_for_encoding(params), **rd.encode_kwargs())   # doctest: +SKIP
@@ -128,6 +132,7 @@ class RDSettings:
     nonweight_qp: int
     dq: bool
     dq_overrides: dict[str, bool] = dataclasses.field(default_factory=dict)
+    tensor_bits: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def encode_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`nncjax.encode` reproducing these settings.
@@ -663,17 +668,19 @@ def optimize(
                     break  # the other direction is the assignment just left
 
     overrides: dict[str, int] = {}
+    tensor_bits: dict[str, float] = {}
     bits = fixed_bits
     ev.prefetch(zip(cfg.names, qps), "bits")
     for i, n in enumerate(cfg.names):
         overrides[n] = int(qps[i])
-        bits += ev.bits(n, int(qps[i]))
+        tensor_bits[n] = ev.bits(n, int(qps[i]))
+        bits += tensor_bits[n]
         if n in scales:
             overrides[n + LS_SUFFIX] = cfg.scale_qp
             bits += coded_ls[n][1]
     history = {"loss": h[:, 0], "distortion": h[:, 1], "rate_bits": h[:, 2]}
     return RDSettings(overrides, scales, int(scale_axis), history, float(bits), int(base_qp), qpd, nw_qp,
-                      bool(dq))
+                      bool(dq), tensor_bits=tensor_bits)
 
 
 def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches: list, refs: list, statics: dict,
@@ -909,45 +916,69 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     if unknown:
         raise InputError(f"moments name tensors that settings does not optimise: {unknown[:5]}")
     qps, dqs, bits = dict(settings.qp_overrides), dict(settings.dq_overrides), settings.estimated_bits
+    tensor_bits = dict(settings.tensor_bits)
+    overhead = _QP_DELTA_BITS + qpd  # a tensor's QP delta: the same whichever QP it codes
+    candidates = []
+    # the real coder (numba, GIL released) codes one tensor's candidate while the next one's GPTQ runs
+    with ThreadPoolExecutor(max_workers=1) as coder:
+        for name in tqdm(list(moments), desc="GPTQ", disable=not progress, leave=False):
+            w = np.asarray(named[name], np.float32)
+            if w.ndim != 2:
+                raise InputError(f"moments[{name!r}]: error feedback needs a 2-D tensor, {name!r} is {w.shape}")
+            axis = rows_axis(name, 2, settings.scale_axis)
+            s = settings.local_scales.get(name, np.ones(w.shape[axis], np.float32))
+            x = _to_rows_first(_divide_rows(w, s, axis), axis)  # what the codec codes: (outputs, inputs)
+            h = np.asarray(moments[name], np.float32)
+            h_check = h if check_moments is None else np.asarray(check_moments.get(name, h), np.float32)
+            for what, m in (("moments", h), ("check_moments", h_check)):
+                if m.shape != (x.shape[1],) * 2:
+                    raise InputError(f"{what}[{name!r}] has shape {m.shape}; {name!r} coded rows first is {x.shape}")
+            q0, dq0 = qps[name], dqs.get(name, settings.dq)
+            # encode codes a scaled weight rows first (W / s), any other in its own layout; DQ's
+            # levels and the bits depend on the layout, so both come from the coded one
+            scaled = name in settings.local_scales
+            coded = x if scaled else w
+            levels_ref, used = quantize_tensor(coded, q0, qp_density=qpd, dq=dq0)
+            x_ref = reconstruct(levels_ref, used, qp_density=qpd).reshape(coded.shape)
+            x_ref = x_ref if scaled else _to_rows_first(x_ref, axis)
+            if name in tensor_bits:  # optimize() coded it already
+                bits_ref = Future()
+                bits_ref.set_result(tensor_bits[name])
+            else:
+                bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
+            s_rows = jnp.asarray(s)[:, None]
+
+            def out_err(x_hat, x=x, h=h_check, s_rows=s_rows):  # in the weights' units: the scales multiply back
+                return float(layer_output_error(s_rows * x, s_rows * x_hat, h))
+
+            order, u = _gptq_factor(h, damp, act_order)  # shared by every QP tried
+            x_dev, rows = jnp.asarray(x), x.shape[0]
+
+            def gptq_at(q, x=x_dev, order=order, u=u, rows=rows):
+                step = jnp.full((rows,), qp_to_step(q, qpd), jnp.float32)
+                return np.asarray(_gptq_quantize(x, order, u, step)[1], np.float32)
+
+            budget = out_err(x_ref)
+            x_g = gptq_at(q0)
+            err0 = out_err(x_g)
+            if not err0 <= budget:
+                continue
+            # error ~ step**2: it doubles every 2**qpd / 2 QPs; start at the predicted offset, step down
+            guess = int(np.floor((1 << qpd) / 2 * np.log2(budget / err0))) if err0 > 0 else max_offset
+            best = (q0, x_g)
+            for q in range(min(q0 + min(guess, max_offset), hi), q0, -1):
+                x_q = gptq_at(q)
+                if out_err(x_q) <= budget:
+                    best = (q, x_q)
+                    break
+            q, x_g = best
+            bits_g = coder.submit(lambda a, q: code_tensor(a, q, qp_density=qpd, dq=False)[1] + overhead,
+                                  x_g if scaled else _from_rows_first(x_g, axis), q)
+            candidates.append((name, q, x_g, s, axis, bits_ref, bits_g))
+
     updates = {}
-    for name in tqdm(list(moments), desc="GPTQ", disable=not progress, leave=False):
-        w = np.asarray(named[name], np.float32)
-        if w.ndim != 2:
-            raise InputError(f"moments[{name!r}]: error feedback needs a 2-D tensor, {name!r} is {w.shape}")
-        axis = rows_axis(name, 2, settings.scale_axis)
-        s = settings.local_scales.get(name, np.ones(w.shape[axis], np.float32))
-        x = _to_rows_first(_divide_rows(w, s, axis), axis)  # what the codec codes: (outputs, inputs)
-        h = np.asarray(moments[name], np.float32)
-        h_check = h if check_moments is None else np.asarray(check_moments.get(name, h), np.float32)
-        for what, m in (("moments", h), ("check_moments", h_check)):
-            if m.shape != (x.shape[1],) * 2:
-                raise InputError(f"{what}[{name!r}] has shape {m.shape}; {name!r} coded rows first is {x.shape}")
-        q0 = qps[name]
-        x_ref, bits_ref = code_tensor(x, q0, qp_density=qpd, dq=dqs.get(name, settings.dq))
-        s_rows = jnp.asarray(s)[:, None]
-
-        def out_err(x_hat, x=x, h=h_check, s_rows=s_rows):  # in the weights' units: the scales multiply back
-            return float(layer_output_error(s_rows * x, s_rows * x_hat, h))
-
-        def gptq_at(q, x=x, h=h):
-            return np.asarray(quantize_gptq(x, h, qp_to_step(q, qpd), damp=damp, act_order=act_order)[1],
-                              np.float32)
-
-        budget = out_err(x_ref)
-        x_g = gptq_at(q0)
-        err0 = out_err(x_g)
-        if not err0 <= budget:
-            continue
-        # error ~ step**2: it doubles every 2**qpd / 2 QPs; start at the predicted offset, step down
-        guess = int(np.floor((1 << qpd) / 2 * np.log2(budget / err0))) if err0 > 0 else max_offset
-        best = (q0, x_g)
-        for q in range(min(q0 + min(guess, max_offset), hi), q0, -1):
-            x_q = gptq_at(q)
-            if out_err(x_q) <= budget:
-                best = (q, x_q)
-                break
-        q, x_g = best
-        bits_g = code_tensor(x_g, q, qp_density=qpd, dq=False)[1]
+    for name, q, x_g, s, axis, bits_ref, bits_g in candidates:
+        bits_ref, bits_g = bits_ref.result(), bits_g.result()
         if bits_g >= bits_ref:
             continue
         updates[name] = _multiply_rows(_from_rows_first(x_g, axis), s, axis).astype(np.asarray(named[name]).dtype)
@@ -955,7 +986,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             ls, ls_qp = np.asarray(s, np.float32), qps[name + LS_SUFFIX]
             bits += (code_tensor(ls, ls_qp, qp_density=qpd, dq=False)[1]
                      - code_tensor(ls, ls_qp, qp_density=qpd, dq=dqs.get(name, settings.dq))[1])
-        qps[name], dqs[name] = q, False
+        qps[name], dqs[name], tensor_bits[name] = q, False, bits_g
         bits += bits_g - bits_ref
     return (replace_named(params, {n: jnp.asarray(v) for n, v in updates.items()}),
-            dataclasses.replace(settings, qp_overrides=qps, dq_overrides=dqs, estimated_bits=float(bits)))
+            dataclasses.replace(settings, qp_overrides=qps, dq_overrides=dqs, estimated_bits=float(bits),
+                                tensor_bits=tensor_bits))

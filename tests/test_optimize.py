@@ -19,6 +19,7 @@ import pytest
 
 from nncjax import models
 from nncjax.codec import decode, encode, inspect
+from nncjax.coded_tensor import levels_bits
 from nncjax.errors import InputError
 from nncjax.models.digits_mlp import load_digits_split
 from nncjax.optimize import LS_SUFFIX, RDSettings, optimize, verify
@@ -90,6 +91,11 @@ def test_settings_round_trip_through_the_codec(digits, runs):
     assert res.nbytes == len(encode(flat, **rd.encode_kwargs()))
     # the payload estimate is the coder's: the stream adds only unit headers and names
     assert 0 < res.nbytes * 8 - rd.estimated_bits < 8 * 400
+    # each optimised weight's share: its coded levels (plus the QP delta's few bits)
+    assert set(rd.tensor_bits) == {n for n in rd.qp_overrides if not n.endswith(LS_SUFFIX)}
+    for name, b in rd.tensor_bits.items():
+        levels, _ = quantize_tensor(flat[name], rd.qp_overrides[name], dq=True)
+        assert 0 < b - levels_bits(levels) <= 8
 
 
 def test_gradient_rd_beats_uniform_qp_at_equal_size(digits, runs, capsys):

@@ -1,6 +1,7 @@
 """nncjax.quantize.gptq (error-feedback quantization of linear layers) and
 nncjax.optimize.with_error_feedback (GPTQ in place of DQ at equal layer-output error)."""
 
+import dataclasses
 import doctest
 
 import flax.linen as nn
@@ -80,6 +81,29 @@ def test_error_feedback_loop_compiles_once_per_shape():
     assert _error_feedback._cache_size() == before
 
 
+@pytest.mark.parametrize("cols", [5, 64, 100, 200])
+def test_blocked_feedback_matches_column_by_column_feedback(cols):
+    """The blocked loop (errors passed on a block of columns at a time) is the textbook algorithm:
+    round column j, move its error onto every later column through row j of U. Column counts below,
+    at and across the block size."""
+    rng = np.random.default_rng(cols)
+    w = rng.normal(0, 0.05, (7, cols))
+    h = _correlated(rng, cols).astype(np.float64)
+    h += 0.01 * np.mean(np.diag(h)) * np.eye(cols)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    step = np.full(7, qp_to_step(-30))
+    x, want = w.copy(), np.zeros_like(w)
+    for j in range(cols):
+        want[:, j] = np.sign(x[:, j]) * np.floor(np.abs(x[:, j] / step) + 0.5)
+        x[:, j + 1:] -= np.outer((x[:, j] - want[:, j] * step) / u[j, j], u[j, j + 1:])
+    got = np.asarray(_error_feedback(jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32),
+                                     jnp.asarray(1 / step, jnp.float32), jnp.asarray(step, jnp.float32))).T
+    # float32 against float64: a level may flip where a value sits at a rounding boundary
+    assert np.mean(got == want) > 0.99
+    err = [float(layer_output_error(w, k * step[:, None], h)) for k in (got, want)]
+    assert err[0] == pytest.approx(err[1], rel=0.02)
+
+
 @pytest.mark.parametrize(("w", "h", "step", "match"), [
     (np.ones((2, 3)), np.eye(2), 0.1, "columns"),
     (np.ones(3), np.eye(3), 0.1, "columns"),
@@ -103,7 +127,7 @@ def test_dense_input_moments_are_the_inputs_second_moments():
     model = _TwoDense()
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 4))
     v = model.init(jax.random.PRNGKey(1), x)
-    apply = jax.jit(model.apply)  # a jitted apply_fn still shows its layers (the capture runs eagerly)
+    apply = jax.jit(model.apply)  # a jitted apply_fn still shows its layers (it is unwrapped)
     h = dense_input_moments(apply, v, [x[:1], x[1:]])
     assert set(h) == {"params/hidden/kernel", "params/out/kernel"}
     flat = np.asarray(x, np.float64).reshape(-1, 4)
@@ -116,6 +140,18 @@ def test_dense_input_moments_are_the_inputs_second_moments():
     masked = dense_input_moments(model.apply, v, x[:1], mask=lambda b: keep)
     first = np.asarray(x[0, :3], np.float64)
     np.testing.assert_allclose(masked["params/hidden/kernel"], first.T @ first / 3, rtol=1e-6)
+    # a jitted call inside apply_fn (no unwrapping reaches it): the capture falls back to running eagerly
+    nested = dense_input_moments(lambda p, b: jax.jit(model.apply)(p, b), v, x)
+    np.testing.assert_allclose(nested["params/hidden/kernel"], flat.T @ flat / 14, rtol=1e-6)
+
+    class Unhashable:  # an apply_fn that cannot be a static jit argument is compiled per call
+        __hash__ = None
+
+        def __call__(self, p, b):
+            return model.apply(p, b)
+
+    np.testing.assert_allclose(dense_input_moments(Unhashable(), v, x)["params/hidden/kernel"], flat.T @ flat / 14,
+                               rtol=1e-6)
     with pytest.raises(InputError):
         dense_input_moments(model.apply, v, [])
     with pytest.raises(InputError, match="no flax.linen.Dense"):
@@ -142,6 +178,11 @@ def test_with_error_feedback_moves_the_rd_point_down(digits):
     p_g, rd_g = with_error_feedback(m.params, rd_ref, fit, check_moments=check, progress=False)
     changed = [n for n in fit if rd_g.dq_overrides.get(n) is False]
     assert changed, "no tensor was worth substituting"
+    assert all(rd_g.tensor_bits[n] < rd_ref.tensor_bits[n] for n in changed)
+    # settings without optimize()'s per-tensor bits: the references are coded again, same decisions
+    _, rd_again = with_error_feedback(m.params, dataclasses.replace(rd_ref, tensor_bits={}), fit,
+                                      check_moments=check, progress=False)
+    assert rd_again.qp_overrides == rd_g.qp_overrides and rd_again.estimated_bits == rd_g.estimated_bits
     new = verify(p_g, rd_g)
     saved = ref.nbytes - new.nbytes  # the estimate tracks it (unit headers differ slightly)
     assert abs((rd_ref.estimated_bits - rd_g.estimated_bits) / 8 - saved) < 0.05 * saved

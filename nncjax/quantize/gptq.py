@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -52,20 +53,41 @@ def _inverse_cholesky(h: jax.Array, damp: jax.Array) -> jax.Array:
     return jnp.linalg.cholesky(h_inv).T
 
 
+_BLOCK = 64  # columns whose error feedback runs column by column before one matmul passes it on
+
+
 @jax.jit
 def _error_feedback(w: jax.Array, u: jax.Array, inv_step: jax.Array, step: jax.Array) -> jax.Array:
-    """Levels ``(columns, rows)``: column ``j`` rounded, its error spread over columns ``> j``."""
-    cols = jnp.arange(w.shape[1])
+    """Levels ``(columns, rows)``: column ``j`` rounded, its error spread over columns ``> j``.
 
-    def one(w, j):
-        col = w[:, j]
-        k = round_half_away(inv_step * col)
-        err = (col - k * step) / u[j, j]
-        w = w - err[:, None] * jnp.where(cols > j, u[j], 0.0)[None, :]
-        return w, k
+    Blocked ("lazy batch" updates): inside a block of ``_BLOCK`` columns the feedback runs column by
+    column on the block alone; the block's errors then reach all later columns in one matmul. Same
+    arithmetic as the column-by-column form up to float summation order, far less memory traffic."""
+    rows, n = w.shape
+    n_pad = -(-n // _BLOCK) * _BLOCK
+    w = jnp.pad(w, ((0, 0), (0, n_pad - n)))
+    # padded columns: zero weights and a unit diagonal, so they round to 0 and feed back nothing
+    u = jnp.pad(u, ((0, n_pad - n), (0, n_pad - n))) + jnp.diag(jnp.arange(n_pad) >= n).astype(u.dtype)
+    inner = jnp.arange(_BLOCK)
 
-    _, levels = jax.lax.scan(one, w, cols)
-    return levels
+    def block(w, b):
+        start = b * _BLOCK
+        wb = jax.lax.dynamic_slice(w, (0, start), (rows, _BLOCK))
+        ub = jax.lax.dynamic_slice(u, (start, start), (_BLOCK, _BLOCK))
+
+        def one(wb, j):
+            col = wb[:, j]
+            k = round_half_away(inv_step * col)
+            err = (col - k * step) / ub[j, j]
+            return wb - err[:, None] * jnp.where(inner > j, ub[j], 0.0)[None, :], (k, err)
+
+        _, (k, err) = jax.lax.scan(one, wb, inner)
+        later = jnp.where(jnp.arange(n_pad)[None, :] >= start + _BLOCK, jax.lax.dynamic_slice(
+            u, (start, 0), (_BLOCK, n_pad)), 0.0)
+        return w - jnp.matmul(err.T, later, precision=jax.lax.Precision.HIGHEST), k
+
+    _, levels = jax.lax.scan(block, w, jnp.arange(n_pad // _BLOCK))
+    return levels.reshape(n_pad, rows)[:n]
 
 
 def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: float = 0.01,
@@ -103,19 +125,42 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
         raise InputError(f"w must be (rows, columns) and h (columns, columns); got {w.shape} and {h.shape}")
     if np.shape(step) not in ((), (w.shape[0],)):
         raise InputError(f"step must be a scalar or have shape ({w.shape[0]},), got shape {np.shape(step)}")
-    step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (w.shape[0],))
-    if not bool(jnp.all(step > 0)) or not bool(jnp.all(jnp.isfinite(step))):
+    step_host = np.asarray(step, np.float64)
+    if not np.all(step_host > 0) or not np.all(np.isfinite(step_host)):
         raise InputError("step must be positive and finite")
-    if not (isinstance(damp, (int, float)) and damp >= 0):
-        raise InputError(f"damp must be a number >= 0, got {damp!r}")
-    if not bool(jnp.all(jnp.isfinite(w))) or not bool(jnp.all(jnp.isfinite(h))):
-        raise InputError("w and h must be finite")
     if w.size == 0:
         return jnp.zeros(w.shape, jnp.int32), w
-    order = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(w.shape[1])
-    u = _inverse_cholesky(h[order][:, order], jnp.float32(damp))
-    if not bool(jnp.all(jnp.isfinite(u))):
+    if not bool(jnp.all(jnp.isfinite(w))):
+        raise InputError("w and h must be finite")
+    order, u = _checked_factor(h, damp, act_order)
+    return _quantize_ordered(w, order, u, jnp.broadcast_to(jnp.asarray(step, jnp.float32), (w.shape[0],)))
+
+
+def _checked_factor(h: jax.Array, damp: float, act_order: bool) -> tuple[jax.Array, jax.Array]:
+    """:func:`_factor` of a finite ``h`` whose damped inverse has a Cholesky factor, else InputError."""
+    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0):
+        raise InputError(f"damp must be a number >= 0, got {damp!r}")
+    order, u, finite_h, finite_u = _factor(jnp.asarray(h, jnp.float32), jnp.float32(damp), bool(act_order))
+    if not bool(finite_h):
+        raise InputError("w and h must be finite")
+    if not bool(finite_u):
         raise InputError("h is not positive semi-definite (its damped inverse has no Cholesky factor)")
+    return order, u
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _factor(h: jax.Array, damp: jax.Array, act_order: bool) -> tuple[jax.Array, ...]:
+    """GPTQ's column order ``(columns,)`` and the upper Cholesky factor of the damped ``H^-1`` in that
+    order (it depends on ``h`` only: one factor serves every step tried on a layer), and whether
+    ``h`` and the factor are finite."""
+    order = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(h.shape[0])
+    u = _inverse_cholesky(h[order][:, order], damp)
+    return order, u, jnp.all(jnp.isfinite(h)), jnp.all(jnp.isfinite(u))
+
+
+@jax.jit
+def _quantize_ordered(w: jax.Array, order: jax.Array, u: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``quantize_gptq``'s result from a precomputed :func:`_factor`; ``step`` is ``(rows,)``."""
     levels = jnp.zeros(w.shape, jnp.float32).at[:, order].set(_error_feedback(w[:, order], u, 1.0 / step, step).T)
     return levels.astype(jnp.int32), levels * step[:, None]
 
@@ -131,6 +176,46 @@ def layer_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Arra
     return jnp.sum((e @ jnp.asarray(h, jnp.float32)) * e)
 
 
+def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch: Any) -> dict[str, tuple]:
+    """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense``
+    inputs; traceable (masked positions are weighted 0, not removed)."""
+    import flax.linen as nn
+
+    from nncjax.pytree_names import flatten_named
+
+    names = set(flatten_named(params))
+    keep = None if mask is None else jnp.asarray(mask(batch))
+    out: dict[str, tuple] = {}
+
+    def kernel_name(path: tuple) -> str:
+        for prefix in ("params/", ""):
+            name = prefix + "/".join((*path, "kernel"))
+            if name in names:
+                return name
+        raise InputError(f"no kernel found for the Dense layer at {'/'.join(path)!r}")
+
+    def intercept(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+            x = jnp.asarray(args[0], jnp.float32)
+            weight = jnp.ones(x.shape[:-1], jnp.float32) if keep is None else jnp.broadcast_to(
+                keep, x.shape[:-1]).astype(jnp.float32)
+            x, weight = x.reshape(-1, x.shape[-1]), weight.reshape(-1)
+            # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
+            # summed on the host in float64
+            xx = jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST)
+            name = kernel_name(tuple(context.module.path))
+            old_xx, old_n = out.get(name, (0.0, 0.0))
+            out[name] = (old_xx + xx, old_n + jnp.sum(weight))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(intercept):
+        apply_fn(params, batch)
+    return out
+
+
+_jit_batch_moments = jax.jit(_batch_moments, static_argnums=(0, 1))
+
+
 def dense_input_moments(
     apply_fn: Callable[[Any, Any], Any],
     params: Any,
@@ -140,10 +225,11 @@ def dense_input_moments(
 ) -> dict[str, np.ndarray]:
     """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen.Dense`` layer of a model.
 
-    The model runs eagerly (``jax.disable_jit``: a jitted ``apply_fn`` would hide its layers behind
-    a compiled call) under :func:`flax.linen.intercept_methods`, which sees each ``Dense`` call's
-    input; a layer called several times pools all its inputs. Eager dispatch costs per operation, so
-    a few large batches are much faster than many small ones.
+    The model is traced under :func:`flax.linen.intercept_methods`, which sees each ``Dense`` call's
+    input; a layer called several times pools all its inputs. The trace is compiled once per batch
+    shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped first, or its layers would hide behind
+    the compiled call); a model that cannot be traced that way (nested jitted calls) runs eagerly
+    under ``jax.disable_jit``, where a few large batches are much faster than many small ones.
 
     Args:
       apply_fn: ``apply_fn(params, batch)`` running a Flax linen model (``Dense`` submodules).
@@ -167,45 +253,30 @@ def dense_input_moments(
       >>> {k: a.tolist() for k, a in h.items()}
       {'params/kernel': [[1.0, 1.0], [1.0, 2.0]]}
     """
-    import flax.linen as nn
-
-    from nncjax.pytree_names import flatten_named
-
     batches = data if isinstance(data, list) else [data]
     if not batches:
         raise InputError("data is an empty list")
-    names = set(flatten_named(params))
+    # jax.jit keeps the function it traces as __wrapped__ (and has .lower, unlike other wrappers)
+    raw_fn = apply_fn.__wrapped__ if hasattr(apply_fn, "lower") and hasattr(apply_fn, "__wrapped__") else apply_fn
+    try:
+        hash((raw_fn, mask))
+        compiled = functools.partial(_jit_batch_moments, raw_fn, mask)  # compiled once per shape, across calls
+    except TypeError:  # e.g. a method of an unhashable object: compiled for this call only
+        compiled = jax.jit(functools.partial(_batch_moments, raw_fn, mask))
+
+    def one(batch):
+        try:
+            return compiled(params, batch)
+        except jax.errors.UnexpectedTracerError:  # a jitted call inside the model kept its layers' inputs
+            with jax.disable_jit():
+                return _batch_moments(raw_fn, mask, params, batch)
+
     sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-
-    def kernel_name(path: tuple) -> str:
-        for prefix in ("params/", ""):
-            name = prefix + "/".join((*path, "kernel"))
-            if name in names:
-                return name
-        raise InputError(f"no kernel found for the Dense layer at {'/'.join(path)!r}")
-
-    keep: np.ndarray | None = None
-
-    def intercept(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-            x = jnp.asarray(args[0], jnp.float32)
-            if keep is not None:
-                x = x[np.broadcast_to(keep, x.shape[:-1])]
-            x = x.reshape(-1, x.shape[-1])
-            name = kernel_name(tuple(context.module.path))
-            # on the device, float32 with full-precision passes (a GPU/TPU default would be bf16);
-            # batches are summed on the host in float64
-            xx = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+    counts: dict[str, float] = {}
+    for batch in batches:
+        for name, (xx, n) in one(batch).items():
             sums[name] = sums.get(name, 0.0) + np.asarray(xx, np.float64)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return next_fun(*args, **kwargs)
-
-    with jax.disable_jit(), nn.intercept_methods(intercept):
-        for batch in batches:
-            keep = None if mask is None else np.asarray(mask(batch), bool)
-            apply_fn(params, batch)
+            counts[name] = counts.get(name, 0.0) + float(n)
     if not sums:
         raise InputError("the model called no flax.linen.Dense layer")
-    return {n: sums[n] / max(counts[n], 1) for n in sums}
-
+    return {n: sums[n] / max(counts[n], 1.0) for n in sums}
