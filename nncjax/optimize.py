@@ -919,8 +919,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     tensor_bits = dict(settings.tensor_bits)
     overhead = _QP_DELTA_BITS + qpd  # a tensor's QP delta: the same whichever QP it codes
     candidates = []
-    # the real coder (numba, GIL released) codes one tensor's candidate while the next one's GPTQ runs
-    with ThreadPoolExecutor(max_workers=1) as coder:
+    # the real coder (numba, GIL released) codes candidates on the other cores while GPTQ goes on
+    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as coder:
         for name in tqdm(list(moments), desc="GPTQ", disable=not progress, leave=False):
             w = np.asarray(named[name], np.float32)
             if w.ndim != 2:
