@@ -1,0 +1,199 @@
+"""Bias correction after quantization: each layer's mean output shift moved into a bias (``nncjax.bias_correction``).
+
+Quantization errors of a layer's weights do not average out over its inputs when the inputs have a
+large mean (after a ReLU they are all positive): ``E[(W_hat - W) x] = (W_hat - W) E[x]`` shifts every
+output channel by a constant, and the next layers see a biased signal. Measuring that shift on a few
+calibration batches and subtracting it from a bias the codec already codes at a fine QP (the layer's
+own bias, or the mean of the batch norm that follows it) removes it for next to no bits (Nagel et
+al., "Data-Free Quantization", ICCV 2019, correct it analytically; here it is measured, so any
+layer type and any input statistics work).
+
+The shift of each layer is measured on the float model's own activations (each layer in isolation,
+as GPTQ fits them), from the weights the decoder will reconstruct with the given settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.coded_tensor import code_tensor, codec_reconstruct
+from nncjax.errors import InputError
+from nncjax.optimize import LS_SUFFIX, RDSettings
+from nncjax.pytree_names import flatten_named
+from nncjax.reduce._tree import replace_named
+
+__all__ = ["decoded_params", "output_shifts", "with_bias_correction"]
+
+
+def decoded_params(params: Any, settings: RDSettings) -> Any:
+    """What decoding ``encode(settings.params_for_encoding(params), **settings.encode_kwargs())``
+    gives for every optimised weight (codec quantizer, local scales applied; no coding), with the
+    other leaves of ``params`` as they are (they are coded at fine QPs). Same structure as ``params``.
+
+    >>> p_hat = decoded_params(params, rd)                                        # doctest: +SKIP
+    """
+    if not isinstance(settings, RDSettings):
+        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
+    flat = settings.params_for_encoding(params)
+    for name, qp in settings.qp_overrides.items():
+        if not name.endswith(LS_SUFFIX) and name in flat:
+            flat[name] = codec_reconstruct(flat[name], qp, qp_density=settings.qp_density,
+                                           dq=settings.dq_overrides.get(name, settings.dq))
+    return settings.restore(flat, like=params)
+
+
+def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat: Any, batch: Any) -> dict:
+    """``{kernel name: (sum over positions of y - y_hat (channels,), positions)}`` for one batch; each
+    ``Dense``/``Conv`` layer gets the float model's input and runs with its float and its decoded
+    kernel."""
+    import flax.linen as nn
+
+    hat = flatten_named(params_hat)
+    out: dict[str, tuple] = {}
+    busy = []  # the layer re-applied with the decoded kernel must not be intercepted itself
+
+    def intercept(next_fun, args, kwargs, context):
+        mod = context.module
+        if busy or context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+            return next_fun(*args, **kwargs)
+        kernel = "/".join((*mod.path, "kernel"))
+        name = next((p + kernel for p in ("params/", "") if p + kernel in names), None)
+        y = next_fun(*args, **kwargs)
+        if name is None:
+            return y
+        own = {k.rsplit("/", 1)[-1]: v for k, v in hat.items() if k.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]}
+        busy.append(True)
+        try:
+            y_hat = mod.clone(parent=None).apply({"params": own}, *args, **kwargs)
+        finally:
+            busy.pop()
+        d = (y - y_hat).reshape(-1, y.shape[-1]).astype(jnp.float32)
+        total, count = out.get(name, (0.0, 0))
+        out[name] = (total + jnp.sum(d, 0), count + d.shape[0])
+        return y
+
+    with nn.intercept_methods(intercept):
+        apply_fn(params, batch)
+    return out
+
+
+_jit_layer_shifts = jax.jit(_layer_shifts, static_argnums=(0, 1))
+
+
+def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: Any, data: Any) -> dict[str, np.ndarray]:
+    """Mean output shift ``E[y - y_hat]`` per output channel of every Flax ``Dense``/``Conv`` layer
+    whose kernel differs between ``params`` and ``params_hat``, on the float model's activations.
+
+    Args:
+      apply_fn: ``apply_fn(params, batch)`` running a Flax linen model (a ``jax.jit``-wrapped one is
+        unwrapped, or its layers would hide behind the compiled call).
+      params, params_hat: the float parameters and the decoded ones (same structure).
+      data: one batch or a list of batches.
+
+    Returns:
+      ``{kernel name: float64 (output channels,)}``.
+
+    Raises:
+      InputError: empty ``data``.
+
+    Example:
+      >>> import flax.linen as nn
+      >>> model = nn.Dense(2)
+      >>> v = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
+      >>> v_hat = jax.tree_util.tree_map(lambda k: k + 0.5, v)    # a biased "quantization" (kernel and bias)
+      >>> shift = output_shifts(model.apply, v, v_hat, jnp.ones((4, 3)))
+      >>> np.round(shift["params/kernel"], 3).tolist()           # 3 inputs of 1 and the bias, each 0.5 off
+      [-2.0, -2.0]
+    """
+    batches = data if isinstance(data, list) else [data]
+    if not batches:
+        raise InputError("data is an empty list")
+    raw_fn = apply_fn.__wrapped__ if hasattr(apply_fn, "lower") and hasattr(apply_fn, "__wrapped__") else apply_fn
+    flat, flat_hat = flatten_named(params), flatten_named(params_hat)
+    names = frozenset(n for n, v in flat.items() if n.endswith("kernel") and n in flat_hat
+                      and not np.array_equal(np.asarray(v), np.asarray(flat_hat[n])))
+    try:
+        hash(raw_fn)
+        run = functools.partial(_jit_layer_shifts, raw_fn, names)  # compiled once per shape, across calls
+    except TypeError:  # e.g. a method of an unhashable object: compiled for this call only
+        run = jax.jit(functools.partial(_layer_shifts, raw_fn, names))
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for batch in batches:
+        for name, (total, count) in run(params, params_hat, batch).items():
+            sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
+            counts[name] = counts.get(name, 0) + int(count)
+    return {n: sums[n] / max(counts[n], 1) for n in sums}
+
+
+def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[Any, Any], Any], data: Any, *,
+                         bn_pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]] = ()) -> tuple[Any, RDSettings]:
+    """Moves each quantized layer's mean output shift into a bias the bitstream already carries.
+
+    For every optimised ``Dense``/``Conv`` kernel, the shift ``E[y - y_hat]`` (:func:`output_shifts`,
+    measured on ``data`` with the weights :func:`decoded_params` gives) is added to the layer's own
+    bias; a layer without one that feeds a batch norm (``bn_pairs``) has it subtracted from that batch
+    norm's running mean instead (``BN(y_hat + shift)`` in the batch norm's own parameters). Layers
+    with neither are left alone. Biases and batch-norm statistics are coded at the fine non-weight
+    QP, so the correction costs a few bits.
+
+    Args:
+      params: model variables ``settings`` was optimised for (``{"params", "batch_stats", ...}``).
+      settings: from :func:`nncjax.optimize` (or :func:`nncjax.with_error_feedback`).
+      apply_fn: ``apply_fn(params, batch)`` running the Flax model.
+      data: calibration batch or list of batches (e.g. ``optimize``'s own).
+      bn_pairs: ``[((layer path...), (batch norm path...)), ...]`` as for :func:`nncjax.optimize_ioq`,
+        e.g. ``[(("conv1",), ("bn1",))]``: the batch norm each bias-free layer feeds.
+
+    Returns:
+      ``(params_corrected, settings)``: ``params`` with the corrected biases / running means (encode
+      them with ``settings`` as before) and ``settings`` with ``estimated_bits`` updated.
+
+    Raises:
+      InputError: ``settings`` not from :func:`nncjax.optimize`, a ``bn_pairs`` entry naming no
+        batch-norm mean, or a shift that does not fit its bias.
+
+    Example:
+      >>> rd = nncjax.optimize(v, m.apply, x_tune, lam=3e-3, init="sensitivity", steps=0)  # doctest: +SKIP
+      >>> v_bc, rd_bc = with_bias_correction(v, rd, m.apply, x_tune, bn_pairs=[(("conv1",), ("bn1",))])  # doctest: +SKIP
+      >>> nncjax.decode(nncjax.encode(rd_bc.params_for_encoding(v_bc), **rd_bc.encode_kwargs()), like=v)  # doctest: +SKIP
+    """
+    if not isinstance(settings, RDSettings):
+        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
+    named = flatten_named(params)
+    bn_of = {}
+    for layer, bn in bn_pairs:
+        mean = next((p + "/".join(bn) + "/mean" for p in ("batch_stats/", "") if p + "/".join(bn) + "/mean" in named),
+                    None)
+        if mean is None:
+            raise InputError(f"bn_pairs: no batch-norm mean at {'/'.join(bn)!r}")
+        bn_of["/".join(layer)] = mean
+    shifts = output_shifts(apply_fn, params, decoded_params(params, settings), data)
+    updates = {}
+    for kernel, shift in shifts.items():
+        layer = kernel.rsplit("/", 1)[0]
+        if layer + "/bias" in named:
+            target, sign = layer + "/bias", 1.0
+        else:
+            target = bn_of.get(layer.split("/", 1)[1] if layer.startswith("params/") else layer)
+            sign = -1.0  # BN(y_hat + s) = BN with its mean lowered by s
+            if target is None:
+                continue
+        old = np.asarray(named[target])
+        if old.shape != shift.shape:
+            raise InputError(f"{kernel!r}: output shift of shape {shift.shape} does not fit {target!r} {old.shape}")
+        updates[target] = (old + sign * shift).astype(old.dtype)
+    bits = settings.estimated_bits
+    for target, new in updates.items():  # a non-weight tensor: coded at its override or the non-weight QP
+        qp = settings.qp_overrides.get(target, settings.nonweight_qp)
+        kw = {"qp_density": settings.qp_density, "dq": settings.dq}
+        bits += code_tensor(new, qp, **kw)[1] - code_tensor(np.asarray(named[target]), qp, **kw)[1]
+    return (replace_named(params, {n: jnp.asarray(v) for n, v in updates.items()}),
+            dataclasses.replace(settings, estimated_bits=float(bits)))

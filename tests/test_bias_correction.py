@@ -1,0 +1,94 @@
+"""nncjax.bias_correction: quantized layers' mean output shifts moved into biases / batch-norm means."""
+
+import doctest
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nncjax.bias_correction
+from nncjax import InputError, decode, encode
+from nncjax.bias_correction import decoded_params, output_shifts, with_bias_correction
+from nncjax.optimize import optimize, verify
+from nncjax.pytree_names import flatten_named
+
+
+class _ConvBnDense(nn.Module):
+    """A bias-free conv feeding a batch norm, then a dense layer with a bias: both places a shift goes."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(6, (3, 3), use_bias=False, name="conv")(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=True, name="bn")(x))
+        return nn.Dense(4, name="fc")(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = _ConvBnDense()
+    x = jax.random.uniform(jax.random.PRNGKey(0), (64, 6, 6, 2))  # positive inputs: a mean to shift
+    v = model.init(jax.random.PRNGKey(1), x[:1])
+    # running statistics of a trained net, not the init's zeros and ones
+    v = {"params": v["params"], "batch_stats": {"bn": {"mean": jnp.full(6, 0.3), "var": jnp.full(6, 0.5)}}}
+    batches = [x[:32], x[32:]]
+    rd = optimize(v, model.apply, batches, lam=3e-2, base_qp=-20, init="sensitivity", steps=0, progress=False)
+    return model, v, batches, rd
+
+
+def _layer_outputs(model, v, x):
+    """The dense output and the batch norm's output on ``x``."""
+    _, state = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    inter = state["intermediates"]
+    return inter["fc"]["__call__"][0], inter["bn"]["__call__"][0]
+
+
+def test_mean_outputs_match_the_float_model_after_correction(setup):
+    model, v, batches, rd = setup
+    v_bc, rd_bc = with_bias_correction(v, rd, model.apply, batches, bn_pairs=[(("conv",), ("bn",))])
+    x = jnp.concatenate(batches)
+    want = [np.asarray(a).reshape(-1, a.shape[-1]).mean(0) for a in _layer_outputs(model, v, x)]
+    before = [np.asarray(a).reshape(-1, a.shape[-1]).mean(0) for a in _layer_outputs(model, decoded_params(v, rd), x)]
+    # the batch norm's output mean is corrected exactly (its input shift is measured on these inputs)
+    bn_after = np.asarray(_layer_outputs(model, decoded_params(v_bc, rd_bc), x)[1]).reshape(-1, 6).mean(0)
+    assert np.max(np.abs(before[1] - want[1])) > 1e-3  # there was a shift to remove
+    np.testing.assert_allclose(bn_after, want[1], atol=1e-5)
+    # the dense layer's shift is measured on the float model's activations, so only its own share
+    shift = output_shifts(model.apply, v, decoded_params(v_bc, rd_bc), batches)
+    assert set(shift) == {"params/conv/kernel", "params/fc/kernel"}
+    assert np.max(np.abs(shift["params/fc/kernel"])) < 1e-5
+    # only biases and running means change; the encoded stream decodes to the corrected model
+    changed = {n for n, a in flatten_named(v_bc).items() if not np.array_equal(a, flatten_named(v)[n])}
+    assert changed == {"params/fc/bias", "batch_stats/bn/mean"}
+    # the estimate follows the corrected tensors' bits (the headers around them stay)
+    grown = 8 * (verify(v_bc, rd_bc).nbytes - verify(v, rd).nbytes)
+    assert abs(grown - (rd_bc.estimated_bits - rd.estimated_bits)) <= 16
+    dec = flatten_named(decode(encode(rd_bc.params_for_encoding(v_bc), **rd_bc.encode_kwargs()), like=v))
+    for n, a in flatten_named(decoded_params(v_bc, rd_bc)).items():
+        if n.endswith("kernel"):
+            np.testing.assert_array_equal(np.asarray(dec[n]), np.asarray(a))
+        else:
+            np.testing.assert_allclose(np.asarray(dec[n]), np.asarray(a), atol=1e-4)
+
+
+def test_layers_without_a_place_for_the_shift_are_left_alone(setup):
+    model, v, batches, rd = setup
+    v_bc, _ = with_bias_correction(v, rd, jax.jit(model.apply), batches)  # no bn_pairs: the conv keeps its error
+    changed = {n for n, a in flatten_named(v_bc).items() if not np.array_equal(a, flatten_named(v)[n])}
+    assert changed == {"params/fc/bias"}
+
+
+def test_bad_inputs(setup):
+    model, v, batches, rd = setup
+    with pytest.raises(InputError, match="RDSettings"):
+        with_bias_correction(v, {}, model.apply, batches)
+    with pytest.raises(InputError, match="batch-norm mean"):
+        with_bias_correction(v, rd, model.apply, batches, bn_pairs=[(("conv",), ("nope",))])
+    with pytest.raises(InputError, match="empty"):
+        output_shifts(model.apply, v, v, [])
+
+
+def test_docstring_examples():
+    globs = {"jax": jax, "jnp": jnp, "np": np}
+    assert doctest.testmod(nncjax.bias_correction, extraglobs=globs).failed == 0
