@@ -25,6 +25,10 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   (``optimize(row_usage=)``).
 * ``nncjax-sens-bnf-gptq``: ``nncjax-sens-bnf`` with the same GPTQ step before LSA
   (``optimize_ioq(..., moments=)``; ``bnf_gptq_lams``).
+* ``nncjax-sens-bc``: ``nncjax-sens`` followed by :func:`nncjax.bias_correction.with_bias_correction`
+  on the tuning batches: each layer's mean output shift goes into its bias or the running mean of the
+  batch norm it feeds (``bc_lams``; for models whose layers see inputs with large means, e.g. after
+  ReLUs).
 
 Gradient RD "reaches IOQ's point" when one of its points (any of the three variants) has no more bytes and no
 worse quality (MiniLM: MRR and mean cosine) than the IOQ point; the summary reports the fastest such
@@ -61,6 +65,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nncjax import models
+from nncjax.bias_correction import with_bias_correction
 from nncjax.codec import QPAdjustedWarning, decode, encode
 from nncjax.optimize import LS_SUFFIX, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
@@ -71,9 +76,9 @@ FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "
           "opt_wall_s", "encode_s", "bytes_equal", "note"]
 
 
-METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq")  # what --methods selects
+METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq", "sens-bc")  # what --methods selects
 GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf", "nncjax-sens-gptq",
-                    "nncjax-sens-bnf-gptq")  # compared against IOQ's points
+                    "nncjax-sens-bnf-gptq", "nncjax-sens-bc")  # compared against IOQ's points
 
 
 @dataclasses.dataclass
@@ -90,6 +95,7 @@ class Config:
     sens_bnf_lams: list  # λ of the pipeline with the sensitivity allocation (models with batch norm)
     gptq_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ (models with Dense layers)
     bnf_gptq_lams: list = dataclasses.field(default_factory=list)  # λ of the sensitivity pipeline + GPTQ
+    bc_lams: list = dataclasses.field(default_factory=list)  # λ of sens + bias correction
     calib: tuple = ()  # (fit batches, check batches, mask) for the Dense input moments
     lookup: object = None  # params -> (params, optimize kwargs): lookup-table preparation of sens-gptq
 
@@ -106,6 +112,7 @@ def fashion_config(quick: bool, subset) -> Config:
                                   "ls_qp": -44}, 30 if quick else 100,
                   [1e-2] if quick else [1e-3, 2e-3, 3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
                   bnf_gptq_lams=[3e-3] if quick else [1e-3, 3e-3, 1e-2],
+                  bc_lams=[3e-3] if quick else [2e-3, 3e-3, 1e-2, 3e-2],
                   # GPTQ's input moments: other training images, one half fitted, the other checked
                   calib=([jnp.asarray(x[1000:3000])], [jnp.asarray(x[3000:5000])], None))
 
@@ -271,6 +278,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
     fine = {"qp_density": 3, "base_qp": 2 * cfg.base_qp, "nonweight_qp": -150, "scale_qp": -48}
     runs += ([("nncjax-sens-gptq", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.gptq_lams]
              if "sens-gptq" in methods else [])
+    runs += ([("nncjax-sens-bc", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.bc_lams]
+             if "sens-bc" in methods else [])
     for method, lam, kwargs in runs:
         t0 = time.perf_counter()
         params = m.params
@@ -280,6 +289,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
         rd = optimize(params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
         if method == "nncjax-sens-gptq":
             params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg), progress=False)
+        if method == "nncjax-sens-bc":
+            params, rd = with_bias_correction(params, rd, m.apply, cfg.tune, bn_pairs=cfg.ioq_kwargs["bn_pairs"] or ())
         t_opt = time.perf_counter() - t0
         t0 = time.perf_counter()
         v = verify(params, rd)
@@ -291,6 +302,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
                f"init=sensitivity steps=0 (wall includes jit compile); {len(rd.local_scales)} tensors with row scales")
         if rd.dq_overrides:
             how += f"; {len(rd.dq_overrides)} kernels GPTQ without DQ"
+        if method == "nncjax-sens-bc":
+            how += "; biases / batch-norm means corrected"
         if "row_usage" in kwargs:
             how += "; unreachable vocabulary rows zeroed, embedding rows by token usage"
         add(method, f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
@@ -319,7 +332,8 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
              "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
              "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense kernels (λ sweep)"),
-             "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)")}
+             "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)"),
+             "nncjax-sens-bc": ("*-", "nncjax sensitivity allocation + bias correction (λ sweep)")}
     for ax, key in zip(axes[0], keys):
         for method, (fmt, label) in style.items():
             pts = sorted((r["bytes"] / 1024, r[key]) for r in rows if r["method"] == method)
@@ -407,6 +421,8 @@ def main() -> None:
                     help="override the λ list of the sensitivity allocation + GPTQ")
     ap.add_argument("--bnf-gptq-lams", type=float, nargs="+", default=None,
                     help="override the λ list of the sensitivity pipeline + GPTQ")
+    ap.add_argument("--bc-lams", type=float, nargs="+", default=None,
+                    help="override the λ list of the sensitivity allocation + bias correction")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
     ap.add_argument("--base-qp", type=int, default=None, help="override the model's starting QP")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
@@ -432,6 +448,7 @@ def main() -> None:
             cfg.sens_bnf_lams = args.sens_bnf_lams or cfg.sens_bnf_lams
             cfg.gptq_lams = args.gptq_lams or cfg.gptq_lams
             cfg.bnf_gptq_lams = args.bnf_gptq_lams or cfg.bnf_gptq_lams
+            cfg.bc_lams = args.bc_lams or cfg.bc_lams
             cfg.qps = args.qps or cfg.qps
             cfg.base_qp = cfg.base_qp if args.base_qp is None else args.base_qp
             path = args.out / f"rd_{name}.csv"

@@ -17,7 +17,7 @@ runs = (("minilm", minilm_config, [2e-3], [5e-4, 8.5e-4, 1e-3], [], [5.5e-4, 6e-
         ("fashion_cnn", fashion_config, [3e-3, 1e-2, 3e-2], [1e-3, 2e-3, 3e-3, 1e-2, 3e-2], [1e-2, 3e-2],
          [1e-3, 3e-3]))
 args = sys.argv[1:]
-methods = ("ioq", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq")
+methods = ("ioq", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq", "sens-bc")  # sens-bc: the configs' λ
 if "--methods" in args:  # e.g. ``minilm --methods sens-gptq``: only these methods (CSV gets a suffix)
     i = args.index("--methods")
     args, methods = args[:i], tuple(args[i + 1:])
@@ -28,6 +28,6 @@ for name, make, lams, sens_lams, sens_bnf_lams, gptq_lams in runs:
     cfg = make(False, None)
     cfg.lams, cfg.sens_lams, cfg.sens_bnf_lams = lams, sens_lams, sens_bnf_lams
     cfg.gptq_lams, cfg.bnf_gptq_lams = (gptq_lams, []) if cfg.gptq_lams else ([], gptq_lams)
-    suffix = "" if len(methods) == 5 else "_" + "_".join(methods)
+    suffix = "" if len(methods) == 6 else "_" + "_".join(methods)
     rows = run_model(cfg, None, out / f"rd_{name}_gpu{suffix}.csv", methods)
     print(summary(rows, name), flush=True)
