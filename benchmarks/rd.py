@@ -111,6 +111,7 @@ def fashion_config(quick: bool, subset) -> Config:
                   -28, tune, {"bn_pairs": pairs, "lsa_steps": 20 if quick else 150, "rounds": 1 if quick else 2,
                                   "ls_qp": -44}, 30 if quick else 100,
                   [1e-2] if quick else [1e-3, 2e-3, 3e-3, 1e-2, 3e-2], [3e-2] if quick else [1e-2, 3e-2, 1e-1],
+                  gptq_lams=[3e-3] if quick else [1e-3, 3e-3, 1e-2],
                   bnf_gptq_lams=[3e-3] if quick else [1e-3, 3e-3, 1e-2],
                   bc_lams=[3e-3] if quick else [2e-3, 3e-3, 1e-2, 3e-2],
                   # GPTQ's input moments: other training images, one half fitted, the other checked
@@ -483,16 +484,22 @@ codec; no training step); *nncjax-sens-bnf*: `optimize_ioq(allocation="sensitivi
 pipeline, BN folding and LSA included, with that allocation in place of IOQ's search);
 *nncjax-sens-gptq*: *nncjax-sens* at `qp_density=3` (finer QPs), then `nncjax.with_error_feedback`:
 each Dense kernel is coded with GPTQ (uniform, no DQ) at the coarsest QP whose layer-output error
-stays within DQ's on held-out verb glosses (wall time includes collecting the input moments, about
-20 s on the CPU); on MiniLM it first zeroes the 1331 vocabulary rows the tokenizer can never emit
-(exact) and steps each word-embedding row by its token's count in the verb, adjective and adverb
-glosses (`row_usage`).
+stays within DQ's on held-out inputs (WordNet verb glosses; other training images); the wall time
+includes collecting the input moments (MiniLM: about 10 s on the CPU). On MiniLM it first zeroes the
+1331 vocabulary rows the tokenizer can never emit (exact) and steps each word-embedding row by its
+token's count in the verb, adjective and adverb glosses (`row_usage`). *nncjax-sens-bnf-gptq*: the
+same GPTQ step inside *nncjax-sens-bnf*, before LSA. *nncjax-sens-bc*: *nncjax-sens*, then
+`nncjax.with_bias_correction` on the tuning batches (each layer's mean output shift into its bias or
+the running mean of the batch norm it feeds).
 λ prices one bit per weight in units of the relative output MSE on a small tuning set
 (Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
 Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥
-0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, every row measured in one session
-(2026-11-23) with the same code; MiniLM's nncjax-grad only at λ = 2e-3 (9 minutes a point on the
-CPU). GPU timings of earlier code are in `benchmarks/results/gpu_h100.md`.
+0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, all measured on 2026-11-23 with code
+whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc, sens-gptq and
+sens-bnf-gptq rows and MiniLM's sens-gptq rows in one run each after the GPTQ speed-up, the other
+rows earlier that day (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU). The
+first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
+`benchmarks/results/gpu_h100.md`.
 
 """
 
