@@ -859,6 +859,38 @@ def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | No
     return VerifyResult(len(bitstream), None if eval_fn is None else eval_fn(params_hat), params_hat, bitstream)
 
 
+def _coarsest_gptq(x: np.ndarray, h: np.ndarray, h_check: np.ndarray, s: np.ndarray, x_ref: np.ndarray, q0: int, *,
+                   qpd: int, hi: int, max_offset: int, damp: float, act_order: bool) -> tuple[int, np.ndarray] | None:
+    """The coarsest QP in ``q0 .. q0 + max_offset`` (at most ``hi``) whose GPTQ reconstruction of ``x``
+    (rows first, fitted on ``h``) has a layer-output error on ``h_check`` within the reference
+    reconstruction ``x_ref``'s, with that reconstruction; None when even ``q0``'s exceeds it. The
+    errors are in the weights' units (row scales ``s`` multiplied back)."""
+    s_rows = jnp.asarray(s)[:, None]
+
+    def out_err(x_hat):
+        return float(layer_output_error(s_rows * x, s_rows * x_hat, h_check))
+
+    order, u = _gptq_factor(h, damp, act_order)  # shared by every QP tried
+    x_dev = jnp.asarray(x)
+
+    def gptq_at(q):
+        step = jnp.full((x.shape[0],), qp_to_step(q, qpd), jnp.float32)
+        return np.asarray(_gptq_quantize(x_dev, order, u, step)[1], np.float32)
+
+    budget = out_err(x_ref)
+    x_g = gptq_at(q0)
+    err0 = out_err(x_g)
+    if not err0 <= budget:
+        return None
+    # error ~ step**2: it doubles every 2**qpd / 2 QPs; start at the predicted offset, step down
+    guess = int(np.floor((1 << qpd) / 2 * np.log2(budget / err0))) if err0 > 0 else max_offset
+    for q in range(min(q0 + min(guess, max_offset), hi), q0, -1):
+        x_q = gptq_at(q)
+        if out_err(x_q) <= budget:
+            return q, x_q
+    return q0, x_g
+
+
 def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str, Any], *,
                         check_moments: Mapping[str, Any] | None = None, damp: float = 0.01,
                         act_order: bool = True, max_offset: int | None = None,
@@ -946,32 +978,11 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
                 bits_ref.set_result(tensor_bits[name])
             else:
                 bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
-            s_rows = jnp.asarray(s)[:, None]
-
-            def out_err(x_hat, x=x, h=h_check, s_rows=s_rows):  # in the weights' units: the scales multiply back
-                return float(layer_output_error(s_rows * x, s_rows * x_hat, h))
-
-            order, u = _gptq_factor(h, damp, act_order)  # shared by every QP tried
-            x_dev, rows = jnp.asarray(x), x.shape[0]
-
-            def gptq_at(q, x=x_dev, order=order, u=u, rows=rows):
-                step = jnp.full((rows,), qp_to_step(q, qpd), jnp.float32)
-                return np.asarray(_gptq_quantize(x, order, u, step)[1], np.float32)
-
-            budget = out_err(x_ref)
-            x_g = gptq_at(q0)
-            err0 = out_err(x_g)
-            if not err0 <= budget:
+            found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset, damp=damp,
+                                   act_order=act_order)
+            if found is None:
                 continue
-            # error ~ step**2: it doubles every 2**qpd / 2 QPs; start at the predicted offset, step down
-            guess = int(np.floor((1 << qpd) / 2 * np.log2(budget / err0))) if err0 > 0 else max_offset
-            best = (q0, x_g)
-            for q in range(min(q0 + min(guess, max_offset), hi), q0, -1):
-                x_q = gptq_at(q)
-                if out_err(x_q) <= budget:
-                    best = (q, x_q)
-                    break
-            q, x_g = best
+            q, x_g = found
             bits_g = coder.submit(lambda a, q: code_tensor(a, q, qp_density=qpd, dq=False)[1] + overhead,
                                   x_g if scaled else _from_rows_first(x_g, axis), q)
             candidates.append((name, q, x_g, s, axis, bits_ref, bits_g))
