@@ -15,14 +15,13 @@ as GPTQ fits them), from the weights the decoder will reconstruct with the given
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax._layer_stats import batch_means, unwrap_jit
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
 from nncjax.errors import InputError
 from nncjax.optimize import LS_SUFFIX, RDSettings
@@ -84,8 +83,6 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
     return out
 
 
-_jit_layer_shifts = jax.jit(_layer_shifts, static_argnums=(0, 1))
-
 
 def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: Any, data: Any) -> dict[str, np.ndarray]:
     """Mean output shift ``E[y - y_hat]`` per output channel of every Flax ``Dense``/``Conv`` layer
@@ -112,25 +109,10 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
       >>> np.round(shift["params/kernel"], 3).tolist()           # 3 inputs of 1 and the bias, each 0.5 off
       [-2.0, -2.0]
     """
-    batches = data if isinstance(data, list) else [data]
-    if not batches:
-        raise InputError("data is an empty list")
-    raw_fn = apply_fn.__wrapped__ if hasattr(apply_fn, "lower") and hasattr(apply_fn, "__wrapped__") else apply_fn
     flat, flat_hat = flatten_named(params), flatten_named(params_hat)
     names = frozenset(n for n, v in flat.items() if n.endswith("kernel") and n in flat_hat
                       and not np.array_equal(np.asarray(v), np.asarray(flat_hat[n])))
-    try:
-        hash(raw_fn)
-        run = functools.partial(_jit_layer_shifts, raw_fn, names)  # compiled once per shape, across calls
-    except TypeError:  # e.g. a method of an unhashable object: compiled for this call only
-        run = jax.jit(functools.partial(_layer_shifts, raw_fn, names))
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for batch in batches:
-        for name, (total, count) in run(params, params_hat, batch).items():
-            sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
-            counts[name] = counts.get(name, 0) + int(count)
-    return {n: sums[n] / max(counts[n], 1) for n in sums}
+    return batch_means(_layer_shifts, (unwrap_jit(apply_fn), names), (params, params_hat), data)
 
 
 def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[Any, Any], Any], data: Any, *,

@@ -213,8 +213,6 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
     return out
 
 
-_jit_batch_moments = jax.jit(_batch_moments, static_argnums=(0, 1))
-
 
 def dense_input_moments(
     apply_fn: Callable[[Any, Any], Any],
@@ -253,30 +251,9 @@ def dense_input_moments(
       >>> {k: a.tolist() for k, a in h.items()}
       {'params/kernel': [[1.0, 1.0], [1.0, 2.0]]}
     """
-    batches = data if isinstance(data, list) else [data]
-    if not batches:
-        raise InputError("data is an empty list")
-    # jax.jit keeps the function it traces as __wrapped__ (and has .lower, unlike other wrappers)
-    raw_fn = apply_fn.__wrapped__ if hasattr(apply_fn, "lower") and hasattr(apply_fn, "__wrapped__") else apply_fn
-    try:
-        hash((raw_fn, mask))
-        compiled = functools.partial(_jit_batch_moments, raw_fn, mask)  # compiled once per shape, across calls
-    except TypeError:  # e.g. a method of an unhashable object: compiled for this call only
-        compiled = jax.jit(functools.partial(_batch_moments, raw_fn, mask))
+    from nncjax._layer_stats import batch_means, unwrap_jit
 
-    def one(batch):
-        try:
-            return compiled(params, batch)
-        except jax.errors.UnexpectedTracerError:  # a jitted call inside the model kept its layers' inputs
-            with jax.disable_jit():
-                return _batch_moments(raw_fn, mask, params, batch)
-
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, float] = {}
-    for batch in batches:
-        for name, (xx, n) in one(batch).items():
-            sums[name] = sums.get(name, 0.0) + np.asarray(xx, np.float64)
-            counts[name] = counts.get(name, 0.0) + float(n)
-    if not sums:
+    moments = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask), (params,), data)
+    if not moments:
         raise InputError("the model called no flax.linen.Dense layer")
-    return {n: sums[n] / max(counts[n], 1.0) for n in sums}
+    return moments
