@@ -23,6 +23,13 @@ def unwrap_jit(apply_fn: Callable) -> Callable:
     return apply_fn.__wrapped__ if hasattr(apply_fn, "lower") and hasattr(apply_fn, "__wrapped__") else apply_fn
 
 
+def kernel_name(module_path: tuple, names) -> str | None:
+    """The flat name (:func:`nncjax.pytree_names.flatten_named`) of the kernel of the module at
+    ``module_path``, with or without the ``"params/"`` collection prefix; None if ``names`` has neither."""
+    kernel = "/".join((*module_path, "kernel"))
+    return next((p + kernel for p in ("params/", "") if p + kernel in names), None)
+
+
 @functools.cache
 def _jit_with_statics(fn: Callable, n_static: int) -> Callable:
     return jax.jit(fn, static_argnums=tuple(range(n_static)))

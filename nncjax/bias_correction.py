@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax._layer_stats import batch_means, unwrap_jit
+from nncjax._layer_stats import batch_means, kernel_name, unwrap_jit
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
 from nncjax.errors import InputError
 from nncjax.optimize import LS_SUFFIX, RDSettings
@@ -62,8 +62,7 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
         mod = context.module
         if busy or context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
             return next_fun(*args, **kwargs)
-        kernel = "/".join((*mod.path, "kernel"))
-        name = next((p + kernel for p in ("params/", "") if p + kernel in names), None)
+        name = kernel_name(tuple(mod.path), names)
         y = next_fun(*args, **kwargs)
         if name is None:
             return y

@@ -973,16 +973,16 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             levels_ref, used = quantize_tensor(coded, q0, qp_density=qpd, dq=dq0)
             x_ref = reconstruct(levels_ref, used, qp_density=qpd).reshape(coded.shape)
             x_ref = x_ref if scaled else _to_rows_first(x_ref, axis)
-            if name in tensor_bits:  # optimize() coded it already
-                bits_ref = Future()
-                bits_ref.set_result(tensor_bits[name])
-            else:
-                bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
             found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset, damp=damp,
                                    act_order=act_order)
             if found is None:
                 continue
             q, x_g = found
+            if name in tensor_bits:  # optimize() coded it already
+                bits_ref = Future()
+                bits_ref.set_result(tensor_bits[name])
+            else:
+                bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
             bits_g = coder.submit(lambda a, q: code_tensor(a, q, qp_density=qpd, dq=False)[1] + overhead,
                                   x_g if scaled else _from_rows_first(x_g, axis), q)
             candidates.append((name, q, x_g, s, axis, bits_ref, bits_g))

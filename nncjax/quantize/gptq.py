@@ -181,18 +181,12 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
     inputs; traceable (masked positions are weighted 0, not removed)."""
     import flax.linen as nn
 
+    from nncjax._layer_stats import kernel_name
     from nncjax.pytree_names import flatten_named
 
     names = set(flatten_named(params))
     keep = None if mask is None else jnp.asarray(mask(batch))
     out: dict[str, tuple] = {}
-
-    def kernel_name(path: tuple) -> str:
-        for prefix in ("params/", ""):
-            name = prefix + "/".join((*path, "kernel"))
-            if name in names:
-                return name
-        raise InputError(f"no kernel found for the Dense layer at {'/'.join(path)!r}")
 
     def intercept(next_fun, args, kwargs, context):
         if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
@@ -203,7 +197,9 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
             # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
             # summed on the host in float64
             xx = jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST)
-            name = kernel_name(tuple(context.module.path))
+            name = kernel_name(tuple(context.module.path), names)
+            if name is None:
+                raise InputError(f"no kernel found for the Dense layer at {'/'.join(context.module.path)!r}")
             old_xx, old_n = out.get(name, (0.0, 0.0))
             out[name] = (old_xx + xx, old_n + jnp.sum(weight))
         return next_fun(*args, **kwargs)
@@ -211,7 +207,6 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
     with nn.intercept_methods(intercept):
         apply_fn(params, batch)
     return out
-
 
 
 def dense_input_moments(
