@@ -332,8 +332,11 @@ class CompressedDataUnit(UnitBase):
         return [by_role[r] for r in _CODED_ORDER if r in by_role]
 
     def element_count(self) -> int:
-        """Total number of decoded elements of all members."""
-        return sum(_prod(m.shape) for m in self.members())
+        """Total number of elements a decoder materialises: all members, plus the weight that a
+        DC unit carrying H recomposes from G and H."""
+        members = self.members()
+        rebuilt = _prod(self.tensor_dimensions) if any(m.role == "dc_h" for m in members) else 0
+        return sum(_prod(m.shape) for m in members) + rebuilt
 
 
 _CODED_ORDER = ("ls", "bias", "bn_beta", "bn_gamma", "bn_mean", "bn_var", "weight", "dc_g", "dc_h")
@@ -542,10 +545,13 @@ def _check_rank(r: BitReader, count: int, limits: DecodeLimits) -> None:
 
 
 def _check_limits(r: BitReader, unit: CompressedDataUnit, limits: DecodeLimits) -> None:
-    for m in unit.members():
-        n = _prod(m.shape)
+    shapes = [(m.role, m.name, m.shape) for m in unit.members()]
+    if unit.compressed_parameter_types & CPT_DC:  # the weight recomposed from small factors counts too
+        shapes.append(("weight", unit.topology_elem_ids[0], tuple(unit.tensor_dimensions)))
+    for role, name, shape in shapes:
+        n = _prod(shape)
         if n > limits.max_tensor_elements:
-            raise r.fail("tensor_dimensions", f"{m.role} {m.name!r} of shape {m.shape} has {n} elements, "
+            raise r.fail("tensor_dimensions", f"{role} {name!r} of shape {shape} has {n} elements, "
                          f"more than the limit {limits.max_tensor_elements}", LimitError)
 
 

@@ -156,7 +156,8 @@ class _Coded:
     notes: list[str] = field(default_factory=list)
     cpt: int = 0  # compressed_parameter_types of a block (0: a single tensor)
     topology: tuple = ()  # a block's member names in topology order
-    coded_shapes: tuple = ()  # a block's member shapes in coded order (W last)
+    coded_shapes: tuple = ()  # every coded tensor's shape in coded order (per-row members, then W or G, H)
+    decomposition: tuple | None = None  # DC: (decomposition_rank, g_number_of_rows)
 
 
 def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -191,10 +192,10 @@ def _clip(levels: np.ndarray, clip: tuple[int, int] | None) -> np.ndarray:
     return levels if clip is None else np.clip(levels, clip[0], clip[1]).astype(np.int32)
 
 
-def _quantize(t: PreparedTensor, qp: int, s: _Settings, dq: bool) -> tuple[np.ndarray, int]:
+def _quantize(t: PreparedTensor, qp: int, s: _Settings, dq: bool, scan: int) -> tuple[np.ndarray, int]:
     from nncjax.quantize.reference import quantize_tensor
     return quantize_tensor(t.data, qp, qp_density=s.qp_density, dq=dq, lambda_scale=s.lambda_scale,
-                           unary_length=s.unary_length, scan_order=_effective_scan(t.data.shape, s.scan_order))
+                           unary_length=s.unary_length, scan_order=scan)
 
 
 def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
@@ -216,7 +217,7 @@ def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
     qp_cb = plan.qp - (codebook_qp_offset(s.qp_density) if s.dq else 0)
     # NNCodec skips the bitdepth clip for all-zero tensors here (their levels are 0 anyway).
     clip = plan.clip if t.data.any() else None
-    uni_levels, qp_used = _quantize(t, qp_cb, s, dq=False)
+    uni_levels, qp_used = _quantize(t, qp_cb, s, dq=False, scan=scan)
     uni_levels = _clip(uni_levels, clip)
     cb, inverse = np.unique(uni_levels, return_inverse=True)
     idx = inverse.reshape(uni_levels.shape).astype(np.int32)
@@ -227,7 +228,7 @@ def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
     if s.codebook == "always":
         return chosen
     if s.dq:
-        uni_levels, qp_uni = _quantize(t, plan.qp, s, dq=True)
+        uni_levels, qp_uni = _quantize(t, plan.qp, s, dq=True, scan=scan)
         uni_levels, requested = _clip(uni_levels, clip), plan.qp
     else:
         qp_uni, requested = qp_used, qp_cb
@@ -245,9 +246,8 @@ def _codebook_bits(cb: np.ndarray, off: int, egk: int) -> int:
     return codebook_bits(cb, off, egk)
 
 
-def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings) -> tuple[dict, list[str]]:
-    """Quantizes one tensor and appends its QP delta and levels to ``enc``'s stream."""
-    scan = _effective_scan(t.data.shape, s.scan_order)
+def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int) -> tuple[dict, list[str]]:
+    """Quantizes one tensor and appends its QP delta and levels (in scan order ``scan``) to ``enc``'s stream."""
     notes: list[str] = []
     if t.is_int:
         c = dict(levels=t.data, qp=None, dq=False, codebook=None, offset=0, egk=0)
@@ -255,7 +255,7 @@ def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings) -> tuple[dic
         if s.codebook != "off" and t.data.size:  # an empty tensor has no codebook (NNCodec crashes)
             c = _codebook_choice(t, plan, s)
         else:
-            levels, qp_used = _quantize(t, plan.qp, s, dq=plan.dq)
+            levels, qp_used = _quantize(t, plan.qp, s, dq=plan.dq, scan=scan)
             # NNCodec leaves tensors named like BatchNorm step counters unclipped.
             if ".num_batches_tracked" not in t.name:
                 levels = _clip(levels, plan.clip)
@@ -274,44 +274,59 @@ def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings) -> tuple[dic
     return c, notes
 
 
-def _code_tensor(t: PreparedTensor, index: int, plan: _Plan, s: _Settings, block: _Block | None = None,
+def _unit_scan(shapes, scan_order: int) -> int:
+    """One scan order per unit: the requested one, or raster when any scanned tensor (W, or G and H)
+    is not a real matrix."""
+    return min(_effective_scan(tuple(sh), scan_order) for sh in shapes)
+
+
+def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None = None,
                  members: tuple = ()) -> _Coded:
-    """One NDU's payload: the tensor ``t``, or with ``block`` the block's ``members`` (coded order,
-    ``(PreparedTensor, _Plan)`` pairs) followed by its weight ``t``."""
+    """One NDU's payload: ``weights`` (``(PreparedTensor, _Plan)`` pairs: the tensor, or a DC block's
+    G and H), after a block's per-row ``members`` (coded order, same pairs)."""
     from nncjax.kernels.coder import CabacEncoder
-    shape = t.data.shape
-    scan = _effective_scan(shape, s.scan_order)
-    size = t.data.size + sum(m.data.size for m, _ in members)
+    shapes = tuple(t.data.shape for t, _ in weights)
+    scan = _unit_scan(shapes, s.scan_order)
+    size = sum(t.data.size for t, _ in weights) + sum(m.data.size for m, _ in members)
     enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
     notes: list[str] = []
     for m, mplan in members:
-        notes += _code_member(enc, m, mplan, s)[1]
-    c, w_notes = _code_member(enc, t, plan, s)
-    coded = _Coded(t.name, index, shape, t.is_int, c["qp"], c["dq"], scan, enc.finish(), c["codebook"], c["offset"],
-                   c["egk"], notes=notes + w_notes)
+        notes += _code_member(enc, m, mplan, s, 0)[1]
+    done = [_code_member(enc, t, plan, s, scan) for t, plan in weights]
+    notes += [n for _, w_notes in done for n in w_notes]
+    first, t = done[0][0], weights[0][0]
+    dc = block is not None and bool(block.factors)
+    coded = _Coded(block.weight if dc else t.name, index, block.dims if dc else shapes[0], t.is_int, first["qp"],
+                   first["dq"], scan, enc.finish(), first["codebook"], first["offset"], first["egk"], notes=notes,
+                   coded_shapes=tuple(m.data.shape for m, _ in members) + shapes)
     if block is not None:
         coded.cpt, coded.topology = block.cpt, block.topology
-        coded.coded_shapes = tuple(m.data.shape for m, _ in members) + (shape,)
-    h, w = _matrix_dims(shape)
-    if scan > 0 and h > 1 and w > 1:
-        coded.entry_points = _entry_points(coded, s)
+    if dc:
+        coded.decomposition = (int(shapes[0][1]), int(shapes[0][0]))
+    if scan > 0:
+        coded.entry_points = _entry_points(coded, len(weights), s)
     return coded
 
 
-def _entry_points(c: _Coded, s: _Settings):
+def _entry_points(c: _Coded, scanned: int, s: _Settings):
     """Entry points can only be known by decoding the finished payload (as NNCodec does); in a block
-    only the weight, coded last, has any."""
+    only the last ``scanned`` tensors (W, or G then H), coded after the per-row members, have any."""
     from nncjax.kernels.coder import CabacDecoder
+    from nncjax.kernels.ndu import concat_entry_points
     dec = CabacDecoder(c.payload, unary_length=s.unary_length)
-    for shape in c.coded_shapes[:-1]:
-        dec.iae_v(s.qp_bits)
-        dec.decode_layer(shape, dq=c.dq, scan_order=0, profile=PROFILE)
-    if not c.is_int:
-        dec.iae_v(s.qp_bits)
-    _, eps = dec.decode_layer(c.shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
-                              codebook_size=0 if c.codebook is None else len(c.codebook),
-                              codebook_offset=c.codebook_offset)
-    return eps
+    first_scanned = len(c.coded_shapes) - scanned
+    parts = []
+    for j, shape in enumerate(c.coded_shapes):
+        if not c.is_int:
+            dec.iae_v(s.qp_bits)
+        if j < first_scanned:
+            dec.decode_layer(shape, dq=c.dq, scan_order=0, profile=PROFILE)
+            continue
+        _, eps = dec.decode_layer(shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
+                                  codebook_size=0 if c.codebook is None else len(c.codebook),
+                                  codebook_offset=c.codebook_offset)
+        parts.append(eps)
+    return parts[0] if scanned == 1 else concat_entry_points(*parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,30 +339,87 @@ _BN_ROLES = ("bn_beta", "bn_gamma", "bn_mean", "bn_var")
 
 @dataclass(frozen=True)
 class _Block:
-    """One NNR_PT_BLOCK: its weight, cpt, topology names and member names in coded order."""
+    """One NNR_PT_BLOCK: its weight, cpt, topology names and member names in coded order. With DC
+    (``factors`` = the names of G and H) the weight is not an input tensor: ``dims`` are its NNR dims
+    and the unit takes G's place."""
 
     weight: str
     cpt: int
     topology: tuple
     coded: tuple
+    factors: tuple = ()
+    dims: tuple = ()
+
+    @property
+    def anchor(self) -> str:
+        """The input tensor whose place (and parameter_id) the unit takes."""
+        return self.factors[0] if self.factors else self.weight
+
+    @property
+    def weights(self) -> tuple:
+        """The tensors coded last, with the unit's scan order: W, or G then H."""
+        return self.factors or (self.weight,)
 
 
-def _block_table(blocks, prepared: list[PreparedTensor], s: _Settings) -> dict[str, _Block]:
-    """Validates ``encode``'s ``blocks`` argument -> {weight name: _Block}."""
-    from nncjax.reduce.block import CPT_BI, CPT_BN, CPT_LS
-    if blocks is None:
+def _low_rank_table(low_rank, by_name: Mapping[str, PreparedTensor], s: _Settings) -> dict[str, tuple]:
+    """Validates ``encode``'s ``low_rank`` argument -> {weight name: (G name, H name, dims)}."""
+    from nncjax.reduce.bnfold import block_names
+    if low_rank is None:
         return {}
+    if not isinstance(low_rank, Mapping):
+        raise InputError("low_rank must be a mapping {weight name: NNR dims of the weight}")
+    if low_rank and s.codebook != "off":
+        raise InputError("low_rank cannot be combined with codebook (the factors are coded uniformly)")
+    table: dict[str, tuple] = {}
+    for wname, dims in low_rank.items():
+        where = f"low_rank[{wname!r}]"
+        if not isinstance(wname, str):
+            raise InputError(f"{where}: weight names must be strings")
+        if wname in by_name:
+            raise InputError(f"{where}: params hold {wname!r} itself; give only its factors "
+                             f"{wname + '_G'!r} and {wname + '_H'!r}")
+        try:
+            dims = tuple(int(d) for d in dims)
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: dims must be a sequence of positive integers, got {dims!r}") from None
+        if not dims or any(d < 1 for d in dims):
+            raise InputError(f"{where}: dims must be a non-empty sequence of positive integers, got {dims}")
+        nm = block_names(wname)
+        factors = []
+        for key in ("G", "H"):
+            t = by_name.get(nm[key])
+            if t is None:
+                raise InputError(f"{where}: params lack the factor {nm[key]!r}")
+            if t.is_int or t.orig_shape == () or t.data.ndim != 2:
+                raise InputError(f"{where}: factor {nm[key]!r} must be a 2-D float tensor, got "
+                                 f"{t.data.dtype} {tuple(t.orig_shape)}")
+            factors.append(t.data.shape)
+        (g_rows, rank), (h_rows, cols) = factors
+        if rank != h_rows or g_rows * cols != math.prod(dims):
+            raise InputError(f"{where}: G {factors[0]} and H {factors[1]} do not factor dims {dims} "
+                             f"(need G (r, k), H (k, prod(dims) / r))")
+        table[wname] = (nm["G"], nm["H"], dims)
+    return table
+
+
+def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings) -> dict[str, _Block]:
+    """Validates ``encode``'s ``blocks`` and ``low_rank`` arguments -> {anchor tensor name: _Block}."""
+    from nncjax.reduce.block import CPT_BI, CPT_BN, CPT_DC, CPT_LS
+    by_name = {t.name: t for t in prepared}
+    low = _low_rank_table(low_rank, by_name, s)
+    if blocks is None:
+        blocks = {}
     if not isinstance(blocks, Mapping):
         raise InputError("blocks must be a mapping {weight name: {role: member name}}")
     if blocks and s.codebook != "off":
         raise InputError("blocks cannot be combined with codebook (block members are coded uniformly)")
-    by_name = {t.name: t for t in prepared}
+    factor_names = {n for g, h, _ in low.values() for n in (g, h)}
     used: dict[str, str] = {}
     table: dict[str, _Block] = {}
     for wname, roles in blocks.items():
         where = f"blocks[{wname!r}]"
-        if not isinstance(wname, str) or wname not in by_name:
-            raise InputError(f"{where}: no tensor named {wname!r} in params")
+        if not isinstance(wname, str) or (wname not in by_name and wname not in low):
+            raise InputError(f"{where}: no tensor named {wname!r} in params (nor in low_rank)")
         if not isinstance(roles, Mapping) or not roles:
             raise InputError(f"{where} must be a non-empty mapping {{role: member name}} with roles {_BLOCK_ROLES}")
         unknown = [r for r in roles if r not in _BLOCK_ROLES]
@@ -356,17 +428,23 @@ def _block_table(blocks, prepared: list[PreparedTensor], s: _Settings) -> dict[s
         bn = [r for r in _BN_ROLES if r in roles]
         if bn and len(bn) != 4:
             raise InputError(f"{where}: batch norm needs all of {_BN_ROLES}, got {bn}")
-        w = by_name[wname]
-        if w.is_int:
-            raise InputError(f"{where}: the weight is an integer tensor (blocks carry float tensors only)")
-        if w.data.ndim < 1 or w.data.shape[0] < 1 or w.orig_shape == ():
-            raise InputError(f"{where}: the weight needs at least one output row, shape {w.orig_shape}")
-        rows = w.data.shape[0]
+        if wname in low:
+            rows = low[wname][2][0]
+            if "ls" in roles and by_name[low[wname][0]].data.shape[0] != rows:
+                # NNCodec's decoder scales G's rows by LS, which are W's output rows only if they coincide.
+                raise InputError(f"{where}: local scales with low rank need g_number_of_rows == dims[0] ({rows})")
+        else:
+            w = by_name[wname]
+            if w.is_int:
+                raise InputError(f"{where}: the weight is an integer tensor (blocks carry float tensors only)")
+            if w.data.ndim < 1 or w.data.shape[0] < 1 or w.orig_shape == ():
+                raise InputError(f"{where}: the weight needs at least one output row, shape {w.orig_shape}")
+            rows = w.data.shape[0]
         for role, mname in roles.items():
             if not isinstance(mname, str) or mname not in by_name:
                 raise InputError(f"{where}[{role!r}]: no tensor named {mname!r} in params")
-            if mname == wname or mname in blocks:
-                raise InputError(f"{where}[{role!r}]: {mname!r} is a block weight, not a member")
+            if mname == wname or mname in blocks or mname in factor_names:
+                raise InputError(f"{where}[{role!r}]: {mname!r} is a block weight or low-rank factor, not a member")
             if mname in used:
                 raise InputError(f"{where}[{role!r}]: {mname!r} is already a member of block {used[mname]!r}")
             used[mname] = wname
@@ -375,9 +453,15 @@ def _block_table(blocks, prepared: list[PreparedTensor], s: _Settings) -> dict[s
                 raise InputError(f"{where}[{role!r}]: {mname!r} is an integer tensor (blocks carry float tensors only)")
             if tuple(m.orig_shape) != (rows,):
                 raise InputError(f"{where}[{role!r}]: {mname!r} must have shape ({rows},), got {tuple(m.orig_shape)}")
-        cpt = (CPT_LS if "ls" in roles else 0) | (CPT_BN if bn else 0) | (CPT_BI if "bi" in roles else 0)
-        table[wname] = _Block(wname, cpt, (wname,) + tuple(roles[r] for r in _BLOCK_ROLES if r in roles),
-                              tuple(roles[r] for r in _BLOCK_CODED if r in roles))
+    for wname in list(blocks) + [w for w in low if w not in blocks]:
+        roles = blocks.get(wname, {})
+        g, h, dims = low.get(wname, ((), (), ()))
+        factors = (g, h) if wname in low else ()
+        cpt = ((CPT_DC if factors else 0) | (CPT_LS if "ls" in roles else 0) | (CPT_BN if "bn_beta" in roles else 0)
+               | (CPT_BI if "bi" in roles else 0))
+        blk = _Block(wname, cpt, (factors or (wname,)) + tuple(roles[r] for r in _BLOCK_ROLES if r in roles),
+                     tuple(roles[r] for r in _BLOCK_CODED if r in roles), factors, dims)
+        table[blk.anchor] = blk
     return table
 
 
@@ -408,7 +492,9 @@ def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
     ptype = PayloadType.BLOCK if c.topology else PayloadType.INT if c.is_int else PayloadType.FLOAT
     ndu = CompressedDataUnit(
         payload_type=ptype, topology_elem_ids=c.topology or (c.name,), compressed_parameter_types=c.cpt,
-        parameter_id=c.index, codebook=cb, dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
+        decomposition_rank=c.decomposition[0] if c.decomposition else None,
+        g_number_of_rows=c.decomposition[1] if c.decomposition else None, parameter_id=c.index, codebook=cb,
+        dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
         cabac_unary_length_minus1=s.unary_length - 1, scan_order=c.scan_order, entry_points=c.entry_points,
         payload=c.payload)
     return write_unit(ndu)
@@ -482,7 +568,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
            param_opt: bool = True, scan_order: int = 0, qp_overrides: Mapping | None = None,
            lambda_scale: float = 0.0, unary_length: int = 11, workers: int = 2,
            progress: bool | None = None, blocks: Mapping | None = None,
-           dq_overrides: Mapping | None = None) -> bytes:
+           dq_overrides: Mapping | None = None, low_rank: Mapping | None = None) -> bytes:
     """Encodes a model (any pytree of arrays) into an NNR bitstream, byte-identical to NNCodec.
 
     Args:
@@ -509,10 +595,17 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         the weight is. Roles: "ls" (local scaling, e.g. ``"<w>_scaling"``), "bi" (bias), and all four
         of "bn_beta", "bn_gamma", "bn_mean", "bn_var" (an unfolded batch norm); cpt = LS 0x02 | BN 0x04
         | BI 0x08. Members keep their own QPs (``nonweight_qp`` unless overridden) and come back from
-        :func:`decode` under their names. Not with ``codebook``.
+        :func:`decode` under their names. A weight named in ``low_rank`` may have a block. Not with
+        ``codebook``.
       dq_overrides: ``{name or regex: bool}`` per-tensor ``dq`` (resolved like ``qp_overrides``); each
         NNR unit signals its own ``dq_flag``, so e.g. tensors already on a uniform grid (GPTQ) can be
         coded without DQ next to DQ tensors. A block's members follow its weight. Not with ``codebook``.
+      low_rank: ``{weight name: NNR dims of the weight}`` codes the weight as low-rank factors
+        (NNR_CPT_DC 0x01): ``params`` hold ``"<name>_G"`` of shape ``(r, k)`` and ``"<name>_H"`` of shape
+        ``(k, prod(dims) // r)`` (NNCodec's names; e.g. from :func:`nncjax.reduce.low_rank_factors`) and not
+        the weight itself. Both go into one NNR_PT_BLOCK (with the weight's ``blocks`` members, if any)
+        written where G is, each with its own QP (``qp`` unless overridden), H with G's ``dq``;
+        :func:`decode` rebuilds ``(G @ H).reshape(dims)`` under ``name``. Not with ``codebook``.
 
     Returns:
       the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a
@@ -527,28 +620,36 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
       ...             blocks={"conv.weight": {"bi": "conv.bias"}})
       >>> sorted(decode(bn))
       ['conv.bias', 'conv.weight']
+      >>> lr = encode({"fc_G": np.ones((8, 2), np.float32), "fc_H": np.ones((2, 6), np.float32)},
+      ...             low_rank={"fc": (8, 6)})
+      >>> {k: v.shape for k, v in decode(lr).items()}
+      {'fc': (8, 6)}
     """
     s = _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
                   lambda_scale, unary_length)
     named = flatten_named(params)
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
     plan = _qp_plan(prepared, s, qp_overrides, dq_overrides)
-    block_of = _block_table(blocks, prepared, s)
+    block_of = _block_table(blocks, low_rank, prepared, s)
     position = {t.name: i for i, t in enumerate(prepared)}
-    for w, b in block_of.items():  # one dq_flag per unit: the members follow the weight
-        for m in b.coded:
-            plan[position[m]] = replace(plan[position[m]], dq=plan[position[w]].dq)
-    in_block = {m for b in block_of.values() for m in b.coded}
-    # A block's NDU takes its weight's place and parameter_id (the input index), as NNCodec writes it.
-    jobs = [(t, i, plan[i], block_of.get(t.name)) for i, t in enumerate(prepared) if t.name not in in_block]
+    for b in block_of.values():  # one dq_flag per unit: the members (and H) follow the weight (or G)
+        for m in b.coded + b.weights[1:]:
+            plan[position[m]] = replace(plan[position[m]], dq=plan[position[b.anchor]].dq)
+    in_block = {m for b in block_of.values() for m in b.coded + b.weights[1:]}
+    # A unit takes its weight's (G's) place; parameter_id counts the model's tensors, a G, H pair once.
+    factors_h = {b.weights[1] for b in block_of.values() if b.factors}
+    param_id = {n: k for k, n in enumerate(t.name for t in prepared if t.name not in factors_h)}
+    jobs = [(t, block_of.get(t.name)) for t in prepared if t.name not in in_block]
 
     def work(job):
-        t, i, p, blk = job
-        members = () if blk is None else tuple((prepared[position[m]], plan[position[m]]) for m in blk.coded)
-        c = _code_tensor(t, i, p, s, blk, members)
+        t, blk = job
+        pairs = lambda names: tuple((prepared[position[n]], plan[position[n]]) for n in names)
+        weights = pairs(blk.weights) if blk else ((t, plan[position[t.name]]),)
+        c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else ())
         return c, _ndu_bytes(c, s)
 
-    sizes = [max(t.data.size, 1) + (len(b.coded) * t.data.shape[0] if b else 0) for t, _, _, b in jobs]
+    sizes = [max(t.data.size, 1) + (sum(prepared[position[n]].data.size for n in b.coded + b.weights[1:]) if b else 0)
+             for t, b in jobs]
     results = _run_parallel(work, jobs, sizes, workers, progress, "encode")
     for c, _ in results:
         for note in c.notes:
@@ -618,6 +719,8 @@ class _Decoded:
     names: list
     arrays: list
     roles: list  # each member's role (:class:`nncjax.kernels.ndu.Member`)
+    dims: tuple = ()  # the unit's tensor_dimensions (a DC unit's recomposed weight)
+    where: str = ""
 
 
 def _decode_levels(dec, u, m, profile: int) -> np.ndarray:
@@ -637,17 +740,18 @@ def _decode_levels(dec, u, m, profile: int) -> np.ndarray:
 def _decode_ndu(job) -> _Decoded:
     from nncjax.errors import UnsupportedError
     from nncjax.kernels.coder import CabacDecoder
+    from nncjax.kernels.unit_base import CPT_DC
     from nncjax.kernels.units import PayloadType
     u, qpd, base_qp, profile = job
     members = u.members()
     where = f"NNR_NDU {u.topology_elem_ids[0]!r} (unit {u.span.index if u.span else '?'})"
     if u.payload_type == PayloadType.RAW_FLOAT:
+        if u.compressed_parameter_types & CPT_DC:  # a raw W has no factors to carry
+            raise UnsupportedError(f"{where}: NNR_PT_RAW_FLOAT with low-rank decomposition (CPT_DC)")
         return _Decoded([m.name for m in members], [np.asarray(u.payload, np.float32)], [m.role for m in members])
-    if any(m.role in ("dc_g", "dc_h") for m in members):
-        raise UnsupportedError(f"{where}: low-rank decomposed (CPT_DC) tensors are not supported")
     is_int = u.payload_type == PayloadType.INT
     dec = CabacDecoder(u.payload, unary_length=u.cabac_unary_length_minus1 + 1)
-    out = _Decoded([], [], [m.role for m in members])
+    out = _Decoded([], [], [m.role for m in members], tuple(int(d) for d in u.tensor_dimensions), where)
     try:
         for m in members:
             qp = None if is_int else dec.iae_v(6 + qpd) + base_qp
@@ -665,6 +769,44 @@ def _decode_ndu(job) -> _Decoded:
     return out
 
 
+def _dc_weight_name(g_name) -> str:
+    # NNCodec names the factors "<w>_G" / "<w>_H" and returns the recomposed weight as "<w>".
+    return str(g_name).removesuffix("_G")
+
+
+def _recompose(parts: list[_Decoded]) -> list[_Decoded]:
+    """Every low-rank (CPT_DC) weight rebuilt as ``(G @ H).reshape(dims)``: a block's G and H members
+    become one "weight" member; a non-block G unit and the H unit right after it become one unit.
+
+    The product accumulates in float64 and is rounded once to float32: deterministic on every
+    platform (NNCodec's float32 BLAS product can differ from it in the last bits)."""
+    from nncjax.ready import recompose_low_rank
+    out: list[_Decoded] = []
+    pending: _Decoded | None = None  # a non-block G unit waiting for its H unit
+    for p in parts:
+        if pending is not None:
+            if p.roles != ["dc_h"] or p.dims != pending.dims:
+                raise BitstreamError(f"{pending.where}: a low-rank G tensor must be followed by its H tensor "
+                                     f"(an NNR_NDU with the same tensor_dimensions)")
+            p = _Decoded(pending.names + p.names, pending.arrays + p.arrays, ["dc_g", "dc_h"], p.dims, p.where)
+            pending = None
+        elif p.roles == ["dc_g"]:
+            pending = p
+            continue
+        if "dc_h" in p.roles and "dc_g" not in p.roles:
+            raise BitstreamError(f"{p.where}: a low-rank H tensor without its G tensor before it")
+        if "dc_g" in p.roles:
+            ig, ih = p.roles.index("dc_g"), p.roles.index("dc_h")
+            w = recompose_low_rank(p.arrays[ig], p.arrays[ih], p.dims, p.where)
+            keep = [j for j in range(len(p.roles)) if j not in (ig, ih)]
+            p = _Decoded([p.names[j] for j in keep] + [_dc_weight_name(p.names[ig])],
+                         [p.arrays[j] for j in keep] + [w], [p.roles[j] for j in keep] + ["weight"], p.dims, p.where)
+        out.append(p)
+    if pending is not None:
+        raise BitstreamError(f"{pending.where}: a low-rank G tensor without its H tensor after it")
+    return out
+
+
 def _decode_all(data, limits, workers, progress) -> list[_Decoded]:
     st = _parse(data, limits)
     jobs = [(u, qpd, base_qp, st.profile) for u, qpd, base_qp in st.ndus]
@@ -676,10 +818,12 @@ def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 
            workers: int = 2, progress: bool | None = None):
     """Decodes an NNR bitstream into weights ready to use (or, with ``raw=True``, the coded tensors).
 
-    Ready (default, :mod:`nncjax.ready`): a block unit's weight ``W`` (NNR layout, rows first, shape
-    ``(O, ...)``) with local scales ``LS`` ``(O,)`` comes back as ``LS[:, None, ...] * W`` (float32) and
-    LS is dropped; other members (BI, unfolded BN β/γ/mean/var) and single tensors come back as coded.
-    Streams without LS (every plain NNCodec stream) decode exactly as with ``raw=True``.
+    Ready (default, :mod:`nncjax.ready`): a low-rank (NNR_CPT_DC) weight comes back recomposed,
+    ``(G @ H).reshape(dims)`` (float64 products rounded once to float32), under its factors' name
+    without the ``_G`` suffix; a block unit's weight ``W`` (NNR layout, rows first, shape ``(O, ...)``)
+    with local scales ``LS`` ``(O,)`` comes back as ``LS[:, None, ...] * W`` (float32) and LS is
+    dropped; other members (BI, unfolded BN β/γ/mean/var) and single tensors come back as coded.
+    Streams without LS or DC (every plain NNCodec stream) decode exactly as with ``raw=True``.
 
     Args:
       data: the bitstream (``bytes``), from :func:`encode` or NNCodec.
@@ -692,7 +836,8 @@ def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 
         is followed by a BatchNorm of ``like`` that the stream does not carry is written onto that
         BatchNorm: scale = LS, bias = BI, mean 0, unit variance, kernel unscaled (as
         :func:`nncjax.reduce.unfold_batchnorm`), so the model's own ``apply`` computes the coded model.
-      raw: return the tensors exactly as coded (block members under their own names, LS not applied;
+      raw: return the tensors exactly as coded (block members under their own names, LS not applied,
+        low-rank factors G and H not multiplied;
         with ``like``, leaves mapped by name only, extra stream tensors ignored).
       bn_pairs: which layer each folded BatchNorm of ``like`` belongs to: ``"auto"`` (Flax's
         ``Conv_i``/``BatchNorm_i``, otherwise the only folded block with the BatchNorm's row count),
@@ -709,7 +854,7 @@ def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 
 
     Raises:
       BitstreamError (naming unit and field) for any malformed input; LimitError beyond ``limits``;
-      UnsupportedError for valid features nncjax does not decode (low-rank DC tensors); InputError
+      UnsupportedError for valid features nncjax does not decode (DQ with a codebook); InputError
       (naming the tensor) when ``like`` does not fit the stream.
 
     Example:
@@ -722,6 +867,8 @@ def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 
       ([2.0, 4.0], ['w', 'w_scaling'])
     """
     parts = _decode_all(data, limits, workers, progress)
+    if not raw:
+        parts = _recompose(parts)
     flat: dict[str, np.ndarray] = {}
     for part in parts:
         for name, arr in zip(part.names, part.arrays):

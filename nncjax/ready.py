@@ -39,7 +39,7 @@ from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.tensor_policy import restore_dtype
 
-__all__ = ["BlockRoles", "block_roles", "cast_leaf", "map_onto", "ready_flat", "scale_rows"]
+__all__ = ["BlockRoles", "block_roles", "cast_leaf", "map_onto", "ready_flat", "recompose_low_rank", "scale_rows"]
 
 _BN_ROLES = ("bn_beta", "bn_gamma", "bn_mean", "bn_var")
 
@@ -70,6 +70,22 @@ def block_roles(names: Sequence[str], roles: Sequence[str]) -> BlockRoles | None
         return None
     bn = tuple(by_role[r] for r in _BN_ROLES if r in by_role)
     return BlockRoles(by_role["weight"], by_role.get("ls"), by_role.get("bias"), bn)
+
+
+def recompose_low_rank(g: np.ndarray, h: np.ndarray, dims: Sequence[int], where: str = "low-rank unit"
+                       ) -> np.ndarray:
+    """A low-rank (NNR_CPT_DC) weight: ``(G @ H).reshape(dims)`` with G ``(r, k)``, H ``(k, c)`` and
+    ``r * c == prod(dims)``; accumulated in float64, rounded once to float32 (deterministic).
+
+    >>> recompose_low_rank(np.ones((2, 1)), np.full((1, 3), 2.0), (2, 3)).tolist()
+    [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
+    """
+    g, h = np.asarray(g, np.float64), np.asarray(h, np.float64)
+    dims = tuple(int(d) for d in dims)
+    if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or g.shape[0] * h.shape[1] != int(np.prod(dims)):
+        raise BitstreamError(f"{where}: tensor_dimensions: G {g.shape} and H {h.shape} do not recompose "
+                             f"to {dims}")
+    return (g @ h).astype(np.float32).reshape(dims)
 
 
 def scale_rows(w: np.ndarray, ls: np.ndarray) -> np.ndarray:

@@ -8,12 +8,16 @@ in Frobenius norm, and its error is the root-sum-square of the discarded singula
 
 The singular values are split evenly, ``G = U·√S`` and ``H = √S·Vᵀ``, so both factors have similar
 dynamic range and quantize well with one QP each.
+
+:func:`low_rank_factors` prepares a whole model for ``nncjax.encode(..., low_rank=...)``: chosen weights
+are replaced by their factors, and decoding rebuilds them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +25,8 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["LowRank", "dc_matrix_shape", "low_rank_decompose", "low_rank_recompose", "svd_tail_norm", "rank_for_energy"]
+__all__ = ["LowRank", "dc_matrix_shape", "low_rank_decompose", "low_rank_factors", "low_rank_recompose", "svd_tail_norm",
+           "rank_for_energy"]
 
 
 class LowRank(NamedTuple):
@@ -104,3 +109,55 @@ def rank_for_energy(w: jax.Array, energy: float = 0.99, g_rows: int | None = Non
         return 1
     cum = np.cumsum(s2) / total
     return int(min(np.searchsorted(cum, energy - 1e-12) + 1, len(s2)))
+
+
+def low_rank_factors(params: Any, ranks: Mapping[str, int], *, g_rows: Mapping[str, int] | None = None
+                     ) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """Replaces chosen weights of a model by their rank-``k`` DC factors, ready for
+    ``nncjax.encode(flat, low_rank=dims)``.
+
+    Args:
+      params: any pytree of arrays, named by key path joined with "/".
+      ranks: ``{weight name: rank}``. A Flax kernel (a leaf named ``.../kernel``, ndim >= 2) is factored
+        in NNR layout (output rows first, :func:`nncjax.reduce.flax_to_nnr`), like every block weight,
+        so that ``nncjax.decode(data, like=params)`` puts it back in Flax layout.
+      g_rows: optional ``{weight name: g_number_of_rows}`` (default: the NNR dims' first entry).
+
+    Returns:
+      ``(flat, dims)``: the flat model (``{name: array}``, other leaves unchanged) with float32
+      ``"<name>_G"`` (g_rows, rank) and ``"<name>_H"`` (rank, n // g_rows) in each chosen weight's
+      place, and ``{name: NNR dims}``.
+
+    Example:
+      >>> flat, dims = low_rank_factors({"fc": {"kernel": np.ones((6, 4), np.float32)}}, {"fc/kernel": 1})
+      >>> {k: v.shape for k, v in flat.items()}, dims
+      ({'fc/kernel_G': (4, 1), 'fc/kernel_H': (1, 6)}, {'fc/kernel': (4, 6)})
+    """
+    from nncjax.pytree_names import flatten_named
+    from nncjax.reduce.layout import flax_to_nnr
+
+    named = flatten_named(params)
+    if not isinstance(ranks, Mapping):
+        raise InputError("ranks must be a mapping {weight name: rank}")
+    g_rows = dict(g_rows or {})
+    unknown = [n for n in list(ranks) + list(g_rows) if n not in named]
+    if unknown:
+        raise InputError(f"no tensor named {unknown[0]!r} in params")
+    flat: dict[str, np.ndarray] = {}
+    dims: dict[str, tuple[int, ...]] = {}
+    for name, leaf in named.items():
+        if name not in ranks:
+            flat[name] = leaf
+            continue
+        w = jnp.asarray(leaf)
+        if not jnp.issubdtype(w.dtype, jnp.floating):
+            raise InputError(f"{name!r}: only float tensors can be factored, got {w.dtype}")
+        if w.ndim >= 2 and name.rsplit("/", 1)[-1] == "kernel":
+            w = flax_to_nnr(w)
+        rank = ranks[name]
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+            raise InputError(f"ranks[{name!r}] must be an integer, got {rank!r}")
+        f = low_rank_decompose(w.astype(jnp.float32), int(rank), g_rows.get(name))
+        flat[name + "_G"], flat[name + "_H"] = np.asarray(f.g, np.float32), np.asarray(f.h, np.float32)
+        dims[name] = tuple(int(d) for d in w.shape)
+    return flat, dims
