@@ -17,8 +17,8 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   with batch norm (``sens_bnf_lams``).
 * ``nncjax-sens-gptq``: ``nncjax-sens`` at ``qp_density=3`` (finer QPs, the same steps and
   non-weight precision as the others), followed by :func:`nncjax.optimize.with_error_feedback`: each
-  ``Dense`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose layer-output error
-  stays within DQ's, checked on inputs GPTQ was not fitted to; for models with ``Dense`` layers
+  ``Dense`` and ``Conv`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose
+  layer-output error stays within DQ's, checked on inputs GPTQ was not fitted to; for models with such layers
   (``gptq_lams``; the wall time includes collecting the input moments). MiniLM's word embedding is
   prepared first (``minilm_lookup``, inside the wall time): the rows its tokenizer can never emit are
   zeroed (exact) and every row's step follows its token's count in non-noun WordNet glosses
@@ -69,7 +69,7 @@ from nncjax.bias_correction import with_bias_correction
 from nncjax.codec import QPAdjustedWarning, decode, encode
 from nncjax.optimize import LS_SUFFIX, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
-from nncjax.quantize.gptq import dense_input_moments
+from nncjax.quantize.gptq import input_moments
 
 OUT = ROOT / "benchmarks" / "results"
 FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "argmax_agree", "transparent",
@@ -93,10 +93,10 @@ class Config:
     grad_steps: int
     sens_lams: list  # λ of the sensitivity allocation (steps=0)
     sens_bnf_lams: list  # λ of the pipeline with the sensitivity allocation (models with batch norm)
-    gptq_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ (models with Dense layers)
+    gptq_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ (Dense / Conv kernels)
     bnf_gptq_lams: list = dataclasses.field(default_factory=list)  # λ of the sensitivity pipeline + GPTQ
     bc_lams: list = dataclasses.field(default_factory=list)  # λ of sens + bias correction
-    calib: tuple = ()  # (fit batches, check batches, mask) for the Dense input moments
+    calib: tuple = ()  # (fit batches, check batches, mask) for the kernels' input moments
     lookup: object = None  # params -> (params, optimize kwargs): lookup-table preparation of sens-gptq
 
 
@@ -175,10 +175,10 @@ def minilm_config(quick: bool, subset) -> Config:
 
 
 def calib_moments(m, cfg: Config) -> dict:
-    """GPTQ's ``moments`` (fitted) and ``check_moments`` (held out) of the model's Dense inputs."""
+    """GPTQ's ``moments`` (fitted) and ``check_moments`` (held out) of the model's Dense and Conv inputs."""
     fit, check, mask = cfg.calib
-    return {"moments": dense_input_moments(m.apply, m.params, fit, mask=mask),
-            "check_moments": dense_input_moments(m.apply, m.params, check, mask=mask)}
+    return {"moments": input_moments(m.apply, m.params, fit, mask=mask),
+            "check_moments": input_moments(m.apply, m.params, check, mask=mask)}
 
 
 def metrics_row(m, params, subset) -> dict:
@@ -332,7 +332,7 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-grad": ("^-", "nncjax gradient RD (λ sweep)"),
              "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
              "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
-             "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense kernels (λ sweep)"),
+             "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense / Conv kernels (λ sweep)"),
              "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)"),
              "nncjax-sens-bc": ("*-", "nncjax sensitivity allocation + bias correction (λ sweep)")}
     for ax, key in zip(axes[0], keys):
@@ -483,7 +483,7 @@ per-tensor QPs and per-row scales from Gauss-Newton sensitivities, calibrated on
 codec; no training step); *nncjax-sens-bnf*: `optimize_ioq(allocation="sensitivity")` (IOQ's
 pipeline, BN folding and LSA included, with that allocation in place of IOQ's search);
 *nncjax-sens-gptq*: *nncjax-sens* at `qp_density=3` (finer QPs), then `nncjax.with_error_feedback`:
-each Dense kernel is coded with GPTQ (uniform, no DQ) at the coarsest QP whose layer-output error
+each Dense and Conv kernel is coded with GPTQ (uniform, no DQ) at the coarsest QP whose layer-output error
 stays within DQ's on held-out inputs (WordNet verb glosses; other training images); the wall time
 includes collecting the input moments (MiniLM: about 10 s on the CPU). On MiniLM it first zeroes the
 1331 vocabulary rows the tokenizer can never emit (exact) and steps each word-embedding row by its

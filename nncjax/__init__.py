@@ -10,7 +10,7 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 * :mod:`nncjax.reduce` -- batch-norm folding, local scaling, pruning, low rank, unification.
 * :func:`optimize` -- gradient rate-distortion optimisation of per-tensor QPs and local scales;
   :func:`optimize_ioq` -- BN folding + (IOQ or sensitivity allocation) + LSA encoder pipeline;
-  :func:`with_error_feedback` -- GPTQ for linear layers at equal layer-output error, fewer bits;
+  :func:`with_error_feedback` -- GPTQ for Dense and Conv kernels at equal layer-output error, fewer bits;
   :func:`with_bias_correction` -- quantized layers' mean output shifts moved into biases.
 * :mod:`nncjax.kernels` -- the bit-exact Numba DeepCABAC coder and NNR syntax.
 * :mod:`nncjax.models` -- real models (MiniLM-L6, CREPE tiny, a Fashion-MNIST CNN) with metrics.

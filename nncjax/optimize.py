@@ -897,7 +897,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
                         progress: bool = True) -> tuple[Any, RDSettings]:
     """Trades each linear layer's quantizer for GPTQ at equal layer-output error and fewer bits.
 
-    For every optimised 2-D tensor with input moments ``H`` (:func:`nncjax.quantize.gptq.dense_input_moments`),
+    For every optimised kernel with input moments ``H`` (:func:`nncjax.quantize.gptq.input_moments`:
+    a Dense layer's inputs, a convolution's input patches),
     the reference is what ``settings`` codes: ``W / s`` at its QP with the codec's quantizer (DQ
     unless ``settings.dq`` is False), output error ``e^T H e``. GPTQ
     (:func:`nncjax.quantize.gptq.quantize_gptq`, uniform, no DQ) cancels most of that error across
@@ -910,8 +911,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
       params: the model parameters ``settings`` was optimised for (same names).
       settings: :func:`optimize`'s result.
       moments: ``{name: (inputs, inputs)}`` second moments of each tensor's inputs, which GPTQ fits;
-        the tensor's rows-first form (:func:`rows_axis`: outputs by inputs for Flax kernels) must
-        have that many columns.
+        the tensor's rows-first form (:func:`rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for
+        Flax kernels), flattened to rows, must have that many columns.
       check_moments: moments of *other* inputs (same names) on which the output errors are compared
         (default: ``moments``). GPTQ hides error in the directions its inputs rarely take, so an
         error budget checked on the inputs it was fitted to is optimistic; held-out inputs keep the
@@ -931,7 +932,7 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
         optimised or of the wrong size.
 
     Example:
-      >>> h = nncjax.quantize.gptq.dense_input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
+      >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
       >>> p_g, rd_g = with_error_feedback(m.params, rd, h)                            # doctest: +SKIP
       >>> verify(p_g, rd_g).nbytes < verify(m.params, rd).nbytes                      # doctest: +SKIP
       True
@@ -955,11 +956,12 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as coder:
         for name in tqdm(list(moments), desc="GPTQ", disable=not progress, leave=False):
             w = np.asarray(named[name], np.float32)
-            if w.ndim != 2:
-                raise InputError(f"moments[{name!r}]: error feedback needs a 2-D tensor, {name!r} is {w.shape}")
-            axis = rows_axis(name, 2, settings.scale_axis)
+            if w.ndim < 2:
+                raise InputError(f"moments[{name!r}]: error feedback needs a weight with inputs, {name!r} is {w.shape}")
+            axis = rows_axis(name, w.ndim, settings.scale_axis)
             s = settings.local_scales.get(name, np.ones(w.shape[axis], np.float32))
-            x = _to_rows_first(_divide_rows(w, s, axis), axis)  # what the codec codes: (outputs, inputs)
+            x_full = _to_rows_first(_divide_rows(w, s, axis), axis)  # what the codec codes: NNR layout
+            x = x_full.reshape(x_full.shape[0], -1)  # (outputs, inputs); a conv's inputs are its patches
             h = np.asarray(moments[name], np.float32)
             h_check = h if check_moments is None else np.asarray(check_moments.get(name, h), np.float32)
             for what, m in (("moments", h), ("check_moments", h_check)):
@@ -969,15 +971,16 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             # encode codes a scaled weight rows first (W / s), any other in its own layout; DQ's
             # levels and the bits depend on the layout, so both come from the coded one
             scaled = name in settings.local_scales
-            coded = x if scaled else w
+            coded = x_full if scaled else w
             levels_ref, used = quantize_tensor(coded, q0, qp_density=qpd, dq=dq0)
             x_ref = reconstruct(levels_ref, used, qp_density=qpd).reshape(coded.shape)
-            x_ref = x_ref if scaled else _to_rows_first(x_ref, axis)
+            x_ref = (x_ref if scaled else _to_rows_first(x_ref, axis)).reshape(x.shape)
             found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset, damp=damp,
                                    act_order=act_order)
             if found is None:
                 continue
             q, x_g = found
+            x_g = x_g.reshape(x_full.shape)
             if name in tensor_bits:  # optimize() coded it already
                 bits_ref = Future()
                 bits_ref.set_result(tensor_bits[name])

@@ -353,7 +353,7 @@ def optimize_ioq(
       offsets, rounds: IOQ greedy search moves (:func:`nncjax.ioq.ioq_search`).
       probes, max_scale_ratio: of the sensitivity allocation.
       moments, check_moments: with ``allocation="sensitivity"``, the kernels' input moments
-        (:func:`nncjax.quantize.gptq.dense_input_moments`; names as the variables', e.g.
+        (:func:`nncjax.quantize.gptq.input_moments`; names as the variables', e.g.
         ``"params/layer_0/output/kernel"``): each of those kernels then switches to GPTQ without DQ
         where that saves bits at equal layer-output error (:func:`nncjax.optimize.with_error_feedback`,
         the error checked on ``check_moments``), before LSA.

@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nncjax.quantize.gptq
+import nncjax.reduce
 from nncjax import InputError, decode, encode
 from nncjax.coded_tensor import codec_reconstruct
 from nncjax.optimize import optimize, verify, with_error_feedback
 from nncjax.pytree_names import flatten_named
 from nncjax.quantize.gptq import (
     _error_feedback,
-    dense_input_moments,
+    input_moments,
     layer_output_error,
     quantize_gptq,
 )
@@ -123,12 +124,12 @@ class _TwoDense(nn.Module):
         return nn.Dense(3, name="out")(nn.relu(nn.Dense(5, name="hidden")(x)))
 
 
-def test_dense_input_moments_are_the_inputs_second_moments():
+def test_input_moments_are_the_inputs_second_moments():
     model = _TwoDense()
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 4))
     v = model.init(jax.random.PRNGKey(1), x)
     apply = jax.jit(model.apply)  # a jitted apply_fn still shows its layers (it is unwrapped)
-    h = dense_input_moments(apply, v, [x[:1], x[1:]])
+    h = input_moments(apply, v, [x[:1], x[1:]])
     assert set(h) == {"params/hidden/kernel", "params/out/kernel"}
     flat = np.asarray(x, np.float64).reshape(-1, 4)
     np.testing.assert_allclose(h["params/hidden/kernel"], flat.T @ flat / 14, rtol=1e-6)
@@ -137,11 +138,11 @@ def test_dense_input_moments_are_the_inputs_second_moments():
     np.testing.assert_allclose(h["params/out/kernel"], hidden.T @ hidden / 14, rtol=1e-5, atol=1e-7)
     keep = np.zeros((1, 7), bool)
     keep[0, :3] = True  # e.g. an attention mask: only these positions count
-    masked = dense_input_moments(model.apply, v, x[:1], mask=lambda b: keep)
+    masked = input_moments(model.apply, v, x[:1], mask=lambda b: keep)
     first = np.asarray(x[0, :3], np.float64)
     np.testing.assert_allclose(masked["params/hidden/kernel"], first.T @ first / 3, rtol=1e-6)
     # a jitted call inside apply_fn (no unwrapping reaches it): the capture falls back to running eagerly
-    nested = dense_input_moments(lambda p, b: jax.jit(model.apply)(p, b), v, x)
+    nested = input_moments(lambda p, b: jax.jit(model.apply)(p, b), v, x)
     np.testing.assert_allclose(nested["params/hidden/kernel"], flat.T @ flat / 14, rtol=1e-6)
 
     class Unhashable:  # an apply_fn that cannot be a static jit argument is compiled per call
@@ -150,12 +151,74 @@ def test_dense_input_moments_are_the_inputs_second_moments():
         def __call__(self, p, b):
             return model.apply(p, b)
 
-    np.testing.assert_allclose(dense_input_moments(Unhashable(), v, x)["params/hidden/kernel"], flat.T @ flat / 14,
+    np.testing.assert_allclose(input_moments(Unhashable(), v, x)["params/hidden/kernel"], flat.T @ flat / 14,
                                rtol=1e-6)
     with pytest.raises(InputError):
-        dense_input_moments(model.apply, v, [])
+        input_moments(model.apply, v, [])
     with pytest.raises(InputError, match="no flax.linen.Dense"):
-        dense_input_moments(lambda p, b: b * 2, v, x)
+        input_moments(lambda p, b: b * 2, v, x)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=(3, 3)),
+    dict(kernel_size=(3, 2), strides=2, padding="VALID"),
+    dict(kernel_size=(5,), padding="CAUSAL"),
+    dict(kernel_size=(3, 3), padding="CIRCULAR", kernel_dilation=2),
+    dict(kernel_size=(3, 3), padding=((1, 0), (2, 1)), input_dilation=(1, 2)),
+    dict(kernel_size=(4,), padding="REFLECT", strides=3),
+    dict(kernel_size=(2, 2, 2)),
+])
+def test_conv_input_moments_give_the_output_energy(kw):
+    """A convolution is ``y = W x`` per output position over its input patches: the moments of the
+    patches predict the layer's own output moments, ``E[y y^T] = W H W^T`` (W in NNR layout, rows
+    flattened), whatever the padding, strides, dilations and rank."""
+    from nncjax.reduce import flax_to_nnr
+
+    model = nn.Conv(6, use_bias=False, **kw)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3,) + (9,) * len(kw["kernel_size"]) + (4,))
+    v = model.init(jax.random.PRNGKey(1), x)
+    (h,) = input_moments(model.apply, v, [x[:1], x[1:]]).values()
+    y = np.asarray(model.apply(v, x), np.float64).reshape(-1, 6)
+    w = np.asarray(flax_to_nnr(v["params"]["kernel"]), np.float64).reshape(6, -1)
+    np.testing.assert_allclose(w @ h @ w.T, y.T @ y / len(y), rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_convolutions_are_left_out():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), feature_group_count=4, name="depthwise")(x)
+            return nn.Conv(2, (1, 1), name="pointwise")(x)
+
+    x = jnp.ones((2, 5, 5, 4))
+    v = Net().init(jax.random.PRNGKey(0), x)
+    assert list(input_moments(Net().apply, v, x)) == ["params/pointwise/kernel"]
+    with pytest.raises(InputError, match="no flax.linen.Dense or"):
+        input_moments(nn.Conv(8, (3, 3), feature_group_count=4).apply,
+                      nn.Conv(8, (3, 3), feature_group_count=4).init(jax.random.PRNGKey(0), x), x)
+
+
+def test_with_error_feedback_codes_conv_kernels():
+    """On the Fashion-MNIST CNN (real images): GPTQ takes conv kernels (4-D, Flax layout) to a coarser
+    QP at no more held-out layer-output error, fewer bits, and the stream decodes to exactly them."""
+    from nncjax.models.fashion_cnn import load, load_fashion_mnist
+
+    m = load()
+    x = load_fashion_mnist("train")[0]
+    fit, check = (input_moments(m.apply, m.params, jnp.asarray(x[a:a + 500])) for a in (1000, 1500))
+    assert {"params/conv2/kernel", "params/fc1/kernel"} <= set(fit) and fit["params/conv2/kernel"].shape == (288, 288)
+    rd = optimize(m.params, m.apply, [jnp.asarray(x[:64])], lam=3e-3, init="sensitivity", steps=0, progress=False)
+    p_g, rd_g = with_error_feedback(m.params, rd, fit, check_moments=check, progress=False)
+    convs = [n for n in fit if "conv" in n and rd_g.dq_overrides.get(n) is False]
+    assert convs, "no conv kernel was worth substituting"
+    dec_new, dec_ref, orig = (flatten_named(t) for t in (verify(p_g, rd_g).params, verify(m.params, rd).params,
+                                                         m.params))
+    for n in convs:
+        assert rd_g.qp_overrides[n] > rd.qp_overrides[n] and rd_g.tensor_bits[n] < rd.tensor_bits[n]
+        np.testing.assert_array_equal(np.asarray(dec_new[n]), np.asarray(flatten_named(p_g)[n]))
+        rows = lambda a: np.asarray(nncjax.reduce.flax_to_nnr(a)).reshape(a.shape[-1], -1)
+        assert layer_output_error(rows(orig[n]), rows(dec_new[n]), check[n]) <= layer_output_error(
+            rows(orig[n]), rows(dec_ref[n]), check[n]) * (1 + 1e-5)
 
 
 def test_with_error_feedback_moves_the_rd_point_down(digits):
@@ -167,7 +230,7 @@ def test_with_error_feedback_moves_the_rd_point_down(digits):
     m, calib, test_mse = digits
     train = jnp.asarray(load_digits_split("train")[0])
     half = len(train) // 2
-    fit, check = (dense_input_moments(m.apply, m.params, x) for x in (train[:half], train[half:]))
+    fit, check = (input_moments(m.apply, m.params, x) for x in (train[:half], train[half:]))
     curve = []
     for lam in (1e-3, 3e-3, 1e-2):
         rd = optimize(m.params, m.apply, calib, lam=lam, init="sensitivity", steps=0, progress=False)

@@ -5,7 +5,7 @@ JAX quantizers (jit/grad/vmap-able; hard modes equal the codec bit for bit):
 * :func:`quantize_uniform` -- uniform (``hard``, ``ste``, ``noise``, ``soft``);
 * :func:`quantize_dq`, :func:`dq_trellis`, :func:`dq_states` -- dependent quantization;
 * :func:`quantize_codebook`, :func:`codebook_init` -- learnable integer codebooks;
-* :func:`quantize_gptq`, :func:`dense_input_moments`, :func:`layer_output_error` -- GPTQ, uniform
+* :func:`quantize_gptq`, :func:`input_moments`, :func:`layer_output_error` -- GPTQ, uniform
   quantization with error feedback across a linear layer's inputs (coded with ``dq=False``);
 * :func:`quantizer` / :func:`rate_model` -- optax-style ``init``/``apply`` pairs over pytrees.
 """
@@ -19,7 +19,7 @@ from nncjax.quantize.dq import (
            q_to_k,
            quantize_dq,
 )
-from nncjax.quantize.gptq import dense_input_moments, layer_output_error, quantize_gptq
+from nncjax.quantize.gptq import input_moments, layer_output_error, quantize_gptq
 from nncjax.quantize.transform import (
            QuantizerTransform,
            RateTransform,
@@ -34,7 +34,7 @@ __all__ = [
            "QuantizerTransform",
            "RateTransform",
            "codebook_init",
-           "dense_input_moments",
+           "input_moments",
            "dq_states",
            "dq_trellis",
            "k_to_q",

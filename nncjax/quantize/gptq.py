@@ -6,6 +6,8 @@ moment of its inputs. GPTQ (Frantar et al., ICLR 2023; OBQ before it) quantizes 
 time and moves each row's rounding error onto the columns not quantized yet, weighted by the
 Cholesky factor of ``H^-1``, which minimises that output error column by column. Correlated inputs
 (the rule in transformers) let later columns cancel most of the error of earlier ones.
+A convolution is the same linear map per output position, over its input patches
+(:func:`input_moments` collects their moments for ``flax.linen.Conv`` layers).
 
 The result lies on the same uniform grid as plain rounding (``levels * step`` per row), so the NNR
 codec codes it losslessly with ``dq=False`` at the same QP (``nncjax.encode(dq_overrides=...)``):
@@ -29,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -39,7 +41,7 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.quantize.uniform import round_half_away
 
-__all__ = ["dense_input_moments", "layer_output_error", "quantize_gptq"]
+__all__ = ["input_moments", "layer_output_error", "quantize_gptq"]
 
 
 @jax.jit
@@ -97,7 +99,7 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
     Args:
       w: ``(rows, columns)`` float weights, outputs by inputs (NNR layout).
       h: ``(columns, columns)`` second moment of the layer's inputs, ``E[x x^T]`` (e.g. from
-        :func:`dense_input_moments`); only its conditioning matters, not its scale.
+        :func:`input_moments`); only its conditioning matters, not its scale.
       step: quantization step, a scalar or one per row ``(rows,)`` (positive).
       damp: ``H`` is regularised by ``damp * mean(diag H)`` on its diagonal (numerical stability,
         and less over-fitting of ``H`` estimated from few inputs).
@@ -176,9 +178,38 @@ def layer_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Arra
     return jnp.sum((e @ jnp.asarray(h, jnp.float32)) * e)
 
 
+def _conv_patches(module, x: jax.Array) -> jax.Array | None:
+    """The input patches of a ``flax.linen.Conv`` call, ``(positions, inputs * prod(kernel_size))``
+    with each patch in the column order of the kernel's NNR rows (input channel, then kernel
+    offsets), so that ``y = patches @ flax_to_nnr(kernel).reshape(outputs, -1).T``; None for the
+    convolutions GPTQ leaves alone (grouped or masked kernels). Padding, strides and dilations are
+    canonicalised exactly as the module does."""
+    import flax.linen as nn
+
+    if module.feature_group_count != 1 or module.mask is not None:
+        return None
+    ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
+    wide = lambda v: tuple(v) if isinstance(v, Sequence) else (1 if v is None else int(v),) * len(ks)
+    strides, in_dil, k_dil = wide(module.strides), wide(module.input_dilation), wide(module.kernel_dilation)
+    x = x.reshape((-1,) + x.shape[x.ndim - len(ks) - 1:])
+    padding = nn.linear.canonicalize_padding(module.padding, len(ks))
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
+        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
+        x, padding = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
+    elif padding == "CAUSAL":
+        x, padding = jnp.pad(x, [(0, 0), (k_dil[0] * (ks[0] - 1), 0), (0, 0)]), "VALID"
+    spatial = "".join("HWDXYZ"[: len(ks)])
+    numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+    patches = jax.lax.conv_general_dilated_patches(
+        x, ks, strides, padding, lhs_dilation=in_dil, rhs_dilation=k_dil, dimension_numbers=numbers,
+        precision=jax.lax.Precision.HIGHEST)
+    return patches.reshape(-1, patches.shape[-1])
+
+
 def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch: Any) -> dict[str, tuple]:
     """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense``
-    inputs; traceable (masked positions are weighted 0, not removed)."""
+    inputs and ``Conv`` input patches; traceable (masked positions are weighted 0, not removed)."""
     import flax.linen as nn
 
     from nncjax._layer_stats import kernel_name
@@ -189,19 +220,24 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
     out: dict[str, tuple] = {}
 
     def intercept(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
             x = jnp.asarray(args[0], jnp.float32)
-            weight = jnp.ones(x.shape[:-1], jnp.float32) if keep is None else jnp.broadcast_to(
-                keep, x.shape[:-1]).astype(jnp.float32)
-            x, weight = x.reshape(-1, x.shape[-1]), weight.reshape(-1)
-            # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
-            # summed on the host in float64
-            xx = jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST)
-            name = kernel_name(tuple(context.module.path), names)
-            if name is None:
-                raise InputError(f"no kernel found for the Dense layer at {'/'.join(context.module.path)!r}")
-            old_xx, old_n = out.get(name, (0.0, 0.0))
-            out[name] = (old_xx + xx, old_n + jnp.sum(weight))
+            if isinstance(context.module, nn.Dense):
+                weight = jnp.ones(x.shape[:-1], jnp.float32) if keep is None else jnp.broadcast_to(
+                    keep, x.shape[:-1]).astype(jnp.float32)
+                x, weight = x.reshape(-1, x.shape[-1]), weight.reshape(-1)
+            else:
+                x = _conv_patches(context.module, x)
+                weight = None if x is None else jnp.ones(x.shape[:1], jnp.float32)
+            if x is not None:
+                # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
+                # summed on the host in float64
+                xx = jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST)
+                name = kernel_name(tuple(context.module.path), names)
+                if name is None:
+                    raise InputError(f"no kernel found for the layer at {'/'.join(context.module.path)!r}")
+                old_xx, old_n = out.get(name, (0.0, 0.0))
+                out[name] = (old_xx + xx, old_n + jnp.sum(weight))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(intercept):
@@ -209,46 +245,55 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
     return out
 
 
-def dense_input_moments(
+def input_moments(
     apply_fn: Callable[[Any, Any], Any],
     params: Any,
     data: Any,
     *,
     mask: Callable[[Any], Any] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen.Dense`` layer of a model.
+    """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen.Dense`` and ``Conv`` layer.
 
-    The model is traced under :func:`flax.linen.intercept_methods`, which sees each ``Dense`` call's
-    input; a layer called several times pools all its inputs. The trace is compiled once per batch
-    shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped first, or its layers would hide behind
-    the compiled call); a model that cannot be traced that way (nested jitted calls) runs eagerly
-    under ``jax.disable_jit``, where a few large batches are much faster than many small ones.
+    A ``Dense`` layer's inputs are its input vectors; a convolution's are its input patches (one per
+    output position, input channels times kernel offsets, in the order of the kernel's NNR rows,
+    :func:`nncjax.reduce.flax_to_nnr`), since ``y = W x`` holds per position. Grouped (depthwise)
+    and masked convolutions are left out. The model is traced under
+    :func:`flax.linen.intercept_methods`; a layer called several times pools all its inputs. The
+    trace is compiled once per batch shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped
+    first, or its layers would hide behind the compiled call); a model that cannot be traced that
+    way (nested jitted calls) runs eagerly under ``jax.disable_jit``.
 
     Args:
-      apply_fn: ``apply_fn(params, batch)`` running a Flax linen model (``Dense`` submodules).
+      apply_fn: ``apply_fn(params, batch)`` running a Flax linen model.
       params: its parameters (Flax variables; kernels are found under the module paths).
       data: one batch or a list of batches.
       mask: optional ``mask(batch) -> bool array`` over the leading axes of the ``Dense`` inputs
-        (e.g. a text model's attention mask, so that padding positions do not count).
+        (e.g. a text model's attention mask, so that padding positions do not count); convolutions
+        count every position.
 
     Returns:
       ``{kernel name: float64 (inputs, inputs)}``, names as :func:`nncjax.pytree_names.flatten_named`
-      gives them (``"params/layer_0/output/kernel"``).
+      gives them (``"params/layer_0/output/kernel"``); a convolution with kernel ``(*k, I, O)`` has
+      ``I * prod(k)`` inputs.
 
     Raises:
-      InputError: empty ``data``, or no ``Dense`` layer seen.
+      InputError: empty ``data``, or no ``Dense`` or ``Conv`` layer seen.
 
     Example:
       >>> import flax.linen as nn
       >>> model = nn.Dense(3)
       >>> v = model.init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
-      >>> h = dense_input_moments(model.apply, v, jnp.array([[1.0, 0.0], [1.0, 2.0]]))
+      >>> h = input_moments(model.apply, v, jnp.array([[1.0, 0.0], [1.0, 2.0]]))
       >>> {k: a.tolist() for k, a in h.items()}
       {'params/kernel': [[1.0, 1.0], [1.0, 2.0]]}
+      >>> conv = nn.Conv(4, (3, 3))
+      >>> vc = conv.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 2)))
+      >>> input_moments(conv.apply, vc, jnp.ones((5, 8, 8, 2)))["params/kernel"].shape
+      (18, 18)
     """
     from nncjax._layer_stats import batch_means, unwrap_jit
 
     moments = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask), (params,), data)
     if not moments:
-        raise InputError("the model called no flax.linen.Dense layer")
+        raise InputError("the model called no flax.linen.Dense or (ungrouped) Conv layer")
     return moments
