@@ -85,7 +85,11 @@ def recompose_low_rank(g: np.ndarray, h: np.ndarray, dims: Sequence[int], where:
     if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or g.shape[0] * h.shape[1] != int(np.prod(dims)):
         raise BitstreamError(f"{where}: tensor_dimensions: G {g.shape} and H {h.shape} do not recompose "
                              f"to {dims}")
-    return (g @ h).astype(np.float32).reshape(dims)
+    out = np.empty((g.shape[0], h.shape[1]), np.float32)
+    step = max(1, (1 << 22) // max(h.shape[1], 1))  # row chunks: float64 scratch stays small
+    for i in range(0, g.shape[0], step):
+        out[i:i + step] = g[i:i + step] @ h
+    return out.reshape(dims)
 
 
 def scale_rows(w: np.ndarray, ls: np.ndarray) -> np.ndarray:
