@@ -4,6 +4,7 @@ A block unit (NNR_PT_BLOCK) carries a weight ``W`` in NNR layout (output rows fi
 per-row members: local scales ``LS`` (cpt 0x02), an unfolded batch norm β, γ, mean, var (0x04) and a
 bias ``BI`` (0x08). The coded model computes ``(LS[:, None, ...] * W) ⊛ x + BI`` per block.
 
+* :func:`recompose_low_rank` -- a low-rank unit's (cpt 0x01) factors G, H multiplied back into W.
 * :func:`ready_flat` -- the flat view: LS multiplied into W's rows (float32) and dropped; every other
   tensor as coded. A folded batch norm stays folded (W·LS and BI): there is no BN to map it to.
 * :func:`map_onto` -- the view of a model (``like``): names map to ``like``'s leaves; a block weight
@@ -29,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +84,7 @@ def recompose_low_rank(g: np.ndarray, h: np.ndarray, dims: Sequence[int], where:
     """
     g, h = np.asarray(g, np.float64), np.asarray(h, np.float64)
     dims = tuple(int(d) for d in dims)
-    if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or g.shape[0] * h.shape[1] != int(np.prod(dims)):
+    if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or g.shape[0] * h.shape[1] != math.prod(dims):
         raise BitstreamError(f"{where}: tensor_dimensions: G {g.shape} and H {h.shape} do not recompose "
                              f"to {dims}")
     out = np.empty((g.shape[0], h.shape[1]), np.float32)
