@@ -411,8 +411,6 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings)
         blocks = {}
     if not isinstance(blocks, Mapping):
         raise InputError("blocks must be a mapping {weight name: {role: member name}}")
-    if blocks and s.codebook != "off":
-        raise InputError("blocks cannot be combined with codebook (block members are coded uniformly)")
     factor_names = {n for g, h, _ in low.values() for n in (g, h)}
     used: dict[str, str] = {}
     table: dict[str, _Block] = {}
@@ -463,6 +461,23 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings)
                      tuple(roles[r] for r in _BLOCK_CODED if r in roles), factors, dims)
         table[blk.anchor] = blk
     return table
+
+
+def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor], plan: list[_Plan],
+                  s: _Settings) -> set[str]:
+    """With codebooks, the blocks NNCodec writes as separate units (members first, where the block
+    would be): one unit cannot mix a member's codebook with uniform tensors, nor dq_flags (a
+    codebook is coded without DQ)."""
+    position = {t.name: i for i, t in enumerate(prepared)}
+    choice = lambda n: _codebook_choice(prepared[position[n]], plan[position[n]], s)
+    split = set()
+    for anchor, b in block_of.items():
+        members = [choice(m) for m in b.coded]
+        if any(c["codebook"] is not None for c in members):
+            split.add(anchor)
+        elif plan[position[anchor]].dq and choice(anchor)["codebook"] is not None:
+            split.add(anchor)
+    return split
 
 
 # ------------------------------------------------------------------------------------------------
@@ -595,8 +610,9 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         the weight is. Roles: "ls" (local scaling, e.g. ``"<w>_scaling"``), "bi" (bias), and all four
         of "bn_beta", "bn_gamma", "bn_mean", "bn_var" (an unfolded batch norm); cpt = LS 0x02 | BN 0x04
         | BI 0x08. Members keep their own QPs (``nonweight_qp`` unless overridden) and come back from
-        :func:`decode` under their names. A weight named in ``low_rank`` may have a block. Not with
-        ``codebook``.
+        :func:`decode` under their names. A weight named in ``low_rank`` may have a block. With
+        ``codebook``, as NNCodec: a block in which a member takes a codebook, or the weight takes one
+        while the members use DQ, is written as separate units (members first, where the block goes).
       dq_overrides: ``{name or regex: bool}`` per-tensor ``dq`` (resolved like ``qp_overrides``); each
         NNR unit signals its own ``dq_flag``, so e.g. tensors already on a uniform grid (GPTQ) can be
         coded without DQ next to DQ tensors. A block's members follow its weight. Not with ``codebook``.
@@ -639,17 +655,26 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     # A unit takes its weight's (G's) place; parameter_id counts the model's tensors, a G, H pair once.
     factors_h = {b.weights[1] for b in block_of.values() if b.factors}
     param_id = {n: k for k, n in enumerate(t.name for t in prepared if t.name not in factors_h)}
-    jobs = [(t, block_of.get(t.name)) for t in prepared if t.name not in in_block]
+    split = _split_blocks(block_of, prepared, plan, s) if s.codebook != "off" else set()
+    jobs = []  # (tensor, its block or None, cpt of the block a separate unit belongs to)
+    for t in prepared:
+        blk = block_of.get(t.name)
+        if blk is not None and blk.anchor in split:  # each unit still signals the block's cpt
+            jobs += [(prepared[position[m]], None, blk.cpt) for m in blk.coded]
+            jobs.append((t, None, blk.cpt))
+        elif t.name not in in_block:
+            jobs.append((t, blk, 0))
 
     def work(job):
-        t, blk = job
+        t, blk, cpt = job
         pairs = lambda names: tuple((prepared[position[n]], plan[position[n]]) for n in names)
         weights = pairs(blk.weights) if blk else ((t, plan[position[t.name]]),)
         c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else ())
+        c.cpt = c.cpt or cpt
         return c, _ndu_bytes(c, s)
 
     sizes = [max(t.data.size, 1) + (sum(prepared[position[n]].data.size for n in b.coded + b.weights[1:]) if b else 0)
-             for t, b in jobs]
+             for t, b, _ in jobs]
     results = _run_parallel(work, jobs, sizes, workers, progress, "encode")
     for c, _ in results:
         for note in c.notes:

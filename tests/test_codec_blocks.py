@@ -34,12 +34,27 @@ def ls_model(c=20, prefix="fc"):
     return model, {f"{prefix}.weight": {"ls": f"{prefix}.weight_scaling", "bi": f"{prefix}.bias"}}
 
 
+def sparse_levels_model(c=20):
+    """A weight on three far-apart grid levels (a codebook codes it best) with uniform members."""
+    model, blocks = ls_model(c)
+    model["fc.weight"] = (RNG.choice([-40, 0, 40], (c, 40)) * 2.0 ** -8).astype(np.float32)
+    return model, blocks
+
+
 CASES = [  # (model builder, encode kwargs)
     (bn_model, {"scan_order": 0, "dq": True}),
     (bn_model, {"scan_order": 2, "dq": False}),
     (ls_model, {"scan_order": 1, "dq": True}),
     (ls_model, {"scan_order": 0, "dq": True, "nonweight_qp": -60}),
+    # with codebooks a block stays one unit only where its members stay uniform and share its dq_flag
+    (bn_model, {"scan_order": 0, "dq": True, "codebook": "always"}),
+    (bn_model, {"scan_order": 1, "dq": False, "codebook": True}),
+    (ls_model, {"scan_order": 0, "dq": True, "codebook": True}),
+    (ls_model, {"scan_order": 0, "dq": False, "codebook": True, "qp": -20}),
+    (sparse_levels_model, {"scan_order": 1, "dq": False, "codebook": True}),  # one unit, W with a codebook
+    (sparse_levels_model, {"scan_order": 0, "dq": True, "codebook": True}),  # W's codebook vs DQ members: split
 ]
+CODEBOOK_MODE = {None: 0, True: 2, "always": 1}
 
 
 def test_round_trip_equals_the_quantizer():
@@ -95,7 +110,6 @@ def test_inspect_shows_one_block_unit():
     ({"fc.weight": {"bi": "fc.bias", "ls": "fc.bias"}}, False, "already a member"),
     ({"fc.weight": {}}, False, "non-empty mapping"),
     ({"fc.weight": {"bi": "fc.weight"}}, False, "is a block weight"),
-    ({"fc.weight": {"bi": "fc.bias"}}, True, "codebook"),
     ([("fc.weight", {})], False, "blocks must be a mapping"),
 ])
 def test_bad_blocks_raise_input_error(blocks, codebook, match):
@@ -115,8 +129,9 @@ def test_nncodec_decodes_our_blocks_and_writes_the_same_bytes(oracle):
         wname, roles = next(iter(blocks.items()))
         types = {wname: "weight"} | {n: {"ls": "weight.ls", "bi": "bias"}.get(r, BN_TYPES.get(r)) for r, n in roles.items()}
         cases.append({"model": model, "block": {"block_identifier": {n: "blk" for n in types}, "parameter_type": types},
-                      "kwargs": {"scan_order": kw["scan_order"], "use_dq": kw["dq"],
-                                 "nonweight_qp": kw.get("nonweight_qp", -75)}})
+                      "kwargs": {"scan_order": kw["scan_order"], "use_dq": kw["dq"], "qp": kw.get("qp", -32),
+                                 "nonweight_qp": kw.get("nonweight_qp", -75),
+                                 "codebook_mode": CODEBOOK_MODE[kw.get("codebook")]}})
     decoded = oracle.call("model", "decode_many", ours)
     written = oracle.call("syntax", "generate", cases)
     for data, theirs, ref in zip(ours, decoded, written):
@@ -127,6 +142,36 @@ def test_nncodec_decodes_our_blocks_and_writes_the_same_bytes(oracle):
             np.testing.assert_array_equal(np.asarray(arr, np.float32), mine[name], err_msg=name)
         assert "error" not in ref, ref.get("error")
         assert ref["bitstream"] == data
+
+
+@pytest.mark.parametrize("build, kw, block, weight_codebook", [
+    (bn_model, {"codebook": "always"}, False, True),  # every member takes a codebook: separate units
+    (sparse_levels_model, {"codebook": True, "dq": False}, True, True),  # W's codebook in the block header
+    (sparse_levels_model, {"codebook": True, "dq": True}, False, True),  # W without DQ, members with: split
+    (ls_model, {"codebook": True}, True, False),  # nothing takes a codebook: one block unit
+])
+def test_codebooks_decide_whether_a_block_stays_one_unit(build, kw, block, weight_codebook):
+    """As NNCodec: a block is one unit only if its members stay uniform and share the weight's dq_flag;
+    otherwise its tensors become separate units (members first) that still signal the block's cpt."""
+    from nncjax.kernels.units import CompressedDataUnit, read_units
+
+    model, blocks = build()
+    (wname, roles), = blocks.items()
+    data = encode(model, blocks=blocks, **kw)
+    info = {t.name: t for t in inspect(data).tensors}
+    assert all((info[n].payload_type == "BLOCK") == block for n in [wname, *roles.values()])
+    assert (info[wname].codebook_size > 0) == weight_codebook
+    ndus = [u for u in read_units(data) if isinstance(u, CompressedDataUnit)]
+    unit_of = {name: u for u in ndus for name in u.topology_elem_ids}
+    assert len({id(unit_of[n]) for n in [wname, *roles.values()]}) == (1 if block else 1 + len(roles))
+    assert len({unit_of[n].compressed_parameter_types for n in [wname, *roles.values()]}) == 1
+    if not block:  # members first, where the block would be
+        order = [u.topology_elem_ids[0] for u in ndus]
+        assert order.index(wname) == max(order.index(n) for n in roles.values()) + 1
+    # in a unit or not, every tensor decodes to what coding it alone gives (its own codebook choice)
+    alone = decode(encode(model, **kw))
+    for name, arr in decode(data, raw=True).items():
+        np.testing.assert_array_equal(arr, alone[name], err_msg=name)
 
 
 def test_dq_overrides_mix_dq_and_uniform_units(oracle):
