@@ -466,18 +466,13 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings)
 def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor], plan: list[_Plan],
                   s: _Settings) -> set[str]:
     """With codebooks, the blocks NNCodec writes as separate units (members first, where the block
-    would be): one unit cannot mix a member's codebook with uniform tensors, nor dq_flags (a
-    codebook is coded without DQ)."""
+    would be): it keeps a block only if no member takes a codebook and all its tensors share one
+    dq_flag (a codebook is coded without DQ)."""
     position = {t.name: i for i, t in enumerate(prepared)}
     choice = lambda n: _codebook_choice(prepared[position[n]], plan[position[n]], s)
-    split = set()
-    for anchor, b in block_of.items():
-        members = [choice(m) for m in b.coded]
-        if any(c["codebook"] is not None for c in members):
-            split.add(anchor)
-        elif plan[position[anchor]].dq and choice(anchor)["codebook"] is not None:
-            split.add(anchor)
-    return split
+    return {anchor for anchor, b in block_of.items()
+            if any(choice(m)["codebook"] is not None for m in b.coded)
+            or (plan[position[anchor]].dq and choice(anchor)["codebook"] is not None)}
 
 
 # ------------------------------------------------------------------------------------------------
