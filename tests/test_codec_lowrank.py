@@ -112,6 +112,20 @@ def test_round_trip_recomposes_the_coded_factors(seed, rows, cols, rank, conv, s
     assert info["w_G"].qp == info["w_H"].qp == qp and info["w_G"].payload_type == "BLOCK"
 
 
+def test_local_scales_apply_to_the_recomposed_weight():
+    """Ready decoding of a DC block with LS: ``LS[:, None] * (G @ H)``, LS dropped; with ``like`` a Flax
+    kernel (the block weight is in NNR layout) comes back transposed."""
+    g, h, s = gauss(6, 2), gauss(2, 4), 1 + gauss(6)
+    data = encode({"fc/kernel_G": g, "fc/kernel_H": h, "fc/kernel_scaling": s}, low_rank={"fc/kernel": (6, 4)},
+                  blocks={"fc/kernel": {"ls": "fc/kernel_scaling"}}, qp=-48)
+    raw, ready = decode(data, raw=True), decode(data)
+    w = (raw["fc/kernel_G"].astype(np.float64) @ raw["fc/kernel_H"]).astype(np.float32)
+    assert list(ready) == ["fc/kernel"]
+    np.testing.assert_array_equal(ready["fc/kernel"], raw["fc/kernel_scaling"][:, None] * w)
+    out = decode(data, like={"fc": {"kernel": np.zeros((4, 6), np.float32)}})
+    np.testing.assert_array_equal(out["fc"]["kernel"], ready["fc/kernel"].T)
+
+
 def _pair_stream(g, h, dims, *, swap=False, h_dims=None):
     """A non-block DC pair (two NNR_NDU units, G then H, cpt DC; format digest §2.14): the payloads of a
     plain two-tensor stream with DC headers. NNCodec never writes one (its encoder asserts) and its
