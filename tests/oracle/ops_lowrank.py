@@ -16,7 +16,8 @@ _TYPES = {"ls": "weight.ls", "bi": "bias", "bn_beta": "bn.beta", "bn_gamma": "bn
 
 
 def _encode(case):
-    from nncodec.nnc_core import approximator, coder, nnr_model
+    from nncodec.nnc_core import nnr_model
+    from ops_syntax import core_encode
 
     params = {k: np.asarray(v) for k, v in case["params"].items()}
     low_rank = {w: [int(d) for d in dims] for w, dims in case["low_rank"].items()}
@@ -37,19 +38,14 @@ def _encode(case):
         for role, member in blocks.get(w, {}).items():
             mi["block_identifier"][member] = f"blk{k}"
             mi["parameter_type"][member] = _TYPES[role]
-    ad = approximator.init_approx_data(params, mi, qp_density=case.get("qp_density", 2),
-                                       scan_order=case.get("scan_order", 0))
-    ai = approximator.ApproxInfo(ad, mi, "uniform", 0, case.get("qp", -32), False, not case.get("dq", True), 10, 0.0,
-                                 nonweight_qp=case.get("nonweight_qp", -75), qp_per_tensor=case.get("qp_per_tensor"))
     enc_info = {"cabac_unary_length_minus1": 10, "param_opt_flag": True, "partial_data_counter": 0,
                 "general_profile_idc": 1, "node_id_present_flag": 1, "device_id": 0,
                 "mps_parent_signalling_enabled_flag": 0, "parent_node_id_present_flag": 0,
                 "temporal_context_modeling_flag": 0, "row_skip_enabled_flag": int(case.get("row_skipping", True)),
                 "pre_signalling": 0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        ade = approximator.approx(ai.approx_info, mi, ad, enc_info)
-        bs, _ = coder.encode(enc_info, mi, ade)
-    return bytes(bs)
+    return core_encode(params, mi, enc_info, qp=case.get("qp", -32), qp_density=case.get("qp_density", 2),
+                       scan_order=case.get("scan_order", 0), dq=case.get("dq", True), unary_length_minus1=10,
+                       nonweight_qp=case.get("nonweight_qp", -75), qp_per_tensor=case.get("qp_per_tensor"))
 
 
 def encode_low_rank(cases):

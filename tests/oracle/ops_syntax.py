@@ -91,22 +91,31 @@ def _compress(model, kwargs, block=None, base=None):
         return bytes(nnc.compress(model, bitstream_path=None, return_bitstream=True, verbose=False, **kw))
 
 
+def core_encode(params, model_info, enc_info, *, qp, qp_density, scan_order, dq, unary_length_minus1,
+                nonweight_qp=-75, qp_per_tensor=None):
+    """NNCodec's uniform approximation and encoding through ``nnc_core`` (what ``nnc.compress`` runs,
+    for the cases it cannot express): ``params`` coded against ``model_info``."""
+    from nncodec.nnc_core import approximator, coder
+    ad = approximator.init_approx_data(params, model_info, qp_density, scan_order)
+    ai = approximator.ApproxInfo(ad, model_info, "uniform", 0, qp, False, not dq, unary_length_minus1, 0.0,
+                                 nonweight_qp=nonweight_qp, qp_per_tensor=qp_per_tensor)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ade = approximator.approx(ai.approx_info, model_info, ad, enc_info)
+        bs, _ = coder.encode(enc_info, model_info, ade)
+    return bytes(bs)
+
+
 def _compress_profile0(model, kwargs):
-    """Profile-0 streams through ``nnc_core`` (``nnc.compress`` hard-codes profile 1)."""
-    from nncodec.nnc_core import approximator, coder, nnr_model
+    """Profile-0 streams (``nnc.compress`` hard-codes profile 1)."""
+    from nncodec.nnc_core import nnr_model
     kw = {"qp": -32, "qp_density": 2, "use_dq": True, "scan_order": 0, "cabac_unary_length_minus1": 10}
     kw.update(kwargs)
-    mi = nnr_model.NNRModel(model).model_info
-    ad = approximator.init_approx_data(model, mi, kw["qp_density"], kw["scan_order"])
-    ai = approximator.ApproxInfo(ad, mi, "uniform", 0, kw["qp"], False, not kw["use_dq"],
-                                 kw["cabac_unary_length_minus1"], 0, nonweight_qp=-75)
     enc_info = {"cabac_unary_length_minus1": kw["cabac_unary_length_minus1"], "param_opt_flag": True,
                 "general_profile_idc": 0, "node_id_present_flag": 0, "mps_parent_signalling_enabled_flag": 0,
                 "parent_node_id_present_flag": 0}
-    with contextlib.redirect_stdout(io.StringIO()):
-        ade = approximator.approx(ai.approx_info, mi, ad, enc_info)
-        bs, _ = coder.encode(enc_info, mi, ade)
-    return bytes(bs)
+    return core_encode(model, nnr_model.NNRModel(model).model_info, enc_info, qp=kw["qp"],
+                       qp_density=kw["qp_density"], scan_order=kw["scan_order"], dq=kw["use_dq"],
+                       unary_length_minus1=kw["cabac_unary_length_minus1"])
 
 
 def generate(cases):
