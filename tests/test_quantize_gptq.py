@@ -167,6 +167,8 @@ def test_input_moments_are_the_inputs_second_moments():
     dict(kernel_size=(3, 3), padding=((1, 0), (2, 1)), input_dilation=(1, 2)),
     dict(kernel_size=(4,), padding="REFLECT", strides=3),
     dict(kernel_size=(2, 2, 2)),
+    dict(kernel_size=(70,), strides=2, padding="SAME", kernel_dilation=1),  # many offsets: an identity conv
+    dict(kernel_size=(9, 9), strides=(2, 1), input_dilation=2, kernel_dilation=(1, 2), padding=((4, 4), (2, 7))),
 ])
 def test_conv_input_moments_give_the_output_energy(kw):
     """A convolution is ``y = W x`` per output position over its input patches: the moments of the
@@ -175,7 +177,8 @@ def test_conv_input_moments_give_the_output_energy(kw):
     from nncjax.reduce import flax_to_nnr
 
     model = nn.Conv(6, use_bias=False, **kw)
-    x = jax.random.normal(jax.random.PRNGKey(0), (3,) + (9,) * len(kw["kernel_size"]) + (4,))
+    size = 80 if kw["kernel_size"] == (70,) else 9
+    x = jax.random.normal(jax.random.PRNGKey(0), (3,) + (size,) * len(kw["kernel_size"]) + (4,))
     v = model.init(jax.random.PRNGKey(1), x)
     (h,) = input_moments(model.apply, v, [x[:1], x[1:]]).values()
     y = np.asarray(model.apply(v, x), np.float64).reshape(-1, 6)

@@ -31,6 +31,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -178,6 +180,9 @@ def layer_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Arra
     return jnp.sum((e @ jnp.asarray(h, jnp.float32)) * e)
 
 
+_SLICED_OFFSETS = 64  # kernels up to this many offsets are unrolled into strided views (trace size grows)
+
+
 def _conv_patches(module, x: jax.Array) -> jax.Array | None:
     """The input patches of a ``flax.linen.Conv`` call, ``(positions, inputs * prod(kernel_size))``
     with each patch in the column order of the kernel's NNR rows (input channel, then kernel
@@ -192,19 +197,33 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
     wide = lambda v: tuple(v) if isinstance(v, Sequence) else (1 if v is None else int(v),) * len(ks)
     strides, in_dil, k_dil = wide(module.strides), wide(module.input_dilation), wide(module.kernel_dilation)
     x = x.reshape((-1,) + x.shape[x.ndim - len(ks) - 1:])
+    if any(d > 1 for d in in_dil):  # input dilation: zeros between the inputs
+        spatial = tuple((n - 1) * d + 1 for n, d in zip(x.shape[1:-1], in_dil))
+        x = jnp.zeros((x.shape[0], *spatial, x.shape[-1]), x.dtype).at[
+            (slice(None), *(slice(None, None, d) for d in in_dil))].set(x)
+    dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
     padding = nn.linear.canonicalize_padding(module.padding, len(ks))
     if padding in ("CIRCULAR", "REFLECT"):
-        dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
-        pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-        x, padding = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding]), "VALID"
+        pads = [((k - 1) // 2, k // 2) for k in dilated]
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
     elif padding == "CAUSAL":
-        x, padding = jnp.pad(x, [(0, 0), (k_dil[0] * (ks[0] - 1), 0), (0, 0)]), "VALID"
-    spatial = "".join("HWDXYZ"[: len(ks)])
-    numbers = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    patches = jax.lax.conv_general_dilated_patches(
-        x, ks, strides, padding, lhs_dilation=in_dil, rhs_dilation=k_dil, dimension_numbers=numbers,
-        precision=jax.lax.Precision.HIGHEST)
-    return patches.reshape(-1, patches.shape[-1])
+        x = jnp.pad(x, [(0, 0), (dilated[0] - 1, 0), (0, 0)])
+    else:
+        pads = jax.lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding) if isinstance(padding, str) \
+            else padding
+        x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    if math.prod(ks) > _SLICED_OFFSETS:  # an identity convolution (compiles in constant time)
+        spatial = "HWDXYZ"[:len(ks)]
+        patches = jax.lax.conv_general_dilated_patches(
+            x, ks, strides, "VALID", rhs_dilation=k_dil, precision=jax.lax.Precision.HIGHEST,
+            dimension_numbers=("N" + spatial + "C", spatial + "IO", "N" + spatial + "C"))
+        return patches.reshape(-1, patches.shape[-1])
+    # one strided view per kernel offset: plain copies, about twice as fast on a CPU
+    out = [(n - k) // s + 1 for n, k, s in zip(x.shape[1:-1], dilated, strides)]
+    views = [x[(slice(None), *(slice(o * d, o * d + (m - 1) * s + 1, s)
+                               for o, d, m, s in zip(offset, k_dil, out, strides)))]
+             for offset in itertools.product(*(range(k) for k in ks))]
+    return jnp.stack(views, axis=-1).reshape(-1, x.shape[-1] * math.prod(ks))
 
 
 def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch: Any) -> dict[str, tuple]:
