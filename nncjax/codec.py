@@ -464,11 +464,10 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings)
 
 
 def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor], plan: list[_Plan],
-                  s: _Settings) -> set[str]:
+                  position: Mapping[str, int], s: _Settings) -> set[str]:
     """With codebooks, the blocks NNCodec writes as separate units (members first, where the block
     would be): it keeps a block only if no member takes a codebook and all its tensors share one
     dq_flag (a codebook is coded without DQ)."""
-    position = {t.name: i for i, t in enumerate(prepared)}
     choice = lambda n: _codebook_choice(prepared[position[n]], plan[position[n]], s)
     return {anchor for anchor, b in block_of.items()
             if any(choice(m)["codebook"] is not None for m in b.coded)
@@ -650,7 +649,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     # A unit takes its weight's (G's) place; parameter_id counts the model's tensors, a G, H pair once.
     factors_h = {b.weights[1] for b in block_of.values() if b.factors}
     param_id = {n: k for k, n in enumerate(t.name for t in prepared if t.name not in factors_h)}
-    split = _split_blocks(block_of, prepared, plan, s) if s.codebook != "off" else set()
+    split = _split_blocks(block_of, prepared, plan, position, s) if s.codebook != "off" else set()
     jobs = []  # (tensor, its block or None, cpt of the block a separate unit belongs to)
     for t in prepared:
         blk = block_of.get(t.name)

@@ -134,7 +134,9 @@ def low_rank_factors(params: Any, ranks: Mapping[str, int], *, g_rows: Mapping[s
       ({'fc/kernel_G': (4, 1), 'fc/kernel_H': (1, 6)}, {'fc/kernel': (4, 6)})
     """
     from nncjax.pytree_names import flatten_named
+    from nncjax.reduce.bnfold import block_names
     from nncjax.reduce.layout import flax_to_nnr
+    from nncjax.reduce.lsa import kernel_rows
 
     named = flatten_named(params)
     if not isinstance(ranks, Mapping):
@@ -152,12 +154,13 @@ def low_rank_factors(params: Any, ranks: Mapping[str, int], *, g_rows: Mapping[s
         w = jnp.asarray(leaf)
         if not jnp.issubdtype(w.dtype, jnp.floating):
             raise InputError(f"{name!r}: only float tensors can be factored, got {w.dtype}")
-        if w.ndim >= 2 and name.rsplit("/", 1)[-1] == "kernel":
+        if kernel_rows(name, w):
             w = flax_to_nnr(w)
         rank = ranks[name]
         if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
             raise InputError(f"ranks[{name!r}] must be an integer, got {rank!r}")
         f = low_rank_decompose(w.astype(jnp.float32), int(rank), g_rows.get(name))
-        flat[name + "_G"], flat[name + "_H"] = np.asarray(f.g, np.float32), np.asarray(f.h, np.float32)
+        nm = block_names(name)
+        flat[nm["G"]], flat[nm["H"]] = np.asarray(f.g, np.float32), np.asarray(f.h, np.float32)
         dims[name] = tuple(int(d) for d in w.shape)
     return flat, dims
