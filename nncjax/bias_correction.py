@@ -25,7 +25,7 @@ from nncjax._layer_stats import batch_means, kernel_name, unwrap_jit
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
 from nncjax.errors import InputError
 from nncjax.optimize import LS_SUFFIX, RDSettings
-from nncjax.pytree_names import flatten_named
+from nncjax.pytree_names import flatten_named, is_kernel_name
 from nncjax.reduce._tree import replace_named
 
 __all__ = ["decoded_params", "output_shifts", "with_bias_correction"]
@@ -109,7 +109,7 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
       [-2.0, -2.0]
     """
     flat, flat_hat = flatten_named(params), flatten_named(params_hat)
-    names = frozenset(n for n, v in flat.items() if n.endswith("kernel") and n in flat_hat
+    names = frozenset(n for n, v in flat.items() if is_kernel_name(n) and n in flat_hat
                       and not np.array_equal(np.asarray(v), np.asarray(flat_hat[n])))
     return batch_means(_layer_shifts, (unwrap_jit(apply_fn), names), (params, params_hat), data)
 

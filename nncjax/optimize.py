@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from nncjax.coded_tensor import SCALING_SUFFIX, code_tensor, levels_bits
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
-from nncjax.pytree_names import flatten_named, unflatten_like
+from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.gptq import _checked_factor as _gptq_factor
 from nncjax.quantize.gptq import _quantize_ordered as _gptq_quantize
@@ -162,7 +162,7 @@ class RDSettings:
         if missing:
             raise InputError(f"params lack the scaled tensors {sorted(missing)}")
         for n in self.local_scales:
-            if self.scale_axis == 0 and n.rsplit("/", 1)[-1] == "kernel":
+            if self.scale_axis == 0 and is_kernel_name(n):
                 # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
                 raise InputError(f"{n!r} is named like a Flax kernel but scaled along axis 0: optimize Flax "
                                  "params with scale_axis=-1")
@@ -215,7 +215,7 @@ def rows_axis(name: str, ndim: int, scale_axis: int = -1) -> int:
     >>> rows_axis("params/fc1/kernel", 2), rows_axis("params/embed/embedding", 2), rows_axis("fc.weight", 2, 0)
     (1, 0, 0)
     """
-    if scale_axis == -1 and ndim >= 2 and name.rsplit("/", 1)[-1] == "kernel":
+    if scale_axis == -1 and ndim >= 2 and is_kernel_name(name):
         return ndim - 1
     return 0
 

@@ -59,6 +59,7 @@ from nncjax.coded_tensor import (
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
 from nncjax.optimize import optimize, with_error_feedback
+from nncjax.pytree_names import is_kernel_name
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -145,7 +146,7 @@ class CodingLayout:
         for name, leaf in named_leaves(variables).items():
             if name in consumed:
                 continue
-            kind = "kernel" if name.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2 else "leaf"
+            kind = "kernel" if is_kernel_name(name) and np.ndim(leaf) >= 2 else "leaf"
             entries.append((name, kind, name))
         return CodingLayout(variables, tuple(pairs), float(eps), tuple(entries))
 

@@ -21,9 +21,19 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["check_name", "flatten_named", "unflatten_like"]
+__all__ = ["check_name", "flatten_named", "is_kernel_name", "unflatten_like"]
 
 _SEP = "/"
+
+
+def is_kernel_name(name: str) -> bool:
+    """Whether ``name`` names a Flax kernel (last path component ``"kernel"``): a weight stored
+    inputs-first, ``(..., inputs, outputs)``, which NNR codes outputs-first.
+
+    >>> is_kernel_name("params/fc1/kernel"), is_kernel_name("params/my_kernel"), is_kernel_name("kernel")
+    (True, False, True)
+    """
+    return name.rsplit(_SEP, 1)[-1] == "kernel"
 
 
 def _is_leaf(x: Any) -> bool:

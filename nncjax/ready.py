@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from nncjax.errors import BitstreamError, InputError
-from nncjax.pytree_names import flatten_named, unflatten_like
+from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
 from nncjax.tensor_policy import restore_dtype
 
 __all__ = ["BlockRoles", "block_roles", "cast_leaf", "map_onto", "ready_flat", "recompose_low_rank", "scale_rows"]
@@ -135,10 +135,6 @@ def ready_flat(coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles]) ->
 # onto a model
 
 
-def _is_kernel(name: str) -> bool:
-    return name.rsplit("/", 1)[-1] == "kernel"
-
-
 def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarray:
     """``arr`` in the shape of ``like``'s leaf ``ref``: as coded (a 1-element vector also fits a 0-d
     leaf), except a block weight (``nnr_layout``: rows first) named like a Flax kernel (``.../kernel``,
@@ -148,7 +144,7 @@ def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarra
 
     shape = tuple(np.shape(ref))
     arr = np.asarray(arr)
-    perm = nnr_to_flax_perm(arr.ndim) if nnr_layout and arr.ndim >= 2 and _is_kernel(name) else None
+    perm = nnr_to_flax_perm(arr.ndim) if nnr_layout and arr.ndim >= 2 and is_kernel_name(name) else None
     if perm is not None and tuple(arr.shape[i] for i in perm) == shape:
         return np.transpose(arr, perm)
     if arr.shape == shape and perm is None:

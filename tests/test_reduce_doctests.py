@@ -1,4 +1,4 @@
-"""The docstring examples of nncjax.reduce, nncjax.ioq, nncjax.sensitivity and nncjax.steps run and print what they claim."""
+"""The docstring examples of nncjax.reduce, nncjax.ioq, nncjax.sensitivity, nncjax.steps and nncjax.pytree_names run and print what they claim."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 MODULES = ["nncjax.reduce._tree", "nncjax.reduce.layout", "nncjax.reduce.bnfold", "nncjax.reduce.block",
            "nncjax.reduce.lsa", "nncjax.reduce.prune", "nncjax.reduce.lowrank", "nncjax.reduce.unify", "nncjax.reduce.vocab",
-           "nncjax.ioq", "nncjax.sensitivity", "nncjax.steps"]
+           "nncjax.ioq", "nncjax.sensitivity", "nncjax.steps", "nncjax.pytree_names"]
 
 
 @pytest.mark.parametrize("name", MODULES)

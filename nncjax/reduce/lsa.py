@@ -21,6 +21,7 @@ import optax
 from tqdm.auto import tqdm
 
 from nncjax.errors import InputError
+from nncjax.pytree_names import is_kernel_name
 from nncjax.reduce._tree import named_leaves, replace_named
 
 __all__ = ["RowsSpec", "LSAResult", "lsa_init", "scale_rows", "apply_local_scales", "fit_local_scales", "kernel_rows"]
@@ -30,7 +31,7 @@ RowsSpec = Callable[[str, jax.Array], bool] | Sequence[str] | None
 
 def kernel_rows(name: str, leaf: jax.Array) -> bool:
     """Default LSA selection: Flax ``kernel`` leaves with at least two dimensions."""
-    return name.rsplit("/", 1)[-1] == "kernel" and getattr(leaf, "ndim", 0) >= 2
+    return is_kernel_name(name) and getattr(leaf, "ndim", 0) >= 2
 
 
 def _selected(params: Any, rows_spec: RowsSpec) -> dict[str, jax.Array]:
