@@ -158,6 +158,16 @@ class _Coded:
     topology: tuple = ()  # a block's member names in topology order
     coded_shapes: tuple = ()  # every coded tensor's shape in coded order (per-row members, then W or G, H)
     decomposition: tuple | None = None  # DC: (decomposition_rank, g_number_of_rows)
+    codebook_dc: tuple | None = None  # DC with codebooks: H's (codebook, offset, egk)
+
+    def codebooks(self) -> tuple:
+        """(size, zero offset) of the codebook of each scanned tensor (W, or G then H); size 0: none."""
+        size = lambda cb: 0 if cb is None else len(cb)
+        books = ((size(self.codebook), self.codebook_offset),)
+        if self.decomposition:
+            cb_h = self.codebook_dc or (None, 0, 0)
+            books += ((size(cb_h[0]), cb_h[1]),)
+        return books
 
 
 def _matrix_dims(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -303,6 +313,9 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None 
         coded.cpt, coded.topology = block.cpt, block.topology
     if dc:
         coded.decomposition = (int(shapes[0][1]), int(shapes[0][0]))
+        h = done[1][0]
+        if h["codebook"] is not None:
+            coded.codebook_dc = (h["codebook"], h["offset"], h["egk"])
     if scan > 0:
         coded.entry_points = _entry_points(coded, len(weights), s)
     return coded
@@ -322,9 +335,9 @@ def _entry_points(c: _Coded, scanned: int, s: _Settings):
         if j < first_scanned:
             dec.decode_layer(shape, dq=c.dq, scan_order=0, profile=PROFILE)
             continue
+        size, offset = c.codebooks()[j - first_scanned]
         _, eps = dec.decode_layer(shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
-                                  codebook_size=0 if c.codebook is None else len(c.codebook),
-                                  codebook_offset=c.codebook_offset)
+                                  codebook_size=size, codebook_offset=offset)
         parts.append(eps)
     return parts[0] if scanned == 1 else concat_entry_points(*parts)
 
@@ -368,8 +381,6 @@ def _low_rank_table(low_rank, by_name: Mapping[str, PreparedTensor], s: _Setting
         return {}
     if not isinstance(low_rank, Mapping):
         raise InputError("low_rank must be a mapping {weight name: NNR dims of the weight}")
-    if low_rank and s.codebook != "off":
-        raise InputError("low_rank cannot be combined with codebook (the factors are coded uniformly)")
     table: dict[str, tuple] = {}
     for wname, dims in low_rank.items():
         where = f"low_rank[{wname!r}]"
@@ -466,12 +477,29 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings)
 def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor], plan: list[_Plan],
                   position: Mapping[str, int], s: _Settings) -> set[str]:
     """With codebooks, the blocks NNCodec writes as separate units (members first, where the block
-    would be): it keeps a block only if no member takes a codebook and all its tensors share one
-    dq_flag (a codebook is coded without DQ)."""
-    choice = lambda n: _codebook_choice(prepared[position[n]], plan[position[n]], s)
-    return {anchor for anchor, b in block_of.items()
-            if any(choice(m)["codebook"] is not None for m in b.coded)
-            or (plan[position[anchor]].dq and choice(anchor)["codebook"] is not None)}
+    would be): it keeps a block only if no member takes a codebook, G and H (low rank) both take
+    one or neither, and all its tensors share one dq_flag (a codebook is coded without DQ).
+
+    Raises InputError for a low-rank block that cannot stay one unit: its factors would become
+    separate units, which NNCodec can neither write nor read."""
+    has_cb = lambda n: _codebook_choice(prepared[position[n]], plan[position[n]], s)["codebook"] is not None
+    split = set()
+    for anchor, b in block_of.items():
+        weights_cb = [has_cb(w) for w in b.weights]
+        member_cb = [m for m in b.coded if has_cb(m)]
+        # members keep the weight's dq plan; a weight coded with a codebook signals dq_flag 0
+        dq_clash = bool(b.coded) and plan[position[anchor]].dq and weights_cb[0]
+        if not (member_cb or len(set(weights_cb)) > 1 or dq_clash):
+            continue
+        if b.factors:
+            why = (f"member {member_cb[0]!r} takes a codebook" if member_cb else
+                   "only one of G and H takes a codebook" if len(set(weights_cb)) > 1 else
+                   "its factors take codebooks (dq_flag 0) while its members use DQ")
+            raise InputError(f"low_rank[{b.weight!r}] with codebook={s.codebook!r}: {why}, so the block "
+                             "would have to be split into separate units, which NNCodec cannot code; "
+                             "e.g. codebook='always' on a block without members, or no codebook")
+        split.add(anchor)
+    return split
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,13 +524,14 @@ def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
         PayloadType,
         write_unit,
     )
-    cb = None if c.codebook is None else Codebook(c.codebook_egk, tuple(int(v) for v in c.codebook),
-                                                  c.codebook_offset)
+    book = lambda cb, offset, egk: None if cb is None else Codebook(egk, tuple(int(v) for v in cb), offset)
+    cb = book(c.codebook, c.codebook_offset, c.codebook_egk)
     ptype = PayloadType.BLOCK if c.topology else PayloadType.INT if c.is_int else PayloadType.FLOAT
     ndu = CompressedDataUnit(
         payload_type=ptype, topology_elem_ids=c.topology or (c.name,), compressed_parameter_types=c.cpt,
         decomposition_rank=c.decomposition[0] if c.decomposition else None,
         g_number_of_rows=c.decomposition[1] if c.decomposition else None, parameter_id=c.index, codebook=cb,
+        codebook_dc=book(*c.codebook_dc) if c.codebook_dc else None,
         dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
         cabac_unary_length_minus1=s.unary_length - 1, scan_order=c.scan_order, entry_points=c.entry_points,
         payload=c.payload)
@@ -615,7 +644,9 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         ``(k, prod(dims) // r)`` (NNCodec's names; e.g. from :func:`nncjax.reduce.low_rank_factors`) and not
         the weight itself. Both go into one NNR_PT_BLOCK (with the weight's ``blocks`` members, if any)
         written where G is, each with its own QP (``qp`` unless overridden), H with G's ``dq``;
-        :func:`decode` rebuilds ``(G @ H).reshape(dims)`` under ``name``. Not with ``codebook``.
+        :func:`decode` rebuilds ``(G @ H).reshape(dims)`` under ``name``. With ``codebook``, G and H
+        each get their own codebook (H's is the unit's second, "dc" codebook); as in NNCodec the unit
+        needs both factors or neither to take one, and no member to (else InputError).
 
     Returns:
       the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a

@@ -1,6 +1,7 @@
 """Low-rank weights (NNR_CPT_DC) in :func:`nncjax.encode` (``low_rank=``) and :func:`nncjax.decode`: G and
-H in one block unit, recomposition on decoding, non-block G/H unit pairs, input validation, limits,
-and interop with NNCodec 2.1.3 (its encoder writes the same bytes; its decoder reads our G and H).
+H in one block unit (with codebooks too), recomposition on decoding, non-block G/H unit pairs, input
+validation, limits, and interop with NNCodec 2.1.3 (its encoder writes the same bytes; its decoder reads
+our G and H).
 """
 
 import dataclasses
@@ -61,6 +62,75 @@ def test_nncodec_writes_the_same_low_rank_bytes_and_reads_our_factors(oracle):
         ready = decode(ref["bitstream"])  # and we decode NNCodec's stream, recomposed
         for w, dims in low_rank.items():
             assert ready[w].shape == tuple(dims) and f"{w}_G" not in ready
+
+
+def few_levels(*shape):
+    """Values on five widely spaced levels: codebook='auto' takes a codebook for large enough tensors."""
+    return RNG.choice(np.array([-0.8, -0.05, 0, 0.05, 0.8], np.float32), shape)
+
+
+# (params, low_rank, blocks, encode kwargs) with codebooks: G and H each get one ("always"; "auto" when
+# both are smaller with one), or neither does ("auto"); with block scans, without DQ, with members.
+CODEBOOK_CASES = [
+    ({"w_G": gauss(12, 3), "w_H": gauss(3, 10), "t": gauss(5)}, {"w": (12, 10)}, {}, dict(codebook="always", qp=-16)),
+    ({"w_G": gauss(30, 4), "w_H": gauss(4, 24)}, {"w": (30, 24)}, {},
+     dict(codebook="always", qp=-18, scan_order=1, dq=False)),
+    ({"w_G": few_levels(64, 6), "w_H": few_levels(6, 64)}, {"w": (64, 64)}, {}, dict(codebook=True, qp=-28)),
+    ({"w_G": few_levels(64, 6), "w_H": few_levels(6, 64)}, {"w": (64, 64)}, {},
+     dict(codebook=True, qp=-28, scan_order=2)),
+    ({"w_G": gauss(40, 6), "w_H": gauss(6, 36), "b": gauss(40)}, {"w": (40, 36)}, {"w": {"bi": "b"}},
+     dict(codebook=True, qp=-36)),
+    ({"w_G": few_levels(64, 6), "w_H": few_levels(6, 64), "w_scaling": 1 + gauss(64)}, {"w": (64, 64)},
+     {"w": {"ls": "w_scaling"}},
+     dict(codebook=True, qp=-28, dq=False)),
+]
+
+
+def test_low_rank_codebooks_match_nncodec(oracle):
+    """With codebooks NNCodec's encoder writes the same bytes (H's codebook as the unit's second, "dc"
+    codebook) and its decoder reads our G and H exactly."""
+    ours = [encode(p, low_rank=lr, blocks=b, **kw) for p, lr, b, kw in CODEBOOK_CASES]
+    cases = [dict(_oracle_case(p, lr, b, kw), qp=kw["qp"], codebook_mode=1 if kw["codebook"] == "always" else 2)
+             for p, lr, b, kw in CODEBOOK_CASES]
+    written = oracle.call("lowrank", "encode_low_rank", cases)
+    read = oracle.call("lowrank", "decode_factors", ours)
+    books = []
+    for (params, low_rank, _, kw), data, ref, theirs in zip(CODEBOOK_CASES, ours, written, read):
+        assert "error" not in ref, ref.get("error")
+        assert ref["bitstream"] == data, kw
+        raw = decode(data, raw=True)
+        (unit,) = [u for u in read_units(data) if isinstance(u, CompressedDataUnit) and u.compressed_parameter_types & CPT_DC]
+        books.append((unit.codebook is not None, unit.codebook_dc is not None))
+        if unit.codebook is not None and len(unit.topology_elem_ids) > 2:
+            # NNCodec's decoder sets a codebook unit's approx_method for G and H only, then fails on
+            # the member (KeyError) -- on its own stream too, which is these bytes.
+            assert "KeyError" in theirs.get("error", ""), theirs
+            factors = {k: params[k] for k in ("w_G", "w_H")}
+            alone = decode(encode(factors, low_rank=low_rank, **kw), raw=True)
+            for name in factors:  # the factors are coded as they are without the member
+                np.testing.assert_array_equal(raw[name], alone[name], err_msg=name)
+            continue
+        assert "error" not in theirs, theirs.get("error")
+        for name, arr in zip(theirs["names"], theirs["arrays"]):
+            np.testing.assert_array_equal(np.asarray(arr, np.float32), raw[name], err_msg=name)
+    assert books == [(True, True)] * 4 + [(False, False), (True, True)]
+
+
+@pytest.mark.parametrize("params, blocks, kw, match", [
+    ({"w_G": few_levels(64, 6), "w_H": gauss(6, 64)}, {}, dict(codebook=True, qp=-36), "only one of G and H"),
+    ({"w_G": gauss(12, 3), "w_H": gauss(3, 10), "b": gauss(12)}, {"w": {"bi": "b"}}, dict(codebook="always", qp=-16),
+     "member 'b' takes a codebook"),
+    ({"w_G": few_levels(64, 6), "w_H": few_levels(6, 64), "w_scaling": 1 + gauss(64)}, {"w": {"ls": "w_scaling"}},
+     dict(codebook=True, qp=-28), "members use DQ"),
+])
+def test_low_rank_codebooks_that_would_split_the_block_raise(oracle, params, blocks, kw, match):
+    """NNCodec writes such a block as separate G and H units, on which its own encoder fails."""
+    with pytest.raises(InputError, match=match):
+        encode(params, low_rank={"w": (params["w_G"].shape[0], params["w_H"].shape[1])}, blocks=blocks, **kw)
+    (ref,) = oracle.call("lowrank", "encode_low_rank", [dict(
+        _oracle_case(params, {"w": (params["w_G"].shape[0], params["w_H"].shape[1])}, blocks, kw), qp=kw["qp"],
+        codebook_mode=1 if kw["codebook"] == "always" else 2)])
+    assert "error" in ref
 
 
 def test_degenerate_factors_are_coded_in_raster_order(oracle):
@@ -211,7 +281,6 @@ def test_low_rank_factors_round_trip_onto_a_flax_model():
     ({"w_G": gauss(4, 2), "w_H": gauss(2, 3)}, {"w": (4, 0)}, {}, "positive integers"),
     ({"w_G": gauss(4, 2), "w_H": gauss(2, 3)}, {"w": "4x3"}, {}, "positive integers"),
     ({"w_G": gauss(4, 2), "w_H": gauss(2, 3)}, [("w", (4, 3))], {}, "must be a mapping"),
-    ({"w_G": gauss(4, 2), "w_H": gauss(2, 3)}, {"w": (4, 3)}, dict(codebook=True), "codebook"),
     ({"w_G": gauss(8, 2), "w_H": gauss(2, 3), "s": gauss(4)}, {"w": (4, 6)},
      dict(blocks={"w": {"ls": "s"}}), "g_number_of_rows == dims"),
     ({"w_G": gauss(4, 2), "w_H": gauss(2, 3), "v": gauss(4, 3)}, {"w": (4, 3)},
