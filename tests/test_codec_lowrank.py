@@ -182,6 +182,26 @@ def test_round_trip_recomposes_the_coded_factors(seed, rows, cols, rank, conv, s
     assert info["w_G"].qp == info["w_H"].qp == qp and info["w_G"].payload_type == "BLOCK"
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), rows=st.integers(2, 30), cols=st.integers(2, 30), rank=st.integers(1, 4),
+       scan=st.sampled_from([0, 1]), dq=st.booleans(), qp=st.integers(-24, -12))
+def test_codebook_round_trip_codes_each_factor_as_alone(seed, rows, cols, rank, scan, dq, qp):
+    """With codebook='always', G and H come back as each coded alone with its own codebook, and the
+    ready weight is their product."""
+    rng = np.random.default_rng(seed)
+    rank = min(rank, rows, cols)
+    g = rng.normal(0, 0.2, (rows, rank)).astype(np.float32)
+    h = rng.normal(0, 0.2, (rank, cols)).astype(np.float32)
+    kw = dict(qp=qp, dq=dq, scan_order=scan, codebook="always")
+    data = encode({"w_G": g, "w_H": h}, low_rank={"w": (rows, cols)}, **kw)
+    raw = decode(data, raw=True)
+    if min(rows, rank) > 1 and min(rank, cols) > 1 or scan == 0:  # else the unit falls back to raster
+        for name, f in (("w_G", g), ("w_H", h)):
+            np.testing.assert_array_equal(raw[name], decode(encode({name: f}, **kw))[name], err_msg=name)
+    expect = (raw["w_G"].astype(np.float64) @ raw["w_H"].astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(decode(data)["w"], expect)
+
+
 def test_local_scales_apply_to_the_recomposed_weight():
     """Ready decoding of a DC block with LS: ``LS[:, None] * (G @ H)``, LS dropped; with ``like`` a Flax
     kernel (the block weight is in NNR layout) comes back transposed."""
