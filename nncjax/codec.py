@@ -256,14 +256,16 @@ def _codebook_bits(cb: np.ndarray, off: int, egk: int) -> int:
     return codebook_bits(cb, off, egk)
 
 
-def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int) -> tuple[dict, list[str]]:
-    """Quantizes one tensor and appends its QP delta and levels (in scan order ``scan``) to ``enc``'s stream."""
+def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
+                 choices: Mapping[str, dict]) -> tuple[dict, list[str]]:
+    """Quantizes one tensor and appends its QP delta and levels (in scan order ``scan``) to ``enc``'s
+    stream; ``choices``: codebook choices already made (by :func:`_split_blocks`), by tensor name."""
     notes: list[str] = []
     if t.is_int:
         c = dict(levels=t.data, qp=None, dq=False, codebook=None, offset=0, egk=0)
     else:
         if s.codebook != "off" and t.data.size:  # an empty tensor has no codebook (NNCodec crashes)
-            c = _codebook_choice(t, plan, s)
+            c = choices.get(t.name) or _codebook_choice(t, plan, s)
         else:
             levels, qp_used = _quantize(t, plan.qp, s, dq=plan.dq, scan=scan)
             # NNCodec leaves tensors named like BatchNorm step counters unclipped.
@@ -291,7 +293,7 @@ def _unit_scan(shapes, scan_order: int) -> int:
 
 
 def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None = None,
-                 members: tuple = ()) -> _Coded:
+                 members: tuple = (), choices: Mapping[str, dict] | None = None) -> _Coded:
     """One NDU's payload: ``weights`` (``(PreparedTensor, _Plan)`` pairs: the tensor, or a DC block's
     G and H), after a block's per-row ``members`` (coded order, same pairs)."""
     from nncjax.kernels.coder import CabacEncoder
@@ -301,8 +303,8 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None 
     enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
     notes: list[str] = []
     for m, mplan in members:
-        notes += _code_member(enc, m, mplan, s, 0)[1]
-    done = [_code_member(enc, t, plan, s, scan) for t, plan in weights]
+        notes += _code_member(enc, m, mplan, s, 0, choices or {})[1]
+    done = [_code_member(enc, t, plan, s, scan, choices or {}) for t, plan in weights]
     notes += [n for _, w_notes in done for n in w_notes]
     first, t = done[0][0], weights[0][0]
     dc = block is not None and bool(block.factors)
@@ -475,14 +477,18 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings)
 
 
 def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor], plan: list[_Plan],
-                  position: Mapping[str, int], s: _Settings) -> set[str]:
+                  position: Mapping[str, int], s: _Settings, choices: dict[str, dict]) -> set[str]:
     """With codebooks, the blocks NNCodec writes as separate units (members first, where the block
     would be): it keeps a block only if no member takes a codebook, G and H (low rank) both take
     one or neither, and all its tensors share one dq_flag (a codebook is coded without DQ).
 
     Raises InputError for a low-rank block that cannot stay one unit: its factors would become
-    separate units, which NNCodec can neither write nor read."""
-    has_cb = lambda n: _codebook_choice(prepared[position[n]], plan[position[n]], s)["codebook"] is not None
+    separate units, which NNCodec can neither write nor read. The codebook choices it makes go into
+    ``choices`` (by tensor name), for the coder to reuse."""
+    def has_cb(n):
+        c = choices[n] = _codebook_choice(prepared[position[n]], plan[position[n]], s)
+        return c["codebook"] is not None
+
     split = set()
     for anchor, b in block_of.items():
         weights_cb = [has_cb(w) for w in b.weights]
@@ -680,7 +686,8 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     # A unit takes its weight's (G's) place; parameter_id counts the model's tensors, a G, H pair once.
     factors_h = {b.weights[1] for b in block_of.values() if b.factors}
     param_id = {n: k for k, n in enumerate(t.name for t in prepared if t.name not in factors_h)}
-    split = _split_blocks(block_of, prepared, plan, position, s) if s.codebook != "off" else set()
+    choices: dict[str, dict] = {}  # codebook choices made while deciding splits, reused when coding
+    split = _split_blocks(block_of, prepared, plan, position, s, choices) if s.codebook != "off" else set()
     jobs = []  # (tensor, its block or None, cpt of the block a separate unit belongs to)
     for t in prepared:
         blk = block_of.get(t.name)
@@ -694,7 +701,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         t, blk, cpt = job
         pairs = lambda names: tuple((prepared[position[n]], plan[position[n]]) for n in names)
         weights = pairs(blk.weights) if blk else ((t, plan[position[t.name]]),)
-        c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else ())
+        c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else (), choices)
         c.cpt = c.cpt or cpt
         return c, _ndu_bytes(c, s)
 
