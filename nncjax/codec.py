@@ -292,8 +292,8 @@ def _unit_scan(shapes, scan_order: int) -> int:
     return min(_effective_scan(tuple(sh), scan_order) for sh in shapes)
 
 
-def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None = None,
-                 members: tuple = (), choices: Mapping[str, dict] | None = None) -> _Coded:
+def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None, members: tuple,
+                 choices: Mapping[str, dict]) -> _Coded:
     """One NDU's payload: ``weights`` (``(PreparedTensor, _Plan)`` pairs: the tensor, or a DC block's
     G and H), after a block's per-row ``members`` (coded order, same pairs)."""
     from nncjax.kernels.coder import CabacEncoder
@@ -303,8 +303,8 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None 
     enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
     notes: list[str] = []
     for m, mplan in members:
-        notes += _code_member(enc, m, mplan, s, 0, choices or {})[1]
-    done = [_code_member(enc, t, plan, s, scan, choices or {}) for t, plan in weights]
+        notes += _code_member(enc, m, mplan, s, 0, choices)[1]
+    done = [_code_member(enc, t, plan, s, scan, choices) for t, plan in weights]
     notes += [n for _, w_notes in done for n in w_notes]
     first, t = done[0][0], weights[0][0]
     dc = block is not None and bool(block.factors)
@@ -376,7 +376,7 @@ class _Block:
         return self.factors or (self.weight,)
 
 
-def _low_rank_table(low_rank, by_name: Mapping[str, PreparedTensor], s: _Settings) -> dict[str, tuple]:
+def _low_rank_table(low_rank, by_name: Mapping[str, PreparedTensor]) -> dict[str, tuple]:
     """Validates ``encode``'s ``low_rank`` argument -> {weight name: (G name, H name, dims)}."""
     from nncjax.reduce.bnfold import block_names
     if low_rank is None:
@@ -415,11 +415,11 @@ def _low_rank_table(low_rank, by_name: Mapping[str, PreparedTensor], s: _Setting
     return table
 
 
-def _block_table(blocks, low_rank, prepared: list[PreparedTensor], s: _Settings) -> dict[str, _Block]:
+def _block_table(blocks, low_rank, prepared: list[PreparedTensor]) -> dict[str, _Block]:
     """Validates ``encode``'s ``blocks`` and ``low_rank`` arguments -> {anchor tensor name: _Block}."""
     from nncjax.reduce.block import CPT_BI, CPT_BN, CPT_DC, CPT_LS
     by_name = {t.name: t for t in prepared}
-    low = _low_rank_table(low_rank, by_name, s)
+    low = _low_rank_table(low_rank, by_name)
     if blocks is None:
         blocks = {}
     if not isinstance(blocks, Mapping):
@@ -677,7 +677,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     named = flatten_named(params)
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
     plan = _qp_plan(prepared, s, qp_overrides, dq_overrides)
-    block_of = _block_table(blocks, low_rank, prepared, s)
+    block_of = _block_table(blocks, low_rank, prepared)
     position = {t.name: i for i, t in enumerate(prepared)}
     for b in block_of.values():  # one dq_flag per unit: the members (and H) follow the weight (or G)
         for m in b.coded + b.weights[1:]:
