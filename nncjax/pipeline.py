@@ -59,7 +59,6 @@ from nncjax.coded_tensor import (
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
 from nncjax.optimize import optimize, with_error_feedback
-from nncjax.pytree_names import is_kernel_name
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -68,6 +67,7 @@ from nncjax.reduce import (
     fit_local_scales,
     flax_to_nnr,
     fold_batchnorm,
+    kernel_rows,
     named_leaves,
     nnr_to_flax,
     replace_named,
@@ -146,7 +146,7 @@ class CodingLayout:
         for name, leaf in named_leaves(variables).items():
             if name in consumed:
                 continue
-            kind = "kernel" if is_kernel_name(name) and np.ndim(leaf) >= 2 else "leaf"
+            kind = "kernel" if kernel_rows(name, leaf) else "leaf"
             entries.append((name, kind, name))
         return CodingLayout(variables, tuple(pairs), float(eps), tuple(entries))
 

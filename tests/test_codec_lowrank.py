@@ -42,7 +42,8 @@ CASES = [
 
 def _oracle_case(params, low_rank, blocks, kw):
     return {"params": params, "low_rank": low_rank, "blocks": blocks, "dq": kw.get("dq", True),
-            "scan_order": kw.get("scan_order", 0), "qp_per_tensor": kw.get("qp_overrides")}
+            "scan_order": kw.get("scan_order", 0), "qp_per_tensor": kw.get("qp_overrides"), "qp": kw.get("qp", -32),
+            "codebook_mode": {"always": 1, True: 2}.get(kw.get("codebook", False), 0)}
 
 
 def test_nncodec_writes_the_same_low_rank_bytes_and_reads_our_factors(oracle):
@@ -90,9 +91,7 @@ def test_low_rank_codebooks_match_nncodec(oracle):
     """With codebooks NNCodec's encoder writes the same bytes (H's codebook as the unit's second, "dc"
     codebook) and its decoder reads our G and H exactly."""
     ours = [encode(p, low_rank=lr, blocks=b, **kw) for p, lr, b, kw in CODEBOOK_CASES]
-    cases = [dict(_oracle_case(p, lr, b, kw), qp=kw["qp"], codebook_mode=1 if kw["codebook"] == "always" else 2)
-             for p, lr, b, kw in CODEBOOK_CASES]
-    written = oracle.call("lowrank", "encode_low_rank", cases)
+    written = oracle.call("lowrank", "encode_low_rank", [_oracle_case(*c) for c in CODEBOOK_CASES])
     read = oracle.call("lowrank", "decode_factors", ours)
     books = []
     for (params, low_rank, _, kw), data, ref, theirs in zip(CODEBOOK_CASES, ours, written, read):
@@ -125,11 +124,10 @@ def test_low_rank_codebooks_match_nncodec(oracle):
 ])
 def test_low_rank_codebooks_that_would_split_the_block_raise(oracle, params, blocks, kw, match):
     """NNCodec writes such a block as separate G and H units, on which its own encoder fails."""
+    low_rank = {"w": (params["w_G"].shape[0], params["w_H"].shape[1])}
     with pytest.raises(InputError, match=match):
-        encode(params, low_rank={"w": (params["w_G"].shape[0], params["w_H"].shape[1])}, blocks=blocks, **kw)
-    (ref,) = oracle.call("lowrank", "encode_low_rank", [dict(
-        _oracle_case(params, {"w": (params["w_G"].shape[0], params["w_H"].shape[1])}, blocks, kw), qp=kw["qp"],
-        codebook_mode=1 if kw["codebook"] == "always" else 2)])
+        encode(params, low_rank=low_rank, blocks=blocks, **kw)
+    (ref,) = oracle.call("lowrank", "encode_low_rank", [_oracle_case(params, low_rank, blocks, kw)])
     assert "error" in ref
 
 
