@@ -50,8 +50,10 @@ __all__ = [
     "encode_many",
 ]
 
-#: Largest |level| accepted: NNCodec's int32 arithmetic (k -> q conversion, abs) is safe below this.
+#: Largest |k| accepted with DQ: NNCodec's int32 k -> q conversion (k +- 1) overflows beyond it. Without
+#: DQ every int32 level codes (NNCodec's encoder and decoder round-trip -2**31 and 2**31 - 1 exactly).
 LEVEL_MAX = 2**31 - 2
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -153,8 +155,10 @@ class _Layer:
                 if lo < -self.off or hi > self.cbs - 1 - self.off:
                     raise InputError(f"codebook levels must lie in [{-self.off}, {self.cbs - 1 - self.off}], "
                                      f"got [{lo}, {hi}]")
-            elif lo < -LEVEL_MAX or hi > LEVEL_MAX:
-                raise InputError(f"levels must lie in [-{LEVEL_MAX}, {LEVEL_MAX}], got [{lo}, {hi}]")
+            elif self.dq and (lo < -LEVEL_MAX or hi > LEVEL_MAX):
+                raise InputError(f"DQ levels must lie in [-{LEVEL_MAX}, {LEVEL_MAX}], got [{lo}, {hi}]")
+            elif lo < _INT32_MIN or hi > _INT32_MAX:
+                raise InputError(f"levels must lie in the int32 range, got [{lo}, {hi}]")
         return np.ascontiguousarray(a.reshape(-1), dtype=np.int32)
 
 
@@ -213,7 +217,7 @@ class CabacEncoder:
                      profile: int = 1, codebook_size: int = 0, codebook_offset: int = 0,
                      parent_present: bool = False, base=None, hdsp_hist=None, unary_length: int | None = None,
                      strict_dq: bool = True):
-        """Codes one tensor's integer levels (any shape, integer dtype; |level| <= LEVEL_MAX).
+        """Codes one tensor's integer levels (any shape, integer dtype; int32 values, |k| <= LEVEL_MAX with DQ).
 
         Same bytes as NNCodec's ``initCtxModels(N, param_opt)`` + ``encodeLayer(...)``:
         row-skip block (profile 1, H > 1, W > 1; rows that are all zero are skipped when

@@ -229,7 +229,7 @@ def _dec_level(ctx, ds, data, value, rng, bits, csig, csign, gbase, babs, n_gtx,
                 return np.int64(0), ERR_PREFIX, value, rng, bits
             suffix, value, bits = dbypass(p, ds, data, value, rng, bits)
             mag += suffix
-            if mag > INT32_MAX:
+            if mag > INT32_MAX + neg:  # -2**31 fits (NNCodec's int32 arithmetic decodes it exactly)
                 return np.int64(0), ERR_OVERFLOW, value, rng, bits
     return (-mag if neg else mag), OK, value, rng, bits
 
@@ -468,7 +468,7 @@ def decode_tensor(ds, data, ctx, skip, adv, out, base, tca, hist, has_hist, heig
                     if dq:
                         if q != 0:
                             k = 2 * q - (state & 1) if q > 0 else 2 * q + (state & 1)
-                            if k > INT32_MAX or k < -INT32_MAX:
+                            if k > INT32_MAX or k < -INT32_MAX - 1:
                                 info[0] = row + x
                                 return ERR_OVERFLOW
                         state = _DQ_NEXT[np.uint64(state), np.uint64(q & 1)]

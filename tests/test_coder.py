@@ -105,6 +105,10 @@ def test_extreme_levels_round_trip():
         lv = np.array([[LEVEL_MAX, -LEVEL_MAX, 0, 1], [-1, 2**30, -(2**30) - 5, 7]], np.int32)
         data = encode_levels(lv, dq=False, unary_length=unary)
         np.testing.assert_array_equal(decode_levels(data, lv.shape, dq=False, unary_length=unary), lv)
+        # without DQ the whole int32 range codes, as in NNCodec (NNR_PT_INT tensors hold any int32)
+        lv = np.array([[2**31 - 1, -(2**31), 0], [-(2**31) + 1, 5, -(2**31)]], np.int32)
+        data = encode_levels(lv, dq=False, unary_length=unary)
+        np.testing.assert_array_equal(decode_levels(data, lv.shape, dq=False, unary_length=unary), lv)
 
 
 def test_entry_points_count_and_offsets():
@@ -207,8 +211,9 @@ def test_trailing_bytes_are_reported():
 
 @pytest.mark.parametrize("levels, kwargs", [
     (np.zeros(4, np.float32), {}),
-    (np.array([2**31 - 1], np.int64), {}),
-    (np.array([-(2**31)], np.int32), {}),
+    (np.array([2**31], np.int64), {}),
+    (np.array([-(2**31) - 1], np.int64), {}),
+    (np.array([[0, 2**31 - 1]], np.int32), {"dq": True}),  # k -> q would overflow NNCodec's int32 arithmetic
     (np.array([[1, 2]], np.int32), {"dq": True}),  # k = 1 is not reachable from DQ state 0
     (np.array([[0, 3]], np.int32), {"codebook_size": 3, "codebook_offset": 1}),
     (np.zeros((2, 2), np.int32), {"codebook_size": 3, "codebook_offset": 3}),

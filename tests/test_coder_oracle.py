@@ -105,6 +105,8 @@ def make_case(rng):
         lv[rng.random(n) < rng.random()] = 0
     else:
         lv = _magnitudes(rng, n, 2**30 - 2 if dq else 2**31 - 2)
+        if not dq and n and rng.random() < 0.05:  # the int32 extremes (an NNR_PT_INT tensor holds any int32)
+            lv[rng.integers(0, n, 2)] = rng.choice([-2**31, 2**31 - 1], 2)
     lv = lv.reshape(shape)
     if h > 1 and w > 1 and rng.random() < 0.3:  # some all-zero rows
         lv.reshape(h, w)[rng.random(h) < 0.4] = 0

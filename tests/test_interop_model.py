@@ -156,6 +156,15 @@ def test_settings_grid_on_one_model(oracle):
     check_batch(oracle, grid)
 
 
+@pytest.mark.filterwarnings("ignore::nncjax.codec.QPAdjustedWarning")  # with DQ, -2**31 steps coarsen the QP
+def test_int32_extremes_match_nncodec(oracle):
+    """The whole int32 range codes as NNCodec codes it: -2**31 and 2**31 - 1 in NNR_PT_INT tensors, and a
+    float value of exactly -2**31 steps (a level of -2**31 without DQ)."""
+    ints = np.array([[-2**31, 2**31 - 1, 0], [-2**31 + 1, 2**31 - 2, 7]], np.int32)
+    m = {"ints": ints, "ids": ints[0].copy(), "w": np.array([[-2.0**31, 1.0], [0.0, 2.0**31 - 128]], np.float32)}
+    check_batch(oracle, [(m, dict(qp=0, dq=False)), (m, dict(qp=0, dq=False, scan_order=1)), (m, dict(qp=0))])
+
+
 def test_qp_overrides_regex_equals_explicit_table():
     rng = np.random.default_rng(3)
     m = {f"l{i}.w": (rng.standard_normal((8, 8)) * 0.1).astype(np.float32) for i in range(3)}
