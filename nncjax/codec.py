@@ -275,6 +275,7 @@ def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
         if c["qp"] != c["requested"]:
             notes.append(f"tensor {t.name!r}: QP {c['requested']} would overflow int32 levels "
                          f"(max |w| = {float(np.abs(t.data).max()):.6g}); coded with QP {c['qp']} instead")
+        _check_coded_qp(t, c, s)
         enc.iae_v(s.qp_bits, c["qp"])
     cb = c["codebook"]
     # Bit-depth clipping, or NNCodec's row-skip DQ quirk under block scans (its trellis assumes one
@@ -284,6 +285,23 @@ def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
     enc.encode_layer(c["levels"], dq=c["dq"], scan_order=scan, row_skipping=s.row_skipping, profile=PROFILE,
                      codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"], strict_dq=not lenient)
     return c, notes
+
+
+def _check_coded_qp(t: PreparedTensor, c: dict, s: _Settings) -> None:
+    """The QP a tensor is coded with must fit the qp_bits-bit field. It can leave the range that
+    ``qp`` and ``nonweight_qp`` were checked against: the overflow guard raises it (values too large
+    for any step), the codebook path quantizes one octave finer, and a falsy ``nonweight_qp`` means
+    ``qp - 2 << qp_density``. NNCodec writes such a QP anyway; the field wraps and the tensor decodes
+    to garbage, so refuse it instead."""
+    lo, hi = -(1 << (s.qp_bits - 1)), (1 << (s.qp_bits - 1)) - 1
+    if lo <= c["qp"] <= hi:
+        return
+    where = f"tensor {t.name!r} would be coded with QP {c['qp']}, outside [{lo}, {hi}] for qp_density {s.qp_density}"
+    if c["qp"] > hi:
+        raise InputError(f"{where}: its values (max |w| = {float(np.abs(t.data).max()):.6g}) overflow int32 levels "
+                         "even at the coarsest step; NNR cannot code them")
+    raise InputError(f"{where} (a codebook quantizes one octave finer than qp with dq, a falsy nonweight_qp "
+                     "means qp - 2 << qp_density); choose a larger qp or nonweight_qp")
 
 
 def _unit_scan(shapes, scan_order: int) -> int:

@@ -112,6 +112,21 @@ def test_overflow_guard_warns_with_names_and_qps():
         encode({"fine": np.ones((2, 2), np.float32)})
 
 
+@pytest.mark.parametrize("model, kw, match", [
+    ({"huge": np.array([[9.2e19, 1.0]], np.float32)}, dict(qp_density=7),
+     r"'huge'.*QP 45\d\d, outside \[-4096, 4095\].*overflow int32 levels even at the coarsest step"),
+    ({"w": np.full((2, 2), 0.01, np.float32)}, dict(qp=-128, codebook="always"), r"'w'.*QP -132, outside \[-128, 127\]"),
+    ({"w": np.ones((2, 2), np.float32), "b": np.full(3, 0.01, np.float32)}, dict(qp=-125, nonweight_qp=None),
+     r"'b'.*QP -133, outside"),
+])
+def test_coded_qp_outside_its_field_raises_input_error(model, kw, match):
+    """The overflow guard, a codebook (one octave finer) or a falsy nonweight_qp (qp - 2 << qp_density)
+    can ask for a QP the iae_v(6 + qp_density) field cannot hold. NNCodec writes it anyway: the field
+    wraps and its own decoder returns garbage for the tensor (e.g. 1e17 for 0.01). We refuse, by name."""
+    with pytest.raises(InputError, match=match):
+        encode(model, **kw)
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"w": np.array([1.0, np.nan], np.float32)}, "'w'.*NaN"),
     ({"w": np.array([[np.inf]], np.float32)}, "'w'.*Inf"),
