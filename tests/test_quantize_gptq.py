@@ -186,6 +186,32 @@ def test_conv_input_moments_give_the_output_energy(kw):
     np.testing.assert_allclose(w @ h @ w.T, y.T @ y / len(y), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("stride", [1, 3, 7, 1000])
+def test_patch_stride_keeps_every_kth_patch(stride):
+    """With ``patch_stride=k`` a convolution's moments are those of every k-th output position of the
+    batch (batch-major raster order), so ``W H W^T`` is the energy of those outputs; Dense inputs
+    are all kept."""
+    from nncjax.reduce import flax_to_nnr
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Conv(6, (3, 2), strides=(1, 2), use_bias=False, name="conv")(x)
+            return nn.Dense(3, name="dense")(y.reshape(y.shape[0], -1)), y
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 9, 8, 4))
+    v = Net().init(jax.random.PRNGKey(1), x)
+    h = input_moments(lambda p, b: Net().apply(p, b)[0], v, x, patch_stride=stride)
+    y = np.asarray(Net().apply(v, x)[1], np.float64).reshape(-1, 6)[::stride]
+    w = np.asarray(flax_to_nnr(v["params"]["conv"]["kernel"]), np.float64).reshape(6, -1)
+    np.testing.assert_allclose(w @ h["params/conv/kernel"] @ w.T, y.T @ y / len(y), rtol=1e-4, atol=1e-6)
+    flat = np.asarray(Net().apply(v, x)[1], np.float64).reshape(3, -1)
+    np.testing.assert_allclose(h["params/dense/kernel"], flat.T @ flat / 3, rtol=1e-4, atol=1e-5)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InputError, match="patch_stride"):
+            input_moments(lambda p, b: Net().apply(p, b)[0], v, x, patch_stride=bad)
+
+
 def test_grouped_convolutions_are_left_out():
     class Net(nn.Module):
         @nn.compact

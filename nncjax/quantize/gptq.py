@@ -226,9 +226,11 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
     return jnp.stack(views, axis=-1).reshape(-1, x.shape[-1] * math.prod(ks))
 
 
-def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch: Any) -> dict[str, tuple]:
+def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int, params: Any,
+                   batch: Any) -> dict[str, tuple]:
     """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense``
-    inputs and ``Conv`` input patches; traceable (masked positions are weighted 0, not removed)."""
+    inputs and every ``patch_stride``-th ``Conv`` input patch; traceable (masked positions are
+    weighted 0, not removed)."""
     import flax.linen as nn
 
     from nncjax._layer_stats import kernel_name
@@ -247,6 +249,7 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, params: Any, batch
                 x, weight = x.reshape(-1, x.shape[-1]), weight.reshape(-1)
             else:
                 x = _conv_patches(context.module, x)
+                x = None if x is None else x[::patch_stride]
                 weight = None if x is None else jnp.ones(x.shape[:1], jnp.float32)
             if x is not None:
                 # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
@@ -270,6 +273,7 @@ def input_moments(
     data: Any,
     *,
     mask: Callable[[Any], Any] | None = None,
+    patch_stride: int = 1,
 ) -> dict[str, np.ndarray]:
     """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen.Dense`` and ``Conv`` layer.
 
@@ -289,6 +293,11 @@ def input_moments(
       mask: optional ``mask(batch) -> bool array`` over the leading axes of the ``Dense`` inputs
         (e.g. a text model's attention mask, so that padding positions do not count); convolutions
         count every position.
+      patch_stride: keep every ``patch_stride``-th convolution patch of a batch (batch-major raster
+        order of the output positions). Neighbouring patches overlap, so a subset estimates ``H``
+        almost as well for a fraction of the ``patches x inputs**2`` work that dominates the cost
+        on images; on the Fashion-MNIST CNN, 8 changes GPTQ's bitstream by 0.02 %. ``Dense``
+        inputs are all kept.
 
     Returns:
       ``{kernel name: float64 (inputs, inputs)}``, names as :func:`nncjax.pytree_names.flatten_named`
@@ -296,7 +305,8 @@ def input_moments(
       ``I * prod(k)`` inputs.
 
     Raises:
-      InputError: empty ``data``, or no ``Dense`` or ``Conv`` layer seen.
+      InputError: empty ``data``, no ``Dense`` or ``Conv`` layer seen, or ``patch_stride`` not an
+        integer >= 1.
 
     Example:
       >>> import flax.linen as nn
@@ -307,12 +317,14 @@ def input_moments(
       {'params/kernel': [[1.0, 1.0], [1.0, 2.0]]}
       >>> conv = nn.Conv(4, (3, 3))
       >>> vc = conv.init(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 2)))
-      >>> input_moments(conv.apply, vc, jnp.ones((5, 8, 8, 2)))["params/kernel"].shape
+      >>> input_moments(conv.apply, vc, jnp.ones((5, 8, 8, 2)), patch_stride=4)["params/kernel"].shape
       (18, 18)
     """
     from nncjax._layer_stats import batch_means, unwrap_jit
 
-    moments = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask), (params,), data)
+    if not isinstance(patch_stride, (int, np.integer)) or isinstance(patch_stride, bool) or patch_stride < 1:
+        raise InputError(f"patch_stride must be an integer >= 1, got {patch_stride!r}")
+    moments = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, int(patch_stride)), (params,), data)
     if not moments:
         raise InputError("the model called no flax.linen.Dense or (ungrouped) Conv layer")
     return moments
