@@ -304,10 +304,21 @@ def _check_coded_qp(t: PreparedTensor, c: dict, s: _Settings) -> None:
                      "means qp - 2 << qp_density); choose a larger qp or nonweight_qp")
 
 
-def _unit_scan(shapes, scan_order: int) -> int:
-    """One scan order per unit: the requested one, or raster when any scanned tensor (W, or G and H)
-    is not a real matrix."""
-    return min(_effective_scan(tuple(sh), scan_order) for sh in shapes)
+def _unit_scan(shapes, scan_order: int, dims: tuple | None = None) -> int:
+    """The scan order a unit signals: the requested one, or raster where NNCodec cannot write it.
+
+    A plain unit (``shapes`` = W's shape) needs W to be a real matrix. A DC unit (``shapes`` = G's and
+    H's, ``dims`` = W's NNR dims) needs W's dims to be one, and its entry points must add up to the
+    ceil(rows / B) - 1 per factor that the header declares: a factor that is no real matrix is
+    raster-scanned and has none, so it may span one block row only. NNCodec's encoder fails on the
+    other DC units (KeyError, IndexError) and signals the requested scan on these, e.g. G (16, 1).
+    """
+    if dims is None:
+        return _effective_scan(tuple(shapes[0]), scan_order)
+    if _effective_scan(tuple(dims), scan_order) == 0:
+        return 0
+    one_block_row = lambda sh: sh[0] <= 4 << scan_order
+    return scan_order if all(_effective_scan(tuple(sh), scan_order) or one_block_row(sh) for sh in shapes) else 0
 
 
 def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None, members: tuple,
@@ -316,7 +327,8 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None,
     G and H), after a block's per-row ``members`` (coded order, same pairs)."""
     from nncjax.kernels.coder import CabacEncoder
     shapes = tuple(t.data.shape for t, _ in weights)
-    scan = _unit_scan(shapes, s.scan_order)
+    dc = block is not None and bool(block.factors)
+    scan = _unit_scan(shapes, s.scan_order, block.dims if dc else None)
     size = sum(t.data.size for t, _ in weights) + sum(m.data.size for m, _ in members)
     enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
     notes: list[str] = []
@@ -325,7 +337,6 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None,
     done = [_code_member(enc, t, plan, s, scan, choices) for t, plan in weights]
     notes += [n for _, w_notes in done for n in w_notes]
     first, t = done[0][0], weights[0][0]
-    dc = block is not None and bool(block.factors)
     coded = _Coded(block.weight if dc else t.name, index, block.dims if dc else shapes[0], t.is_int, first["qp"],
                    first["dq"], scan, enc.finish(), first["codebook"], first["offset"], first["egk"], notes=notes,
                    coded_shapes=tuple(m.data.shape for m, _ in members) + shapes)

@@ -132,8 +132,9 @@ def test_low_rank_codebooks_that_would_split_the_block_raise(oracle, params, blo
 
 
 def test_degenerate_factors_are_coded_in_raster_order(oracle):
-    """Rank 1 makes G a column: NNCodec's encoder crashes on it under a block scan, so the unit signals
-    scan_order 0, which NNCodec's decoder reads."""
+    """Rank 1 makes G a column: NNCodec's encoder crashes on it under a block scan when it spans more
+    than one block row (its header declares entry points the raster-scanned column does not have), so
+    the unit signals scan_order 0, which NNCodec's decoder reads."""
     params = {"w_G": gauss(40, 1), "w_H": gauss(1, 40)}
     data = encode(params, low_rank={"w": (40, 40)}, scan_order=2)
     assert {t.scan_order for t in inspect(data).tensors} == {0}
@@ -142,6 +143,22 @@ def test_degenerate_factors_are_coded_in_raster_order(oracle):
     raw = decode(data, raw=True)
     for name, arr in zip(theirs["names"], theirs["arrays"]):
         np.testing.assert_array_equal(np.asarray(arr, np.float32), raw[name])
+
+
+def test_degenerate_factors_within_one_block_row_keep_the_scan(oracle):
+    """A factor that is no real matrix is raster-scanned and has no entry points; where it spans one
+    block row (and W's dims are a matrix) the declared entry points still add up, and NNCodec signals
+    the requested scan order: the same bytes, and the other factor is quantized in that scan."""
+    cases = [({"w_G": gauss(12, 1), "w_H": gauss(1, 40)}, {"w": (12, 40)}, {}, dict(scan_order=2)),  # G a column
+             ({"w_G": gauss(16, 1), "w_H": gauss(1, 9), "b": gauss(16)}, {"w": (16, 9)}, {"w": {"bi": "b"}},
+              dict(scan_order=2, dq=False)),
+             ({"w_G": gauss(1, 3), "w_H": gauss(3, 40)}, {"w": (8, 5)}, {}, dict(scan_order=1))]  # G a row
+    ours = [encode(p, low_rank=lr, blocks=b, **kw) for p, lr, b, kw in cases]
+    written = oracle.call("lowrank", "encode_low_rank", [_oracle_case(*c) for c in cases])
+    for (_, _, _, kw), data, ref in zip(cases, ours, written):
+        assert {t.scan_order for t in inspect(data).tensors if t.name.startswith("w_")} == {kw["scan_order"]}
+        assert "error" not in ref, ref.get("error")
+        assert ref["bitstream"] == data, kw
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
