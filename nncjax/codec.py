@@ -244,7 +244,8 @@ def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
         qp_uni, requested = qp_used, qp_cb
     trial = dict(unary_length=max(s.unary_length - 1, 1), param_opt=s.param_opt, scan_order=scan,
                  row_skipping=False, profile=PROFILE)
-    bytes_uni = len(encode_levels(uni_levels, dq=s.dq, **trial))
+    # Clipped DQ indices may be unreachable from their DQ state: coded as NNCodec codes them (_code_member).
+    bytes_uni = len(encode_levels(uni_levels, dq=s.dq, strict_dq=clip is None, **trial))
     cost_cb = len(encode_levels(chosen["levels"], dq=False, **trial)) + _codebook_bits(cb, off, egk)
     if cost_cb < bytes_uni:
         return chosen

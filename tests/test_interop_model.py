@@ -150,6 +150,8 @@ def test_settings_grid_on_one_model(oracle):
             (m, dict(param_opt=False)), (no_empty, dict(codebook=True, qp=-20)),
             (no_empty, dict(codebook=True, dq=False, qp=-16)),
             (m, dict(bitdepth=8, dq=False)), (m, dict(bitdepth=6)), (m, dict(qp=-24, qp_density=3)),
+            # codebook='auto' weighs the clipped DQ levels (gamma: 255, unreachable from DQ state 0) as coded
+            (no_empty, dict(codebook=True, bitdepth=4)),
             (no_empty, dict(scan_order=1, dq=False)), (no_empty, dict(scan_order=3, row_skipping=False)),
             (m, dict(lambda_scale=1.0)), (m, dict(unary_length=5, dq=False)),
             (m, dict(qp_overrides={"fc.weight": -20, "gamma": -50, "emb": -44}))]
