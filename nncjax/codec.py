@@ -83,6 +83,11 @@ def _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping
         raise InputError(f"scan_order must be 0..4, got {scan_order!r}")
     if not isinstance(unary_length, (int, np.integer)) or not 1 <= unary_length <= 256:
         raise InputError(f"unary_length must be 1..256, got {unary_length!r}")
+    if unary_length == 1 and cb_modes[codebook] != "off":
+        # NNCodec picks a codebook's zero offset (and, for "auto", codebook or not) by trial coding
+        # with unary_length - 1 = 0 greater-than flags, a coder mode its own decoder cannot read back.
+        raise InputError("codebook needs unary_length >= 2 (NNCodec's codebook search codes with "
+                         "unary_length - 1 greater-than flags)")
     try:
         lam = float(lambda_scale)
     except (TypeError, ValueError):
@@ -242,7 +247,7 @@ def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
         uni_levels, requested = _clip(uni_levels, clip), plan.qp
     else:
         qp_uni, requested = qp_used, qp_cb
-    trial = dict(unary_length=max(s.unary_length - 1, 1), param_opt=s.param_opt, scan_order=scan,
+    trial = dict(unary_length=s.unary_length - 1, param_opt=s.param_opt, scan_order=scan,
                  row_skipping=False, profile=PROFILE)
     # Clipped DQ indices may be unreachable from their DQ state: coded as NNCodec codes them (_code_member).
     bytes_uni = len(encode_levels(uni_levels, dq=s.dq, strict_dq=clip is None, **trial))

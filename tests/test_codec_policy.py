@@ -127,9 +127,11 @@ def test_restore_dtype_refuses_lossy_narrowing():
 
 def test_settings_validation():
     for bad in (dict(qp=200), dict(qp_density=8), dict(scan_order=5), dict(codebook="maybe"),
-                dict(bitdepth=1), dict(lambda_scale=-1), dict(unary_length=0), dict(nonweight_qp=-500)):
+                dict(bitdepth=1), dict(lambda_scale=-1), dict(unary_length=0), dict(nonweight_qp=-500),
+                dict(unary_length=1, codebook=True), dict(unary_length=1, codebook="always")):
         with pytest.raises(InputError):
             settings(**bad)
+    assert settings(unary_length=1).unary_length == 1 and settings(unary_length=2, codebook=True).codebook == "auto"
     assert settings(qp=127).qp == 127 and settings(qp=-128).qp == -128  # iae_v(8) range with qpd 2
 
 
