@@ -396,7 +396,13 @@ def encode_levels(levels, *, dq: bool, unary_length: int = 11, param_opt: bool =
 
 def decode_levels(data, shape, *, dq: bool, unary_length: int = 11, **layer_kwargs) -> np.ndarray:
     """Inverse of :func:`encode_levels`: int32 levels of ``shape``. Raises BitstreamError if ``data``
-    is malformed or has bytes left over after the terminating bin."""
+    is malformed or has bytes left over after the terminating bin.
+
+    >>> data = encode_levels(np.array([[0, 2], [-2, 1]], np.int32), dq=True)   # DQ: k values
+    >>> decode_levels(data, (2, 2), dq=True)
+    array([[ 0,  2],
+           [-2,  1]], dtype=int32)
+    """
     layer_kwargs.pop("row_skipping", None)  # an encoder-side choice; the decoder reads it
     dec = CabacDecoder(data, unary_length)
     levels, _ = dec.decode_layer(shape, dq=dq, **layer_kwargs)
@@ -429,7 +435,13 @@ def encode_many(tensors, *, workers: int = 2, **common) -> list[bytes]:
 
 def decode_many(streams, shapes, *, workers: int = 2, **common) -> list[np.ndarray]:
     """:func:`decode_levels` over many payloads on ``workers`` threads; ``common`` as in
-    :func:`encode_many` (a per-item dict of settings may be given in place of a shape, with key ``shape``)."""
+    :func:`encode_many` (a per-item dict of settings may be given in place of a shape, with key ``shape``).
+    Returns one int32 array per payload, of its shape.
+
+    >>> streams = encode_many([np.arange(4, dtype=np.int32), np.zeros((2, 2), np.int32)], dq=False)
+    >>> [a.tolist() for a in decode_many(streams, [(4,), {"shape": (2, 2)}], dq=False)]
+    [[0, 1, 2, 3], [[0, 0], [0, 0]]]
+    """
     jobs = [(s, dict(common, **(sh if isinstance(sh, dict) else {"shape": sh}))) for s, sh in zip(streams, shapes)]
 
     def run(job):

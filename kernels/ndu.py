@@ -187,6 +187,13 @@ def member_entry_points(unit: CompressedDataUnit) -> list:
 
     Only the weight (or G and H) carries entry points; other members get ``None``, as does every
     member when the header has no entry-point list.
+
+    >>> eps = EntryPointList(np.array([1, 2]), np.zeros(2, np.int64), np.array([30, 40]))
+    >>> u = CompressedDataUnit(payload_type=PayloadType.BLOCK, topology_elem_ids=("w", "b"),
+    ...                        compressed_parameter_types=CPT_BI, tensor_dimensions=(24, 3), scan_order=1,
+    ...                        entry_points=eps)
+    >>> [m.role for m in u.members()], [e if e is None else e.offset.tolist() for e in member_entry_points(u)]
+    (['bias', 'weight'], [None, [30, 40]])
     """
     members = unit.members()
     eps = unit.entry_points
@@ -371,6 +378,11 @@ def entry_point_count(unit: CompressedDataUnit) -> int:
 
     ``ceil(dims0 / (4 << scan_order)) - 1`` over the scanned tensor's first dimension; for a
     DC block the sum over G and H; for a non-block DC unit G's or H's (by the "_G" suffix).
+
+    >>> u = CompressedDataUnit(payload_type=PayloadType.FLOAT, topology_elem_ids=("w",),
+    ...                        tensor_dimensions=(40, 3), scan_order=1)
+    >>> entry_point_count(u)                                          # ceil(40 / 8) - 1
+    4
     """
     if len(unit.tensor_dimensions) <= 1 or unit.scan_order == 0:
         return 0
@@ -413,6 +425,13 @@ def read_ndu_body(r: BitReader, ctx: SyntaxContext, limits: DecodeLimits, oob: M
     """Parse the NDU header (after the common unit header) and its payload up to ``r.end``.
 
     ``base``: the common unit-header fields. Raises BitstreamError / LimitError / UnsupportedStreamError.
+
+    >>> u = CompressedDataUnit(payload_type=PayloadType.FLOAT, topology_elem_ids=("w",),
+    ...                        tensor_dimensions=(3, 3), payload=b"abc")
+    >>> w = BitWriter(); write_ndu_body(w, u, SyntaxContext())
+    >>> v = read_ndu_body(BitReader(w.getvalue()), SyntaxContext(), DecodeLimits(), None, {})
+    >>> v.topology_elem_ids, v.tensor_dimensions, v.payload, v == u
+    (('w',), (3, 3), b'abc', True)
     """
     pt = r.u(5, "nnr_compressed_data_unit_payload_type")
     if pt > PayloadType.BLOCK:
@@ -560,7 +579,13 @@ def _check_limits(r: BitReader, unit: CompressedDataUnit, limits: DecodeLimits) 
 
 
 def write_ndu_body(w: BitWriter, u: CompressedDataUnit, ctx: SyntaxContext) -> None:
-    """Write the NDU header (after the common unit header) and payload. Raises InputError."""
+    """Write the NDU header (after the common unit header) and payload. Raises InputError.
+
+    >>> u = CompressedDataUnit(payload_type=PayloadType.FLOAT, topology_elem_ids=("w",),
+    ...                        tensor_dimensions=(3, 3), payload=b"abc")
+    >>> w = BitWriter(); write_ndu_body(w, u, SyntaxContext()); w.getvalue().hex()   # header, payload
+    '097700d040c120e0c2a080616263'
+    """
     pt = PayloadType(u.payload_type)
     ids = tuple(u.topology_elem_ids)
     block = pt == PayloadType.BLOCK

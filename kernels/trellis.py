@@ -297,6 +297,10 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
     w: (n,) float32. pos: (n,) int64 permutation. inv_step: float64 ``1/Δ``. dist_scale: float64
     distortion weight (1.0 when ``use_rate`` is False). use_rate: add estimated bits. n_gtx: int,
     greater-than flags of the estimator. out: (n,) int32, written at ``pos``.
+
+    >>> w, out = np.array([0.9, -2.1, 0.2, 3.0], np.float32), np.zeros(4, np.int32)
+    >>> dq_trellis(w, np.arange(4, dtype=np.int64), 1.0, 1.0, False, 10, out); out   # step 1
+    array([ 0, -2,  0,  3], dtype=int32)
     """
     n = pos.shape[0]
     # Decision per step and destination state: the winning branch of DQ_BRANCHES (see _viterbi_step).
@@ -312,7 +316,14 @@ def dq_trellis(w, pos, inv_step, dist_scale, use_rate, n_gtx, out):
 def uniform_rate_aware(w, pos, inv_step, dist_scale, n_gtx, out):
     """Uniform quantization with a rate term: per weight (in scan order) the cheapest of 0 and
     ``max(1, R-1)..R`` (R = round(|w|/Δ)), cost ``dist_scale*(|w|/Δ - i)**2 + bits(+i)``; one
-    context store adapts along the chosen levels. Shapes as :func:`dq_trellis`; writes levels."""
+    context store adapts along the chosen levels. Shapes as :func:`dq_trellis`; writes levels.
+
+    >>> w, out = np.array([0.9, -2.1, 0.2, 3.0], np.float32), np.zeros(4, np.int32)
+    >>> uniform_rate_aware(w, np.arange(4, dtype=np.int64), 1.0, 2.0**15, 10, out); out  # 1 bit ~ 1 step**2
+    array([ 0, -2,  0,  3], dtype=int32)
+    >>> uniform_rate_aware(w, np.arange(4, dtype=np.int64), 1.0, 1.0, 10, out); out      # rate dominates
+    array([0, 0, 0, 0], dtype=int32)
+    """
     n = pos.shape[0]
     n_ctx = 8 * 6 + 5 + 4 * n_gtx + 32 + 5
     ctx = np.empty((n_ctx, 5), dtype=np.int32)
@@ -348,6 +359,12 @@ def round_scaled(w, scale, lo, hi, out, write):
     as a rounded value falls outside ``[lo, hi]``; writes int32 levels to ``out`` only if ``write``.
 
     w: (n,) float32; scale: float32; lo, hi: int64 bounds; out: (n,) int32.
+
+    >>> out = np.zeros(3, np.int32)
+    >>> round_scaled(np.array([0.5, -1.5, 2.2], np.float32), np.float32(1.0), -2**31, 2**31 - 1, out, True), out
+    (True, array([ 1, -2,  2], dtype=int32))
+    >>> round_scaled(np.array([5.0], np.float32), np.float32(1.0), -4, 4, out, False)   # 5 > hi
+    False
     """
     for i in range(w.shape[0]):
         x = np.float64(scale * w[i])

@@ -374,6 +374,15 @@ def read_unit(data, offset: int = 0, ctx: SyntaxContext = _DEFAULT_CONTEXT, *, i
 
     ``ctx`` supplies profile and MPS flags (see :func:`context_after`). Raises BitstreamError
     (LimitError, UnsupportedStreamError for QNT/AGG/PRUN/tensor splitting); never reads past the unit.
+
+    Example::
+
+        >>> data = bytes.fromhex("00040201" "0008068100400080")       # STR, MPS
+        >>> unit, size = read_unit(data); type(unit).__name__, size
+        ('StartUnit', 4)
+        >>> unit, size = read_unit(data, 4, context_after(unit, SyntaxContext()))
+        >>> type(unit).__name__, unit.qp_density, size
+        ('ModelParameterSet', 2, 8)
     """
     data = bytes(data) if not isinstance(data, bytes) else data
     size, head = frame_unit(offset, data, index)
@@ -410,7 +419,14 @@ def read_unit(data, offset: int = 0, ctx: SyntaxContext = _DEFAULT_CONTEXT, *, i
 
 
 def context_after(unit, ctx: SyntaxContext) -> SyntaxContext:
-    """The parse context for the units following ``unit`` (STR sets the profile, MPS its flags)."""
+    """The parse context for the units following ``unit`` (STR sets the profile, MPS its flags).
+
+    Example::
+
+        >>> ctx = context_after(StartUnit(general_profile_idc=0), SyntaxContext())
+        >>> context_after(ModelParameterSet(topology_indexed_reference_flag=1), ctx)
+        SyntaxContext(general_profile_idc=0, topology_indexed_reference_flag=1, parent_signalling_enabled_flag=0)
+    """
     if isinstance(unit, StartUnit):
         return SyntaxContext(unit.general_profile_idc, ctx.topology_indexed_reference_flag,
                              ctx.parent_signalling_enabled_flag)

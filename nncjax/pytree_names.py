@@ -53,7 +53,16 @@ def _key_str(entry: Any) -> str:
 
 
 def check_name(name: str) -> str:
-    """Validates a tensor name: a non-empty str without NUL (the NNR string terminator)."""
+    """Validates a tensor name: a non-empty str without NUL (the NNR string terminator); returns it
+    unchanged, else raises InputError.
+
+    >>> check_name("dense/kernel")
+    'dense/kernel'
+    >>> check_name("")
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: tensor name '' is empty or contains a NUL character
+    """
     if not isinstance(name, str):
         raise InputError(f"tensor names must be str, got {type(name).__name__} {name!r}")
     if name == "" or "\x00" in name:
@@ -112,7 +121,13 @@ def unflatten_like(like: Any, values: Mapping[str, Any], cast) -> Any:
     """Rebuilds a pytree shaped like ``like`` from ``{name: array}`` (names as :func:`flatten_named`).
 
     ``cast(name, array, like_leaf)`` converts each decoded array to the leaf's type/dtype/shape.
-    Raises InputError if ``values`` lacks a name of ``like``.
+    Raises InputError if ``values`` lacks a name of ``like``; names ``like`` does not have are ignored.
+
+    >>> like = {"dense": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)}}
+    >>> values = {"dense/kernel": np.ones(6), "dense/bias": np.arange(3.0)}
+    >>> out = unflatten_like(like, values, lambda name, a, ref: a.reshape(ref.shape).astype(ref.dtype))
+    >>> out["dense"]["kernel"].shape, out["dense"]["bias"]
+    ((2, 3), array([0., 1., 2.], dtype=float32))
     """
     def leaf(name: str, ref: Any) -> Any:
         if name not in values:

@@ -157,7 +157,14 @@ def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarra
 
 def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
     """``arr`` with the dtype, shape (0-d from ``(1,)``) and array type (numpy / jax) of ``like``'s leaf
-    ``ref``; lossy integer narrowing raises (:func:`nncjax.tensor_policy.restore_dtype`)."""
+    ``ref``; lossy integer narrowing raises (:func:`nncjax.tensor_policy.restore_dtype`).
+
+    >>> cast_leaf("b", np.array([1.0, 2.0], np.float32), np.zeros(2, np.int8))
+    array([1, 2], dtype=int8)
+    >>> import jax.numpy as jnp
+    >>> cast_leaf("s", np.array([0.5], np.float32), jnp.float32(0))        # (1,) -> 0-d jax array
+    Array(0.5, dtype=float32)
+    """
     ref_arr = ref if hasattr(ref, "dtype") else np.asarray(ref)
     out = restore_dtype(name, np.asarray(arr), np.dtype(ref_arr.dtype), tuple(np.shape(ref_arr)))
     if type(ref).__module__.startswith(("jax", "jaxlib")):

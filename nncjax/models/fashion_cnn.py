@@ -158,7 +158,16 @@ def logits(params: Mapping[str, Any], subset: str | int = "ci") -> np.ndarray:
 
 
 def metrics(out: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
-    """``top1``, ``n`` (and ``argmax_agree`` with ``reference``) of :func:`logits` output ``(n, 10)``."""
+    """``top1``, ``n`` (and ``argmax_agree`` with ``reference``, logits of the same shape) of
+    :func:`logits` output ``(n, 10)`` on the first n test images.
+
+    Example:
+        >>> y = load_fashion_mnist("test")[1][:100]
+        >>> metrics(np.eye(10, dtype=np.float32)[y])                     # perfect logits (100, 10)
+        {'top1': 1.0, 'n': 100.0}
+        >>> metrics(np.eye(10)[(y + 1) % 10], reference=np.eye(10)[y])  # all wrong
+        {'top1': 0.0, 'n': 100.0, 'argmax_agree': 0.0}
+    """
     return classification_metrics(out, load_fashion_mnist("test")[1], reference)
 
 

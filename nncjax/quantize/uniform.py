@@ -20,7 +20,8 @@ MODES = ("hard", "ste", "noise", "soft")
 def round_half_away(x: jax.Array) -> jax.Array:
     """Round to nearest, ties away from zero (C ``std::round``), elementwise; float in, float out.
 
-    >>> round_half_away(jnp.array([0.5, -0.5, 1.49]))   # [1., -1., 1.]
+    >>> round_half_away(jnp.array([0.5, -0.5, 1.49]))
+    Array([ 1., -1.,  1.], dtype=float32)
     """
     return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
 
@@ -28,7 +29,12 @@ def round_half_away(x: jax.Array) -> jax.Array:
 def soft_round(x: jax.Array, alpha: float) -> jax.Array:
     """Differentiable rounding (Agustsson & Theis 2020; tensorflow-compression ``soft_round``).
 
-    ``alpha -> 0`` gives the identity, ``alpha -> inf`` gives ``round``. Shapes are kept.
+    ``alpha -> 0`` gives the identity, ``alpha -> inf`` gives ``round``. ``x``: float array of any
+    shape -> float of the same shape; ``alpha``: scalar (clamped to at least 1e-3).
+
+    >>> x = jnp.array([0.2, 0.5, 1.4])
+    >>> soft_round(x, 1e3).tolist(), [round(v, 3) for v in soft_round(x, 1e-3).tolist()]
+    ([0.0, 0.5, 1.0], [0.2, 0.5, 1.4])
     """
     m = jnp.floor(x) + 0.5
     r = x - m
@@ -42,6 +48,12 @@ def relax_round(u: jax.Array, mode: str, *, rng: jax.Array | None = None, alpha:
     * ``ste``: forward value is the exact hard rounding, gradient 1 (straight-through).
     * ``noise``: ``u + U(-1/2, 1/2)`` (needs ``rng``); the forward value is a noisy proxy.
     * ``soft``: :func:`soft_round` with sharpness ``alpha``.
+
+    ``u``: float array of any shape -> float of the same shape.
+
+    >>> u = jnp.array([0.4, 1.6, -2.5])
+    >>> relax_round(u, "ste").tolist(), jax.grad(lambda u: relax_round(u, "ste").sum())(u).tolist()
+    ([0.0, 2.0, -3.0], [1.0, 1.0, 1.0])
     """
     if mode == "ste":
         return u + jax.lax.stop_gradient(round_half_away(u) - u)
@@ -64,7 +76,10 @@ def quantize_uniform(w: jax.Array, step: jax.Array, mode: str = "hard", *, rng: 
     bit-identical to the decoder; for training modes, ``k`` is the float surrogate level and ``w_hat``
     its differentiable reconstruction (gradients reach ``w`` and ``step``).
 
+    >>> from nncjax.steps import qp_to_step_jax
     >>> k, w_hat = quantize_uniform(jnp.array([0.1, -0.2]), qp_to_step_jax(-32))
+    >>> k.tolist(), w_hat.tolist()
+    ([26, -51], [0.1015625, -0.19921875])
     """
     w = jnp.asarray(w, jnp.float32)
     step = jnp.asarray(step, jnp.float32)

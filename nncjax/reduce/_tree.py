@@ -23,7 +23,11 @@ def _key_str(k: Any) -> str:
 
 
 def path_name(path: Path | str) -> str:
-    """``("Conv_0", "kernel")`` -> ``"Conv_0/kernel"``; strings pass through unchanged."""
+    """``("Conv_0", "kernel")`` -> ``"Conv_0/kernel"``; strings pass through unchanged.
+
+    >>> path_name(("Conv_0", "kernel")), path_name("Conv_0/kernel")
+    ('Conv_0/kernel', 'Conv_0/kernel')
+    """
     return path if isinstance(path, str) else "/".join(str(p) for p in path)
 
 
@@ -41,6 +45,9 @@ def replace_named(tree: Any, updates: Mapping[str, Any]) -> Any:
     """Copy of ``tree`` whose leaves named in ``updates`` are replaced (shapes are the caller's affair).
 
     Unknown names raise :class:`InputError` rather than being silently dropped.
+
+    >>> replace_named({"Dense_0": {"kernel": 1.0, "bias": 2.0}}, {"Dense_0/bias": 0.0})
+    {'Dense_0': {'bias': 0.0, 'kernel': 1.0}}
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     names = ["/".join(_key_str(k) for k in path) for path, _ in flat]
@@ -52,7 +59,11 @@ def replace_named(tree: Any, updates: Mapping[str, Any]) -> Any:
 
 
 def default_weight_select(name: str, leaf: jax.Array) -> bool:
-    """NNCodec's notion of a "weight": any tensor with more than one dimension."""
+    """NNCodec's notion of a "weight": any tensor with more than one dimension (``name`` is unused).
+
+    >>> default_weight_select("w", jnp.zeros((2, 2))), default_weight_select("b", jnp.zeros(2))
+    (True, False)
+    """
     return getattr(leaf, "ndim", 0) > 1
 
 
@@ -78,7 +89,12 @@ def select_float_names(named: Mapping[str, Any], select: Any) -> list[str]:
 
 
 def resolve(tree: Mapping[str, Any], path: Path | str) -> Any:
-    """The subtree at ``path`` (tuple or slash-joined string) of a nested mapping."""
+    """The subtree at ``path`` (tuple or slash-joined string) of a nested mapping; InputError if absent.
+
+    >>> tree = {"a": {"b": {"c": 1}}}
+    >>> resolve(tree, "a/b"), resolve(tree, ("a", "b", "c"))
+    ({'c': 1}, 1)
+    """
     node: Any = tree
     for key in (path.split("/") if isinstance(path, str) else path):
         if not isinstance(node, Mapping) or key not in node:

@@ -108,7 +108,11 @@ def block_names(weight_name: str) -> dict[str, str]:
 
 
 def bn_gain(gamma: jax.Array, var: jax.Array, eps: float = 1e-5) -> jax.Array:
-    """Per-row BN gain ``g = γ / sqrt(var + ε)``. ``gamma``, ``var``: (O,) -> (O,)."""
+    """Per-row BN gain ``g = γ / sqrt(var + ε)``. ``gamma``, ``var``: (O,) -> (O,).
+
+    >>> bn_gain(jnp.array([2.0, 1.0]), jnp.array([3.0, 0.0]), eps=1.0).tolist()
+    [1.0, 1.0]
+    """
     return jnp.asarray(gamma) * jax.lax.rsqrt(jnp.asarray(var) + jnp.asarray(eps, jnp.result_type(var)))
 
 
@@ -168,7 +172,11 @@ def unfold_bn(
 
 
 def block_weight(block: FoldedBlock) -> jax.Array:
-    """The effective NNR weight ``W · LS[:, None, ...]`` (what ``reconstruct_lsa`` gives). (O, ...) -> (O, ...)."""
+    """The effective NNR weight ``W · LS[:, None, ...]`` (what ``reconstruct_lsa`` gives). (O, ...) -> (O, ...).
+
+    >>> block_weight(FoldedBlock(w=jnp.ones((2, 3)), ls=jnp.array([2.0, 0.5]), bi=jnp.zeros(2))).tolist()
+    [[2.0, 2.0, 2.0], [0.5, 0.5, 0.5]]
+    """
     return block.w * block.ls.reshape((-1,) + (1,) * (block.w.ndim - 1))
 
 

@@ -30,7 +30,11 @@ RowsSpec = Callable[[str, jax.Array], bool] | Sequence[str] | None
 
 
 def kernel_rows(name: str, leaf: jax.Array) -> bool:
-    """Default LSA selection: Flax ``kernel`` leaves with at least two dimensions."""
+    """Default LSA selection: Flax ``kernel`` leaves with at least two dimensions; ``(name, leaf) -> bool``.
+
+    >>> kernel_rows("Dense_0/kernel", jnp.zeros((4, 3))), kernel_rows("Dense_0/bias", jnp.zeros(3))
+    (True, False)
+    """
     return is_kernel_name(name) and getattr(leaf, "ndim", 0) >= 2
 
 
