@@ -481,8 +481,6 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor]) -> dict[str, 
                 raise InputError(f"{where}: local scales with low rank need g_number_of_rows == dims[0] ({rows})")
         else:
             w = by_name[wname]
-            if w.is_int:
-                raise InputError(f"{where}: the weight is an integer tensor (blocks carry float tensors only)")
             if w.data.ndim < 1 or w.data.shape[0] < 1 or w.orig_shape == ():
                 raise InputError(f"{where}: the weight needs at least one output row, shape {w.orig_shape}")
             rows = w.data.shape[0]
@@ -495,8 +493,9 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor]) -> dict[str, 
                 raise InputError(f"{where}[{role!r}]: {mname!r} is already a member of block {used[mname]!r}")
             used[mname] = wname
             m = by_name[mname]
-            if m.is_int:
-                raise InputError(f"{where}[{role!r}]: {mname!r} is an integer tensor (blocks carry float tensors only)")
+            if m.is_int and wname in low:
+                raise InputError(f"{where}[{role!r}]: {mname!r} is an integer tensor: the low-rank block would have "
+                                 "to be split into separate units, which NNCodec cannot code")
             if tuple(m.orig_shape) != (rows,):
                 raise InputError(f"{where}[{role!r}]: {mname!r} must have shape ({rows},), got {tuple(m.orig_shape)}")
     for wname in list(blocks) + [w for w in low if w not in blocks]:
@@ -670,13 +669,14 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
       unary_length: number of greater-than flags of the level binarization (NNCodec: 11).
       workers: threads coding tensors in parallel. progress: tqdm bar (None: only for big models).
       blocks: ``{weight name: {role: member name}}`` codes each weight together with its per-row
-        members (float tensors of shape ``(weight.shape[0],)``) in one NNR_PT_BLOCK unit, written where
+        members (tensors of shape ``(weight.shape[0],)``) in one NNR_PT_BLOCK unit, written where
         the weight is. Roles: "ls" (local scaling, e.g. ``"<w>_scaling"``), "bi" (bias), and all four
         of "bn_beta", "bn_gamma", "bn_mean", "bn_var" (an unfolded batch norm); cpt = LS 0x02 | BN 0x04
         | BI 0x08. Members keep their own QPs (``nonweight_qp`` unless overridden) and come back from
         :func:`decode` under their names. A weight named in ``low_rank`` may have a block. With
         ``codebook``, as NNCodec: a block in which a member takes a codebook, or the weight takes one
-        while the members use DQ, is written as separate units (members first, where the block goes).
+        while the members use DQ, is written as separate units (members first, where the block goes);
+        so is a block holding an integer tensor (coded losslessly, NNR_PT_INT), with or without.
       dq_overrides: ``{name or regex: bool}`` per-tensor ``dq`` (resolved like ``qp_overrides``); each
         NNR unit signals its own ``dq_flag``, so e.g. tensors already on a uniform grid (GPTQ) can be
         coded without DQ next to DQ tensors. A block's members follow its weight. Not with ``codebook``.
@@ -715,6 +715,8 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     block_of = _block_table(blocks, low_rank, prepared)
     position = {t.name: i for i, t in enumerate(prepared)}
     for b in block_of.values():  # one dq_flag per unit: the members (and H) follow the weight (or G)
+        if prepared[position[b.anchor]].is_int:
+            continue  # an integer weight is coded alone (below), its members as the settings say
         for m in b.coded + b.weights[1:]:
             plan[position[m]] = replace(plan[position[m]], dq=plan[position[b.anchor]].dq)
     in_block = {m for b in block_of.values() for m in b.coded + b.weights[1:]}
@@ -722,7 +724,12 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     factors_h = {b.weights[1] for b in block_of.values() if b.factors}
     param_id = {n: k for k, n in enumerate(t.name for t in prepared if t.name not in factors_h)}
     choices: dict[str, dict] = {}  # codebook choices made while deciding splits, reused when coding
-    split = _split_blocks(block_of, prepared, plan, position, s, choices) if s.codebook != "off" else set()
+    # As NNCodec, a block holding an integer tensor (coded losslessly, NNR_PT_INT) is written as
+    # separate units; with codebooks, _split_blocks decides for the others.
+    split = {a for a, b in block_of.items() if any(prepared[position[n]].is_int for n in b.weights + b.coded)}
+    if s.codebook != "off":
+        split |= _split_blocks({a: b for a, b in block_of.items() if a not in split}, prepared, plan, position, s,
+                               choices)
     jobs = []  # (tensor, its block or None, cpt of the block a separate unit belongs to)
     for t in prepared:
         blk = block_of.get(t.name)

@@ -321,6 +321,8 @@ def test_low_rank_factors_round_trip_onto_a_flax_model():
     ({"w_G": gauss(4, 2), "w_H": gauss(2, 3), "v": gauss(4, 3)}, {"w": (4, 3)},
      dict(blocks={"v": {"bi": "w_G"}}), "low-rank factor, not a member"),
     ({"w_G": gauss(4, 2), "w_H": gauss(2, 3)}, {"w": (4, 3)}, dict(blocks={"z": {"bi": "w_G"}}), "no tensor named"),
+    ({"w_G": gauss(4, 2), "w_H": gauss(2, 3), "b": np.arange(4, dtype=np.int32)}, {"w": (4, 3)},
+     dict(blocks={"w": {"bi": "b"}}), "integer tensor: the low-rank block would have to be split"),
 ])
 def test_bad_low_rank_raises_input_error(params, low_rank, extra, match):
     with pytest.raises(InputError, match=match):
