@@ -101,6 +101,7 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
 
     Example:
       >>> import flax.linen as nn
+      >>> import jax
       >>> model = nn.Dense(2)
       >>> v = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3)))
       >>> v_hat = jax.tree_util.tree_map(lambda k: k + 0.5, v)    # a biased "quantization" (kernel and bias)

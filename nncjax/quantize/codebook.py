@@ -19,7 +19,10 @@ __all__ = ["codebook_init", "quantize_codebook"]
 def codebook_init(w: jax.Array, step: jax.Array, size: int, *, iters: int = 20) -> jax.Array:
     """K-means (Lloyd) centroids of ``w / step``: ``size`` float32 values, sorted, quantile-initialised.
 
-    >>> cb = codebook_init(w, qp_to_step_jax(-30), 16)     # (16,) float32, in units of the step
+    Example:
+      >>> w = jnp.array([-0.30, -0.28, 0.0, 0.01, 0.29, 0.31])
+      >>> [round(float(c), 2) for c in codebook_init(w, 0.1, 3)]     # (3,) float32, in units of the step 0.1
+      [-2.9, 0.05, 3.0]
     """
     if size < 1:
         raise InputError(f"codebook size must be >= 1, got {size}")
@@ -46,7 +49,11 @@ def quantize_codebook(w: jax.Array, step: jax.Array, codebook: jax.Array, mode: 
       and the step through the selected entry (k-means-like updates by gradient descent).
     * ``soft``: softmax assignment over entries with ``temperature`` (in step units squared).
 
-    >>> lev, w_hat = quantize_codebook(w, step, jnp.round(codebook_init(w, step, 16)))
+    Example:
+      >>> w = jnp.array([-0.30, -0.28, 0.0, 0.01, 0.29, 0.31])
+      >>> lev, w_hat = quantize_codebook(w, 0.1, jnp.round(codebook_init(w, 0.1, 3)))
+      >>> lev.tolist(), [round(float(x), 2) for x in w_hat]    # codebook [-3, 0, 3]: levels are index - 1
+      ([-1, -1, 0, 0, 1, 1], [-0.3, -0.3, 0.0, 0.0, 0.3, 0.3])
     """
     w = jnp.asarray(w, jnp.float32)
     step = jnp.asarray(step, jnp.float32)
