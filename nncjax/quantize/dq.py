@@ -22,6 +22,7 @@ level arrays hold ``k``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -46,7 +47,7 @@ def nncodec_lambda(lambda_scale: float) -> float:
     >>> print(round(nncodec_lambda(1.0), 6), nncodec_lambda(0.0))
     0.323469 0.0
     """
-    return float(lambda_scale) * 4.0 * np.log(2.0) / 6.0 * 0.7
+    return float(lambda_scale) * 4.0 * math.log(2.0) / 6.0 * 0.7
 
 
 def _pick(x: jax.Array, idx: jax.Array) -> jax.Array:
