@@ -1,7 +1,8 @@
 """Whole-model interoperability with NNCodec 2.1.3, both directions.
 
-For random models (many tensors, float32 and int32, 1-D/2-D/4-D, unicode names, zero rows) and the
-real MiniLM-L6 weights:
+For random models (many tensors, float32 and int32 over the whole int32 range, 1-D to 5-D, unicode names,
+zero rows, all-zero and single-value tensors, values half-way between quantizer steps; qp_density 0..7,
+codebooks 'auto' and 'always', block scans, unary lengths) and the real MiniLM-L6 weights:
 
 * ``nncjax.codec.encode(m, **s)`` equals ``nncodec.nn.encode(m, s)`` byte for byte;
 * NNCodec decodes our bytes to exactly our decoding of them;
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from nncjax.codec import decode, encode
+from nncjax.steps import qp_to_step
 
 pytestmark = pytest.mark.oracle
 
@@ -33,7 +35,9 @@ def nncodec_args(s: dict) -> dict:
     out = {}
     for k, v in s.items():
         if k == "codebook":
-            if v:
+            if v == "always":
+                out["codebook_mode"] = 1  # only nnc.compress takes it
+            elif v:
                 out["approx_method"] = "codebook"
         elif k == "qp_overrides":
             out["qp_per_tensor"] = dict(v)
@@ -49,26 +53,36 @@ names = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_c
 
 
 @st.composite
-def tensors(draw, block_scan: bool, small_values: bool):
-    ndim = draw(st.sampled_from([1, 2, 2, 4]))
+def tensors(draw, block_scan: bool, small_values: bool, step: float):
+    ndim = draw(st.sampled_from([1, 2, 2, 3, 4, 5]))
     if ndim == 1:
         shape = (draw(st.integers(1, 300)),)
     elif ndim == 2:
         lo = 2 if block_scan else 1  # NNCodec crashes on single rows/columns under block scans
         shape = (draw(st.integers(lo, 80)), draw(st.integers(lo, 70)))
-    else:
+    elif ndim == 4:
         shape = (draw(st.integers(2, 12)), draw(st.integers(1, 6)), draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-        if block_scan and int(np.prod(shape[1:])) == 1:
-            shape = shape[:1] + (2,) + shape[2:]
+    else:
+        shape = (draw(st.integers(1, 20)),) + tuple(draw(st.integers(1, 4)) for _ in range(ndim - 1))
+    if block_scan and ndim > 2 and (shape[0] == 1 or int(np.prod(shape[1:])) == 1):
+        shape = (max(shape[0], 2), 2) + shape[2:]
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     if draw(st.integers(0, 5)) == 0:
-        hi = draw(st.sampled_from([2, 40, 2**20]))
+        hi = draw(st.sampled_from([2, 40, 2**20, 2**31]))  # 2**31: the whole int32 range
         a = rng.integers(-hi, hi, size=shape).astype(np.int32)
     else:
         scales = [0.01, 0.05, 0.3] + ([] if small_values else [2.0])
         a = (rng.standard_normal(shape) * draw(st.sampled_from(scales))).astype(np.float32)
         a[rng.random(shape) < draw(st.sampled_from([0.0, 0.5]))] = 0
+        kind = draw(st.sampled_from(["gauss"] * 5 + ["zero", "single", "ties"]))
+        if kind == "zero":
+            a[...] = 0
+        elif kind == "single" and a.size:
+            a[...] = 0
+            a.reshape(-1)[rng.integers(a.size)] = draw(st.sampled_from([-3.0, 1e-3, 77.0]))
+        elif kind == "ties":  # half-way between two quantizer steps: the rounding rules decide
+            a = ((rng.integers(-40, 40, size=shape) + 0.5) * step).astype(np.float32)
     if ndim > 1 and draw(st.booleans()):  # all-zero rows exercise row skipping
         a[rng.random(shape[0]) < 0.3] = 0
     return a
@@ -81,26 +95,31 @@ def cases(draw):
     s["dq"] = draw(st.booleans())
     mode = draw(st.sampled_from(["plain", "plain", "codebook", "bitdepth", "compress"]))
     if mode == "codebook":  # the zero-offset search codes the tensor once per entry: keep codebooks small
-        s["codebook"] = True
+        s["codebook"] = draw(st.sampled_from([True, True, "always"]))
         s["qp"] = draw(st.integers(-20, -12))
     elif mode == "bitdepth":
         s["bitdepth"] = draw(st.sampled_from([4, 8]))
     elif mode == "compress":  # settings only nnc.compress forwards
-        s["scan_order"] = draw(st.sampled_from([0, 1, 2]))
-        s["qp_density"] = draw(st.sampled_from([1, 2, 3]))
+        s["scan_order"] = draw(st.sampled_from([0, 1, 2, 4]))
+        s["qp_density"] = draw(st.integers(0, 7))
         s["qp"] = draw(st.integers(-(1 << (4 + s["qp_density"])), -4))
         if draw(st.booleans()):
             s["lambda_scale"] = draw(st.sampled_from([0.5, 2.0]))
+        if draw(st.integers(0, 3)) == 0:
+            s["unary_length"] = draw(st.integers(1, 16))
     if draw(st.booleans()):
         s["row_skipping"] = False
     if draw(st.integers(0, 3)) == 0:
         s["param_opt"] = False
     qp_min = -(1 << (5 + s.get("qp_density", 2)))  # iae_v(6 + qp_density) range
     if draw(st.integers(0, 3)) == 0 or qp_min > -75:
-        s["nonweight_qp"] = draw(st.integers(max(qp_min, -80), -40))
-    n = draw(st.integers(1, 8))
+        lo = max(qp_min, -80)
+        s["nonweight_qp"] = draw(st.integers(lo, lo + 40))  # 0 (qp_density 0, 1): falsy, qp - 2 << qp_density
+    n = draw(st.integers(1, 10))
     keys = draw(st.lists(names, min_size=n, max_size=n, unique=True))
-    model = {k: draw(tensors(block_scan=s.get("scan_order", 0) > 0, small_values="codebook" in s)) for k in keys}
+    step = float(qp_to_step(s["qp"], s.get("qp_density", 2)))
+    model = {k: draw(tensors(block_scan=s.get("scan_order", 0) > 0, small_values="codebook" in s, step=step))
+             for k in keys}
     return model, s
 
 
