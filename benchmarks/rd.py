@@ -499,9 +499,10 @@ the running mean of the batch norm it feeds).
 (Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
 Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥
 0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, all measured on 2026-11-23 with code
-whose behaviour for that method is current: after the GPTQ speed-up, Fashion-MNIST's ioq, sens and
-sens-bc rows in one run, its sens-gptq and sens-bnf-gptq rows and MiniLM's sens-gptq rows in one run
-per method; the other rows earlier that day (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU). The
+whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc and sens-gptq rows in
+one run (a later session, on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s
+and a few points moved by one or two test images), its sens-bnf-gptq rows and MiniLM's sens-gptq
+rows in one run per method; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU). The
 first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
 `benchmarks/results/gpu_h100.md`.
 
