@@ -295,9 +295,9 @@ def input_moments(
         count every position.
       patch_stride: keep every ``patch_stride``-th convolution patch of a batch (batch-major raster
         order of the output positions). Neighbouring patches overlap, so a subset estimates ``H``
-        almost as well for a fraction of the ``patches x inputs**2`` work that dominates the cost
-        on images; on the Fashion-MNIST CNN, 8 changes GPTQ's bitstream by 0.02 %. ``Dense``
-        inputs are all kept.
+        almost as well for a fraction of the ``patches x inputs**2`` matmul; on the Fashion-MNIST
+        CNN (CPU), 8 takes 40 % off the moments' time (the forward pass and the patches remain)
+        and changes GPTQ's bitstream by 0.02 %. ``Dense`` inputs are all kept.
 
     Returns:
       ``{kernel name: float64 (inputs, inputs)}``, names as :func:`nncjax.pytree_names.flatten_named`
