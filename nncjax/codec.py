@@ -512,9 +512,10 @@ def _block_table(blocks, low_rank, prepared: list[PreparedTensor]) -> dict[str, 
 
 def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor], plan: list[_Plan],
                   position: Mapping[str, int], s: _Settings, choices: dict[str, dict]) -> set[str]:
-    """With codebooks, the blocks NNCodec writes as separate units (members first, where the block
-    would be): it keeps a block only if no member takes a codebook, G and H (low rank) both take
-    one or neither, and all its tensors share one dq_flag (a codebook is coded without DQ).
+    """The blocks NNCodec writes as separate units (members first, where the block would be, each
+    signalling the block's cpt): those holding an integer tensor (coded losslessly, NNR_PT_INT) and,
+    with codebooks, those where a member takes a codebook, only one of G and H (low rank) takes one,
+    or its tensors would not share one dq_flag (a codebook is coded without DQ).
 
     Raises InputError for a low-rank block that cannot stay one unit: its factors would become
     separate units, which NNCodec can neither write nor read. The codebook choices it makes go into
@@ -525,6 +526,11 @@ def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor]
 
     split = set()
     for anchor, b in block_of.items():
+        if any(prepared[position[n]].is_int for n in b.weights + b.coded):
+            split.add(anchor)  # never a low-rank block: _low_rank_table and _block_table refuse those
+            continue
+        if s.codebook == "off":
+            continue
         weights_cb = [has_cb(w) for w in b.weights]
         member_cb = [m for m in b.coded if has_cb(m)]
         # members keep the weight's dq plan; a weight coded with a codebook signals dq_flag 0
@@ -724,12 +730,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     factors_h = {b.weights[1] for b in block_of.values() if b.factors}
     param_id = {n: k for k, n in enumerate(t.name for t in prepared if t.name not in factors_h)}
     choices: dict[str, dict] = {}  # codebook choices made while deciding splits, reused when coding
-    # As NNCodec, a block holding an integer tensor (coded losslessly, NNR_PT_INT) is written as
-    # separate units; with codebooks, _split_blocks decides for the others.
-    split = {a for a, b in block_of.items() if any(prepared[position[n]].is_int for n in b.weights + b.coded)}
-    if s.codebook != "off":
-        split |= _split_blocks({a: b for a, b in block_of.items() if a not in split}, prepared, plan, position, s,
-                               choices)
+    split = _split_blocks(block_of, prepared, plan, position, s, choices)
     jobs = []  # (tensor, its block or None, cpt of the block a separate unit belongs to)
     for t in prepared:
         blk = block_of.get(t.name)
