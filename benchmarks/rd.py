@@ -26,6 +26,11 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   (``optimize(row_usage=)``).
 * ``nncjax-sens-bnf-gptq``: ``nncjax-sens-bnf`` with the same GPTQ step before LSA
   (``optimize_ioq(..., moments=)``; ``bnf_gptq_lams``).
+* ``nncjax-sens-gptq-ft``: ``nncjax-sens-gptq`` followed by :func:`nncjax.fine_tuning.with_fine_tuning`:
+  the GPTQ levels are moved on their grid (QPs and scales kept) to lower the whole model's output
+  distortion to the float model, on data disjoint from the evaluation (``ft_data``: other
+  training images; non-noun WordNet glosses and single-word lemmas) for ``ft_steps`` steps
+  (``ft_lams``).
 * ``nncjax-sens-bc``: ``nncjax-sens`` followed by :func:`nncjax.bias_correction.with_bias_correction`
   on the tuning batches: each layer's mean output shift goes into its bias or the running mean of the
   batch norm it feeds (``bc_lams``; for models whose layers see inputs with large means, e.g. after
@@ -68,6 +73,7 @@ sys.path.insert(0, str(ROOT))
 from nncjax import models
 from nncjax.bias_correction import with_bias_correction
 from nncjax.codec import QPAdjustedWarning, decode, encode
+from nncjax.fine_tuning import with_fine_tuning
 from nncjax.optimize import LS_SUFFIX, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
 from nncjax.quantize.gptq import input_moments
@@ -77,9 +83,10 @@ FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "
           "opt_wall_s", "encode_s", "bytes_equal", "note"]
 
 
-METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq", "sens-bc")  # what --methods selects
+METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq", "sens-bc",
+           "sens-gptq-ft")  # what --methods selects
 GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf", "nncjax-sens-gptq",
-                    "nncjax-sens-bnf-gptq", "nncjax-sens-bc")  # compared against IOQ's points
+                    "nncjax-sens-bnf-gptq", "nncjax-sens-bc", "nncjax-sens-gptq-ft")  # compared against IOQ's points
 
 
 @dataclasses.dataclass
@@ -100,6 +107,9 @@ class Config:
     calib: tuple = ()  # (fit batches, check batches, mask) for the kernels' input moments
     patch_stride: int = 1  # input_moments keeps every patch_stride-th conv patch
     lookup: object = None  # params -> (params, optimize kwargs): lookup-table preparation of sens-gptq
+    ft_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ + fine-tuning on the grid
+    ft_data: object = None  # () -> list of batches the levels are fine-tuned on
+    ft_steps: int = 0  # steps of that fine-tuning
 
 
 def fashion_config(quick: bool, subset) -> Config:
@@ -118,7 +128,11 @@ def fashion_config(quick: bool, subset) -> Config:
                   bc_lams=[3e-3] if quick else [2e-3, 3e-3, 1e-2, 3e-2],
                   # GPTQ's input moments: other training images, one half fitted, the other checked
                   calib=([jnp.asarray(x[1000:3000])], [jnp.asarray(x[3000:5000])], None),
-                  patch_stride=8)  # the conv layers see 196 and 49 patches per image
+                  patch_stride=8,  # the conv layers see 196 and 49 patches per image
+                  ft_lams=[3e-3] if quick else [2e-3, 3e-3, 1e-2],
+                  # other training images again, 128 a batch
+                  ft_data=lambda: [jnp.asarray(x[i:i + 128]) for i in range(5000, 5000 + 128 * 150, 128)],
+                  ft_steps=20 if quick else 300)
 
 
 def wordnet_glosses(pos: str) -> list[str]:
@@ -126,6 +140,31 @@ def wordnet_glosses(pos: str) -> list[str]:
     from nncjax.models.wordnet import WORDNET_DIR
     return [line.partition(" | ")[2].strip() for line in (WORDNET_DIR / f"data.{pos}").read_text().splitlines()
             if line and not line.startswith(" ") and " | " in line]
+
+
+def wordnet_lemmas(pos: str) -> list[str]:
+    """The single-word (letters only) lemmas of WordNet's ``index.<pos>`` file, in file order."""
+    from nncjax.models.wordnet import WORDNET_DIR
+    words = (line.split()[0] for line in (WORDNET_DIR / f"index.{pos}").read_text().splitlines()
+             if line and not line.startswith(" "))
+    return [w for w in words if w.isalpha() and w.isascii() and w.islower()]
+
+
+def minilm_ft_batches(n: int) -> list[dict]:
+    """``n`` batches of non-noun WordNet texts (disjoint from the noun evaluation) for fine-tuning on
+    the grid, alternating 32 glosses (at most 32 tokens) and 64 single-word lemmas (at most 8 tokens):
+    the two kinds of text the evaluation embeds."""
+    from nncjax.models.minilm import tokenize
+    rng = np.random.default_rng(1)
+    glosses = [g for pos in ("verb", "adj", "adv") for g in wordnet_glosses(pos)]
+    lemmas = [w for pos in ("verb", "adj", "adv") for w in wordnet_lemmas(pos)]
+    glosses, lemmas = ([t[i] for i in rng.permutation(len(t))] for t in (glosses, lemmas))
+    out = []
+    for i in range(n):
+        texts, size, length = (glosses, 32, 32) if i % 2 == 0 else (lemmas, 64, 8)
+        start = (i // 2 * size) % (len(texts) - size)
+        out.append({k: jnp.asarray(v) for k, v in tokenize(texts[start:start + size], length=length).items()})
+    return out
 
 
 def minilm_lookup(params) -> tuple:
@@ -174,7 +213,10 @@ def minilm_config(quick: bool, subset) -> Config:
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
                   gptq_lams=[6e-4] if quick else [5e-4, 5.5e-4, 6e-4, 6.5e-4],
                   calib=(fit, check, lambda b: b["attention_mask"] > 0),
-                  lookup=minilm_lookup)
+                  lookup=minilm_lookup,
+                  ft_lams=[6e-4] if quick else [6e-4, 7e-4, 8e-4],
+                  ft_data=lambda: minilm_ft_batches(16 if quick else 400),
+                  ft_steps=10 if quick else 400)
 
 
 def calib_moments(m, cfg: Config) -> dict:
@@ -284,15 +326,21 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
              if "sens-gptq" in methods else [])
     runs += ([("nncjax-sens-bc", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.bc_lams]
              if "sens-bc" in methods else [])
+    runs += ([("nncjax-sens-gptq-ft", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.ft_lams]
+             if "sens-gptq-ft" in methods else [])
     for method, lam, kwargs in runs:
         t0 = time.perf_counter()
         params = m.params
-        if method == "nncjax-sens-gptq" and cfg.lookup is not None:
+        gptq = method.startswith("nncjax-sens-gptq")
+        if gptq and cfg.lookup is not None:
             params, extra = cfg.lookup(params)
             kwargs = {**kwargs, **extra}
         rd = optimize(params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
-        if method == "nncjax-sens-gptq":
+        if gptq:
             params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg), progress=False)
+        if method == "nncjax-sens-gptq-ft":
+            params, rd = with_fine_tuning(params, rd, m.apply, cfg.ft_data(), reference=m.params,
+                                          steps=cfg.ft_steps, progress=False)
         if method == "nncjax-sens-bc":
             params, rd = with_bias_correction(params, rd, m.apply, cfg.tune, bn_pairs=cfg.ioq_kwargs["bn_pairs"] or ())
         t_opt = time.perf_counter() - t0
@@ -308,6 +356,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
             how += f"; {len(rd.dq_overrides)} kernels GPTQ without DQ"
         if method == "nncjax-sens-bc":
             how += "; biases / batch-norm means corrected"
+        if method == "nncjax-sens-gptq-ft":
+            how += f"; levels fine-tuned on their grid ({cfg.ft_steps} steps)"
         if "row_usage" in kwargs:
             how += "; unreachable vocabulary rows zeroed, embedding rows by token usage"
         add(method, f"lam={lam:g}", v.nbytes, met, t_opt, t_enc,
@@ -337,7 +387,8 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
              "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense / Conv kernels (λ sweep)"),
              "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)"),
-             "nncjax-sens-bc": ("*-", "nncjax sensitivity allocation + bias correction (λ sweep)")}
+             "nncjax-sens-bc": ("*-", "nncjax sensitivity allocation + bias correction (λ sweep)"),
+             "nncjax-sens-gptq-ft": ("p-", "nncjax sensitivity allocation + GPTQ + levels fine-tuned (λ sweep)")}
     for ax, key in zip(axes[0], keys):
         for method, (fmt, label) in style.items():
             pts = sorted((r["bytes"] / 1024, r[key]) for r in rows if r["method"] == method)
@@ -427,6 +478,8 @@ def main() -> None:
                     help="override the λ list of the sensitivity pipeline + GPTQ")
     ap.add_argument("--bc-lams", type=float, nargs="+", default=None,
                     help="override the λ list of the sensitivity allocation + bias correction")
+    ap.add_argument("--ft-lams", type=float, nargs="+", default=None,
+                    help="override the λ list of the sensitivity allocation + GPTQ + fine-tuning on the grid")
     ap.add_argument("--qps", type=int, nargs="+", default=None, help="override the model's NNCodec QP list")
     ap.add_argument("--base-qp", type=int, default=None, help="override the model's starting QP")
     ap.add_argument("--append", action="store_true", help="merge with the rows of an existing CSV")
@@ -453,6 +506,7 @@ def main() -> None:
             cfg.gptq_lams = args.gptq_lams or cfg.gptq_lams
             cfg.bnf_gptq_lams = args.bnf_gptq_lams or cfg.bnf_gptq_lams
             cfg.bc_lams = args.bc_lams or cfg.bc_lams
+            cfg.ft_lams = args.ft_lams or cfg.ft_lams
             cfg.qps = args.qps or cfg.qps
             cfg.base_qp = cfg.base_qp if args.base_qp is None else args.base_qp
             path = args.out / f"rd_{name}.csv"

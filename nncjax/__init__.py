@@ -11,7 +11,8 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 * :func:`optimize` -- gradient rate-distortion optimisation of per-tensor QPs and local scales;
   :func:`optimize_ioq` -- BN folding + (IOQ or sensitivity allocation) + LSA encoder pipeline;
   :func:`with_error_feedback` -- GPTQ for Dense and Conv kernels at equal layer-output error, fewer bits;
-  :func:`with_bias_correction` -- quantized layers' mean output shifts moved into biases.
+  :func:`with_bias_correction` -- quantized layers' mean output shifts moved into biases;
+  :func:`with_fine_tuning` -- levels of uniformly coded weights fine-tuned on their grid (STE).
 * :mod:`nncjax.kernels` -- the bit-exact Numba DeepCABAC coder and NNR syntax.
 * :mod:`nncjax.models` -- real models (MiniLM-L6, CREPE tiny, a Fashion-MNIST CNN) with metrics.
 """
@@ -22,6 +23,7 @@ from nncjax.codec import QPAdjustedWarning, StreamInfo, TensorInfo, decode, enco
 from nncjax.optimize import RDSettings, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
 from nncjax.bias_correction import with_bias_correction
+from nncjax.fine_tuning import with_fine_tuning
 from nncjax.rate import estimate_bits, estimate_bits_tree
 from nncjax.steps import qp_to_step, step_to_qp
 
@@ -31,6 +33,6 @@ __all__ = [
     "NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "UnsupportedStreamError",
     "encode", "decode", "inspect", "StreamInfo", "TensorInfo", "QPAdjustedWarning",
     "estimate_bits", "estimate_bits_tree", "optimize", "verify", "RDSettings", "optimize_ioq", "with_error_feedback",
-    "with_bias_correction",
+    "with_bias_correction", "with_fine_tuning",
     "qp_to_step", "step_to_qp", "__version__",
 ]

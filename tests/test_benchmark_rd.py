@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_rd_quick_run_writes_csv_plot_and_report(tmp_path):
-    methods = ["ioq", "sens", "sens-bc", "sens-gptq"]
+    methods = ["ioq", "sens", "sens-bc", "sens-gptq", "sens-gptq-ft"]
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rd.py"), "--quick", "--models", "fashion_cnn",
                           "--methods", *methods, "--subset", "500", "--out", str(tmp_path)],
                          check=False, capture_output=True, text=True, timeout=900)
