@@ -50,7 +50,15 @@ from tqdm.auto import tqdm
 from nncjax.bias_correction import decoded_params
 from nncjax.coded_tensor import code_tensor
 from nncjax.errors import InputError
-from nncjax.optimize import _QP_DELTA_BITS, LS_SUFFIX, RDSettings, _apply, _distortion_fn, _to_rows_first, rows_axis
+from nncjax.optimize import (
+    _QP_DELTA_BITS,
+    LS_SUFFIX,
+    RDSettings,
+    _apply,
+    _distortion_fn,
+    _to_rows_first,
+    rows_axis,
+)
 from nncjax.pytree_names import flatten_named
 from nncjax.reduce._tree import replace_named
 from nncjax.reduce.layout import nnr_to_flax_perm
@@ -183,8 +191,8 @@ def with_fine_tuning(
     """Fine-tunes the levels of every weight coded without DQ, on its grid, for the output distortion.
 
     Every tensor of :func:`grid_tensors` (``settings``' weights coded uniformly, e.g. after
-    :func:`nncjax.with_error_feedback`) starts at the levels the codec would write for it; the flip
-    search of the module docstring moves single levels where the gradient of the distortion
+    :func:`nncjax.with_error_feedback`) starts at the levels the codec would write for it; the search
+    of the module docstring moves single levels where the gradient of the distortion
     outweighs their curvature. All other tensors are held at what the decoder reconstructs (DQ
     weights at their DQ levels). ``D`` is :func:`nncjax.optimize`'s: the MSE between the outputs of
     the tuned model and of ``reference``, relative to their variance, on ``data`` (batches cycled).
@@ -272,7 +280,7 @@ def with_fine_tuning(
     for i in bar:
         j = i % len(batches)
         levels, proposal, moments, budget, d = _tune_step(levels, proposal, moments, budget, unit, cost, base,
-                                                              batches[j], refs[j], grid=grid, apply_fn=apply_fn)
+                                                          batches[j], refs[j], grid=grid, apply_fn=apply_fn)
         trace.append(d)
         if progress and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(D=f"{float(d):.4g}")
