@@ -25,6 +25,10 @@ and keeps only those that a batch they were not chosen on confirms:
 * At the end the levels with the lower ``D`` on (up to 16 of) the batches are kept, the tuned or
   the given ones.
 
+``method="ste"`` is the usual quantization-aware training instead: a latent rounded in the forward
+pass, trained with Adam. Its sign-like steps filter batch noise well when there are many batches,
+and have the flaw named above on one batch or at coarse steps (the final check still applies).
+
 The tensors coded with DQ, and everything else, stay at what the decoder reconstructs, so the tuned
 levels also compensate their errors. QPs and scales do not change, so the bitstream's size barely
 changes (levels move by one step, either way); the distortion at that size does.
@@ -39,12 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
 from nncjax.bias_correction import decoded_params
@@ -173,7 +179,23 @@ def _tune_step(levels, proposal, moments, budget, unit, cost, base, batch, ref, 
     return new_levels, new_prop, mom, budget, jnp.where(accept, d_new, d_cur)
 
 
+_ADAM = optax.scale_by_adam()  # one instance: the learning rate is an argument, so one compile serves all
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "apply_fn"))
+def _ste_step(latent, opt_state, lr, unit, base, batch, ref, *, grid, apply_fn):
+    """One Adam step of straight-through training: ``(latent, opt_state, D at round(latent))``."""
+    def objective(z):
+        return _distortion_at(grid, apply_fn, {n: z[n] + jax.lax.stop_gradient(jnp.round(z[n]) - z[n])
+                                               for n in grid.names}, unit, base, batch, ref)
+
+    d, g = jax.value_and_grad(objective)(latent)
+    upd, opt_state = _ADAM.update(g, opt_state, latent)
+    return jax.tree_util.tree_map(lambda z, u: z - lr * u, latent, upd), opt_state, d
+
+
 _distortion_jit = jax.jit(_distortion_at, static_argnums=(0, 1))
+_METHODS = ("search", "ste")
 
 
 def with_fine_tuning(
@@ -184,6 +206,8 @@ def with_fine_tuning(
     *,
     reference: Any = None,
     steps: int = 500,
+    method: str = "search",
+    learning_rate: float = 0.015,
     probes: int = 4,
     seed: int = 0,
     progress: bool = True,
@@ -207,9 +231,17 @@ def with_fine_tuning(
         never sees: the levels fit what they are tuned on.
       reference: parameters whose outputs are the target (default ``params``); pass the original
         model when ``params`` already holds quantized tensors.
-      steps: search steps, two forward passes and one backward pass each (0: the levels
-        ``settings`` codes).
-      probes: random-sign probes per batch for the curvature
+      steps: optimisation steps (0: the levels ``settings`` codes). A search step costs two forward
+        passes and one backward pass, a ``"ste"`` step one of each.
+      method: ``"search"`` (the module docstring's) or ``"ste"``: quantization-aware training of a
+        latent ``z`` (units of the step, starting at the levels) rounded in the forward pass and
+        passed straight through in the backward pass, with Adam (``learning_rate`` in grid steps
+        per step, cosine decay to 0). Adam moves every latent with a steady gradient sign at the
+        same speed, so on one batch, or with coarse steps, many levels cross at once and the
+        distortion jumps (the final check then keeps the given levels); with many noisy batches
+        that same normalisation filters noise well.
+      learning_rate: the ``"ste"`` method's peak learning rate.
+      probes: random-sign probes per batch for the search's curvature
         (:func:`nncjax.sensitivity.output_sensitivity` at ``reference``).
       seed: PRNG seed of the probes.
       progress: tqdm bar with the running distortion.
@@ -218,11 +250,13 @@ def with_fine_tuning(
       ``(params_ft, settings_ft)``: ``params`` with the tuned tensors replaced by their new grid
       values (exactly what the decoder reconstructs, in their own layout and dtype), and
       ``settings`` with the real coder's ``tensor_bits`` / ``estimated_bits`` of those levels and
-      ``history["fine_tuning"]`` (float64 ``(steps,)``: ``D`` of each step's batch after the step).
+      ``history["fine_tuning"]`` (float64 ``(steps,)``: ``D`` of each step's batch, after the
+        step's decision for the search, at the step's rounded latent for ``"ste"``).
 
     Raises:
-      InputError: no weight coded without DQ, bad ``steps``, ``probes`` or ``data``, ``apply_fn``
-        not callable, or ``params`` lacking a tensor of ``settings``.
+      InputError: no weight coded without DQ, bad ``steps``, ``method``, ``learning_rate``,
+        ``probes`` or ``data``, ``apply_fn`` not callable, or ``params`` lacking a tensor of
+        ``settings``.
 
     Example:
       >>> import flax.linen as nn
@@ -242,6 +276,11 @@ def with_fine_tuning(
                          "(run nncjax.with_error_feedback, or nncjax.optimize(..., dq=False), first)")
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
         raise InputError(f"steps must be an integer >= 0, got {steps!r}")
+    if method not in _METHODS:
+        raise InputError(f"method must be one of {_METHODS}, got {method!r}")
+    if (not isinstance(learning_rate, (int, float, np.integer, np.floating)) or isinstance(learning_rate, bool)
+            or not math.isfinite(float(learning_rate)) or float(learning_rate) <= 0):
+        raise InputError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
     check_probes(probes)
     if not callable(apply_fn):
         raise InputError("apply_fn must be callable")
@@ -256,8 +295,9 @@ def with_fine_tuning(
 
     base = decoded_params(params, settings)  # every weight as decoded; the tuned ones start there
     decoded = flatten_named(base)
+    search = steps > 0 and method == "search"
     curvature = output_sensitivity(target, apply_fn, [batches[i] for i in _spread(len(batches))], probes=probes,
-                                   select=names, seed=seed) if steps else {}
+                                   select=names, seed=seed) if search else {}
     axes, start, unit, cost = [], {}, {}, {}
     for n in names:
         w = np.asarray(decoded[n], np.float32)
@@ -267,24 +307,35 @@ def with_fine_tuning(
         axes.append(axis)
         unit[n] = (step, s)
         start[n] = jnp.asarray(np.round(_to_rows_first(w, axis) / _rows(s, w.ndim) / step), jnp.float32)
-        if steps:
+        if search:
             cost[n] = jnp.asarray(_to_rows_first(curvature[n], axis) * _rows(s * step, w.ndim) ** 2)
     grid = _Grid(tuple(names), tuple(axes))
     refs = [_apply(target, b, apply_fn=apply_fn) for b in batches]
 
-    levels, trace = start, []
-    proposal = {n: jnp.zeros_like(k) for n, k in start.items()}
-    moments = {n: (jnp.zeros_like(k), jnp.zeros_like(k)) for n, k in start.items()}
-    budget = jnp.float32(max(1.0, _FIRST_MOVES * sum(int(k.size) for k in start.values())))
-    bar = tqdm(range(int(steps)), desc="fine-tune on grid", disable=not progress, leave=False)
+    trace = []
+    bar = tqdm(range(int(steps)), desc=f"fine-tune on grid ({method})", disable=not progress, leave=False)
+    if search:
+        levels = start
+        proposal = {n: jnp.zeros_like(k) for n, k in start.items()}
+        moments = {n: (jnp.zeros_like(k), jnp.zeros_like(k)) for n, k in start.items()}
+        budget = jnp.float32(max(1.0, _FIRST_MOVES * sum(int(k.size) for k in start.values())))
+    else:
+        latent, opt_state = start, _ADAM.init(start)
     for i in bar:
         j = i % len(batches)
-        levels, proposal, moments, budget, d = _tune_step(levels, proposal, moments, budget, unit, cost, base,
-                                                          batches[j], refs[j], grid=grid, apply_fn=apply_fn)
+        if search:
+            levels, proposal, moments, budget, d = _tune_step(levels, proposal, moments, budget, unit, cost, base,
+                                                              batches[j], refs[j], grid=grid, apply_fn=apply_fn)
+        else:
+            lr = 0.5 * float(learning_rate) * (1 + math.cos(math.pi * i / steps))  # cosine decay to 0
+            latent, opt_state, d = _ste_step(latent, opt_state, jnp.float32(lr), unit, base, batches[j], refs[j],
+                                             grid=grid, apply_fn=apply_fn)
         trace.append(d)
         if progress and (i % 10 == 0 or i == steps - 1):
             bar.set_postfix(D=f"{float(d):.4g}")
     bar.close()
+    if not search:
+        levels = {n: jnp.round(z) for n, z in latent.items()} if steps else start
     if steps:
         def total(lv):
             return sum(float(_distortion_jit(grid, apply_fn, lv, unit, base, batches[i], refs[i]))

@@ -90,10 +90,30 @@ def test_reference_sets_the_target(digits, uniform):
     assert any(not np.array_equal(base[n], toward[n]) for n in grid_tensors(rd))
 
 
+def test_straight_through_training(digits, uniform):
+    """method="ste": Adam on a rounded latent. At fine steps it lowers the held-out distortion; at the
+    coarse steps of ``uniform`` every latent crosses at once, and the check on the data keeps the
+    given levels."""
+    m, calib, test_mse = digits
+    fine = optimize(m.params, m.apply, calib, lam=1e-3, dq=False, init="sensitivity", steps=0, progress=False)
+    p_ft, rd_ft = with_fine_tuning(m.params, fine, m.apply, calib, method="ste", steps=STEPS, progress=False)
+    assert test_mse(verify(p_ft, rd_ft).params) < 0.8 * test_mse(verify(m.params, fine).params)
+    assert rd_ft.history["fine_tuning"].shape == (STEPS,)
+    rd, _, _ = uniform
+    p_ste, rd_ste = with_fine_tuning(m.params, rd, m.apply, calib, method="ste", steps=STEPS, progress=False)
+    assert rd_ste.history["fine_tuning"].max() > 10 * rd_ste.history["fine_tuning"][0]  # the jump
+    want, got = flatten_named(decoded_params(m.params, rd)), flatten_named(p_ste)
+    for n in grid_tensors(rd):
+        np.testing.assert_array_equal(np.asarray(got[n]), np.asarray(want[n]))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"steps": -1}, "steps"),
     ({"steps": 1.5}, "steps"),
     ({"probes": 0}, "probes"),
+    ({"method": "adam"}, "method"),
+    ({"learning_rate": 0.0}, "learning_rate"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
     ({"data": []}, "empty"),
     ({"apply_fn": None}, "apply_fn"),
 ])
