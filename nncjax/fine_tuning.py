@@ -68,7 +68,7 @@ from nncjax.optimize import (
 from nncjax.pytree_names import flatten_named
 from nncjax.reduce._tree import replace_named
 from nncjax.reduce.layout import nnr_to_flax_perm
-from nncjax.sensitivity import check_probes, output_sensitivity
+from nncjax.sensitivity import checked_batches, output_sensitivity
 from nncjax.steps import qp_to_step
 
 __all__ = ["grid_tensors", "with_fine_tuning"]
@@ -281,12 +281,7 @@ def with_fine_tuning(
     if (not isinstance(learning_rate, (int, float, np.integer, np.floating)) or isinstance(learning_rate, bool)
             or not math.isfinite(float(learning_rate)) or float(learning_rate) <= 0):
         raise InputError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
-    check_probes(probes)
-    if not callable(apply_fn):
-        raise InputError("apply_fn must be callable")
-    batches = data if isinstance(data, list) else [data]
-    if not batches:
-        raise InputError("data is an empty list")
+    batches = checked_batches(apply_fn, data, probes)
     named = flatten_named(params)
     missing = [n for n in names if n not in named]
     if missing:

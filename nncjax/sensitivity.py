@@ -97,12 +97,7 @@ def output_sensitivity(
       >>> sens["w"].shape
       (4, 2)
     """
-    check_probes(probes)
-    if not callable(apply_fn):
-        raise InputError("apply_fn must be callable")
-    batches = data if isinstance(data, list) else [data]
-    if not batches:
-        raise InputError("data is an empty list")
+    batches = checked_batches(apply_fn, data, probes)
     named = flatten_named(params)
     chosen = select_float_names(named, select)
     if not chosen:
@@ -131,6 +126,22 @@ class StepAllocation:
 
     qp: dict[str, float]
     row_scale: dict[str, np.ndarray]
+
+
+def checked_batches(apply_fn: Any, data: Any, probes: Any) -> list:
+    """``data`` as a non-empty list of batches, after checking ``apply_fn`` and ``probes``; raises
+    InputError otherwise.
+
+    >>> len(checked_batches(abs, [1, 2], 4)), checked_batches(abs, 3, 1)
+    (2, [3])
+    """
+    check_probes(probes)
+    if not callable(apply_fn):
+        raise InputError("apply_fn must be callable")
+    batches = data if isinstance(data, list) else [data]
+    if not batches:
+        raise InputError("data is an empty list")
+    return batches
 
 
 def check_probes(probes: Any) -> None:
