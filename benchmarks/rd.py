@@ -565,7 +565,8 @@ whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc a
 one run (a later session, on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s
 and a few points moved by one or two test images), its sens-bnf-gptq rows and MiniLM's sens-gptq
 rows in one run per method; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
-the sens-gptq-ft rows on 2026-12-06, one run per model. The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
+the sens-gptq-ft rows on 2026-12-06 (Fashion-MNIST's in one run; MiniLM's λ = 6e-4 and 7e-4 in one run,
+8e-4 in another). The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
 `benchmarks/results/gpu_h100.md`.
 
 """
