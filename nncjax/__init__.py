@@ -12,7 +12,7 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
   :func:`optimize_ioq` -- BN folding + (IOQ or sensitivity allocation) + LSA encoder pipeline;
   :func:`with_error_feedback` -- GPTQ for Dense and Conv kernels at equal layer-output error, fewer bits;
   :func:`with_bias_correction` -- quantized layers' mean output shifts moved into biases;
-  :func:`with_fine_tuning` -- levels of uniformly coded weights fine-tuned on their grid (STE).
+  :func:`with_fine_tuning` -- levels of uniformly coded weights moved on their grid for the model's output.
 * :mod:`nncjax.kernels` -- the bit-exact Numba DeepCABAC coder and NNR syntax.
 * :mod:`nncjax.models` -- real models (MiniLM-L6, CREPE tiny, a Fashion-MNIST CNN) with metrics.
 """
