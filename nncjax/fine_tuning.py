@@ -62,6 +62,7 @@ from nncjax.optimize import (
     RDSettings,
     _apply,
     _distortion_fn,
+    _row_shape,
     _to_rows_first,
     rows_axis,
 )
@@ -75,7 +76,7 @@ __all__ = ["grid_tensors", "with_fine_tuning"]
 
 _SOME_BATCHES = 16  # the curvature, and the final check against the start, use this many batches at most
 _BETA = 0.99  # running mean and square of dD/dk over batches
-_NOISE = (1 - _BETA) / (1 + _BETA)  # variance of that running mean, per unit variance of one batch's
+_NOISE = (1 - _BETA) / (1 + _BETA)  # the running mean's variance over one batch gradient's variance
 _FIRST_MOVES = 1e-3  # the first proposal's size, as a fraction of the tuned levels
 
 
@@ -109,7 +110,7 @@ class _Grid:
 
 def _rows(v, ndim: int):
     """``(rows,)`` -> broadcastable against a rows-first array of ``ndim`` dims."""
-    return v.reshape((-1,) + (1,) * (ndim - 1))
+    return v.reshape(_row_shape(ndim, 0))
 
 
 def _on_grid(grid: _Grid, levels: dict, unit: dict) -> dict:
@@ -126,6 +127,7 @@ def _on_grid(grid: _Grid, levels: dict, unit: dict) -> dict:
 
 
 def _distortion_at(grid: _Grid, apply_fn, levels: dict, unit: dict, base, batch, ref):
+    """``D`` on ``batch`` of ``base`` with the tuned tensors at ``levels``."""
     return _distortion_fn(apply_fn, None, "output")(replace_named(base, _on_grid(grid, levels, unit)), batch, ref)
 
 
