@@ -347,11 +347,12 @@ def with_fine_tuning(
     qpd, overhead = settings.qp_density, _QP_DELTA_BITS + settings.qp_density
     coded = settings.params_for_encoding(params_ft)
     tensor_bits, bits = dict(settings.tensor_bits), settings.estimated_bits
+    # settings not from optimize's coder pass lack some tensors' bits: code their old levels too
+    given = settings.params_for_encoding(params) if any(n not in tensor_bits for n in names) else {}
     for n in names:
         new = code_tensor(coded[n], settings.qp_overrides[n], qp_density=qpd, dq=False)[1] + overhead
-        if n not in tensor_bits:  # settings not from optimize's coder pass: code the old levels too
-            old = settings.params_for_encoding(params)[n]
-            tensor_bits[n] = code_tensor(old, settings.qp_overrides[n], qp_density=qpd, dq=False)[1] + overhead
+        if n not in tensor_bits:
+            tensor_bits[n] = code_tensor(given[n], settings.qp_overrides[n], qp_density=qpd, dq=False)[1] + overhead
         bits += new - tensor_bits[n]
         tensor_bits[n] = new
     history = dict(settings.history)
