@@ -897,8 +897,9 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
                         progress: bool = True) -> tuple[Any, RDSettings]:
     """Trades each linear layer's quantizer for GPTQ at equal layer-output error and fewer bits.
 
-    For every optimised kernel with input moments ``H`` (:func:`nncjax.quantize.gptq.input_moments`:
-    a Dense layer's inputs, a convolution's input patches),
+    For every optimised tensor with moments ``H`` (:func:`nncjax.quantize.gptq.input_moments`:
+    a Dense layer's inputs, a convolution's input patches; :func:`nncjax.sensitivity.row_moments`:
+    what a lookup table's row errors cost at the output),
     the reference is what ``settings`` codes: ``W / s`` at its QP with the codec's quantizer (DQ
     unless ``settings.dq`` is False), output error ``e^T H e``. GPTQ
     (:func:`nncjax.quantize.gptq.quantize_gptq`, uniform, no DQ) cancels most of that error across
@@ -910,9 +911,11 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     Args:
       params: the model parameters ``settings`` was optimised for (same names).
       settings: :func:`optimize`'s result.
-      moments: ``{name: (inputs, inputs)}`` second moments of each tensor's inputs, which GPTQ fits;
-        the tensor's rows-first form (:func:`rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for
-        Flax kernels), flattened to rows, must have that many columns.
+      moments: ``{name: (columns, columns)}``, the quadratic form of a row's error that GPTQ fits:
+        for a Dense or Conv kernel the second moments of its inputs; for a lookup table (a token
+        embedding) the output-side :func:`nncjax.sensitivity.row_moments`. The tensor's rows-first
+        form (:func:`rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for Flax kernels),
+        flattened to rows, must have that many columns.
       check_moments: moments of *other* inputs (same names) on which the output errors are compared
         (default: ``moments``). GPTQ hides error in the directions its inputs rarely take, so an
         error budget checked on the inputs it was fitted to is optimistic; held-out inputs keep the

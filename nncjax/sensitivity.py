@@ -39,27 +39,40 @@ from nncjax.pytree_names import flatten_named
 from nncjax.reduce._tree import default_weight_select, replace_named, select_float_names
 from nncjax.steps import check_qp_density, step_to_qp_continuous
 
-__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity", "rows_exercised", "spread_over_rows"]
+__all__ = ["StepAllocation", "allocate_steps", "output_sensitivity", "row_moments", "rows_exercised",
+           "spread_over_rows"]
+
+
+def _random_cotangent(ys: Any, key: jax.Array) -> Any:
+    """One random-sign cotangent ``v`` for the outputs ``ys``, each leaf weighted by
+    ``1 / sqrt(leaves * size * var)``: ``E[(J^T v)(J^T v)^T]`` is then ``G`` of this batch's D."""
+    leaves, treedef = jax.tree_util.tree_flatten(ys)
+    ks = jax.random.split(key, len(leaves))
+    scale = [1.0 / math.sqrt(len(leaves) * y.size) / jnp.sqrt(jnp.var(y.astype(jnp.float32)) + 1e-12)
+             for y in leaves]
+    v = [(jax.random.rademacher(k, y.shape, jnp.float32) * c).astype(y.dtype) for k, y, c in zip(ks, leaves, scale)]
+    return jax.tree_util.tree_unflatten(treedef, v)
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
 def _squared_probes(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int) -> dict:
-    """Sum over ``probes`` random-sign probes of ``(J^T v)**2``, each output leaf weighted by
-    ``1 / (leaves * size * var)`` so that the result estimates ``diag(G)`` of this batch's D."""
+    """Sum over ``probes`` random-sign probes of ``(J^T v)**2``: an estimate of ``diag(G)`` of this
+    batch's D, times ``probes``."""
     ys, vjp = jax.vjp(lambda w: apply_fn(replace_named(params, w), batch), weights)
-    leaves, treedef = jax.tree_util.tree_flatten(ys)
-    weights_out = [1.0 / math.sqrt(len(leaves) * y.size) / jnp.sqrt(jnp.var(y.astype(jnp.float32)) + 1e-12)
-                   for y in leaves]
-
     # a Python loop, not lax.scan: XLA:CPU runs convolutions inside a loop body about 10x slower
     acc = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, jnp.float32), weights)
     for k in jax.random.split(key, probes):
-        ks = jax.random.split(k, len(leaves))
-        v = [(jax.random.rademacher(kk, y.shape, jnp.float32) * c).astype(y.dtype)
-             for kk, y, c in zip(ks, leaves, weights_out)]
-        (g,) = vjp(jax.tree_util.tree_unflatten(treedef, v))
+        (g,) = vjp(_random_cotangent(ys, k))
         acc = jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g)
     return acc
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
+def _probe_gradients(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int) -> dict:
+    """``{name: (probes, *shape)}``: ``J^T v`` of ``probes`` random-sign probes."""
+    ys, vjp = jax.vjp(lambda w: apply_fn(replace_named(params, w), batch), weights)
+    grads = [vjp(_random_cotangent(ys, k))[0] for k in jax.random.split(key, probes)]
+    return jax.tree_util.tree_map(lambda *g: jnp.stack(g).astype(jnp.float32), *grads)
 
 
 def output_sensitivity(
@@ -111,6 +124,98 @@ def output_sensitivity(
         total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     scale = 1.0 / (int(probes) * len(batches))
     return {n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen}
+
+
+def row_moments(
+    params: Any,
+    apply_fn: Callable[[Any, Any], Any],
+    data: Any,
+    names: list[str] | tuple[str, ...],
+    *,
+    row_scales: Mapping[str, Any] | None = None,
+    scale_axis: int = -1,
+    probes: int = 4,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Gauss-Newton matrix of the output distortion over one row of a tensor, pooled over its rows.
+
+    :func:`output_sensitivity` keeps the diagonal of ``G``; this keeps, for each row ``r`` of a
+    tensor, the whole ``(columns, columns)`` block ``G_r`` that couples the row's own elements, and
+    returns ``H = sum_r s_r**2 G_r`` (``s``: the row's local scale). If the coded rows ``x_r = w_r / s_r``
+    take errors ``d_r`` with the same covariance ``C``, then ``D ~ trace(H C)``: ``H`` is to a row's
+    coding error what the input moments ``E[x x^T]`` are to a linear layer's
+    (:func:`nncjax.quantize.gptq.input_moments`), and :func:`nncjax.with_error_feedback` takes it as
+    a tensor's ``moments``. It is the one such form for tensors whose rows are not a layer's inputs
+    times outputs, above all lookup tables: a token embedding's rows go through LayerNorm, which
+    ignores an error shared by all the row's elements, and the layers after it see a few directions
+    far more than others; GPTQ moves the error into what ``H`` hardly sees.
+
+    Rows are along :func:`nncjax.optimize.rows_axis` (``scale_axis`` as there: an embedding's first
+    axis; a Flax kernel's outputs), columns are the rest flattened in the coded (NNR) layout. Only
+    rows with a non-zero probe gradient are multiplied out (a batch touches few rows of a table).
+
+    Args:
+      params: model parameters (any pytree).
+      apply_fn: ``apply_fn(params, batch) -> outputs`` (D as :func:`output_sensitivity`'s).
+      data: one batch or a list of batches (``H`` averaged over them).
+      names: tensors to measure (names as :func:`nncjax.pytree_names.flatten_named`), ``ndim >= 2``.
+      row_scales: ``{name: (rows,)}`` local scales ``s`` (e.g. ``settings.local_scales`` of
+        :func:`nncjax.optimize`); default 1 for every row.
+      scale_axis: ``-1`` for Flax params, ``0`` for rows-first (PyTorch / NNR) layout.
+      probes: random-sign probes per batch; ``H``'s rank is at most ``probes * len(data)`` times the
+        rows a batch touches. seed: PRNG seed of the probes.
+
+    Returns:
+      ``{name: float64 (columns, columns)}``, symmetric positive semi-definite.
+
+    Raises:
+      InputError: bad ``probes``, empty ``data``, an unknown or non-float name, a tensor with fewer
+        than 2 dimensions, or row scales of the wrong shape.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> p = {"emb": {"embedding": jnp.arange(15.0).reshape(5, 3) ** 2}}
+      >>> def apply(p, ids):                    # rows looked up, then their mean removed (as LayerNorm)
+      ...     e = p["emb"]["embedding"][ids]
+      ...     return e - e.mean(-1, keepdims=True)
+      >>> h = row_moments(p, apply, jnp.array([0, 1, 1, 4]), ["emb/embedding"])["emb/embedding"]
+      >>> h.shape, bool(abs(h.sum()) < 1e-6 * np.trace(h))   # blind to an error shared by a row
+      ((3, 3), True)
+    """
+    from nncjax.optimize import _multiply_rows, _to_rows_first, rows_axis
+    batches = checked_batches(apply_fn, data, probes)
+    named = flatten_named(params)
+    names = list(names) if isinstance(names, (list, tuple)) else names
+    if not isinstance(names, list) or not names:
+        raise InputError("names must be a non-empty list of tensor names")
+    row_scales = dict(row_scales or {})
+    axes = {}
+    for n in names:
+        leaf = named.get(n)
+        if leaf is None or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+            raise InputError(f"{n!r} is not a float tensor of params")
+        if jnp.ndim(leaf) < 2:
+            raise InputError(f"{n!r} has shape {jnp.shape(leaf)}: row moments need rows and columns")
+        axes[n] = rows_axis(n, jnp.ndim(leaf), scale_axis)
+        rows = jnp.shape(leaf)[axes[n]]
+        if n in row_scales and np.shape(row_scales[n]) != (rows,):
+            raise InputError(f"row_scales[{n!r}] must have shape ({rows},), got {np.shape(row_scales[n])}")
+    weights = {n: named[n] for n in names}
+    key = jax.random.PRNGKey(seed)
+    total = {n: 0.0 for n in names}
+    for i, batch in enumerate(batches):
+        grads = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
+                                 probes=int(probes))
+        for n, g in grads.items():
+            s = np.asarray(row_scales.get(n, np.ones(g.shape[1 + axes[n]])), np.float32)
+            for gp in np.asarray(g):
+                # d D / d x_r = s_r d D / d w_r for the coded row x_r = w_r / s_r
+                gx = _to_rows_first(_multiply_rows(gp, s, axes[n]), axes[n])
+                gx = gx.reshape(gx.shape[0], -1)
+                gx = gx[np.any(gx != 0, axis=1)]
+                total[n] = total[n] + (gx.T @ gx).astype(np.float64)
+    scale = 1.0 / (int(probes) * len(batches))
+    return {n: np.asarray(total[n], np.float64) * scale for n in names}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,13 @@ from hypothesis import strategies as st
 
 from nncjax.codec import decode, encode
 from nncjax.errors import InputError
-from nncjax.optimize import optimize, verify
-from nncjax.sensitivity import allocate_steps, output_sensitivity, spread_over_rows
+from nncjax.optimize import optimize, verify, with_error_feedback
+from nncjax.sensitivity import (
+    allocate_steps,
+    output_sensitivity,
+    row_moments,
+    spread_over_rows,
+)
 from nncjax.steps import qp_to_step_continuous
 
 
@@ -209,3 +214,88 @@ def test_sensitivity_step_compiles_once():
     before = _squared_probes._cache_size()
     output_sensitivity(jax.tree_util.tree_map(lambda a: a + 1, p), _linear, x * 2)
     assert _squared_probes._cache_size() == before
+
+
+def _table_model(seed=0, rows=40, cols=12, outs=3):
+    """A lookup table whose rows go through LayerNorm's mean removal and a narrow projection: its
+    output sees few directions of a row's error, and none of an error shared by the whole row."""
+    rng = np.random.default_rng(seed)
+    p = {"emb": {"embedding": jnp.asarray(rng.normal(size=(rows, cols)), jnp.float32)},
+         "proj": {"kernel": jnp.asarray(rng.normal(size=(cols, outs)), jnp.float32)}}
+
+    def apply(q, ids):
+        e = jnp.take(q["emb"]["embedding"], ids, axis=0)
+        return jnp.tanh((e - e.mean(-1, keepdims=True)) @ q["proj"]["kernel"])
+    return p, apply, rng
+
+
+def test_row_moments_diagonal_is_the_scaled_sensitivity():
+    p, apply, rng = _table_model()
+    ids = [jnp.asarray(rng.integers(0, 40, size=(16, 5))) for _ in range(2)]
+    names = ["emb/embedding", "proj/kernel"]
+    scales = {"emb/embedding": rng.uniform(0.5, 2, 40), "proj/kernel": rng.uniform(0.5, 2, 3)}
+    h = row_moments(p, apply, ids, names, row_scales=scales, probes=3, seed=7)
+    sens = output_sensitivity(p, apply, ids, probes=3, seed=7)
+    assert h["emb/embedding"].shape == (12, 12) and h["proj/kernel"].shape == (12, 12)
+    # the same probes: diag(H) sums s_r^2 * sens over the rows; a Flax kernel's rows are its outputs
+    np.testing.assert_allclose(np.diag(h["emb/embedding"]),
+                               (scales["emb/embedding"][:, None] ** 2 * sens["emb/embedding"]).sum(0), rtol=1e-4)
+    np.testing.assert_allclose(np.diag(h["proj/kernel"]),
+                               (scales["proj/kernel"][None, :] ** 2 * sens["proj/kernel"]).sum(1), rtol=1e-4)
+    for m in h.values():
+        np.testing.assert_allclose(m, m.T, rtol=1e-6, atol=1e-12)
+        assert np.linalg.eigvalsh(m).min() > -1e-6 * np.trace(m)
+    # blind to an error shared by all the elements of a row (the mean removal)
+    ones = np.ones(12)
+    assert ones @ h["emb/embedding"] @ ones < 1e-5 * np.trace(h["emb/embedding"])
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_row_moments_predict_the_distortion_of_row_errors(seed):
+    p, apply, rng = _table_model(seed)
+    ids = jnp.asarray(rng.integers(0, 40, size=(64, 5)))
+    s = rng.uniform(0.5, 2, 40)
+    h = row_moments(p, apply, ids, ["emb/embedding"], row_scales={"emb/embedding": s}, probes=64, seed=seed)
+    ref = np.asarray(apply(p, ids))
+    a = rng.normal(size=(12, 12)) / 12
+    c = a @ a.T * 1e-4  # covariance of every coded row's error
+    measured = []
+    for _ in range(32):
+        d = rng.multivariate_normal(np.zeros(12), c, size=40)
+        q = {**p, "emb": {"embedding": p["emb"]["embedding"] + jnp.asarray(s[:, None] * d, jnp.float32)}}
+        measured.append(np.mean((np.asarray(apply(q, ids)) - ref) ** 2) / ref.var())
+    assert float(np.trace(h["emb/embedding"] @ c)) == pytest.approx(np.mean(measured), rel=0.3)
+
+
+def test_error_feedback_on_table_rows_saves_bits_at_equal_output_error():
+    p, apply, rng = _table_model(rows=400, cols=16)
+    fit, check, held_out = ([jnp.asarray(rng.integers(0, 400, size=(64, 6))) for _ in range(4)] for _ in range(3))
+    rd = optimize(p, apply, fit, lam=1e-3, init="sensitivity", steps=0, progress=False, qp_density=3,
+                  select=["emb/embedding"])
+    table = "emb/embedding"
+    moments = row_moments(p, apply, fit, [table], row_scales=rd.local_scales)
+    check_moments = row_moments(p, apply, check, [table], row_scales=rd.local_scales, seed=1)
+    p_g, rd_g = with_error_feedback(p, rd, moments, check_moments=check_moments, progress=False)
+    assert rd_g.dq_overrides[table] is False and rd_g.qp_overrides[table] > rd.qp_overrides[table]
+    assert rd_g.tensor_bits[table] < 0.9 * rd.tensor_bits[table]
+    ref = [np.asarray(apply(p, x)) for x in held_out]
+
+    def d_out(params):
+        return np.mean([np.mean((np.asarray(apply(params, x)) - y) ** 2) / y.var() for x, y in zip(held_out, ref)])
+    v, v_g = verify(p, rd), verify(p_g, rd_g)
+    np.testing.assert_array_equal(np.asarray(v_g.params["emb"]["embedding"]), np.asarray(p_g["emb"]["embedding"]))
+    assert v_g.nbytes < v.nbytes and d_out(v_g.params) < 1.2 * d_out(v.params)
+
+
+@pytest.mark.parametrize("names, kwargs, match", [
+    ([], {}, "non-empty"),
+    (["nope"], {}, "not a float tensor"),
+    (["b"], {}, "rows and columns"),
+    (["w"], {"row_scales": {"w": np.ones(4)}}, "row_scales"),
+    (["w"], {"probes": 0}, "probes"),
+])
+def test_row_moments_rejects_bad_input(names, kwargs, match):
+    p = {"w": jnp.ones((5, 3)), "b": jnp.zeros(3)}
+    with pytest.raises(InputError, match=match):
+        row_moments(p, _linear, jnp.ones((4, 5)), names, **kwargs)
