@@ -24,9 +24,14 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   prepared first (``minilm_lookup``, inside the wall time): the rows its tokenizer can never emit are
   zeroed (exact) and every row's step follows its token's count in non-noun WordNet glosses
   (``optimize(row_usage=)``).
+* ``nncjax-sens-gptq-tab``: ``nncjax-sens-gptq`` whose GPTQ step also codes the model's lookup
+  tables (``tables``: MiniLM's word embedding), fitted to and checked on their output-side row moments
+  (:func:`nncjax.sensitivity.row_moments` at the allocation's row scales, on batches from
+  ``table_calib``, inside the wall time); for models with such tables (``gptq_lams``).
 * ``nncjax-sens-bnf-gptq``: ``nncjax-sens-bnf`` with the same GPTQ step before LSA
   (``optimize_ioq(..., moments=)``; ``bnf_gptq_lams``).
-* ``nncjax-sens-gptq-ft``: ``nncjax-sens-gptq`` followed by :func:`nncjax.fine_tuning.with_fine_tuning`:
+* ``nncjax-sens-gptq-ft``: ``nncjax-sens-gptq-tab`` (``nncjax-sens-gptq`` for models without lookup
+  tables) followed by :func:`nncjax.fine_tuning.with_fine_tuning`:
   the GPTQ levels are moved on their grid (QPs and scales kept) to lower the whole model's output
   distortion to the float model, on data disjoint from the evaluation (``ft_data``: other
   training images; non-noun WordNet glosses and single-word lemmas) for ``ft_steps`` steps with
@@ -77,16 +82,18 @@ from nncjax.fine_tuning import with_fine_tuning
 from nncjax.optimize import LS_SUFFIX, optimize, verify, with_error_feedback
 from nncjax.pipeline import optimize_ioq
 from nncjax.quantize.gptq import input_moments
+from nncjax.sensitivity import row_moments
 
 OUT = ROOT / "benchmarks" / "results"
 FIELDS = ["model", "method", "setting", "bytes", "top1", "mrr", "mean_cosine", "argmax_agree", "transparent",
           "opt_wall_s", "encode_s", "bytes_equal", "note"]
 
 
-METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-bnf-gptq", "sens-bc",
+METHODS = ("nncodec", "ioq", "grad", "sens", "sens-bnf", "sens-gptq", "sens-gptq-tab", "sens-bnf-gptq", "sens-bc",
            "sens-gptq-ft")  # what --methods selects
 GRADIENT_METHODS = ("nncjax-grad", "nncjax-sens", "nncjax-sens-bnf", "nncjax-sens-gptq",
-                    "nncjax-sens-bnf-gptq", "nncjax-sens-bc", "nncjax-sens-gptq-ft")  # compared against IOQ's points
+                    "nncjax-sens-gptq-tab", "nncjax-sens-bnf-gptq", "nncjax-sens-bc",
+                    "nncjax-sens-gptq-ft")  # compared against IOQ's points
 
 
 @dataclasses.dataclass
@@ -106,6 +113,8 @@ class Config:
     bc_lams: list = dataclasses.field(default_factory=list)  # λ of sens + bias correction
     calib: tuple = ()  # (fit batches, check batches, mask) for the kernels' input moments
     patch_stride: int = 1  # input_moments keeps every patch_stride-th conv patch
+    tables: tuple = ()  # lookup tables GPTQ also codes, with their output-side row moments (row_moments)
+    table_calib: object = None  # () -> (fit batches, check batches) of those row moments
     lookup: object = None  # params -> (params, optimize kwargs): lookup-table preparation of sens-gptq
     ft_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ + fine-tuning on the grid
     ft_data: object = None  # () -> list of batches the levels are fine-tuned on
@@ -186,6 +195,12 @@ def minilm_lookup(params) -> tuple:
     return zero_rows(params, rows), {"row_usage": {name: counts}}
 
 
+def split_batches(batches: list, fraction: float) -> tuple[list, list]:
+    """The first ``fraction`` of ``batches`` (fitted) and the rest (checked)."""
+    k = round(len(batches) * fraction)
+    return batches[:k], batches[k:]
+
+
 def length_batches(texts: list[str], n: int, length: int = 32) -> list[dict]:
     """``texts`` tokenized to at most ``length`` tokens as ``n`` batches of similar lengths, each cut
     to its longest text: the same tokens as one padded batch, with little padding to run."""
@@ -212,10 +227,14 @@ def minilm_config(quick: bool, subset) -> Config:
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
-                  gptq_lams=[6e-4] if quick else [5e-4, 5.5e-4, 6e-4, 6.5e-4],
+                  gptq_lams=[6e-4] if quick else [5.5e-4, 6e-4, 6.5e-4, 7e-4],
                   calib=(fit, check, lambda b: b["attention_mask"] > 0),
                   lookup=minilm_lookup,
-                  ft_lams=[6e-4] if quick else [6e-4, 7e-4, 8e-4],
+                  # the word embedding too, with what its rows' errors cost after LayerNorm and the
+                  # layers: non-noun texts again, 64 batches fitted, 32 others checked
+                  tables=("params/word_embeddings/embedding",),
+                  table_calib=lambda: split_batches(minilm_ft_batches(6 if quick else 96), 2 / 3),
+                  ft_lams=[8e-4] if quick else [7e-4, 8e-4, 9e-4, 1e-3],
                   ft_data=lambda: minilm_ft_batches(16 if quick else 600),
                   ft_steps=10 if quick else 600,
                   # many small noisy batches at fine steps: on held-out non-noun texts, Adam's
@@ -223,11 +242,20 @@ def minilm_config(quick: bool, subset) -> Config:
                   ft_method="ste")
 
 
-def calib_moments(m, cfg: Config) -> dict:
-    """GPTQ's ``moments`` (fitted) and ``check_moments`` (held out) of the model's Dense and Conv inputs."""
+def calib_moments(m, cfg: Config, params=None, rd=None, *, tables: bool = False) -> dict:
+    """GPTQ's ``moments`` (fitted) and ``check_moments`` (held out) of the model's Dense and Conv
+    inputs; with ``tables``, also the row moments of ``cfg.tables`` in ``params`` at ``rd``'s row
+    scales."""
     fit, check, mask = cfg.calib
-    return {"moments": input_moments(m.apply, m.params, fit, mask=mask, patch_stride=cfg.patch_stride),
-            "check_moments": input_moments(m.apply, m.params, check, mask=mask, patch_stride=cfg.patch_stride)}
+    out = {"moments": input_moments(m.apply, m.params, fit, mask=mask, patch_stride=cfg.patch_stride),
+           "check_moments": input_moments(m.apply, m.params, check, mask=mask, patch_stride=cfg.patch_stride)}
+    if tables and cfg.tables:
+        if rd is None:
+            raise ValueError(f"{cfg.name}: the row moments of {cfg.tables} need the allocation's row scales")
+        for key, (seed, batches) in zip(out, enumerate(cfg.table_calib())):
+            out[key].update(row_moments(params, m.apply, batches, list(cfg.tables), row_scales=rd.local_scales,
+                                        seed=seed))
+    return out
 
 
 def metrics_row(m, params, subset) -> dict:
@@ -328,6 +356,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
     fine = {"qp_density": 3, "base_qp": 2 * cfg.base_qp, "nonweight_qp": -150, "scale_qp": -48}
     runs += ([("nncjax-sens-gptq", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.gptq_lams]
              if "sens-gptq" in methods else [])
+    runs += ([("nncjax-sens-gptq-tab", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.gptq_lams]
+             if "sens-gptq-tab" in methods and cfg.tables else [])
     runs += ([("nncjax-sens-bc", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.bc_lams]
              if "sens-bc" in methods else [])
     runs += ([("nncjax-sens-gptq-ft", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.ft_lams]
@@ -341,7 +371,9 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
             kwargs = {**kwargs, **extra}
         rd = optimize(params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
         if gptq:
-            params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg), progress=False)
+            tables = method != "nncjax-sens-gptq"
+            params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg, params, rd, tables=tables),
+                                             progress=False)
         if method == "nncjax-sens-gptq-ft":
             params, rd = with_fine_tuning(params, rd, m.apply, cfg.ft_data(), reference=m.params,
                                           steps=cfg.ft_steps, method=cfg.ft_method, progress=False)
@@ -357,7 +389,7 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
                f"{float(rd.history['distortion'][-1]):.3g}" if kwargs["steps"] else
                f"init=sensitivity steps=0 (wall includes jit compile); {len(rd.local_scales)} tensors with row scales")
         if rd.dq_overrides:
-            how += f"; {len(rd.dq_overrides)} kernels GPTQ without DQ"
+            how += f"; {len(rd.dq_overrides)} tensors GPTQ without DQ"
         if method == "nncjax-sens-bc":
             how += "; biases / batch-norm means corrected"
         if method == "nncjax-sens-gptq-ft":
@@ -390,6 +422,7 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
              "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
              "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense / Conv kernels (λ sweep)"),
+             "nncjax-sens-gptq-tab": ("h-", "nncjax sensitivity allocation + GPTQ, lookup tables too (λ sweep)"),
              "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)"),
              "nncjax-sens-bc": ("*-", "nncjax sensitivity allocation + bias correction (λ sweep)"),
              "nncjax-sens-gptq-ft": ("p-", "nncjax sensitivity allocation + GPTQ + levels fine-tuned (λ sweep)")}
@@ -549,10 +582,15 @@ stays within DQ's on held-out inputs (WordNet verb glosses; other training image
 includes collecting the input moments (MiniLM: about 10 s on the CPU; Fashion-MNIST: every 8th conv
 patch). On MiniLM it first zeroes the
 1331 vocabulary rows the tokenizer can never emit (exact) and steps each word-embedding row by its
-token's count in the verb, adjective and adverb glosses (`row_usage`). *nncjax-sens-bnf-gptq*: the
+token's count in the verb, adjective and adverb glosses (`row_usage`). *nncjax-sens-gptq-tab*:
+*nncjax-sens-gptq* whose GPTQ step also codes MiniLM's word embedding, fitted to and checked on the
+Gauss-Newton matrix of a row's error at the model's output (`nncjax.sensitivity.row_moments` at the
+allocation's row scales, 64 + 32 batches of non-noun WordNet texts, about 55 s of the wall time on
+the CPU). *nncjax-sens-bnf-gptq*: the
 same GPTQ step inside *nncjax-sens-bnf*, before LSA. *nncjax-sens-bc*: *nncjax-sens*, then
 `nncjax.with_bias_correction` on the tuning batches (each layer's mean output shift into its bias or
-the running mean of the batch norm it feeds). *nncjax-sens-gptq-ft*: *nncjax-sens-gptq*, then
+the running mean of the batch norm it feeds). *nncjax-sens-gptq-ft*: *nncjax-sens-gptq-tab*
+(MiniLM) or *nncjax-sens-gptq* (Fashion-MNIST), then
 `nncjax.with_fine_tuning`: the GPTQ levels move on their grid (QPs, scales and size kept) to lower
 the whole model's output distortion, on data the evaluation never sees (Fashion-MNIST: 300 steps of
 the gradient-guided search on 128 other training images a step; MiniLM: 600 Adam steps of
@@ -565,8 +603,8 @@ whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc a
 one run (a later session, on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s
 and a few points moved by one or two test images), its sens-bnf-gptq rows and MiniLM's sens-gptq
 rows in one run per method; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
-the sens-gptq-ft rows on 2026-12-06 (Fashion-MNIST's in one run; MiniLM's λ = 6e-4 and 7e-4 in one run,
-8e-4 in another). The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
+Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq-tab and sens-gptq-ft
+rows on 2026-12-06 in one run. The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
 `benchmarks/results/gpu_h100.md`.
 
 """
