@@ -233,7 +233,7 @@ def minilm_config(quick: bool, subset) -> Config:
                   # the word embedding too, with what its rows' errors cost after LayerNorm and the
                   # layers: non-noun texts again, 64 batches fitted, 32 others checked
                   tables=("params/word_embeddings/embedding",),
-                  table_calib=lambda: split_batches(minilm_ft_batches(6 if quick else 96), 2 / 3),
+                  table_calib=lambda: split_batches(minilm_ft_batches(24 if quick else 96), 2 / 3),
                   ft_lams=[8e-4] if quick else [7e-4, 8e-4, 9e-4, 1e-3],
                   ft_data=lambda: minilm_ft_batches(16 if quick else 600),
                   ft_steps=10 if quick else 600,
