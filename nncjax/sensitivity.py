@@ -145,8 +145,8 @@ def row_moments(
     take errors ``d_r`` with the same covariance ``C``, then ``D ~ trace(H C)``: ``H`` is to a row's
     coding error what the input moments ``E[x x^T]`` are to a linear layer's
     (:func:`nncjax.quantize.gptq.input_moments`), and :func:`nncjax.with_error_feedback` takes it as
-    a tensor's ``moments``. It is the one such form for tensors whose rows are not a layer's inputs
-    times outputs, above all lookup tables: a token embedding's rows go through LayerNorm, which
+    a tensor's ``moments``. It serves tensors that do not multiply a layer's inputs, above all
+    lookup tables: a token embedding's rows go through LayerNorm, which
     ignores an error shared by all the row's elements, and the layers after it see a few directions
     far more than others; GPTQ moves the error into what ``H`` hardly sees.
 
@@ -170,7 +170,8 @@ def row_moments(
 
     Raises:
       InputError: bad ``probes``, empty ``data``, an unknown or non-float name, a tensor with fewer
-        than 2 dimensions, or row scales of the wrong shape.
+        than 2 dimensions, row scales of the wrong shape or not positive and finite, or a
+        ``scale_axis`` other than -1 and 0.
 
     Example:
       >>> import jax.numpy as jnp
@@ -188,6 +189,8 @@ def row_moments(
     names = list(names) if isinstance(names, (list, tuple)) else names
     if not isinstance(names, list) or not names:
         raise InputError("names must be a non-empty list of tensor names")
+    if scale_axis not in (-1, 0) or isinstance(scale_axis, bool):
+        raise InputError(f"scale_axis must be -1 (Flax) or 0 (rows first), got {scale_axis!r}")
     row_scales = dict(row_scales or {})
     axes = {}
     for n in names:
@@ -200,6 +203,8 @@ def row_moments(
         rows = jnp.shape(leaf)[axes[n]]
         if n in row_scales and np.shape(row_scales[n]) != (rows,):
             raise InputError(f"row_scales[{n!r}] must have shape ({rows},), got {np.shape(row_scales[n])}")
+        if n in row_scales and not np.all(np.isfinite(row_scales[n]) & (np.asarray(row_scales[n]) > 0)):
+            raise InputError(f"row_scales[{n!r}] must be positive and finite")
     weights = {n: named[n] for n in names}
     key = jax.random.PRNGKey(seed)
     total = {n: 0.0 for n in names}

@@ -293,6 +293,10 @@ def test_error_feedback_on_table_rows_saves_bits_at_equal_output_error():
     (["nope"], {}, "not a float tensor"),
     (["b"], {}, "rows and columns"),
     (["w"], {"row_scales": {"w": np.ones(4)}}, "row_scales"),
+    (["w"], {"row_scales": {"w": np.array([1.0, 1.0, 0.0, 1.0, 1.0])}}, "positive"),
+    (["w"], {"row_scales": {"w": np.full(5, np.nan)}}, "positive"),
+    (["w"], {"scale_axis": 1}, "scale_axis"),
+    ("w", {}, "non-empty list"),
     (["w"], {"probes": 0}, "probes"),
 ])
 def test_row_moments_rejects_bad_input(names, kwargs, match):
