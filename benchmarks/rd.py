@@ -242,16 +242,15 @@ def minilm_config(quick: bool, subset) -> Config:
                   ft_method="ste")
 
 
-def calib_moments(m, cfg: Config, params=None, rd=None, *, tables: bool = False) -> dict:
+def calib_moments(m, cfg: Config, tables_at: tuple | None = None) -> dict:
     """GPTQ's ``moments`` (fitted) and ``check_moments`` (held out) of the model's Dense and Conv
-    inputs; with ``tables``, also the row moments of ``cfg.tables`` in ``params`` at ``rd``'s row
-    scales."""
+    inputs; with ``tables_at = (params, rd)``, also the row moments of ``cfg.tables`` in ``params``
+    at ``rd``'s row scales."""
     fit, check, mask = cfg.calib
     out = {"moments": input_moments(m.apply, m.params, fit, mask=mask, patch_stride=cfg.patch_stride),
            "check_moments": input_moments(m.apply, m.params, check, mask=mask, patch_stride=cfg.patch_stride)}
-    if tables and cfg.tables:
-        if rd is None:
-            raise ValueError(f"{cfg.name}: the row moments of {cfg.tables} need the allocation's row scales")
+    if tables_at is not None and cfg.tables:
+        params, rd = tables_at
         for key, (seed, batches) in zip(out, enumerate(cfg.table_calib())):
             out[key].update(row_moments(params, m.apply, batches, list(cfg.tables), row_scales=rd.local_scales,
                                         seed=seed))
@@ -371,9 +370,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
             kwargs = {**kwargs, **extra}
         rd = optimize(params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
         if gptq:
-            tables = method != "nncjax-sens-gptq"
-            params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg, params, rd, tables=tables),
-                                             progress=False)
+            tables_at = None if method == "nncjax-sens-gptq" else (params, rd)
+            params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg, tables_at), progress=False)
         if method == "nncjax-sens-gptq-ft":
             params, rd = with_fine_tuning(params, rd, m.apply, cfg.ft_data(), reference=m.params,
                                           steps=cfg.ft_steps, method=cfg.ft_method, progress=False)

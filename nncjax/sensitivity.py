@@ -183,7 +183,7 @@ def row_moments(
       >>> h.shape, bool(abs(h.sum()) < 1e-6 * np.trace(h))   # blind to an error shared by a row
       ((3, 3), True)
     """
-    from nncjax.optimize import _multiply_rows, _to_rows_first, rows_axis
+    from nncjax.optimize import _to_rows_first, rows_axis
     batches = checked_batches(apply_fn, data, probes)
     named = flatten_named(params)
     names = list(names) if isinstance(names, (list, tuple)) else names
@@ -214,10 +214,11 @@ def row_moments(
         for n, g in grads.items():
             s = np.asarray(row_scales.get(n, np.ones(g.shape[1 + axes[n]])), np.float32)
             for gp in np.asarray(g):
-                # d D / d x_r = s_r d D / d w_r for the coded row x_r = w_r / s_r
-                gx = _to_rows_first(_multiply_rows(gp, s, axes[n]), axes[n])
+                gx = _to_rows_first(gp, axes[n])
                 gx = gx.reshape(gx.shape[0], -1)
-                gx = gx[np.any(gx != 0, axis=1)]
+                touched = np.flatnonzero(np.any(gx != 0, axis=1))
+                # d D / d x_r = s_r d D / d w_r for the coded row x_r = w_r / s_r
+                gx = gx[touched] * s[touched, None]
                 total[n] = total[n] + (gx.T @ gx).astype(np.float64)
     scale = 1.0 / (int(probes) * len(batches))
     return {n: np.asarray(total[n], np.float64) * scale for n in names}
