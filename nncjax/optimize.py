@@ -57,6 +57,7 @@ from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.gptq import _checked_factor as _gptq_factor
 from nncjax.quantize.gptq import _quantize_ordered as _gptq_quantize
+from nncjax.quantize.gptq import _quantize_trellis as _gptq_trellis
 from nncjax.quantize.gptq import layer_output_error
 from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.quantize.uniform import quantize_uniform
@@ -860,22 +861,24 @@ def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | No
 
 
 def _coarsest_gptq(x: np.ndarray, h: np.ndarray, h_check: np.ndarray, s: np.ndarray, x_ref: np.ndarray, q0: int, *,
-                   qpd: int, hi: int, max_offset: int, damp: float, act_order: bool) -> tuple[int, np.ndarray] | None:
+                   qpd: int, hi: int, max_offset: int, damp: float, act_order: bool,
+                   dq: bool) -> tuple[int, np.ndarray] | None:
     """The coarsest QP in ``q0 .. q0 + max_offset`` (at most ``hi``) whose GPTQ reconstruction of ``x``
-    (rows first, fitted on ``h``) has a layer-output error on ``h_check`` within the reference
-    reconstruction ``x_ref``'s, with that reconstruction; None when even ``q0``'s exceeds it. The
-    errors are in the weights' units (row scales ``s`` multiplied back)."""
+    (rows first, fitted on ``h``; on the DQ trellis if ``dq``) has a layer-output error on
+    ``h_check`` within the reference reconstruction ``x_ref``'s, with that reconstruction; None when
+    even ``q0``'s exceeds it. The errors are in the weights' units (row scales ``s`` multiplied back)."""
     s_rows = jnp.asarray(s)[:, None]
 
     def out_err(x_hat):
         return float(layer_output_error(s_rows * x, s_rows * x_hat, h_check))
 
-    order, u = _gptq_factor(h, damp, act_order)  # shared by every QP tried
+    order, u = _gptq_factor(h, damp, act_order and not dq)  # shared by every QP tried
     x_dev = jnp.asarray(x)
 
     def gptq_at(q):
         step = jnp.full((x.shape[0],), qp_to_step(q, qpd), jnp.float32)
-        return np.asarray(_gptq_quantize(x_dev, order, u, step)[1], np.float32)
+        x_hat = _gptq_trellis(x_dev, u, step) if dq else _gptq_quantize(x_dev, order, u, step)
+        return np.asarray(x_hat[1], np.float32)
 
     budget = out_err(x_ref)
     x_g = gptq_at(q0)
@@ -893,7 +896,7 @@ def _coarsest_gptq(x: np.ndarray, h: np.ndarray, h_check: np.ndarray, s: np.ndar
 
 def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str, Any], *,
                         check_moments: Mapping[str, Any] | None = None, damp: float = 0.01,
-                        act_order: bool = True, max_offset: int | None = None,
+                        act_order: bool = True, max_offset: int | None = None, dq: bool | str = False,
                         progress: bool = True) -> tuple[Any, RDSettings]:
     """Trades each linear layer's quantizer for GPTQ at equal layer-output error and fewer bits.
 
@@ -902,11 +905,11 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     what a lookup table's row errors cost at the output),
     the reference is what ``settings`` codes: ``W / s`` at its QP with the codec's quantizer (DQ
     unless ``settings.dq`` is False), output error ``e^T H e``. GPTQ
-    (:func:`nncjax.quantize.gptq.quantize_gptq`, uniform, no DQ) cancels most of that error across
-    correlated inputs, so the same output error is reached with a coarser step: the coarsest QP (up
-    to ``max_offset`` above the reference, default two octaves) whose GPTQ output error does not
-    exceed the reference is taken, if the real coder then spends fewer bits on the tensor. Other
-    tensors, local scales and QPs are kept.
+    (:func:`nncjax.quantize.gptq.quantize_gptq`, uniform, or on the DQ trellis with ``dq``) cancels
+    most of that error across correlated inputs, so the same output error is reached with a coarser
+    step: the coarsest QP (up to ``max_offset`` above the reference, default two octaves) whose GPTQ
+    output error does not exceed the reference is taken, if the real coder then spends fewer bits
+    on the tensor. Other tensors, local scales and QPs are kept.
 
     Args:
       params: the model parameters ``settings`` was optimised for (same names).
@@ -921,18 +924,26 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
         error budget checked on the inputs it was fitted to is optimistic; held-out inputs keep the
         substitution honest.
       damp, act_order: GPTQ's diagonal regularisation and column order
-        (:func:`nncjax.quantize.gptq.quantize_gptq`). max_offset: largest QP increase tried.
+        (:func:`nncjax.quantize.gptq.quantize_gptq`; the DQ trellis always runs in column order).
+        max_offset: largest QP increase tried.
+      dq: False: uniform GPTQ (coded with ``dq_flag = 0``). True: GPTQ on the DQ trellis
+        (``dq_flag = 1``) for every tensor the codec scans row by row (scaled ones, and any whose
+        own layout is rows first), uniform GPTQ for the others. ``"auto"``: both, and each tensor
+        keeps the one the real coder codes in fewer bits (about twice the time; the trellis wins on
+        most MiniLM-L6 kernels, 0.05-0.19 bit per weight at equal output error). The trellis path
+        is the codec's for its raster scan (``scan_order=0``, as :meth:`RDSettings.encode_kwargs`
+        encodes); a block scan would visit the levels in another order.
       progress: tqdm bar over the tensors.
 
     Returns:
       ``(params_gptq, settings_gptq)``: ``params`` with the substituted tensors replaced by their
       GPTQ reconstructions (so that :meth:`RDSettings.params_for_encoding` puts them exactly on the
-      codec's grid), and ``settings`` with their new QPs, ``dq_overrides`` False, and updated
-      ``estimated_bits``. ``verify(params_gptq, settings_gptq)`` encodes and decodes them.
+      codec's grid), and ``settings`` with their new QPs, ``dq_overrides`` (False for uniform GPTQ,
+      True for the trellis), and updated ``estimated_bits``. ``verify(params_gptq, settings_gptq)`` encodes and decodes them.
 
     Raises:
       InputError: ``settings`` not from :func:`optimize`, moments for a tensor that is not
-        optimised or of the wrong size.
+        optimised or of the wrong size, a ``dq`` other than True, False and ``"auto"``.
 
     Example:
       >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
@@ -947,6 +958,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     max_offset = 2 << qpd if max_offset is None else max_offset
     if not isinstance(max_offset, (int, np.integer)) or isinstance(max_offset, bool) or max_offset < 0:
         raise InputError(f"max_offset must be an integer >= 0, got {max_offset!r}")
+    if not (isinstance(dq, bool) or (isinstance(dq, str) and dq == "auto")):
+        raise InputError(f"dq must be True, False or 'auto', got {dq!r}")
     named = flatten_named(params)
     unknown = [n for n in moments if n not in settings.qp_overrides or n not in named]
     if unknown:
@@ -978,32 +991,40 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             levels_ref, used = quantize_tensor(coded, q0, qp_density=qpd, dq=dq0)
             x_ref = reconstruct(levels_ref, used, qp_density=qpd).reshape(coded.shape)
             x_ref = (x_ref if scaled else _to_rows_first(x_ref, axis)).reshape(x.shape)
-            found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset, damp=damp,
-                                   act_order=act_order)
-            if found is None:
-                continue
-            q, x_g = found
-            x_g = x_g.reshape(x_full.shape)
+            # the trellis follows the codec's scan, which runs along these rows only in rows-first layouts
+            rows_scan = scaled or axis == 0
+            kinds = (False,) if dq is False or not rows_scan else (True,) if dq is True else (False, True)
             if name in tensor_bits:  # optimize() coded it already
                 bits_ref = Future()
                 bits_ref.set_result(tensor_bits[name])
             else:
                 bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
-            bits_g = coder.submit(lambda a, q: code_tensor(a, q, qp_density=qpd, dq=False)[1] + overhead,
-                                  x_g if scaled else _from_rows_first(x_g, axis), q)
-            candidates.append((name, q, x_g, s, axis, bits_ref, bits_g))
+            for trellis in kinds:
+                found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset,
+                                       damp=damp, act_order=act_order, dq=trellis)
+                if found is None:
+                    continue
+                q, x_g = found
+                x_g = x_g.reshape(x_full.shape)
+                # the real coder re-quantizes the reconstruction, which lies on its grid (or trellis path)
+                bits_g = coder.submit(lambda a, q, t: code_tensor(a, q, qp_density=qpd, dq=t)[1] + overhead,
+                                      x_g if scaled else _from_rows_first(x_g, axis), q, trellis)
+                candidates.append((name, q, trellis, x_g, s, axis, bits_ref, bits_g))
 
-    updates = {}
-    for name, q, x_g, s, axis, bits_ref, bits_g in candidates:
+    best: dict[str, tuple] = {}  # per tensor, the candidate with the fewest bits below the reference's
+    for name, q, trellis, x_g, s, axis, bits_ref, bits_g in candidates:
         bits_ref, bits_g = bits_ref.result(), bits_g.result()
-        if bits_g >= bits_ref:
-            continue
+        if bits_g < min(bits_ref, best[name][-1] if name in best else bits_ref):
+            best[name] = (q, trellis, x_g, s, axis, bits_ref, bits_g)
+    updates = {}
+    for name, (q, trellis, x_g, s, axis, bits_ref, bits_g) in best.items():
         updates[name] = _multiply_rows(_from_rows_first(x_g, axis), s, axis).astype(np.asarray(named[name]).dtype)
-        if name in settings.local_scales:  # its LS member shares the unit's dq_flag
+        dq_old = dqs.get(name, settings.dq)
+        if name in settings.local_scales and trellis != dq_old:  # its LS member shares the unit's dq_flag
             ls, ls_qp = np.asarray(s, np.float32), qps[name + LS_SUFFIX]
-            bits += (code_tensor(ls, ls_qp, qp_density=qpd, dq=False)[1]
-                     - code_tensor(ls, ls_qp, qp_density=qpd, dq=dqs.get(name, settings.dq))[1])
-        qps[name], dqs[name], tensor_bits[name] = q, False, bits_g
+            bits += (code_tensor(ls, ls_qp, qp_density=qpd, dq=trellis)[1]
+                     - code_tensor(ls, ls_qp, qp_density=qpd, dq=dq_old)[1])
+        qps[name], dqs[name], tensor_bits[name] = q, trellis, bits_g
         bits += bits_g - bits_ref
     return (replace_named(params, {n: jnp.asarray(v) for n, v in updates.items()}),
             dataclasses.replace(settings, qp_overrides=qps, dq_overrides=dqs, estimated_bits=float(bits),

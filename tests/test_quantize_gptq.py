@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nncjax.kernels.tables import DQ_NEXT
 
 import nncjax.quantize.gptq
 import nncjax.reduce
@@ -18,6 +19,7 @@ from nncjax import InputError, decode, encode
 from nncjax.coded_tensor import codec_reconstruct
 from nncjax.optimize import optimize, verify, with_error_feedback
 from nncjax.pytree_names import flatten_named
+from nncjax.quantize.dq import dq_states, dq_trellis
 from nncjax.quantize.gptq import (
     _error_feedback,
     input_moments,
@@ -116,6 +118,72 @@ def test_blocked_feedback_matches_column_by_column_feedback(cols):
 def test_bad_inputs_raise_input_error(w, h, step, match):
     with pytest.raises(InputError, match=match):
         quantize_gptq(w, h, step)
+    with pytest.raises(InputError, match=match):
+        quantize_gptq(w, h, step, dq=True)
+
+
+def test_trellis_needs_the_scan_order():
+    with pytest.raises(InputError, match="act_order"):
+        quantize_gptq(np.ones((2, 3)), np.eye(3), 0.1, dq=True, act_order=True)
+
+
+def _row_end_states(k):
+    """The DQ state after each row of ``k`` (rows, columns), scanned in C order as the codec does."""
+    flat = np.concatenate([np.asarray(k, np.int32).reshape(-1), [0]])
+    return np.asarray(dq_states(jnp.asarray(flat)))[k.shape[1]::k.shape[1]]
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 5), cols=st.integers(1, 150), qp=st.integers(-44, -16), seed=st.integers(0, 2**31 - 1))
+def test_trellis_gptq_output_is_coded_losslessly_with_dq(rows, cols, qp, seed):
+    """The trellis's invariant: every row starts and ends in DQ state 0, so the rows coded one after
+    another follow the path the levels were chosen on, and encoding the reconstruction with DQ at
+    the same QP decodes to exactly it (columns below, at and across the 64-column block)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.1, (rows, cols)).astype(np.float32)
+    k, w_hat = quantize_gptq(w, _correlated(rng, cols, n=64), qp_to_step(qp), dq=True)
+    k, w_hat = np.asarray(k), np.asarray(w_hat, np.float32)
+    assert np.all(_row_end_states(k) == 0)
+    np.testing.assert_array_equal(w_hat, k * np.float32(qp_to_step(qp)))
+    np.testing.assert_array_equal(decode(encode({"w": w_hat}, qp=qp, dq=True))["w"], w_hat)
+
+
+def test_trellis_gptq_with_diagonal_moments_is_the_best_dq_path():
+    """Uncorrelated inputs feed nothing back, so the trellis is an exact Viterbi search: its weighted
+    error equals the minimum over every level sequence that is a DQ path ending in state 0
+    (exhaustive search over |k| <= 6)."""
+    nxt = np.asarray(DQ_NEXT)
+    rng = np.random.default_rng(3)
+    cols, step = 5, 0.1
+    grid = np.stack(np.meshgrid(*[np.arange(-6, 7)] * cols, indexing="ij"), -1).reshape(-1, cols)
+    state, valid = np.zeros(len(grid), np.int64), np.ones(len(grid), bool)
+    for j in range(cols):  # k is valid in even states if even, in odd states if odd or zero
+        kj, odd = grid[:, j], state & 1
+        valid &= np.where(odd == 1, (kj % 2 == 1) | (kj == 0), kj % 2 == 0)
+        q = (kj + np.sign(kj) * odd) >> 1
+        state = nxt[state, q & 1]
+    paths = grid[valid & (state == 0)]
+    for _ in range(5):
+        w = rng.uniform(-0.25, 0.25, (1, cols)).astype(np.float32)
+        d = np.diag(rng.uniform(0.5, 2.0, cols)).astype(np.float32)
+        k, _ = quantize_gptq(w, d, step, dq=True, damp=0.0)
+        cost = [np.sum(np.diag(d) * (w - kk * np.float32(step)) ** 2, axis=-1) for kk in (np.asarray(k), paths)]
+        assert cost[0][0] == pytest.approx(float(np.min(cost[1])), rel=1e-5)
+
+
+def test_trellis_gptq_lowers_the_layer_output_error_of_dq():
+    """Against the codec's own DQ trellis at the same step (same grids, same rate regime), feeding
+    the errors back along each surviving path cuts the layer-output error on correlated inputs."""
+    rng = np.random.default_rng(4)
+    ratios = []
+    for _ in range(6):
+        w = rng.normal(0, 0.05, (16, 96)).astype(np.float32)
+        h = _correlated(rng, 96)
+        step = np.float32(qp_to_step(-28))
+        ref = np.asarray(dq_trellis(jnp.asarray(w), step)) * step
+        _, w_hat = quantize_gptq(w, h, step, dq=True)
+        ratios.append(float(layer_output_error(w, w_hat, h) / layer_output_error(w, ref, h)))
+    assert np.mean(ratios) < 0.5 and max(ratios) < 1.0
 
 
 class _TwoDense(nn.Module):
@@ -288,6 +356,39 @@ def test_with_error_feedback_moves_the_rd_point_down(digits):
     sizes, log_d = zip(*sorted(curve))
     assert sizes[0] <= new.nbytes <= sizes[-1]
     assert test_mse(new.params) < 0.7 * np.exp(np.interp(new.nbytes, sizes, log_d))
+
+
+def test_with_error_feedback_on_the_dq_trellis(digits):
+    """dq=True: the kernels go to GPTQ on the DQ trellis (dq_flag kept), at a coarser QP within the
+    held-out error budget, in fewer bits, and decode to exactly the substituted weights; "auto" keeps,
+    per tensor, whichever of the two GPTQ variants (or the reference) the coder codes in fewer bits."""
+    from nncjax.models.digits_mlp import load_digits_split
+
+    m, calib, _ = digits
+    train = jnp.asarray(load_digits_split("train")[0])
+    fit, check = (input_moments(m.apply, m.params, x) for x in (train[:600], train[600:]))
+    rd = optimize(m.params, m.apply, calib, lam=1e-3, init="sensitivity", steps=0, progress=False)
+    runs = {dq: with_error_feedback(m.params, rd, fit, check_moments=check, dq=dq, progress=False)
+            for dq in (False, True, "auto")}
+    p_t, rd_t = runs[True]
+    # the codec scans a scaled kernel rows first (the trellis can follow it), an unscaled Flax kernel
+    # in its own (inputs, outputs) layout: that one gets uniform GPTQ
+    trellis = [n for n in fit if n in rd.local_scales]
+    assert trellis and all(rd_t.dq_overrides[n] is True for n in trellis)
+    assert all(rd_t.dq_overrides.get(n, True) is False for n in fit if n not in trellis)
+    dec, orig = flatten_named(verify(p_t, rd_t).params), flatten_named(m.params)
+    dec_ref = flatten_named(verify(m.params, rd).params)
+    for n in trellis:
+        assert rd_t.qp_overrides[n] > rd.qp_overrides[n] and rd_t.tensor_bits[n] < rd.tensor_bits[n]
+        np.testing.assert_array_equal(np.asarray(dec[n]), np.asarray(flatten_named(p_t)[n]))
+        w, h = np.asarray(orig[n]).T, check[n]
+        assert layer_output_error(w, np.asarray(dec[n]).T, h) <= layer_output_error(
+            w, np.asarray(dec_ref[n]).T, h) * (1 + 1e-5)
+    _, rd_a = runs["auto"]
+    for n in fit:
+        assert rd_a.tensor_bits[n] == min(runs[False][1].tensor_bits[n], rd_t.tensor_bits[n])
+    with pytest.raises(InputError, match="dq"):
+        with_error_feedback(m.params, rd, fit, dq="yes")
 
 
 def test_with_error_feedback_input_errors(digits):

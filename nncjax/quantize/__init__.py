@@ -5,8 +5,9 @@ JAX quantizers (jit/grad/vmap-able; hard modes equal the codec bit for bit):
 * :func:`quantize_uniform` -- uniform (``hard``, ``ste``, ``noise``, ``soft``);
 * :func:`quantize_dq`, :func:`dq_trellis`, :func:`dq_states` -- dependent quantization;
 * :func:`quantize_codebook`, :func:`codebook_init` -- learnable integer codebooks;
-* :func:`quantize_gptq`, :func:`input_moments`, :func:`layer_output_error` -- GPTQ, uniform
-  quantization with error feedback across a linear layer's inputs (coded with ``dq=False``);
+* :func:`quantize_gptq`, :func:`input_moments`, :func:`layer_output_error` -- GPTQ, quantization
+  with error feedback across a linear layer's inputs, uniform (coded with ``dq=False``) or on the
+  DQ trellis (``dq=True``);
 * :func:`quantizer` / :func:`rate_model` -- optax-style ``init``/``apply`` pairs over pytrees.
 """
 

@@ -109,17 +109,26 @@ def q_to_k(q: jax.Array, state: jax.Array) -> jax.Array:
 RateFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _state_candidates(u: jax.Array) -> jax.Array:
+    """Nonzero candidate ``|k|`` of the parity-0 and parity-1 transitions out of each state.
+
+    u: (..., 8) = |w| / step as seen from each state (the same value in every state for plain DQ).
+    Returns int32 (..., 8, 2): the candidates with ``|k| & 3 == r`` just above ``floor(u) - 1``;
+    quantizer 0 (even states) takes slots r = (0, 2), quantizer 1 (odd states) slots (3, 1).
+    """
+    m = jnp.maximum(1, jnp.floor(u).astype(jnp.int32) - 1)
+    slot = [m + (r - m) % 4 for r in range(4)]
+    odd = (jnp.arange(8) & 1) == 1
+    return jnp.stack([jnp.where(odd, slot[3], slot[0]), jnp.where(odd, slot[1], slot[2])], -1)
+
+
 def _edges(u: jax.Array, lam, rate: RateFn | None):
     """Per element and state: cost and |k| of the parity-0 and parity-1 transitions.
 
     u: (n,) = |w| / step. Returns cost (n, 8, 2) float32, absk (n, 8, 2) int32. Parity 0 keeps the
     cheaper of the nonzero candidate and zero (ties to the nonzero one, as NNCodec does).
     """
-    m = jnp.maximum(1, jnp.floor(u).astype(jnp.int32) - 1)
-    # candidate |k| with |k| & 3 == r, r = 0..3: quantizer 0 uses slots (0, 2), quantizer 1 slots (3, 1)
-    slot_idx = [m + (r - m) % 4 for r in range(4)]
-    per_q = jnp.stack([jnp.stack([slot_idx[0], slot_idx[2]], -1), jnp.stack([slot_idx[3], slot_idx[1]], -1)], 1)
-    absk = jnp.tile(per_q, (1, 4, 1))                                                  # (n, 8, 2), state s -> s & 1
+    absk = _state_candidates(jnp.broadcast_to(u[:, None], (u.shape[0], 8)))          # (n, 8, 2)
     cost = (u[:, None, None] - absk.astype(jnp.float32)) ** 2
     zero_cost = jnp.broadcast_to((u * u)[:, None], (u.shape[0], 8))
     if rate is not None:

@@ -1,4 +1,4 @@
-"""GPTQ: uniform quantization with error feedback across a layer's inputs (``nncjax.quantize.gptq``).
+"""GPTQ: quantization with error feedback across a layer's inputs (``nncjax.quantize.gptq``).
 
 Rounding every weight to its nearest grid point minimises the *weight* error, but a linear layer
 ``y = W x`` is judged by its *output* error ``e^T H e`` per row, with ``H = E[x x^T]`` the second
@@ -13,6 +13,12 @@ The result lies on the same uniform grid as plain rounding (``levels * step`` pe
 codec codes it losslessly with ``dq=False`` at the same QP (``nncjax.encode(dq_overrides=...)``):
 the gain needs nothing from the bitstream format. Rows are independent (each row's error feeds only
 its own later columns), so per-row steps (local scales) work as they are.
+
+With ``dq=True`` the levels lie on dependent quantization's trellis instead (two interleaved grids
+chosen by an 8-state machine, NNR's dq_flag = 1): the feedback runs inside a Viterbi search along
+each row, one adjusted copy of the row per surviving path (per-survivor processing), and every row
+starts and ends in state 0. The codec's own DQ trellis then finds the same levels again from the
+reconstruction (it lies on a zero-error path), so this too needs nothing from the format.
 
 Layout: ``w`` is ``(rows, columns)`` = ``(outputs, inputs)``, NNR / PyTorch layout (a Flax ``Dense``
 kernel is its transpose).
@@ -41,6 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from nncjax.errors import InputError
+from nncjax.quantize.dq import _PRED as _DQ_PRED
+from nncjax.quantize.dq import _state_candidates
 from nncjax.quantize.uniform import round_half_away
 
 __all__ = ["input_moments", "layer_output_error", "quantize_gptq"]
@@ -95,8 +103,8 @@ def _error_feedback(w: jax.Array, u: jax.Array, inv_step: jax.Array, step: jax.A
 
 
 def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: float = 0.01,
-                  act_order: bool = True) -> tuple[jax.Array, jax.Array]:
-    """GPTQ levels and reconstruction of one linear layer's weights.
+                  act_order: bool | None = None, dq: bool = False) -> tuple[jax.Array, jax.Array]:
+    """GPTQ levels and reconstruction of one linear layer's weights, uniform or on the DQ trellis.
 
     Args:
       w: ``(rows, columns)`` float weights, outputs by inputs (NNR layout).
@@ -107,21 +115,38 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
         and less over-fitting of ``H`` estimated from few inputs).
       act_order: quantize the columns in order of decreasing input energy ``diag(H)`` (GPTQ's
         "act-order"): the columns that matter most are rounded first, while every later column can
-        still absorb their error. The levels keep the tensor's own column order.
+        still absorb their error. The levels keep the tensor's own column order. Default: True for
+        uniform GPTQ; DQ needs False (its trellis runs in the codec's scan order).
+      dq: quantize onto dependent quantization's trellis (dq_flag = 1) instead of the uniform grid:
+        a Viterbi search over the 8 DQ states along each row, in which every surviving path carries
+        its own error feedback (see :func:`_trellis_feedback`). Each row starts and ends in state 0,
+        so that rows are independent and, coded one after another in C order (rows first, as the
+        codec scans a scaled or NNR-layout tensor), the decoder's state machine follows the same
+        path. At equal output error it needs fewer bits than uniform GPTQ on most layers (MiniLM-L6
+        Dense kernels and word embedding: 0.05-0.19 bit per weight), despite the natural column order.
 
     Returns:
       ``(levels int32 (rows, columns), w_hat float32 (rows, columns) = levels * step)``; the levels
-      are what ``nncjax.encode(..., dq_overrides={name: False})`` codes for ``w_hat`` at the QP of
-      ``step``. With a diagonal ``h`` they equal plain rounding (``dq=False``).
+      are what ``nncjax.encode(..., dq_overrides={name: dq})`` codes for ``w_hat`` at the QP of
+      ``step`` (with ``dq=True``: the reconstruction indices ``k`` of the codec's level arrays, and
+      the codec's own trellis finds them again from ``w_hat``, which lies on a zero-error path).
+      With a diagonal ``h`` and ``dq=False`` they equal plain rounding.
 
     Raises:
-      InputError: shapes that do not fit, a non-positive step, non-finite inputs, or an ``h`` whose
-        damped inverse has no Cholesky factor (not positive semi-definite).
+      InputError: shapes that do not fit, a non-positive step, non-finite inputs, an ``h`` whose
+        damped inverse has no Cholesky factor (not positive semi-definite), or ``dq`` with
+        ``act_order=True``.
 
     Example:
       >>> levels, w_hat = quantize_gptq(jnp.ones((3, 4)) * 0.3, jnp.eye(4), 0.25)
       >>> levels[0].tolist(), float(w_hat[0, 0])
       ([1, 1, 1, 1], 0.25)
+      >>> k, w_hat = quantize_gptq(jnp.ones((1, 4)) * 0.3, jnp.eye(4), 0.25, dq=True)
+      >>> k[0].tolist()                              # DQ: odd states reconstruct odd multiples
+      [2, 2, 1, 2]
+      >>> from nncjax.quantize.dq import dq_states
+      >>> int(dq_states(jnp.concatenate([k[0], jnp.zeros(1, jnp.int32)]))[-1])   # the row ends in state 0
+      0
     """
     w = jnp.asarray(w, jnp.float32)
     h = jnp.asarray(h, jnp.float32)
@@ -136,8 +161,11 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
         return jnp.zeros(w.shape, jnp.int32), w
     if not bool(jnp.all(jnp.isfinite(w))):
         raise InputError("w and h must be finite")
-    order, u = _checked_factor(h, damp, act_order)
-    return _quantize_ordered(w, order, u, jnp.broadcast_to(jnp.asarray(step, jnp.float32), (w.shape[0],)))
+    if dq and act_order:
+        raise InputError("dq=True needs act_order=False: the DQ trellis runs in the codec's scan order")
+    order, u = _checked_factor(h, damp, not dq if act_order is None else bool(act_order))
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (w.shape[0],))
+    return _quantize_trellis(w, u, step) if dq else _quantize_ordered(w, order, u, step)
 
 
 def _checked_factor(h: jax.Array, damp: float, act_order: bool) -> tuple[jax.Array, jax.Array]:
@@ -167,6 +195,85 @@ def _quantize_ordered(w: jax.Array, order: jax.Array, u: jax.Array, step: jax.Ar
     """``quantize_gptq``'s result from a precomputed :func:`_factor`; ``step`` is ``(rows,)``."""
     levels = jnp.zeros(w.shape, jnp.float32).at[:, order].set(_error_feedback(w[:, order], u, 1.0 / step, step).T)
     return levels.astype(jnp.int32), levels * step[:, None]
+
+
+@jax.jit
+def _quantize_trellis(w: jax.Array, u: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``quantize_gptq(dq=True)``'s result from a precomputed :func:`_factor` in natural column order."""
+    k = _trellis_feedback(w, u, step)
+    return k, k.astype(jnp.float32) * step[:, None]
+
+
+_PA, _PB = _DQ_PRED[:, 0], _DQ_PRED[:, 1]  # (8, 2) each: the two (state, parity) edges into every state
+
+
+def _trellis_feedback(w: jax.Array, u: jax.Array, step: jax.Array) -> jax.Array:
+    """DQ levels ``k`` (rows, columns) int32 minimising each row's output error ``e^T H e``.
+
+    GPTQ's error feedback and the DQ trellis both run along a row's columns, so they combine by
+    per-survivor processing: each of the 8 trellis states keeps the row's adjusted weights as its
+    own best path left them (the block's columns, ``(rows, 8, width)``), every column is quantized
+    from each state's own target, and a path's cost is its sum of ``(error / U_jj)^2``, which is
+    GPTQ's output error. At the end of a block the best path is traced back and its errors reach
+    the later blocks in one matmul, as in :func:`_error_feedback`. Rows start in state 0 and the
+    last block takes the path ending in state 0; it is whole (the odd columns form the first
+    block), and state 0 is reachable from every state in 3 steps."""
+    rows, n = w.shape
+    head = n % _BLOCK
+    states = jnp.arange(8, dtype=jnp.int32)
+
+    def block(w, entry, start, width, last):
+        wb = jax.lax.dynamic_slice(w, (0, start), (rows, width))
+        ub = jax.lax.dynamic_slice(u, (start, start), (width, width))
+        inner = jnp.arange(width)
+
+        def column(c, j):
+            adj, cost = c                                          # (rows, 8, width), (rows, 8)
+            t = adj[:, :, j]                                       # each state's target (rows, 8)
+            a = jnp.abs(t) / step[:, None]
+            absk = _state_candidates(a)                            # (rows, 8, 2)
+            # parity 0 keeps zero when it is closer (as the codec's trellis at lam = 0)
+            k0 = jnp.where(a * a < (a - absk[..., 0]) ** 2, 0, absk[..., 0])
+            k = jnp.where(t < 0, -1, 1)[..., None] * jnp.stack([k0, absk[..., 1]], -1)
+            err = (t[..., None] - k.astype(jnp.float32) * step[:, None, None]) / ub[j, j]
+            ca = cost[:, _PA[:, 0]] + (err * err)[:, _PA[:, 0], _PA[:, 1]]
+            cb = cost[:, _PB[:, 0]] + (err * err)[:, _PB[:, 0], _PB[:, 1]]
+            take_b = cb < ca
+            prev = jnp.where(take_b, _PB[:, 0], _PA[:, 0])
+            edge = (2 * prev + jnp.where(take_b, _PB[:, 1], _PA[:, 1]))[:, :, None]
+            k_in = jnp.take_along_axis(k.reshape(rows, 16), edge[..., 0], axis=1)
+            err_in = jnp.take_along_axis(err.reshape(rows, 16), edge[..., 0], axis=1)
+            adj = jnp.take_along_axis(adj, prev[:, :, None], axis=1)
+            adj = adj - err_in[:, :, None] * jnp.where(inner > j, ub[j], 0.0)
+            return (adj, jnp.where(take_b, cb, ca)), (prev, k_in, err_in)
+
+        cost0 = jnp.where(states == entry[:, None], 0.0, jnp.inf)
+        adj0 = jnp.broadcast_to(wb[:, None, :], (rows, 8, width))
+        (_, cost), (prev, k, err) = jax.lax.scan(column, (adj0, cost0), inner)
+        end = jnp.where(last, 0, jnp.argmin(cost, axis=1)).astype(jnp.int32)
+
+        def back(s, x):
+            at = lambda v: jnp.take_along_axis(v, s[:, None], axis=1)[:, 0]
+            return at(x[0]), (at(x[1]), at(x[2]))
+
+        _, (k_path, err_path) = jax.lax.scan(back, end, (prev, k, err), reverse=True)   # (width, rows)
+        later = jnp.where(jnp.arange(n)[None, :] >= start + width, jax.lax.dynamic_slice(u, (start, 0), (width, n)), 0.0)
+        return w - jnp.matmul(err_path.T, later, precision=jax.lax.Precision.HIGHEST), end, k_path
+
+    entry = jnp.zeros((rows,), jnp.int32)
+    parts = []
+    if head:
+        w, entry, k_head = block(w, entry, 0, head, n == head)
+        parts.append(k_head)
+    if n >= _BLOCK:
+        def full(carry, b):
+            w, entry = carry
+            w, end, k_b = block(w, entry, head + b * _BLOCK, _BLOCK, b == n // _BLOCK - 1)
+            return (w, end), k_b
+
+        _, k_full = jax.lax.scan(full, (w, entry), jnp.arange(n // _BLOCK))
+        parts.append(k_full.reshape(-1, rows))
+    return jnp.concatenate(parts).T
 
 
 def layer_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Array:
