@@ -27,12 +27,14 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
 * ``nncjax-sens-gptq-tab``: ``nncjax-sens-gptq`` whose GPTQ step also codes the model's lookup
   tables (``tables``: MiniLM's word embedding), fitted to and checked on their output-side row moments
   (:func:`nncjax.sensitivity.row_moments` at the allocation's row scales, on batches from
-  ``table_calib``, inside the wall time); for models with such tables (``gptq_lams``).
+  ``table_calib``, inside the wall time); for models with such tables (``gptq_lams``). With
+  ``gptq_dq="auto"`` (MiniLM) each of these tensors takes GPTQ on the DQ trellis where the real
+  coder codes that in fewer bits.
 * ``nncjax-sens-bnf-gptq``: ``nncjax-sens-bnf`` with the same GPTQ step before LSA
   (``optimize_ioq(..., moments=)``; ``bnf_gptq_lams``).
 * ``nncjax-sens-gptq-ft``: ``nncjax-sens-gptq-tab`` (``nncjax-sens-gptq`` for models without lookup
-  tables) followed by :func:`nncjax.fine_tuning.with_fine_tuning`:
-  the GPTQ levels are moved on their grid (QPs and scales kept) to lower the whole model's output
+  tables; the tables stay on the uniform grid) followed by :func:`nncjax.fine_tuning.with_fine_tuning`:
+  the uniform GPTQ levels are moved on their grid (QPs and scales kept) to lower the whole model's output
   distortion to the float model, on data disjoint from the evaluation (``ft_data``: other
   training images; non-noun WordNet glosses and single-word lemmas) for ``ft_steps`` steps with
   ``ft_method`` (``ft_lams``).
@@ -115,6 +117,9 @@ class Config:
     patch_stride: int = 1  # input_moments keeps every patch_stride-th conv patch
     tables: tuple = ()  # lookup tables GPTQ also codes, with their output-side row moments (row_moments)
     table_calib: object = None  # () -> (fit batches, check batches) of those row moments
+    tab_lams: list = dataclasses.field(default_factory=list)  # λ of sens-gptq-tab (default: gptq_lams)
+    gptq_dq: object = False  # with_error_feedback's dq= for sens-gptq-tab and sens-gptq-ft (their tables
+    # stay uniform in sens-gptq-ft: fine-tuning moves levels on the uniform grid only)
     lookup: object = None  # params -> (params, optimize kwargs): lookup-table preparation of sens-gptq
     ft_lams: list = dataclasses.field(default_factory=list)  # λ of sens + GPTQ + fine-tuning on the grid
     ft_data: object = None  # () -> list of batches the levels are fine-tuned on
@@ -234,6 +239,9 @@ def minilm_config(quick: bool, subset) -> Config:
                   # layers: non-noun texts again, 64 batches fitted, 32 others checked
                   tables=("params/word_embeddings/embedding",),
                   table_calib=lambda: split_batches(minilm_ft_batches(24 if quick else 96), 2 / 3),
+                  # GPTQ on the DQ trellis where the real coder finds it cheaper (most kernels)
+                  gptq_dq="auto",
+                  tab_lams=[6e-4] if quick else [5.5e-4, 5.75e-4, 6e-4, 6.5e-4, 7e-4],
                   ft_lams=[8e-4] if quick else [7e-4, 8e-4, 9e-4, 1e-3],
                   ft_data=lambda: minilm_ft_batches(16 if quick else 600),
                   ft_steps=10 if quick else 600,
@@ -355,8 +363,8 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
     fine = {"qp_density": 3, "base_qp": 2 * cfg.base_qp, "nonweight_qp": -150, "scale_qp": -48}
     runs += ([("nncjax-sens-gptq", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.gptq_lams]
              if "sens-gptq" in methods else [])
-    runs += ([("nncjax-sens-gptq-tab", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.gptq_lams]
-             if "sens-gptq-tab" in methods and cfg.tables else [])
+    runs += ([("nncjax-sens-gptq-tab", lam, {"init": "sensitivity", "steps": 0, **fine})
+              for lam in cfg.tab_lams or cfg.gptq_lams] if "sens-gptq-tab" in methods and cfg.tables else [])
     runs += ([("nncjax-sens-bc", lam, {"init": "sensitivity", "steps": 0}) for lam in cfg.bc_lams]
              if "sens-bc" in methods else [])
     runs += ([("nncjax-sens-gptq-ft", lam, {"init": "sensitivity", "steps": 0, **fine}) for lam in cfg.ft_lams]
@@ -370,8 +378,13 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
             kwargs = {**kwargs, **extra}
         rd = optimize(params, m.apply, cfg.tune, lam=lam, progress=False, **kwargs)
         if gptq:
-            tables_at = None if method == "nncjax-sens-gptq" else (params, rd)
-            params, rd = with_error_feedback(params, rd, **calib_moments(m, cfg, tables_at), progress=False)
+            plain = method == "nncjax-sens-gptq"
+            moments = calib_moments(m, cfg, None if plain else (params, rd))
+            if method == "nncjax-sens-gptq-ft" and cfg.gptq_dq is not False:
+                tables = {k: {n: moments[k].pop(n) for n in cfg.tables if n in moments[k]} for k in moments}
+                params, rd = with_error_feedback(params, rd, **tables, progress=False)
+            params, rd = with_error_feedback(params, rd, **moments, dq=False if plain else cfg.gptq_dq,
+                                             progress=False)
         if method == "nncjax-sens-gptq-ft":
             params, rd = with_fine_tuning(params, rd, m.apply, cfg.ft_data(), reference=m.params,
                                           steps=cfg.ft_steps, method=cfg.ft_method, progress=False)
@@ -386,8 +399,9 @@ def run_model(cfg: Config, oracle, csv_path: pathlib.Path, methods=METHODS,
         how = (f"base_qp {cfg.base_qp}; steps {cfg.grad_steps} (wall includes jit compile); D_tune final "
                f"{float(rd.history['distortion'][-1]):.3g}" if kwargs["steps"] else
                f"init=sensitivity steps=0 (wall includes jit compile); {len(rd.local_scales)} tensors with row scales")
-        if rd.dq_overrides:
-            how += f"; {len(rd.dq_overrides)} tensors GPTQ without DQ"
+        gptq_kinds = [sum(v is k for v in rd.dq_overrides.values()) for k in (False, True)]
+        if any(gptq_kinds):
+            how += f"; {gptq_kinds[0]} tensors GPTQ without DQ, {gptq_kinds[1]} on the DQ trellis"
         if method == "nncjax-sens-bc":
             how += "; biases / batch-norm means corrected"
         if method == "nncjax-sens-gptq-ft":
@@ -420,7 +434,7 @@ def plot(rows: list[dict], model: str, path: pathlib.Path) -> None:
              "nncjax-sens": ("v-", "nncjax sensitivity allocation, no steps (λ sweep)"),
              "nncjax-sens-bnf": ("D-", "nncjax BNF + sensitivity allocation + LSA (λ sweep)"),
              "nncjax-sens-gptq": ("P-", "nncjax sensitivity allocation + GPTQ for Dense / Conv kernels (λ sweep)"),
-             "nncjax-sens-gptq-tab": ("h-", "nncjax sensitivity allocation + GPTQ, lookup tables too (λ sweep)"),
+             "nncjax-sens-gptq-tab": ("h-", "nncjax sensitivity allocation + GPTQ (on the DQ trellis where cheaper), tables too (λ sweep)"),
              "nncjax-sens-bnf-gptq": ("X-", "nncjax BNF + sensitivity allocation + GPTQ + LSA (λ sweep)"),
              "nncjax-sens-bc": ("*-", "nncjax sensitivity allocation + bias correction (λ sweep)"),
              "nncjax-sens-gptq-ft": ("p-", "nncjax sensitivity allocation + GPTQ + levels fine-tuned (λ sweep)")}
@@ -508,7 +522,7 @@ def main() -> None:
     ap.add_argument("--sens-bnf-lams", type=float, nargs="+", default=None,
                     help="override the λ list of the pipeline with the sensitivity allocation")
     ap.add_argument("--gptq-lams", type=float, nargs="+", default=None,
-                    help="override the λ list of the sensitivity allocation + GPTQ")
+                    help="override the λ list of the sensitivity allocation + GPTQ (-tab too)")
     ap.add_argument("--bnf-gptq-lams", type=float, nargs="+", default=None,
                     help="override the λ list of the sensitivity pipeline + GPTQ")
     ap.add_argument("--bc-lams", type=float, nargs="+", default=None,
@@ -538,7 +552,8 @@ def main() -> None:
             cfg.lams = args.lams or cfg.lams
             cfg.sens_lams = args.sens_lams or cfg.sens_lams
             cfg.sens_bnf_lams = args.sens_bnf_lams or cfg.sens_bnf_lams
-            cfg.gptq_lams = args.gptq_lams or cfg.gptq_lams
+            if args.gptq_lams:
+                cfg.gptq_lams = cfg.tab_lams = args.gptq_lams
             cfg.bnf_gptq_lams = args.bnf_gptq_lams or cfg.bnf_gptq_lams
             cfg.bc_lams = args.bc_lams or cfg.bc_lams
             cfg.ft_lams = args.ft_lams or cfg.ft_lams
@@ -584,12 +599,14 @@ token's count in the verb, adjective and adverb glosses (`row_usage`). *nncjax-s
 *nncjax-sens-gptq* whose GPTQ step also codes MiniLM's word embedding, fitted to and checked on the
 Gauss-Newton matrix of a row's error at the model's output (`nncjax.sensitivity.row_moments` at the
 allocation's row scales, 64 + 32 batches of non-noun WordNet texts, about 55 s of the wall time on
-the CPU). *nncjax-sens-bnf-gptq*: the
+the CPU), with `dq="auto"`: each kernel and the table takes GPTQ on the DQ trellis
+(`quantize_gptq(dq=True)`) where the real coder codes that in fewer bits than uniform GPTQ (most of
+them). *nncjax-sens-bnf-gptq*: the
 same GPTQ step inside *nncjax-sens-bnf*, before LSA. *nncjax-sens-bc*: *nncjax-sens*, then
 `nncjax.with_bias_correction` on the tuning batches (each layer's mean output shift into its bias or
 the running mean of the batch norm it feeds). *nncjax-sens-gptq-ft*: *nncjax-sens-gptq-tab*
-(MiniLM) or *nncjax-sens-gptq* (Fashion-MNIST), then
-`nncjax.with_fine_tuning`: the GPTQ levels move on their grid (QPs, scales and size kept) to lower
+(MiniLM, with the word embedding on the uniform grid) or *nncjax-sens-gptq* (Fashion-MNIST), then
+`nncjax.with_fine_tuning`: the uniform GPTQ levels move on their grid (QPs, scales and size kept) to lower
 the whole model's output distortion, on data the evaluation never sees (Fashion-MNIST: 300 steps of
 the gradient-guided search on 128 other training images a step; MiniLM: 600 Adam steps of
 straight-through training on 32 non-noun WordNet glosses or 64 single-word non-noun lemmas a step).
@@ -602,7 +619,7 @@ one run (a later session, on a freshly installed machine, where IOQ ran in 10-11
 and a few points moved by one or two test images), its sens-bnf-gptq rows and MiniLM's sens-gptq
 rows in one run per method; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
 Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq-tab and sens-gptq-ft
-rows on 2026-12-06 in one run. The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
+rows (with the DQ trellis) in a later session on 2026-12-06, one run per method. The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
 `benchmarks/results/gpu_h100.md`.
 
 """
