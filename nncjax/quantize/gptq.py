@@ -240,9 +240,9 @@ def _trellis_feedback(w: jax.Array, u: jax.Array, step: jax.Array) -> jax.Array:
             cb = cost[:, _PB[:, 0]] + (err * err)[:, _PB[:, 0], _PB[:, 1]]
             take_b = cb < ca
             prev = jnp.where(take_b, _PB[:, 0], _PA[:, 0])
-            edge = (2 * prev + jnp.where(take_b, _PB[:, 1], _PA[:, 1]))[:, :, None]
-            k_in = jnp.take_along_axis(k.reshape(rows, 16), edge[..., 0], axis=1)
-            err_in = jnp.take_along_axis(err.reshape(rows, 16), edge[..., 0], axis=1)
+            edge = 2 * prev + jnp.where(take_b, _PB[:, 1], _PA[:, 1])  # (rows, 8) into (state, parity)
+            k_in = jnp.take_along_axis(k.reshape(rows, 16), edge, axis=1)
+            err_in = jnp.take_along_axis(err.reshape(rows, 16), edge, axis=1)
             adj = jnp.take_along_axis(adj, prev[:, :, None], axis=1)
             adj = adj - err_in[:, :, None] * jnp.where(inner > j, ub[j], 0.0)
             return (adj, jnp.where(take_b, cb, ca)), (prev, k_in, err_in)
