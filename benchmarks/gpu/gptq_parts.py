@@ -1,6 +1,7 @@
 """Where MiniLM-L6's sens-gptq time goes (``benchmarks/rd.py``'s settings, λ = 6e-4): the vocabulary
-preparation, the sensitivity allocation, the Dense input moments, and GPTQ's substitution, twice (the
-first pass compiles). ``python benchmarks/gpu/gptq_parts.py``"""
+preparation, the sensitivity allocation, the Dense input moments, and GPTQ's substitution (uniform, and
+``dq="auto"``: uniform or on the DQ trellis, whichever codes smaller), twice (the first pass compiles).
+``python benchmarks/gpu/gptq_parts.py``"""
 import pathlib
 import sys
 import time
@@ -23,8 +24,11 @@ for rep in range(2):
     t = time.perf_counter()
     moments = calib_moments(m, cfg)
     wall["moments"] = time.perf_counter() - t
-    t = time.perf_counter()
-    _, rd = with_error_feedback(params, rd, **moments, progress=False)
-    wall["gptq"] = time.perf_counter() - t
-    print(f"pass {rep}: " + ", ".join(f"{k} {v:.2f} s" for k, v in wall.items()) + f"; total {sum(wall.values()):.2f} s; "
-          f"{rd.estimated_bits / 8:.0f} B estimated", flush=True)
+    estimated = {}
+    for dq in (False, "auto"):
+        t = time.perf_counter()
+        _, rd_g = with_error_feedback(params, rd, **moments, dq=dq, progress=False)
+        wall[f"gptq dq={dq}"] = time.perf_counter() - t
+        estimated[dq] = rd_g.estimated_bits / 8
+    print(f"pass {rep}: " + ", ".join(f"{k} {v:.2f} s" for k, v in wall.items()) + "; estimated bytes " +
+          ", ".join(f"dq={k}: {v:.0f}" for k, v in estimated.items()), flush=True)
