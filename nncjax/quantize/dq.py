@@ -112,8 +112,9 @@ RateFn = Callable[[jax.Array, jax.Array], jax.Array]
 def _state_candidates(u: jax.Array) -> jax.Array:
     """Nonzero candidate ``|k|`` of the parity-0 and parity-1 transitions out of each state.
 
-    u: (..., 8) = |w| / step as seen from each state (the same value in every state for plain DQ).
-    Returns int32 (..., 8, 2): the candidates with ``|k| & 3 == r`` just above ``floor(u) - 1``;
+    u: (..., 8) = |w| / step as seen from each state, or (..., 1) when every state sees the same
+    value (plain DQ). Returns int32 (..., 8, 2): the candidates with ``|k| & 3 == r`` just above
+    ``floor(u) - 1``;
     quantizer 0 (even states) takes slots r = (0, 2), quantizer 1 (odd states) slots (3, 1).
     """
     m = jnp.maximum(1, jnp.floor(u).astype(jnp.int32) - 1)
@@ -128,7 +129,7 @@ def _edges(u: jax.Array, lam, rate: RateFn | None):
     u: (n,) = |w| / step. Returns cost (n, 8, 2) float32, absk (n, 8, 2) int32. Parity 0 keeps the
     cheaper of the nonzero candidate and zero (ties to the nonzero one, as NNCodec does).
     """
-    absk = _state_candidates(jnp.broadcast_to(u[:, None], (u.shape[0], 8)))          # (n, 8, 2)
+    absk = _state_candidates(u[:, None])                                               # (n, 8, 2)
     cost = (u[:, None, None] - absk.astype(jnp.float32)) ** 2
     zero_cost = jnp.broadcast_to((u * u)[:, None], (u.shape[0], 8))
     if rate is not None:
