@@ -22,7 +22,8 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   (``gptq_lams``; the wall time includes collecting the input moments, of every ``patch_stride``-th
   convolution patch). MiniLM's word embedding is
   prepared first (``minilm_lookup``, inside the wall time): the rows its tokenizer can never emit are
-  zeroed (exact) and every row's step follows its token's count in non-noun WordNet glosses
+  zeroed (exact) and every row's step follows its token's use in non-noun WordNet glosses and
+  lemmas, each occurrence weighted by the inverse square of its text's length
   (``optimize(row_usage=)``).
 * ``nncjax-sens-gptq-tab``: ``nncjax-sens-gptq`` whose GPTQ step also codes the model's lookup
   tables (``tables``: MiniLM's word embedding), fitted to and checked on their output-side row moments
@@ -184,20 +185,26 @@ def minilm_ft_batches(n: int) -> list[dict]:
 
 def minilm_lookup(params) -> tuple:
     """The word-embedding preparation of ``nncjax-sens-gptq``: zero the rows the tokenizer never emits
-    (exact: no embedding changes) and count how often each token occurs in the verb, adjective and
-    adverb glosses (disjoint from the noun evaluation) as the allocation's ``row_usage``."""
+    (exact: no embedding changes) and weigh each token by its use in the verb, adjective and adverb
+    glosses and single-word lemmas (disjoint from the noun evaluation, which embeds both kinds of
+    text) as the allocation's ``row_usage``. An occurrence in a text of ``L`` tokens counts
+    ``1 / L**2``: the model mean-pools its ``L`` token outputs, so an error in one token reaches the
+    embedding at ``1 / L`` and its squared error at ``1 / L**2`` (a one-word lemma's tokens weigh
+    far more than a long gloss's)."""
     from nncjax.models.minilm import tokenize, unreachable_rows
     from nncjax.pytree_names import flatten_named
     from nncjax.reduce import zero_rows
     rows = unreachable_rows()
     (name, dead), = rows.items()
-    texts = [g for pos in ("verb", "adj", "adv") for g in wordnet_glosses(pos)]
-    counts = np.zeros(np.shape(flatten_named(params)[name])[0])
+    texts = [t for pos in ("verb", "adj", "adv") for t in (*wordnet_glosses(pos), *wordnet_lemmas(pos))]
+    usage = np.zeros(np.shape(flatten_named(params)[name])[0])
     for i in range(0, len(texts), 1024):
         t = tokenize(texts[i:i + 1024], length=128)
-        counts += np.bincount(t["input_ids"][t["attention_mask"] > 0], minlength=len(counts))
-    counts[dead] = 0
-    return zero_rows(params, rows), {"row_usage": {name: counts}}
+        used = t["attention_mask"] > 0
+        weight = np.broadcast_to(1.0 / np.square(used.sum(1, keepdims=True)), used.shape)
+        usage += np.bincount(t["input_ids"][used], weights=weight[used], minlength=len(usage))
+    usage[dead] = 0
+    return zero_rows(params, rows), {"row_usage": {name: usage}}
 
 
 def split_batches(batches: list, fraction: float) -> tuple[list, list]:
@@ -232,7 +239,7 @@ def minilm_config(quick: bool, subset) -> Config:
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
-                  gptq_lams=[6e-4] if quick else [5.5e-4, 6e-4, 6.5e-4, 7e-4],
+                  gptq_lams=[6e-4] if quick else [5.5e-4, 6e-4, 6.5e-4, 7e-4, 7.5e-4],
                   calib=(fit, check, lambda b: b["attention_mask"] > 0),
                   lookup=minilm_lookup,
                   # the word embedding too, with what its rows' errors cost after LayerNorm and the
@@ -241,8 +248,8 @@ def minilm_config(quick: bool, subset) -> Config:
                   table_calib=lambda: split_batches(minilm_ft_batches(24 if quick else 96), 2 / 3),
                   # GPTQ on the DQ trellis where the real coder finds it cheaper (most kernels)
                   gptq_dq="auto",
-                  tab_lams=[6e-4] if quick else [5.5e-4, 5.75e-4, 6e-4, 6.5e-4, 7e-4],
-                  ft_lams=[8e-4] if quick else [7e-4, 8e-4, 9e-4, 1e-3],
+                  tab_lams=[6e-4] if quick else [6e-4, 6.5e-4, 7e-4, 7.5e-4, 8e-4],
+                  ft_lams=[8e-4] if quick else [7e-4, 8e-4, 8.5e-4, 9e-4, 1e-3],
                   ft_data=lambda: minilm_ft_batches(16 if quick else 600),
                   ft_steps=10 if quick else 600,
                   # many small noisy batches at fine steps: on held-out non-noun texts, Adam's
@@ -595,7 +602,8 @@ stays within DQ's on held-out inputs (WordNet verb glosses; other training image
 includes collecting the input moments (MiniLM: about 10 s on the CPU; Fashion-MNIST: every 8th conv
 patch). On MiniLM it first zeroes the
 1331 vocabulary rows the tokenizer can never emit (exact) and steps each word-embedding row by its
-token's count in the verb, adjective and adverb glosses (`row_usage`). *nncjax-sens-gptq-tab*:
+token's use in the verb, adjective and adverb glosses and single-word lemmas, an occurrence in a
+text of L tokens counting 1/L² (`row_usage`). *nncjax-sens-gptq-tab*:
 *nncjax-sens-gptq* whose GPTQ step also codes MiniLM's word embedding, fitted to and checked on the
 Gauss-Newton matrix of a row's error at the model's output (`nncjax.sensitivity.row_moments` at the
 allocation's row scales, 64 + 32 batches of non-noun WordNet texts, about 55 s of the wall time on
@@ -616,10 +624,10 @@ Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and m
 0.999 (MiniLM). Wall times are from a 2-core CPU machine, idle, all measured on 2026-11-23 with code
 whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc and sens-gptq rows in
 one run (a later session, on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s
-and a few points moved by one or two test images), its sens-bnf-gptq rows and MiniLM's sens-gptq
-rows in one run per method; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
-Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq-tab and sens-gptq-ft
-rows (with the DQ trellis) in a later session on 2026-12-06, one run per method. The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
+and a few points moved by one or two test images), its sens-bnf-gptq rows in one run; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
+Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq, sens-gptq-tab and
+sens-gptq-ft rows (token use from glosses and lemmas) on 2026-12-07 in one run (the sens-gptq-ft
+point at λ = 8.5e-4 in a second run right after it). The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
 `benchmarks/results/gpu_h100.md`.
 
 """

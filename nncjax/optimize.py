@@ -514,7 +514,9 @@ def optimize(
         plain text. The tensor's measured sensitivity is spread over its rows in proportion to the
         counts (:func:`nncjax.sensitivity.spread_over_rows`, pseudo-count 0.2x the mean count), so
         every row gets its own step: frequent tokens finer, rare and unseen ones coarser (within
-        ``max_scale_ratio``).
+        ``max_scale_ratio``). Counts may be weighted: for a mean-pooled sentence encoder, an
+        occurrence in a text of ``L`` tokens reaches the pooled output at ``1 / L``, so counting it
+        ``1 / L**2`` (its share of the squared error) ranks short texts' tokens as the distortion does.
       rate_sample: the training rate model of a tensor with more elements sees this many (evenly
         spaced runs of 256, bits scaled up); None: every element. The real-codec comparisons
         (``refine``, the sensitivity start's rate slopes) code as many elements (whole rows) with the
