@@ -1017,7 +1017,7 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     best: dict[str, tuple] = {}  # per tensor, the candidate with the fewest bits below the reference's
     for name, q, trellis, x_g, s, axis, bits_ref, bits_g in candidates:
         bits_ref, bits_g = bits_ref.result(), bits_g.result()
-        if bits_g < min(bits_ref, best[name][-1] if name in best else bits_ref):
+        if bits_g < (best[name][-1] if name in best else bits_ref):  # best's bits are below bits_ref
             best[name] = (q, trellis, x_g, s, axis, bits_ref, bits_g)
     updates = {}
     for name, (q, trellis, x_g, s, axis, bits_ref, bits_g) in best.items():

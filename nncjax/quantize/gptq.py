@@ -199,7 +199,8 @@ def _quantize_ordered(w: jax.Array, order: jax.Array, u: jax.Array, step: jax.Ar
 
 @jax.jit
 def _quantize_trellis(w: jax.Array, u: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``quantize_gptq(dq=True)``'s result from a precomputed :func:`_factor` in natural column order."""
+    """``quantize_gptq(dq=True)``'s result from a precomputed :func:`_checked_factor` ``u`` (natural
+    column order)."""
     k = _trellis_feedback(w, u, step)
     return k, k.astype(jnp.float32) * step[:, None]
 
@@ -216,8 +217,8 @@ def _trellis_feedback(w: jax.Array, u: jax.Array, step: jax.Array) -> jax.Array:
     from each state's own target, and a path's cost is its sum of ``(error / U_jj)^2``, which is
     GPTQ's output error. At the end of a block the best path is traced back and its errors reach
     the later blocks in one matmul, as in :func:`_error_feedback`. Rows start in state 0 and the
-    last block takes the path ending in state 0; it is whole (the odd columns form the first
-    block), and state 0 is reachable from every state in 3 steps."""
+    last block takes the path ending in state 0; it is whole (the ``columns % 64`` left over form
+    the first block), and state 0 is reachable from every state in 3 steps."""
     rows, n = w.shape
     head = n % _BLOCK
     states = jnp.arange(8, dtype=jnp.int32)
