@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from nncjax.coded_tensor import SCALING_SUFFIX
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.ready import block_roles, cast_leaf, map_onto, ready_flat
@@ -126,7 +127,13 @@ def _override_table(overrides, what: str, check, names: list[str], float_names: 
     for key, pat, value in patterns:
         hits = [n for n in names if n in float_names and pat.fullmatch(n)]
         if not hits:
-            raise InputError(f"{what} key {key!r} matches no float tensor (integer tensors are coded losslessly)")
+            hint = ""
+            if isinstance(key, str) and key.endswith(SCALING_SUFFIX) and key[:-len(SCALING_SUFFIX)] in names:
+                # optimize()'s settings name local-scale tensors that only params_for_encoding adds
+                hint = (f"; {key!r} is a local-scale tensor: encode settings.params_for_encoding(params), "
+                        f"which adds it, not the parameters alone")
+            raise InputError(f"{what} key {key!r} matches no float tensor (integer tensors are coded "
+                             f"losslessly){hint}")
         for n in hits:
             table.setdefault(n, value)
     return table

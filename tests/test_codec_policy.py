@@ -161,5 +161,8 @@ def test_qp_overrides_exact_then_regex():
         _override_table({"nope": -3}, "qp_overrides", s.check_qp, names, floats)
     with pytest.raises(InputError, match="matches no float tensor"):
         _override_table({"i": -3}, "qp_overrides", s.check_qp, names, floats)
+    # optimize()'s local-scale names exist only in params_for_encoding's output: the error says so
+    with pytest.raises(InputError, match="params_for_encoding"):
+        _override_table({"enc/w_scaling": -24}, "qp_overrides", s.check_qp, names, floats)
     with pytest.raises(InputError, match=r"qp_overrides\['enc/w'\]"):
         _override_table({"enc/w": 999}, "qp_overrides", s.check_qp, names, floats)
