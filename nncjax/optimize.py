@@ -495,7 +495,10 @@ def optimize(
         (PyTorch / NNR layout). See :func:`rows_axis`.
       scale_qp: QP of the coded scale deltas ``s - 1`` (default -24: step 1/64).
       select: predicate ``(name, leaf) -> bool`` or a list of names of the tensors to optimise
-        (default: float tensors with ``ndim > 1``, NNCodec's "weights").
+        (default: float tensors with ``ndim > 1``, NNCodec's "weights"). ``lambda n, x: True`` also
+        gives biases and normalisation vectors their own QPs instead of ``nonweight_qp``: worth it
+        where they are a visible share of the bytes (a small CNN's batch norms), not before
+        :func:`nncjax.with_bias_correction`, whose corrected biases then lose their precision.
       init_qps: optional starting QPs ``{name: qp}`` (e.g. :func:`nncjax.ioq.ioq_initial_qps`).
       init: ``"base"`` (start every tensor at ``base_qp`` or ``init_qps``, scales at 1) or
         ``"sensitivity"``: start from the closed-form allocation of
