@@ -22,9 +22,9 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   (``gptq_lams``; the wall time includes collecting the input moments, of every ``patch_stride``-th
   convolution patch). MiniLM's word embedding is
   prepared first (``minilm_lookup``, inside the wall time): the rows its tokenizer can never emit are
-  zeroed (exact) and every row's step follows its token's use in non-noun WordNet glosses and
-  lemmas, each occurrence weighted by the inverse square of its text's length
-  (``optimize(row_usage=)``).
+  zeroed (exact) and every row's step follows its token's use in the WordNet glosses and lemmas of
+  every synset the evaluation does not use (``calibration_texts``), each occurrence weighted by the
+  inverse square of its text's length (``optimize(row_usage=)``).
 * ``nncjax-sens-gptq-tab``: ``nncjax-sens-gptq`` whose GPTQ step also codes the model's lookup
   tables (``tables``: MiniLM's word embedding), fitted to and checked on their output-side row moments
   (:func:`nncjax.sensitivity.row_moments` at the allocation's row scales, on batches from
@@ -37,7 +37,7 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   tables; the tables stay on the uniform grid) followed by :func:`nncjax.fine_tuning.with_fine_tuning`:
   the uniform GPTQ levels are moved on their grid (QPs and scales kept) to lower the whole model's output
   distortion to the float model, on data disjoint from the evaluation (``ft_data``: other
-  training images; non-noun WordNet glosses and single-word lemmas) for ``ft_steps`` steps with
+  training images; ``calibration_texts``' glosses and single-word lemmas) for ``ft_steps`` steps with
   ``ft_method`` (``ft_lams``).
 * ``nncjax-sens-bc``: ``nncjax-sens`` followed by :func:`nncjax.bias_correction.with_bias_correction`
   on the tuning batches: each layer's mean output shift goes into its bias or the running mean of the
@@ -166,15 +166,25 @@ def wordnet_lemmas(pos: str) -> list[str]:
     return [w for w in words if w.isalpha() and w.isascii() and w.islower()]
 
 
+def calibration_texts() -> tuple[list[str], list[str]]:
+    """``(glosses, lemmas)`` of every WordNet synset (nouns, verbs, adjectives, adverbs) but the 1000
+    noun synsets the reverse-dictionary task evaluates: MiniLM's calibration texts (token usage,
+    the word embedding's row moments, fine-tuning), disjoint from the evaluation, as a training
+    split is from a test split."""
+    from nncjax.models.wordnet import reverse_dictionary_task
+    held_glosses, held_lemmas = (set(t) for t in reverse_dictionary_task())
+    pos = ("noun", "verb", "adj", "adv")
+    return ([g for p in pos for g in wordnet_glosses(p) if g not in held_glosses],
+            [w for p in pos for w in wordnet_lemmas(p) if w not in held_lemmas])
+
+
 def minilm_ft_batches(n: int) -> list[dict]:
-    """``n`` batches of non-noun WordNet texts (disjoint from the noun evaluation) for fine-tuning on
-    the grid, alternating 32 glosses (at most 32 tokens) and 64 single-word lemmas (at most 8 tokens):
-    the two kinds of text the evaluation embeds."""
+    """``n`` batches of :func:`calibration_texts` for fine-tuning on the grid, alternating 32 glosses
+    (at most 32 tokens) and 64 single-word lemmas (at most 8 tokens): the two kinds of text the
+    evaluation embeds."""
     from nncjax.models.minilm import tokenize
     rng = np.random.default_rng(1)
-    glosses = [g for pos in ("verb", "adj", "adv") for g in wordnet_glosses(pos)]
-    lemmas = [w for pos in ("verb", "adj", "adv") for w in wordnet_lemmas(pos)]
-    glosses, lemmas = ([t[i] for i in rng.permutation(len(t))] for t in (glosses, lemmas))
+    glosses, lemmas = ([t[i] for i in rng.permutation(len(t))] for t in calibration_texts())
     out = []
     for i in range(n):
         texts, size, length = (glosses, 32, 32) if i % 2 == 0 else (lemmas, 64, 8)
@@ -185,8 +195,8 @@ def minilm_ft_batches(n: int) -> list[dict]:
 
 def minilm_lookup(params) -> tuple:
     """The word-embedding preparation of ``nncjax-sens-gptq``: zero the rows the tokenizer never emits
-    (exact: no embedding changes) and weigh each token by its use in the verb, adjective and adverb
-    glosses and single-word lemmas (disjoint from the noun evaluation, which embeds both kinds of
+    (exact: no embedding changes) and weigh each token by its use in the glosses and single-word
+    lemmas of :func:`calibration_texts` (disjoint from the evaluation, which embeds both kinds of
     text) as the allocation's ``row_usage``. An occurrence in a text of ``L`` tokens counts
     ``1 / L**2``: the model mean-pools its ``L`` token outputs, so an error in one token reaches the
     embedding at ``1 / L`` and its squared error at ``1 / L**2`` (a one-word lemma's tokens weigh
@@ -196,7 +206,7 @@ def minilm_lookup(params) -> tuple:
     from nncjax.reduce import zero_rows
     rows = unreachable_rows()
     (name, dead), = rows.items()
-    texts = [t for pos in ("verb", "adj", "adv") for t in (*wordnet_glosses(pos), *wordnet_lemmas(pos))]
+    texts = [t for part in calibration_texts() for t in part]
     usage = np.zeros(np.shape(flatten_named(params)[name])[0])
     for i in range(0, len(texts), 1024):
         t = tokenize(texts[i:i + 1024], length=128)
@@ -239,17 +249,17 @@ def minilm_config(quick: bool, subset) -> Config:
                   -38, tune, {"bn_pairs": None, "lsa_steps": 10 if quick else 40, "rounds": 1,
                                   "offsets": (-4, -2, 2, 4), "ls_qp": -44}, 20 if quick else 60,
                   [1e-3] if quick else [5e-4, 7e-4, 8.5e-4, 1e-3], [],
-                  gptq_lams=[6e-4] if quick else [5.5e-4, 6e-4, 6.5e-4, 7e-4, 7.5e-4],
+                  gptq_lams=[8e-4] if quick else [6e-4, 7e-4, 8e-4, 9e-4],
                   calib=(fit, check, lambda b: b["attention_mask"] > 0),
                   lookup=minilm_lookup,
                   # the word embedding too, with what its rows' errors cost after LayerNorm and the
-                  # layers: non-noun texts again, 64 batches fitted, 32 others checked
+                  # layers: calibration texts again, 64 batches fitted, 32 others checked
                   tables=("params/word_embeddings/embedding",),
                   table_calib=lambda: split_batches(minilm_ft_batches(24 if quick else 96), 2 / 3),
                   # GPTQ on the DQ trellis where the real coder finds it cheaper (most kernels)
                   gptq_dq="auto",
-                  tab_lams=[6e-4] if quick else [6e-4, 6.5e-4, 7e-4, 7.5e-4, 8e-4],
-                  ft_lams=[8e-4] if quick else [7e-4, 8e-4, 8.5e-4, 9e-4, 1e-3],
+                  tab_lams=[8e-4] if quick else [7e-4, 8e-4, 9e-4, 1e-3],
+                  ft_lams=[1e-3] if quick else [9e-4, 1e-3, 1.1e-3, 1.2e-3],
                   ft_data=lambda: minilm_ft_batches(16 if quick else 600),
                   ft_steps=10 if quick else 600,
                   # many small noisy batches at fine steps: on held-out non-noun texts, Adam's
@@ -602,11 +612,11 @@ stays within DQ's on held-out inputs (WordNet verb glosses; other training image
 includes collecting the input moments (MiniLM: about 10 s on the CPU; Fashion-MNIST: every 8th conv
 patch). On MiniLM it first zeroes the
 1331 vocabulary rows the tokenizer can never emit (exact) and steps each word-embedding row by its
-token's use in the verb, adjective and adverb glosses and single-word lemmas, an occurrence in a
-text of L tokens counting 1/L² (`row_usage`). *nncjax-sens-gptq-tab*:
+token's use in the glosses and single-word lemmas of every WordNet synset but the 1000 evaluated
+(calibration texts), an occurrence in a text of L tokens counting 1/L² (`row_usage`). *nncjax-sens-gptq-tab*:
 *nncjax-sens-gptq* whose GPTQ step also codes MiniLM's word embedding, fitted to and checked on the
 Gauss-Newton matrix of a row's error at the model's output (`nncjax.sensitivity.row_moments` at the
-allocation's row scales, 64 + 32 batches of non-noun WordNet texts, about 55 s of the wall time on
+allocation's row scales, 64 + 32 batches of calibration texts, about 55 s of the wall time on
 the CPU), with `dq="auto"`: each kernel and the table takes GPTQ on the DQ trellis
 (`quantize_gptq(dq=True)`) where the real coder codes that in fewer bits than uniform GPTQ (most of
 them). *nncjax-sens-bnf-gptq*: the
@@ -617,7 +627,7 @@ the running mean of the batch norm it feeds). *nncjax-sens-gptq-ft*: *nncjax-sen
 `nncjax.with_fine_tuning`: the uniform GPTQ levels move on their grid (QPs, scales and size kept) to lower
 the whole model's output distortion, on data the evaluation never sees (Fashion-MNIST: 300 steps of
 the gradient-guided search on 128 other training images a step; MiniLM: 600 Adam steps of
-straight-through training on 32 non-noun WordNet glosses or 64 single-word non-noun lemmas a step).
+straight-through training on 32 glosses or 64 single-word lemmas of the calibration texts a step).
 λ prices one bit per weight in units of the relative output MSE on a small tuning set
 (Fashion-MNIST training images; WordNet verb glosses), the same objective for every method.
 Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR drop ≤ 0.005 and mean embedding cosine ≥
@@ -626,8 +636,8 @@ whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc a
 one run (a later session, on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s
 and a few points moved by one or two test images), its sens-bnf-gptq rows in one run; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
 Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq, sens-gptq-tab and
-sens-gptq-ft rows (token use from glosses and lemmas) on 2026-12-07 in one run (the sens-gptq-ft
-point at λ = 8.5e-4 in a second run right after it). The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
+sens-gptq-ft rows (calibration texts from every WordNet synset but the 1000 evaluated) on
+2026-12-07 in one run. The first point of each method includes its XLA compilation. GPU timings (one H100, same day) are in
 `benchmarks/results/gpu_h100.md`.
 
 """
