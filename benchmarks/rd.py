@@ -637,7 +637,7 @@ one run (a later session, on a freshly installed machine, where IOQ ran in 10-11
 and a few points moved by one or two test images), its sens-bnf-gptq rows in one run; the other rows in earlier runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
 Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq, sens-gptq-tab and
 sens-gptq-ft rows (calibration texts from every WordNet synset but the 1000 evaluated) on
-2026-12-07 in one run. The first point of each method includes its XLA compilation. GPU timings
+2026-12-07 in one run (the sens-gptq-ft point at λ = 1.05e-3 in a second run after it). The first point of each method includes its XLA compilation. GPU timings
 (one H100, same day) are in `benchmarks/results/gpu_h100.md`.
 
 """
