@@ -227,9 +227,12 @@ def test_crepe_pitch_metrics():
     m = models.get("crepe")
     metrics = m.eval(subset="ci")  # compared with itself: exact agreement
     assert metrics["n"] == 50 and metrics["within_50c"] > 0.95 and metrics["median_cents"] < 10
-    assert metrics["bins_mae"] == 0.0 and metrics["argmax_agree"] == 1.0
+    assert metrics["bins_mae"] == 0.0 and metrics["argmax_agree"] == 1.0 and metrics["cents_to_ref"] == 0.0
     noisy = m.eval(_noisy(m.params, 1.0), subset="ci")
     assert noisy["bins_mae"] > 0.01 and noisy["argmax_agree"] < 0.9 and noisy["within_50c"] < metrics["within_50c"]
+    assert noisy["cents_to_ref"] > 50.0
+    slight = m.eval(_noisy(m.params, 0.01), subset="ci")  # an argmax flips; the decoded pitch hardly moves
+    assert slight["argmax_agree"] < 1.0 and 0.0 < slight["cents_to_ref"] < 1.0
     assert crepe.evaluate(m.params, 10) == crepe.pitch_metrics(crepe.pitch_outputs(m.params, "ci")[:10])
 
 

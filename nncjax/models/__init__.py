@@ -16,7 +16,7 @@ digits_mlp  64-128-10 MLP on sklearn digits, trained on    360 test images: top1
 =========== ============================================== =================================================
 
 Every ``eval`` also reports agreement with the shipped weights' outputs on the same items
-(``mean_cosine``; ``bins_mae``, ``argmax_agree``; ``argmax_agree``), the numbers to watch when
+(``mean_cosine``; ``bins_mae``, ``argmax_agree``, ``cents_to_ref``; ``argmax_agree``), the numbers to watch when
 ``params`` are a decoded bitstream. ``subset="ci"`` is a small fixed subset for tests.
 
 Models and data install offline with ``tools/fetch_eval_data.sh``. Submodules import lazily, so

@@ -248,7 +248,7 @@ class EvalModel:
         apply: ``apply(params, batch) -> outputs``, pure and jit-able.
         evaluate: ``evaluate(params, subset) -> dict[str, float]``; see :meth:`eval`. For the models
             the dict also measures agreement with the shipped weights' outputs (minilm:
-            ``mean_cosine``; crepe: ``bins_mae``, ``argmax_agree``; classifiers: ``argmax_agree``).
+            ``mean_cosine``; crepe: ``bins_mae``, ``argmax_agree``, ``cents_to_ref``; classifiers: ``argmax_agree``).
         name_map: ``{flax_path: original_name}`` for every leaf of ``params`` (paths ``"/"``-joined).
         to_original: ``params -> {original_name: np.ndarray}`` in the original layout and names.
         from_original: ``{original_name: array} -> params`` (inverse of ``to_original``).

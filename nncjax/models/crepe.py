@@ -249,7 +249,9 @@ def pitch_metrics(act: np.ndarray, reference: np.ndarray | None = None) -> dict[
     """From activations ``(n, 360)`` on the first n task tones: ``within_50c`` (fraction of frames
     decoded within 50 cents of the true f0), ``median_cents`` (median absolute error), ``n``; with
     ``reference`` (the original model's activations) also ``bins_mae`` (mean absolute activation
-    difference) and ``argmax_agree`` (fraction of frames with the same argmax bin).
+    difference), ``argmax_agree`` (fraction of frames with the same argmax bin) and ``cents_to_ref``
+    (mean absolute difference of the decoded pitches, in cents: the output agreement to watch, as a
+    frame near a bin boundary flips its argmax for a fraction of a cent).
 
     Example:
         >>> pitch_metrics(pitch_outputs(load().params, "ci"))["within_50c"] > 0.95   # doctest: +SKIP
@@ -263,6 +265,7 @@ def pitch_metrics(act: np.ndarray, reference: np.ndarray | None = None) -> dict[
             raise InputError(f"reference activations have shape {reference.shape}, expected {act.shape}")
         metrics["bins_mae"] = float(np.mean(np.abs(act - reference)))
         metrics["argmax_agree"] = float(np.mean(act.argmax(1) == reference.argmax(1)))
+        metrics["cents_to_ref"] = float(np.mean(np.abs(decode_cents(act) - decode_cents(reference))))
     return metrics
 
 
