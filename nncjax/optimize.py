@@ -504,8 +504,10 @@ def optimize(
         ``"sensitivity"``: start from the closed-form allocation of
         :func:`nncjax.sensitivity.allocate_steps` (per-tensor QPs and per-row scales from the
         Gauss-Newton diagonal of the output distortion, :func:`~nncjax.sensitivity.output_sensitivity`
-        with ``probes`` probes per batch), calibrated once against the real codec (the model's
-        predicted D is rescaled to the measured one and the allocation redone). Rows the data never
+        with ``probes`` probes per batch), calibrated against the real codec (the model's predicted
+        D is rescaled to the measured one and the allocation redone, again while the two disagree,
+        as far from the quadratic regime; of the calibrated allocations, the lowest measured
+        ``D + lam * R`` is kept). Rows the data never
         exercise (e.g. embeddings of unseen tokens) make their tensor keep a single step. With
         ``steps=0`` this allocation (snapped and refined) is the result: no training step is
         compiled. Needs ``distortion="output"`` and ``lam > 0``.
@@ -692,14 +694,22 @@ def optimize(
 def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches: list, refs: list, statics: dict,
                        lam: float, n_weights: float, max_ratio: float):
     """Integer QPs ``(n,)``, decoded scales ``{name: (rows,)}``, their coded form and the evaluator
-    of the closed-form allocation, calibrated once against the real codec: the model's D
-    (``sum sens * err**2``) is rescaled to the D measured on ``batches`` and each tensor's rate slope
-    is measured by coding its row sample at its QP and one octave coarser; then the allocation is
-    redone with both."""
+    of the closed-form allocation, calibrated against the real codec.
+
+    The model's D (``sum sens * err**2``) is off from the D measured on ``batches`` by a factor
+    ``kappa``, so the allocation is redone at ``lam / kappa``; each tensor's rate slope comes from
+    coding its row sample at the first allocation's QP and one octave coarser. Far beyond the
+    quadratic regime ``kappa`` grows with the step, and one rescaling overshoots (a larger ``lam``
+    then gave a finer allocation): while the ``kappa`` measured at the new allocation is off by more
+    than ``_KAPPA_TOLERANCE``, the effective ``lam`` is solved for ``lam_eff * kappa(lam_eff) = lam``
+    by secant steps in log space. Of the calibrated allocations tried, the one with the lowest
+    measured ``D + lam * R`` (row-sample bits) is returned."""
     axes = {n: ax for n, sc, ax in zip(cfg.names, cfg.scaled, cfg.axes) if sc}
-    kappa, slopes, cache = 1.0, None, {}
-    for attempt in range(2):
-        alloc = allocate_steps({n: sens[n] for n in cfg.names}, lam / kappa, n_weights=n_weights, rows_axes=axes,
+    slopes, cache, tried, points = None, {}, [], []  # points: (log lam_eff, log(lam_eff * kappa))
+    lam_eff = lam
+    octave = 1 << cfg.qp_density
+    for attempt in range(_MAX_CALIBRATIONS):
+        alloc = allocate_steps({n: sens[n] for n in cfg.names}, lam_eff, n_weights=n_weights, rows_axes=axes,
                                rate_slope=slopes, max_ratio=max_ratio, qp_density=cfg.qp_density,
                                qp_range=(cfg.lo, cfg.hi))
         qps = np.clip(np.round([alloc.qp[n] for n in cfg.names]), cfg.lo, cfg.hi).astype(np.int64)
@@ -712,12 +722,9 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
                 coded[n] = _codec_reconstruct((s * float(rel)).astype(np.float32), cfg.scale_qp, cfg.qp_density, cfg.dq)
         scales = {n: ls for n, (ls, _) in coded.items()}
         ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics, cache)
-        octave = 1 << cfg.qp_density
-        ev.prefetch(zip(cfg.names, qps), "rec")
-        if attempt == 1:
-            break
         coarser = np.minimum(qps + octave, cfg.hi)
-        ev.prefetch([*zip(cfg.names, qps), *zip(cfg.names, coarser)], "sample")
+        ev.prefetch([*zip(cfg.names, qps), *(zip(cfg.names, coarser) if slopes is None else ())], "sample")
+        tried.append((ev.cost(qps, lam, n_weights), attempt, qps, scales, coded, ev))
         d_real = ev.distortion(qps)
         d_model = 0.0
         for n, q in zip(cfg.names, qps):  # one tensor's error at a time: no second copy of the model
@@ -725,12 +732,29 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
             d_model += float(np.sum(sens[n] * np.square(err)))
         if not (d_real > 0 and d_model > 0):
             break
-        kappa = d_real / d_model
-        slopes = {}
-        for n, q, c in zip(cfg.names, qps, coarser):
-            saved = (ev.sample_bits(n, int(q)) - ev.sample_bits(n, int(c))) / np.size(named[n]) if c > q else 1.0
-            slopes[n] = float(np.clip(saved, 0.05, 1.5))  # bits per weight per octave; bounded against noise
-    return qps.astype(np.float64), scales, coded, ev
+        points.append((math.log(lam_eff), math.log(lam_eff * d_real / d_model)))
+        if slopes is None:
+            slopes = {}
+            for n, q, c in zip(cfg.names, qps, coarser):
+                saved = (ev.sample_bits(n, int(q)) - ev.sample_bits(n, int(c))) / np.size(named[n]) if c > q else 1.0
+                slopes[n] = float(np.clip(saved, 0.05, 1.5))  # bits per weight per octave; bounded against noise
+            lam_eff = lam * d_model / d_real
+            continue
+        (x0, g0), (x1, g1) = points[-2], points[-1]
+        if abs(g1 - math.log(lam)) < math.log(_KAPPA_TOLERANCE):
+            break
+        # g(x) = x + log kappa(e^x) rises with slope >= 1 (kappa grows with the step); bounded against noise
+        slope = float(np.clip((g1 - g0) / (x1 - x0), 1.0, 4.0)) if x1 != x0 else 1.0
+        lam_eff = math.exp(x1 + (math.log(lam) - g1) / slope)
+    calibrated = tried[1:] or tried  # the uncalibrated allocation only when nothing could be measured
+    best = min(calibrated, key=lambda t: (t[0], -t[1]))  # ties: the later one
+    return best[2].astype(np.float64), best[3], best[4], best[5]
+
+
+_MAX_CALIBRATIONS = 4  # allocations tried by _sensitivity_start, the uncalibrated first one included
+# lam_eff * kappa within this factor of lam counts as calibrated: about what D moves by when one large
+# tensor's QP is rounded the other way at qp_density 2 (sqrt 2), noise for the fixed-point iteration
+_KAPPA_TOLERANCE = 1.5
 
 
 _QP_DELTA_BITS = 6.0  # the QP delta's code with qp_density's bits added: NNCodec's per-tensor overhead
@@ -818,10 +842,14 @@ class _HardEvaluator:
         return factor * levels_bits(quantize_tensor(x, qp, qp_density=qpd, dq=dq)[0], dq=dq)
 
     def distortion(self, qps: np.ndarray) -> float:
-        self.prefetch(zip(self.cfg.names, qps), "rec")
-        p_hat = replace_named(self.base, {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)})
-        return float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
-                              for b, r in zip(self.batches, self.refs)]))
+        """Mean D over the batches of the decoder's reconstruction at ``qps`` (cached per assignment)."""
+        key = ("D", tuple(int(q) for q in qps), tuple(self._scale_key.get(n, b"") for n in self.cfg.names))
+        if key not in self._cache:
+            self.prefetch(zip(self.cfg.names, qps), "rec")
+            p_hat = replace_named(self.base, {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)})
+            self._cache[key] = float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
+                                              for b, r in zip(self.batches, self.refs)]))
+        return self._cache[key]
 
     def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:
         """``D + lam * R / n_weights`` with ``R`` from the row samples (for comparing assignments)."""

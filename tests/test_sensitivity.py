@@ -132,6 +132,21 @@ def test_sensitivity_allocation_beats_uniform_qp_at_equal_size(digits):
     assert sizes[0] > sizes[1] > sizes[2]
 
 
+def test_calibration_keeps_size_falling_with_lam_beyond_the_quadratic_regime():
+    """CREPE's distortion outgrows the Gauss-Newton model at coarse steps (kappa about 24 at
+    lam = 0.1): one rescaling of lam overshot to a finer allocation than at lam = 0.03. The
+    iterated calibration keeps the size falling as lam rises."""
+    from nncjax import models
+    from nncjax.models.crepe import harmonic_tones
+
+    m = models.get("crepe")
+    frames = jnp.asarray(harmonic_tones(256, seed=1)[0])  # not the evaluation's tones (seed 0)
+    tune = [frames[i:i + 64] for i in range(0, 256, 64)]
+    bits = [optimize(m.params, m.apply, tune, lam=lam, init="sensitivity", steps=0, progress=False).estimated_bits
+            for lam in (1e-2, 3e-2, 1e-1)]
+    assert bits[0] > bits[1] > bits[2], bits
+
+
 def test_sensitivity_start_then_training_steps(digits):
     m, calib, _ = digits
     rd = optimize(m.params, m.apply, calib, lam=3e-3, init="sensitivity", steps=3, refine=0, progress=False)
