@@ -26,3 +26,46 @@ def test_rd_quick_run_writes_csv_plot_and_report(tmp_path):
     assert (tmp_path / "rd_fashion_cnn.png").stat().st_size > 10_000
     report = (tmp_path / "RD.md").read_text()
     assert "nncjax-sens-bc" in report and "Does gradient RD reach each IOQ point?" in report
+
+
+def _rd_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import rd
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return rd
+
+
+def test_transparency_and_dominance_follow_each_models_quality_bounds():
+    rd = _rd_module()
+    ref = {"top1": 0.9283, "mrr": 0.4721, "within_50c": 1.0}
+    assert rd.transparent("fashion_cnn", {"top1": 0.9273}, ref)
+    assert not rd.transparent("fashion_cnn", {"top1": 0.9272}, ref)
+    assert rd.transparent("minilm", {"mrr": 0.4671, "mean_cosine": 0.999}, ref)
+    assert not rd.transparent("minilm", {"mrr": 0.48, "mean_cosine": 0.9989}, ref)
+    # CREPE: one more tone of 500 off by over 50 cents is allowed; its pitch difference is bounded above
+    assert rd.transparent("crepe", {"within_50c": 0.998, "cents_to_ref": 1.0}, ref)
+    assert not rd.transparent("crepe", {"within_50c": 0.996, "cents_to_ref": 0.5}, ref)
+    assert not rd.transparent("crepe", {"within_50c": 1.0, "cents_to_ref": 1.01}, ref)
+    a, b = {"within_50c": 1.0, "cents_to_ref": 0.6}, {"within_50c": 1.0, "cents_to_ref": 0.8}
+    assert rd.no_worse("crepe", a, b) and not rd.no_worse("crepe", b, a)
+
+
+def test_report_of_a_model_with_an_upper_bound_metric():
+    """The summary's columns and IOQ comparison come from the model's bounds: a gradient point with a
+    smaller pitch difference reaches IOQ's point, one with a larger difference does not."""
+    rd = _rd_module()
+
+    def row(method, setting, nbytes, cents, wall=""):
+        return {"method": method, "setting": setting, "bytes": nbytes, "within_50c": 1.0, "cents_to_ref": cents,
+                "transparent": cents <= 1.0, "opt_wall_s": wall}
+
+    rows = [row("float", "float32", 1948384, 0.0), row("nncodec", "qp=-14", 180324, 0.967),
+            row("nncjax-ioq", "lam=0.003", 159257, 0.816, 38.0),
+            row("nncjax-sens", "lam=0.001", 150000, 0.9, 3.0),
+            row("nncjax-sens-gptq-ft", "lam=0.003", 104754, 0.684, 114.0)]
+    text = rd.summary(rows, "crepe")
+    assert "pitch difference to float32 [cents] ≤ 1" in text
+    assert "| nncjax-sens-gptq-ft | 104754 | 0.581 (41.9 % smaller) | lam=0.003 | 1.0000 | 0.684 | 114.0 |" in text
+    assert "| 0.003 | 159257 | 1.0000 | 38.0 | nncjax-sens-gptq-ft lam=0.003 | 104754 | 1.0000 | 114.0 | 0.3x |" in text
