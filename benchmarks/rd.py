@@ -182,8 +182,10 @@ def crepe_config(quick: bool, subset) -> Config:
                   [1e-3] if quick else [1e-3, 3e-3, 1e-2],
                   -14, tones(1, 256, 64), {"bn_pairs": None, "lsa_steps": 20 if quick else 150,
                                            "rounds": 1 if quick else 2, "ls_qp": -44}, 30 if quick else 100,
-                  [1e-3] if quick else [3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3, 2e-3], [],
+                  [1e-3] if quick else [3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3, 2e-3],
+                  [2e-3] if quick else [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],  # sens-bnf: nothing folds, LSA does
                   gptq_lams=[2e-3] if quick else [5e-4, 7e-4, 1e-3, 2e-3],
+                  bnf_gptq_lams=[1e-3] if quick else [5e-4, 1e-3, 2e-3],
                   bc_lams=[1e-3] if quick else [5e-4, 7e-4, 1e-3, 1.5e-3],
                   # GPTQ's input moments: tones of two more seeds, one fitted, the other checked
                   calib=(tones(2, 1024, 256), tones(3, 1024, 256), None),
@@ -698,7 +700,8 @@ runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
 Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq, sens-gptq-tab and
 sens-gptq-ft rows (calibration texts from every WordNet synset but the 1000 evaluated) on
 2026-12-07 in one run (the sens-gptq-ft point at λ = 1.05e-3 in a second run after it); CREPE's rows
-on 2026-12-07 in one run. The first point of each method includes its XLA compilation. GPU timings
+on 2026-12-07 in one run, its sens-bnf and sens-bnf-gptq rows (no batch norm folds there: the
+allocation and LSA) in a second run after it. The first point of each method includes its XLA compilation. GPU timings
 (one H100, same day) are in `benchmarks/results/gpu_h100.md`.
 
 """
