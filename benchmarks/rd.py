@@ -13,8 +13,8 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   closed-form allocation from Gauss-Newton sensitivities (per-tensor QPs, per-row scales), calibrated
   against the real codec, no training steps; its own λ list (``sens_lams``).
 * ``nncjax-sens-bnf``: :func:`nncjax.pipeline.optimize_ioq` with ``allocation="sensitivity"``: IOQ's
-  pipeline (BN folding, LSA, same settings) with that allocation in place of IOQ's search; for models
-  with batch norm (``sens_bnf_lams``).
+  pipeline (BN folding, LSA, same settings) with that allocation in place of IOQ's search
+  (``sens_bnf_lams``; on CREPE, whose batch norms follow ReLUs, nothing folds: the allocation, then LSA).
 * ``nncjax-sens-gptq``: ``nncjax-sens`` at ``qp_density=3`` (finer QPs, the same steps and
   non-weight precision as the others), followed by :func:`nncjax.optimize.with_error_feedback`: each
   ``Dense`` and ``Conv`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose
