@@ -69,3 +69,19 @@ def test_report_of_a_model_with_an_upper_bound_metric():
     assert "pitch difference to float32 [cents] ≤ 1" in text
     assert "| nncjax-sens-gptq-ft | 104754 | 0.581 (41.9 % smaller) | lam=0.003 | 1.0000 | 0.684 | 114.0 |" in text
     assert "| 0.003 | 159257 | 1.0000 | 38.0 | nncjax-sens-gptq-ft lam=0.003 | 104754 | 1.0000 | 114.0 | 0.3x |" in text
+
+
+def test_rd_quick_run_on_the_held_out_model(tmp_path):
+    """CREPE's path (its own quality bounds, LSA without folding) runs end to end too."""
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rd.py"), "--quick", "--models", "crepe",
+                          "--methods", "sens", "sens-bnf", "--subset", "50", "--out", str(tmp_path)],
+                         check=False, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "rd_crepe.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"float", "nncjax-sens", "nncjax-sens-bnf"}
+    assert float(rows["float"]["cents_to_ref"]) == 0.0
+    for m in ("nncjax-sens", "nncjax-sens-bnf"):
+        assert 0 < int(rows[m]["bytes"]) < 1948384 / 5 and 0.0 < float(rows[m]["cents_to_ref"]) < 50.0
+    assert (tmp_path / "rd_crepe.png").stat().st_size > 10_000
+    assert "pitch difference to float32 [cents] ≤ 1" in (tmp_path / "RD.md").read_text()
