@@ -843,7 +843,7 @@ class _HardEvaluator:
 
     def distortion(self, qps: np.ndarray) -> float:
         """Mean D over the batches of the decoder's reconstruction at ``qps`` (cached per assignment)."""
-        key = ("D", tuple(int(q) for q in qps), tuple(self._scale_key.get(n, b"") for n in self.cfg.names))
+        key = ("D", *(self._key(n, q, "D") for n, q in zip(self.cfg.names, qps)))
         if key not in self._cache:
             self.prefetch(zip(self.cfg.names, qps), "rec")
             p_hat = replace_named(self.base, {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)})
