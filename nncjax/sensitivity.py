@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import subjaxprs
 
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
@@ -54,17 +55,44 @@ def _random_cotangent(ys: Any, key: jax.Array) -> Any:
     return jax.tree_util.tree_unflatten(treedef, v)
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
-def _squared_probes(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int) -> dict:
-    """Sum over ``probes`` random-sign probes of ``(J^T v)**2``: an estimate of ``diag(G)`` of this
-    batch's D, times ``probes``."""
+@functools.partial(jax.jit, static_argnames=("apply_fn", "probes", "batched"))
+def _squared_probes(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int,
+                    batched: bool) -> dict:
+    """``{name: float32 (shape)}``: the sum over ``probes`` random-sign probes of ``(J^T v)**2``, i.e. this
+    batch's D, times ``probes``. ``batched``: all probes in one VJP with a leading probe axis
+    (:func:`_batch_probes` says when that pays)."""
     ys, vjp = jax.vjp(lambda w: apply_fn(replace_named(params, w), batch), weights)
+    keys = jax.random.split(key, probes)
+    if batched:
+        (g,) = jax.vmap(vjp)(jax.vmap(lambda k: _random_cotangent(ys, k))(keys))
+        # summed probe by probe, in the loop's order
+        return jax.tree_util.tree_map(lambda x: functools.reduce(jnp.add, jnp.square(x.astype(jnp.float32))), g)
     # a Python loop, not lax.scan: XLA:CPU runs convolutions inside a loop body about 10x slower
     acc = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, jnp.float32), weights)
-    for k in jax.random.split(key, probes):
+    for k in keys:
         (g,) = vjp(_random_cotangent(ys, k))
         acc = jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g)
     return acc
+
+
+_BATCHED_PROBE_BYTES = 1 << 31  # at most this much float32 gradient for all probes at once
+
+
+def _batch_probes(apply_fn: Callable, params: Any, batch: Any, n_weights: int, probes: int) -> bool:
+    """Whether :func:`_squared_probes` should run its probes as one batched VJP: larger matmuls run
+    faster and the trace compiles once, not ``probes`` times (MiniLM-L6 on the CPU: 2.1 s instead of
+    2.7 s a batch, compiled in 1.4 s less). Not for models with convolutions, whose VJP with a
+    batched cotangent XLA:CPU runs about 1.7x slower (the Fashion-MNIST CNN), nor where the
+    gradients of all probes together would take more than ``_BATCHED_PROBE_BYTES``."""
+    if probes < 2 or 4 * probes * n_weights > _BATCHED_PROBE_BYTES:
+        return False
+    jaxprs = [jax.make_jaxpr(apply_fn)(params, batch).jaxpr]
+    while jaxprs:
+        j = jaxprs.pop()
+        if any(e.primitive.name == "conv_general_dilated" for e in j.eqns):
+            return False
+        jaxprs.extend(subjaxprs(j))
+    return True
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
@@ -118,9 +146,11 @@ def output_sensitivity(
     weights = {n: named[n] for n in chosen}
     key = jax.random.PRNGKey(seed)
     total = None
+    batched = _batch_probes(apply_fn, params, batches[0], sum(int(np.size(w)) for w in weights.values()),
+                            int(probes))
     for i, batch in enumerate(batches):
         acc = _squared_probes(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
-                              probes=int(probes))
+                              probes=int(probes), batched=batched)
         total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     scale = 1.0 / (int(probes) * len(batches))
     return {n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen}

@@ -231,6 +231,27 @@ def test_sensitivity_step_compiles_once():
     assert _squared_probes._cache_size() == before
 
 
+def _conv(p, x):
+    return jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def test_probes_batched_where_it_pays_and_equal_to_the_loop():
+    from nncjax.sensitivity import _BATCHED_PROBE_BYTES, _batch_probes, _squared_probes
+    p = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32), "b": jnp.ones(3)}
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(16, 4)), jnp.float32)
+    pc = {"k": jnp.ones((3, 3, 2, 2))}
+    xc = jnp.ones((2, 5, 5, 2))
+    assert _batch_probes(_linear, p, x, 15, 4)
+    assert not _batch_probes(jax.jit(_conv), pc, xc, 36, 4)  # found inside the nested jit too
+    assert not _batch_probes(_linear, p, x, 15, 1)
+    assert not _batch_probes(_linear, p, x, _BATCHED_PROBE_BYTES // 16 + 1, 4)  # too much gradient at once
+    for f, params, batch in ((_linear, p, x), (_conv, pc, xc)):
+        runs = [_squared_probes(params, params, batch, jax.random.PRNGKey(3), apply_fn=f, probes=4, batched=b)
+                for b in (False, True)]
+        for n in params:
+            np.testing.assert_allclose(runs[1][n], runs[0][n], rtol=1e-5)
+
+
 def _table_model(seed=0, rows=40, cols=12, outs=3):
     """A lookup table whose rows go through LayerNorm's mean removal and a narrow projection: its
     output sees few directions of a row's error, and none of an error shared by the whole row."""
