@@ -360,6 +360,44 @@ def _output_mse(y, ref):
     return jnp.mean((y - ref) ** 2) / (jnp.var(ref) + 1e-12)
 
 
+def relative_output_mse(y: Any, ref: Any) -> jax.Array:
+    """``D`` of outputs ``y`` against reference outputs ``ref`` (pytrees of the same structure): per
+    leaf the mean squared error over the reference's variance, both cast to float32 (so bool and
+    integer outputs count too), averaged over the leaves. Returns a float32 scalar, differentiable in ``y``.
+
+    >>> float(relative_output_mse({"a": jnp.array([1.0, 3.0])}, {"a": jnp.array([1.0, 2.0])}))
+    2.0
+    """
+    return _tree_mean(_output_mse, y, ref)
+
+
+def check_lam(lam: Any) -> float:
+    """``lam`` as a float, after checking that it is a real, finite number >= 0 (a Python, NumPy or
+    0-d JAX scalar); raises InputError otherwise.
+
+    >>> check_lam(np.float32(0.5)), check_lam(jnp.asarray(2))
+    (0.5, 2.0)
+    """
+    try:
+        kind = np.asarray(lam).dtype
+        real = np.ndim(lam) == 0 and np.issubdtype(kind, np.number) and not np.issubdtype(kind, np.complexfloating)
+        value = float(lam) if real else math.nan
+    except (TypeError, ValueError):  # not a number at all, or a traced value
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"lam must be a real, finite number >= 0, got {lam!r}")
+    return value
+
+
+def check_finite_outputs(refs: list) -> None:
+    """Raises InputError if the model's outputs on any batch (``refs``, one pytree per batch) hold
+    NaN or Inf: every ``D`` would then be NaN, and the error would surface far away, as NaN QPs."""
+    for i, ref in enumerate(refs):
+        for leaf in jax.tree_util.tree_leaves(ref):
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not np.all(np.isfinite(np.asarray(leaf))):
+                raise InputError(f"the model's outputs on batch {i} contain NaN or Inf: check the data")
+
+
 def _output_kl(y, ref):
     logp_ref = jax.nn.log_softmax(jnp.asarray(ref, jnp.float32), axis=-1)
     logp = jax.nn.log_softmax(jnp.asarray(y, jnp.float32), axis=-1)
@@ -409,9 +447,7 @@ def _train_step(theta, opt_state, base, weights, batch, ref, rng, lam_n, *, cfg,
 
 def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
                 max_scale_ratio):
-    if not isinstance(lam, (int, float, np.floating, np.integer)) or isinstance(lam, bool) \
-            or not math.isfinite(float(lam)) or float(lam) < 0:
-        raise InputError(f"lam must be a finite number >= 0, got {lam!r}")
+    check_lam(lam)
     if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
         raise InputError(f"steps must be an integer >= 0, got {steps!r}")
     if mode not in _MODES:
@@ -540,7 +576,8 @@ def optimize(
       :class:`RDSettings` (``qp_overrides``, ``local_scales``, ``history``, ``estimated_bits``).
 
     Raises:
-      InputError for bad arguments.
+      InputError: bad arguments; NaN or Inf in ``params`` (the tensors are named), in the model's
+        outputs on a batch (the data), or in the first step's loss or the quantized model's ``D``.
 
     Example:
       >>> rd = optimize(m.params, m.apply, x_calib, lam=3e-3, steps=100)         # doctest: +SKIP
@@ -591,6 +628,12 @@ def optimize(
     unknown = set(row_usage) - {n for n in chosen if jnp.ndim(named[n]) >= 2}
     if unknown:
         raise InputError(f"row_usage names tensors that are not optimised with row scales: {sorted(unknown)}")
+    bad = [n for n, x in named.items() if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+           and not np.all(np.isfinite(np.asarray(x)))]
+    if bad:
+        raise InputError(f"params hold NaN or Inf in {bad[:5]}")
+    refs = [None if loss is not None else _apply(params, b, apply_fn=apply_fn) for b in batches]
+    check_finite_outputs([r for r in refs if r is not None])
     sens = None
     if init == "sensitivity":
         sens = output_sensitivity(params, apply_fn, batches, probes=probes, select=chosen, seed=seed)
@@ -620,7 +663,6 @@ def optimize(
     weights = {n: jnp.asarray(named[n], jnp.float32) for n in cfg.names}
     n_weights = float(sum(np.size(w) for w in weights.values()))
     statics = {"apply_fn": apply_fn, "loss": loss, "distortion": distortion}
-    refs = [None if loss is not None else _apply(params, b, apply_fn=apply_fn) for b in batches]
 
     step_s = float(qp_to_step_jax(cfg.scale_qp, qpd))
     start = None
@@ -645,6 +687,8 @@ def optimize(
                                             jax.random.fold_in(rng, i), lam_n, cfg=cfg, optimizer=optimizer,
                                             **statics)
         hist.append(rec)
+        if i == 0 and not np.all(np.isfinite(np.asarray(rec))):  # one sync: NaN data or loss= would train on NaN
+            raise InputError("the first step's loss is NaN or Inf: check the data (and loss=)")
         if progress and (i % 10 == 0 or i == steps - 1):
             total, d, r = (float(v) for v in rec)
             bar.set_postfix(loss=f"{total:.4g}", D=f"{d:.3g}", bits=f"{r:.0f}")
@@ -847,8 +891,12 @@ class _HardEvaluator:
         if key not in self._cache:
             self.prefetch(zip(self.cfg.names, qps), "rec")
             p_hat = replace_named(self.base, {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)})
-            self._cache[key] = float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
-                                              for b, r in zip(self.batches, self.refs)]))
+            d = float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
+                               for b, r in zip(self.batches, self.refs)]))
+            if not math.isfinite(d):
+                raise InputError("D of the quantized model is NaN or Inf on the tuning data: check the data "
+                                 "(and loss=)")
+            self._cache[key] = d
         return self._cache[key]
 
     def cost(self, qps: np.ndarray, lam: float, n_weights: float) -> float:

@@ -58,7 +58,7 @@ from nncjax.coded_tensor import (
 )
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
-from nncjax.optimize import optimize, with_error_feedback
+from nncjax.optimize import check_finite_outputs, check_lam, optimize, relative_output_mse, with_error_feedback
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -146,7 +146,7 @@ class CodingLayout:
         for name, leaf in named_leaves(variables).items():
             if name in consumed:
                 continue
-            kind = "kernel" if kernel_rows(name, leaf) else "leaf"
+            kind = "kernel" if kernel_rows(name, leaf) and _is_float(leaf) else "leaf"
             entries.append((name, kind, name))
         return CodingLayout(variables, tuple(pairs), float(eps), tuple(entries))
 
@@ -240,7 +240,8 @@ class IOQResult:
     """What :func:`optimize_ioq` produced.
 
     Attributes:
-      tensors: ``{coded name: float32 np.ndarray}`` to pass to :func:`nncjax.encode`, in coding order.
+      tensors: ``{coded name: np.ndarray}`` to pass to :func:`nncjax.encode`, in coding order: float32,
+        except integer and bool leaves, which keep their dtype (the codec codes them losslessly).
       qp_overrides: ``{coded name: qp}`` for every float tensor.
       qp, qp_density, nonweight_qp, dq: the global codec settings.
       dq_overrides: ``{weight: False}`` for the kernels coded with GPTQ (``moments``); their block
@@ -249,7 +250,8 @@ class IOQResult:
       lam: the rate price used (per bit per weight).
       wall_s: ``{"fold", "alloc", "lsa", "total"}`` seconds spent in each stage.
       history: ``{"weight_qps": {name: qp}, "d_alloc": D after the QP allocation, "d_lsa": D after LSA (tuning set,
-        scales quantized), "lsa_losses": (steps,)}``.
+        scales quantized), "lsa_kept": whether LSA's scales and biases were kept (only where they lowered D;
+        else ``tensors`` are the allocation's and ``d_lsa == d_alloc``), "lsa_losses": (steps,)}``.
 
     Example:
       >>> data = nncjax.encode(res.tensors, **res.encode_kwargs())          # doctest: +SKIP
@@ -303,9 +305,8 @@ class IOQResult:
 # the pipeline
 
 
-def _relative_mse(y: Any, ref: Any) -> jax.Array:
-    ys, rs = jax.tree_util.tree_leaves(y), jax.tree_util.tree_leaves(ref)
-    return sum(jnp.mean((a - b) ** 2) / jnp.maximum(jnp.var(b), 1e-30) for a, b in zip(ys, rs)) / len(ys)
+def _is_float(x: Any) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
 def optimize_ioq(
@@ -365,14 +366,16 @@ def optimize_ioq(
       :class:`IOQResult` (``tensors``, ``qp_overrides``, ``restore``, ``wall_s``, ``history``).
 
     Raises:
-      InputError: bad arguments (``lam``, QPs, ``allocation``).
+      InputError: bad arguments (``lam``, QPs, ``allocation``); NaN or Inf in the model's outputs on a batch.
+
+    Integer and bool leaves are coded losslessly as they are (no QP); LSA's scales and biases are kept
+    only where they lower ``D`` on ``data`` (``history["lsa_kept"]``).
 
     Example:
       >>> res = optimize_ioq(m.params, m.apply, x_tune, lam=1e-3, base_qp=-30)   # doctest: +SKIP
       >>> variables_hat = nncjax.decode(nncjax.encode(res.tensors, **res.encode_kwargs()), like=m.params)  # doctest: +SKIP
     """
-    if not (isinstance(lam, (int, float)) and np.isfinite(lam) and lam >= 0):
-        raise InputError(f"lam must be a finite number >= 0, got {lam!r}")
+    lam = check_lam(lam)
     if allocation not in _ALLOCATIONS:
         raise InputError(f"allocation must be one of {_ALLOCATIONS}, got {allocation!r}")
     if allocation == "sensitivity" and not lam > 0:
@@ -399,17 +402,18 @@ def optimize_ioq(
     scaled = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")] if lsa_steps else []
     leaves = named_leaves(variables)
     weights = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")
-               or (kind == "leaf" and np.ndim(leaves[n]) > 1)]
+               or (kind == "leaf" and np.ndim(leaves[n]) > 1 and _is_float(leaves[n]) and np.size(leaves[n]))]
     t_fold = time.perf_counter()
 
     refs = [jax.jit(apply_fn)(variables, b) for b in batches]
+    check_finite_outputs(refs)
 
     def apply_coded(c, batch):
         return apply_fn(layout.to_variables(c), batch)
 
     @jax.jit
     def distortion_one(c, batch, ref):
-        return _relative_mse(apply_coded(c, batch), ref)
+        return relative_output_mse(apply_coded(c, batch), ref)
 
     def distortion(c: Mapping[str, Any]) -> float:
         c = {k: jnp.asarray(v) for k, v in c.items()}
@@ -428,21 +432,25 @@ def optimize_ioq(
     # the fixed (1-D) tensors as decoded: a block's members share its weight's dq_flag
     unit_dq = {n: dq_overrides.get(w, dq) for w, roles in layout.blocks().items() for n in [w, *roles.values()]}
     for n, q in _fixed_qps(layout, weights, nonweight_qp, ls_qp).items():
-        qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=unit_dq.get(n, dq))
+        if _is_float(tensors[n]):
+            qps[n], hat[n] = q, codec_reconstruct(tensors[n], q, qp_density=qpd, dq=unit_dq.get(n, dq))
+        else:
+            hat[n] = tensors[n]
     d_alloc = distortion(hat)
     t_alloc = time.perf_counter()
 
     # 3. LSA: weights frozen at their decoded values; per-row scales and biases (1-D "bias" leaves,
     # folded BI included) trained on the output-matching loss; the scales multiply the LS tensors
     losses = np.zeros((0,))
-    d_lsa = d_alloc
+    d_lsa, lsa_kept = d_alloc, False
     if lsa_steps:
+        allocated = dict(tensors)
         base = {n: jnp.asarray(hat[n]) for n in tensors}
         row_scales = {n: jnp.ones((tensors[n].shape[0],), jnp.float32) for n in scaled}
         pairs_ = list(zip(batches, refs))
 
         def loss_fn(c, br):
-            return _relative_mse(apply_coded(c, br[0]), br[1])
+            return relative_output_mse(apply_coded(c, br[0]), br[1])
 
         res = fit_local_scales(loss_fn, base, row_scales, itertools.cycle(pairs_),
                                lsa_optimizer or optax.adam(1e-3), steps=lsa_steps, progress=progress,
@@ -455,9 +463,13 @@ def optimize_ioq(
                 tensors[n] = (tensors[n] * np.asarray(res.scales[w], np.float32)).astype(np.float32)
             elif tensors[n].ndim == 1 and n.rsplit("/", 1)[-1] == "bias":
                 tensors[n] = trained[n]
-        d_lsa = distortion({n: (hat[n] if n in weights else codec_reconstruct(tensors[n], qps[n], qp_density=qpd,
-                                                                                   dq=unit_dq.get(n, dq)))
-                            for n in tensors})
+        d_lsa = distortion({n: (codec_reconstruct(tensors[n], qps[n], qp_density=qpd, dq=unit_dq.get(n, dq))
+                                if n in qps and n not in weights else hat[n]) for n in tensors})
+        # Adam's fixed step can wreck biases far smaller than it (or the tuning data mislead it): the
+        # allocation is returned as it was unless LSA lowered D
+        lsa_kept = d_lsa < d_alloc
+        if not lsa_kept:
+            tensors, d_lsa = allocated, d_alloc
     t_end = time.perf_counter()
     nw = {n: int(q) for n, q in qps.items()}
     return IOQResult(
@@ -466,7 +478,7 @@ def optimize_ioq(
         wall_s={"fold": t_fold - t_start, "alloc": t_alloc - t_fold, "lsa": t_end - t_alloc,
                 "total": t_end - t_start},
         history={"weight_qps": {n: nw[n] for n in weights}, "d_alloc": d_alloc, "d_lsa": d_lsa,
-                 "lsa_losses": losses},
+                 "lsa_kept": lsa_kept, "lsa_losses": losses},
         dq_overrides=dq_overrides,
     )
 
@@ -480,7 +492,7 @@ def _fixed_qps(layout: CodingLayout, weights: list[str], nonweight_qp: int, ls_q
 def _ioq_stage(coded: Mapping[str, Any], weights: list[str], fixed: dict[str, int], distortion: Callable,
                lam: float, base_qp: int, qpd: int, dq: bool, offsets: Sequence[int], rounds: int, progress: bool):
     """IOQ's QPs: ``(tensors to code, {name: qp}, {name: decoded})`` (``fixed`` tensors at their QPs)."""
-    tensors = {k: np.asarray(v, np.float32) for k, v in coded.items()}
+    tensors = {k: np.asarray(v, np.float32) if _is_float(v) else np.asarray(v) for k, v in coded.items()}
     n_weights = sum(tensors[n].size for n in weights)
     cache: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
     by_id = {id(v): k for k, v in tensors.items()}
@@ -499,7 +511,7 @@ def _ioq_stage(coded: Mapping[str, Any], weights: list[str], fixed: dict[str, in
         return float(coded_at(name, int(qp))[1])
 
     init = ioq_initial_qps({n: tensors[n] for n in weights}, int(base_qp), qp_density=qpd)
-    init.update(fixed)
+    init.update({n: q for n, q in fixed.items() if _is_float(tensors[n])})
     qps = ioq_search(tensors, distortion, rate_bits, float(lam) / max(n_weights, 1), init, offsets=tuple(offsets),
                      rounds=rounds, progress=progress, quantize_fn=quantize_fn, qp_density=qpd, names=weights)
     qps = {n: int(q) for n, q in qps.items()}
@@ -524,7 +536,8 @@ def _sensitivity_stage(layout: CodingLayout, variables: Mapping[str, Any], apply
     if leaves:
         layout = layout.with_scalings(leaves)
         coded = layout.to_coded(variables)
-    tensors = {k: np.asarray(gptq.get(k, v), np.float32) for k, v in coded.items()}
+    tensors = {k: np.asarray(gptq.get(k, v), np.float32) if _is_float(v) else np.asarray(v)
+               for k, v in coded.items()}
     for n, s in rd.local_scales.items():
         rows = np.asarray(s, np.float32).reshape((-1,) + (1,) * (tensors[n].ndim - 1))
         tensors[n] = (tensors[n] / rows).astype(np.float32)

@@ -146,6 +146,21 @@ def test_bad_arguments_raise_input_error(digits, kwargs):
         optimize(m.params, m.apply, data, progress=False, **kwargs)
 
 
+def test_non_finite_data_params_and_loss_are_named(digits):
+    m, calib, _ = digits
+    x = jnp.asarray(calib[0] if isinstance(calib, list) else calib)
+    bad = [x, x.at[0, 0].set(jnp.nan)]
+    for kwargs in ({"steps": 2}, {"init": "sensitivity", "steps": 0}):
+        with pytest.raises(InputError, match="outputs on batch 1 contain NaN or Inf: check the data"):
+            optimize(m.params, m.apply, bad, lam=1e-3, progress=False, **kwargs)
+    params = jax.tree_util.tree_map(np.array, m.params)
+    params["params"]["fc2"]["kernel"][0, 0] = np.inf
+    with pytest.raises(InputError, match=r"params hold NaN or Inf in \['params/fc2/kernel'\]"):
+        optimize(params, m.apply, calib, lam=1e-3, steps=2, progress=False)
+    with pytest.raises(InputError, match="first step's loss is NaN"):
+        optimize(m.params, None, calib, lambda p, b: jnp.float32(jnp.nan), lam=1e-3, steps=2, progress=False)
+
+
 def test_verify_rejects_foreign_settings(digits):
     m, _, _ = digits
     with pytest.raises(InputError):

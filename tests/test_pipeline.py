@@ -191,6 +191,63 @@ def test_input_errors(tiny_bn):
         CodingLayout.build({"w": np.ones((2, 2))})
 
 
+class _MLPWithIndex(nn.Module):
+    """An MLP whose output columns are permuted by an integer parameter, beside a 2-D integer table and
+    a bool mask: leaves the codec codes losslessly."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
+        idx = self.param("idx", lambda k: jnp.array([3, 2, 1, 0], jnp.int32))
+        table = self.param("table", lambda k: jnp.arange(6, dtype=jnp.int32).reshape(2, 3))
+        mask = self.param("mask", lambda k: jnp.array([True, False, True, True]))
+        return jnp.where(mask, y[:, idx], 0.0) + jnp.sum(table)
+
+
+@pytest.mark.parametrize("allocation", ["ioq", "sensitivity"])
+def test_integer_and_bool_leaves_pass_through_exactly(allocation):
+    m = _MLPWithIndex()
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 6))
+    v = m.init(jax.random.PRNGKey(1), x)
+    # the model also returns a bool output: D counts it as 0 / 1 (it used to raise a raw TypeError)
+    res = optimize_ioq(v, lambda p, b: (m.apply(p, b), m.apply(p, b) > 0), x, lam=1e-3, allocation=allocation,
+                       lsa_steps=5)
+    for n in ("params/idx", "params/table", "params/mask"):
+        assert res.tensors[n].dtype == np.asarray(v["params"][n[7:]]).dtype and n not in res.qp_overrides
+    data = encode(res.tensors, **res.encode_kwargs())
+    for v_hat in (decode(data, like=v), res.restore(decode(data, raw=True))):
+        for k in ("idx", "table", "mask"):
+            assert np.asarray(v_hat["params"][k]).dtype == np.asarray(v["params"][k]).dtype
+            np.testing.assert_array_equal(v_hat["params"][k], v["params"][k])
+
+
+def test_lsa_is_dropped_where_it_raises_d():
+    # weights and outputs 100x smaller than usual and biases of 1e-3: five steps of Adam at 1e-3
+    # move the biases by their own size, and D after LSA was 2,500x D before it
+    m = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 6))
+    v = jax.tree_util.tree_map(lambda a: a * 1e-2, m.init(jax.random.PRNGKey(1), x))
+    v["params"]["layers_0"]["bias"] = jnp.full((16,), 1e-3)
+    res = optimize_ioq(v, m.apply, x, lam=1e-3, lsa_steps=5)
+    assert not res.history["lsa_kept"] and res.history["d_lsa"] == res.history["d_alloc"]
+    v_hat = decode(encode(res.tensors, **res.encode_kwargs()), like=v)
+    y, y_hat = m.apply(v, x), m.apply(v_hat, x)
+    d = float(jnp.mean((y - y_hat) ** 2) / jnp.var(y))
+    assert d == pytest.approx(res.history["d_alloc"], rel=1e-3)
+    assert optimize_ioq(v, m.apply, x, lam=1e-3, lsa_steps=200).history["lsa_kept"]  # enough steps help
+
+
+def test_lam_scalar_types_and_non_finite_data(tiny_bn):
+    apply, v, x = tiny_bn
+    for lam in (np.float32(1e-3), np.float64(1e-3), jnp.float32(1e-3), np.int64(0)):
+        assert optimize_ioq(v, apply, x, lam=lam, lsa_steps=0).lam == pytest.approx(float(lam))
+    for lam in (True, np.array([1e-3]), 1e-3 + 0j, float("nan"), "0.001"):
+        with pytest.raises(InputError, match="lam must be a real, finite number"):
+            optimize_ioq(v, apply, x, lam=lam)
+    with pytest.raises(InputError, match="outputs on batch 1 contain NaN"):
+        optimize_ioq(v, apply, [x, x.at[0, 0, 0, 0].set(jnp.nan)], lam=1e-3)
+
+
 def test_pipeline_docstring_examples():
     import doctest
 
