@@ -1,19 +1,29 @@
 """Per-layer statistics of a Flax model over calibration batches, traced once per batch shape.
 
 GPTQ's input moments and bias correction's output shifts both run the model under
-:func:`flax.linen.intercept_methods` and sum something per layer. Tracing that under ``jit`` is much
-faster than running it eagerly, but a jitted ``apply_fn`` hides its layers (so it is unwrapped), and
-a model with jitted calls of its own leaks the interceptor's tracers (so it falls back to eager).
+:func:`flax.linen.intercept_methods` and sum something per layer (:class:`LayerSums`). Tracing that
+under ``jit`` is much faster than running it eagerly, but a jitted ``apply_fn`` hides its layers (so
+it is unwrapped), and a model whose tracing leaks a tracer anyway falls back to eager.
+
+A layer inside a Flax lifted transform (``nn.remat``, ``nn.scan``, ``nn.vmap``) or a nested
+``jax.jit`` runs in a trace of its own, and a sum computed there cannot leave it through a Python
+dict: it goes to the host through an ``io_callback`` instead, once per execution (per scan step,
+per vmapped element), which pools exactly what the layer saw. Layers whose kernel the transform maps
+(``nn.scan`` / ``nn.vmap`` over ``"params"``: one stacked kernel for several layers) have no
+statistic of the kernel's shape and are skipped.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from nncjax.errors import InputError
 
@@ -30,16 +40,71 @@ def kernel_name(module_path: tuple, names) -> str | None:
     return next((p + kernel for p in ("params/", "") if p + kernel in names), None)
 
 
+def mapped_kernel(module: Any, kernel: Any) -> bool:
+    """Whether the bound Flax ``module`` runs with a slice of ``kernel`` (the array stored under its
+    kernel's name) rather than all of it: a lifted ``nn.scan`` / ``nn.vmap`` maps its parameters."""
+    return np.shape(module.scope.get_variable("params", "kernel")) != np.shape(kernel)
+
+
+# io_callback sums of the one batch_means call running (the lock), per name: [float64 sum, count]
+_host_lock, _host_add_lock = threading.Lock(), threading.Lock()
+_host_sums: dict[str, list] = {}
+
+
+def _to_host(name: str, total: np.ndarray, count: np.ndarray) -> None:
+    with _host_add_lock:  # callbacks may run on several runtime threads
+        entry = _host_sums.setdefault(name, [0.0, 0.0])
+        entry[0] = entry[0] + np.asarray(total, np.float64)
+        entry[1] += float(count)
+
+
+def _current_trace() -> Any:
+    from flax.core import tracers  # flax only where a Flax model is run
+
+    return tracers.current_trace()
+
+
+class LayerSums:
+    """Per-layer ``(sum array, count)`` of one traced model run, what a ``batch_means`` ``fn`` returns.
+
+    Make it where ``fn`` starts (that trace is the one its sums may stay in) and :meth:`add` from
+    the interceptor; a sum added in another trace (a lifted transform's) goes to the host.
+    """
+
+    def __init__(self) -> None:
+        self._outer = _current_trace()
+        self.sums: dict[str, tuple] = {}
+        self.skipped: dict[str, None] = {}  # names as dict keys: a jitted fn returns them as its output's structure
+
+    def add(self, name: str, total: jax.Array, count: Any) -> None:
+        """Adds ``total`` (an array) and ``count`` (a scalar) to layer ``name``'s sums."""
+        if _current_trace() == self._outer:
+            old_total, old_count = self.sums.get(name, (0.0, 0.0))
+            self.sums[name] = (old_total + total, old_count + count)
+        else:
+            io_callback(functools.partial(_to_host, name), None, total, jnp.asarray(count, jnp.float32))
+
+    def skip(self, name: str) -> None:
+        """Marks layer ``name`` as skipped: its kernel is mapped by a lifted transform (:func:`mapped_kernel`)."""
+        self.skipped[name] = None
+
+    def result(self) -> tuple[dict[str, tuple], dict[str, None]]:
+        """``(sums, skipped)``, what ``fn`` returns."""
+        return self.sums, self.skipped
+
+
 @functools.cache
 def _jit_with_statics(fn: Callable, n_static: int) -> Callable:
     return jax.jit(fn, static_argnums=tuple(range(n_static)))
 
 
-def batch_means(fn: Callable[..., dict[str, tuple]], statics: tuple, args: tuple, data: Any) -> dict[str, np.ndarray]:
-    """Means over ``data`` of what ``fn(*statics, *args, batch) -> {name: (sum array, count)}`` sums.
+def batch_means(fn: Callable[..., tuple[dict, dict]], statics: tuple, args: tuple,
+                data: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Means over ``data`` of what ``fn(*statics, *args, batch) -> LayerSums.result()`` sums, and the
+    names of the layers it skipped (sorted).
 
     ``fn`` is compiled once per batch shape (across calls too, when ``statics`` hash) and summed on
-    the host in float64; if tracing leaks a tracer (a jitted call inside the model), it runs eagerly.
+    the host in float64; if tracing leaks a tracer, it runs eagerly.
 
     Raises:
       InputError: ``data`` is an empty list.
@@ -62,8 +127,18 @@ def batch_means(fn: Callable[..., dict[str, tuple]], statics: tuple, args: tuple
 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, float] = {}
-    for batch in batches:
-        for name, (total, count) in one(batch).items():
-            sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
-            counts[name] = counts.get(name, 0.0) + float(count)
-    return {n: sums[n] / max(counts[n], 1.0) for n in sums}
+    skipped: set[str] = set()
+    with _host_lock:
+        _host_sums.clear()
+        for batch in batches:
+            traced, skip = one(batch)
+            skipped.update(skip)
+            for name, (total, count) in traced.items():
+                sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
+                counts[name] = counts.get(name, 0.0) + float(count)
+        jax.effects_barrier()  # every io_callback has run
+        for name, (total, count) in _host_sums.items():
+            sums[name] = sums.get(name, 0.0) + total
+            counts[name] = counts.get(name, 0.0) + count
+        _host_sums.clear()
+    return {n: sums[n] / max(counts[n], 1.0) for n in sums}, sorted(skipped)

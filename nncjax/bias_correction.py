@@ -21,9 +21,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax._layer_stats import batch_means, kernel_name, unwrap_jit
+from nncjax._layer_stats import LayerSums, batch_means, kernel_name, mapped_kernel, unwrap_jit
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
-from nncjax.errors import InputError
+from nncjax.errors import InputError, UnsupportedError
 from nncjax.optimize import LS_SUFFIX, RDSettings
 from nncjax.pytree_names import flatten_named, is_kernel_name
 from nncjax.reduce._tree import replace_named
@@ -48,14 +48,15 @@ def decoded_params(params: Any, settings: RDSettings) -> Any:
     return settings.restore(flat, like=params)
 
 
-def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat: Any, batch: Any) -> dict:
-    """``{kernel name: (sum over positions of y - y_hat (channels,), positions)}`` for one batch; each
-    ``Dense``/``Conv`` layer gets the float model's input and runs with its float and its decoded
-    kernel."""
+def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat: Any,
+                  batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
+    """``{kernel name: (sum over positions of y - y_hat (channels,), positions)}`` for one batch, and
+    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); each ``Dense``/``Conv`` layer gets
+    the float model's input and runs with its float and its decoded kernel."""
     import flax.linen as nn
 
     hat = flatten_named(params_hat)
-    out: dict[str, tuple] = {}
+    out = LayerSums()
     busy = []  # the layer re-applied with the decoded kernel must not be intercepted itself
 
     def intercept(next_fun, args, kwargs, context):
@@ -66,6 +67,9 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
         y = next_fun(*args, **kwargs)
         if name is None:
             return y
+        if mapped_kernel(mod, hat[name]):  # a stacked kernel does not fit the layer re-applied alone
+            out.skip(name)
+            return y
         own = {k.rsplit("/", 1)[-1]: v for k, v in hat.items() if k.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]}
         busy.append(True)
         try:
@@ -73,19 +77,23 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
         finally:
             busy.pop()
         d = (y - y_hat).reshape(-1, y.shape[-1]).astype(jnp.float32)
-        total, count = out.get(name, (0.0, 0))
-        out[name] = (total + jnp.sum(d, 0), count + d.shape[0])
+        out.add(name, jnp.sum(d, 0), d.shape[0])
         return y
 
     with nn.intercept_methods(intercept):
         apply_fn(params, batch)
-    return out
-
+    return out.result()
 
 
 def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: Any, data: Any) -> dict[str, np.ndarray]:
     """Mean output shift ``E[y - y_hat]`` per output channel of every Flax ``Dense``/``Conv`` layer
     whose kernel differs between ``params`` and ``params_hat``, on the float model's activations.
+
+    Layers inside Flax lifted transforms count as they run: under ``nn.remat`` / ``nn.checkpoint``
+    exactly as without it, under ``nn.scan`` / ``nn.vmap`` with broadcast parameters pooled over the
+    steps or elements. A layer whose kernel the transform maps (``variable_axes={"params": 0}``:
+    one stacked ``(L, ...)`` kernel for ``L`` layers) is left out: it cannot be re-applied alone
+    with its kernel, and one shift per stacked slice is not measured.
 
     Args:
       apply_fn: ``apply_fn(params, batch)`` running a Flax linen model (a ``jax.jit``-wrapped one is
@@ -98,6 +106,8 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
 
     Raises:
       InputError: empty ``data``.
+      UnsupportedError: every changed kernel the model used is mapped by ``nn.scan`` / ``nn.vmap``
+        (the message names them).
 
     Example:
       >>> import flax.linen as nn
@@ -112,7 +122,11 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
     flat, flat_hat = flatten_named(params), flatten_named(params_hat)
     names = frozenset(n for n, v in flat.items() if is_kernel_name(n) and n in flat_hat
                       and not np.array_equal(np.asarray(v), np.asarray(flat_hat[n])))
-    return batch_means(_layer_shifts, (unwrap_jit(apply_fn), names), (params, params_hat), data)
+    shifts, skipped = batch_means(_layer_shifts, (unwrap_jit(apply_fn), names), (params, params_hat), data)
+    if skipped and not shifts:
+        raise UnsupportedError(f"every changed layer's kernel is mapped by a lifted transform (nn.scan / nn.vmap "
+                               f"over 'params': one stacked kernel for several layers): {skipped}")
+    return shifts
 
 
 def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[Any, Any], Any], data: Any, *,
@@ -123,8 +137,10 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
     measured on ``data`` with the weights :func:`decoded_params` gives) is added to the layer's own
     bias; a layer without one that feeds a batch norm (``bn_pairs``) has it subtracted from that batch
     norm's running mean instead (``BN(y_hat + shift)`` in the batch norm's own parameters). Layers
-    with neither are left alone. Biases and batch-norm statistics are coded at the fine non-weight
-    QP, so the correction costs a few bits.
+    with neither are left alone, and so are layers whose kernel a lifted ``nn.scan`` / ``nn.vmap``
+    maps (stacked over layers, see :func:`output_shifts`); ``nn.remat`` layers are corrected as
+    without it. Biases and batch-norm statistics are coded at the fine non-weight QP, so the
+    correction costs a few bits.
 
     Args:
       params: model variables ``settings`` was optimised for (``{"params", "batch_stats", ...}``).
@@ -141,6 +157,8 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
     Raises:
       InputError: ``settings`` not from :func:`nncjax.optimize`, a ``bn_pairs`` entry naming no
         batch-norm mean, or a shift that does not fit its bias.
+      UnsupportedError: every optimised kernel the model used is mapped by ``nn.scan`` /
+        ``nn.vmap``, so nothing can be corrected.
 
     Example:
       >>> rd = nncjax.optimize(v, m.apply, x_tune, lam=3e-3, init="sensitivity", steps=0)  # doctest: +SKIP

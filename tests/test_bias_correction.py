@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import nncjax.bias_correction
-from nncjax import InputError, decode, encode
+from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.bias_correction import decoded_params, output_shifts, with_bias_correction
 from nncjax.optimize import optimize, verify
 from nncjax.pytree_names import flatten_named
@@ -77,6 +77,76 @@ def test_layers_without_a_place_for_the_shift_are_left_alone(setup):
     v_bc, _ = with_bias_correction(v, rd, jax.jit(model.apply), batches)  # no bn_pairs: the conv keeps its error
     changed = {n for n, a in flatten_named(v_bc).items() if not np.array_equal(a, flatten_named(v)[n])}
     assert changed == {"params/fc/bias"}
+
+
+class _Block(nn.Module):
+    """A residual Dense block; returns ``(carry, None)`` under ``nn.scan``."""
+
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        y = nn.relu(nn.Dense(x.shape[-1], name="dense")(x)) + x
+        return (y, None) if self.scan else y
+
+
+class _Lifted(nn.Module):
+    """``inp`` and ``out`` Dense layers around ``blk``, a block under a Flax lifted transform (or none)."""
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(8, name="inp")(x))
+        if self.kind == "plain":
+            x = _Block(name="blk")(x)
+        elif self.kind == "remat":
+            x = nn.remat(_Block)(name="blk")(x)
+        elif self.kind == "scan":  # three blocks, their kernels stacked (3, 8, 8)
+            x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=3)(scan=True, name="blk")(x, None)
+        else:  # "vmap": one block per batch element, kernels stacked (batch, 8, 8)
+            x = nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)(name="blk")(x)
+        return nn.Dense(4, name="out")(x)
+
+
+def _changed(v, v_bc):
+    return {n for n, a in flatten_named(v_bc).items() if not np.array_equal(a, flatten_named(v)[n])}
+
+
+def test_remat_layers_are_corrected_as_without_remat():
+    """A layer under nn.remat runs in the checkpoint's own trace: its shift reaches the host from
+    there, and the correction equals the plain model's (jitted apply_fn, two batches)."""
+    x = jax.random.uniform(jax.random.PRNGKey(0), (64, 6))
+    batches = [x[:32], x[32:]]
+    v = _Lifted("plain").init(jax.random.PRNGKey(1), x[:1])
+    rd = optimize(v, _Lifted("plain").apply, batches, lam=3e-2, base_qp=-20, init="sensitivity", steps=0,
+                  progress=False)
+    want, rd_want = with_bias_correction(v, rd, _Lifted("plain").apply, batches)
+    got, rd_got = with_bias_correction(v, rd, jax.jit(_Lifted("remat").apply), batches)
+    assert _changed(v, got) == _changed(v, want) == {"params/inp/bias", "params/blk/dense/bias", "params/out/bias"}
+    for n, a in flatten_named(want).items():
+        np.testing.assert_allclose(np.asarray(flatten_named(got)[n]), np.asarray(a), rtol=1e-6, atol=1e-7)
+    assert rd_got.estimated_bits == pytest.approx(rd_want.estimated_bits, abs=8)
+
+
+@pytest.mark.parametrize("kind", ["scan", "vmap"])
+def test_kernels_stacked_by_scan_and_vmap_are_left_alone(kind):
+    """A stacked kernel cannot be re-applied as one layer: its bias keeps its value, the layers around
+    it are corrected; with nothing else to correct, UnsupportedError names the layer."""
+    x = jax.random.uniform(jax.random.PRNGKey(0), (32, 6))
+    model = _Lifted(kind)
+    v = model.init(jax.random.PRNGKey(1), x)
+    rd = optimize(v, model.apply, x, lam=3e-2, base_qp=-20, init="sensitivity", steps=0, progress=False)
+    v_bc, _ = with_bias_correction(v, rd, jax.jit(model.apply), [x, x])
+    assert _changed(v, v_bc) == {"params/inp/bias", "params/out/bias"}
+    # the first layer's inputs are the data: its shift is (W - W_hat) applied to their mean
+    w, w_hat = (np.asarray(t["params"]["inp"]["kernel"], np.float64) for t in (v, decoded_params(v, rd)))
+    np.testing.assert_allclose(np.asarray(v_bc["params"]["inp"]["bias"]) - np.asarray(v["params"]["inp"]["bias"]),
+                               np.asarray(x, np.float64).mean(0) @ (w - w_hat), rtol=1e-4, atol=1e-6)
+    only_blk = jax.tree_util.tree_map_with_path(lambda p, a: a + 0.1 if "blk" in jax.tree_util.keystr(p) else a, v)
+    with pytest.raises(UnsupportedError, match="'params/blk/dense/kernel'"):
+        output_shifts(model.apply, v, only_blk, x)
 
 
 def test_bad_inputs(setup):

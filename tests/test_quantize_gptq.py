@@ -15,7 +15,7 @@ from nncjax.kernels.tables import DQ_NEXT
 
 import nncjax.quantize.gptq
 import nncjax.reduce
-from nncjax import InputError, decode, encode
+from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.coded_tensor import codec_reconstruct
 from nncjax.optimize import optimize, verify, with_error_feedback
 from nncjax.pytree_names import flatten_named
@@ -209,7 +209,8 @@ def test_input_moments_are_the_inputs_second_moments():
     masked = input_moments(model.apply, v, x[:1], mask=lambda b: keep)
     first = np.asarray(x[0, :3], np.float64)
     np.testing.assert_allclose(masked["params/hidden/kernel"], first.T @ first / 3, rtol=1e-6)
-    # a jitted call inside apply_fn (no unwrapping reaches it): the capture falls back to running eagerly
+    # a jitted call inside apply_fn (no unwrapping reaches it): its layers run in the inner jit's trace,
+    # and their sums reach the host by callback
     nested = input_moments(lambda p, b: jax.jit(model.apply)(p, b), v, x)
     np.testing.assert_allclose(nested["params/hidden/kernel"], flat.T @ flat / 14, rtol=1e-6)
 
@@ -225,6 +226,97 @@ def test_input_moments_are_the_inputs_second_moments():
         input_moments(model.apply, v, [])
     with pytest.raises(InputError, match="no flax.linen.Dense"):
         input_moments(lambda p, b: b * 2, v, x)
+    with pytest.raises(InputError, match=r"mask of shape \(3,\) does not fit .* 'hidden'"):
+        input_moments(model.apply, v, x, mask=lambda b: np.ones(3, bool))
+
+
+class _Block(nn.Module):
+    """A residual Dense block; returns ``(carry, None)`` under ``nn.scan``."""
+
+    scan: bool = False
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        y = nn.relu(nn.Dense(x.shape[-1], name="dense")(x)) + x
+        return (y, None) if self.scan else y
+
+
+class _Lifted(nn.Module):
+    """``inp`` and ``out`` Dense layers around ``blk``, a block under a Flax lifted transform (or none)."""
+
+    kind: str
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, name="inp")(x)
+        if self.kind == "plain":
+            x = _Block(name="blk")(x)
+        elif self.kind == "remat":
+            x = nn.remat(_Block)(name="blk")(x)
+        elif self.kind == "loop":  # one block applied three times: what a broadcast scan does
+            blk = _Block(name="blk")
+            for _ in range(3):
+                x = blk(x)
+        elif self.kind == "scan_shared":
+            x, _ = nn.scan(_Block, variable_broadcast="params", split_rngs={"params": False},
+                           length=3)(scan=True, name="blk")(x, None)
+        elif self.kind == "scan":  # three blocks, their kernels stacked (3, 6, 6)
+            x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=3)(scan=True, name="blk")(x, None)
+        else:  # "vmap": one block per batch element, kernels stacked (batch, 6, 6)
+            x = nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)(name="blk")(x)
+        return nn.Dense(3, name="out")(x)
+
+
+def test_input_moments_under_remat_and_broadcast_scan_equal_the_plain_model():
+    """Layers under nn.remat run in the checkpoint's own trace: their moments reach the host from
+    there and equal the plain model's, masked, jitted, over batches (the second one runs the trace
+    compiled for the first, and again in a second call). A scan with broadcast parameters pools its
+    steps, as one block called three times does."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 7))
+    v = _Lifted("plain").init(jax.random.PRNGKey(1), x)
+    plain, remat = _Lifted("plain").apply, jax.jit(_Lifted("remat").apply)
+    keep = np.arange(5) < 3  # a mask over the leading axes, from outside the checkpoint's trace
+    for data in ([x[:2], x[2:]], [x[2:] * 2, x[:2]]):
+        for kw in ({}, {"mask": lambda b: keep}):
+            want = input_moments(plain, v, data, **kw)
+            got = input_moments(remat, v, data, **kw)
+            assert set(got) == set(want) == {"params/inp/kernel", "params/blk/dense/kernel", "params/out/kernel"}
+            for n in want:
+                np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7)
+    want = input_moments(_Lifted("loop").apply, v, x)
+    got = input_moments(_Lifted("scan_shared").apply, v, x)
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)
+
+
+def _stacked_block_apply(kind):
+    """``apply(variables, x)`` of ``_Lifted(kind)``'s ``blk`` on its own."""
+    if kind == "scan":
+        blk = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(scan=True)
+        return lambda p, b: blk.apply(p, b, None)[0]
+    return nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)().apply
+
+
+@pytest.mark.parametrize("kind", ["scan", "vmap"])
+def test_input_moments_skip_kernels_stacked_by_scan_and_vmap(kind):
+    """A stacked kernel serves several layers with different inputs: it gets no moments, the layers
+    around it get theirs; a model with nothing else raises UnsupportedError naming the layer."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 7))
+    model = _Lifted(kind)
+    v = model.init(jax.random.PRNGKey(1), x)
+    h = input_moments(jax.jit(model.apply), v, [x, x])
+    assert set(h) == {"params/inp/kernel", "params/out/kernel"}
+    flat = np.asarray(x, np.float64)
+    np.testing.assert_allclose(h["params/inp/kernel"], flat.T @ flat / 4, rtol=1e-6, atol=1e-7)
+    apply = _stacked_block_apply(kind)
+    y = apply({"params": v["params"]["blk"]}, nn.Dense(6).apply({"params": v["params"]["inp"]}, x))
+    y = np.asarray(y, np.float64)
+    np.testing.assert_allclose(h["params/out/kernel"], y.T @ y / 4, rtol=1e-5, atol=1e-6)
+    v_blk = {"params": v["params"]["blk"]}
+    with pytest.raises(UnsupportedError, match="'params/dense/kernel'"):
+        input_moments(apply, v_blk, x[:, :6])
 
 
 @pytest.mark.parametrize("kw", [

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax.errors import InputError
+from nncjax.errors import InputError, UnsupportedError
 from nncjax.quantize.dq import _PRED as _DQ_PRED
 from nncjax.quantize.dq import _state_candidates
 from nncjax.quantize.uniform import round_half_away
@@ -335,25 +335,36 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
 
 
 def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int, params: Any,
-                   batch: Any) -> dict[str, tuple]:
+                   batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
     """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense``
-    inputs and every ``patch_stride``-th ``Conv`` input patch; traceable (masked positions are
-    weighted 0, not removed)."""
+    inputs and every ``patch_stride``-th ``Conv`` input patch, and the layers skipped
+    (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are weighted 0, not removed)."""
     import flax.linen as nn
 
-    from nncjax._layer_stats import kernel_name
+    from nncjax._layer_stats import LayerSums, kernel_name, mapped_kernel
     from nncjax.pytree_names import flatten_named
 
-    names = set(flatten_named(params))
+    flat = flatten_named(params)
     keep = None if mask is None else jnp.asarray(mask(batch))
-    out: dict[str, tuple] = {}
+    out = LayerSums()
 
     def intercept(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+            layer = "/".join(context.module.path)
+            name = kernel_name(tuple(context.module.path), flat)
+            if name is None:
+                raise InputError(f"no kernel found for the layer at {layer!r}")
+            if mapped_kernel(context.module, flat[name]):
+                out.skip(name)
+                return next_fun(*args, **kwargs)
             x = jnp.asarray(args[0], jnp.float32)
             if isinstance(context.module, nn.Dense):
-                weight = jnp.ones(x.shape[:-1], jnp.float32) if keep is None else jnp.broadcast_to(
-                    keep, x.shape[:-1]).astype(jnp.float32)
+                try:  # e.g. a layer under nn.vmap sees one element of the batch the mask covers
+                    weight = jnp.ones(x.shape[:-1], jnp.float32) if keep is None else jnp.broadcast_to(
+                        keep, x.shape[:-1]).astype(jnp.float32)
+                except ValueError as e:
+                    raise InputError(f"mask of shape {keep.shape} does not fit the inputs {x.shape} "
+                                     f"of {layer!r}") from e
                 x, weight = x.reshape(-1, x.shape[-1]), weight.reshape(-1)
             else:
                 x = _conv_patches(context.module, x)
@@ -362,17 +373,13 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
             if x is not None:
                 # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
                 # summed on the host in float64
-                xx = jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST)
-                name = kernel_name(tuple(context.module.path), names)
-                if name is None:
-                    raise InputError(f"no kernel found for the layer at {'/'.join(context.module.path)!r}")
-                old_xx, old_n = out.get(name, (0.0, 0.0))
-                out[name] = (old_xx + xx, old_n + jnp.sum(weight))
+                out.add(name, jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST),
+                        jnp.sum(weight))
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(intercept):
         apply_fn(params, batch)
-    return out
+    return out.result()
 
 
 def input_moments(
@@ -392,7 +399,13 @@ def input_moments(
     :func:`flax.linen.intercept_methods`; a layer called several times pools all its inputs. The
     trace is compiled once per batch shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped
     first, or its layers would hide behind the compiled call); a model that cannot be traced that
-    way (nested jitted calls) runs eagerly under ``jax.disable_jit``.
+    way (its tracing leaks a tracer) runs eagerly under ``jax.disable_jit``.
+
+    Layers inside Flax lifted transforms count as they run: under ``nn.remat`` / ``nn.checkpoint``
+    exactly as without it, under ``nn.scan`` / ``nn.vmap`` with broadcast parameters once per step
+    or element (their sums reach the host from the transform's trace by a callback). A layer whose
+    kernel the transform maps (``variable_axes={"params": 0}``: one stacked ``(L, ...)`` kernel for
+    ``L`` layers with different inputs) has no ``H`` of one kernel and is left out.
 
     Args:
       apply_fn: ``apply_fn(params, batch)`` running a Flax linen model.
@@ -413,8 +426,10 @@ def input_moments(
       ``I * prod(k)`` inputs.
 
     Raises:
-      InputError: empty ``data``, no ``Dense`` or ``Conv`` layer seen, or ``patch_stride`` not an
-        integer >= 1.
+      InputError: empty ``data``, no ``Dense`` or ``Conv`` layer seen, ``patch_stride`` not an
+        integer >= 1, or a ``mask`` that does not fit a ``Dense`` layer's inputs.
+      UnsupportedError: every layer seen has a kernel mapped by ``nn.scan`` / ``nn.vmap`` (the
+        message names them).
 
     Example:
       >>> import flax.linen as nn
@@ -432,7 +447,10 @@ def input_moments(
 
     if not isinstance(patch_stride, (int, np.integer)) or isinstance(patch_stride, bool) or patch_stride < 1:
         raise InputError(f"patch_stride must be an integer >= 1, got {patch_stride!r}")
-    moments = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, int(patch_stride)), (params,), data)
+    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, int(patch_stride)), (params,), data)
+    if not moments and skipped:
+        raise UnsupportedError(f"every layer's kernel is mapped by a lifted transform (nn.scan / nn.vmap over "
+                               f"'params': one stacked kernel for several layers, whose inputs differ): {skipped}")
     if not moments:
         raise InputError("the model called no flax.linen.Dense or (ungrouped) Conv layer")
     return moments
