@@ -5,9 +5,14 @@ that a flat dict round-trips verbatim and a nested pytree gets readable, stable 
 
 * a flat mapping of ``str -> array`` keeps its keys and their insertion order (what NNCodec does);
 * nested mappings, lists and tuples are walked in insertion order and named by their key path joined
-  with ``"/"`` (``{"dense": {"kernel": w}}`` -> ``"dense/kernel"``; list items by index);
+  with ``"/"`` (``{"dense": {"kernel": w}}`` -> ``"dense/kernel"``; list items by index, namedtuple
+  items by field);
 * any other pytree node (Flax structs, custom nodes) is flattened by ``jax.tree_util`` below that
   point, its keys named the same way.
+
+Every name is the one :func:`key_path_name` gives the leaf's ``jax.tree_util`` key path, so the
+codec's names and those of :func:`nncjax.reduce.named_leaves` (which the optimisers use) agree for
+every pytree; only the order differs (insertion order here, jax's sorted dict keys there).
 
 ``None`` leaves are kept in the structure and carry no tensor.
 """
@@ -21,7 +26,7 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["check_name", "flatten_named", "is_kernel_name", "unflatten_like"]
+__all__ = ["check_name", "flatten_named", "is_kernel_name", "key_path_name", "unflatten_like"]
 
 _SEP = "/"
 
@@ -52,6 +57,18 @@ def _key_str(entry: Any) -> str:
     return str(entry)
 
 
+def key_path_name(path: tuple) -> str:
+    """A ``jax.tree_util`` key path as a tensor name: its dict keys, attribute and namedtuple field
+    names and sequence indices joined with ``"/"``. The one naming of pytree leaves in nncjax.
+
+    >>> import collections, jax
+    >>> P = collections.namedtuple("P", "w b")
+    >>> [key_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"l": [P(1, 2)]})[0]]
+    ['l/0/w', 'l/0/b']
+    """
+    return _SEP.join(_key_str(e) for e in path)
+
+
 def check_name(name: str) -> str:
     """Validates a tensor name: a non-empty str without NUL (the NNR string terminator); returns it
     unchanged, else raises InputError.
@@ -74,6 +91,10 @@ def check_name(name: str) -> str:
     return name
 
 
+def _is_namedtuple(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
 def _walk(node: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
     if node is None:
         return
@@ -82,13 +103,18 @@ def _walk(node: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
         return
     if isinstance(node, Mapping):
         items = [(str(k), v) for k, v in node.items()]
+    elif _is_namedtuple(node):  # by field, as jax's key path names it
+        items = list(zip(node._fields, node))
     elif isinstance(node, (list, tuple)):
         items = [(str(i), v) for i, v in enumerate(node)]
     else:
         import jax
 
         leaves, _ = jax.tree_util.tree_flatten_with_path(node)
-        items = [(_SEP.join(_key_str(e) for e in path), leaf) for path, leaf in leaves]
+        if len(leaves) == 1 and leaves[0][0] == ():  # a leaf to jax (not an array): the codec rejects it
+            out.append((prefix, node))
+            return
+        items = [(key_path_name(path), leaf) for path, leaf in leaves]
     for key, child in items:
         _walk(child, f"{prefix}{_SEP}{key}" if prefix else key, out)
 
@@ -145,15 +171,16 @@ def unflatten_like(like: Any, values: Mapping[str, Any], cast) -> Any:
         join = (lambda k: f"{prefix}{_SEP}{k}") if prefix else (lambda k: str(k))
         if isinstance(node, Mapping):
             return _rebuild_mapping(node, {k: build(v, join(k)) for k, v in node.items()})
+        if _is_namedtuple(node):
+            return type(node)(*(build(v, join(f)) for f, v in zip(node._fields, node)))
         if isinstance(node, (list, tuple)):
-            items = [build(v, join(i)) for i, v in enumerate(node)]
-            if isinstance(node, tuple) and hasattr(node, "_fields"):  # namedtuple
-                return type(node)(*items)
-            return type(node)(items)
+            return type(node)([build(v, join(i)) for i, v in enumerate(node)])
         import jax
 
         paths, treedef = jax.tree_util.tree_flatten_with_path(node)
-        new = [build(x, join(_SEP.join(_key_str(e) for e in p))) for p, x in paths]
+        if len(paths) == 1 and paths[0][0] == ():  # a leaf to jax: as _walk names it
+            return leaf(prefix, node)
+        new = [build(x, join(key_path_name(p))) for p, x in paths]
         return jax.tree_util.tree_unflatten(treedef, new)
 
     return build(like, "")

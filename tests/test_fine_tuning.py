@@ -134,3 +134,26 @@ def test_settings_without_a_uniform_grid_raise(digits):
         with_fine_tuning(m.params, {}, m.apply, calib, progress=False)
     with pytest.raises(InputError, match="lack"):
         with_fine_tuning({"params": {}}, dataclasses.replace(rd, dq=False), m.apply, calib, progress=False)
+
+
+def test_empty_tensors_are_left_out_and_the_tuning_goes_through():
+    """A zero-size weight is coded as a fixed tensor: there is nothing on its grid to tune."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    class WithEmpty(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y = nn.Dense(4)(nn.relu(nn.Dense(16)(x)))
+            return y + jnp.sum(self.param("empty", lambda k: jnp.zeros((0, 4))))
+
+    m, x = WithEmpty(), jax.random.normal(jax.random.PRNGKey(0), (16, 6))
+    v = m.init(jax.random.PRNGKey(1), x)
+    rd = optimize(v, m.apply, x, lam=1e-2, dq=False, init="sensitivity", steps=0, progress=False)
+    assert grid_tensors(rd) == ["params/Dense_1/kernel", "params/Dense_0/kernel"]
+    for method in ("search", "ste"):
+        v_ft, rd_ft = with_fine_tuning(v, rd, m.apply, x, steps=5, method=method, progress=False)
+        empty = verify(v_ft, rd_ft).params["params"]["empty"]
+        assert empty.shape == (0, 4) and empty.dtype == np.float32
+        assert rd_ft.history["fine_tuning"].shape == (5,)

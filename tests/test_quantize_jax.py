@@ -135,6 +135,48 @@ def test_dq_states_and_level_maps_follow_the_state_machine(qs):
     np.testing.assert_array_equal(np.asarray(q_to_k(q, states)), np.asarray(ks))
 
 
+def _x64():
+    """``jax_enable_x64`` on for a ``with`` block and restored after it."""
+    enable = getattr(jax, "enable_x64", None)
+    if enable is None:  # jax < 0.5 has it only under experimental
+        from jax.experimental import enable_x64 as enable
+    return enable(True)
+
+
+def test_dq_is_dtype_stable_under_x64():
+    """With 64-bit types on, the trellis scans keep their int32 carries and give the same levels."""
+    step = qp_to_step_jax(-38)
+    k32 = dq_trellis(W, step)
+    rate = trellis_rate_fn(k32, dq=True)
+    want = {"k": k32, "rate": dq_trellis(W, step, lam=2.0, rate=rate), "states": dq_states(k32),
+            "hard": quantize_dq(W, step)[1], "ste": quantize_dq(W, step, "ste")[1]}
+    with _x64():
+        k = dq_trellis(W, step)
+        got = {"k": k, "rate": dq_trellis(W, step, lam=2.0, rate=rate), "states": dq_states(k),
+               "hard": quantize_dq(W, step)[1], "ste": quantize_dq(W, step, "ste")[1]}
+        grad = jax.grad(lambda w: jnp.sum(quantize_dq(w, step, "ste")[1] ** 2))(W)
+    assert not jax.config.jax_enable_x64
+    for name, want_x in want.items():
+        assert got[name].dtype == want_x.dtype, name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want_x), err_msg=name)
+    assert grad.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grad)))
+
+
+def test_optimize_with_dq_runs_under_x64():
+    import flax.linen as nn
+
+    import nncjax
+
+    m = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(4)])
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 6), jnp.float32)
+    v = m.init(jax.random.PRNGKey(1), x)
+    with _x64():
+        rd = nncjax.optimize(v, m.apply, x, lam=1e-3, steps=2, dq=True, progress=False)
+        out = nncjax.verify(v, rd)
+    assert rd.history["loss"].shape == (2,) and np.all(np.isfinite(rd.history["loss"]))
+    assert out.params["params"]["layers_0"]["kernel"].dtype == jnp.float32
+
+
 def reference_next(state, parity):
     from nncjax.kernels.tables import DQ_NEXT
     return DQ_NEXT[state, parity]

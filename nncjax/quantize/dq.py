@@ -54,9 +54,10 @@ def _pick(x: jax.Array, idx: jax.Array) -> jax.Array:
     """``x[..., idx]`` elementwise: x (..., 8) broadcastable against idx (...) int -> idx's shape.
 
     A one-hot sum, not a gather: XLA constant-folds the iota index arrays of large gathers, which made
-    compilation take minutes."""
+    compilation take minutes. The sum keeps ``x``'s dtype: an integer sum would widen to int64 under
+    ``jax_enable_x64`` and break the trellis scans' carries."""
     hot = idx[..., None] == jnp.arange(8, dtype=idx.dtype)
-    return jnp.sum(jnp.where(hot, x, jnp.zeros((), x.dtype)), axis=-1)
+    return jnp.sum(jnp.where(hot, x, jnp.zeros((), x.dtype)), axis=-1, dtype=x.dtype)
 
 
 def _compose(a: jax.Array, b: jax.Array) -> jax.Array:

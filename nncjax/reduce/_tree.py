@@ -9,17 +9,11 @@ import jax
 import jax.numpy as jnp
 
 from nncjax.errors import InputError
+from nncjax.pytree_names import key_path_name
 
 __all__ = ["default_weight_select", "named_leaves", "path_name", "replace_named", "resolve", "select_float_names"]
 
 Path = tuple[str, ...]
-
-
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
 
 
 def path_name(path: Path | str) -> str:
@@ -32,13 +26,14 @@ def path_name(path: Path | str) -> str:
 
 
 def named_leaves(tree: Any) -> dict[str, jax.Array]:
-    """Leaves of ``tree`` keyed by their slash-joined path, in ``jax.tree`` flatten order.
+    """Leaves of ``tree`` keyed by their slash-joined path, in ``jax.tree`` flatten order; the names are
+    the codec's (:func:`nncjax.pytree_names.key_path_name`: namedtuple items by field).
 
     >>> named_leaves({"Dense_0": {"kernel": 1.0, "bias": 2.0}})
     {'Dense_0/bias': 2.0, 'Dense_0/kernel': 1.0}
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in flat}
+    return {key_path_name(path): leaf for path, leaf in flat}
 
 
 def replace_named(tree: Any, updates: Mapping[str, Any]) -> Any:
@@ -50,7 +45,7 @@ def replace_named(tree: Any, updates: Mapping[str, Any]) -> Any:
     {'Dense_0': {'bias': 0.0, 'kernel': 1.0}}
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    names = ["/".join(_key_str(k) for k in path) for path, _ in flat]
+    names = [key_path_name(path) for path, _ in flat]
     unknown = set(updates) - set(names)
     if unknown:
         raise InputError(f"no such leaves in the pytree: {sorted(unknown)}")
@@ -59,33 +54,39 @@ def replace_named(tree: Any, updates: Mapping[str, Any]) -> Any:
 
 
 def default_weight_select(name: str, leaf: jax.Array) -> bool:
-    """NNCodec's notion of a "weight": any tensor with more than one dimension (``name`` is unused).
+    """NNCodec's notion of a "weight": any tensor with more than one dimension (``name`` is unused),
+    unless it is empty: there is nothing to optimise in it, and it is coded as a fixed tensor.
 
     >>> default_weight_select("w", jnp.zeros((2, 2))), default_weight_select("b", jnp.zeros(2))
     (True, False)
+    >>> default_weight_select("e", jnp.zeros((0, 4)))
+    False
     """
-    return getattr(leaf, "ndim", 0) > 1
+    return getattr(leaf, "ndim", 0) > 1 and getattr(leaf, "size", 1) > 0
 
 
 def select_float_names(named: Mapping[str, Any], select: Any) -> list[str]:
-    """Names of the floating-point leaves of ``named`` (``{name: leaf}``) that ``select`` picks: a
-    predicate ``(name, leaf) -> bool`` or a list of names (each must be a float leaf).
+    """Names of the non-empty floating-point leaves of ``named`` (``{name: leaf}``) that ``select``
+    picks: a predicate ``(name, leaf) -> bool`` or a list of names (each must be a float leaf). Empty
+    tensors are left out either way: they hold nothing to optimise or measure.
 
-    >>> select_float_names({"w": jnp.ones((2, 2)), "n": jnp.ones(2, jnp.int32)}, lambda n, x: True)
-    ['w']
+    >>> named = {"w": jnp.ones((2, 2)), "n": jnp.ones(2, jnp.int32), "e": jnp.ones((0, 2))}
+    >>> select_float_names(named, lambda n, x: True), select_float_names(named, ["w", "e"])
+    (['w'], ['w'])
     """
     floats = [n for n, x in named.items()
               if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype, jnp.floating)]
     if callable(select):
-        return [n for n in floats if select(n, named[n])]
-    try:
-        chosen = list(select)
-    except TypeError:
-        raise InputError("select must be a predicate (name, leaf) -> bool or a list of names") from None
-    bad = [n for n in chosen if n not in floats]
-    if bad:
-        raise InputError(f"select names no float tensors of params: {bad}")
-    return chosen
+        chosen = [n for n in floats if select(n, named[n])]
+    else:
+        try:
+            chosen = list(select)
+        except TypeError:
+            raise InputError("select must be a predicate (name, leaf) -> bool or a list of names") from None
+        bad = [n for n in chosen if n not in floats]
+        if bad:
+            raise InputError(f"select names no float tensors of params: {bad}")
+    return [n for n in chosen if jnp.size(named[n]) > 0]
 
 
 def resolve(tree: Mapping[str, Any], path: Path | str) -> Any:
