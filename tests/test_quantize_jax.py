@@ -162,6 +162,16 @@ def test_dq_is_dtype_stable_under_x64():
     assert grad.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(grad)))
 
 
+def test_trellis_rate_table_is_the_same_under_x64():
+    # the remainder's prefix length is an integer bit length: float64 log2(8) is 2.9999999999999996
+    k = dq_trellis(W, qp_to_step_jax(-38))
+    a = jnp.arange(4097)
+    want = trellis_rate_fn(k, dq=True)(a, jnp.zeros_like(a))
+    with _x64():
+        got = trellis_rate_fn(k, dq=True)(a, jnp.zeros_like(a))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+
+
 def test_optimize_with_dq_runs_under_x64():
     import flax.linen as nn
 

@@ -341,7 +341,7 @@ def trellis_rate_fn(k: jax.Array, *, dq: bool = True, n_gt: int = 11, max_level:
     flag_bits = jnp.where(a[:, None] > t[None, :], -jnp.log2(p_gt)[None, :], -jnp.log2(1 - p_gt)[None, :])
     gt_bits = jnp.sum(jnp.where(a[:, None] >= t[None, :], flag_bits, 0.0), axis=1)
     r = jnp.maximum(a - n_gt - 1, 0)
-    P = jnp.floor(jnp.log2(r + 1.0)).astype(jnp.int32)
+    P = 31 - jax.lax.clz((r + 1).astype(jnp.int32))               # floor(log2(r + 1)), exact (float log2 is not)
     j = jnp.arange(N_PREFIX)
     pf_bits = jnp.sum(jnp.where(j[None, :] < P[:, None], -jnp.log2(p_pf)[None, :],
                                 jnp.where(j[None, :] == P[:, None], -jnp.log2(1 - p_pf)[None, :], 0.0)), axis=1)
