@@ -691,17 +691,17 @@ for every method. Transparent: top-1 drop ≤ 0.1 points (Fashion-MNIST); MRR dr
 embedding cosine ≥ 0.999 (MiniLM); at most one more of the 500 tones decoded over 50 cents off and
 decoded pitches within 1 cent of the float model's on average (CREPE, whose task accuracy saturates:
 every tone stays within 50 cents down to NNCodec's QP -4, 4 % of the float size). Wall times are
-from a 2-core CPU machine, idle, all measured on 2026-11-23 with code
-whose behaviour for that method is current: Fashion-MNIST's ioq, sens, sens-bc and sens-gptq rows in
-one run (a later session, on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s
-and a few points moved by one or two test images); its sens-bnf and sens-bnf-gptq rows on 2026-12-07 in
-one run (the iterated calibration changed the sens-bnf point at λ = 0.1); the other rows in earlier
-runs (MiniLM's nncjax-grad only at λ = 2e-3: 9 minutes a point on the CPU);
-Fashion-MNIST's sens-gptq-ft rows on 2026-12-06 in one run; MiniLM's sens-gptq, sens-gptq-tab and
-sens-gptq-ft rows (calibration texts from every WordNet synset but the 1000 evaluated) on
-2026-12-07 in one run (the sens-gptq-ft point at λ = 1.05e-3 in a second run after it); CREPE's rows
-on 2026-12-07 in one run, its sens-bnf and sens-bnf-gptq rows (no batch norm folds there: the
-allocation and LSA) in a second run after it. The first point of each method includes its XLA compilation. GPU timings
+from a 2-core CPU machine, idle, each measured with code whose behaviour for that method is current:
+Fashion-MNIST's ioq, sens, sens-bc and sens-gptq rows in one run (2026-11-23, repeated in a later
+session on a freshly installed machine, where IOQ ran in 10-11 s instead of 19-20 s and a few points
+moved by one or two test images); its sens-bnf and sens-bnf-gptq rows on 2026-12-07 in one run (the
+iterated calibration changed the sens-bnf point at λ = 0.1); its sens-gptq-ft rows on 2026-12-06;
+MiniLM's ioq, sens, sens-gptq, sens-gptq-tab and sens-gptq-ft rows in one later run on 2026-12-07
+(calibration texts from every WordNet synset but the 1000 evaluated; after the sensitivity probes
+were batched, which moved a few allocations slightly; IOQ then took 70-81 s a point instead of
+97-106 s); the nncjax-grad rows in earlier runs (MiniLM's only at λ = 2e-3: 9 minutes a point on
+the CPU); CREPE's rows on 2026-12-07 in one run, its sens-bnf and sens-bnf-gptq rows (no batch norm
+folds there: the allocation and LSA) in a second run after it. The first point of each method includes its XLA compilation. GPU timings
 (one H100, same day) are in `benchmarks/results/gpu_h100.md`.
 
 """
