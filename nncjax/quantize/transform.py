@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from nncjax.errors import InputError
+from nncjax.pytree_names import key_path_name
 from nncjax.quantize.codebook import codebook_init, quantize_codebook
 from nncjax.quantize.dq import quantize_dq
 from nncjax.quantize.uniform import MODES, quantize_uniform
@@ -48,21 +49,14 @@ _KNOWN = {"qp", "dq", "codebook", "lam", "alpha"}
 
 
 def path_name(path) -> str:
-    """A jax key path (tuple of key entries) as a ``"/"``-joined name (dict keys, attribute names,
-    sequence indices) -> str.
+    """A jax key path (tuple of key entries) as a ``"/"``-joined name (dict keys, attribute and
+    namedtuple field names, sequence indices) -> str: the codec's names
+    (:func:`nncjax.pytree_names.key_path_name`), so rules match what ``nncjax.encode`` names.
 
     >>> [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"dense": {"kernel": 0, "bias": 1}, "seq": [2]})[0]]
     ['dense/bias', 'dense/kernel', 'seq/0']
     """
-    parts = []
-    for e in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(e, attr):
-                parts.append(str(getattr(e, attr)))
-                break
-        else:
-            parts.append(str(e))
-    return "/".join(parts)
+    return key_path_name(path)
 
 
 def match_rules(rules: Rules, params: Any) -> dict[str, dict]:
