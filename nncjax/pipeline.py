@@ -351,6 +351,8 @@ def optimize_ioq(
       qp_density, dq: codec settings. nonweight_qp: QP of 1-D tensors (biases, BI, LayerNorm).
       ls_qp: QP of the LS / scaling tensors (default ``nonweight_qp``).
       bn_pairs: ``"auto"``, None, or explicit ``[(layer_path, bn_path)]`` (see :class:`CodingLayout`).
+        ``"auto"`` keeps only the ``Conv_i``/``BatchNorm_i`` pairs where the BatchNorm takes the
+        layer's output as it is (checked in one abstract trace of ``apply_fn`` on the first batch).
       eps: BatchNorm epsilon of the model.
       offsets, rounds: IOQ greedy search moves (:func:`nncjax.ioq.ioq_search`).
       probes, max_scale_ratio: of the sensitivity allocation.
@@ -395,6 +397,9 @@ def optimize_ioq(
 
     # 1. coding layout (BN folding); kernels are coded rows first with a scaling when anything
     # scales their rows
+    if isinstance(bn_pairs, str) and bn_pairs == "auto" and isinstance(variables, Mapping) \
+            and "batch_stats" in variables and "params" in variables:
+        bn_pairs = _feeding_pairs(find_bn_pairs(variables["params"]), apply_fn, variables, batches[0])
     layout = CodingLayout.build(variables, bn_pairs, eps)
     kernels = [n for n, kind, _ in layout.entries if kind == "kernel"]
     if lsa_steps or allocation == "sensitivity":
@@ -481,6 +486,40 @@ def optimize_ioq(
                  "lsa_kept": lsa_kept, "lsa_losses": losses},
         dq_overrides=dq_overrides,
     )
+
+
+def _feeding_pairs(pairs: list[BNPair], apply_fn: Callable, variables: Any, batch: Any) -> list[BNPair]:
+    """``pairs`` less those whose BatchNorm, in one abstract trace of the model, takes something else
+    than its layer's output: Flax names pair ``Conv_i`` with ``BatchNorm_i`` in a pre-activation block
+    too (BatchNorm before the convolution), where folding would code the layer at a scale it does not
+    run at. Pairs the trace cannot see (layers behind a nested ``jax.jit``) are kept."""
+    if not pairs:
+        return pairs
+    import flax.linen as nn
+
+    from nncjax._layer_stats import unwrap_jit
+
+    outputs: dict[tuple, Any] = {}
+    inputs: dict[tuple, Any] = {}
+    not_feeding: list[BNPair] = []
+
+    def intercept(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name == "__call__":
+            path = tuple(context.module.path)
+            outputs[path], inputs[path] = y, args[0] if args else None
+        return y
+
+    def run(v, b):
+        with nn.intercept_methods(intercept):
+            unwrap_jit(apply_fn)(v, b)
+        # compared while the tracers live: the BatchNorm must get the very array its layer returned
+        not_feeding.extend(p for p in pairs if p.bn in inputs and p.layer in outputs
+                           and inputs[p.bn] is not outputs[p.layer])
+        return 0
+
+    jax.eval_shape(run, variables, batch)
+    return [p for p in pairs if p not in not_feeding]
 
 
 def _fixed_qps(layout: CodingLayout, weights: list[str], nonweight_qp: int, ls_qp: int) -> dict[str, int]:

@@ -237,6 +237,31 @@ def test_lsa_is_dropped_where_it_raises_d():
     assert optimize_ioq(v, m.apply, x, lam=1e-3, lsa_steps=200).history["lsa_kept"]  # enough steps help
 
 
+class _PreActivation(nn.Module):
+    """BatchNorm before the convolution (a pre-activation block): Flax's names still pair Conv_0 with
+    BatchNorm_0, and the channel counts agree."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3))(nn.relu(nn.BatchNorm(use_running_average=True)(x)))
+        return nn.Dense(4)(x.reshape(x.shape[0], -1))
+
+
+def test_auto_pairs_only_batch_norms_that_take_their_layers_output(tiny_bn):
+    m = _PreActivation()
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 6, 6, 8))
+    v = m.init(jax.random.PRNGKey(1), x)
+    assert CodingLayout.build(v).pairs  # by name alone it would fold the BatchNorm into the wrong side
+    apply, v_post, x_post = tiny_bn
+    for f in (m.apply, jax.jit(m.apply)):
+        res = optimize_ioq(v, f, x, lam=1e-3, lsa_steps=0)
+        assert res.layout.pairs == ()
+        v_hat = decode(encode(res.tensors, **res.encode_kwargs()), like=v)
+        np.testing.assert_allclose(m.apply(v_hat, x), m.apply(v, x), atol=0.2)
+    for f in (apply, jax.jit(apply)):  # Conv -> BatchNorm still folds
+        assert len(optimize_ioq(v_post, f, x_post, lam=1e-3, lsa_steps=0).layout.pairs) == 1
+
+
 def test_lam_scalar_types_and_non_finite_data(tiny_bn):
     apply, v, x = tiny_bn
     for lam in (np.float32(1e-3), np.float64(1e-3), jnp.float32(1e-3), np.int64(0)):
