@@ -13,6 +13,7 @@ from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.bias_correction import decoded_params, output_shifts, with_bias_correction
 from nncjax.optimize import optimize, verify
 from nncjax.pytree_names import flatten_named
+from tests._lifted_models import Lifted
 
 
 class _ConvBnDense(nn.Module):
@@ -79,35 +80,8 @@ def test_layers_without_a_place_for_the_shift_are_left_alone(setup):
     assert changed == {"params/fc/bias"}
 
 
-class _Block(nn.Module):
-    """A residual Dense block; returns ``(carry, None)`` under ``nn.scan``."""
-
-    scan: bool = False
-
-    @nn.compact
-    def __call__(self, x, _=None):
-        y = nn.relu(nn.Dense(x.shape[-1], name="dense")(x)) + x
-        return (y, None) if self.scan else y
-
-
-class _Lifted(nn.Module):
-    """``inp`` and ``out`` Dense layers around ``blk``, a block under a Flax lifted transform (or none)."""
-
-    kind: str
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Dense(8, name="inp")(x))
-        if self.kind == "plain":
-            x = _Block(name="blk")(x)
-        elif self.kind == "remat":
-            x = nn.remat(_Block)(name="blk")(x)
-        elif self.kind == "scan":  # three blocks, their kernels stacked (3, 8, 8)
-            x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=3)(scan=True, name="blk")(x, None)
-        else:  # "vmap": one block per batch element, kernels stacked (batch, 8, 8)
-            x = nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)(name="blk")(x)
-        return nn.Dense(4, name="out")(x)
+def _lifted(kind):
+    return Lifted(kind, width=8, outputs=4, relu=True)
 
 
 def _changed(v, v_bc):
@@ -119,11 +93,11 @@ def test_remat_layers_are_corrected_as_without_remat():
     there, and the correction equals the plain model's (jitted apply_fn, two batches)."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (64, 6))
     batches = [x[:32], x[32:]]
-    v = _Lifted("plain").init(jax.random.PRNGKey(1), x[:1])
-    rd = optimize(v, _Lifted("plain").apply, batches, lam=3e-2, base_qp=-20, init="sensitivity", steps=0,
+    v = _lifted("plain").init(jax.random.PRNGKey(1), x[:1])
+    rd = optimize(v, _lifted("plain").apply, batches, lam=3e-2, base_qp=-20, init="sensitivity", steps=0,
                   progress=False)
-    want, rd_want = with_bias_correction(v, rd, _Lifted("plain").apply, batches)
-    got, rd_got = with_bias_correction(v, rd, jax.jit(_Lifted("remat").apply), batches)
+    want, rd_want = with_bias_correction(v, rd, _lifted("plain").apply, batches)
+    got, rd_got = with_bias_correction(v, rd, jax.jit(_lifted("remat").apply), batches)
     assert _changed(v, got) == _changed(v, want) == {"params/inp/bias", "params/blk/dense/bias", "params/out/bias"}
     for n, a in flatten_named(want).items():
         np.testing.assert_allclose(np.asarray(flatten_named(got)[n]), np.asarray(a), rtol=1e-6, atol=1e-7)
@@ -135,7 +109,7 @@ def test_kernels_stacked_by_scan_and_vmap_are_left_alone(kind):
     """A stacked kernel cannot be re-applied as one layer: its bias keeps its value, the layers around
     it are corrected; with nothing else to correct, UnsupportedError names the layer."""
     x = jax.random.uniform(jax.random.PRNGKey(0), (32, 6))
-    model = _Lifted(kind)
+    model = _lifted(kind)
     v = model.init(jax.random.PRNGKey(1), x)
     rd = optimize(v, model.apply, x, lam=3e-2, base_qp=-20, init="sensitivity", steps=0, progress=False)
     v_bc, _ = with_bias_correction(v, rd, jax.jit(model.apply), [x, x])

@@ -27,6 +27,7 @@ from nncjax.quantize.gptq import (
     quantize_gptq,
 )
 from nncjax.steps import qp_to_step
+from tests._lifted_models import Block, Lifted
 
 
 def _correlated(rng, cols, n=256):
@@ -230,52 +231,14 @@ def test_input_moments_are_the_inputs_second_moments():
         input_moments(model.apply, v, x, mask=lambda b: np.ones(3, bool))
 
 
-class _Block(nn.Module):
-    """A residual Dense block; returns ``(carry, None)`` under ``nn.scan``."""
-
-    scan: bool = False
-
-    @nn.compact
-    def __call__(self, x, _=None):
-        y = nn.relu(nn.Dense(x.shape[-1], name="dense")(x)) + x
-        return (y, None) if self.scan else y
-
-
-class _Lifted(nn.Module):
-    """``inp`` and ``out`` Dense layers around ``blk``, a block under a Flax lifted transform (or none)."""
-
-    kind: str
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Dense(6, name="inp")(x)
-        if self.kind == "plain":
-            x = _Block(name="blk")(x)
-        elif self.kind == "remat":
-            x = nn.remat(_Block)(name="blk")(x)
-        elif self.kind == "loop":  # one block applied three times: what a broadcast scan does
-            blk = _Block(name="blk")
-            for _ in range(3):
-                x = blk(x)
-        elif self.kind == "scan_shared":
-            x, _ = nn.scan(_Block, variable_broadcast="params", split_rngs={"params": False},
-                           length=3)(scan=True, name="blk")(x, None)
-        elif self.kind == "scan":  # three blocks, their kernels stacked (3, 6, 6)
-            x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=3)(scan=True, name="blk")(x, None)
-        else:  # "vmap": one block per batch element, kernels stacked (batch, 6, 6)
-            x = nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)(name="blk")(x)
-        return nn.Dense(3, name="out")(x)
-
-
 def test_input_moments_under_remat_and_broadcast_scan_equal_the_plain_model():
     """Layers under nn.remat run in the checkpoint's own trace: their moments reach the host from
     there and equal the plain model's, masked, jitted, over batches (the second one runs the trace
     compiled for the first, and again in a second call). A scan with broadcast parameters pools its
     steps, as one block called three times does."""
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 7))
-    v = _Lifted("plain").init(jax.random.PRNGKey(1), x)
-    plain, remat = _Lifted("plain").apply, jax.jit(_Lifted("remat").apply)
+    v = Lifted("plain").init(jax.random.PRNGKey(1), x)
+    plain, remat = Lifted("plain").apply, jax.jit(Lifted("remat").apply)
     keep = np.arange(5) < 3  # a mask over the leading axes, from outside the checkpoint's trace
     for data in ([x[:2], x[2:]], [x[2:] * 2, x[:2]]):
         for kw in ({}, {"mask": lambda b: keep}):
@@ -284,19 +247,19 @@ def test_input_moments_under_remat_and_broadcast_scan_equal_the_plain_model():
             assert set(got) == set(want) == {"params/inp/kernel", "params/blk/dense/kernel", "params/out/kernel"}
             for n in want:
                 np.testing.assert_allclose(got[n], want[n], rtol=1e-6, atol=1e-7)
-    want = input_moments(_Lifted("loop").apply, v, x)
-    got = input_moments(_Lifted("scan_shared").apply, v, x)
+    want = input_moments(Lifted("loop").apply, v, x)
+    got = input_moments(Lifted("scan_shared").apply, v, x)
     assert set(got) == set(want)
     for n in want:
         np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6)
 
 
 def _stacked_block_apply(kind):
-    """``apply(variables, x)`` of ``_Lifted(kind)``'s ``blk`` on its own."""
+    """``apply(variables, x)`` of ``Lifted(kind)``'s ``blk`` on its own."""
     if kind == "scan":
-        blk = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(scan=True)
+        blk = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(scan=True)
         return lambda p, b: blk.apply(p, b, None)[0]
-    return nn.vmap(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)().apply
+    return nn.vmap(Block, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)().apply
 
 
 @pytest.mark.parametrize("kind", ["scan", "vmap"])
@@ -304,7 +267,7 @@ def test_input_moments_skip_kernels_stacked_by_scan_and_vmap(kind):
     """A stacked kernel serves several layers with different inputs: it gets no moments, the layers
     around it get theirs; a model with nothing else raises UnsupportedError naming the layer."""
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 7))
-    model = _Lifted(kind)
+    model = Lifted(kind)
     v = model.init(jax.random.PRNGKey(1), x)
     h = input_moments(jax.jit(model.apply), v, [x, x])
     assert set(h) == {"params/inp/kernel", "params/out/kernel"}
