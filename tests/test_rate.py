@@ -147,3 +147,15 @@ def test_neighbours_skip_zero_rows_and_empty_tensors_cost_only_fixed_bits():
     for dq in (False, True):
         empty = float(estimate_bits_levels(jnp.zeros((0,), jnp.int32), dq=dq))
         assert np.isfinite(empty) and empty < 64
+
+
+def test_bad_statics_and_qp_trees_are_input_errors():
+    from nncjax.errors import InputError
+    x = jnp.linspace(-0.05, 0.05, 64).reshape(8, 8)
+    for kwargs in ({"n_gt": -1}, {"n_gt": 0}, {"n_gt": 1.5}, {"profile": 5}, {"n_gt": -1, "training": True}):
+        with pytest.raises(InputError, match="n_gt|profile"):
+            estimate_bits(x, -38, **kwargs)
+    with pytest.raises(InputError, match="structure of params"):
+        estimate_bits_tree({"a": x}, {"b": -38})
+    with pytest.raises(InputError, match="structure of params"):
+        estimate_bits_tree({"a": x, "b": x}, {"a": -38, "b": None})

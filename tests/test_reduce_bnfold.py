@@ -231,3 +231,13 @@ def test_unit_variance_sums_to_one(eps, dtype):
     assert v.dtype == dtype
     assert dtype(v + dtype(eps)) == 1
     assert abs(float(v) - (1 - eps)) <= 4 * np.finfo(dtype).eps
+
+
+def test_bad_pairs_input_and_local_scales_are_input_errors():
+    _, variables, _ = _model_and_vars(1e-5)
+    with pytest.raises(InputError, match="must be a mapping"):
+        find_bn_pairs([1, 2])
+    with pytest.raises(InputError, match="has shape"):
+        fold_batchnorm(variables, eps=1e-5, local_scales={"Conv_1/kernel": jnp.ones(3)})
+    with pytest.raises(InputError, match="names no folded layer"):  # was silently ignored
+        fold_batchnorm(variables, eps=1e-5, local_scales={"Conv_9/kernel": jnp.ones(6)})

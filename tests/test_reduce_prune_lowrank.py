@@ -21,6 +21,7 @@ from nncjax.reduce import (
     rank_for_energy,
     row_prune,
     row_prune_below_mean,
+    row_scores,
     sparsity,
     stats_threshold_prune,
     svd_tail_norm,
@@ -147,3 +148,24 @@ def test_low_rank_jit_full_rank_and_errors():
         low_rank_decompose(w, 1, g_rows=5)
     with pytest.raises(InputError):
         low_rank_recompose(f.g, f.h, (6, 4, 3))
+
+
+def test_low_rank_takes_half_precision_and_its_tail_gradient_is_finite():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)), jnp.bfloat16)
+    for dt in (jnp.bfloat16, jnp.float16):  # the SVD has no half-precision kernel: widened to float32
+        f = low_rank_decompose(w.astype(dt), 2)
+        assert f.g.dtype == jnp.float32
+        assert rank_for_energy(w.astype(dt), 0.5) >= 1
+        assert float(svd_tail_norm(w.astype(dt), 2)) > 0
+    for m in (jnp.zeros((3, 3)), jnp.outer(jnp.arange(3.0), jnp.ones(4))):  # a zero tail: sqrt'(0)
+        g = jax.grad(lambda x: svd_tail_norm(x, 1))(m)
+        assert bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_row_axis_out_of_range_is_an_input_error():
+    w = jnp.ones((2, 3))
+    for axis in (2, -3, 5, 1.0):
+        with pytest.raises(InputError, match="axis must be an integer"):
+            row_scores(w, axis=axis)
+        with pytest.raises(InputError, match="axis must be an integer"):
+            row_prune({"w": w}, 0.5, axis=axis)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.errors import InputError
 from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
@@ -152,6 +153,9 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
     >>> st["sig"].sum(0).tolist(), st["sign"].sum(0).tolist()   # (bins, ones): 4 sig flags, 2 signs
     ([4.0, 2.0], [2.0, 1.0])
     """
+    for what, v, lo, hi in (("n_gt", n_gt, 1, 256), ("profile", profile, 0, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
+            raise InputError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
     shape = jnp.shape(k)
     h, w = _shape_hw(shape)
     k = jnp.asarray(k, jnp.int32).reshape(-1)
@@ -313,6 +317,9 @@ def estimate_bits_tree(params: Any, qps: Any, **kwargs) -> Any:
     """
     if not isinstance(qps, (dict, list, tuple)) and jnp.ndim(qps) == 0:
         qps = jax.tree_util.tree_map(lambda _: qps, params)
+    want, got = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(qps)
+    if want != got:
+        raise InputError(f"qps must be one scalar or have the structure of params: {want} != {got}")
     return jax.tree_util.tree_map(lambda x, q: estimate_bits(x, q, **kwargs), params, qps)
 
 

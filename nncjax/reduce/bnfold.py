@@ -194,6 +194,8 @@ def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
     >>> find_bn_pairs({"Conv_0": {"kernel": 0}, "BatchNorm_0": {"scale": 0, "bias": 0}})
     [BNPair(layer=('Conv_0',), bn=('BatchNorm_0',))]
     """
+    if not isinstance(params, Mapping):
+        raise InputError(f"params must be a mapping of Flax module names, got {type(params).__name__}")
     pairs: list[BNPair] = []
 
     def walk(node: Mapping[str, Any], prefix: Path) -> None:
@@ -241,7 +243,8 @@ def fold_batchnorm(
 ) -> FoldedModel:
     """Fold every (layer, BN) pair of a Flax model into NNR blocks. Pure and jit-able (pairs, eps static).
 
-    ``local_scales``: optional LSA scales by weight name (``"Conv_0/kernel"`` -> (O,)), merged into LS.
+    ``local_scales``: optional LSA scales by weight name (``"Conv_0/kernel"`` -> (O,)), merged into LS;
+    InputError for a name that is no folded layer's weight or a scale of the wrong shape.
 
     >>> folded = fold_batchnorm(variables, eps=1e-5)          # doctest: +SKIP
     >>> blk = folded.blocks["Conv_0/kernel"]  # blk.w: (O, I, kh, kw), blk.ls / blk.bi: (O,)  # doctest: +SKIP
@@ -263,10 +266,15 @@ def fold_batchnorm(
         gamma = bn.get("scale", jnp.ones((rows,), w.dtype))
         beta = bn.get("bias", jnp.zeros((rows,), w.dtype))
         ls0 = None if local_scales is None else local_scales.get(wname)
+        if ls0 is not None and jnp.shape(ls0) != (rows,):
+            raise InputError(f"local_scales[{wname!r}] has shape {jnp.shape(ls0)}, the layer {rows} output rows")
         ls, bi = fold_bn(gamma, beta, st["mean"], st["var"], eps=eps, bias=layer.get("bias"), ls=ls0)
         blocks[wname] = FoldedBlock(w, ls, bi)
         consumed.update(path_name(p.layer + (k,)) for k in ("kernel", "bias"))
         consumed.update(path_name(p.bn + (k,)) for k in bn)
+    unknown = set(local_scales or ()) - set(blocks)
+    if unknown:
+        raise InputError(f"local_scales names no folded layer's weight: {sorted(unknown)} (folded: {sorted(blocks)})")
     rest = {k: v for k, v in named_leaves(params).items() if k not in consumed}
     return FoldedModel(blocks, rest)
 

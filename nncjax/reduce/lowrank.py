@@ -52,18 +52,27 @@ def dc_matrix_shape(dims: tuple[int, ...], g_rows: int | None = None) -> tuple[i
     return rows, n // rows
 
 
+def _svd_matrix(w: jax.Array, g_rows: int | None) -> jax.Array:
+    """``w`` as its DC matrix, float16 / bfloat16 widened to float32 (the SVD has no half-precision kernel)."""
+    w = jnp.asarray(w)
+    if jnp.issubdtype(w.dtype, jnp.floating) and jnp.finfo(w.dtype).bits < 32:
+        w = w.astype(jnp.float32)
+    return w.reshape(dc_matrix_shape(w.shape, g_rows))
+
+
 def low_rank_decompose(w: jax.Array, rank: int, g_rows: int | None = None) -> LowRank:
-    """Truncated SVD of ``w`` (NNR layout, any rank >= 1) into DC factors. ``rank``/``g_rows`` static.
+    """Truncated SVD of ``w`` (NNR layout, any rank >= 1) into DC factors. ``rank``/``g_rows`` static;
+    float16 / bfloat16 ``w`` is decomposed (and returned) in float32.
 
     >>> f = low_rank_decompose(jnp.ones((4, 6)), rank=1)
     >>> f.g.shape, f.h.shape
     ((4, 1), (1, 6))
     """
-    w = jnp.asarray(w)
-    rows, cols = dc_matrix_shape(w.shape, g_rows)
+    m = _svd_matrix(w, g_rows)
+    rows, cols = m.shape
     if not 1 <= rank <= min(rows, cols):
         raise InputError(f"rank must be in 1..{min(rows, cols)} for a {rows}x{cols} matrix, got {rank}")
-    u, s, vt = jnp.linalg.svd(w.reshape(rows, cols), full_matrices=False)
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
     root = jnp.sqrt(s[:rank])
     return LowRank(u[:, :rank] * root[None, :], root[:, None] * vt[:rank])
 
@@ -82,15 +91,16 @@ def low_rank_recompose(g: jax.Array, h: jax.Array, dims: tuple[int, ...]) -> jax
 
 
 def svd_tail_norm(w: jax.Array, rank: int, g_rows: int | None = None) -> jax.Array:
-    """Frobenius error of the best rank-``rank`` approximation: ``sqrt(sum_{i >= rank} s_i²)`` (scalar).
+    """Frobenius error of the best rank-``rank`` approximation: ``sqrt(sum_{i >= rank} s_i²)`` (scalar;
+    its gradient is 0, not NaN, where that tail is exactly 0).
 
     >>> float(svd_tail_norm(jnp.eye(3), 2))
     1.0
     """
-    w = jnp.asarray(w)
-    rows, cols = dc_matrix_shape(w.shape, g_rows)
-    s = jnp.linalg.svd(w.reshape(rows, cols), compute_uv=False)
-    return jnp.sqrt(jnp.sum(s[rank:] ** 2))
+    s = jnp.linalg.svd(_svd_matrix(w, g_rows), compute_uv=False)
+    tail = jnp.sum(s[rank:] ** 2)
+    # sqrt's derivative at 0 is infinite: a rank-deficient w would get a NaN gradient
+    return jnp.where(tail > 0, jnp.sqrt(jnp.where(tail > 0, tail, 1.0)), 0.0)
 
 
 def rank_for_energy(w: jax.Array, energy: float = 0.99, g_rows: int | None = None) -> int:
@@ -101,9 +111,7 @@ def rank_for_energy(w: jax.Array, energy: float = 0.99, g_rows: int | None = Non
     """
     if not 0.0 < energy <= 1.0:
         raise InputError(f"energy must be in (0, 1], got {energy}")
-    w = jnp.asarray(w)
-    rows, cols = dc_matrix_shape(w.shape, g_rows)
-    s2 = np.asarray(jnp.linalg.svd(w.reshape(rows, cols), compute_uv=False), np.float64) ** 2
+    s2 = np.asarray(jnp.linalg.svd(_svd_matrix(w, g_rows), compute_uv=False), np.float64) ** 2
     total = s2.sum()
     if total == 0:
         return 1
