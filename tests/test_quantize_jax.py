@@ -260,3 +260,31 @@ def test_hard_quantizers_equal_the_codec_round_trip(dq):
     for name in ("a", "b"):
         _, w_hat = quantize(params[name]["kernel"], qp_to_step_jax(-36))
         np.testing.assert_array_equal(np.asarray(w_hat).view(np.uint32), back[name]["kernel"].view(np.uint32))
+
+
+@pytest.mark.parametrize("rules, match", [
+    ([("(", {})], "invalid regular expression"),
+    (".*", "sequence of"),
+    ([(".*", None)], "settings must be a dict"),
+    ([(".*", dict(qp="a"))], "qp"),
+    ([(".*", dict(codebook=2.5, dq=False))], "codebook"),
+])
+def test_malformed_rules_raise_input_error(rules, match):
+    p = {"w": jnp.ones((2, 3))}
+    with pytest.raises(InputError, match=match):
+        quantizer(rules).init(p)
+    with pytest.raises(InputError, match=match):
+        rate_model(rules).init(p)
+
+
+def test_apply_with_state_missing_a_tensor_raises_input_error():
+    p = {"w": jnp.ones((2, 3))}
+    rules = [(".*", dict(qp=-38))]
+    with pytest.raises(InputError, match="'w'"):
+        quantizer(rules).apply({}, p)
+    with pytest.raises(InputError, match="'w'"):
+        rate_model(rules).apply({}, p)
+    # The check runs while tracing, so a complete state still jits.
+    q = quantizer(rules)
+    out, _ = jax.jit(q.apply)(q.init(p), p)
+    assert out["w"].shape == (2, 3)

@@ -98,3 +98,28 @@ def test_lsa_scales_only_and_short_iterator(trained):
                            steps=20, progress=True, train_biases=False)
     assert res.losses.shape == (5,)  # stopped when the data ran out
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), res.params, params_q))
+
+
+def test_local_scales_reject_unknown_names_and_wrong_shapes():
+    p = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    with pytest.raises(InputError, match="zz"):
+        apply_local_scales(p, {"zz": jnp.ones(2)})
+    with pytest.raises(InputError, match="Dense_0/kernel"):
+        jax.jit(apply_local_scales)(p, {"Dense_0/kernel": jnp.ones(5)})
+    with pytest.raises(InputError, match="shape"):
+        scale_rows(jnp.ones((2, 3)), jnp.ones(2))
+
+
+def test_fit_local_scales_rejects_bad_arguments():
+    p = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+
+    def loss(pp, b):
+        return jnp.mean((b @ pp["Dense_0"]["kernel"] + pp["Dense_0"]["bias"]) ** 2)
+
+    data = [jnp.ones((4, 3))] * 3
+    with pytest.raises(InputError, match="zz"):
+        fit_local_scales(loss, p, {"zz": jnp.ones(2)}, data, steps=2, progress=False)
+    with pytest.raises(InputError, match="steps"):
+        fit_local_scales(loss, p, lsa_init(p), data, steps=2.5, progress=False)
+    with pytest.raises(InputError, match="data_iter"):
+        fit_local_scales(loss, p, lsa_init(p), None, steps=2, progress=False)

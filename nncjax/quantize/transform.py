@@ -27,9 +27,11 @@ use the continuous step :func:`nncjax.steps.qp_to_step_continuous` so gradients 
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -59,6 +61,56 @@ def path_name(path) -> str:
     return key_path_name(path)
 
 
+def _compile_rules(rules: Rules) -> list[tuple[str, re.Pattern, Any]]:
+    # A bare string is a Sequence too; iterating it would yield characters, not rules.
+    if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+        raise InputError(f"rules must be a sequence of (pattern, settings) pairs, got {type(rules).__name__}")
+    out = []
+    for i, rule in enumerate(rules):
+        if isinstance(rule, (str, bytes)) or not isinstance(rule, Sequence) or len(rule) != 2:
+            raise InputError(f"rule {i} must be a (pattern, settings) pair, got {rule!r}")
+        pat, cfg = rule
+        if not isinstance(pat, str):
+            raise InputError(f"rule {i}: pattern must be a str, got {type(pat).__name__}")
+        try:
+            rx = re.compile(pat)
+        except re.error as e:
+            raise InputError(f"rule {i}: invalid regular expression {pat!r}: {e}") from e
+        out.append((pat, rx, cfg))
+    return out
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_settings(pat: str, cfg: Any) -> dict:
+    if not isinstance(cfg, Mapping):
+        raise InputError(f"rule {pat!r}: settings must be a dict, got {type(cfg).__name__}")
+    bad = set(cfg) - _KNOWN
+    if bad:
+        raise InputError(f"unknown quantizer settings {sorted(bad)} in rule {pat!r}")
+    for key in ("qp", "lam", "alpha"):
+        if key in cfg and not _is_real(cfg[key]):
+            raise InputError(f"rule {pat!r}: {key} must be a finite number, got {cfg[key]!r}")
+    if "dq" in cfg and not isinstance(cfg["dq"], (bool, numbers.Integral)):
+        raise InputError(f"rule {pat!r}: dq must be a bool, got {cfg['dq']!r}")
+    # A codebook size is a count; a float like 2.5 would otherwise be truncated silently by int().
+    cb = cfg.get("codebook", 0)
+    if not isinstance(cb, numbers.Integral) or isinstance(cb, bool) or cb < 0:
+        raise InputError(f"rule {pat!r}: codebook must be a non-negative int, got {cb!r}")
+    if cfg.get("dq", True) and cb:
+        raise InputError(f"rule {pat!r}: a codebook is never combined with DQ (NNR); set dq=False")
+    return dict(cfg)
+
+
+def _state_of(state: Any, name: str) -> Any:
+    # Checked while tracing: the state's keys are static, so this stays jit-able.
+    if not isinstance(state, Mapping) or name not in state:
+        raise InputError(f"state has no entry for tensor {name!r}; build it with init(params)")
+    return state[name]
+
+
 def match_rules(rules: Rules, params: Any) -> dict[str, dict]:
     """``{name: settings}`` for every leaf of ``params`` (any pytree) matched by a rule (first match wins);
     ``settings`` are the rule's, completed with the defaults (``qp``, ``dq``, ``codebook``, ``lam``, ``alpha``).
@@ -67,15 +119,14 @@ def match_rules(rules: Rules, params: Any) -> dict[str, dict]:
     >>> s = match_rules([(r".*kernel", dict(qp=-40)), (r".*", dict(dq=False))], params)
     >>> {name: (cfg["qp"], cfg["dq"]) for name, cfg in s.items()}
     {'dense/bias': (-38, False), 'dense/kernel': (-40, True)}
+
+    Raises:
+        InputError: ``rules`` is not a sequence of (pattern, settings) pairs, a pattern is not a valid
+            regular expression, or a rule's settings are not a dict, name an unknown key, have a
+            non-numeric ``qp``/``lam``/``alpha``, a non-integer or negative ``codebook``, or combine
+            a codebook with DQ.
     """
-    compiled = []
-    for pat, cfg in rules:
-        bad = set(cfg) - _KNOWN
-        if bad:
-            raise InputError(f"unknown quantizer settings {sorted(bad)} in rule {pat!r}")
-        if cfg.get("dq", True) and cfg.get("codebook", 0):
-            raise InputError(f"rule {pat!r}: a codebook is never combined with DQ (NNR); set dq=False")
-        compiled.append((re.compile(pat), cfg))
+    compiled = [(rx, _check_settings(pat, cfg)) for pat, rx, cfg in _compile_rules(rules)]
     out = {}
     for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = path_name(path)
@@ -123,6 +174,10 @@ def quantizer(rules: Rules, mode: str = "ste", *, qp_density: int = 2) -> Quanti
     ([[7, -14], [2, 34]], 0.00146484375)
     >>> qparams["dense"]["kernel"].tolist()                 # step * levels; the bias matched no rule
     [[0.01025390625, -0.0205078125], [0.0029296875, 0.0498046875]]
+
+    Raises:
+        InputError: ``mode`` or ``qp_density`` is invalid; ``init``/``apply``: the rules are malformed
+            (:func:`match_rules`); ``apply``: ``state`` lacks a tensor the rules select.
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -139,7 +194,7 @@ def quantizer(rules: Rules, mode: str = "ste", *, qp_density: int = 2) -> Quanti
             name = path_name(path)
             if name not in settings:
                 return x
-            cfg, st = settings[name], state[name]
+            cfg, st = settings[name], _state_of(state, name)
             key = None if rng is None else jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
             if mode == "hard":
                 step = qp_to_step_jax(jnp.round(st["qp"]).astype(jnp.int32), qpd)
@@ -173,6 +228,10 @@ def rate_model(rules: Rules, *, training: bool = True, qp_density: int = 2, **ra
     >>> bits = r.apply(r.init(params), params)
     >>> list(bits), round(float(bits["dense/kernel"]), 1)
     (['dense/kernel'], 91.8)
+
+    Raises:
+        InputError: ``qp_density`` is invalid; ``init``/``apply``: the rules are malformed
+            (:func:`match_rules`); ``apply``: ``state`` lacks a tensor the rules select.
     """
     qpd = check_qp_density(qp_density)
 
@@ -186,7 +245,7 @@ def rate_model(rules: Rules, *, training: bool = True, qp_density: int = 2, **ra
         leaves = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
         out = {}
         for name, cfg in settings.items():
-            qp = state[name]["qp"]
+            qp = _state_of(state, name)["qp"]
             out[name] = estimate_bits(leaves[name], qp if training else jnp.round(qp).astype(jnp.int32),
                                       dq=bool(cfg["dq"]) and not cfg["codebook"], qp_density=qpd,
                                       training=training, **rate_kwargs)

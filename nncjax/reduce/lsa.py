@@ -12,6 +12,7 @@ which is itself a pytree, so any optax optimizer applies directly.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -67,10 +68,19 @@ def scale_rows(w: jax.Array, s: jax.Array, axis: int = -1) -> jax.Array:
 
     >>> scale_rows(jnp.ones((2, 3)), jnp.array([1.0, 2.0, 3.0])).tolist()
     [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
+
+    Raises:
+        InputError: ``axis`` is out of range for ``w``, or ``s`` is not of shape ``(w.shape[axis],)``.
     """
-    w = jnp.asarray(w)
+    w, s = jnp.asarray(w), jnp.asarray(s)
+    if w.ndim == 0 or not -w.ndim <= axis < w.ndim:
+        raise InputError(f"axis {axis} is out of range for a weight of shape {w.shape}")
     ax = axis % w.ndim
-    return w * jnp.asarray(s, w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax))
+    # Shapes are static under jit, so this check costs nothing at run time.
+    if s.shape != (w.shape[ax],):
+        raise InputError(f"scale vector of shape {s.shape} does not match axis {axis} of a weight of shape {w.shape}; "
+                         f"expected ({w.shape[ax]},)")
+    return w * s.astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax))
 
 
 def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: int = -1) -> Any:
@@ -79,9 +89,21 @@ def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: in
     >>> p = {"Dense_0": {"kernel": jnp.ones((2, 2))}}
     >>> apply_local_scales(p, {"Dense_0/kernel": jnp.array([2.0, 3.0])})["Dense_0"]["kernel"].tolist()
     [[2.0, 3.0], [2.0, 3.0]]
+
+    Raises:
+        InputError: a scale names no leaf of ``params``, or its shape does not match that leaf's ``axis``.
     """
     leaves = named_leaves(params)
-    return replace_named(params, {k: scale_rows(leaves[k], s, axis) for k, s in scales.items()})
+    missing = sorted(k for k in scales if k not in leaves)
+    if missing:
+        raise InputError(f"local scales name no leaf of params: {missing}")
+    out = {}
+    for k, s in scales.items():
+        try:
+            out[k] = scale_rows(leaves[k], s, axis)
+        except InputError as e:
+            raise InputError(f"local scale {k!r}: {e}") from e
+    return replace_named(params, out)
 
 
 def _bias_names(params: Any) -> list[str]:
@@ -119,9 +141,17 @@ def fit_local_scales(
     >>> scales = lsa_init(params_q)                                             # doctest: +SKIP
     >>> res = fit_local_scales(loss, params_q, scales, batches, steps=200)     # doctest: +SKIP
     >>> params_eval = apply_local_scales(res.params, res.scales)               # doctest: +SKIP
+
+    Raises:
+        InputError: ``steps`` is not a non-negative int, ``data_iter`` is not iterable, or ``scales``
+            do not fit ``params_q`` (:func:`apply_local_scales`).
     """
-    if steps < 0:
-        raise InputError(f"steps must be >= 0, got {steps}")
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        raise InputError(f"steps must be a non-negative int, got {steps!r}")
+    if not isinstance(data_iter, Iterable):
+        raise InputError(f"data_iter must be an iterable of batches, got {type(data_iter).__name__}")
+    # Fail here with a named error rather than inside the first traced step.
+    apply_local_scales(params_q, scales, axis=axis)
     opt = optax.adam(1e-3) if optimizer is None else optimizer
     leaves = named_leaves(params_q)
     biases = {k: leaves[k] for k in _bias_names(params_q)} if train_biases else {}
