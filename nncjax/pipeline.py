@@ -73,6 +73,7 @@ from nncjax.reduce import (
     replace_named,
     unfold_batchnorm,
 )
+from nncjax.reduce._tree import default_weight_select
 from nncjax.steps import check_qp_density
 
 _ALLOCATIONS = ("ioq", "sensitivity")
@@ -407,7 +408,7 @@ def optimize_ioq(
     scaled = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")] if lsa_steps else []
     leaves = named_leaves(variables)
     weights = [n for n, kind, _ in layout.entries if kind in ("kernel", "block_w")
-               or (kind == "leaf" and np.ndim(leaves[n]) > 1 and _is_float(leaves[n]) and np.size(leaves[n]))]
+               or (kind == "leaf" and default_weight_select(n, leaves[n]) and _is_float(leaves[n]))]
     t_fold = time.perf_counter()
 
     refs = [jax.jit(apply_fn)(variables, b) for b in batches]

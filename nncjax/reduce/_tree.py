@@ -7,11 +7,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nncjax.errors import InputError
 from nncjax.pytree_names import key_path_name
 
-__all__ = ["default_weight_select", "named_leaves", "path_name", "replace_named", "resolve", "select_float_names"]
+__all__ = ["check_axis", "default_weight_select", "named_leaves", "path_name", "replace_named", "resolve",
+           "select_float_names"]
 
 Path = tuple[str, ...]
 
@@ -23,6 +25,18 @@ def path_name(path: Path | str) -> str:
     ('Conv_0/kernel', 'Conv_0/kernel')
     """
     return path if isinstance(path, str) else "/".join(str(p) for p in path)
+
+
+def check_axis(axis: Any, ndim: int) -> int:
+    """``axis`` of an ``ndim``-D tensor as an index in ``0..ndim-1``; InputError if it is no integer in
+    ``[-ndim, ndim)`` (it is not wrapped around).
+
+    >>> check_axis(-1, 3)
+    2
+    """
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
+        raise InputError(f"axis must be an integer in [{-ndim}, {ndim - 1}] for a {ndim}-D tensor, got {axis!r}")
+    return int(axis) % ndim
 
 
 def named_leaves(tree: Any) -> dict[str, jax.Array]:

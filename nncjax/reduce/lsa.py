@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from nncjax.errors import InputError
 from nncjax.pytree_names import is_kernel_name
-from nncjax.reduce._tree import named_leaves, replace_named
+from nncjax.reduce._tree import check_axis, named_leaves, replace_named
 
 __all__ = ["RowsSpec", "LSAResult", "lsa_init", "scale_rows", "apply_local_scales", "fit_local_scales", "kernel_rows"]
 
@@ -73,14 +73,30 @@ def scale_rows(w: jax.Array, s: jax.Array, axis: int = -1) -> jax.Array:
         InputError: ``axis`` is out of range for ``w``, or ``s`` is not of shape ``(w.shape[axis],)``.
     """
     w, s = jnp.asarray(w), jnp.asarray(s)
-    if w.ndim == 0 or not -w.ndim <= axis < w.ndim:
-        raise InputError(f"axis {axis} is out of range for a weight of shape {w.shape}")
-    ax = axis % w.ndim
-    # Shapes are static under jit, so this check costs nothing at run time.
-    if s.shape != (w.shape[ax],):
-        raise InputError(f"scale vector of shape {s.shape} does not match axis {axis} of a weight of shape {w.shape}; "
-                         f"expected ({w.shape[ax]},)")
+    ax = _scaled_axis(w.shape, s.shape, axis)
     return w * s.astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax))
+
+
+def _scaled_axis(w_shape: tuple, s_shape: tuple, axis: int) -> int:
+    """The index of the axis a scale vector of ``s_shape`` scales in a weight of ``w_shape``; InputError
+    unless it is a vector of that axis' length. Shapes are static under jit: the check costs nothing there."""
+    ax = check_axis(axis, len(w_shape))
+    if tuple(s_shape) != (w_shape[ax],):
+        raise InputError(f"scale vector of shape {tuple(s_shape)} does not match axis {axis} of a weight of shape "
+                         f"{tuple(w_shape)}; expected ({w_shape[ax]},)")
+    return ax
+
+
+def _check_scales(leaves: Mapping[str, Any], scales: Mapping[str, Any], axis: int) -> None:
+    """InputError if ``scales`` name a leaf not in ``leaves`` or do not fit the leaf they name."""
+    missing = sorted(k for k in scales if k not in leaves)
+    if missing:
+        raise InputError(f"local scales name no leaf of params: {missing}")
+    for k, s in scales.items():
+        try:
+            _scaled_axis(jnp.shape(leaves[k]), jnp.shape(s), axis)
+        except InputError as e:
+            raise InputError(f"local scale {k!r}: {e}") from e
 
 
 def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: int = -1) -> Any:
@@ -94,16 +110,8 @@ def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: in
         InputError: a scale names no leaf of ``params``, or its shape does not match that leaf's ``axis``.
     """
     leaves = named_leaves(params)
-    missing = sorted(k for k in scales if k not in leaves)
-    if missing:
-        raise InputError(f"local scales name no leaf of params: {missing}")
-    out = {}
-    for k, s in scales.items():
-        try:
-            out[k] = scale_rows(leaves[k], s, axis)
-        except InputError as e:
-            raise InputError(f"local scale {k!r}: {e}") from e
-    return replace_named(params, out)
+    _check_scales(leaves, scales, axis)
+    return replace_named(params, {k: scale_rows(leaves[k], s, axis) for k, s in scales.items()})
 
 
 def _bias_names(params: Any) -> list[str]:
@@ -150,10 +158,9 @@ def fit_local_scales(
         raise InputError(f"steps must be a non-negative int, got {steps!r}")
     if not isinstance(data_iter, Iterable):
         raise InputError(f"data_iter must be an iterable of batches, got {type(data_iter).__name__}")
-    # Fail here with a named error rather than inside the first traced step.
-    apply_local_scales(params_q, scales, axis=axis)
-    opt = optax.adam(1e-3) if optimizer is None else optimizer
     leaves = named_leaves(params_q)
+    _check_scales(leaves, scales, axis)  # a named error here, not one inside the first traced step
+    opt = optax.adam(1e-3) if optimizer is None else optimizer
     biases = {k: leaves[k] for k in _bias_names(params_q)} if train_biases else {}
     trainable = {"scales": dict(scales), "biases": biases}
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nncjax.errors import InputError
-from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
+from nncjax.reduce._tree import check_axis, default_weight_select, named_leaves, replace_named
 
 __all__ = [
     "apply_masks",
@@ -130,13 +130,6 @@ def stats_threshold_prune(
     return apply_masks(params, m), m
 
 
-def _axis(axis: int, ndim: int) -> int:
-    """``axis`` as an index in ``0..ndim-1``; InputError if out of range (not wrapped around)."""
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-        raise InputError(f"axis must be an integer in [{-ndim}, {ndim - 1}] for a {ndim}-D tensor, got {axis!r}")
-    return int(axis) % ndim
-
-
 def row_scores(w: jax.Array, axis: int = -1) -> jax.Array:
     """Mean ``|w|`` per output row (over every axis but ``axis``). ``w``: (..., O) -> (O,).
 
@@ -144,7 +137,7 @@ def row_scores(w: jax.Array, axis: int = -1) -> jax.Array:
     [2.0, 1.0]
     """
     w = jnp.asarray(w)
-    ax = _axis(axis, w.ndim)
+    ax = check_axis(axis, w.ndim)
     return jnp.mean(jnp.abs(w), axis=tuple(i for i in range(w.ndim) if i != ax))
 
 
@@ -153,7 +146,7 @@ def _row_masks(params: Any, keep_rows: Callable[[jax.Array], jax.Array], select:
     for k, v in named_leaves(params).items():
         if select(k, v):
             keep = keep_rows(row_scores(v, axis))
-            ax = _axis(axis, v.ndim)
+            ax = check_axis(axis, v.ndim)
             masks[k] = jnp.broadcast_to(keep.reshape((-1,) + (1,) * (v.ndim - 1 - ax)), v.shape)
     return _masks_from(params, masks)
 
