@@ -27,7 +27,8 @@ from nncjax import models
 from nncjax.codec import decode, encode
 from nncjax.ioq import ioq_initial_qps, ioq_search
 from nncjax.models.fashion_cnn import load_fashion_mnist
-from nncjax.optimize import RDSettings, _codec_reconstruct, optimize, verify
+from nncjax.optimize import _codec_reconstruct, optimize
+from nncjax.rd_settings import RDSettings, verify
 from nncjax.reduce._tree import named_leaves, replace_named
 
 

@@ -16,7 +16,7 @@ Per model, four methods, each point measured for real (bitstream bytes -> decode
   pipeline (BN folding, LSA, same settings) with that allocation in place of IOQ's search
   (``sens_bnf_lams``; on CREPE, whose batch norms follow ReLUs, nothing folds: the allocation, then LSA).
 * ``nncjax-sens-gptq``: ``nncjax-sens`` at ``qp_density=3`` (finer QPs, the same steps and
-  non-weight precision as the others), followed by :func:`nncjax.optimize.with_error_feedback`: each
+  non-weight precision as the others), followed by :func:`nncjax.with_error_feedback`: each
   ``Dense`` and ``Conv`` kernel switches from DQ to GPTQ (uniform) at the coarsest QP whose
   layer-output error stays within DQ's, checked on inputs GPTQ was not fitted to; for models with such layers
   (``gptq_lams``; the wall time includes collecting the input moments, of every ``patch_stride``-th
@@ -86,10 +86,12 @@ sys.path.insert(0, str(ROOT))
 from nncjax import models
 from nncjax.bias_correction import with_bias_correction
 from nncjax.codec import QPAdjustedWarning, decode, encode
+from nncjax.error_feedback import with_error_feedback
 from nncjax.fine_tuning import with_fine_tuning
-from nncjax.optimize import LS_SUFFIX, optimize, verify, with_error_feedback
+from nncjax.optimize import optimize
 from nncjax.pipeline import optimize_ioq
 from nncjax.quantize.gptq import input_moments
+from nncjax.rd_settings import LS_SUFFIX, verify
 from nncjax.sensitivity import row_moments
 
 OUT = ROOT / "benchmarks" / "results"
@@ -702,7 +704,7 @@ were batched, which moved a few allocations slightly; IOQ then took 70-81 s a po
 97-106 s); the nncjax-grad rows in earlier runs (MiniLM's only at λ = 2e-3: 9 minutes a point on
 the CPU); CREPE's rows on 2026-12-07 in one run, its sens-bnf and sens-bnf-gptq rows (no batch norm
 folds there: the allocation and LSA) in a second run after it. The first point of each method includes its XLA compilation. GPU timings
-(one H100, same day) are in `benchmarks/results/gpu_h100.md`.
+(one H100, 2026-11-22 and 2026-11-23, code of those days: no device since) are in `benchmarks/results/gpu_h100.md`.
 
 """
 

@@ -21,7 +21,9 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 from nncjax.errors import (BitstreamError, InputError, LimitError, NNCError, UnsupportedError,
                            UnsupportedStreamError)
 from nncjax.codec import QPAdjustedWarning, StreamInfo, TensorInfo, decode, encode, inspect
-from nncjax.optimize import RDSettings, optimize, verify, with_error_feedback
+from nncjax.error_feedback import with_error_feedback
+from nncjax.optimize import optimize
+from nncjax.rd_settings import RDSettings, verify
 from nncjax.pipeline import optimize_ioq
 from nncjax.bias_correction import with_bias_correction
 from nncjax.fine_tuning import with_fine_tuning

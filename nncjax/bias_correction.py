@@ -24,8 +24,8 @@ import numpy as np
 from nncjax._layer_stats import LayerSums, batch_means, kernel_name, mapped_kernel, unwrap_jit
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
 from nncjax.errors import InputError, UnsupportedError
-from nncjax.optimize import LS_SUFFIX, RDSettings
 from nncjax.pytree_names import flatten_named, is_kernel_name
+from nncjax.rd_settings import LS_SUFFIX, RDSettings
 from nncjax.reduce._tree import replace_named
 
 __all__ = ["decoded_params", "output_shifts", "with_bias_correction"]

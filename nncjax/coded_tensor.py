@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCALING_SUFFIX", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "levels_bits"]
+__all__ = ["SCALING_SUFFIX", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "levels_bits", "qp_delta_bits"]
 
 SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
 
@@ -63,3 +63,13 @@ def levels_bits(levels: np.ndarray, *, dq: bool = True) -> int:
     from nncjax.kernels.coder import encode_levels
 
     return 8 * len(encode_levels(np.asarray(levels, np.int32), dq=dq, row_skipping=True, profile=1))
+
+
+def qp_delta_bits(qp_density: int) -> float:
+    """Bits a tensor's QP delta adds to its unit in NNCodec's streams (an estimate: 6 plus the
+    ``qp_density`` bits), the per-tensor overhead the optimisers add to :func:`code_tensor`'s payload.
+
+    >>> qp_delta_bits(2)
+    8.0
+    """
+    return 6.0 + qp_density

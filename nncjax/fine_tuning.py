@@ -54,19 +54,17 @@ import optax
 from tqdm.auto import tqdm
 
 from nncjax.bias_correction import decoded_params
-from nncjax.coded_tensor import code_tensor
+from nncjax.coded_tensor import code_tensor, qp_delta_bits
+from nncjax.distortion import apply_model, distortion_fn
 from nncjax.errors import InputError
-from nncjax.optimize import (
-    _QP_DELTA_BITS,
+from nncjax.pytree_names import flatten_named
+from nncjax.rd_settings import (
     LS_SUFFIX,
     RDSettings,
-    _apply,
-    _distortion_fn,
-    _row_shape,
-    _to_rows_first,
+    row_shape,
     rows_axis,
+    to_rows_first,
 )
-from nncjax.pytree_names import flatten_named
 from nncjax.reduce._tree import replace_named
 from nncjax.reduce.layout import nnr_to_flax_perm
 from nncjax.sensitivity import checked_batches, output_sensitivity
@@ -110,7 +108,7 @@ class _Grid:
 
 def _rows(v, ndim: int):
     """``(rows,)`` -> broadcastable against a rows-first array of ``ndim`` dims."""
-    return v.reshape(_row_shape(ndim, 0))
+    return v.reshape(row_shape(ndim, 0))
 
 
 def _on_grid(grid: _Grid, levels: dict, unit: dict) -> dict:
@@ -128,7 +126,7 @@ def _on_grid(grid: _Grid, levels: dict, unit: dict) -> dict:
 
 def _distortion_at(grid: _Grid, apply_fn, levels: dict, unit: dict, base, batch, ref):
     """``D`` on ``batch`` of ``base`` with the tuned tensors at ``levels``."""
-    return _distortion_fn(apply_fn, None, "output")(replace_named(base, _on_grid(grid, levels, unit)), batch, ref)
+    return distortion_fn(apply_fn, None, "output")(replace_named(base, _on_grid(grid, levels, unit)), batch, ref)
 
 
 def _count_threshold(scores: list, k):
@@ -303,11 +301,11 @@ def with_fine_tuning(
         step = np.float32(qp_to_step(settings.qp_overrides[n], settings.qp_density))
         axes.append(axis)
         unit[n] = (step, s)
-        start[n] = jnp.asarray(np.round(_to_rows_first(w, axis) / _rows(s, w.ndim) / step), jnp.float32)
+        start[n] = jnp.asarray(np.round(to_rows_first(w, axis) / _rows(s, w.ndim) / step), jnp.float32)
         if search:
-            cost[n] = jnp.asarray(_to_rows_first(curvature[n], axis) * _rows(s * step, w.ndim) ** 2)
+            cost[n] = jnp.asarray(to_rows_first(curvature[n], axis) * _rows(s * step, w.ndim) ** 2)
     grid = _Grid(tuple(names), tuple(axes))
-    refs = [_apply(target, b, apply_fn=apply_fn) for b in batches]
+    refs = [apply_model(target, b, apply_fn=apply_fn) for b in batches]
 
     trace = []
     bar = tqdm(range(int(steps)), desc=f"fine-tune on grid ({method})", disable=not progress, leave=False)
@@ -344,7 +342,7 @@ def with_fine_tuning(
                for n, w in _on_grid(grid, levels, unit).items()}
     params_ft = replace_named(params, updates)
     # bits of exactly what encode will code (rows first over the scales where scaled)
-    qpd, overhead = settings.qp_density, _QP_DELTA_BITS + settings.qp_density
+    qpd, overhead = settings.qp_density, qp_delta_bits(settings.qp_density)
     coded = settings.params_for_encoding(params_ft)
     tensor_bits, bits = dict(settings.tensor_bits), settings.estimated_bits
     # settings not from optimize's coder pass lack some tensors' bits: code their old levels too

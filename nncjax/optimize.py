@@ -23,7 +23,7 @@ coded transposed (:func:`nncjax.reduce.flax_to_nnr`), and axis 0 of every other 
 reconstructs ``W_hat = LS_hat * Q(W / s)``, so a scale is a per-row refinement of the step *and* a
 per-row gain. ``s`` is quantized during training with the codec's quantizer at ``scale_qp``, so
 what is optimised is exactly what is decoded. :meth:`RDSettings.params_for_encoding` produces the
-tensors, ``nncjax.decode(data, like=params)`` gives the ready model back, and :func:`verify` runs
+tensors, ``nncjax.decode(data, like=params)`` gives the ready model back, and :func:`nncjax.verify` runs
 the whole encode -> bytes -> decode -> evaluate path.
 
 Example:
@@ -41,7 +41,7 @@ import functools
 import math
 import os
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -50,25 +50,39 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from nncjax.coded_tensor import SCALING_SUFFIX, code_tensor, levels_bits
+from nncjax.coded_tensor import code_tensor, levels_bits, qp_delta_bits
+from nncjax.distortion import (
+    apply_model,
+    batch_distortion,
+    check_finite_outputs,
+    distortion_fn,
+)
+from nncjax.error_feedback import with_error_feedback
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
-from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
+from nncjax.pytree_names import flatten_named
 from nncjax.quantize.dq import quantize_dq
-from nncjax.quantize.gptq import _checked_factor as _gptq_factor
-from nncjax.quantize.gptq import _quantize_ordered as _gptq_quantize
-from nncjax.quantize.gptq import _quantize_trellis as _gptq_trellis
-from nncjax.quantize.gptq import layer_output_error
 from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.rate import estimate_bits
+from nncjax.rd_settings import (
+    LS_SUFFIX,
+    RDSettings,
+    VerifyResult,
+    divide_rows,
+    from_rows_first,
+    multiply_rows,
+    row_shape,
+    rows_axis,
+    to_rows_first,
+    verify,
+)
 from nncjax.reduce._tree import (
     default_weight_select,
     named_leaves,
     replace_named,
     select_float_names,
 )
-from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
 from nncjax.sensitivity import (
     allocate_steps,
     check_max_ratio,
@@ -84,162 +98,16 @@ from nncjax.steps import (
     qp_to_step_jax,
 )
 
-__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "optimize", "rows_axis", "verify", "with_error_feedback"]
+# RDSettings, rows_axis, verify and with_error_feedback were defined here before they got modules of
+# their own; importing them from here keeps working.
+__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "check_lam", "optimize", "rows_axis", "verify",
+           "with_error_feedback"]
 
-#: Name suffix of a scaled tensor's local scales (the LS member of its block unit; NNCodec's name).
-LS_SUFFIX = SCALING_SUFFIX
 _MODES = ("ste", "noise")
 _DISTORTIONS = ("output", "kl")
 _INITS = ("base", "sensitivity")
 #: One instance, so that repeated calls hit the compilation cache of the training step.
 _DEFAULT_OPTIMIZER = optax.adam(0.2)
-
-
-# ------------------------------------------------------------------------------------------------
-# settings
-
-
-@dataclasses.dataclass(frozen=True)
-class RDSettings:
-    """What :func:`optimize` found: per-tensor QPs and local scales, ready for :func:`nncjax.encode`.
-
-    Attributes:
-      qp_overrides: ``{name: int qp}`` for every optimised weight and every ``"<name>_scaling"``
-        tensor; names as :func:`nncjax.pytree_names.flatten_named` gives them (``"params/fc1/kernel"``).
-      local_scales: ``{name: float32 (rows,)}`` the decoded scales ``LS_hat`` (exact float32 values
-        the decoder reconstructs); empty without ``learn_scales``.
-      scale_axis: -1 (Flax: kernels scaled along their output axis, other tensors along axis 0) or 0
-        (every tensor along axis 0); see :func:`rows_axis`.
-      history: ``{"loss", "distortion", "rate_bits"}`` -> float64 ``(steps,)`` (training relaxation).
-      estimated_bits: payload bits of all float tensors with the final settings, from the codec's
-        quantizer and the real DeepCABAC coder (QP deltas included; unit headers, tensor names and
-        integer tensors are not): the bitstream is this plus a few bytes per tensor.
-      qp, qp_density, nonweight_qp, dq: the global encode settings used while optimising.
-      dq_overrides: ``{name: False}`` for tensors coded without DQ (:func:`with_error_feedback`).
-      tensor_bits: ``{name: bits}`` each optimised weight's share of ``estimated_bits`` (its payload
-        and QP delta at its final settings; its LS tensor not included).
-
-    Example:
-      >>> data = nncjax.encode(rd.params_for_encoding(params), **rd.encode_kwargs())   # doctest: +SKIP
-    """
-
-    qp_overrides: dict[str, int]
-    local_scales: dict[str, np.ndarray]
-    scale_axis: int
-    history: dict[str, np.ndarray]
-    estimated_bits: float
-    qp: int
-    qp_density: int
-    nonweight_qp: int
-    dq: bool
-    dq_overrides: dict[str, bool] = dataclasses.field(default_factory=dict)
-    tensor_bits: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def encode_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`nncjax.encode` reproducing these settings.
-
-        >>> nncjax.encode(rd.params_for_encoding(p), **rd.encode_kwargs())      # doctest: +SKIP
-        """
-        kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
-              "qp_overrides": dict(self.qp_overrides)}
-        if self.local_scales:
-            kw["blocks"] = {name: {"ls": name + LS_SUFFIX} for name in self.local_scales}
-        if self.dq_overrides:
-            kw["dq_overrides"] = dict(self.dq_overrides)
-        return kw
-
-    def params_for_encoding(self, params: Any) -> dict[str, np.ndarray]:
-        """Flat ``{name: array}`` to pass to :func:`nncjax.encode` with :meth:`encode_kwargs`: every leaf
-        of ``params`` (in :func:`~nncjax.pytree_names.flatten_named` order); a scaled weight becomes
-        ``W / s`` in NNR layout (rows first, float32) followed by its ``"<name>_scaling"`` tensor ``s``
-        (shape ``(rows,)``); the two are written as one block unit.
-
-        >>> flat = rd.params_for_encoding({"d": {"kernel": w}})                   # doctest: +SKIP
-        >>> list(flat)                                                           # doctest: +SKIP
-        ['d/kernel', 'd/kernel_scaling']
-        """
-        named = flatten_named(params)
-        missing = set(self.local_scales) - set(named)
-        if missing:
-            raise InputError(f"params lack the scaled tensors {sorted(missing)}")
-        for n in self.local_scales:
-            if self.scale_axis == 0 and is_kernel_name(n):
-                # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
-                raise InputError(f"{n!r} is named like a Flax kernel but scaled along axis 0: optimize Flax "
-                                 "params with scale_axis=-1")
-        out: dict[str, np.ndarray] = {}
-        for name, leaf in named.items():
-            arr = np.asarray(leaf)
-            if name in self.local_scales:
-                s = self.local_scales[name]
-                axis = rows_axis(name, arr.ndim, self.scale_axis)
-                out[name] = _to_rows_first(_divide_rows(arr.astype(np.float32), s, axis), axis)
-                out[name + LS_SUFFIX] = np.asarray(s, np.float32)
-            else:
-                out[name] = arr
-        return out
-
-    def restore(self, decoded: Mapping[str, Any], like: Any = None) -> Any:
-        """Model params from :func:`nncjax.decode` output without ``like`` (flat ``{name: array}``,
-        ready or ``raw=True``): applies the local scales where they are still separate and puts scaled
-        Flax kernels back in Flax layout. With ``like`` (e.g. the original params) the result has its
-        structure and dtypes, else it is a flat dict. ``nncjax.decode(data, like=params)`` gives the
-        same model directly.
-
-        >>> params_hat = rd.restore(nncjax.decode(data), like=params)             # doctest: +SKIP
-        """
-        flat = dict(decoded)
-        for name in self.local_scales:
-            if name not in flat:
-                raise InputError(f"decoded tensors lack the scaled tensor {name!r}")
-            x = np.asarray(flat[name], np.float32)
-            if name + LS_SUFFIX in flat:  # raw: the scales are still a tensor of their own
-                x = _multiply_rows(x, np.asarray(flat.pop(name + LS_SUFFIX), np.float32), 0)
-            flat[name] = _from_rows_first(x, rows_axis(name, x.ndim, self.scale_axis))
-        if like is None:
-            return flat
-
-        def cast(name, arr, ref):
-            out = np.asarray(arr).astype(np.asarray(ref).dtype).reshape(np.shape(ref))
-            return jnp.asarray(out) if type(ref).__module__.startswith(("jax", "jaxlib")) else out
-
-        return unflatten_like(like, flat, cast)
-
-
-def rows_axis(name: str, ndim: int, scale_axis: int = -1) -> int:
-    """The axis of a tensor that local scales (NNR rows) run along.
-
-    ``scale_axis=-1`` (Flax): a kernel (name ending in ``"kernel"``, ``ndim >= 2``) is scaled along
-    its output (last) axis and coded transposed; any other tensor along axis 0. ``scale_axis=0``:
-    axis 0 of every tensor (PyTorch / NNR layout).
-
-    >>> rows_axis("params/fc1/kernel", 2), rows_axis("params/embed/embedding", 2), rows_axis("fc.weight", 2, 0)
-    (1, 0, 0)
-    """
-    if scale_axis == -1 and ndim >= 2 and is_kernel_name(name):
-        return ndim - 1
-    return 0
-
-
-def _to_rows_first(x: np.ndarray, axis: int) -> np.ndarray:
-    return np.ascontiguousarray(np.transpose(x, flax_to_nnr_perm(x.ndim))) if axis else x
-
-
-def _from_rows_first(x: np.ndarray, axis: int) -> np.ndarray:
-    return np.ascontiguousarray(np.transpose(x, nnr_to_flax_perm(x.ndim))) if axis else x
-
-
-def _row_shape(ndim: int, axis: int) -> tuple[int, ...]:
-    ax = axis % ndim
-    return tuple(-1 if i == ax else 1 for i in range(ndim))
-
-
-def _divide_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
-    return (w / s.reshape(_row_shape(w.ndim, axis))).astype(np.float32)
-
-
-def _multiply_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
-    return (w * s.reshape(_row_shape(w.ndim, axis))).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +150,7 @@ def _quantize_tensor(cfg: _Config, axis: int, w: jax.Array, qp: jax.Array, v: ja
         step_s = qp_to_step_jax(cfg.scale_qp, cfg.qp_density)
         ls = 1.0 + step_s * v
         _, ls_hat = quant(ls, step_s, cfg.mode, rng=rng)
-        s = ls_hat.reshape(_row_shape(w.ndim, axis))
+        s = ls_hat.reshape(row_shape(w.ndim, axis))
         x = w / s
         bits = bits + estimate_bits(ls, jnp.int32(cfg.scale_qp), dq=cfg.dq, qp_density=cfg.qp_density,
                                     training=True)
@@ -350,27 +218,6 @@ def _model_hat(cfg: _Config, theta: dict, base: Any, weights: dict, rng: jax.Arr
     return replace_named(base, new), jnp.stack(bits)
 
 
-def _tree_mean(fn, a, b):
-    vals = jax.tree_util.tree_leaves(jax.tree_util.tree_map(fn, a, b))
-    return sum(vals) / len(vals)
-
-
-def _output_mse(y, ref):
-    y, ref = jnp.asarray(y, jnp.float32), jnp.asarray(ref, jnp.float32)
-    return jnp.mean((y - ref) ** 2) / (jnp.var(ref) + 1e-12)
-
-
-def relative_output_mse(y: Any, ref: Any) -> jax.Array:
-    """``D`` of outputs ``y`` against reference outputs ``ref`` (pytrees of the same structure): per
-    leaf the mean squared error over the reference's variance, both cast to float32 (so bool and
-    integer outputs count too), averaged over the leaves. Returns a float32 scalar, differentiable in ``y``.
-
-    >>> float(relative_output_mse({"a": jnp.array([1.0, 3.0])}, {"a": jnp.array([1.0, 2.0])}))
-    2.0
-    """
-    return _tree_mean(_output_mse, y, ref)
-
-
 def check_lam(lam: Any) -> float:
     """``lam`` as a float, after checking that it is a real, finite number >= 0 (a Python, NumPy or
     0-d JAX scalar); raises InputError otherwise.
@@ -389,44 +236,11 @@ def check_lam(lam: Any) -> float:
     return value
 
 
-def check_finite_outputs(refs: list) -> None:
-    """Raises InputError if the model's outputs on any batch (``refs``, one pytree per batch) hold
-    NaN or Inf: every ``D`` would then be NaN, and the error would surface far away, as NaN QPs."""
-    for i, ref in enumerate(refs):
-        for leaf in jax.tree_util.tree_leaves(ref):
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and not np.all(np.isfinite(np.asarray(leaf))):
-                raise InputError(f"the model's outputs on batch {i} contain NaN or Inf: check the data")
-
-
-def _output_kl(y, ref):
-    logp_ref = jax.nn.log_softmax(jnp.asarray(ref, jnp.float32), axis=-1)
-    logp = jax.nn.log_softmax(jnp.asarray(y, jnp.float32), axis=-1)
-    return jnp.mean(jnp.sum(jnp.exp(logp_ref) * (logp_ref - logp), axis=-1))
-
-
-def _distortion_fn(apply_fn, loss, distortion):
-    """``D(params_hat, batch, ref) -> ()``."""
-    if loss is not None:
-        return lambda p, batch, ref: jnp.asarray(loss(p, batch), jnp.float32)
-    per_leaf = _output_mse if distortion == "output" else _output_kl
-    return lambda p, batch, ref: _tree_mean(per_leaf, apply_fn(p, batch), ref)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _apply(params, batch, *, apply_fn):
-    return apply_fn(params, batch)
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn", "loss", "distortion"))
-def _distortion(params_hat, batch, ref, *, apply_fn, loss, distortion):
-    return _distortion_fn(apply_fn, loss, distortion)(params_hat, batch, ref)
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "apply_fn", "loss", "distortion"))
 def _train_step(theta, opt_state, base, weights, batch, ref, rng, lam_n, *, cfg, optimizer, apply_fn, loss,
                 distortion):
     """One optimiser step on ``D + lam_n * bits``; returns ``(theta, opt_state, [loss, D, bits])``."""
-    dist = _distortion_fn(apply_fn, loss, distortion)
+    dist = distortion_fn(apply_fn, loss, distortion)
 
     def objective(th):
         p_hat, bits = _model_hat(cfg, th, base, weights, rng if cfg.mode == "noise" else None)
@@ -632,7 +446,7 @@ def optimize(
            and not np.all(np.isfinite(np.asarray(x)))]
     if bad:
         raise InputError(f"params hold NaN or Inf in {bad[:5]}")
-    refs = [None if loss is not None else _apply(params, b, apply_fn=apply_fn) for b in batches]
+    refs = [None if loss is not None else apply_model(params, b, apply_fn=apply_fn) for b in batches]
     check_finite_outputs([r for r in refs if r is not None])
     sens = None
     if init == "sensitivity":
@@ -801,14 +615,11 @@ _MAX_CALIBRATIONS = 4  # allocations tried by _sensitivity_start, the uncalibrat
 _KAPPA_TOLERANCE = 1.5
 
 
-_QP_DELTA_BITS = 6.0  # the QP delta's code with qp_density's bits added: NNCodec's per-tensor overhead
-
-
 def _codec_reconstruct(x: np.ndarray, qp: int, qpd: int, dq: bool) -> tuple[np.ndarray, float]:
     """What the codec makes of tensor ``x`` at ``qp``: ``(reconstruction float32 (shape of x), payload bits)``
     with NNCodec's quantizer and the real DeepCABAC coder (QP delta included, unit header excluded)."""
     x_hat, bits = code_tensor(x, qp, qp_density=qpd, dq=dq)
-    return x_hat, bits + _QP_DELTA_BITS + qpd
+    return x_hat, bits + qp_delta_bits(qpd)
 
 
 class _HardEvaluator:
@@ -868,7 +679,7 @@ class _HardEvaluator:
         w = np.asarray(self.named[name], np.float32)
         s = self.scales.get(name)
         ax = self.cfg.axes[self.cfg.names.index(name)]
-        return w if s is None else _to_rows_first(_divide_rows(w, s, ax), ax)
+        return w if s is None else to_rows_first(divide_rows(w, s, ax), ax)
 
     def _compute(self, name: str, qp: int, what: str):
         qpd, dq = self.cfg.qp_density, self.cfg.dq
@@ -879,9 +690,9 @@ class _HardEvaluator:
             x_hat = reconstruct(levels, used, qp_density=qpd)
             ax = self.cfg.axes[self.cfg.names.index(name)]
             s = self.scales.get(name)
-            return jnp.asarray(x_hat if s is None else _multiply_rows(_from_rows_first(x_hat, ax), s, ax))
+            return jnp.asarray(x_hat if s is None else multiply_rows(from_rows_first(x_hat, ax), s, ax))
         if what == "bits":
-            return levels_bits(self._get(name, qp, "levels")[0], dq=dq) + _QP_DELTA_BITS + qpd
+            return levels_bits(self._get(name, qp, "levels")[0], dq=dq) + qp_delta_bits(qpd)
         x, factor = _row_sample(self._coded_layout(name), self.cfg.rate_sample)
         return factor * levels_bits(quantize_tensor(x, qp, qp_density=qpd, dq=dq)[0], dq=dq)
 
@@ -891,7 +702,7 @@ class _HardEvaluator:
         if key not in self._cache:
             self.prefetch(zip(self.cfg.names, qps), "rec")
             p_hat = replace_named(self.base, {n: self.rec(n, int(q)) for n, q in zip(self.cfg.names, qps)})
-            d = float(np.mean([float(_distortion(p_hat, b, r, **self.statics))
+            d = float(np.mean([float(batch_distortion(p_hat, b, r, **self.statics))
                                for b, r in zip(self.batches, self.refs)]))
             if not math.isfinite(d):
                 raise InputError("D of the quantized model is NaN or Inf on the tuning data: check the data "
@@ -904,210 +715,3 @@ class _HardEvaluator:
         self.prefetch(zip(self.cfg.names, qps), "sample")
         bits = sum(self.sample_bits(n, int(q)) for n, q in zip(self.cfg.names, qps))
         return self.distortion(qps) + lam * bits / n_weights
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyResult:
-    """What :func:`verify` measured: ``nbytes`` (bitstream size), ``metric`` (``eval_fn``'s result),
-    ``params`` (the decoded, restored model) and ``bitstream`` itself."""
-
-    nbytes: int
-    metric: Any
-    params: Any
-    bitstream: bytes
-
-
-def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | None = None,
-           **encode_kwargs) -> VerifyResult:
-    """Real check of ``settings``: :func:`nncjax.encode` -> bytes -> ``nncjax.decode(bytes, like=params)``
-    (ready weights: local scales applied, Flax layout) -> ``eval_fn(params_hat)``.
-
-    ``encode_kwargs`` override :meth:`RDSettings.encode_kwargs` (e.g. ``workers``, ``scan_order``).
-    ``eval_fn`` may be None (``metric`` is then None).
-
-    Example:
-      >>> res = verify(m.params, rd, lambda p: m.eval(p)["top1"])                # doctest: +SKIP
-      >>> res.nbytes, res.metric                                                 # doctest: +SKIP
-    """
-    from nncjax.codec import decode, encode
-    if not isinstance(settings, RDSettings):
-        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
-    if eval_fn is not None and not callable(eval_fn):
-        raise InputError("eval_fn must be callable or None")
-    kwargs = settings.encode_kwargs()
-    kwargs.update(encode_kwargs)
-    bitstream = encode(settings.params_for_encoding(params), **kwargs)
-    params_hat = decode(bitstream, like=params, bn_pairs=None)
-    return VerifyResult(len(bitstream), None if eval_fn is None else eval_fn(params_hat), params_hat, bitstream)
-
-
-def _coarsest_gptq(x: np.ndarray, h: np.ndarray, h_check: np.ndarray, s: np.ndarray, x_ref: np.ndarray, q0: int, *,
-                   qpd: int, hi: int, max_offset: int, damp: float, act_order: bool,
-                   dq: bool) -> tuple[int, np.ndarray] | None:
-    """The coarsest QP in ``q0 .. q0 + max_offset`` (at most ``hi``) whose GPTQ reconstruction of ``x``
-    (rows first, fitted on ``h``; on the DQ trellis if ``dq``) has a layer-output error on
-    ``h_check`` within the reference reconstruction ``x_ref``'s, with that reconstruction; None when
-    even ``q0``'s exceeds it. The errors are in the weights' units (row scales ``s`` multiplied back)."""
-    s_rows = jnp.asarray(s)[:, None]
-
-    def out_err(x_hat):
-        return float(layer_output_error(s_rows * x, s_rows * x_hat, h_check))
-
-    order, u = _gptq_factor(h, damp, act_order and not dq)  # shared by every QP tried
-    x_dev = jnp.asarray(x)
-
-    def gptq_at(q):
-        step = jnp.full((x.shape[0],), qp_to_step(q, qpd), jnp.float32)
-        x_hat = _gptq_trellis(x_dev, u, step) if dq else _gptq_quantize(x_dev, order, u, step)
-        return np.asarray(x_hat[1], np.float32)
-
-    budget = out_err(x_ref)
-    x_g = gptq_at(q0)
-    err0 = out_err(x_g)
-    if not err0 <= budget:
-        return None
-    # error ~ step**2: it doubles every 2**qpd / 2 QPs; start at the predicted offset, step down
-    guess = int(np.floor((1 << qpd) / 2 * np.log2(budget / err0))) if err0 > 0 else max_offset
-    for q in range(min(q0 + min(guess, max_offset), hi), q0, -1):
-        x_q = gptq_at(q)
-        if out_err(x_q) <= budget:
-            return q, x_q
-    return q0, x_g
-
-
-def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str, Any], *,
-                        check_moments: Mapping[str, Any] | None = None, damp: float = 0.01,
-                        act_order: bool = True, max_offset: int | None = None, dq: bool | str = False,
-                        progress: bool = True) -> tuple[Any, RDSettings]:
-    """Trades each linear layer's quantizer for GPTQ at equal layer-output error and fewer bits.
-
-    For every optimised tensor with moments ``H`` (:func:`nncjax.quantize.gptq.input_moments`:
-    a Dense layer's inputs, a convolution's input patches; :func:`nncjax.sensitivity.row_moments`:
-    what a lookup table's row errors cost at the output),
-    the reference is what ``settings`` codes: ``W / s`` at its QP with the codec's quantizer (DQ
-    unless ``settings.dq`` is False), output error ``e^T H e``. GPTQ
-    (:func:`nncjax.quantize.gptq.quantize_gptq`, uniform, or on the DQ trellis with ``dq``) cancels
-    most of that error across correlated inputs, so the same output error is reached with a coarser
-    step: the coarsest QP (up to ``max_offset`` above the reference, default two octaves) whose GPTQ
-    output error does not exceed the reference is taken, if the real coder then spends fewer bits
-    on the tensor. Other tensors, local scales and QPs are kept.
-
-    Args:
-      params: the model parameters ``settings`` was optimised for (same names).
-      settings: :func:`optimize`'s result.
-      moments: ``{name: (columns, columns)}``, the quadratic form of a row's error that GPTQ fits:
-        for a Dense or Conv kernel the second moments of its inputs; for a lookup table (a token
-        embedding) the output-side :func:`nncjax.sensitivity.row_moments`. The tensor's rows-first
-        form (:func:`rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for Flax kernels),
-        flattened to rows, must have that many columns.
-      check_moments: moments of *other* inputs (same names) on which the output errors are compared
-        (default: ``moments``). GPTQ hides error in the directions its inputs rarely take, so an
-        error budget checked on the inputs it was fitted to is optimistic; held-out inputs keep the
-        substitution honest.
-      damp, act_order: GPTQ's diagonal regularisation and column order
-        (:func:`nncjax.quantize.gptq.quantize_gptq`; the DQ trellis always runs in column order).
-        max_offset: largest QP increase tried.
-      dq: False: uniform GPTQ (coded with ``dq_flag = 0``). True: GPTQ on the DQ trellis
-        (``dq_flag = 1``) for every tensor the codec scans row by row (scaled ones, and any whose
-        own layout is rows first), uniform GPTQ for the others. ``"auto"``: both, and each tensor
-        keeps the one the real coder codes in fewer bits (the trellis wins on most MiniLM-L6
-        kernels, 0.04-0.18 bit per weight at equal output error; its 36 Dense kernels take 21 s
-        instead of 4 s on a 2-core CPU). The trellis path
-        is the codec's for its raster scan (``scan_order=0``, as :meth:`RDSettings.encode_kwargs`
-        encodes); a block scan would visit the levels in another order.
-      progress: tqdm bar over the tensors.
-
-    Returns:
-      ``(params_gptq, settings_gptq)``: ``params`` with the substituted tensors replaced by their
-      GPTQ reconstructions (so that :meth:`RDSettings.params_for_encoding` puts them exactly on the
-      codec's grid), and ``settings`` with their new QPs, ``dq_overrides`` (False for uniform GPTQ,
-      True for the trellis), and updated ``estimated_bits``. ``verify(params_gptq, settings_gptq)`` encodes and decodes them.
-
-    Raises:
-      InputError: ``settings`` not from :func:`optimize`, moments for a tensor that is not
-        optimised or of the wrong size, a ``dq`` other than True, False and ``"auto"``.
-
-    Example:
-      >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
-      >>> p_g, rd_g = with_error_feedback(m.params, rd, h)                            # doctest: +SKIP
-      >>> verify(p_g, rd_g).nbytes < verify(m.params, rd).nbytes                      # doctest: +SKIP
-      True
-    """
-    if not isinstance(settings, RDSettings):
-        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
-    qpd = settings.qp_density
-    _, hi = qp_limits(qpd)
-    max_offset = 2 << qpd if max_offset is None else max_offset
-    if not isinstance(max_offset, (int, np.integer)) or isinstance(max_offset, bool) or max_offset < 0:
-        raise InputError(f"max_offset must be an integer >= 0, got {max_offset!r}")
-    if not (isinstance(dq, bool) or (isinstance(dq, str) and dq == "auto")):
-        raise InputError(f"dq must be True, False or 'auto', got {dq!r}")
-    named = flatten_named(params)
-    unknown = [n for n in moments if n not in settings.qp_overrides or n not in named]
-    if unknown:
-        raise InputError(f"moments name tensors that settings does not optimise: {unknown[:5]}")
-    qps, dqs, bits = dict(settings.qp_overrides), dict(settings.dq_overrides), settings.estimated_bits
-    tensor_bits = dict(settings.tensor_bits)
-    overhead = _QP_DELTA_BITS + qpd  # a tensor's QP delta: the same whichever QP it codes
-    candidates = []
-    # the real coder (numba, GIL released) codes candidates on the other cores while GPTQ goes on
-    with ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1)) as coder:
-        for name in tqdm(list(moments), desc="GPTQ", disable=not progress, leave=False):
-            w = np.asarray(named[name], np.float32)
-            if w.ndim < 2:
-                raise InputError(f"moments[{name!r}]: error feedback needs a weight with inputs, {name!r} is {w.shape}")
-            axis = rows_axis(name, w.ndim, settings.scale_axis)
-            s = settings.local_scales.get(name, np.ones(w.shape[axis], np.float32))
-            x_full = _to_rows_first(_divide_rows(w, s, axis), axis)  # what the codec codes: NNR layout
-            x = x_full.reshape(x_full.shape[0], -1)  # (outputs, inputs); a conv's inputs are its patches
-            h = np.asarray(moments[name], np.float32)
-            h_check = h if check_moments is None else np.asarray(check_moments.get(name, h), np.float32)
-            for what, m in (("moments", h), ("check_moments", h_check)):
-                if m.shape != (x.shape[1],) * 2:
-                    raise InputError(f"{what}[{name!r}] has shape {m.shape}; {name!r} coded rows first is {x.shape}")
-            q0, dq0 = qps[name], dqs.get(name, settings.dq)
-            # encode codes a scaled weight rows first (W / s), any other in its own layout; DQ's
-            # levels and the bits depend on the layout, so both come from the coded one
-            scaled = name in settings.local_scales
-            coded = x_full if scaled else w
-            levels_ref, used = quantize_tensor(coded, q0, qp_density=qpd, dq=dq0)
-            x_ref = reconstruct(levels_ref, used, qp_density=qpd).reshape(coded.shape)
-            x_ref = (x_ref if scaled else _to_rows_first(x_ref, axis)).reshape(x.shape)
-            # the trellis follows the codec's scan, which runs along these rows only in rows-first layouts
-            rows_scan = scaled or axis == 0
-            kinds = (False,) if dq is False or not rows_scan else (True,) if dq is True else (False, True)
-            if name in tensor_bits:  # optimize() coded it already
-                bits_ref = Future()
-                bits_ref.set_result(tensor_bits[name])
-            else:
-                bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
-            for trellis in kinds:
-                found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset,
-                                       damp=damp, act_order=act_order, dq=trellis)
-                if found is None:
-                    continue
-                q, x_g = found
-                x_g = x_g.reshape(x_full.shape)
-                # the real coder re-quantizes the reconstruction, which lies on its grid (or trellis path)
-                bits_g = coder.submit(lambda a, q, t: code_tensor(a, q, qp_density=qpd, dq=t)[1] + overhead,
-                                      x_g if scaled else _from_rows_first(x_g, axis), q, trellis)
-                candidates.append((name, q, trellis, x_g, s, axis, bits_ref, bits_g))
-
-    best: dict[str, tuple] = {}  # per tensor, the candidate with the fewest bits below the reference's
-    for name, q, trellis, x_g, s, axis, bits_ref, bits_g in candidates:
-        bits_ref, bits_g = bits_ref.result(), bits_g.result()
-        if bits_g < (best[name][-1] if name in best else bits_ref):  # best's bits are below bits_ref
-            best[name] = (q, trellis, x_g, s, axis, bits_ref, bits_g)
-    updates = {}
-    for name, (q, trellis, x_g, s, axis, bits_ref, bits_g) in best.items():
-        updates[name] = _multiply_rows(_from_rows_first(x_g, axis), s, axis).astype(np.asarray(named[name]).dtype)
-        dq_old = dqs.get(name, settings.dq)
-        if name in settings.local_scales and trellis != dq_old:  # its LS member shares the unit's dq_flag
-            ls, ls_qp = np.asarray(s, np.float32), qps[name + LS_SUFFIX]
-            bits += (code_tensor(ls, ls_qp, qp_density=qpd, dq=trellis)[1]
-                     - code_tensor(ls, ls_qp, qp_density=qpd, dq=dq_old)[1])
-        qps[name], dqs[name], tensor_bits[name] = q, trellis, bits_g
-        bits += bits_g - bits_ref
-    return (replace_named(params, {n: jnp.asarray(v) for n, v in updates.items()}),
-            dataclasses.replace(settings, qp_overrides=qps, dq_overrides=dqs, estimated_bits=float(bits),
-                                tensor_bits=tensor_bits))

@@ -56,9 +56,11 @@ from nncjax.coded_tensor import (
     codec_reconstruct,
     coded_tensor_bits,
 )
+from nncjax.distortion import check_finite_outputs, relative_output_mse
+from nncjax.error_feedback import with_error_feedback
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
-from nncjax.optimize import check_finite_outputs, check_lam, optimize, relative_output_mse, with_error_feedback
+from nncjax.optimize import check_lam, optimize
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -360,7 +362,7 @@ def optimize_ioq(
       moments, check_moments: with ``allocation="sensitivity"``, the kernels' input moments
         (:func:`nncjax.quantize.gptq.input_moments`; names as the variables', e.g.
         ``"params/layer_0/output/kernel"``): each of those kernels then switches to GPTQ without DQ
-        where that saves bits at equal layer-output error (:func:`nncjax.optimize.with_error_feedback`,
+        where that saves bits at equal layer-output error (:func:`nncjax.with_error_feedback`,
         the error checked on ``check_moments``), before LSA.
       lsa_steps: optax steps of LSA (0 disables it). lsa_optimizer: default ``optax.adam(1e-3)``.
       progress: tqdm bars.

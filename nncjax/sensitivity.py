@@ -37,6 +37,7 @@ from jax.extend.core import subjaxprs
 
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
+from nncjax.rd_settings import rows_axis, to_rows_first
 from nncjax.reduce._tree import default_weight_select, replace_named, select_float_names
 from nncjax.steps import check_qp_density, step_to_qp_continuous
 
@@ -180,7 +181,7 @@ def row_moments(
     ignores an error shared by all the row's elements, and the layers after it see a few directions
     far more than others; GPTQ moves the error into what ``H`` hardly sees.
 
-    Rows are along :func:`nncjax.optimize.rows_axis` (``scale_axis`` as there: an embedding's first
+    Rows are along :func:`nncjax.rd_settings.rows_axis` (``scale_axis`` as there: an embedding's first
     axis; a Flax kernel's outputs), columns are the rest flattened in the coded (NNR) layout. Only
     rows with a non-zero probe gradient are multiplied out (a batch touches few rows of a table).
 
@@ -213,7 +214,6 @@ def row_moments(
       >>> h.shape, bool(abs(h.sum()) < 1e-6 * np.trace(h))   # blind to an error shared by a row
       ((3, 3), True)
     """
-    from nncjax.optimize import _to_rows_first, rows_axis
     batches = checked_batches(apply_fn, data, probes)
     named = flatten_named(params)
     names = list(names) if isinstance(names, (list, tuple)) else names
@@ -244,7 +244,7 @@ def row_moments(
         for n, g in grads.items():
             s = np.asarray(row_scales.get(n, np.ones(g.shape[1 + axes[n]])), np.float32)
             for gp in np.asarray(g):
-                gx = _to_rows_first(gp, axes[n])
+                gx = to_rows_first(gp, axes[n])
                 gx = gx.reshape(gx.shape[0], -1)
                 touched = np.flatnonzero(np.any(gx != 0, axis=1))
                 # d D / d x_r = s_r d D / d w_r for the coded row x_r = w_r / s_r

@@ -11,8 +11,9 @@ import pytest
 import nncjax.bias_correction
 from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.bias_correction import decoded_params, output_shifts, with_bias_correction
-from nncjax.optimize import optimize, verify
+from nncjax.optimize import optimize
 from nncjax.pytree_names import flatten_named
+from nncjax.rd_settings import verify
 from tests._lifted_models import Lifted
 
 

@@ -11,8 +11,9 @@ import pytest
 from nncjax import InputError, with_fine_tuning
 from nncjax.bias_correction import decoded_params
 from nncjax.fine_tuning import _tune_step, grid_tensors
-from nncjax.optimize import optimize, verify
+from nncjax.optimize import optimize
 from nncjax.pytree_names import flatten_named
+from nncjax.rd_settings import verify
 
 STEPS = 150
 

@@ -22,8 +22,9 @@ from nncjax.codec import decode, encode, inspect
 from nncjax.coded_tensor import levels_bits
 from nncjax.errors import InputError
 from nncjax.models.digits_mlp import load_digits_split
-from nncjax.optimize import LS_SUFFIX, RDSettings, optimize, verify
+from nncjax.optimize import optimize
 from nncjax.quantize.reference import quantize_tensor, reconstruct
+from nncjax.rd_settings import LS_SUFFIX, RDSettings, verify
 
 STEPS = 60
 

@@ -1,5 +1,5 @@
 """nncjax.quantize.gptq (error-feedback quantization of linear layers) and
-nncjax.optimize.with_error_feedback (GPTQ in place of DQ at equal layer-output error)."""
+nncjax.with_error_feedback (GPTQ in place of DQ at equal layer-output error)."""
 
 import dataclasses
 import doctest
@@ -17,7 +17,8 @@ import nncjax.quantize.gptq
 import nncjax.reduce
 from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.coded_tensor import codec_reconstruct
-from nncjax.optimize import optimize, verify, with_error_feedback
+from nncjax.error_feedback import with_error_feedback
+from nncjax.optimize import optimize
 from nncjax.pytree_names import flatten_named
 from nncjax.quantize.dq import dq_states, dq_trellis
 from nncjax.quantize.gptq import (
@@ -26,6 +27,7 @@ from nncjax.quantize.gptq import (
     layer_output_error,
     quantize_gptq,
 )
+from nncjax.rd_settings import verify
 from nncjax.steps import qp_to_step
 from tests._lifted_models import Block, Lifted
 

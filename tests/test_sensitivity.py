@@ -13,8 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nncjax.codec import decode, encode
+from nncjax.error_feedback import with_error_feedback
 from nncjax.errors import InputError
-from nncjax.optimize import optimize, verify, with_error_feedback
+from nncjax.optimize import optimize
+from nncjax.rd_settings import verify
 from nncjax.sensitivity import (
     allocate_steps,
     output_sensitivity,

@@ -17,9 +17,9 @@ from flax.core import FrozenDict
 
 import nncjax
 from nncjax.errors import InputError
-from nncjax.optimize import LS_SUFFIX
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.quantize.gptq import input_moments
+from nncjax.rd_settings import LS_SUFFIX
 from nncjax.reduce import named_leaves, replace_named
 from nncjax.reduce._tree import default_weight_select, select_float_names
 

@@ -8,7 +8,8 @@ import time
 
 sys.path.insert(0, str(pathlib.Path.cwd()))
 from benchmarks.rd import calib_moments, minilm_config, models
-from nncjax.optimize import optimize, with_error_feedback
+from nncjax.error_feedback import with_error_feedback
+from nncjax.optimize import optimize
 
 cfg = minilm_config(False, None)
 m = models.get("minilm")

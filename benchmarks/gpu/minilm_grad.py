@@ -4,7 +4,8 @@ sys.path.insert(0, str(pathlib.Path.cwd()))
 import jax
 from benchmarks.rd import minilm_config
 from nncjax import models
-from nncjax.optimize import optimize, verify
+from nncjax.optimize import optimize
+from nncjax.rd_settings import verify
 cfg = minilm_config(False, None)
 m = models.get("minilm")
 for steps in (2, 60):

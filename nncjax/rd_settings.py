@@ -1,0 +1,216 @@
+"""What a rate-distortion optimiser hands the codec: :class:`RDSettings` (per-tensor QPs, local
+scales, DQ choices), the row layout local scales use (:func:`rows_axis`), and :func:`verify`, the
+real encode -> bytes -> decode -> evaluate check of a result.
+
+:func:`nncjax.optimize` produces the settings; :func:`nncjax.with_error_feedback`,
+:func:`nncjax.with_fine_tuning` and :func:`nncjax.with_bias_correction` take them and return them
+updated.
+
+Example:
+    >>> rd = nncjax.optimize(m.params, m.apply, x, lam=3e-3)                   # doctest: +SKIP
+    >>> data = nncjax.encode(rd.params_for_encoding(m.params), **rd.encode_kwargs())   # doctest: +SKIP
+    >>> verify(m.params, rd, lambda p: m.eval(p)["top1"]).nbytes == len(data)  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from nncjax.coded_tensor import SCALING_SUFFIX
+from nncjax.errors import InputError
+from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
+from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
+
+__all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "rows_axis", "verify"]
+
+#: Name suffix of a scaled tensor's local scales (the LS member of its block unit; NNCodec's name).
+LS_SUFFIX = SCALING_SUFFIX
+
+
+@dataclasses.dataclass(frozen=True)
+class RDSettings:
+    """What :func:`nncjax.optimize` found: per-tensor QPs and local scales, ready for :func:`nncjax.encode`.
+
+    Attributes:
+      qp_overrides: ``{name: int qp}`` for every optimised weight and every ``"<name>_scaling"``
+        tensor; names as :func:`nncjax.pytree_names.flatten_named` gives them (``"params/fc1/kernel"``).
+      local_scales: ``{name: float32 (rows,)}`` the decoded scales ``LS_hat`` (exact float32 values
+        the decoder reconstructs); empty without ``learn_scales``.
+      scale_axis: -1 (Flax: kernels scaled along their output axis, other tensors along axis 0) or 0
+        (every tensor along axis 0); see :func:`rows_axis`.
+      history: ``{"loss", "distortion", "rate_bits"}`` -> float64 ``(steps,)`` (training relaxation).
+      estimated_bits: payload bits of all float tensors with the final settings, from the codec's
+        quantizer and the real DeepCABAC coder (QP deltas included; unit headers, tensor names and
+        integer tensors are not): the bitstream is this plus a few bytes per tensor.
+      qp, qp_density, nonweight_qp, dq: the global encode settings used while optimising.
+      dq_overrides: ``{name: False}`` for tensors coded without DQ (:func:`with_error_feedback`).
+      tensor_bits: ``{name: bits}`` each optimised weight's share of ``estimated_bits`` (its payload
+        and QP delta at its final settings; its LS tensor not included).
+
+    Example:
+      >>> data = nncjax.encode(rd.params_for_encoding(params), **rd.encode_kwargs())   # doctest: +SKIP
+    """
+
+    qp_overrides: dict[str, int]
+    local_scales: dict[str, np.ndarray]
+    scale_axis: int
+    history: dict[str, np.ndarray]
+    estimated_bits: float
+    qp: int
+    qp_density: int
+    nonweight_qp: int
+    dq: bool
+    dq_overrides: dict[str, bool] = dataclasses.field(default_factory=dict)
+    tensor_bits: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def encode_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`nncjax.encode` reproducing these settings.
+
+        >>> nncjax.encode(rd.params_for_encoding(p), **rd.encode_kwargs())      # doctest: +SKIP
+        """
+        kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
+              "qp_overrides": dict(self.qp_overrides)}
+        if self.local_scales:
+            kw["blocks"] = {name: {"ls": name + LS_SUFFIX} for name in self.local_scales}
+        if self.dq_overrides:
+            kw["dq_overrides"] = dict(self.dq_overrides)
+        return kw
+
+    def params_for_encoding(self, params: Any) -> dict[str, np.ndarray]:
+        """Flat ``{name: array}`` to pass to :func:`nncjax.encode` with :meth:`encode_kwargs`: every leaf
+        of ``params`` (in :func:`~nncjax.pytree_names.flatten_named` order); a scaled weight becomes
+        ``W / s`` in NNR layout (rows first, float32) followed by its ``"<name>_scaling"`` tensor ``s``
+        (shape ``(rows,)``); the two are written as one block unit.
+
+        >>> flat = rd.params_for_encoding({"d": {"kernel": w}})                   # doctest: +SKIP
+        >>> list(flat)                                                           # doctest: +SKIP
+        ['d/kernel', 'd/kernel_scaling']
+        """
+        named = flatten_named(params)
+        missing = set(self.local_scales) - set(named)
+        if missing:
+            raise InputError(f"params lack the scaled tensors {sorted(missing)}")
+        for n in self.local_scales:
+            if self.scale_axis == 0 and is_kernel_name(n):
+                # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
+                raise InputError(f"{n!r} is named like a Flax kernel but scaled along axis 0: optimize Flax "
+                                 "params with scale_axis=-1")
+        out: dict[str, np.ndarray] = {}
+        for name, leaf in named.items():
+            arr = np.asarray(leaf)
+            if name in self.local_scales:
+                s = self.local_scales[name]
+                axis = rows_axis(name, arr.ndim, self.scale_axis)
+                out[name] = to_rows_first(divide_rows(arr.astype(np.float32), s, axis), axis)
+                out[name + LS_SUFFIX] = np.asarray(s, np.float32)
+            else:
+                out[name] = arr
+        return out
+
+    def restore(self, decoded: Mapping[str, Any], like: Any = None) -> Any:
+        """Model params from :func:`nncjax.decode` output without ``like`` (flat ``{name: array}``,
+        ready or ``raw=True``): applies the local scales where they are still separate and puts scaled
+        Flax kernels back in Flax layout. With ``like`` (e.g. the original params) the result has its
+        structure and dtypes, else it is a flat dict. ``nncjax.decode(data, like=params)`` gives the
+        same model directly.
+
+        >>> params_hat = rd.restore(nncjax.decode(data), like=params)             # doctest: +SKIP
+        """
+        flat = dict(decoded)
+        for name in self.local_scales:
+            if name not in flat:
+                raise InputError(f"decoded tensors lack the scaled tensor {name!r}")
+            x = np.asarray(flat[name], np.float32)
+            if name + LS_SUFFIX in flat:  # raw: the scales are still a tensor of their own
+                x = multiply_rows(x, np.asarray(flat.pop(name + LS_SUFFIX), np.float32), 0)
+            flat[name] = from_rows_first(x, rows_axis(name, x.ndim, self.scale_axis))
+        if like is None:
+            return flat
+
+        def cast(name, arr, ref):
+            out = np.asarray(arr).astype(np.asarray(ref).dtype).reshape(np.shape(ref))
+            return jnp.asarray(out) if type(ref).__module__.startswith(("jax", "jaxlib")) else out
+
+        return unflatten_like(like, flat, cast)
+
+
+def rows_axis(name: str, ndim: int, scale_axis: int = -1) -> int:
+    """The axis of a tensor that local scales (NNR rows) run along.
+
+    ``scale_axis=-1`` (Flax): a kernel (name ending in ``"kernel"``, ``ndim >= 2``) is scaled along
+    its output (last) axis and coded transposed; any other tensor along axis 0. ``scale_axis=0``:
+    axis 0 of every tensor (PyTorch / NNR layout).
+
+    >>> rows_axis("params/fc1/kernel", 2), rows_axis("params/embed/embedding", 2), rows_axis("fc.weight", 2, 0)
+    (1, 0, 0)
+    """
+    if scale_axis == -1 and ndim >= 2 and is_kernel_name(name):
+        return ndim - 1
+    return 0
+
+
+def to_rows_first(x: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` in NNR layout (rows first) when its rows run along ``axis != 0`` (a Flax kernel)."""
+    return np.ascontiguousarray(np.transpose(x, flax_to_nnr_perm(x.ndim))) if axis else x
+
+
+def from_rows_first(x: np.ndarray, axis: int) -> np.ndarray:
+    """Inverse of :func:`to_rows_first`."""
+    return np.ascontiguousarray(np.transpose(x, nnr_to_flax_perm(x.ndim))) if axis else x
+
+
+def row_shape(ndim: int, axis: int) -> tuple[int, ...]:
+    """Shape that broadcasts a ``(rows,)`` vector along ``axis`` of an ``ndim`` tensor."""
+    ax = axis % ndim
+    return tuple(-1 if i == ax else 1 for i in range(ndim))
+
+
+def divide_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
+    """``w / s`` row by row along ``axis`` (float32)."""
+    return (w / s.reshape(row_shape(w.ndim, axis))).astype(np.float32)
+
+
+def multiply_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
+    """``w * s`` row by row along ``axis`` (float32)."""
+    return (w * s.reshape(row_shape(w.ndim, axis))).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify` measured: ``nbytes`` (bitstream size), ``metric`` (``eval_fn``'s result),
+    ``params`` (the decoded, restored model) and ``bitstream`` itself."""
+
+    nbytes: int
+    metric: Any
+    params: Any
+    bitstream: bytes
+
+
+def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | None = None,
+           **encode_kwargs) -> VerifyResult:
+    """Real check of ``settings``: :func:`nncjax.encode` -> bytes -> ``nncjax.decode(bytes, like=params)``
+    (ready weights: local scales applied, Flax layout) -> ``eval_fn(params_hat)``.
+
+    ``encode_kwargs`` override :meth:`RDSettings.encode_kwargs` (e.g. ``workers``, ``scan_order``).
+    ``eval_fn`` may be None (``metric`` is then None).
+
+    Example:
+      >>> res = verify(m.params, rd, lambda p: m.eval(p)["top1"])                # doctest: +SKIP
+      >>> res.nbytes, res.metric                                                 # doctest: +SKIP
+    """
+    from nncjax.codec import decode, encode
+    if not isinstance(settings, RDSettings):
+        raise InputError("settings must be the RDSettings returned by nncjax.optimize")
+    if eval_fn is not None and not callable(eval_fn):
+        raise InputError("eval_fn must be callable or None")
+    kwargs = settings.encode_kwargs()
+    kwargs.update(encode_kwargs)
+    bitstream = encode(settings.params_for_encoding(params), **kwargs)
+    params_hat = decode(bitstream, like=params, bn_pairs=None)
+    return VerifyResult(len(bitstream), None if eval_fn is None else eval_fn(params_hat), params_hat, bitstream)
