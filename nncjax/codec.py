@@ -630,7 +630,10 @@ def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, des
     return results
 
 
-def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_overrides) -> list[_Plan]:
+def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_overrides, *,
+             block_weights=frozenset()) -> list[_Plan]:
+    """Each tensor's QP plan. Weights (``qp``, full ``bitdepth``) are the tensors with ndim > 1 and the
+    ``block_weights``: NNCodec goes by parameter type, and a block's weight has type "weight" at any rank."""
     from nncjax.quantize.reference import bitdepth_qp
     names = [t.name for t in prepared]
     float_names = {t.name for t in prepared if not t.is_int}
@@ -644,13 +647,14 @@ def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_over
     plan: list[_Plan] = []
     for t in prepared:
         dq = dqs.get(t.name, s.dq)
+        is_weight = t.data.ndim > 1 or t.name in block_weights
         if t.is_int:
             plan.append(_Plan(None, dq=False))
         elif s.bitdepth is not None:
-            qp, lo, hi = bitdepth_qp(t.data, s.bitdepth, qp_density=s.qp_density, is_weight=t.data.ndim > 1)
+            qp, lo, hi = bitdepth_qp(t.data, s.bitdepth, qp_density=s.qp_density, is_weight=is_weight)
             plan.append(_Plan(int(qp), (int(lo), int(hi)), dq=dq))
         else:
-            plan.append(_Plan(overrides.get(t.name, s.qp if t.data.ndim > 1 else nonweight), dq=dq))
+            plan.append(_Plan(overrides.get(t.name, s.qp if is_weight else nonweight), dq=dq))
     return plan
 
 
@@ -666,9 +670,10 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
       params: flat dict ``{name: array}`` (names kept verbatim, in order), nested dicts/lists, Flax
         params, ... of jax or numpy arrays. Nested trees are named by key path joined with "/".
         Dtypes: see ``docs/input-policy.md`` (float -> quantized, int/bool -> lossless int32).
-      qp: QP of "weight" tensors (ndim > 1). Step = 2**(qp / 2**qp_density) with a linear mantissa.
+      qp: QP of "weight" tensors (ndim > 1, and ``blocks`` weights of any rank, as NNCodec).
+        Step = 2**(qp / 2**qp_density) with a linear mantissa.
       qp_density: 0..7, QP resolution (2**qp_density steps per octave).
-      nonweight_qp: QP of tensors with ndim <= 1 (biases, norms); falsy -> ``qp - 2 << qp_density``.
+      nonweight_qp: QP of the other tensors (ndim <= 1: biases, norms); falsy -> ``qp - 2 << qp_density``.
       dq: dependent (trellis) quantization.
       codebook: False; True / "auto" (NNCodec ``approx_method='codebook'``: a codebook per tensor when
         it is estimated smaller); "always" (NNCodec ``codebook_mode=1``).
@@ -724,8 +729,9 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
                   lambda_scale, unary_length)
     named = flatten_named(params)
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
-    plan = _qp_plan(prepared, s, qp_overrides, dq_overrides)
     block_of = _block_table(blocks, low_rank, prepared)
+    plan = _qp_plan(prepared, s, qp_overrides, dq_overrides,
+                    block_weights={w for b in block_of.values() for w in b.weights})
     position = {t.name: i for i, t in enumerate(prepared)}
     for b in block_of.values():  # one dq_flag per unit: the members (and H) follow the weight (or G)
         if prepared[position[b.anchor]].is_int:

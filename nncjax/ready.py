@@ -39,7 +39,7 @@ import numpy as np
 
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
-from nncjax.tensor_policy import restore_dtype
+from nncjax.tensor_policy import is_float_like, restore_dtype
 
 __all__ = ["BlockRoles", "block_roles", "cast_leaf", "map_onto", "ready_flat", "recompose_low_rank", "scale_rows"]
 
@@ -157,7 +157,9 @@ def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarra
 
 def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
     """``arr`` with the dtype, shape (0-d from ``(1,)``) and array type (numpy / jax) of ``like``'s leaf
-    ``ref``; lossy integer narrowing raises (:func:`nncjax.tensor_policy.restore_dtype`).
+    ``ref``; lossy integer narrowing raises (:func:`nncjax.tensor_policy.restore_dtype`), and so do another
+    shape (InputError: a same-size reshape would scramble the values, e.g. of a kernel coded rows first)
+    and a dtype that is not bool, integer or float.
 
     >>> cast_leaf("b", np.array([1.0, 2.0], np.float32), np.zeros(2, np.int8))
     array([1, 2], dtype=int8)
@@ -166,7 +168,11 @@ def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
     Array(0.5, dtype=float32)
     """
     ref_arr = ref if hasattr(ref, "dtype") else np.asarray(ref)
-    out = restore_dtype(name, np.asarray(arr), np.dtype(ref_arr.dtype), tuple(np.shape(ref_arr)))
+    dt = np.dtype(ref_arr.dtype)
+    if not (dt == np.bool_ or np.issubdtype(dt, np.integer) or is_float_like(dt)):
+        raise InputError(f"tensor {name!r}: `like`'s leaf has dtype {dt}; decoded tensors take bool, integer "
+                         "or float dtypes only")
+    out = restore_dtype(name, _fit(name, arr, ref_arr, nnr_layout=False), dt)
     if type(ref).__module__.startswith(("jax", "jaxlib")):
         import jax.numpy as jnp
         return jnp.asarray(out)

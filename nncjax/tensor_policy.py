@@ -18,7 +18,7 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["PreparedTensor", "prepare_tensor", "restore_dtype"]
+__all__ = ["PreparedTensor", "is_float_like", "prepare_tensor", "restore_dtype"]
 
 _F32_MAX = float(np.finfo(np.float32).max)
 _I32 = np.iinfo(np.int32)
@@ -44,7 +44,12 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _is_float_like(dt: np.dtype) -> bool:
+def is_float_like(dt: np.dtype) -> bool:
+    """Whether ``dt`` is a float dtype the codec quantizes: numpy floats and ml_dtypes' bfloat16 / float8.
+
+    >>> is_float_like(np.dtype(np.float16)), is_float_like(np.dtype(np.int8))
+    (True, False)
+    """
     # bfloat16 (ml_dtypes) is not a numpy float subtype but reports kind 'V' with a float name.
     return np.issubdtype(dt, np.floating) or dt.name in ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
@@ -67,7 +72,7 @@ def prepare_tensor(name: str, x) -> PreparedTensor:
                 raise InputError(f"tensor {name!r}: {dt} values in [{lo}, {hi}] do not fit int32, which is "
                                  "the only integer type NNR codes losslessly")
         data = a.astype(np.int32)
-    elif _is_float_like(dt):
+    elif is_float_like(dt):
         wide = a.astype(np.float64) if dt.itemsize > 4 else a.astype(np.float32)
         if a.size:
             finite = np.isfinite(wide)

@@ -79,6 +79,22 @@ def test_nested_pytree_and_like_restore_structure_and_dtypes():
     assert np.abs(np.asarray(out["params"]["embed"]) - params["params"]["embed"]).max() < 2.0 ** -9  # DQ: within ~2 steps
 
 
+@pytest.mark.parametrize("raw", [False, True])
+def test_like_leaves_of_another_shape_or_no_number_dtype_raise(raw):
+    """With ``like`` (``raw=True`` too) a leaf of another shape is refused, not reshaped (a rows-first kernel
+    under a Flax-layout leaf of the same size would come back scrambled), and so is a leaf whose dtype
+    cannot hold the decoded numbers (a string leaf silently truncated them)."""
+    m = {"w": np.arange(12, dtype=np.float32).reshape(4, 3) / 8, "n": np.int32(5)}
+    data = encode(m, qp=-40)
+    with pytest.raises(InputError, match=r"'w'.*\(4, 3\).*\(3, 4\)"):
+        decode(data, like={"w": np.zeros((3, 4), np.float32), "n": m["n"]}, raw=raw)
+    for leaf in ("x", np.complex64(1)):
+        with pytest.raises(InputError, match="'n'.*dtype"):
+            decode(data, like={"w": m["w"], "n": leaf}, raw=raw)
+    out = decode(data, like={"w": m["w"], "n": np.uint8(0)}, raw=raw)
+    assert out["n"].shape == () and out["n"].dtype == np.uint8 and out["n"] == 5
+
+
 def test_flax_params_round_trip():
     import jax
     from flax import linen as nn

@@ -55,6 +55,11 @@ def int_weight_model(c=10):
     return model, blocks
 
 
+def vector_weight_model(c=12):
+    """A 1-D block weight (a per-channel scale) with its bias: a "weight" to NNCodec, coded with ``qp``."""
+    return {"scale": 1 + gauss(c), "scale.bias": gauss(c)}, {"scale": {"bi": "scale.bias"}}
+
+
 CASES = [  # (model builder, encode kwargs)
     (bn_model, {"scan_order": 0, "dq": True}),
     (bn_model, {"scan_order": 2, "dq": False}),
@@ -70,6 +75,13 @@ CASES = [  # (model builder, encode kwargs)
     (int_member_model, {"scan_order": 1, "dq": True}),  # an integer tensor: split, each unit with the block's cpt
     (int_weight_model, {"scan_order": 0, "dq": True}),  # (the members keep dq: only float units carry it)
     (int_weight_model, {"scan_order": 2, "dq": False, "codebook": True}),
+]
+# A block weight is a weight at any rank: qp (not nonweight_qp) and its full bit depth, unlike the
+# same tensor alone (so not in CASES, whose round trip compares with the tensors coded alone).
+VECTOR_CASES = [
+    (vector_weight_model, {"scan_order": 0, "dq": True}),
+    (vector_weight_model, {"scan_order": 0, "dq": False, "bitdepth": 6}),
+    (vector_weight_model, {"scan_order": 1, "dq": False, "codebook": "always", "qp": -20}),
 ]
 CODEBOOK_MODE = {None: 0, True: 2, "always": 1}
 
@@ -116,6 +128,12 @@ def test_inspect_shows_one_block_unit():
     assert list(ndu.topology_elem_ids) == ["fc.weight", "fc.weight_scaling", "fc.bias"]
 
 
+def test_a_block_weight_of_any_rank_gets_the_weight_qp():
+    model, blocks = vector_weight_model()
+    data = encode(model, blocks=blocks, qp=-30, nonweight_qp=-60)
+    assert {t.name: t.qp for t in inspect(data).tensors} == {"scale": -30, "scale.bias": -60}
+
+
 @pytest.mark.parametrize("blocks, codebook, match", [
     ({"nope": {"bi": "fc.bias"}}, False, "no tensor named 'nope'"),
     ({"fc.weight": {"bias": "fc.bias"}}, False, "unknown roles"),
@@ -139,14 +157,14 @@ def test_nncodec_decodes_our_blocks_and_writes_the_same_bytes(oracle):
     """NNCodec's decoder reads our BLOCK streams to exactly our decoding, and ``nnc.compress`` with
     the same block ids and settings writes byte-identical streams."""
     ours, cases = [], []
-    for build, kw in CASES:
+    for build, kw in CASES + VECTOR_CASES:
         model, blocks = build()
         ours.append(encode(model, blocks=blocks, row_skipping=False, **kw))
         wname, roles = next(iter(blocks.items()))
         types = {wname: "weight"} | {n: {"ls": "weight.ls", "bi": "bias"}.get(r, BN_TYPES.get(r)) for r, n in roles.items()}
         cases.append({"model": model, "block": {"block_identifier": {n: "blk" for n in types}, "parameter_type": types},
                       "kwargs": {"scan_order": kw["scan_order"], "use_dq": kw["dq"], "qp": kw.get("qp", -32),
-                                 "nonweight_qp": kw.get("nonweight_qp", -75),
+                                 "nonweight_qp": kw.get("nonweight_qp", -75), "int_quant_bw": kw.get("bitdepth"),
                                  "codebook_mode": CODEBOOK_MODE[kw.get("codebook")]}})
     decoded = oracle.call("model", "decode_many", ours)
     written = oracle.call("syntax", "generate", cases)
