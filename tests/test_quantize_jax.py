@@ -288,3 +288,81 @@ def test_apply_with_state_missing_a_tensor_raises_input_error():
     q = quantizer(rules)
     out, _ = jax.jit(q.apply)(q.init(p), p)
     assert out["w"].shape == (2, 3)
+
+
+def _hard(kind):
+    """(levels, w_hat) of a hard quantizer; the codebook is w's own values in steps, so it overflows with w."""
+    if kind == "codebook":
+        return lambda w, step: quantize_codebook(w, step, jnp.sort(jnp.asarray(w, jnp.float32) / step))
+    return {"uniform": quantize_uniform, "dq": quantize_dq,
+            "trellis": lambda w, step: (dq_trellis(w, step), None)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "dq", "trellis", "codebook"])
+def test_hard_quantizers_refuse_int32_overflow_and_saturate_under_jit(kind):
+    w, step = jnp.array([1e8, -1e8, 1.0], jnp.float32), qp_to_step_jax(-38)
+    with pytest.raises(InputError, match=r"overflow int32: max \|.*\| .*= 6\.8\d+e\+10 at step 0\.0014648438"):
+        _hard(kind)(w, step)
+    # Under jit nothing can be raised: the levels saturate (they used to wrap for DQ and
+    # mis-centre the codebook, whose zero entry was found by the int32 abs of -2**31).
+    k = np.asarray(jax.jit(_hard(kind))(w, step)[0]).astype(np.int64)
+    if kind == "codebook":
+        assert k.tolist() == [1, -1, 0]
+    else:
+        assert k[0] >= 2**31 - 128 and -(2**31) <= k[1] <= -(2**31 - 128) and k[2] == 683
+
+
+@pytest.mark.parametrize("dq", [False, True])
+@pytest.mark.parametrize("scale", [-1.0, 1.0])
+@pytest.mark.parametrize("ulps", [-1, 0])
+def test_hard_quantizers_refuse_exactly_what_encode_codes_at_a_coarser_qp(dq, scale, ulps):
+    """At the int32 boundary (|w| / step = 2**31 or the float32 below it) a quantizer raises exactly
+    where ``nncjax.encode`` raises the QP (``QPAdjustedWarning``); otherwise its levels are exact."""
+    step = qp_to_step_jax(-32)                                             # 2**-8
+    big = np.float32(scale) * np.nextafter(np.float32(2**23), np.float32(0), dtype=np.float32) if ulps else \
+        np.float32(scale * 2**23)
+    w = np.array([big, 0.25], np.float32)
+    quantize = quantize_dq if dq else quantize_uniform
+    if reference.safe_qp(w, -32, dq=dq) != -32:
+        with pytest.raises(InputError, match="overflow int32"):
+            quantize(w, step)
+    else:
+        k, w_hat = quantize(w, step)
+        np.testing.assert_array_equal(np.asarray(w_hat), w)
+        assert int(k[0]) == int(np.float64(big) * 256)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "dq", "trellis", "codebook"])
+@pytest.mark.parametrize("step", [0.0, -0.0015, np.nan, np.inf])
+def test_quantizers_refuse_invalid_steps(kind, step):
+    w = jnp.array([0.01, 0.02])
+    with pytest.raises(InputError, match="step must be finite and > 0"):
+        _hard(kind)(w, step)
+    if kind != "trellis":
+        with pytest.raises(InputError, match="step must be finite and > 0"):
+            {"uniform": quantize_uniform, "dq": quantize_dq,
+             "codebook": lambda w, s, m: quantize_codebook(w, s, CB, m)}[kind](w, step, "ste")
+    if kind == "codebook":
+        with pytest.raises(InputError, match="step must be finite and > 0"):
+            codebook_init(w, step, 2)
+
+
+@pytest.mark.parametrize("mode", ["hard", "ste", "soft"])
+def test_codebook_rule_codes_an_empty_tensor_uniformly(mode):
+    """An empty tensor has no codebook (as in nncjax.encode): empty in, empty out, also under jit."""
+    params = {"e": jnp.zeros((0, 3)), "w": W}
+    q = quantizer([(r".*", dict(qp=-38, dq=False, codebook=4))], mode=mode)
+    state = q.init(params)
+    assert "codebook" not in state["e"] and state["w"]["codebook"].shape == (4,)
+    for apply in (q.apply, jax.jit(q.apply)):
+        out, aux = apply(state, params)
+        assert out["e"].shape == (0, 3) and aux["e"]["levels"].shape == (0, 3)
+    with pytest.raises(InputError, match="empty tensor has no codebook"):
+        codebook_init(jnp.zeros((0,)), 0.1, 4)
+
+
+def test_quantizer_rules_name_the_tensor_whose_levels_overflow():
+    params = {"big": jnp.array([1e8, 1.0]), "ok": W}
+    for rules in ([(r".*", dict(qp=-38, dq=False))], [(r".*", dict(qp=-38))]):
+        with pytest.raises(InputError, match=r"tensor 'big': levels overflow int32"):
+            quantizer(rules, mode="hard").apply(quantizer(rules).init(params), params)

@@ -241,3 +241,16 @@ def test_bad_pairs_input_and_local_scales_are_input_errors():
         fold_batchnorm(variables, eps=1e-5, local_scales={"Conv_1/kernel": jnp.ones(3)})
     with pytest.raises(InputError, match="names no folded layer"):  # was silently ignored
         fold_batchnorm(variables, eps=1e-5, local_scales={"Conv_9/kernel": jnp.ones(6)})
+
+
+@pytest.mark.parametrize("var", [-0.5, -1e-5])            # -1e-5: var + eps == 0 exactly
+def test_fold_batchnorm_refuses_a_variance_plus_eps_not_above_zero(var):
+    _, variables, _ = _model_and_vars(1e-5)
+    stats = variables["batch_stats"]["BatchNorm_1"]
+    bad = dict(variables, batch_stats=dict(variables["batch_stats"],
+                                           BatchNorm_1=dict(stats, var=stats["var"].at[2].set(var))))
+    with pytest.raises(InputError, match=r"BN 'BatchNorm_1': running variance \+ eps <= 0 in 1 of 6 channels"):
+        fold_batchnorm(bad, eps=1e-5)
+    # Traced values cannot be checked: as documented, that channel's LS is not finite under jit.
+    folded = jax.jit(functools.partial(fold_batchnorm, eps=1e-5))(bad)
+    assert not np.isfinite(folded.blocks["Conv_1/kernel"].ls[2])

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from nncjax.errors import InputError
+from nncjax.quantize._checks import check_levels, check_step, saturate_levels
 
 __all__ = ["codebook_init", "quantize_codebook"]
 
@@ -23,9 +24,16 @@ def codebook_init(w: jax.Array, step: jax.Array, size: int, *, iters: int = 20) 
       >>> w = jnp.array([-0.30, -0.28, 0.0, 0.01, 0.29, 0.31])
       >>> [round(float(c), 2) for c in codebook_init(w, 0.1, 3)]     # (3,) float32, in units of the step 0.1
       [-2.9, 0.05, 3.0]
+
+    Raises:
+        InputError: ``size`` < 1, ``w`` is empty (an empty tensor has no codebook; the quantizer rules
+            and ``nncjax.encode`` code it uniformly), or a concrete ``step`` is not finite and > 0.
     """
     if size < 1:
         raise InputError(f"codebook size must be >= 1, got {size}")
+    if jnp.size(w) == 0:
+        raise InputError("an empty tensor has no codebook (quantize it uniformly)")
+    check_step(step)
     u = (jnp.asarray(w, jnp.float32) / step).reshape(-1)
     cb = jnp.quantile(u, (jnp.arange(size, dtype=jnp.float32) + 0.5) / size)
 
@@ -54,7 +62,16 @@ def quantize_codebook(w: jax.Array, step: jax.Array, codebook: jax.Array, mode: 
       >>> lev, w_hat = quantize_codebook(w, 0.1, jnp.round(codebook_init(w, 0.1, 3)))
       >>> lev.tolist(), [round(float(x), 2) for x in w_hat]    # codebook [-3, 0, 3]: levels are index - 1
       ([-1, -1, 0, 0, 1, 1], [-0.3, -0.3, 0.0, 0.0, 0.3, 0.3])
+
+    Raises:
+        InputError: a concrete ``step`` is not finite and > 0; in hard mode, a concrete codebook has
+            an entry beyond int32 once rounded (>= 2**31 steps in magnitude).
+
+    Under tracing values cannot be checked: hard-mode entries then saturate at the int32 range
+    (``[-2**31, 2**31 - 128]``; ``zero_offset`` is still the entry nearest to zero), and a step <= 0
+    gives meaningless levels.
     """
+    check_step(step)
     w = jnp.asarray(w, jnp.float32)
     step = jnp.asarray(step, jnp.float32)
     cb = jnp.asarray(codebook, jnp.float32)
@@ -62,9 +79,12 @@ def quantize_codebook(w: jax.Array, step: jax.Array, codebook: jax.Array, mode: 
     d = (u[..., None] - cb) ** 2
     idx = jnp.argmin(jax.lax.stop_gradient(d), axis=-1)
     if mode == "hard":
-        cbi = jnp.round(jax.lax.stop_gradient(cb)).astype(jnp.int32)
+        cbr = jnp.round(jax.lax.stop_gradient(cb))
+        check_levels(cbr, step, lambda c: c, "max |codebook entry| (in steps)")
+        cbi = saturate_levels(cbr)
         idx = jnp.argmin(jnp.abs(jax.lax.stop_gradient(u)[..., None] - cbi.astype(jnp.float32)), axis=-1)
-        zero = jnp.argmin(jnp.abs(cbi)).astype(jnp.int32)
+        # in float: the int32 abs of a saturated -2**31 entry would be negative and look like the zero
+        zero = jnp.argmin(jnp.abs(cbr)).astype(jnp.int32)
         return (idx - zero).astype(jnp.int32), jax.lax.stop_gradient(step) * cbi[idx].astype(jnp.float32)
     if mode == "ste":
         c = cb[idx]

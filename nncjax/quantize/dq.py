@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nncjax.kernels.tables import DQ_NEXT
+from nncjax.quantize._checks import LEVEL_MAX, check_levels, check_step
 from nncjax.quantize.uniform import relax_round
 
 __all__ = ["dq_states", "dq_trellis", "k_to_q", "nncodec_lambda", "q_to_k", "quantize_dq"]
@@ -172,13 +173,23 @@ def dq_trellis(w: jax.Array, step: jax.Array, *, lam: float = 0.0, rate: RateFn 
     >>> from nncjax.steps import qp_to_step_jax
     >>> dq_trellis(jnp.array([0.01, -0.02, 0.003]), qp_to_step_jax(-38))
     Array([  8, -14,   2], dtype=int32)
+
+    Raises:
+        InputError: a concrete ``step`` is not finite and > 0, or a concrete ``w`` has a level beyond
+            int32 (``max |w| / step`` >= 2**31; ``nncjax.encode`` would code such a tensor at a coarser
+            QP, :func:`nncjax.quantize.reference.safe_qp`).
+
+    Under tracing values cannot be checked: ``|w| / step`` then saturates just below 2**31 (so do the
+    levels, and the reconstruction of those weights is wrong), and a step <= 0 gives meaningless levels.
     """
+    check_step(step)
     w = jnp.asarray(w, jnp.float32)
     if w.size == 0:
         return jnp.zeros(w.shape, jnp.int32)
+    step = jnp.asarray(step, jnp.float32)
+    check_levels(w, step, lambda x: jnp.abs(x) / step, "max |w| / step")
     use_rate = rate is not None and not (isinstance(lam, (int, float)) and lam == 0)
-    return _trellis(w, jnp.asarray(step, jnp.float32), jnp.asarray(lam, jnp.float32), rate if use_rate else None,
-                    int(chunk))
+    return _trellis(w, step, jnp.asarray(lam, jnp.float32), rate if use_rate else None, int(chunk))
 
 
 @functools.partial(jax.jit, static_argnames=("rate", "chunk"))
@@ -186,7 +197,8 @@ def _trellis(w, step, lam, rate, chunk):
     shape = w.shape
     flat = w.reshape(-1)
     n = flat.shape[0]
-    u = jnp.abs(flat) / step
+    # the candidates reach floor(u) + 2: saturate u so that they stay inside int32
+    u = jnp.minimum(jnp.abs(flat) / step, LEVEL_MAX)
     cost, absk = _edges(u, lam, rate)
     L = int(max(1, min(chunk, n)))
     nc = -(-n // L)
@@ -248,7 +260,8 @@ def quantize_dq(w: jax.Array, step: jax.Array, mode: str = "hard", *, lam: float
     ``w_hat = float32(step) * float32(k)``, bit-identical to the decoder. Training modes
     (``ste``/``noise``/``soft``): the state path of the hard trellis is frozen; each weight is relaxed onto
     its state's quantizer (step ``2 * step``, offset ``step`` for odd states) so gradients reach ``w``
-    and ``step``; ``k`` is then the real-valued relaxed index.
+    and ``step``; ``k`` is then the real-valued relaxed index. Every mode runs the hard trellis, so
+    the checks of :func:`dq_trellis` (and its behaviour under tracing) apply to all of them.
 
     >>> from nncjax.steps import qp_to_step_jax
     >>> w, step = jnp.array([0.01, -0.02, 0.003]), qp_to_step_jax(-38)

@@ -6,7 +6,8 @@ name configures that tensor; tensors that no rule matches pass through unquantiz
 
 Settings of a rule (all optional): ``qp`` (int, default -38), ``dq`` (bool, default True),
 ``codebook`` (int size; uniform if 0/absent, never with DQ), ``lam`` (DQ trellis rate weight),
-``alpha`` (soft-round sharpness).
+``alpha`` (soft-round sharpness). An empty tensor has no codebook: it is quantized uniformly, as
+``nncjax.encode`` codes it.
 
 State: ``{name: {"qp": float32 scalar, ["codebook": (C,) float32]}}``, learnable. Hard mode uses
 ``round(qp)`` and the integer-rounded codebook, i.e. exactly what the codec writes; training modes
@@ -27,6 +28,7 @@ use the continuous step :func:`nncjax.steps.qp_to_step_continuous` so gradients 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import re
@@ -149,13 +151,29 @@ class RateTransform(NamedTuple):
     apply: Callable[[dict, Any], dict]
 
 
+@contextlib.contextmanager
+def _about(name: str):
+    """Name the tensor in an InputError raised while handling it (a quantizer only sees values)."""
+    try:
+        yield
+    except InputError as e:
+        raise InputError(f"tensor {name!r}: {e}") from e
+
+
+def _has_codebook(cfg: dict, x: Any) -> bool:
+    # An empty tensor has no values to learn a codebook from; nncjax.encode codes it uniformly too.
+    return bool(cfg["codebook"]) and jnp.size(x) > 0
+
+
 def _init(settings: dict[str, dict], params: Any, qp_density: int) -> dict:
     state = {}
     leaves = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     for name, cfg in settings.items():
         st = {"qp": jnp.float32(cfg["qp"])}
-        if cfg["codebook"]:
-            st["codebook"] = codebook_init(leaves[name], qp_to_step_jax(int(cfg["qp"]), qp_density), int(cfg["codebook"]))
+        if _has_codebook(cfg, leaves[name]):
+            with _about(name):
+                st["codebook"] = codebook_init(leaves[name], qp_to_step_jax(int(cfg["qp"]), qp_density),
+                                               int(cfg["codebook"]))
         state[name] = st
     return state
 
@@ -177,7 +195,9 @@ def quantizer(rules: Rules, mode: str = "ste", *, qp_density: int = 2) -> Quanti
 
     Raises:
         InputError: ``mode`` or ``qp_density`` is invalid; ``init``/``apply``: the rules are malformed
-            (:func:`match_rules`); ``apply``: ``state`` lacks a tensor the rules select.
+            (:func:`match_rules`); ``apply``: ``state`` lacks a tensor the rules select, or (concrete
+            values only) a hard level overflows int32 (:func:`quantize_uniform`); the message names
+            the tensor. Under ``jit`` such levels saturate instead.
     """
     if mode not in MODES:
         raise InputError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -200,13 +220,14 @@ def quantizer(rules: Rules, mode: str = "ste", *, qp_density: int = 2) -> Quanti
                 step = qp_to_step_jax(jnp.round(st["qp"]).astype(jnp.int32), qpd)
             else:
                 step = qp_to_step_continuous(st["qp"], qpd)
-            if cfg["codebook"]:
-                k, xq = quantize_codebook(x, step, st["codebook"], "soft" if mode == "soft" else
-                                          ("hard" if mode == "hard" else "ste"))
-            elif cfg["dq"]:
-                k, xq = quantize_dq(x, step, mode, lam=cfg["lam"], rng=key, alpha=cfg["alpha"])
-            else:
-                k, xq = quantize_uniform(x, step, mode, rng=key, alpha=cfg["alpha"])
+            with _about(name):
+                if _has_codebook(cfg, x):
+                    k, xq = quantize_codebook(x, step, st["codebook"], "soft" if mode == "soft" else
+                                              ("hard" if mode == "hard" else "ste"))
+                elif cfg["dq"]:
+                    k, xq = quantize_dq(x, step, mode, lam=cfg["lam"], rng=key, alpha=cfg["alpha"])
+                else:
+                    k, xq = quantize_uniform(x, step, mode, rng=key, alpha=cfg["alpha"])
             aux[name] = {"levels": k, "step": step}
             return xq
 
@@ -231,7 +252,8 @@ def rate_model(rules: Rules, *, training: bool = True, qp_density: int = 2, **ra
 
     Raises:
         InputError: ``qp_density`` is invalid; ``init``/``apply``: the rules are malformed
-            (:func:`match_rules`); ``apply``: ``state`` lacks a tensor the rules select.
+            (:func:`match_rules`); ``apply``: ``state`` lacks a tensor the rules select, or (concrete
+            values only) a level overflows int32; the message names the tensor.
     """
     qpd = check_qp_density(qp_density)
 
@@ -246,9 +268,10 @@ def rate_model(rules: Rules, *, training: bool = True, qp_density: int = 2, **ra
         out = {}
         for name, cfg in settings.items():
             qp = _state_of(state, name)["qp"]
-            out[name] = estimate_bits(leaves[name], qp if training else jnp.round(qp).astype(jnp.int32),
-                                      dq=bool(cfg["dq"]) and not cfg["codebook"], qp_density=qpd,
-                                      training=training, **rate_kwargs)
+            with _about(name):
+                out[name] = estimate_bits(leaves[name], qp if training else jnp.round(qp).astype(jnp.int32),
+                                          dq=bool(cfg["dq"]) and not cfg["codebook"], qp_density=qpd,
+                                          training=training, **rate_kwargs)
         return out
 
     return RateTransform(init, apply)

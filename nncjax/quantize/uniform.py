@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nncjax.quantize._checks import check_levels, check_step, saturate_levels
+
 __all__ = ["MODES", "quantize_uniform", "relax_round", "round_half_away", "soft_round"]
 
 #: Rounding surrogates for training: straight-through, additive uniform noise, soft rounding.
@@ -80,12 +82,23 @@ def quantize_uniform(w: jax.Array, step: jax.Array, mode: str = "hard", *, rng: 
     >>> k, w_hat = quantize_uniform(jnp.array([0.1, -0.2]), qp_to_step_jax(-32))
     >>> k.tolist(), w_hat.tolist()
     ([26, -51], [0.1015625, -0.19921875])
+
+    Raises:
+        InputError: a concrete ``step`` is not finite and > 0; in hard mode, a concrete ``w`` has a
+            level beyond int32 (``max |w| / step`` >= 2**31; ``nncjax.encode`` would code such a tensor
+            at a coarser QP, :func:`nncjax.quantize.reference.safe_qp`).
+
+    Under tracing (``jit``, ``grad``, ``vmap``) values cannot be checked: hard levels then saturate at
+    the int32 range (``[-2**31, 2**31 - 128]``, so ``w_hat`` is wrong for those weights), and a step
+    <= 0 gives meaningless levels.
     """
+    check_step(step)
     w = jnp.asarray(w, jnp.float32)
     step = jnp.asarray(step, jnp.float32)
     if mode == "hard":
         inv = jax.lax.stop_gradient(jnp.float32(1.0) / step)
-        k = round_half_away(inv * w).astype(jnp.int32)
+        check_levels(w, step, lambda x: inv * x, "max |w| / step")
+        k = saturate_levels(round_half_away(inv * w))
         return k, jax.lax.stop_gradient(step) * k.astype(jnp.float32)
     u = w / step
     k = relax_round(u, mode, rng=rng, alpha=alpha)

@@ -113,7 +113,23 @@ def bn_gain(gamma: jax.Array, var: jax.Array, eps: float = 1e-5) -> jax.Array:
     >>> bn_gain(jnp.array([2.0, 1.0]), jnp.array([3.0, 0.0]), eps=1.0).tolist()
     [1.0, 1.0]
     """
-    return jnp.asarray(gamma) * jax.lax.rsqrt(jnp.asarray(var) + jnp.asarray(eps, jnp.result_type(var)))
+    return jnp.asarray(gamma) * jax.lax.rsqrt(_var_plus_eps(var, eps))
+
+
+def _var_plus_eps(var: jax.Array, eps: float) -> jax.Array:
+    """``var + eps`` in ``var``'s dtype, exactly as :func:`bn_gain` takes its square root. Any shape."""
+    return jnp.asarray(var) + jnp.asarray(eps, jnp.result_type(var))
+
+
+def _check_variance(bn: Path, var: jax.Array, eps: float) -> None:
+    """InputError naming the BN if ``var + eps <= 0`` anywhere; skipped for traced ``var`` (no host sync)."""
+    if isinstance(var, jax.core.Tracer):
+        return
+    bad = np.asarray(_var_plus_eps(var, eps)) <= 0
+    if bad.any():
+        raise InputError(f"BN {path_name(bn)!r}: running variance + eps <= 0 in {int(bad.sum())} of {bad.size} "
+                         f"channels (min variance {float(np.min(np.asarray(var, np.float64))):.6g}, eps {eps}); "
+                         "its gain 1 / sqrt(var + eps) is undefined")
 
 
 def fold_bn(
@@ -246,6 +262,9 @@ def fold_batchnorm(
     ``local_scales``: optional LSA scales by weight name (``"Conv_0/kernel"`` -> (O,)), merged into LS;
     InputError for a name that is no folded layer's weight or a scale of the wrong shape.
 
+    InputError naming the BN if its running variance + ``eps`` is <= 0 in some channel. That check
+    needs concrete values: under ``jit`` such a channel silently gets NaN (or inf) LS and BI.
+
     >>> folded = fold_batchnorm(variables, eps=1e-5)          # doctest: +SKIP
     >>> blk = folded.blocks["Conv_0/kernel"]  # blk.w: (O, I, kh, kw), blk.ls / blk.bi: (O,)  # doctest: +SKIP
     """
@@ -268,6 +287,7 @@ def fold_batchnorm(
         ls0 = None if local_scales is None else local_scales.get(wname)
         if ls0 is not None and jnp.shape(ls0) != (rows,):
             raise InputError(f"local_scales[{wname!r}] has shape {jnp.shape(ls0)}, the layer {rows} output rows")
+        _check_variance(p.bn, st["var"], eps)
         ls, bi = fold_bn(gamma, beta, st["mean"], st["var"], eps=eps, bias=layer.get("bias"), ls=ls0)
         blocks[wname] = FoldedBlock(w, ls, bi)
         consumed.update(path_name(p.layer + (k,)) for k in ("kernel", "bias"))
