@@ -1,5 +1,6 @@
 """Run by tests/test_optimize.py in a subprocess with 8 host devices: optimize() on params and data
-sharded over a mesh must agree with the unsharded run. Prints one JSON line."""
+sharded over a mesh must agree with the unsharded run, gradient RD and the sensitivity allocation
+alike. Prints one JSON line."""
 
 import json
 import os
@@ -34,12 +35,19 @@ def main():
              "fc2": {"kernel": NamedSharding(mesh, P("d", None)), "bias": NamedSharding(mesh, P())}}
     sharded = optimize(params, apply, x, param_sharding=shard, data_sharding=NamedSharding(mesh, P("d", None)),
                        **kw)
+    sens = {"lam": 3e-3, "init": "sensitivity", "steps": 0, "progress": False}
+    sens_runs = [optimize(params, apply, x, **sens),
+                 optimize(params, apply, x, param_sharding=shard, data_sharding=NamedSharding(mesh, P("d", None)),
+                          **sens)]
     print(json.dumps({
         "devices": len(jax.devices()),
         "plain": {k: v.tolist() for k, v in plain.history.items()},
         "sharded": {k: v.tolist() for k, v in sharded.history.items()},
         "qps": [plain.qp_overrides, sharded.qp_overrides],
         "scales": [{k: v.tolist() for k, v in r.local_scales.items()} for r in (plain, sharded)],
+        "sens_qps": [r.qp_overrides for r in sens_runs],
+        "sens_scales": [{k: v.tolist() for k, v in r.local_scales.items()} for r in sens_runs],
+        "sens_bits": [r.estimated_bits for r in sens_runs],
     }))
 
 

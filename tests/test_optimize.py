@@ -169,7 +169,8 @@ def test_verify_rejects_foreign_settings(digits):
 
 
 def test_sharded_equals_unsharded():
-    """8 host devices in a subprocess (the flag must be set before jax starts)."""
+    """8 host devices in a subprocess (the flag must be set before jax starts): gradient RD and the
+    sensitivity allocation."""
     script = pathlib.Path(__file__).with_name("_optimize_sharded.py")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
@@ -183,6 +184,11 @@ def test_sharded_equals_unsharded():
     for name in d["scales"][0]:
         np.testing.assert_array_equal(d["scales"][0][name], d["scales"][1][name])
     assert d["plain"]["loss"][-1] < d["plain"]["loss"][0]
+    # the sensitivity allocation (probes, calibration on the real codec) on sharded params and data
+    assert d["sens_qps"][0] == d["sens_qps"][1] and d["sens_bits"][0] == d["sens_bits"][1]
+    assert d["sens_scales"][0] and d["sens_scales"][0].keys() == d["sens_scales"][1].keys()
+    for name in d["sens_scales"][0]:
+        np.testing.assert_allclose(d["sens_scales"][0][name], d["sens_scales"][1][name], rtol=1e-3)
 
 
 def test_rate_sample_takes_evenly_spaced_runs():
