@@ -29,7 +29,10 @@ from nncjax.errors import InputError
 
 
 def unwrap_jit(apply_fn: Callable) -> Callable:
-    """The function a ``jax.jit`` wrapper traces (its ``__wrapped__``), else ``apply_fn`` itself."""
+    """The function a ``jax.jit`` wrapper traces (its ``__wrapped__``), else ``apply_fn`` itself;
+    InputError if ``apply_fn`` is not callable (it would fail inside the traced model run)."""
+    if not callable(apply_fn):
+        raise InputError(f"apply_fn must be callable, got {type(apply_fn).__name__}")
     return apply_fn.__wrapped__ if hasattr(apply_fn, "lower") and hasattr(apply_fn, "__wrapped__") else apply_fn
 
 

@@ -130,11 +130,13 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
 
 
 def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[Any, Any], Any], data: Any, *,
-                         bn_pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]] = ()) -> tuple[Any, RDSettings]:
+                         bn_pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]] = (),
+                         reference: Any = None) -> tuple[Any, RDSettings]:
     """Moves each quantized layer's mean output shift into a bias the bitstream already carries.
 
-    For every optimised ``Dense``/``Conv`` kernel, the shift ``E[y - y_hat]`` (:func:`output_shifts`,
-    measured on ``data`` with the weights :func:`decoded_params` gives) is added to the layer's own
+    For every optimised ``Dense``/``Conv`` kernel, the shift ``E[y - y_hat]`` (:func:`output_shifts`:
+    ``y`` from ``reference``, ``y_hat`` from the weights :func:`decoded_params` gives for ``params``,
+    on ``data``) is added to the layer's own
     bias; a layer without one that feeds a batch norm (``bn_pairs``) has it subtracted from that batch
     norm's running mean instead (``BN(y_hat + shift)`` in the batch norm's own parameters). Layers
     with neither are left alone, and so are layers whose kernel a lifted ``nn.scan`` / ``nn.vmap``
@@ -143,20 +145,27 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
     correction costs a few bits.
 
     Args:
-      params: model variables ``settings`` was optimised for (``{"params", "batch_stats", ...}``).
+      params: model variables ``settings`` codes (``{"params", "batch_stats", ...}``), e.g. from
+        :func:`nncjax.with_error_feedback`.
       settings: from :func:`nncjax.optimize` (or :func:`nncjax.with_error_feedback`).
       apply_fn: ``apply_fn(params, batch)`` running the Flax model.
       data: calibration batch or list of batches (e.g. ``optimize``'s own).
       bn_pairs: ``[((layer path...), (batch norm path...)), ...]`` as for :func:`nncjax.optimize_ioq`,
         e.g. ``[(("conv1",), ("bn1",))]``: the batch norm each bias-free layer feeds.
+      reference: the float model whose layer outputs are the target (default ``params``); pass the
+        original model when ``params`` already holds quantized kernels (after
+        :func:`nncjax.with_error_feedback` or :func:`nncjax.with_fine_tuning`), whose shifts would
+        otherwise be measured against themselves, i.e. as zero.
 
     Returns:
       ``(params_corrected, settings)``: ``params`` with the corrected biases / running means (encode
       them with ``settings`` as before) and ``settings`` with ``estimated_bits`` updated.
 
     Raises:
-      InputError: ``settings`` not from :func:`nncjax.optimize`, a ``bn_pairs`` entry naming no
-        batch-norm mean, or a shift that does not fit its bias.
+      InputError: ``settings`` not from :func:`nncjax.optimize`, ``bn_pairs`` not a list of
+        ``(layer path, batch norm path)`` pairs or an entry naming no batch-norm mean, a shift that
+        does not fit its bias, or a shift that is not finite (NaN or Inf in ``data`` or the
+        activations).
       UnsupportedError: every optimised kernel the model used is mapped by ``nn.scan`` /
         ``nn.vmap``, so nothing can be corrected.
 
@@ -168,16 +177,25 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
     if not isinstance(settings, RDSettings):
         raise InputError("settings must be the RDSettings returned by nncjax.optimize")
     named = flatten_named(params)
+    try:  # explicit pairs only (no optimize_ioq "auto")
+        pairs = [(tuple(layer), tuple(bn)) for layer, bn in bn_pairs]
+    except (TypeError, ValueError):
+        raise InputError(f"bn_pairs must be [(layer_path, bn_path), ...], e.g. [(('conv1',), ('bn1',))]; "
+                         f"got {bn_pairs!r}") from None
     bn_of = {}
-    for layer, bn in bn_pairs:
+    for layer, bn in pairs:
         mean = next((p + "/".join(bn) + "/mean" for p in ("batch_stats/", "") if p + "/".join(bn) + "/mean" in named),
                     None)
         if mean is None:
             raise InputError(f"bn_pairs: no batch-norm mean at {'/'.join(bn)!r}")
         bn_of["/".join(layer)] = mean
-    shifts = output_shifts(apply_fn, params, decoded_params(params, settings), data)
+    shifts = output_shifts(apply_fn, params if reference is None else reference, decoded_params(params, settings),
+                           data)
     updates = {}
     for kernel, shift in shifts.items():
+        if not np.all(np.isfinite(shift)):
+            raise InputError(f"{kernel!r}: its output shift on data is not finite (NaN or Inf in the data or "
+                             "the activations)")
         layer = kernel.rsplit("/", 1)[0]
         if layer + "/bias" in named:
             target, sign = layer + "/bias", 1.0

@@ -43,6 +43,27 @@ from nncjax.steps import qp_to_step
 __all__ = ["with_error_feedback"]
 
 
+def _moment_matrix(what: str, name: str, m: Any, rows_first: tuple[int, int]) -> np.ndarray:
+    """``m`` (``moments[name]`` or ``check_moments[name]``) as a float32 ``(columns, columns)`` array
+    for tensor ``name`` of ``rows_first`` shape ``(rows, columns)``, else InputError naming it."""
+    try:
+        a = np.asarray(m)
+        ok = any(jnp.issubdtype(a.dtype, t) for t in (jnp.floating, jnp.integer, jnp.bool_))  # bfloat16 too
+    except (TypeError, ValueError):  # e.g. ragged nested lists
+        ok = False
+    if not ok:
+        raise InputError(f"{what}[{name!r}] must be a real-valued (columns, columns) array, got "
+                         f"{getattr(m, 'dtype', type(m).__name__)}")
+    if a.shape != (rows_first[1],) * 2:
+        raise InputError(f"{what}[{name!r}] has shape {a.shape}; {name!r} coded rows first is {rows_first}")
+    a = a.astype(np.float32)
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{what}[{name!r}] holds NaN or Inf (or values beyond float32)")
+    if np.any(np.diag(a) < 0):  # E[x_j^2] < 0: no second moment (GPTQ would take such inputs for dead ones)
+        raise InputError(f"{what}[{name!r}] has a negative diagonal: not positive semi-definite")
+    return a
+
+
 def _coarsest_gptq(x: np.ndarray, h: np.ndarray, h_check: np.ndarray, s: np.ndarray, x_ref: np.ndarray, q0: int, *,
                    qpd: int, hi: int, max_offset: int, damp: float, act_order: bool,
                    dq: bool) -> tuple[int, np.ndarray] | None:
@@ -127,8 +148,10 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
       encodes and decodes them.
 
     Raises:
-      InputError: ``settings`` not from :func:`nncjax.optimize`, moments for a tensor that is not
-        optimised or of the wrong size, a ``dq`` other than True, False and ``"auto"``.
+      InputError: ``settings`` not from :func:`nncjax.optimize` (or of another model), ``moments`` or
+        ``check_moments`` not a mapping, naming a tensor that is not optimised, or holding a matrix of
+        the wrong size, not real-valued, not finite or not positive semi-definite; a ``dq`` other than
+        True, False and ``"auto"``.
 
     Example:
       >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
@@ -145,10 +168,16 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
         raise InputError(f"max_offset must be an integer >= 0, got {max_offset!r}")
     if not (isinstance(dq, bool) or (isinstance(dq, str) and dq == "auto")):
         raise InputError(f"dq must be True, False or 'auto', got {dq!r}")
+    if not isinstance(moments, Mapping) or not isinstance(check_moments, (Mapping, type(None))):
+        raise InputError(f"moments and check_moments must map tensor names to (columns, columns) arrays (check_moments "
+                         f"may be None), got {type(moments).__name__} and {type(check_moments).__name__}")
+    check_moments = check_moments or {}
     named = flatten_named(params)
-    unknown = [n for n in moments if n not in settings.qp_overrides or n not in named]
-    if unknown:
-        raise InputError(f"moments name tensors that settings does not optimise: {unknown[:5]}")
+    for what, m in (("moments", moments), ("check_moments", check_moments)):
+        # a check_moments name that matches nothing would silently check on the fitted moments
+        unknown = [n for n in m if n not in settings.qp_overrides or n not in named]
+        if unknown:
+            raise InputError(f"{what} name tensors that settings does not optimise: {unknown[:5]}")
     qps, dqs, bits = dict(settings.qp_overrides), dict(settings.dq_overrides), settings.estimated_bits
     tensor_bits = dict(settings.tensor_bits)
     overhead = qp_delta_bits(qpd)  # a tensor's QP delta: the same whichever QP it codes
@@ -160,14 +189,12 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             if w.ndim < 2:
                 raise InputError(f"moments[{name!r}]: error feedback needs a weight with inputs, {name!r} is {w.shape}")
             axis = rows_axis(name, w.ndim, settings.scale_axis)
-            s = settings.local_scales.get(name, np.ones(w.shape[axis], np.float32))
+            s = settings.row_scales(name, w.shape)
             x_full = to_rows_first(divide_rows(w, s, axis), axis)  # what the codec codes: NNR layout
             x = x_full.reshape(x_full.shape[0], -1)  # (outputs, inputs); a conv's inputs are its patches
-            h = np.asarray(moments[name], np.float32)
-            h_check = h if check_moments is None else np.asarray(check_moments.get(name, h), np.float32)
-            for what, m in (("moments", h), ("check_moments", h_check)):
-                if m.shape != (x.shape[1],) * 2:
-                    raise InputError(f"{what}[{name!r}] has shape {m.shape}; {name!r} coded rows first is {x.shape}")
+            h = _moment_matrix("moments", name, moments[name], x.shape)
+            h_check = (_moment_matrix("check_moments", name, check_moments[name], x.shape) if name in check_moments
+                       else h)
             q0, dq0 = qps[name], dqs.get(name, settings.dq)
             # encode codes a scaled weight rows first (W / s), any other in its own layout; DQ's
             # levels and the bits depend on the layout, so both come from the coded one

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from nncjax.bias_correction import decoded_params
 from nncjax.coded_tensor import code_tensor, qp_delta_bits
-from nncjax.distortion import apply_model, distortion_fn
+from nncjax.distortion import apply_model, check_finite_outputs, distortion_fn
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
 from nncjax.rd_settings import (
@@ -255,8 +255,8 @@ def with_fine_tuning(
 
     Raises:
       InputError: no weight coded without DQ, bad ``steps``, ``method``, ``learning_rate``,
-        ``probes`` or ``data``, ``apply_fn`` not callable, or ``params`` lacking a tensor of
-        ``settings``.
+        ``probes`` or ``data`` (NaN or Inf in the reference outputs on it), ``apply_fn`` not callable,
+        or ``params`` lacking a tensor of ``settings`` (or settings of another model).
 
     Example:
       >>> import flax.linen as nn
@@ -288,6 +288,8 @@ def with_fine_tuning(
         raise InputError(f"params lack tensors that settings codes: {missing[:5]}")
     target = params if reference is None else reference
 
+    refs = [apply_model(target, b, apply_fn=apply_fn) for b in batches]
+    check_finite_outputs(refs)  # NaN targets: every D NaN, and the tuning silently given up
     base = decoded_params(params, settings)  # every weight as decoded; the tuned ones start there
     decoded = flatten_named(base)
     search = steps > 0 and method == "search"
@@ -297,7 +299,7 @@ def with_fine_tuning(
     for n in names:
         w = np.asarray(decoded[n], np.float32)
         axis = rows_axis(n, w.ndim, settings.scale_axis)
-        s = np.asarray(settings.local_scales.get(n, np.ones(w.shape[axis], np.float32)), np.float32)
+        s = settings.row_scales(n, w.shape)
         step = np.float32(qp_to_step(settings.qp_overrides[n], settings.qp_density))
         axes.append(axis)
         unit[n] = (step, s)
@@ -305,7 +307,6 @@ def with_fine_tuning(
         if search:
             cost[n] = jnp.asarray(to_rows_first(curvature[n], axis) * _rows(s * step, w.ndim) ** 2)
     grid = _Grid(tuple(names), tuple(axes))
-    refs = [apply_model(target, b, apply_fn=apply_fn) for b in batches]
 
     trace = []
     bar = tqdm(range(int(steps)), desc=f"fine-tune on grid ({method})", disable=not progress, leave=False)

@@ -105,13 +105,33 @@ class RDSettings:
         for name, leaf in named.items():
             arr = np.asarray(leaf)
             if name in self.local_scales:
-                s = self.local_scales[name]
+                s = self.row_scales(name, arr.shape)
                 axis = rows_axis(name, arr.ndim, self.scale_axis)
                 out[name] = to_rows_first(divide_rows(arr.astype(np.float32), s, axis), axis)
-                out[name + LS_SUFFIX] = np.asarray(s, np.float32)
+                out[name + LS_SUFFIX] = s
             else:
                 out[name] = arr
         return out
+
+    def row_scales(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Float32 ``(rows,)``: the local scales of tensor ``name`` of ``shape``, one per row along
+        :func:`rows_axis` (ones where it has none).
+
+        Raises:
+          InputError: scales of another length than the tensor's rows (settings of another model).
+
+        >>> rd = RDSettings({"d/kernel": -30}, {"d/kernel": np.array([1.0, 2.0])}, -1, {}, 0.0, -30, 2, -75, True)
+        >>> rd.row_scales("d/kernel", (3, 2)).tolist(), rd.row_scales("d/bias", (2,)).tolist()
+        ([1.0, 2.0], [1.0, 1.0])
+        """
+        rows = shape[rows_axis(name, len(shape), self.scale_axis)] if shape else 1  # a scalar: one row
+        if name not in self.local_scales:
+            return np.ones(rows, np.float32)
+        s = np.asarray(self.local_scales[name], np.float32)
+        if s.shape != (rows,):
+            raise InputError(f"settings scale {name!r} with {s.shape} local scales, but {name!r} of shape {shape} "
+                             f"has {rows} rows: settings of another model?")
+        return s
 
     def restore(self, decoded: Mapping[str, Any], like: Any = None) -> Any:
         """Model params from :func:`nncjax.decode` output without ``like`` (flat ``{name: array}``,

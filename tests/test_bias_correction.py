@@ -11,8 +11,10 @@ import pytest
 import nncjax.bias_correction
 from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.bias_correction import decoded_params, output_shifts, with_bias_correction
+from nncjax.error_feedback import with_error_feedback
 from nncjax.optimize import optimize
 from nncjax.pytree_names import flatten_named
+from nncjax.quantize.gptq import input_moments
 from nncjax.rd_settings import verify
 from tests._lifted_models import Lifted
 
@@ -124,6 +126,30 @@ def test_kernels_stacked_by_scan_and_vmap_are_left_alone(kind):
         output_shifts(model.apply, v, only_blk, x)
 
 
+def test_reference_corrects_kernels_that_params_holds_quantized(setup):
+    """After with_error_feedback the params hold the GPTQ kernels themselves: measured against them,
+    their shift is zero and nothing is corrected; against ``reference`` (the float model) the decoded
+    dense layer's mean output matches the float model's again, as for params holding float kernels."""
+    model, v, batches, rd = setup
+    x = jnp.concatenate(batches)
+    h = input_moments(model.apply, v, batches)
+    p_g, rd_g = with_error_feedback(v, rd, {"params/fc/kernel": h["params/fc/kernel"]}, progress=False)
+    assert rd_g.dq_overrides == {"params/fc/kernel": False}  # substituted: p_g holds its decoded values
+    same, _ = with_bias_correction(p_g, rd_g, model.apply, batches)
+    assert "params/fc/bias" not in _changed(p_g, same)
+    p_bc, rd_bc = with_bias_correction(p_g, rd_g, model.apply, batches, reference=v)
+    assert _changed(p_g, p_bc) == {"params/fc/bias"}
+    # the fc layer alone, on the float model's inputs: its mean output is the float layer's again
+    fc = v["params"]["fc"]
+    feat = np.asarray(nn.relu(_layer_outputs(model, v, x)[1])).reshape(len(x), -1)
+    want = feat @ np.asarray(fc["kernel"]) + np.asarray(fc["bias"])
+    dec = verify(p_bc, rd_bc).params["params"]["fc"]
+    got = feat @ np.asarray(dec["kernel"]) + np.asarray(dec["bias"])
+    before = feat @ np.asarray(p_g["params"]["fc"]["kernel"]) + np.asarray(p_g["params"]["fc"]["bias"])
+    assert np.max(np.abs(before.mean(0) - want.mean(0))) > 1e-3  # there was a shift to remove
+    np.testing.assert_allclose(got.mean(0), want.mean(0), atol=1e-4)
+
+
 def test_bad_inputs(setup):
     model, v, batches, rd = setup
     with pytest.raises(InputError, match="RDSettings"):
@@ -132,6 +158,23 @@ def test_bad_inputs(setup):
         with_bias_correction(v, rd, model.apply, batches, bn_pairs=[(("conv",), ("nope",))])
     with pytest.raises(InputError, match="empty"):
         output_shifts(model.apply, v, v, [])
+    # optimize_ioq's "auto" is no list of pairs; a raw ValueError before
+    with pytest.raises(InputError, match=r"bn_pairs must be \[\(layer_path, bn_path\)"):
+        with_bias_correction(v, rd, model.apply, batches, bn_pairs="auto")
+    # NaN data: a NaN shift was written into the bias, then refused as "weights contain NaN"
+    with pytest.raises(InputError, match="'params/conv/kernel': its output shift on data is not finite"):
+        with_bias_correction(v, rd, model.apply, batches[0].at[0, 0, 0, 0].set(jnp.nan))
+    with pytest.raises(InputError, match="apply_fn must be callable"):
+        with_bias_correction(v, rd, None, batches)
+    # settings of a model whose fc layer has other outputs: a broadcast ValueError before
+    wider = nn.Dense(5, name="fc")
+    other = {"params": {**v["params"], "fc": wider.init(jax.random.PRNGKey(1), jnp.ones((1, 216)))["params"]},
+             "batch_stats": v["batch_stats"]}
+    rd_other = optimize(other, lambda p, b: wider.apply({"params": p["params"]["fc"]}, b), jnp.ones((8, 216)),
+                        lam=3e-2, init="sensitivity", steps=0, progress=False, select=["params/fc/kernel"])
+    assert rd_other.local_scales["params/fc/kernel"].shape == (5,)
+    with pytest.raises(InputError, match="'params/fc/kernel' of shape \\(216, 4\\) has 4 rows: settings of another"):
+        with_bias_correction(v, rd_other, model.apply, batches)
 
 
 def test_docstring_examples():

@@ -117,6 +117,9 @@ def test_straight_through_training(digits, uniform):
     ({"learning_rate": float("nan")}, "learning_rate"),
     ({"data": []}, "empty"),
     ({"apply_fn": None}, "apply_fn"),
+    # NaN reference outputs: every D was NaN, the levels silently kept and a NaN history returned
+    ({"data": np.full((4, 64), np.nan, np.float32)}, "outputs on batch 0 contain NaN"),
+    ({"data": np.full((4, 64), np.nan, np.float32), "method": "ste"}, "outputs on batch 0 contain NaN"),
 ])
 def test_bad_arguments_raise_input_error(digits, uniform, kwargs, match):
     m, calib, _ = digits
@@ -135,6 +138,11 @@ def test_settings_without_a_uniform_grid_raise(digits):
         with_fine_tuning(m.params, {}, m.apply, calib, progress=False)
     with pytest.raises(InputError, match="lack"):
         with_fine_tuning({"params": {}}, dataclasses.replace(rd, dq=False), m.apply, calib, progress=False)
+    # settings of another model (local scales of other lengths): a broadcast ValueError before
+    name = next(iter(rd.local_scales))
+    foreign = dataclasses.replace(rd, dq=False, local_scales={**rd.local_scales, name: np.ones(3, np.float32)})
+    with pytest.raises(InputError, match=f"{name!r} of shape .* rows: settings of another model"):
+        with_fine_tuning(m.params, foreign, m.apply, calib, progress=False)
 
 
 def test_empty_tensors_are_left_out_and_the_tuning_goes_through():

@@ -117,6 +117,7 @@ def test_blocked_feedback_matches_column_by_column_feedback(cols):
     (np.ones((2, 3)), np.eye(3), np.ones(3), "shape"),
     (np.full((2, 3), np.nan), np.eye(3), 0.1, "finite"),
     (np.ones((2, 3)), -np.eye(3), 0.1, "semi-definite"),
+    (np.ones((2, 3)), np.diag([1.0, -1.0, 1.0]), 0.1, "semi-definite"),  # E[x_j^2] < 0 is no input that never fires
 ])
 def test_bad_inputs_raise_input_error(w, h, step, match):
     with pytest.raises(InputError, match=match):
@@ -459,6 +460,46 @@ def test_with_error_feedback_input_errors(digits):
         with_error_feedback(m.params, rd, {"params/fc1/kernel": np.eye(3)}, progress=False)
     with pytest.raises(InputError, match="max_offset"):
         with_error_feedback(m.params, rd, {}, max_offset=-1)
+
+
+def test_with_error_feedback_refuses_bad_moments_and_foreign_settings():
+    """Moments are refused with an InputError naming the tensor rather than converted (a string, a
+    complex matrix), ignored (check_moments under a name that matches no optimised tensor, or holding
+    NaN: the check fell back to the fitted moments, or substituted nothing), or read as inputs that
+    never fire (a negative diagonal); settings of another model are an InputError, not a broadcast error."""
+    model = _TwoDense()
+    x = jax.random.normal(jax.random.PRNGKey(0), (32, 4))
+    v = model.init(jax.random.PRNGKey(1), x)
+    rd = optimize(v, model.apply, x, lam=3e-3, init="sensitivity", steps=0, progress=False)
+    h = input_moments(model.apply, v, x)
+    name = "params/hidden/kernel"
+    assert name in rd.local_scales  # scaled: a foreign model's scales do not fit its rows
+
+    def ef(moments, **kw):
+        return with_error_feedback(v, rd, moments, progress=False, **kw)
+
+    for moments, match in [([h[name]], "must map tensor names"),
+                           ({name: "abc"}, r"moments\['params/hidden/kernel'\] must be a real-valued"),
+                           ({name: h[name] * (1 + 1j)}, "real-valued"),
+                           ({name: np.diag([1.0, -1.0, 1.0, 1.0])}, "negative diagonal")]:
+        with pytest.raises(InputError, match=match):
+            ef(moments)
+    for check, match in [([1], "must map tensor names"),
+                         ({"hidden/kernel": h[name]}, "check_moments name tensors"),
+                         ({name: np.full((4, 4), np.nan)}, r"check_moments\['params/hidden/kernel'\] holds NaN"),
+                         ({name: -h[name]}, "negative diagonal")]:
+        with pytest.raises(InputError, match=match):
+            ef({name: h[name]}, check_moments=check)
+    ef({name: h[name]}, check_moments=h)  # moments of other optimised tensors may come along
+
+    class Wider(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="out")(nn.relu(nn.Dense(6, name="hidden")(x)))
+
+    v6 = Wider().init(jax.random.PRNGKey(1), x)
+    with pytest.raises(InputError, match="settings of another model"):
+        with_error_feedback(v6, rd, input_moments(Wider().apply, v6, x), progress=False)
 
 
 def test_gptq_docstring_examples():

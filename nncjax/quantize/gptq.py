@@ -169,25 +169,28 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
 
 
 def _checked_factor(h: jax.Array, damp: float, act_order: bool) -> tuple[jax.Array, jax.Array]:
-    """:func:`_factor` of a finite ``h`` whose damped inverse has a Cholesky factor, else InputError."""
+    """:func:`_factor` of a finite ``h`` with a non-negative diagonal whose damped inverse has a Cholesky
+    factor, else InputError."""
     if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0):
         raise InputError(f"damp must be a number >= 0, got {damp!r}")
-    order, u, finite_h, finite_u = _factor(jnp.asarray(h, jnp.float32), jnp.float32(damp), bool(act_order))
+    order, u, finite_h, psd = _factor(jnp.asarray(h, jnp.float32), jnp.float32(damp), bool(act_order))
     if not bool(finite_h):
         raise InputError("w and h must be finite")
-    if not bool(finite_u):
-        raise InputError("h is not positive semi-definite (its damped inverse has no Cholesky factor)")
+    if not bool(psd):
+        raise InputError("h is not positive semi-definite (a negative diagonal, or its damped inverse has no "
+                         "Cholesky factor)")
     return order, u
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _factor(h: jax.Array, damp: jax.Array, act_order: bool) -> tuple[jax.Array, ...]:
     """GPTQ's column order ``(columns,)`` and the upper Cholesky factor of the damped ``H^-1`` in that
-    order (it depends on ``h`` only: one factor serves every step tried on a layer), and whether
-    ``h`` and the factor are finite."""
+    order (it depends on ``h`` only: one factor serves every step tried on a layer), whether ``h`` is
+    finite, and whether the factor is finite and ``h``'s diagonal non-negative (a negative one would
+    pass as an input that never fires)."""
     order = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(h.shape[0])
     u = _inverse_cholesky(h[order][:, order], damp)
-    return order, u, jnp.all(jnp.isfinite(h)), jnp.all(jnp.isfinite(u))
+    return order, u, jnp.all(jnp.isfinite(h)), jnp.all(jnp.isfinite(u)) & jnp.all(jnp.diag(h) >= 0)
 
 
 @jax.jit
