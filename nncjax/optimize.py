@@ -93,6 +93,7 @@ from nncjax.sensitivity import (
 )
 from nncjax.steps import (
     check_qp_density,
+    equivalent_qp,
     qp_to_step,
     qp_to_step_continuous,
     qp_to_step_jax,
@@ -148,7 +149,7 @@ def _quantize_tensor(cfg: _Config, axis: int, w: jax.Array, qp: jax.Array, v: ja
     x = w
     if v is not None:
         step_s = qp_to_step_jax(cfg.scale_qp, cfg.qp_density)
-        ls = 1.0 + step_s * v
+        ls = _scale_of(v, step_s)
         _, ls_hat = quant(ls, step_s, cfg.mode, rng=rng)
         s = ls_hat.reshape(row_shape(w.ndim, axis))
         x = w / s
@@ -292,6 +293,33 @@ def _fixed_qp(leaf, qp: int, nonweight_qp: int) -> int:
     return qp if jnp.ndim(leaf) > 1 else nonweight_qp
 
 
+#: Defaults of base_qp, nonweight_qp and scale_qp at qp_density 2 (NNCodec's density): steps 2**-8,
+#: 2**-18.75 and 2**-6. At another density a default is the QP of that step (:func:`equivalent_qp`),
+#: not the same number: -24 at qp_density 5 would be a step of 0.6 for scales around 1.
+DEFAULT_QPS = {"base_qp": -32, "nonweight_qp": -75, "scale_qp": -24}
+
+
+def _default_qp(what: str, qp_density: int) -> int:
+    return equivalent_qp(DEFAULT_QPS[what], qp_density)
+
+
+# A scale is kept at least this many scale steps above 0: one that decoded to 0 would divide its row
+# by zero (a coarse scale_qp, or training pushing a scale down).
+_MIN_SCALE_STEPS = 4
+
+
+def _scale_of(v, step_s):
+    """The scale ``1 + step_s * v`` of scale offsets ``v`` (any shape, numpy or JAX), floored at
+    ``_MIN_SCALE_STEPS`` scale steps."""
+    return jnp.maximum(1.0 + step_s * v, _MIN_SCALE_STEPS * step_s)
+
+
+def _check_decoded_scales(name: str, s: np.ndarray, scale_qp: int, step_s: float) -> None:
+    if not (np.all(np.isfinite(s)) and np.all(s > 0)):
+        raise InputError(f"local scales of {name!r} decode to {float(np.min(s)):.4g} at scale_qp {scale_qp} (step "
+                         f"{step_s:.4g}): use a finer scale_qp")
+
+
 def optimize(
     params: Any,
     apply_fn: Callable[[Any, Any], Any] | None,
@@ -299,15 +327,15 @@ def optimize(
     loss: Callable[[Any, Any], jax.Array] | None = None,
     *,
     lam: float,
-    base_qp: int = -32,
+    base_qp: int | None = None,
     qp_density: int = 2,
     dq: bool = True,
-    nonweight_qp: int | None = -75,
+    nonweight_qp: int | None = None,
     steps: int = 200,
     optimizer: optax.GradientTransformation | None = None,
     learn_scales: bool = True,
     scale_axis: int = -1,
-    scale_qp: int = -24,
+    scale_qp: int | None = None,
     select: Callable[[str, Any], bool] | Any = default_weight_select,
     init_qps: Mapping[str, int] | None = None,
     init: str = "base",
@@ -336,14 +364,19 @@ def optimize(
       lam: price of one bit per optimised weight (``R_bits / n_weights``) in units of ``D``.
       base_qp, qp_density, nonweight_qp, dq: the codec settings (as :func:`nncjax.encode`); tensors
         not optimised are quantized (hard) as the codec would with them. ``base_qp`` is also the
-        starting QP of the optimised tensors unless ``init_qps`` gives one.
+        starting QP of the optimised tensors unless ``init_qps`` gives one. Defaults: -32 and -75
+        (NNCodec's non-weight QP) at ``qp_density=2``, i.e. steps 2**-8 and 2**-18.75; at another
+        density the QPs of those steps (-64 and -150 at 3). ``nonweight_qp=0``: ``base_qp - (2 <<
+        qp_density)``, as :func:`nncjax.encode` does when given no non-weight QP.
       steps: optimisation steps. optimizer: any optax transformation (default ``optax.adam(0.2)``:
         QPs and scale deltas are both in quantizer units, so one learning rate fits both).
       learn_scales: learn per-output-row local scales of every optimised tensor with ``ndim >= 2``.
       scale_axis: -1 (Flax): kernels are scaled along their output (last) axis and coded transposed,
         rows first; other tensors (e.g. embeddings) along axis 0. 0: every tensor along axis 0
         (PyTorch / NNR layout). See :func:`rows_axis`.
-      scale_qp: QP of the coded scale deltas ``s - 1`` (default -24: step 1/64).
+      scale_qp: QP of the coded scales (default: step 1/64, QP -24 at ``qp_density=2``; at most a
+        step of 1/8). A scale stays at least 4 such steps above 0 (one decoded as 0 would divide its
+        row by zero).
       select: predicate ``(name, leaf) -> bool`` or a list of names of the tensors to optimise
         (default: float tensors with ``ndim > 1``, NNCodec's "weights"). ``lambda n, x: True`` also
         gives biases and normalisation vectors their own QPs instead of ``nonweight_qp``: worth it
@@ -408,12 +441,22 @@ def optimize(
         raise InputError("apply_fn must be callable (or pass loss=)")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
+    base_qp = _default_qp("base_qp", qpd) if base_qp is None else base_qp
+    scale_qp = _default_qp("scale_qp", qpd) if scale_qp is None else scale_qp
     for what, q in (("base_qp", base_qp), ("scale_qp", scale_qp)):
         if not isinstance(q, (int, np.integer)) or isinstance(q, bool) or not lo <= q <= hi:
             raise InputError(f"{what} must be an integer in [{lo}, {hi}], got {q!r}")
-    nw_qp = int(nonweight_qp) if nonweight_qp else int(base_qp) - (2 << qpd)
-    if not lo <= nw_qp <= hi:
-        raise InputError(f"nonweight_qp must be in [{lo}, {hi}], got {nonweight_qp!r}")
+    if qp_to_step(scale_qp, qpd) > 1 / 8:  # scales around 1 need finer steps (they stay 4 steps above 0)
+        raise InputError(f"scale_qp {scale_qp} gives scales a step of {qp_to_step(scale_qp, qpd):.4g}: use a QP "
+                         f"with a step of at most 1/8 (<= {equivalent_qp(-12, qpd)} at qp_density {qpd})")
+    if nonweight_qp is None:
+        nw_qp = _default_qp("nonweight_qp", qpd)
+    elif isinstance(nonweight_qp, (int, np.integer)) and not isinstance(nonweight_qp, bool):
+        nw_qp = int(nonweight_qp) if nonweight_qp else int(base_qp) - (2 << qpd)
+    else:
+        nw_qp = None
+    if nw_qp is None or not lo <= nw_qp <= hi:
+        raise InputError(f"nonweight_qp must be an integer in [{lo}, {hi}] (or 0, or None), got {nonweight_qp!r}")
     optimizer = _DEFAULT_OPTIMIZER if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise InputError("optimizer must be an optax.GradientTransformation")
@@ -514,10 +557,12 @@ def optimize(
     if start is not None and not hist:  # nothing trained: the calibrated start (and its coded tensors)
         coded_ls, ev = start[2], start[3]
     else:
-        coded_ls = {n: _codec_reconstruct((1.0 + step_s * np.asarray(v, np.float32)).astype(np.float32),
+        coded_ls = {n: _codec_reconstruct(np.asarray(_scale_of(np.asarray(v, np.float32), step_s), np.float32),
                                           cfg.scale_qp, qpd, cfg.dq) for n, v in theta["ls"].items()}
         ev = _HardEvaluator(cfg, named, {n: ls for n, (ls, _) in coded_ls.items()}, base, batches, refs, statics)
     scales = {n: ls for n, (ls, _) in coded_ls.items()}
+    for n, ls in scales.items():
+        _check_decoded_scales(n, ls, cfg.scale_qp, step_s)
     n_refine = min(int(refine), len(cfg.names))
     trials = [(cfg.names[i], np.clip(qps[i] + d, lo, hi)) for i in range(n_refine) for d in (-1, 1)]
     ev.prefetch([*zip(cfg.names, qps), *trials], "rec")
@@ -577,7 +622,9 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
                 # the row steps are kept when the tensor's QP is rounded: the scales absorb the rounding
                 rel = qp_to_step_continuous(alloc.qp[n], cfg.qp_density) / qp_to_step(int(q), cfg.qp_density)
                 s = alloc.row_scale.get(n, np.ones(np.shape(named[n])[axes[n]]))
-                coded[n] = _codec_reconstruct((s * float(rel)).astype(np.float32), cfg.scale_qp, cfg.qp_density, cfg.dq)
+                step_s = float(qp_to_step(cfg.scale_qp, cfg.qp_density))
+                coded[n] = _codec_reconstruct(np.maximum(s * float(rel), _MIN_SCALE_STEPS * step_s).astype(np.float32),
+                                              cfg.scale_qp, cfg.qp_density, cfg.dq)
         scales = {n: ls for n, (ls, _) in coded.items()}
         ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics, cache)
         coarser = np.minimum(qps + octave, cfg.hi)

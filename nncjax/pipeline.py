@@ -60,7 +60,7 @@ from nncjax.distortion import check_finite_outputs, relative_output_mse
 from nncjax.error_feedback import with_error_feedback
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
-from nncjax.optimize import check_lam, optimize
+from nncjax.optimize import DEFAULT_QPS, check_lam, optimize
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -76,7 +76,7 @@ from nncjax.reduce import (
     unfold_batchnorm,
 )
 from nncjax.reduce._tree import default_weight_select
-from nncjax.steps import check_qp_density
+from nncjax.steps import check_qp_density, equivalent_qp
 
 _ALLOCATIONS = ("ioq", "sensitivity")
 
@@ -319,9 +319,9 @@ def optimize_ioq(
     *,
     lam: float,
     allocation: str = "ioq",
-    base_qp: int = -32,
+    base_qp: int | None = None,
     qp_density: int = 2,
-    nonweight_qp: int = -75,
+    nonweight_qp: int | None = None,
     ls_qp: int | None = None,
     dq: bool = True,
     bn_pairs: Sequence | str | None = "auto",
@@ -352,6 +352,8 @@ def optimize_ioq(
         a fraction of IOQ's time; needs ``lam > 0``.
       base_qp: starting QP of the weights (IOQ's closed-form spread/size offsets are added to it).
       qp_density, dq: codec settings. nonweight_qp: QP of 1-D tensors (biases, BI, LayerNorm).
+        Defaults of ``base_qp`` and ``nonweight_qp``: -32 and -75 at ``qp_density=2`` (steps 2**-8
+        and 2**-18.75), the QPs of those steps at another density (:func:`nncjax.steps.equivalent_qp`).
       ls_qp: QP of the LS / scaling tensors (default ``nonweight_qp``).
       bn_pairs: ``"auto"``, None, or explicit ``[(layer_path, bn_path)]`` (see :class:`CodingLayout`).
         ``"auto"`` keeps only the ``Conv_i``/``BatchNorm_i`` pairs where the BatchNorm takes the
@@ -371,7 +373,8 @@ def optimize_ioq(
       :class:`IOQResult` (``tensors``, ``qp_overrides``, ``restore``, ``wall_s``, ``history``).
 
     Raises:
-      InputError: bad arguments (``lam``, QPs, ``allocation``); NaN or Inf in the model's outputs on a batch.
+      InputError: bad arguments (``lam``, QPs, ``allocation``, ``moments`` that are not mappings, or as
+        :func:`nncjax.with_error_feedback` refuses them); NaN or Inf in the model's outputs on a batch.
 
     Integer and bool leaves are coded losslessly as they are (no QP); LSA's scales and biases are kept
     only where they lower ``D`` on ``data`` (``history["lsa_kept"]``).
@@ -385,10 +388,15 @@ def optimize_ioq(
         raise InputError(f"allocation must be one of {_ALLOCATIONS}, got {allocation!r}")
     if allocation == "sensitivity" and not lam > 0:
         raise InputError("allocation='sensitivity' needs lam > 0")
+    if not all(m is None or isinstance(m, Mapping) for m in (moments, check_moments)):
+        raise InputError(f"moments and check_moments must map tensor names to (columns, columns) arrays or be None, "
+                         f"got {type(moments).__name__} and {type(check_moments).__name__}")
     if allocation != "sensitivity" and (moments or check_moments):
         raise InputError("moments (GPTQ) need allocation='sensitivity'")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
+    base_qp = equivalent_qp(DEFAULT_QPS["base_qp"], qpd) if base_qp is None else base_qp
+    nonweight_qp = equivalent_qp(DEFAULT_QPS["nonweight_qp"], qpd) if nonweight_qp is None else nonweight_qp
     for what, q in (("base_qp", base_qp), ("nonweight_qp", nonweight_qp), ("ls_qp", ls_qp)):
         if q is not None and not (isinstance(q, (int, np.integer)) and lo <= q <= hi):
             raise InputError(f"{what} must be an int in [{lo}, {hi}], got {q!r}")

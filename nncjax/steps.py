@@ -13,7 +13,8 @@ import numpy as np
 
 from nncjax.errors import InputError
 
-__all__ = ["check_qp_density", "qp_to_step", "qp_to_step_continuous", "qp_to_step_jax", "step_to_qp", "step_to_qp_continuous"]
+__all__ = ["check_qp_density", "equivalent_qp", "qp_to_step", "qp_to_step_continuous", "qp_to_step_jax", "step_to_qp",
+           "step_to_qp_continuous"]
 
 
 def check_qp_density(qp_density: int) -> int:
@@ -64,6 +65,16 @@ def step_to_qp(step, qp_density: int = 2) -> np.ndarray | int:
     mant = np.floor(frac * k + 1e-9)
     qp = (e.astype(np.int64) * k + np.clip(mant, 0, k - 1).astype(np.int64))
     return int(qp) if qp.ndim == 0 else qp
+
+
+def equivalent_qp(qp: int, qp_density: int, *, from_density: int = 2) -> int:
+    """The QP at ``qp_density`` whose step is ``qp``'s at ``from_density`` (or the next finer step):
+    a QP given in one density's units, carried to another.
+
+    >>> equivalent_qp(-75, 3), equivalent_qp(-75, 0), equivalent_qp(-32, 2)
+    (-150, -19, -32)
+    """
+    return int(step_to_qp(qp_to_step(qp, from_density), qp_density))
 
 
 def qp_to_step_jax(qp, qp_density: int = 2):

@@ -15,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from nncjax import models
@@ -25,6 +26,7 @@ from nncjax.models.digits_mlp import load_digits_split
 from nncjax.optimize import optimize
 from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.rd_settings import LS_SUFFIX, RDSettings, verify
+from nncjax.steps import equivalent_qp
 
 STEPS = 60
 
@@ -145,6 +147,39 @@ def test_bad_arguments_raise_input_error(digits, kwargs):
     data = kwargs.pop("data", calib)
     with pytest.raises(InputError):
         optimize(m.params, m.apply, data, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("qp_density", [0, 3, 5])
+@pytest.mark.parametrize("init, steps", [("base", 2), ("sensitivity", 0)])
+def test_default_qps_keep_their_steps_at_every_qp_density(digits, qp_density, init, steps):
+    """The defaults of base_qp, nonweight_qp and scale_qp are steps, not numbers: at qp_density 0 the
+    number -75 was out of range (InputError), at 5 the scale QP -24 was a step of 0.6, whose scales
+    decoded to 0 and divided their rows by zero (NaN)."""
+    m, calib, _ = digits
+    rd = optimize(m.params, m.apply, calib, lam=3e-3, qp_density=qp_density, init=init, steps=steps, refine=1,
+                  progress=False)
+    assert (rd.qp, rd.nonweight_qp) == (equivalent_qp(-32, qp_density), equivalent_qp(-75, qp_density))
+    assert {q for n, q in rd.qp_overrides.items() if n.endswith(LS_SUFFIX)} == {equivalent_qp(-24, qp_density)}
+    assert all(np.all(s > 0.5) for s in rd.local_scales.values())
+    out = verify(m.params, rd, lambda p: m.eval(p)["top1"])
+    assert out.metric > m.eval(m.params)["top1"] - 0.05
+
+
+def test_scales_stay_above_zero_and_a_coarse_scale_qp_is_refused(digits):
+    m, calib, _ = digits
+    with pytest.raises(InputError, match="scale_qp -8 gives scales a step of 0.25"):
+        optimize(m.params, m.apply, calib, lam=3e-3, scale_qp=-8, steps=0, progress=False)
+
+    def push_scales_down(updates, state, params=None):  # QPs kept, every scale offset -1e4 steps a step
+        return {"qp": jnp.zeros_like(updates["qp"]),
+                "ls": jax.tree_util.tree_map(lambda u: jnp.full_like(u, -1e4), updates["ls"])}, state
+
+    rd = optimize(m.params, m.apply, calib, lam=3e-3, base_qp=-30, steps=3, progress=False,
+                  optimizer=optax.GradientTransformation(lambda p: optax.EmptyState(), push_scales_down))
+    # 4 scale steps (1/64) above 0, not 1 - 3e4 / 64: a scale at or below 0 flips or zeroes its row
+    assert rd.local_scales and all(np.all(s == 4 / 64) for s in rd.local_scales.values())
+    out = verify(m.params, rd)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(out.params))
 
 
 def test_non_finite_data_params_and_loss_are_named(digits):

@@ -18,6 +18,7 @@ from nncjax.pipeline import (
     coded_tensor_bits,
     optimize_ioq,
 )
+from nncjax.steps import equivalent_qp
 
 
 class _TinyBN(nn.Module):
@@ -98,6 +99,18 @@ def test_bn_pipeline_end_to_end(tiny_bn, allocation):
     assert res.wall_s["total"] >= res.wall_s["alloc"] > 0
 
 
+@pytest.mark.parametrize("qp_density", [0, 5])
+def test_default_qps_keep_their_steps_at_every_qp_density(tiny_bn, qp_density):
+    """base_qp / nonweight_qp default to steps (2**-8, 2**-18.75), not numbers: -75 at qp_density 0 was
+    out of range, at 5 a step of 0.2 for every bias."""
+    apply, v, x = tiny_bn
+    res = optimize_ioq(v, apply, x, lam=1e-3, qp_density=qp_density, lsa_steps=5, rounds=1)
+    assert (res.qp, res.nonweight_qp) == (equivalent_qp(-32, qp_density), equivalent_qp(-75, qp_density))
+    data = encode(res.tensors, **res.encode_kwargs())
+    y, y_hat = np.asarray(apply(v, x)), np.asarray(apply(decode(data, like=v), x))
+    assert float(np.mean((y - y_hat) ** 2) / np.var(y)) < 0.05
+
+
 @pytest.mark.parametrize("allocation", ["ioq", "sensitivity"])
 def test_digits_pipeline_beats_uniform_at_equal_accuracy(allocation):
     m = models.get("digits_mlp")
@@ -173,6 +186,20 @@ def test_sensitivity_pipeline_with_gptq_codes_what_it_evaluated():
     np.testing.assert_allclose(d_real, res.history["d_alloc"], rtol=1e-4)
     with pytest.raises(InputError, match="allocation='sensitivity'"):
         optimize_ioq(v, apply, x, lam=3e-3, bn_pairs=None, moments=h)
+
+
+def test_sensitivity_pipeline_refuses_bad_moments():
+    """Moments that are no mapping were a raw TypeError (or a NumPy truth-value error); check moments
+    under a name no weight has were ignored, the error checked on the fitted moments instead."""
+    apply, v, x = _table_model()
+    hidden = np.asarray(jnp.tanh(x @ v["params"]["table"]), np.float64)
+    h = hidden.T @ hidden / len(hidden)
+    kw = {"lam": 3e-3, "allocation": "sensitivity", "bn_pairs": None, "lsa_steps": 0}
+    for bad in ([h], h):
+        with pytest.raises(InputError, match="must map tensor names"):
+            optimize_ioq(v, apply, x, moments=bad, **kw)
+    with pytest.raises(InputError, match=r"check_moments name tensors that settings does not optimise: \['out/k"):
+        optimize_ioq(v, apply, x, moments={"params/out/kernel": h}, check_moments={"out/kernel": h}, **kw)
 
 
 def test_input_errors(tiny_bn):
