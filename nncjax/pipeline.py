@@ -393,6 +393,8 @@ def optimize_ioq(
                          f"got {type(moments).__name__} and {type(check_moments).__name__}")
     if allocation != "sensitivity" and (moments or check_moments):
         raise InputError("moments (GPTQ) need allocation='sensitivity'")
+    if check_moments and not moments:  # held-out moments alone would silently leave GPTQ out
+        raise InputError("check_moments without moments: GPTQ needs the moments it fits (moments=)")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
     base_qp = equivalent_qp(DEFAULT_QPS["base_qp"], qpd) if base_qp is None else base_qp

@@ -200,6 +200,8 @@ def test_sensitivity_pipeline_refuses_bad_moments():
             optimize_ioq(v, apply, x, moments=bad, **kw)
     with pytest.raises(InputError, match=r"check_moments name tensors that settings does not optimise: \['out/k"):
         optimize_ioq(v, apply, x, moments={"params/out/kernel": h}, check_moments={"out/kernel": h}, **kw)
+    with pytest.raises(InputError, match="check_moments without moments"):  # GPTQ was silently left out
+        optimize_ioq(v, apply, x, check_moments={"params/out/kernel": h}, **kw)
 
 
 def test_input_errors(tiny_bn):
