@@ -308,10 +308,14 @@ def _default_qp(what: str, qp_density: int) -> int:
 _MIN_SCALE_STEPS = 4
 
 
+def _floored(s, step_s):
+    """Scales ``s`` (any shape, numpy or JAX) kept at least ``_MIN_SCALE_STEPS`` scale steps above 0."""
+    return jnp.maximum(s, _MIN_SCALE_STEPS * step_s)
+
+
 def _scale_of(v, step_s):
-    """The scale ``1 + step_s * v`` of scale offsets ``v`` (any shape, numpy or JAX), floored at
-    ``_MIN_SCALE_STEPS`` scale steps."""
-    return jnp.maximum(1.0 + step_s * v, _MIN_SCALE_STEPS * step_s)
+    """The scale ``1 + step_s * v`` of scale offsets ``v`` (any shape), floored (:func:`_floored`)."""
+    return _floored(1.0 + step_s * v, step_s)
 
 
 def _check_decoded_scales(name: str, s: np.ndarray, scale_qp: int, step_s: float) -> None:
@@ -622,9 +626,8 @@ def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches
                 # the row steps are kept when the tensor's QP is rounded: the scales absorb the rounding
                 rel = qp_to_step_continuous(alloc.qp[n], cfg.qp_density) / qp_to_step(int(q), cfg.qp_density)
                 s = alloc.row_scale.get(n, np.ones(np.shape(named[n])[axes[n]]))
-                step_s = float(qp_to_step(cfg.scale_qp, cfg.qp_density))
-                coded[n] = _codec_reconstruct(np.maximum(s * float(rel), _MIN_SCALE_STEPS * step_s).astype(np.float32),
-                                              cfg.scale_qp, cfg.qp_density, cfg.dq)
+                floored = _floored(s * float(rel), float(qp_to_step(cfg.scale_qp, cfg.qp_density)))
+                coded[n] = _codec_reconstruct(np.asarray(floored, np.float32), cfg.scale_qp, cfg.qp_density, cfg.dq)
         scales = {n: ls for n, (ls, _) in coded.items()}
         ev = _HardEvaluator(cfg, named, scales, base, batches, refs, statics, cache)
         coarser = np.minimum(qps + octave, cfg.hi)
