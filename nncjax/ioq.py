@@ -72,6 +72,24 @@ def reconstruct_uniform(w: jax.Array, qp: int | jax.Array, qp_density: int = 2) 
     return quantize_uniform(w, qp_to_step_jax(qp, qp_density), "hard")[1]
 
 
+def _is_integer(q: Any) -> bool:
+    """Whether ``q`` is one integer (Python, NumPy or 0-d JAX; not bool): a float QP would be truncated."""
+    return np.ndim(q) == 0 and np.issubdtype(np.asarray(q).dtype, np.integer)
+
+
+def _finite_real(x: Any, what: str) -> float:
+    """``x`` as a float after checking it is one finite real number; raises InputError naming ``what``.
+    (A NaN cost would make every comparison of the search false: it would stop where it started.)
+
+    >>> _finite_real(np.float32(0.5), "lam")
+    0.5
+    """
+    if np.ndim(x) != 0 or not np.issubdtype(np.asarray(x).dtype, np.number) or np.iscomplexobj(x) \
+            or not math.isfinite(float(x)):
+        raise InputError(f"{what} must be a finite real number, got {x!r}")
+    return float(x)
+
+
 def ioq_initial_qps(
     params: Any,
     base_qp: int,
@@ -93,8 +111,16 @@ def ioq_initial_qps(
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
     k = 1 << qpd
+    if not _is_integer(base_qp) or not (nonweight_qp is None or _is_integer(nonweight_qp)):
+        raise InputError(f"base_qp and nonweight_qp must be integers, got {base_qp!r} and {nonweight_qp!r}")
+    size_weight, spread_weight = _finite_real(size_weight, "size_weight"), _finite_real(spread_weight, "spread_weight")
+    if not callable(select):
+        raise InputError("select must be a predicate (name, leaf) -> bool")
     leaves = named_leaves(params)
     weights = {n: np.asarray(v, np.float64) for n, v in leaves.items() if select(n, v)}
+    bad = [n for n, v in weights.items() if not np.all(np.isfinite(v))]
+    if bad:  # their spread would be NaN, and they silently got the mean one
+        raise InputError(f"weights hold NaN or Inf in {bad[:5]}")
     stds = {n: float(np.std(v)) for n, v in weights.items()}
     log_std = {n: math.log2(s) for n, s in stds.items() if s > 0 and math.isfinite(s)}
     log_n = {n: math.log2(max(v.size, 1)) for n, v in weights.items()}
@@ -105,7 +131,7 @@ def ioq_initial_qps(
     for n in leaves:
         if n in weights:
             octaves = spread_weight * (log_std.get(n, mean_ls) - mean_ls) + size_weight * (log_n[n] - mean_ln)
-            qp = int(base_qp) + int(np.round(k * octaves))
+            qp = int(base_qp) + np.round(k * octaves)  # clipped as a float: huge weights give inf
         else:
             qp = other
         out[n] = int(np.clip(qp, lo, hi))
@@ -117,11 +143,16 @@ class _Evaluator:
 
     def __init__(self, params: Any, eval_distortion: DistortionFn, rate_bits: RateFn, lam: float,
                  quantize_fn: QuantizeFn | None, qp_density: int):
+        for what, fn in (("eval_distortion", eval_distortion), ("rate_bits", rate_bits), ("quantize_fn", quantize_fn)):
+            if fn is not None and not callable(fn):
+                raise InputError(f"{what} must be callable")
+        self.lam = _finite_real(lam, "lam")
+        if self.lam < 0:
+            raise InputError(f"lam must be >= 0, got {lam!r}")
         self.params = params
         self.leaves = named_leaves(params)
         self.eval_distortion = eval_distortion
         self.rate_bits = rate_bits
-        self.lam = float(lam)
         qpd = check_qp_density(qp_density)
         self.quantize = quantize_fn or jax.jit(lambda w, qp: reconstruct_uniform(w, qp, qpd))
         self._rec: dict[tuple[str, int], jax.Array] = {}
@@ -136,11 +167,13 @@ class _Evaluator:
     def rate(self, name: str, qp: int) -> float:
         key = (name, qp)
         if key not in self._rate:
-            self._rate[key] = float(self.rate_bits(name, self.leaves[name], qp))
+            bits = self.rate_bits(name, self.leaves[name], qp)
+            self._rate[key] = _finite_real(bits, f"rate_bits({name!r}, .., {qp})")
         return self._rate[key]
 
     def distortion(self, qps: Mapping[str, int]) -> float:
-        return float(self.eval_distortion(replace_named(self.params, {n: self.rec(n, q) for n, q in qps.items()})))
+        d = self.eval_distortion(replace_named(self.params, {n: self.rec(n, q) for n, q in qps.items()}))
+        return _finite_real(d, "eval_distortion")
 
     def total_rate(self, qps: Mapping[str, int]) -> float:
         return sum(self.rate(n, q) for n, q in qps.items())
@@ -149,10 +182,30 @@ class _Evaluator:
         return self.distortion(qps) + self.lam * self.total_rate(qps)
 
 
-def _check_names(params: Any, qps: Mapping[str, int]) -> None:
+def _checked_qps(params: Any, qps: Mapping[str, int]) -> dict[str, int]:
+    """``qps`` as ``{name: int}`` after checking it maps tensors of ``params`` to integer QPs."""
+    if not isinstance(qps, Mapping):
+        raise InputError(f"QPs must be a mapping {{name: qp}}, got {type(qps).__name__}")
     unknown = set(qps) - set(named_leaves(params))
     if unknown:
         raise InputError(f"QPs given for tensors not in params: {sorted(unknown)}")
+    bad = [n for n, q in qps.items() if not _is_integer(q)]
+    if bad:  # a float QP was truncated toward zero by the quantizer, a NaN one quantized as QP 0
+        raise InputError(f"QPs must be integers: {', '.join(f'{n!r}: {qps[n]!r}' for n in bad[:5])}")
+    return {n: int(q) for n, q in qps.items()}
+
+
+def _names_in(names: Iterable[str] | None, qps: Mapping[str, int]) -> list[str]:
+    """``names`` (default: every tensor of ``qps``) as a list without repeats, each with a QP in ``qps``."""
+    if names is None:
+        return list(qps)
+    if isinstance(names, str) or not isinstance(names, Iterable):
+        raise InputError(f"names must be a list of tensor names, got {names!r}")
+    out = list(dict.fromkeys(names))
+    missing = [n for n in out if n not in qps]
+    if missing:
+        raise InputError(f"tensors named in names have no QP: {sorted(map(str, missing))}")
+    return out
 
 
 def ioq_cost(
@@ -173,7 +226,7 @@ def ioq_cost(
     >>> ioq_cost({"w": jnp.ones((2, 2))}, {"w": -8}, lambda p: 0.0, lambda n, w, qp: 8.0, 0.5)
     4.0
     """
-    _check_names(params, qps)
+    qps = _checked_qps(params, qps)
     return _Evaluator(params, eval_distortion, rate_bits, lam, quantize_fn, qp_density).cost(qps)
 
 
@@ -194,9 +247,9 @@ def estimate_lambda(
 
     >>> estimate_lambda(params, qps, distortion, rate)                       # doctest: +SKIP
     """
-    _check_names(params, qps)
+    qps = _checked_qps(params, qps)
     ev = _Evaluator(params, eval_distortion, rate_bits, 0.0, quantize_fn, qp_density)
-    moved = list(qps) if names is None else list(names)
+    moved = _names_in(names, qps)
     lo, hi = qp_limits(qp_density)
     d0, r0 = ev.distortion(qps), ev.total_rate(qps)
     slopes = []
@@ -239,16 +292,16 @@ def ioq_search(
     >>> qps = ioq_search(params, loss_on_tuning_set, coded_bits, lam=1e-6,        # doctest: +SKIP
     ...                  init_qps=ioq_initial_qps(params, -38))
     """
-    _check_names(params, init_qps)
-    if rounds < 0:
-        raise InputError(f"rounds must be >= 0, got {rounds}")
+    init_qps = _checked_qps(params, init_qps)
+    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
+        raise InputError(f"rounds must be an integer >= 0, got {rounds!r}")
+    if not isinstance(offsets, Iterable) or not all(map(_is_integer, offsets)):
+        raise InputError(f"offsets must be a sequence of integers, got {offsets!r}")
+    offsets = [int(o) for o in offsets]
     lo, hi = qp_limits(qp_density)
     ev = _Evaluator(params, eval_distortion, rate_bits, lam, quantize_fn, qp_density)
     qps = {n: int(np.clip(q, lo, hi)) for n, q in init_qps.items()}
-    search = list(qps) if names is None else [n for n in names]
-    missing = set(search) - set(qps)
-    if missing:
-        raise InputError(f"tensors to search have no initial QP: {sorted(missing)}")
+    search = _names_in(names, qps)
     search.sort(key=lambda n: -int(np.size(ev.leaves[n])))  # stable: ties keep the given order
     best_cost = ev.cost(qps)
     bar = tqdm(total=rounds * len(search) * len(offsets), desc="IOQ", disable=not progress, leave=False)
@@ -259,7 +312,7 @@ def ioq_search(
             choice = base
             for off in offsets:
                 bar.update(1)
-                cand = int(np.clip(base + int(off), lo, hi))
+                cand = int(np.clip(base + off, lo, hi))
                 if cand == base:
                     continue
                 trial = dict(qps)

@@ -38,7 +38,7 @@ from jax.extend.core import subjaxprs
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
 from nncjax.rd_settings import rows_axis, to_rows_first
-from nncjax.reduce._tree import default_weight_select, replace_named, select_float_names
+from nncjax.reduce._tree import check_axis, default_weight_select, replace_named, select_float_names
 from nncjax.steps import check_qp_density, step_to_qp_continuous
 
 __all__ = ["StepAllocation", "allocate_steps", "output_sensitivity", "row_moments", "rows_exercised",
@@ -49,6 +49,8 @@ def _random_cotangent(ys: Any, key: jax.Array) -> Any:
     """One random-sign cotangent ``v`` for the outputs ``ys``, each leaf weighted by
     ``1 / sqrt(leaves * size * var)``: ``E[(J^T v)(J^T v)^T]`` is then ``G`` of this batch's D."""
     leaves, treedef = jax.tree_util.tree_flatten(ys)
+    if not leaves or any(y.size == 0 for y in leaves):  # D, a mean over every output, would be undefined
+        raise InputError(f"apply_fn's outputs must be non-empty arrays, got shapes {[y.shape for y in leaves]}")
     ks = jax.random.split(key, len(leaves))
     scale = [1.0 / math.sqrt(len(leaves) * y.size) / jnp.sqrt(jnp.var(y.astype(jnp.float32)) + 1e-12)
              for y in leaves]
@@ -154,7 +156,16 @@ def output_sensitivity(
                               probes=int(probes), batched=batched)
         total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     scale = 1.0 / (int(probes) * len(batches))
-    return {n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen}
+    return _finite({n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen})
+
+
+def _finite(sens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``sens`` after checking it is finite (NaN or Inf in params, data or outputs made it NaN)."""
+    bad = [n for n, g in sens.items() if not np.all(np.isfinite(g))]
+    if bad:
+        raise InputError(f"the sensitivities of {bad[:5]} are not finite: params, data or the model's outputs "
+                         "hold NaN or Inf")
+    return sens
 
 
 def row_moments(
@@ -221,20 +232,24 @@ def row_moments(
         raise InputError("names must be a non-empty list of tensor names")
     if scale_axis not in (-1, 0) or isinstance(scale_axis, bool):
         raise InputError(f"scale_axis must be -1 (Flax) or 0 (rows first), got {scale_axis!r}")
+    if row_scales is not None and not isinstance(row_scales, Mapping):
+        raise InputError(f"row_scales must be a mapping {{name: (rows,)}}, got {type(row_scales).__name__}")
     row_scales = dict(row_scales or {})
     axes = {}
     for n in names:
-        leaf = named.get(n)
+        leaf = named.get(n) if isinstance(n, str) else None
         if leaf is None or not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
             raise InputError(f"{n!r} is not a float tensor of params")
         if jnp.ndim(leaf) < 2:
             raise InputError(f"{n!r} has shape {jnp.shape(leaf)}: row moments need rows and columns")
         axes[n] = rows_axis(n, jnp.ndim(leaf), scale_axis)
         rows = jnp.shape(leaf)[axes[n]]
-        if n in row_scales and np.shape(row_scales[n]) != (rows,):
-            raise InputError(f"row_scales[{n!r}] must have shape ({rows},), got {np.shape(row_scales[n])}")
-        if n in row_scales and not np.all(np.isfinite(row_scales[n]) & (np.asarray(row_scales[n]) > 0)):
-            raise InputError(f"row_scales[{n!r}] must be positive and finite")
+        if n in row_scales:
+            s = _real_array(row_scales[n], f"row_scales[{n!r}]")
+            if s.shape != (rows,):
+                raise InputError(f"row_scales[{n!r}] must have shape ({rows},), got {s.shape}")
+            if not np.all(np.isfinite(s) & (s > 0)):
+                raise InputError(f"row_scales[{n!r}] must be positive and finite")
     weights = {n: named[n] for n in names}
     key = jax.random.PRNGKey(seed)
     total = {n: 0.0 for n in names}
@@ -245,13 +260,13 @@ def row_moments(
             s = np.asarray(row_scales.get(n, np.ones(g.shape[1 + axes[n]])), np.float32)
             for gp in np.asarray(g):
                 gx = to_rows_first(gp, axes[n])
-                gx = gx.reshape(gx.shape[0], -1)
+                gx = gx.reshape(gx.shape[0], math.prod(gx.shape[1:]))  # not -1: a table may have no rows
                 touched = np.flatnonzero(np.any(gx != 0, axis=1))
                 # d D / d x_r = s_r d D / d w_r for the coded row x_r = w_r / s_r
                 gx = gx[touched] * s[touched, None]
                 total[n] = total[n] + (gx.T @ gx).astype(np.float64)
     scale = 1.0 / (int(probes) * len(batches))
-    return {n: np.asarray(total[n], np.float64) * scale for n in names}
+    return _finite({n: np.asarray(total[n], np.float64) * scale for n in names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +306,35 @@ def check_probes(probes: Any) -> None:
         raise InputError(f"probes must be an integer >= 1, got {probes!r}")
 
 
+def _real_array(x: Any, what: str) -> np.ndarray:
+    """``x`` as a float64 array after checking it holds real numbers (bool, integer, float); raises
+    InputError naming ``what`` otherwise (complex values lost their imaginary part, strings raised).
+
+    >>> _real_array([1, 2], "usage")
+    array([1., 2.])
+    """
+    a = np.asarray(x)
+    if not (a.dtype == bool or jnp.issubdtype(a.dtype, jnp.integer) or jnp.issubdtype(a.dtype, jnp.floating)):
+        raise InputError(f"{what} must hold real numbers, got dtype {a.dtype}")
+    return a.astype(np.float64)
+
+
+def _sensitivity_array(g: Any, what: str) -> np.ndarray:
+    """``g`` as a float64 array after checking it holds finite real numbers >= 0; else InputError."""
+    a = _real_array(g, what)
+    if not np.all(np.isfinite(a)) or np.any(a < 0):
+        raise InputError(f"{what} must be finite and >= 0")
+    return a
+
+
+def _positive(x: Any, what: str) -> float:
+    """``x`` as a float after checking it is a finite real number > 0 (not bool); raises InputError naming ``what``."""
+    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool) \
+            or not math.isfinite(float(x)) or float(x) <= 0:
+        raise InputError(f"{what} must be a finite number > 0, got {x!r}")
+    return float(x)
+
+
 def check_max_ratio(ratio: Any, what: str = "max_ratio") -> None:
     """Raises InputError unless ``ratio`` is a finite number >= 1."""
     if not isinstance(ratio, (int, float, np.integer, np.floating)) or isinstance(ratio, bool) \
@@ -299,17 +343,21 @@ def check_max_ratio(ratio: Any, what: str = "max_ratio") -> None:
 
 
 def _row_means(g: np.ndarray, axis: int) -> np.ndarray:
-    return np.asarray(g, np.float64).mean(axis=_other_axes(g.ndim, axis))
+    return g.mean(axis=_other_axes(g.ndim, axis))
 
 
 def rows_exercised(sensitivity: np.ndarray, axis: int) -> bool:
     """Whether every row along ``axis`` has positive sensitivity: the data exercised it, so its
     step may be set from its own sensitivity (otherwise the tensor keeps one step).
 
+    Raises InputError for an axis outside ``sensitivity`` (it was wrapped around) or a sensitivity that
+    is not finite and >= 0.
+
     >>> rows_exercised(np.array([[1.0, 0.0], [0.0, 2.0]]), 0), rows_exercised(np.array([[1.0, 0.0]]), 1)
     (True, False)
     """
-    return bool(np.all(_row_means(sensitivity, axis) > 0))
+    g = _sensitivity_array(sensitivity, "sensitivity")
+    return bool(np.all(_row_means(g, check_axis(axis, g.ndim)) > 0))
 
 
 def spread_over_rows(sensitivity: np.ndarray, usage: Any, axis: int = 0, prior: float = 0.2) -> np.ndarray:
@@ -333,7 +381,8 @@ def spread_over_rows(sensitivity: np.ndarray, usage: Any, axis: int = 0, prior: 
       ``total * w[r] / sum(w) / row_size`` with ``w = usage + prior * mean(usage)``.
 
     Raises:
-      InputError: ``usage`` of the wrong shape, negative or non-finite, a bad ``prior`` or ``axis``.
+      InputError: ``usage`` of the wrong shape, negative or non-finite, a bad ``prior`` or ``axis``, a
+      sensitivity that is not finite and >= 0.
 
     Example:
       >>> spread_over_rows(np.array([[3.0, 3.0], [0.0, 0.0], [0.0, 0.0]]), [3, 0, 0], prior=1.0)
@@ -341,20 +390,23 @@ def spread_over_rows(sensitivity: np.ndarray, usage: Any, axis: int = 0, prior: 
              [0.5, 0.5],
              [0.5, 0.5]], dtype=float32)
     """
-    g = np.asarray(sensitivity, np.float64)
-    if not isinstance(axis, (int, np.integer)) or not -g.ndim <= axis < g.ndim:
-        raise InputError(f"rows axis {axis!r} is outside a sensitivity of shape {g.shape}")
-    u = np.asarray(usage, np.float64)
+    g = _sensitivity_array(sensitivity, "sensitivity")
+    axis = check_axis(axis, g.ndim)
+    u = _real_array(usage, "usage")
     if u.shape != (g.shape[axis],):
         raise InputError(f"usage must have shape ({g.shape[axis]},) (rows along axis {axis} of {g.shape}), "
                          f"got {u.shape}")
     if not np.all(np.isfinite(u)) or np.any(u < 0):
         raise InputError("usage counts must be finite and >= 0")
-    if not isinstance(prior, (int, float, np.integer, np.floating)) or isinstance(prior, bool) \
-            or not math.isfinite(float(prior)) or float(prior) <= 0:
-        raise InputError(f"prior must be a finite number > 0, got {prior!r}")
-    w = u + float(prior) * u.mean() if u.any() else np.ones_like(u)
-    per_row = g.sum() * w / w.sum() / (g.size // g.shape[axis])
+    prior = _positive(prior, "prior")
+    if g.size == 0:  # no rows or no columns: nothing to spread
+        return g.astype(np.float32)
+    with np.errstate(over="ignore"):  # checked below
+        w = u + prior * u.mean() if u.any() else np.ones_like(u)
+        total = w.sum()
+    if not np.isfinite(total):  # the shares would be NaN
+        raise InputError("usage counts overflow float64 when summed: scale them down")
+    per_row = g.sum() * w / total / math.prod(g.shape[:axis] + g.shape[axis + 1:])
     return np.broadcast_to(np.expand_dims(per_row, _other_axes(g.ndim, axis)), g.shape).astype(np.float32)
 
 
@@ -387,14 +439,15 @@ def allocate_steps(
       rate_slope: ``{name: beta}`` bits per weight saved by doubling the tensor's step (default 1, the
         high-rate value; at low rates it is smaller, e.g. measured with the real coder at two QPs).
       max_ratio: per-row steps stay within ``[1 / max_ratio, max_ratio]`` of the tensor's step.
-      qp_density: QP resolution of the returned QPs. qp_range: QPs are clipped to it.
+      qp_density: QP resolution of the returned QPs. qp_range: ``(lo, hi)``, QPs are clipped to it.
 
     Returns:
       :class:`StepAllocation`.
 
     Raises:
-      InputError: ``lam <= 0``, ``max_ratio < 1``, a negative or non-finite sensitivity, or a rows
-      axis outside a tensor.
+      InputError: ``lam``, ``n_weights`` or a rate slope not a finite number > 0, ``max_ratio < 1``, a
+      negative or non-finite sensitivity, a rows axis outside a tensor, or ``qp_range`` not two finite
+      numbers ``lo <= hi``.
 
     Example:
       >>> sens = {"w": np.array([[4.0, 4.0], [1.0, 1.0]]) * 1e-3}
@@ -402,41 +455,44 @@ def allocate_steps(
       >>> np.round(a.row_scale["w"], 3)                       # rows 4x more sensitive: half the step
       array([0.707, 1.414])
     """
-    if not isinstance(lam, (int, float, np.floating)) or not math.isfinite(float(lam)) or float(lam) <= 0:
-        raise InputError(f"lam must be a finite number > 0, got {lam!r}")
+    lam = _positive(lam, "lam")
     check_max_ratio(max_ratio)
     qpd = check_qp_density(qp_density)
-    sens = {n: np.asarray(g, np.float64) for n, g in sensitivity.items()}
-    for n, g in sens.items():
-        if not np.all(np.isfinite(g)) or np.any(g < 0):
-            raise InputError(f"sensitivity of {n!r} must be finite and >= 0")
-    n = float(n_weights) if n_weights is not None else float(sum(g.size for g in sens.values()))
+    for what, m in (("sensitivity", sensitivity), ("rows_axes", rows_axes), ("rate_slope", rate_slope)):
+        if m is not None and not isinstance(m, Mapping):
+            raise InputError(f"{what} must be a mapping {{name: ...}}, got {type(m).__name__}")
+    sens = {n: _sensitivity_array(g, f"sensitivity of {n!r}") for n, g in sensitivity.items()}
+    size = max(sum(g.size for g in sens.values()), 1)  # all tensors empty: any n, their steps are the coarsest
+    n = _positive(n_weights, "n_weights") if n_weights is not None else float(size)
     rows_axes = dict(rows_axes or {})
-    slopes = dict(rate_slope or {})
-    for name, beta in slopes.items():
-        if not math.isfinite(float(beta)) or float(beta) <= 0:
-            raise InputError(f"rate_slope of {name!r} must be finite and > 0, got {beta!r}")
-
-    def step_of(mean, beta):  # mean sensitivity (array); zero -> the coarsest step
-        with np.errstate(divide="ignore"):
-            return np.sqrt(6.0 * float(lam) * beta / (n * math.log(2.0) * mean))
-
+    slopes = {name: _positive(beta, f"rate_slope of {name!r}") for name, beta in (rate_slope or {}).items()}
+    if not (isinstance(qp_range, (tuple, list)) and len(qp_range) == 2
+            and all(isinstance(q, (int, float, np.integer, np.floating)) and math.isfinite(q) for q in qp_range)
+            and qp_range[0] <= qp_range[1]):
+        raise InputError(f"qp_range must be two finite numbers (lo, hi) with lo <= hi, got {qp_range!r}")
     lo, hi = qp_range
+
+    def log_step_of(mean, beta):  # ln step of a mean sensitivity (array); zero -> +inf, the coarsest step
+        with np.errstate(divide="ignore"):  # in logs: the step itself overflows or underflows at extreme lam / sens
+            return 0.5 * (math.log(6.0 * beta / math.log(2.0)) + math.log(lam) - math.log(n) - np.log(mean))
+
+    def qp_of(log_step):  # steps beyond float64 (e**+-700) are beyond every QP range anyway
+        return float(np.clip(step_to_qp_continuous(math.exp(np.clip(log_step, -700.0, 700.0)), qpd), lo, hi))
+
     qps, scales = {}, {}
     for name, g in sens.items():
-        beta = float(slopes.get(name, 1.0))
+        beta = slopes.get(name, 1.0)
         axis = rows_axes.get(name)
-        if axis is not None and not -g.ndim <= axis < g.ndim:
-            raise InputError(f"rows axis {axis} is outside {name!r} of shape {g.shape}")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))
+                                 or not -g.ndim <= axis < g.ndim):
+            raise InputError(f"rows axis {axis!r} is outside {name!r} of shape {g.shape}")
         if axis is not None and g.shape[axis] > 1 and rows_exercised(g, axis):
-            log_step = np.log(step_of(_row_means(g, axis), beta))
+            log_step = log_step_of(_row_means(g, axis), beta)
             centre = float(np.median(log_step))
             log_step = np.clip(log_step, centre - math.log(max_ratio), centre + math.log(max_ratio))
-            qp = float(np.clip(step_to_qp_continuous(math.exp(centre), qpd), lo, hi))
+            qp = qp_of(centre)
             scales[name] = np.exp(log_step - centre)
         else:
-            mean = float(g.mean()) if g.size else 0.0
-            step = float(step_of(np.float64(mean), beta)) if mean > 0 else math.inf
-            qp = hi if not math.isfinite(step) else float(np.clip(step_to_qp_continuous(step, qpd), lo, hi))
+            qp = qp_of(log_step_of(g.mean() if g.size else 0.0, beta))
         qps[name] = qp
     return StepAllocation(qps, scales)

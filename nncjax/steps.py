@@ -27,7 +27,7 @@ def check_qp_density(qp_density: int) -> int:
     ...
     nncjax.errors.InputError: qp_density must be an integer in 0..7, got 8
     """
-    if not isinstance(qp_density, (int, np.integer)) or not 0 <= int(qp_density) <= 7:
+    if not isinstance(qp_density, (int, np.integer)) or isinstance(qp_density, bool) or not 0 <= int(qp_density) <= 7:
         raise InputError(f"qp_density must be an integer in 0..7, got {qp_density!r}")
     return int(qp_density)
 
@@ -35,13 +35,23 @@ def check_qp_density(qp_density: int) -> int:
 def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
     """Step size of integer QP(s). ``qp``: int or int array of any shape -> float64 of the same shape.
 
+    Raises InputError for a QP that is no integer (a float QP was truncated toward zero) or whose step
+    is beyond float64 (it was 0 or inf).
+
     >>> qp_to_step(-32), qp_to_step(-38)
     (0.00390625, 0.00146484375)
     """
     qpd = check_qp_density(qp_density)
-    q = np.asarray(qp, dtype=np.int64)
+    q = np.asarray(qp)
+    if not np.issubdtype(q.dtype, np.integer):  # bool, float, object (a Python int beyond int64)
+        raise InputError(f"QPs must be integers, got {qp!r}")
+    q = q.astype(np.int64)
     k = 1 << qpd
-    step = (k + (q & (k - 1))).astype(np.float64) * np.exp2((q >> qpd) - qpd)
+    with np.errstate(over="ignore"):
+        step = (k + (q & (k - 1))).astype(np.float64) * np.exp2((q >> qpd) - qpd)
+    if not np.all(np.isfinite(step) & (step > 0)):
+        raise InputError(f"QP {q[~(np.isfinite(step) & (step > 0))].flat[0]} at qp_density {qpd} has a step beyond "
+                         "float64's range")
     return float(step) if step.ndim == 0 else step
 
 
@@ -67,14 +77,14 @@ def step_to_qp(step, qp_density: int = 2) -> np.ndarray | int:
     return int(qp) if qp.ndim == 0 else qp
 
 
-def equivalent_qp(qp: int, qp_density: int, *, from_density: int = 2) -> int:
+def equivalent_qp(qp, qp_density: int, *, from_density: int = 2) -> np.ndarray | int:
     """The QP at ``qp_density`` whose step is ``qp``'s at ``from_density`` (or the next finer step):
-    a QP given in one density's units, carried to another.
+    a QP given in one density's units, carried to another. ``qp``: int or int array -> int64 of its shape.
 
     >>> equivalent_qp(-75, 3), equivalent_qp(-75, 0), equivalent_qp(-32, 2)
     (-150, -19, -32)
     """
-    return int(step_to_qp(qp_to_step(qp, from_density), qp_density))
+    return step_to_qp(qp_to_step(qp, from_density), qp_density)
 
 
 def qp_to_step_jax(qp, qp_density: int = 2):

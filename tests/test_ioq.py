@@ -158,3 +158,53 @@ def test_search_with_the_deepcabac_coder_size(toy):
     c0 = ioq_cost(params, init, dist, coded_bits, lam)
     qps = ioq_search(params, dist, coded_bits, lam, init, offsets=(-2, -1, 1, 2), rounds=1, progress=False)
     assert ioq_cost(params, qps, dist, coded_bits, lam) < c0
+
+
+@pytest.mark.parametrize("qp", [31.7, -32.5, np.nan, True, 10**6, 2**70])
+def test_qp_to_step_refuses_fractional_and_unrepresentable_qps(qp):
+    # a float QP was truncated toward zero (-32.5 -> step of -32), 10**6 gave inf, NaN a raw ValueError
+    with pytest.raises(InputError, match="QP"):
+        qp_to_step(qp)
+
+
+def test_steps_refuse_bool_density_and_equivalent_qp_takes_arrays():
+    from nncjax.steps import equivalent_qp
+
+    with pytest.raises(InputError, match="qp_density"):
+        qp_limits(True)  # was (-64, 63), qp_density 1
+    assert equivalent_qp([-75, -32], 0).tolist() == [-19, -8]  # was a raw TypeError
+    assert equivalent_qp(-75, 3) == -150
+
+
+def test_ioq_refuses_bad_qps_lam_and_search_arguments():
+    p = {"w": jnp.ones((2, 2))}
+    zero, eight = (lambda q: 0.0), (lambda n, w, qp: 8.0)
+    with pytest.raises(InputError, match="integers"):
+        ioq_cost(p, {"w": -7.5}, zero, eight, 0.5)  # quantized silently at QP -7
+    with pytest.raises(InputError, match="lam"):
+        ioq_cost(p, {"w": -8}, zero, eight, -1.0)  # the search then maximised the rate
+    with pytest.raises(InputError, match="eval_distortion"):
+        ioq_search(p, lambda q: np.nan, eight, 0.5, {"w": -8}, progress=False)  # returned init_qps unchanged
+    with pytest.raises(InputError, match="rate_bits"):
+        ioq_cost(p, {"w": -8}, zero, lambda n, w, qp: np.ones(2), 0.5)
+    with pytest.raises(InputError, match="offsets"):
+        ioq_search(p, zero, eight, 0.5, {"w": -8}, offsets=(1.5,), progress=False)  # moved by 1
+    with pytest.raises(InputError, match="rounds"):
+        ioq_search(p, zero, eight, 0.5, {"w": -8}, rounds=2.5, progress=False)
+    with pytest.raises(InputError, match="no QP"):
+        estimate_lambda(p, {"w": -8}, zero, eight, names=["v"])  # raw KeyError
+    with pytest.raises(InputError, match="callable"):
+        ioq_cost(p, {"w": -8}, zero, eight, 0.5, quantize_fn=3)
+    # integer QPs of any integer type still work; a 0-d JAX QP was unhashable
+    assert ioq_cost(p, {"w": jnp.asarray(-8)}, zero, eight, np.float32(0.5)) == 4.0
+
+
+def test_ioq_initial_qps_refuses_bad_arguments_and_nan_weights():
+    p = {"a": jnp.ones((4, 4)) * jnp.arange(4.0), "c": jnp.ones((8, 8))}
+    with pytest.raises(InputError, match="base_qp"):
+        ioq_initial_qps(p, -31.5)  # was truncated to -31
+    with pytest.raises(InputError, match="size_weight"):
+        ioq_initial_qps(p, -32, size_weight=np.nan)
+    with pytest.raises(InputError, match="NaN"):
+        ioq_initial_qps({**p, "a": jnp.full((4, 4), jnp.nan)}, -32)  # silently got the mean spread
+    assert ioq_initial_qps(p, -32, size_weight=1e308)["c"] == qp_limits(2)[1]  # OverflowError before

@@ -273,3 +273,32 @@ def test_reverse_dictionary_metrics_ranks():
     glosses = np.roll(lemmas, 1, axis=0) * 0.9 + lemmas * 0.1
     metrics = minilm.reverse_dictionary_metrics(np.concatenate([glosses, lemmas]))
     assert metrics["top1"] == 0.0 and metrics["top10"] == 1.0 and metrics["mrr"] == pytest.approx(0.5)
+
+
+def test_eval_checks_subset_and_params_before_the_cache():
+    m = models.get("digits_mlp")
+    m.eval(subset=20)
+    with pytest.raises(InputError, match="subset"):
+        m.eval(subset=20.0)  # == 20: answered from the cache of the shipped outputs
+    with pytest.raises(InputError, match="subset"):
+        m.eval(subset=[1, 2])  # unhashable
+    with pytest.raises(InputError, match="shape"):
+        m.eval(jax.tree_util.tree_map(lambda a: a[..., None], m.params), subset=20)  # a raw Flax error
+    with pytest.raises(InputError, match="missing"):
+        m.eval({}, subset=20)
+    with pytest.raises(InputError, match="NaN"):
+        m.eval(jax.tree_util.tree_map(lambda a: a * np.nan, m.params), subset=20)  # garbage metrics
+    with pytest.raises(InputError, match="unknown model"):
+        models.get(["crepe"])  # unhashable
+
+
+@pytest.mark.parametrize("argv, message", [(["--subset", "²", "digits_mlp"], "subset"),  # raw ValueError
+                                           (["--subset", "0", "digits_mlp"], "subset"),
+                                           (["nope"], "unknown model")])
+def test_report_command_usage_errors(argv, message, monkeypatch, capsys):
+    from nncjax.models.__main__ import main
+
+    monkeypatch.setattr("sys.argv", ["nncjax.models", *argv])
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, not a traceback
+        main()
+    assert e.value.code == 2 and message in capsys.readouterr().err

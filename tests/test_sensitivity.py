@@ -21,6 +21,7 @@ from nncjax.sensitivity import (
     allocate_steps,
     output_sensitivity,
     row_moments,
+    rows_exercised,
     spread_over_rows,
 )
 from nncjax.steps import qp_to_step_continuous
@@ -341,3 +342,72 @@ def test_row_moments_rejects_bad_input(names, kwargs, match):
     p = {"w": jnp.ones((5, 3)), "b": jnp.zeros(3)}
     with pytest.raises(InputError, match=match):
         row_moments(p, _linear, jnp.ones((4, 5)), names, **kwargs)
+
+
+def test_allocate_steps_refuses_bad_arguments():
+    sens = {"w": np.array([[4.0, 4.0], [1.0, 1.0]]) * 1e-3}
+    bad = [dict(qp_range=(127, -128)),  # every QP silently -128
+           dict(qp_range=(np.nan, 127)),  # NaN QP
+           dict(n_weights=0),  # silently the coarsest QP
+           dict(n_weights=-4),
+           dict(rate_slope={"w": "a"}),  # raw ValueError
+           dict(rows_axes={"w": 1.0}),  # raw TypeError
+           dict(rows_axes={"w": True})]  # taken as axis 1
+    for kw in bad:
+        with pytest.raises(InputError):
+            allocate_steps(sens, 1e-2, **kw)
+    for lam in (True, "1"):
+        with pytest.raises(InputError, match="lam"):
+            allocate_steps(sens, lam)
+    with pytest.raises(InputError, match="real"):
+        allocate_steps({"w": np.ones(2) * 1j}, 1e-2)  # imaginary part dropped: QP 127
+    with pytest.raises(InputError, match="mapping"):
+        allocate_steps([sens["w"]], 1e-2)
+    assert allocate_steps(sens, np.int64(1)).qp == allocate_steps(sens, 1).qp  # NumPy ints were refused
+
+
+def test_allocate_steps_at_extreme_lam_and_sensitivity_clips_to_the_qp_range():
+    # steps beyond float64 raised 'step sizes must be finite and positive'; they are clipped like any other
+    tiny = {"w": np.full((2, 2), 1e-320)}
+    assert allocate_steps(tiny, 1.0, rows_axes={"w": 0}).qp["w"] == 127.0
+    assert allocate_steps({"w": np.full((2, 2), 1e300)}, 1e-300, rows_axes={"w": 0}).qp["w"] == -128.0
+    assert allocate_steps({"w": np.ones((0, 3))}, 1e-2).qp["w"] == 127.0  # empty: the coarsest
+    qps = [allocate_steps({"w": np.full((3, 2), 1e-3)}, lam).qp["w"] for lam in (1e-6, 1e-4, 1e-2)]
+    assert qps == sorted(qps)  # a higher price of bits: coarser steps
+
+
+def test_spread_over_rows_and_rows_exercised_check_their_inputs():
+    g = np.ones((3, 2))
+    for kw in [dict(usage=[1, 2], axis=True),  # taken as axis 1
+               dict(usage=["a", "b", "c"]),  # raw ValueError
+               dict(usage=np.array([1, 2, 3]) + 1j)]:  # imaginary part dropped
+        with pytest.raises(InputError):
+            spread_over_rows(g, **kw)
+    with pytest.raises(InputError, match="sensitivity"):
+        spread_over_rows(-g, [1, 2, 3])  # negative shares
+    with pytest.raises(InputError, match="overflow"):
+        spread_over_rows(g, [1e308] * 3)  # the sum overflowed: NaN shares
+    assert spread_over_rows(np.ones((0, 3)), []).shape == (0, 3)  # ZeroDivisionError
+    with pytest.raises(InputError, match="axis"):
+        rows_exercised(g, 5)  # wrapped around: True
+    assert rows_exercised([[1.0, 1.0]], 0)  # a list: AttributeError
+
+
+def test_sensitivities_refuse_non_finite_and_empty_outputs():
+    p = {"w": jnp.ones((3, 2))}
+    with pytest.raises(InputError, match="not finite"):
+        output_sensitivity(p, _lin, jnp.full((4, 3), jnp.nan))  # NaN sensitivities came back
+    with pytest.raises(InputError, match="non-empty"):
+        output_sensitivity(p, lambda q, x: _lin(q, x)[:0], jnp.ones((4, 3)))  # ZeroDivisionError
+    emb = {"e": jnp.arange(15.0).reshape(5, 3)}
+    ids = jnp.array([0, 1, 4])
+    with pytest.raises(InputError, match="row_scales"):
+        row_moments(emb, lambda q, i: q["e"][i], ids, ["e"], scale_axis=0, row_scales={"e": np.ones(5) * (1 + 1j)})
+    with pytest.raises(InputError, match="row_scales"):
+        row_moments(emb, lambda q, i: q["e"][i], ids, ["e"], row_scales=[1.0])
+    empty = row_moments({"e": jnp.ones((0, 3))}, lambda q, i: q["e"].sum() + i, ids, ["e"])["e"]
+    assert empty.shape == (3, 3) and not empty.any()  # a table without rows: a raw reshape error
+
+
+def _lin(p, x):
+    return x @ p["w"]

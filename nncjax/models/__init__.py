@@ -46,7 +46,6 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-@functools.cache
 def get(name: str) -> EvalModel:
     """The model ``name`` (see :func:`names`) with its shipped weights, loaded offline and cached.
 
@@ -54,6 +53,11 @@ def get(name: str) -> EvalModel:
         >>> get("fashion_cnn").eval(subset="ci")["top1"] > 0.85          # doctest: +SKIP
         True
     """
-    if name not in _MODULES:
+    if not isinstance(name, str) or name not in _MODULES:  # checked outside the cache: a list was unhashable
         raise InputError(f"unknown model {name!r}; known: {', '.join(_MODULES)}")
+    return _load(name)
+
+
+@functools.cache
+def _load(name: str) -> EvalModel:
     return importlib.import_module(f"nncjax.models.{_MODULES[name]}").load()
