@@ -87,6 +87,7 @@ from nncjax.sensitivity import (
     allocate_steps,
     check_max_ratio,
     check_probes,
+    check_seed,
     output_sensitivity,
     rows_exercised,
     spread_over_rows,
@@ -437,6 +438,7 @@ def optimize(
     """
     _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
                 max_scale_ratio)
+    check_seed(seed)
     row_usage = dict(row_usage or {})
     if row_usage and (init != "sensitivity" or not learn_scales):
         raise InputError("row_usage shapes the sensitivity allocation's row scales: it needs init='sensitivity' "

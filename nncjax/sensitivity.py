@@ -51,6 +51,9 @@ def _random_cotangent(ys: Any, key: jax.Array) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten(ys)
     if not leaves or any(y.size == 0 for y in leaves):  # D, a mean over every output, would be undefined
         raise InputError(f"apply_fn's outputs must be non-empty arrays, got shapes {[y.shape for y in leaves]}")
+    if not any(jnp.issubdtype(y.dtype, jnp.inexact) for y in leaves):  # no gradient: every sensitivity 0
+        raise InputError(f"apply_fn's outputs have no float leaf (dtypes {[str(y.dtype) for y in leaves]}): "
+                         "they carry no gradient to measure sensitivities with")
     ks = jax.random.split(key, len(leaves))
     scale = [1.0 / math.sqrt(len(leaves) * y.size) / jnp.sqrt(jnp.var(y.astype(jnp.float32)) + 1e-12)
              for y in leaves]
@@ -147,7 +150,7 @@ def output_sensitivity(
     if not chosen:
         raise InputError("select chose no float tensors")
     weights = {n: named[n] for n in chosen}
-    key = jax.random.PRNGKey(seed)
+    key = jax.random.PRNGKey(check_seed(seed))
     total = None
     batched = _batch_probes(apply_fn, params, batches[0], sum(int(np.size(w)) for w in weights.values()),
                             int(probes))
@@ -251,7 +254,7 @@ def row_moments(
             if not np.all(np.isfinite(s) & (s > 0)):
                 raise InputError(f"row_scales[{n!r}] must be positive and finite")
     weights = {n: named[n] for n in names}
-    key = jax.random.PRNGKey(seed)
+    key = jax.random.PRNGKey(check_seed(seed))
     total = {n: 0.0 for n in names}
     for i, batch in enumerate(batches):
         grads = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
@@ -298,6 +301,18 @@ def checked_batches(apply_fn: Any, data: Any, probes: Any) -> list:
     if not batches:
         raise InputError("data is an empty list")
     return batches
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int after checking it is an integer (not bool); raises InputError otherwise (JAX's
+    error about a key of the wrong type would come from deep inside the probes).
+
+    >>> check_seed(np.int64(3))
+    3
+    """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
 
 
 def check_probes(probes: Any) -> None:

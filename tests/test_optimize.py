@@ -141,7 +141,8 @@ def test_task_loss_and_no_scales(digits):
                                     {"lam": 1.0, "select": ["nope"]}, {"lam": 1.0, "base_qp": 1000},
                                     {"lam": 1.0, "init_qps": {"params/fc1/bias": -30}},
                                     {"lam": 1.0, "optimizer": "adam"}, {"lam": 1.0, "scale_axis": 5},
-                                    {"lam": 1.0, "data": []}, {"lam": 1.0, "rate_sample": 10}])
+                                    {"lam": 1.0, "data": []}, {"lam": 1.0, "rate_sample": 10},
+                                    {"lam": 1.0, "seed": 1.5}])
 def test_bad_arguments_raise_input_error(digits, kwargs):
     m, calib, _ = digits
     data = kwargs.pop("data", calib)

@@ -407,6 +407,10 @@ def test_sensitivities_refuse_non_finite_and_empty_outputs():
         row_moments(emb, lambda q, i: q["e"][i], ids, ["e"], row_scales=[1.0])
     empty = row_moments({"e": jnp.ones((0, 3))}, lambda q, i: q["e"].sum() + i, ids, ["e"])["e"]
     assert empty.shape == (3, 3) and not empty.any()  # a table without rows: a raw reshape error
+    with pytest.raises(InputError, match="seed must be an integer"):  # a raw JAX key error
+        output_sensitivity(p, _lin, jnp.ones((4, 3)), seed=1.5)
+    with pytest.raises(InputError, match="no float leaf"):  # every sensitivity was silently 0
+        output_sensitivity(p, lambda q, x: jnp.argmax(_lin(q, x), axis=-1), jnp.ones((4, 3)))
 
 
 def _lin(p, x):
