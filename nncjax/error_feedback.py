@@ -32,6 +32,7 @@ from nncjax.rd_settings import (
     LS_SUFFIX,
     RDSettings,
     divide_rows,
+    exact_cast,
     from_rows_first,
     multiply_rows,
     rows_axis,
@@ -143,9 +144,10 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     Returns:
       ``(params_gptq, settings_gptq)``: ``params`` with the substituted tensors replaced by their
       GPTQ reconstructions (so that :meth:`RDSettings.params_for_encoding` puts them exactly on the
-      codec's grid), and ``settings`` with their new QPs, ``dq_overrides`` (False for uniform GPTQ,
-      True for the trellis), and updated ``estimated_bits``. ``verify(params_gptq, settings_gptq)``
-      encodes and decodes them.
+      codec's grid; float32 where the tensor's own dtype, e.g. bfloat16, cannot hold them exactly),
+      and ``settings`` with their new QPs, ``dq_overrides`` (False for uniform GPTQ, True for the
+      trellis), and updated ``estimated_bits``. ``verify(params_gptq, settings_gptq)`` encodes and
+      decodes them.
 
     Raises:
       InputError: ``settings`` not from :func:`nncjax.optimize` (or of another model), ``moments`` or
@@ -230,7 +232,7 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             best[name] = (q, trellis, x_g, s, axis, bits_ref, bits_g)
     updates = {}
     for name, (q, trellis, x_g, s, axis, bits_ref, bits_g) in best.items():
-        updates[name] = multiply_rows(from_rows_first(x_g, axis), s, axis).astype(np.asarray(named[name]).dtype)
+        updates[name] = exact_cast(multiply_rows(from_rows_first(x_g, axis), s, axis), named[name])
         dq_old = dqs.get(name, settings.dq)
         if name in settings.local_scales and trellis != dq_old:  # its LS member shares the unit's dq_flag
             ls, ls_qp = np.asarray(s, np.float32), qps[name + LS_SUFFIX]

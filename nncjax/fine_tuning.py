@@ -61,6 +61,7 @@ from nncjax.pytree_names import flatten_named
 from nncjax.rd_settings import (
     LS_SUFFIX,
     RDSettings,
+    exact_cast,
     row_shape,
     rows_axis,
     to_rows_first,
@@ -248,7 +249,8 @@ def with_fine_tuning(
 
     Returns:
       ``(params_ft, settings_ft)``: ``params`` with the tuned tensors replaced by their new grid
-      values (exactly what the decoder reconstructs, in their own layout and dtype), and
+      values (exactly what the decoder reconstructs, in their own layout and dtype, or float32 where
+      that dtype, e.g. bfloat16, cannot hold them exactly), and
       ``settings`` with the real coder's ``tensor_bits`` / ``estimated_bits`` of those levels and
       ``history["fine_tuning"]`` (float64 ``(steps,)``: ``D`` of each step's batch, after the
         step's decision for the search, at the step's rounded latent for ``"ste"``).
@@ -339,7 +341,7 @@ def with_fine_tuning(
         if not total(levels) < total(start):
             levels = start
 
-    updates = {n: jnp.asarray(np.asarray(w).astype(np.asarray(named[n]).dtype))
+    updates = {n: jnp.asarray(exact_cast(np.asarray(w, np.float32), named[n]))
                for n, w in _on_grid(grid, levels, unit).items()}
     params_ft = replace_named(params, updates)
     # bits of exactly what encode will code (rows first over the scales where scaled)

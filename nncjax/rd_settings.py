@@ -201,6 +201,21 @@ def multiply_rows(w: np.ndarray, s: np.ndarray, axis: int) -> np.ndarray:
     return (w * s.reshape(row_shape(w.ndim, axis))).astype(np.float32)
 
 
+def exact_cast(x: np.ndarray, leaf: Any) -> np.ndarray:
+    """Grid values ``x`` (float32, any shape) in the dtype of the parameter ``leaf`` they replace when
+    that dtype holds every value exactly, else float32: rounded to bfloat16 or float16, values at fine
+    steps leave the codec's grid, and the codec would code other levels than the ones chosen.
+
+    >>> import ml_dtypes
+    >>> exact_cast(np.array([0.5, -0.25], np.float32), np.zeros(2, ml_dtypes.bfloat16)).dtype.name
+    'bfloat16'
+    >>> exact_cast(np.array([1.00390625], np.float32), np.zeros(1, ml_dtypes.bfloat16)).dtype.name
+    'float32'
+    """
+    cast = x.astype(np.asarray(leaf).dtype)
+    return cast if np.array_equal(cast.astype(np.float32), x) else x
+
+
 @dataclasses.dataclass(frozen=True)
 class VerifyResult:
     """What :func:`verify` measured: ``nbytes`` (bitstream size), ``metric`` (``eval_fn``'s result),

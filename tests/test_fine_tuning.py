@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from nncjax.fine_tuning import _tune_step, grid_tensors
 from nncjax.optimize import optimize
 from nncjax.pytree_names import flatten_named
 from nncjax.rd_settings import verify
+from tests._half_mlp import HalfMLP
 
 STEPS = 150
 
@@ -166,3 +168,17 @@ def test_empty_tensors_are_left_out_and_the_tuning_goes_through():
         empty = verify(v_ft, rd_ft).params["params"]["empty"]
         assert empty.shape == (0, 4) and empty.dtype == np.float32
         assert rd_ft.history["fine_tuning"].shape == (5,)
+
+
+def test_half_precision_levels_that_the_dtype_cannot_hold_stay_float32():
+    """At fine steps the tuned grid values need more mantissa than bfloat16: rounded to the leaf's
+    dtype they left the grid, and the codec coded other levels than the tuning chose."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
+    m = HalfMLP()
+    v = m.init(jax.random.PRNGKey(1), x)
+    rd = optimize(v, m.apply, x, lam=1e-7, dq=False, init="sensitivity", steps=0, progress=False)
+    p_ft, rd_ft = with_fine_tuning(v, rd, m.apply, x, steps=5, progress=False)
+    own, dec = flatten_named(p_ft), flatten_named(verify(p_ft, rd_ft).params)
+    for n in grid_tensors(rd_ft):
+        assert own[n].dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(dec[n]), np.asarray(own[n]))

@@ -29,6 +29,7 @@ from nncjax.quantize.gptq import (
 )
 from nncjax.rd_settings import verify
 from nncjax.steps import qp_to_step
+from tests._half_mlp import HalfMLP
 from tests._lifted_models import Block, Lifted
 
 
@@ -460,6 +461,22 @@ def test_with_error_feedback_input_errors(digits):
         with_error_feedback(m.params, rd, {"params/fc1/kernel": np.eye(3)}, progress=False)
     with pytest.raises(InputError, match="max_offset"):
         with_error_feedback(m.params, rd, {}, max_offset=-1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_grid_values_that_the_dtype_cannot_hold_stay_float32(dtype):
+    """At fine steps GPTQ's grid values (times the row scales) need more mantissa than bfloat16 / float16:
+    rounded to the leaf's dtype they left the grid, and the codec coded other levels than GPTQ chose."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
+    m = HalfMLP(dtype)
+    v = m.init(jax.random.PRNGKey(1), x)
+    rd = optimize(v, m.apply, x, lam=1e-7, init="sensitivity", steps=0, progress=False)
+    p_g, rd_g = with_error_feedback(v, rd, input_moments(m.apply, v, x), progress=False)
+    own, dec = flatten_named(p_g), flatten_named(verify(p_g, rd_g).params)
+    assert rd_g.dq_overrides
+    for n in rd_g.dq_overrides:
+        assert own[n].dtype == jnp.float32  # not representable in half precision at these steps
+        np.testing.assert_array_equal(np.asarray(dec[n]), np.asarray(own[n]))  # exactly what is coded
 
 
 def test_with_error_feedback_refuses_bad_moments_and_foreign_settings():
