@@ -54,8 +54,24 @@ def _int(x, what: str) -> int:
         raise InputError(f"{what} needs an integer, got {type(x).__name__} {x!r}") from None
 
 
+def _as_bytes(data, what: str) -> bytes:
+    """``data`` as bytes: bytes, bytearray, memoryview or a uint8 array. Anything else is refused, as
+    ``bytes()`` would turn an int n into n zero bytes and reinterpret wider arrays."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, np.ndarray) and data.dtype != np.uint8:
+        raise InputError(f"{what} must be bytes-like or a uint8 array, got a {data.dtype} array")
+    try:
+        return memoryview(data).tobytes()
+    except TypeError:
+        raise InputError(f"{what} must be bytes-like or a uint8 array, got {type(data).__name__}") from None
+
+
 def ue_length(k: int, x: int) -> int:
     """Number of bits of ``ue(k)`` coding ``x >= 0``. Example: ``ue_length(0, 4) == 5``."""
+    k, x = _int(k, "ue_length order k"), _int(x, "ue_length value x")
+    if k < 0 or x < 0:  # a negative x would silently count as one bit
+        raise InputError(f"ue_length needs k >= 0 and x >= 0, got k={k}, x={x}")
     n = 0
     while x >= (1 << k):
         x -= 1 << k
@@ -136,7 +152,10 @@ class BitWriter:
 
     def flt(self, x) -> None:
         """float32 as 4 bytes, least significant byte first (NNCodec's order); no alignment needed."""
-        b = np.asarray(x, dtype=np.float32).reshape(()).astype("<f4").tobytes()
+        a = np.asarray(x)
+        if a.size != 1 or a.dtype.kind not in "fiu":  # None would become NaN, "1.5" would parse
+            raise InputError(f"flt(32) needs one real number, got {x!r}")
+        b = a.astype(np.float32).reshape(()).astype("<f4").tobytes()
         self.u(32, int.from_bytes(b, "big"))
 
     def st(self, v: str) -> None:
@@ -146,7 +165,10 @@ class BitWriter:
         if "\x00" in v:
             raise InputError("st(v) string must not contain NUL")
         self._require_aligned("st(v)")
-        self._buf += v.encode("utf-8", "strict") + b"\x00"
+        try:
+            self._buf += v.encode("utf-8", "strict") + b"\x00"
+        except UnicodeEncodeError as e:  # lone surrogates
+            raise InputError(f"st(v) string is not valid UTF-8 ({e.reason} at {e.start})") from None
 
     def byte_alignment(self) -> None:
         """One ``1`` bit then ``0`` bits up to the byte boundary (a whole 0x80 byte if aligned)."""
@@ -156,8 +178,9 @@ class BitWriter:
 
     def raw_bytes(self, data) -> None:
         """Append bytes at a byte boundary (e.g. an arithmetic-coded payload)."""
+        data = _as_bytes(data, "raw bytes")
         self._require_aligned("raw bytes")
-        self._buf += bytes(data)
+        self._buf += data
 
     def float32_array(self, x: np.ndarray) -> None:
         """Raw float32 tensor, C order, little-endian, byte-aligned (NNR_PT_RAW_FLOAT payload)."""
@@ -182,9 +205,10 @@ class BitReader:
     __slots__ = ("_data", "end", "pos", "where")
 
     def __init__(self, data, start: int = 0, end: int | None = None, where: str = "bitstream") -> None:
-        self._data = bytes(data) if not isinstance(data, bytes) else data
+        self._data = _as_bytes(data, "data")
         n = len(self._data)
-        end = n if end is None else end
+        start = _int(start, "reader window start")
+        end = n if end is None else _int(end, "reader window end")
         if not 0 <= start <= end <= n:
             raise InputError(f"invalid reader window [{start}, {end}) for {n} bytes")
         self.pos = 8 * start
@@ -287,6 +311,9 @@ class BitReader:
         """``nbytes`` bytes from a byte boundary."""
         if self.pos & 7:
             raise self.fail(field, "raw bytes do not start byte-aligned")
+        nbytes = _int(nbytes, f"raw bytes count of {field}")
+        if nbytes < 0:  # would move the position backwards
+            raise self.fail(field, f"negative byte count {nbytes}", InputError)
         self.need(8 * nbytes, field)
         start = self.pos >> 3
         self.pos += 8 * nbytes
@@ -300,6 +327,9 @@ class BitReader:
         """Raw float32 tensor (C order, little-endian); the size is checked before allocating."""
         count = 1
         for d in shape:
-            count *= int(d)
+            d = _int(d, f"dimension of {field}")
+            if d < 0:
+                raise self.fail(field, f"negative dimension in shape {tuple(shape)}", InputError)
+            count *= d
         raw = self.raw_bytes(4 * count, field)
         return np.frombuffer(raw, dtype="<f4").astype(np.float32).reshape(shape)

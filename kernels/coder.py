@@ -37,7 +37,7 @@ from nncjax.kernels import contexts as _ctx
 from nncjax.kernels import engine as _eng
 from nncjax.kernels import levels as _lv
 
-from nncjax.errors import BitstreamError, InputError
+from nncjax.errors import BitstreamError, InputError, LimitError
 
 __all__ = [
     "LEVEL_MAX",
@@ -54,6 +54,10 @@ __all__ = [
 #: DQ every int32 level codes (NNCodec's encoder and decoder round-trip -2**31 and 2**31 - 1 exactly).
 LEVEL_MAX = 2**31 - 2
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+#: Most elements a decoded tensor may have (NNCodec's C++ coder indexes with int32, as DecodeLimits).
+_MAX_ELEMENTS = 2**31 - 1
+#: Initial encoder buffer beyond which a ``capacity`` hint is not taken up front (the buffer grows anyway).
+_MAX_INITIAL_CAPACITY = 2**30
 
 
 @dataclass(frozen=True)
@@ -181,9 +185,10 @@ class CabacEncoder:
     def __init__(self, unary_length: int = 11, param_opt: bool = True, capacity: int = 4096):
         self.unary_length = _check_int("unary_length", unary_length, 1, 256)
         self.param_opt = bool(param_opt)
+        capacity = _check_int("capacity", capacity, 0, 2**62)
         self._es = np.zeros(_eng.ENC_STATE_SIZE, np.int64)
         _eng.enc_init(self._es)
-        self._buf = np.empty(max(int(capacity), 64), np.uint8)
+        self._buf = np.empty(min(max(capacity, 64), _MAX_INITIAL_CAPACITY), np.uint8)
         self._done = False
 
     def _room(self, need):
@@ -289,6 +294,8 @@ class CabacDecoder:
     """
 
     def __init__(self, data, unary_length: int = 11):
+        if isinstance(data, np.ndarray) and data.dtype != np.uint8:  # a cast would wrap or truncate the values
+            raise InputError(f"data must be bytes-like or a uint8 array, got a {data.dtype} array")
         try:
             self._data = np.frombuffer(memoryview(data).cast("B"), np.uint8) if not isinstance(data, np.ndarray) \
                 else np.ascontiguousarray(data, np.uint8).reshape(-1)
@@ -338,6 +345,9 @@ class CabacDecoder:
         self._check("decode_layer")
         lay = _Layer(shape, self.unary_length if unary_length is None else unary_length, dq, scan_order, profile,
                      codebook_size, codebook_offset, parent_present, base, hdsp_hist)
+        if lay.height * lay.width > _MAX_ELEMENTS:  # checked before allocating: the shape may not be the payload's
+            raise LimitError(f"shape {lay.shape} has {lay.height * lay.width} elements, more than the coder's "
+                             f"{_MAX_ELEMENTS}")
         out = np.empty(lay.height * lay.width, np.int32)
         ctx = np.empty((lay.n_ctx, 5), np.int32)
         skip, adv = np.empty(lay.height, np.int64), np.empty(8, np.int64)
@@ -412,6 +422,15 @@ def decode_levels(data, shape, *, dq: bool, unary_length: int = 11, **layer_kwar
     return levels
 
 
+def _pool_map(fn, jobs, workers):
+    """``[fn(j) for j in jobs]`` on ``workers`` threads (a positive integer; 1: in this thread)."""
+    workers = _check_int("workers", workers, 1, 2**31 - 1)
+    if workers == 1 or len(jobs) <= 1:
+        return [fn(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        return list(pool.map(fn, jobs))
+
+
 def encode_many(tensors, *, workers: int = 2, **common) -> list[bytes]:
     """:func:`encode_levels` over many tensors on ``workers`` threads (the kernels release the GIL).
 
@@ -425,12 +444,11 @@ def encode_many(tensors, *, workers: int = 2, **common) -> list[bytes]:
 
     def run(kw):
         kw = dict(kw)
+        if "levels" not in kw:
+            raise InputError("a tensor given as a dict of settings needs the key 'levels'")
         return encode_levels(kw.pop("levels"), **kw)
 
-    if workers <= 1 or len(jobs) <= 1:
-        return [run(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=int(workers)) as pool:
-        return list(pool.map(run, jobs))
+    return _pool_map(run, jobs, workers)
 
 
 def decode_many(streams, shapes, *, workers: int = 2, **common) -> list[np.ndarray]:
@@ -442,14 +460,16 @@ def decode_many(streams, shapes, *, workers: int = 2, **common) -> list[np.ndarr
     >>> [a.tolist() for a in decode_many(streams, [(4,), {"shape": (2, 2)}], dq=False)]
     [[0, 1, 2, 3], [[0, 0], [0, 0]]]
     """
+    streams, shapes = list(streams), list(shapes)
+    if len(streams) != len(shapes):  # zip would silently drop the extra ones
+        raise InputError(f"{len(streams)} streams but {len(shapes)} shapes")
     jobs = [(s, dict(common, **(sh if isinstance(sh, dict) else {"shape": sh}))) for s, sh in zip(streams, shapes)]
 
     def run(job):
         data, kw = job
         kw = dict(kw)
+        if "shape" not in kw:
+            raise InputError("a payload's dict of settings needs the key 'shape'")
         return decode_levels(data, kw.pop("shape"), **kw)
 
-    if workers <= 1 or len(jobs) <= 1:
-        return [run(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=int(workers)) as pool:
-        return list(pool.map(run, jobs))
+    return _pool_map(run, jobs, workers)

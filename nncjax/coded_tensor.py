@@ -7,11 +7,27 @@ trellis and overflow guard included) and the real DeepCABAC coder, so encoder-si
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
+
+from nncjax.errors import InputError
+from nncjax.steps import check_qp_density
 
 __all__ = ["SCALING_SUFFIX", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "levels_bits", "qp_delta_bits"]
 
 SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
+
+
+def _tensor_and_qp(x, qp) -> tuple[np.ndarray, int]:
+    """``x`` as float32 and ``qp`` as an int. Refuses what a cast would silently change: complex, bool or
+    non-numeric tensors, and float or bool QPs (``int(-20.5)`` would code at -20)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "fiu":
+        raise InputError(f"x must be a real numeric array, got dtype {a.dtype}")
+    if isinstance(qp, (bool, np.bool_)) or not hasattr(qp, "__index__"):
+        raise InputError(f"qp must be an integer, got {qp!r}")
+    return a.astype(np.float32, copy=False), operator.index(qp)
 
 
 def codec_reconstruct(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> np.ndarray:
@@ -25,8 +41,8 @@ def codec_reconstruct(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool =
     """
     from nncjax.quantize.reference import quantize_tensor, reconstruct
 
-    x = np.asarray(x, np.float32)
-    levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
+    x, qp = _tensor_and_qp(x, qp)
+    levels, used = quantize_tensor(x, qp, qp_density=qp_density, dq=dq)
     return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape)
 
 
@@ -48,8 +64,8 @@ def code_tensor(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True)
     """
     from nncjax.quantize.reference import quantize_tensor, reconstruct
 
-    x = np.asarray(x, np.float32)
-    levels, used = quantize_tensor(x, int(qp), qp_density=qp_density, dq=dq)
+    x, qp = _tensor_and_qp(x, qp)
+    levels, used = quantize_tensor(x, qp, qp_density=qp_density, dq=dq)
     return reconstruct(levels, used, qp_density=qp_density).reshape(x.shape), levels_bits(levels, dq=dq)
 
 
@@ -62,7 +78,8 @@ def levels_bits(levels: np.ndarray, *, dq: bool = True) -> int:
     """
     from nncjax.kernels.coder import encode_levels
 
-    return 8 * len(encode_levels(np.asarray(levels, np.int32), dq=dq, row_skipping=True, profile=1))
+    # no int32 cast here: the coder refuses non-integer and out-of-range levels, a cast would wrap them
+    return 8 * len(encode_levels(levels, dq=dq, row_skipping=True, profile=1))
 
 
 def qp_delta_bits(qp_density: int) -> float:
@@ -72,4 +89,4 @@ def qp_delta_bits(qp_density: int) -> float:
     >>> qp_delta_bits(2)
     8.0
     """
-    return 6.0 + qp_density
+    return 6.0 + check_qp_density(qp_density)

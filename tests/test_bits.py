@@ -170,3 +170,29 @@ def test_writer_rejects_out_of_range():
     w.u(1, 0)
     with pytest.raises(InputError):
         w.st("x")
+
+
+def test_non_bytes_data_negative_counts_and_bad_values_are_refused():
+    """Fifth robustness sweep: ``bytes(5)`` is five zero bytes, a negative count moved the reader back."""
+    for data in (5, "ab", [1, 2], None, np.zeros(2, np.int32)):
+        with pytest.raises(InputError, match="bytes-like"):
+            BitReader(data)
+        with pytest.raises(InputError, match="bytes-like"):
+            BitWriter().raw_bytes(data)
+    assert BitReader(np.frombuffer(b"\x80", np.uint8)).u(1, "f") == 1
+    with pytest.raises(InputError, match="window start"):
+        BitReader(b"abcd", 1.5)
+    r = BitReader(b"abcd")
+    with pytest.raises(InputError, match="negative byte count"):
+        r.raw_bytes(-1, "f")
+    with pytest.raises(InputError, match="negative dimension"):
+        r.float32_array((-1,), "f")
+    assert r.pos == 0
+    with pytest.raises(InputError, match="UTF-8"):
+        BitWriter().st("\ud800")
+    for x in (None, "1.0", [1.0, 2.0]):
+        with pytest.raises(InputError, match="flt"):
+            BitWriter().flt(x)
+    for k, x in ((0, -1), (-1, 3), (0, 1.5)):
+        with pytest.raises(InputError, match="ue_length"):
+            ue_length(k, x)

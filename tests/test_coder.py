@@ -33,7 +33,7 @@ from nncjax.kernels.engine import (
     enc_terminate_and_finish,
 )
 
-from nncjax import BitstreamError, InputError, NNCError
+from nncjax import BitstreamError, InputError, LimitError, NNCError
 from tests.test_coder_oracle import (
     decode_case,
     encode_case,
@@ -280,3 +280,37 @@ def test_stale_numba_caches_are_dropped_when_any_kernel_source_changes(tmp_path)
     (tmp_path / "engine.py").write_text("x = 2\n")  # only the inlined module changes
     assert drop_stale_cache(tmp_path) and not (cache / "levels.k-1.py311.nbi").exists()
     assert (cache / "levels.cpython-311.pyc").exists()  # only Numba's files go
+
+
+def test_payload_types_workers_and_declared_shapes_are_checked():
+    """Fifth robustness sweep: what used to be cast, truncated or allocated silently."""
+    levels = np.arange(6, dtype=np.int32).reshape(2, 3)
+    data = encode_levels(levels, dq=False)
+    # a wider array was cast to uint8 (256 wrapped to 0, floats truncated)
+    for arr in (np.frombuffer(data, np.uint8).astype(np.int32), np.frombuffer(data, np.uint8).astype(np.float64)):
+        with pytest.raises(InputError, match="uint8"):
+            decode_levels(arr, (2, 3), dq=False)
+    assert decode_levels(memoryview(data), (2, 3), dq=False).tolist() == levels.tolist()
+    # a shape the payload cannot hold was allocated first (MemoryError / ValueError)
+    for shape in [(2**31,), (2**40, 2**40)]:
+        with pytest.raises(LimitError, match="elements"):
+            decode_levels(data, shape, dq=False)
+    # zip dropped the extra streams
+    with pytest.raises(InputError, match="2 streams but 1 shapes"):
+        decode_many([data, data], [(2, 3)], dq=False)
+    with pytest.raises(InputError, match="'levels'"):
+        encode_many([{"dq": False}])
+    with pytest.raises(InputError, match="'shape'"):
+        decode_many([data], [{"dq": False}])
+    for workers in (0, -1, 1.5, None, "2", True):
+        with pytest.raises(InputError, match="workers"):
+            encode_many([levels, levels], dq=False, workers=workers)
+        with pytest.raises(InputError, match="workers"):
+            decode_many([data, data], [(2, 3)] * 2, dq=False, workers=workers)
+    assert [len(b) for b in encode_many([levels] * 3, dq=False, workers=10**6)] == [len(data)] * 3
+    for capacity in (-1, 1.5, None, "x"):
+        with pytest.raises(InputError, match="capacity"):
+            CabacEncoder(capacity=capacity)
+    enc = CabacEncoder(capacity=2**62)  # a hint: the buffer is not taken up front
+    enc.encode_layer(levels, dq=False)
+    assert enc.finish() == data

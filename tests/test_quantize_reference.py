@@ -292,3 +292,26 @@ def test_nonweight_qp_and_codebook_offset():
     assert R.nonweight_qp(-32, qp_density=2) == -75
     assert R.nonweight_qp(-32, qp_density=3, nonweight_qp=None) == -48
     assert R.codebook_qp_offset(3) == 8
+
+
+def test_codebook_syntax_and_bitdepth_arguments_are_checked():
+    """Fifth robustness sweep: IndexError / ZeroDivisionError, or bits counted for unsorted codebooks."""
+    cb = np.array([-2, 0, 3])
+    for bad in (np.array([3, 0, -2]), np.array([0, 0]), np.array([1.5, 2.5]), np.zeros((1, 3), np.int32)):
+        with pytest.raises(InputError, match="strictly increasing"):
+            R.codebook_syntax_bits(bad, 0, 0)
+        with pytest.raises(InputError, match="strictly increasing"):
+            R.codebook_best_egk(bad, 0)
+    for offset in (-1, 3, 1.0):
+        with pytest.raises(InputError, match="offset"):
+            R.codebook_syntax_bits(cb, offset, 0)
+    for egk in (-1, 16, 1.5):
+        with pytest.raises(InputError, match="egk"):
+            R.codebook_syntax_bits(cb, 1, egk)
+    with pytest.raises(InputError, match="empty codebook"):
+        R.codebook_syntax_bits(np.zeros(0, np.int32), 0, 0)
+    assert R.codebook_best_egk(np.zeros(0, np.int32), 0) == 0  # an empty tensor's codebook
+    assert R.quantize_codebook(np.zeros((0, 3), np.float32), -20).egk == 0
+    with pytest.raises(InputError, match="bitdepth 1"):
+        R.bitdepth_qp(np.array([-0.5, 0.5], np.float32), 1)
+    assert R.bitdepth_qp(np.array([0.0, 0.5], np.float32), 1)[1:] == (0, 1)

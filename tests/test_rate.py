@@ -159,3 +159,44 @@ def test_bad_statics_and_qp_trees_are_input_errors():
         estimate_bits_tree({"a": x}, {"b": -38})
     with pytest.raises(InputError, match="structure of params"):
         estimate_bits_tree({"a": x, "b": x}, {"a": -38, "b": None})
+
+
+def test_non_finite_inputs_give_nan_and_temperature_is_checked():
+    """Fifth robustness sweep: NaN weights or an infinite / zero step gave a plausible finite count."""
+    from nncjax.errors import InputError
+
+    w = jnp.linspace(-0.05, 0.05, 64).reshape(8, 8)
+    for x, qp in ((w.at[0, 0].set(jnp.nan), -38), (w.at[0, 0].set(jnp.inf), -38), (w, jnp.nan), (w, 10**6),
+                  (w, -(10**6))):
+        assert np.isnan(float(estimate_bits(x, qp))), qp
+    assert np.isfinite(float(estimate_bits(w, -38)))
+    assert np.isfinite(float(jax.grad(lambda q: estimate_bits(w, q, training=True))(-38.0)))
+    for t in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(InputError, match="temperature"):
+            estimate_bits(w, -38.0, training=True, temperature=t)
+
+
+def test_coded_tensor_refuses_float_qps_and_casts_nothing():
+    """Fifth robustness sweep: ``int(qp)`` truncated -20.5, int32 casts wrapped levels of 2**40 to 0."""
+    from nncjax.coded_tensor import code_tensor, codec_reconstruct, levels_bits, qp_delta_bits
+    from nncjax.errors import InputError
+
+    x = np.array([0.3, -0.3], np.float32)
+    assert code_tensor(x, np.int64(-20))[0].tolist() == [0.3125, -0.3125]
+    assert codec_reconstruct(x, jnp.int32(-20)).tolist() == [0.3125, -0.3125]
+    for qp in (-20.5, -20.0, True, "x", None):
+        with pytest.raises(InputError, match="qp must be an integer"):
+            code_tensor(x, qp)
+        with pytest.raises(InputError, match="qp must be an integer"):
+            codec_reconstruct(x, qp)
+    for bad in (x.astype(np.complex64), np.array([True]), np.array(["a"])):
+        with pytest.raises(InputError, match="real numeric"):
+            code_tensor(bad, -20)
+    for levels in (np.array([2**40]), np.array([2**31])):
+        with pytest.raises(InputError, match="int32 range"):
+            levels_bits(levels, dq=False)
+    with pytest.raises(InputError, match="integer array"):
+        levels_bits(np.array([1.5]), dq=False)
+    for qpd in (2.5, -1, 8, True):
+        with pytest.raises(InputError, match="qp_density"):
+            qp_delta_bits(qpd)

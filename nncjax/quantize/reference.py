@@ -337,12 +337,24 @@ def codebook_syntax_bits(codebook, offset: int, egk: int) -> int:
     >>> codebook_syntax_bits(np.array([-2, 0, 3]), 1, 0)
     24
     """
-    cb = [int(v) for v in np.asarray(codebook).ravel()]
+    cb, offset = _codebook_list(codebook, offset)
+    egk = _int("egk", egk, 0, 15)
+    if not cb:
+        raise InputError("an empty codebook has no codebook() syntax")
     size = len(cb)
     bits = 4 + ue_length(2, size)
     centre = offset - (size >> 1)
     bits += ue_length(2, _ie_index(centre)) + ue_length(7, _ie_index(cb[offset]))
     return bits + _delta_bits(cb, offset, egk)
+
+
+def _codebook_list(codebook, offset) -> tuple[list[int], int]:
+    """A codebook as the syntax codes it (1-D, strictly increasing integers; empty for an empty tensor) and
+    its offset: out-of-order entries would give negative deltas, whose Exp-Golomb lengths are meaningless."""
+    cb = np.asarray(codebook)
+    if cb.ndim != 1 or (cb.size and cb.dtype.kind not in "iu") or np.any(np.diff(cb.astype(np.int64)) <= 0):
+        raise InputError(f"codebook must be a 1-D strictly increasing integer array, got {codebook!r}")
+    return [int(v) for v in cb], _int("offset", offset, 0, max(cb.size - 1, 0))
 
 
 def _ie_index(x: int) -> int:
@@ -361,7 +373,7 @@ def codebook_best_egk(codebook, offset: int) -> int:
     >>> codebook_best_egk(np.arange(-40, 41, 8), 5)
     3
     """
-    cb = [int(v) for v in np.asarray(codebook).ravel()]
+    cb, offset = _codebook_list(codebook, offset)
     costs = [_delta_bits(cb, offset, e) for e in range(16)]
     return int(np.argmin(costs))
 
@@ -534,6 +546,8 @@ def bitdepth_qp(w, bitdepth, *, qp_density=2, is_weight=True) -> tuple[int, int,
         lo, hi = 0, 2**bits - 1
     else:
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if bits == 1:  # hi = 0: no step maps the tensor onto [-1, 0]
+            raise InputError("bitdepth 1 leaves a signed tensor no positive level; use bitdepth >= 2")
     if w.size == 0 or not np.any(w != 0):
         return 0, lo, hi
     a = np.abs(w)

@@ -156,6 +156,9 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
     for what, v, lo, hi in (("n_gt", n_gt, 1, 256), ("profile", profile, 0, 1)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
             raise InputError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
+    if u is not None and not (isinstance(temperature, (int, float, np.number)) and 0 < float(temperature) < np.inf):
+        # 0 divides by zero, a negative one flips every indicator
+        raise InputError(f"temperature must be a positive finite number, got {temperature!r}")
     shape = jnp.shape(k)
     h, w = _shape_hw(shape)
     k = jnp.asarray(k, jnp.int32).reshape(-1)
@@ -283,7 +286,8 @@ def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, tra
     """Estimated coded bits (float32 scalar) of tensor ``x`` (float, any shape) quantized at ``qp``.
 
     ``qp``: int (exact step) or float (continuous step, differentiable). The levels are NNCodec's
-    (uniform rounding, or the DQ trellis at lambda 0). ``training=True`` gives the differentiable
+    (uniform rounding, or the DQ trellis at lambda 0). NaN or Inf in ``x``, or a ``qp`` whose step is 0
+    or not finite in float32, give NaN. ``training=True`` gives the differentiable
     relaxation (gradients w.r.t. ``x`` and ``qp``); ``training=False`` the accurate hard estimate.
 
     >>> w = jnp.linspace(-0.05, 0.05, 64).reshape(8, 8)
@@ -302,7 +306,11 @@ def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, tra
     stats = bin_statistics(k, dq=dq, n_gt=n_gt, profile=profile, row_skip=row_skip,
                            u=(x / step) if training else None, temperature=temperature)
     fixed = TERMINATION_BITS + (6 + qp_density if include_qp else 0)
-    return bits_from_statistics(stats, param_opt=param_opt) + fixed
+    bits = bits_from_statistics(stats, param_opt=param_opt) + fixed
+    # NaN/Inf weights or a step that is not a positive float32 have no levels: NaN, not a plausible count
+    # (traced values cannot raise; the hard estimate would otherwise quantize them to something)
+    valid = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(step) & (step > 0))
+    return jnp.where(valid, bits, jnp.nan)
 
 
 def estimate_bits_tree(params: Any, qps: Any, **kwargs) -> Any:
