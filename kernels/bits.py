@@ -54,7 +54,7 @@ def _int(x, what: str) -> int:
         raise InputError(f"{what} needs an integer, got {type(x).__name__} {x!r}") from None
 
 
-def _as_bytes(data, what: str) -> bytes:
+def as_bytes(data, what: str) -> bytes:
     """``data`` as bytes: bytes, bytearray, memoryview or a uint8 array. Anything else is refused, as
     ``bytes()`` would turn an int n into n zero bytes and reinterpret wider arrays."""
     if isinstance(data, bytes):
@@ -178,7 +178,7 @@ class BitWriter:
 
     def raw_bytes(self, data) -> None:
         """Append bytes at a byte boundary (e.g. an arithmetic-coded payload)."""
-        data = _as_bytes(data, "raw bytes")
+        data = as_bytes(data, "raw bytes")
         self._require_aligned("raw bytes")
         self._buf += data
 
@@ -205,7 +205,7 @@ class BitReader:
     __slots__ = ("_data", "end", "pos", "where")
 
     def __init__(self, data, start: int = 0, end: int | None = None, where: str = "bitstream") -> None:
-        self._data = _as_bytes(data, "data")
+        self._data = as_bytes(data, "data")
         n = len(self._data)
         start = _int(start, "reader window start")
         end = n if end is None else _int(end, "reader window end")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from nncjax.kernels import perfmaps as pm
-from nncjax.kernels.bits import BitReader, BitWriter, _as_bytes
+from nncjax.kernels.bits import BitReader, BitWriter, as_bytes
 from nncjax.kernels.ndu import (
     Codebook,
     CompressedDataUnit,
@@ -384,7 +384,7 @@ def read_unit(data, offset: int = 0, ctx: SyntaxContext = _DEFAULT_CONTEXT, *, i
         >>> type(unit).__name__, unit.qp_density, size
         ('ModelParameterSet', 2, 8)
     """
-    data = _as_bytes(data, "data")
+    data = as_bytes(data, "data")
     size, head = frame_unit(offset, data, index)
     r = BitReader(data, offset + head, offset + size, where=f"unit {index} at byte {offset}")
     utype = r.u(6, "nnr_unit_type")
@@ -451,7 +451,7 @@ def iter_units(data, *, limits: DecodeLimits = _DEFAULT_LIMITS, max_units: int |
         >>> [type(u).__name__ for u in iter_units(bytes.fromhex("00040201" "0008068100400080"))]
         ['StartUnit', 'ModelParameterSet']
     """
-    data = _as_bytes(data, "data")
+    data = as_bytes(data, "data")
     max_units = limits.max_units if max_units is None else max_units
     ctx, idx, offset, total = SyntaxContext(general_profile_idc=0), 0, 0, 0
     seen_mps = False
