@@ -47,3 +47,14 @@ def digits():
         return float(np.mean((np.asarray(m.apply(p, test)) - ref) ** 2) / np.var(ref))
 
     return m, calib, test_mse
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_code():
+    """Drops JAX's compiled executables after each test module. Each keeps its machine code in memory
+    mappings, and one process running the whole suite exceeded the kernel's limit (vm.max_map_count,
+    65,530): XLA then crashed while compiling (SIGSEGV / SIGABRT)."""
+    yield
+    import jax
+
+    jax.clear_caches()
