@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from nncjax.arguments import check_flag, check_int, check_real, is_int
 from nncjax.coded_tensor import SCALING_SUFFIX
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, unflatten_like
@@ -65,7 +66,7 @@ class _Settings:
 
     def check_qp(self, qp: int, what: str) -> int:
         lo, hi = -(1 << (self.qp_bits - 1)), (1 << (self.qp_bits - 1)) - 1
-        if not isinstance(qp, (int, np.integer)) or isinstance(qp, bool) or not lo <= int(qp) <= hi:
+        if not is_int(qp) or not lo <= int(qp) <= hi:
             raise InputError(f"{what} must be an integer in [{lo}, {hi}] for qp_density {self.qp_density}, "
                              f"got {qp!r}")
         return int(qp)
@@ -77,26 +78,18 @@ def _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping
     cb_modes = {False: "off", None: "off", "off": "off", True: "auto", "auto": "auto", "always": "always"}
     if not isinstance(codebook, (bool, str, type(None))) or codebook not in cb_modes:
         raise InputError(f"codebook must be False, True/'auto' or 'always', got {codebook!r}")
-    if bitdepth is not None and (isinstance(bitdepth, bool) or not isinstance(bitdepth, (int, np.integer))
-                                 or not 2 <= bitdepth <= 31):
-        raise InputError(f"bitdepth must be None or an integer in 2..31, got {bitdepth!r}")
-    if not isinstance(scan_order, (int, np.integer)) or not 0 <= scan_order <= 4:
-        raise InputError(f"scan_order must be 0..4, got {scan_order!r}")
-    if not isinstance(unary_length, (int, np.integer)) or not 1 <= unary_length <= 256:
-        raise InputError(f"unary_length must be 1..256, got {unary_length!r}")
+    bitdepth = None if bitdepth is None else check_int(bitdepth, "bitdepth (or None)", lo=2, hi=31)
+    scan_order = check_int(scan_order, "scan_order", lo=0, hi=4)
+    unary_length = check_int(unary_length, "unary_length", lo=1, hi=256)
     if unary_length == 1 and cb_modes[codebook] != "off":
         # NNCodec picks a codebook's zero offset (and, for "auto", codebook or not) by trial coding
         # with unary_length - 1 = 0 greater-than flags, a coder mode its own decoder cannot read back.
         raise InputError("codebook needs unary_length >= 2 (NNCodec's codebook search codes with "
                          "unary_length - 1 greater-than flags)")
-    try:
-        lam = float(lambda_scale)
-    except (TypeError, ValueError):
-        raise InputError(f"lambda_scale must be a number >= 0, got {lambda_scale!r}") from None
-    if not lam >= 0 or not math.isfinite(lam):
-        raise InputError(f"lambda_scale must be a finite number >= 0, got {lambda_scale!r}")
-    s = _Settings(0, qpd, None, bool(dq), cb_modes[codebook], None if bitdepth is None else int(bitdepth),
-                  bool(row_skipping), bool(param_opt), int(scan_order), lam, int(unary_length))
+    lam = check_real(lambda_scale, "lambda_scale", lo=0)
+    s = _Settings(0, qpd, None, check_flag(dq, "dq"), cb_modes[codebook], bitdepth,
+                  check_flag(row_skipping, "row_skipping"), check_flag(param_opt, "param_opt"), scan_order, lam,
+                  unary_length)
     qp = s.check_qp(qp, "qp")
     # NNCodec treats a falsy nonweight_qp (None or 0) as "qp - 2 octaves" (step / 4).
     nw = s.check_qp(nonweight_qp, "nonweight_qp") if nonweight_qp else None
@@ -137,12 +130,6 @@ def _override_table(overrides, what: str, check, names: list[str], float_names: 
         for n in hits:
             table.setdefault(n, value)
     return table
-
-
-def _check_dq(value, what: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise InputError(f"{what} must be True or False, got {value!r}")
-    return bool(value)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -606,8 +593,7 @@ def _progress(total: int, enabled, desc: str):
 
 def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, desc: str) -> list:
     """Applies ``fn`` to every item on a thread pool (largest first, for balance); ordered results."""
-    if not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise InputError(f"workers must be a positive integer, got {workers!r}")
+    check_int(workers, "workers", lo=1)
     bar = _progress(sum(sizes), progress, desc)
     results: list = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: -sizes[i])
@@ -642,7 +628,7 @@ def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_over
     if s.codebook != "off" and dq_overrides:
         raise InputError("dq_overrides cannot be combined with codebook (codebooks are coded without DQ)")
     overrides = _override_table(qp_overrides, "qp_overrides", s.check_qp, names, float_names)
-    dqs = _override_table(dq_overrides, "dq_overrides", _check_dq, names, float_names)
+    dqs = _override_table(dq_overrides, "dq_overrides", check_flag, names, float_names)
     nonweight = s.nonweight_qp if s.nonweight_qp is not None else s.qp - (2 << s.qp_density)
     plan: list[_Plan] = []
     for t in prepared:

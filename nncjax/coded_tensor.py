@@ -7,10 +7,9 @@ trellis and overflow guard included) and the real DeepCABAC coder, so encoder-si
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
 
+from nncjax.arguments import check_int
 from nncjax.errors import InputError
 from nncjax.steps import check_qp_density
 
@@ -25,9 +24,7 @@ def _tensor_and_qp(x, qp) -> tuple[np.ndarray, int]:
     a = np.asarray(x)
     if a.dtype.kind not in "fiu":
         raise InputError(f"x must be a real numeric array, got dtype {a.dtype}")
-    if isinstance(qp, (bool, np.bool_)) or not hasattr(qp, "__index__"):
-        raise InputError(f"qp must be an integer, got {qp!r}")
-    return a.astype(np.float32, copy=False), operator.index(qp)
+    return a.astype(np.float32, copy=False), check_int(qp, "qp")
 
 
 def codec_reconstruct(x: np.ndarray, qp: int, *, qp_density: int = 2, dq: bool = True) -> np.ndarray:

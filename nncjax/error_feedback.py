@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from nncjax.arguments import check_int
 from nncjax.coded_tensor import code_tensor, levels_bits, qp_delta_bits
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
@@ -166,9 +167,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     qpd = settings.qp_density
     _, hi = qp_limits(qpd)
     max_offset = 2 << qpd if max_offset is None else max_offset
-    if not isinstance(max_offset, (int, np.integer)) or isinstance(max_offset, bool) or max_offset < 0:
-        raise InputError(f"max_offset must be an integer >= 0, got {max_offset!r}")
-    if not (isinstance(dq, bool) or (isinstance(dq, str) and dq == "auto")):
+    max_offset = check_int(max_offset, "max_offset", lo=0)
+    if not (isinstance(dq, (bool, np.bool_)) or (isinstance(dq, str) and dq == "auto")):
         raise InputError(f"dq must be True, False or 'auto', got {dq!r}")
     if not isinstance(moments, Mapping) or not isinstance(check_moments, (Mapping, type(None))):
         raise InputError(f"moments and check_moments must map tensor names to (columns, columns) arrays (check_moments "

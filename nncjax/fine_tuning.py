@@ -53,6 +53,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from nncjax.arguments import check_int, check_real
 from nncjax.bias_correction import decoded_params
 from nncjax.coded_tensor import code_tensor, qp_delta_bits
 from nncjax.distortion import apply_model, check_finite_outputs, distortion_fn
@@ -276,13 +277,10 @@ def with_fine_tuning(
     if not names:
         raise InputError("settings codes every weight with DQ: nothing to tune on a uniform grid "
                          "(run nncjax.with_error_feedback, or nncjax.optimize(..., dq=False), first)")
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
-        raise InputError(f"steps must be an integer >= 0, got {steps!r}")
+    steps = check_int(steps, "steps", lo=0)
     if method not in _METHODS:
         raise InputError(f"method must be one of {_METHODS}, got {method!r}")
-    if (not isinstance(learning_rate, (int, float, np.integer, np.floating)) or isinstance(learning_rate, bool)
-            or not math.isfinite(float(learning_rate)) or float(learning_rate) <= 0):
-        raise InputError(f"learning_rate must be a finite number > 0, got {learning_rate!r}")
+    learning_rate = check_real(learning_rate, "learning_rate", above=0)
     batches = checked_batches(apply_fn, data, probes)
     named = flatten_named(params)
     missing = [n for n in names if n not in named]

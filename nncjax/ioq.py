@@ -38,6 +38,7 @@ import jax.numpy as jnp  # noqa: F401 (used by the docstring examples)
 import numpy as np
 from tqdm.auto import tqdm
 
+from nncjax.arguments import check_int, check_real, is_int
 from nncjax.errors import InputError
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
@@ -72,24 +73,6 @@ def reconstruct_uniform(w: jax.Array, qp: int | jax.Array, qp_density: int = 2) 
     return quantize_uniform(w, qp_to_step_jax(qp, qp_density), "hard")[1]
 
 
-def _is_integer(q: Any) -> bool:
-    """Whether ``q`` is one integer (Python, NumPy or 0-d JAX; not bool): a float QP would be truncated."""
-    return np.ndim(q) == 0 and np.issubdtype(np.asarray(q).dtype, np.integer)
-
-
-def _finite_real(x: Any, what: str) -> float:
-    """``x`` as a float after checking it is one finite real number; raises InputError naming ``what``.
-    (A NaN cost would make every comparison of the search false: it would stop where it started.)
-
-    >>> _finite_real(np.float32(0.5), "lam")
-    0.5
-    """
-    if np.ndim(x) != 0 or not np.issubdtype(np.asarray(x).dtype, np.number) or np.iscomplexobj(x) \
-            or not math.isfinite(float(x)):
-        raise InputError(f"{what} must be a finite real number, got {x!r}")
-    return float(x)
-
-
 def ioq_initial_qps(
     params: Any,
     base_qp: int,
@@ -111,9 +94,9 @@ def ioq_initial_qps(
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
     k = 1 << qpd
-    if not _is_integer(base_qp) or not (nonweight_qp is None or _is_integer(nonweight_qp)):
-        raise InputError(f"base_qp and nonweight_qp must be integers, got {base_qp!r} and {nonweight_qp!r}")
-    size_weight, spread_weight = _finite_real(size_weight, "size_weight"), _finite_real(spread_weight, "spread_weight")
+    base_qp = check_int(base_qp, "base_qp")
+    nonweight_qp = None if nonweight_qp is None else check_int(nonweight_qp, "nonweight_qp (or None)")
+    size_weight, spread_weight = check_real(size_weight, "size_weight"), check_real(spread_weight, "spread_weight")
     if not callable(select):
         raise InputError("select must be a predicate (name, leaf) -> bool")
     leaves = named_leaves(params)
@@ -146,9 +129,7 @@ class _Evaluator:
         for what, fn in (("eval_distortion", eval_distortion), ("rate_bits", rate_bits), ("quantize_fn", quantize_fn)):
             if fn is not None and not callable(fn):
                 raise InputError(f"{what} must be callable")
-        self.lam = _finite_real(lam, "lam")
-        if self.lam < 0:
-            raise InputError(f"lam must be >= 0, got {lam!r}")
+        self.lam = check_real(lam, "lam", lo=0)
         self.params = params
         self.leaves = named_leaves(params)
         self.eval_distortion = eval_distortion
@@ -168,12 +149,13 @@ class _Evaluator:
         key = (name, qp)
         if key not in self._rate:
             bits = self.rate_bits(name, self.leaves[name], qp)
-            self._rate[key] = _finite_real(bits, f"rate_bits({name!r}, .., {qp})")
+            # a NaN cost would make every comparison of the search false: it would stop where it started
+            self._rate[key] = check_real(bits, f"rate_bits({name!r}, .., {qp})")
         return self._rate[key]
 
     def distortion(self, qps: Mapping[str, int]) -> float:
         d = self.eval_distortion(replace_named(self.params, {n: self.rec(n, q) for n, q in qps.items()}))
-        return _finite_real(d, "eval_distortion")
+        return check_real(d, "eval_distortion")
 
     def total_rate(self, qps: Mapping[str, int]) -> float:
         return sum(self.rate(n, q) for n, q in qps.items())
@@ -189,7 +171,7 @@ def _checked_qps(params: Any, qps: Mapping[str, int]) -> dict[str, int]:
     unknown = set(qps) - set(named_leaves(params))
     if unknown:
         raise InputError(f"QPs given for tensors not in params: {sorted(unknown)}")
-    bad = [n for n, q in qps.items() if not _is_integer(q)]
+    bad = [n for n, q in qps.items() if not is_int(q)]
     if bad:  # a float QP was truncated toward zero by the quantizer, a NaN one quantized as QP 0
         raise InputError(f"QPs must be integers: {', '.join(f'{n!r}: {qps[n]!r}' for n in bad[:5])}")
     return {n: int(q) for n, q in qps.items()}
@@ -293,9 +275,8 @@ def ioq_search(
     ...                  init_qps=ioq_initial_qps(params, -38))
     """
     init_qps = _checked_qps(params, init_qps)
-    if isinstance(rounds, bool) or not isinstance(rounds, (int, np.integer)) or rounds < 0:
-        raise InputError(f"rounds must be an integer >= 0, got {rounds!r}")
-    if not isinstance(offsets, Iterable) or not all(map(_is_integer, offsets)):
+    rounds = check_int(rounds, "rounds", lo=0)
+    if not isinstance(offsets, Iterable) or not all(map(is_int, offsets)):
         raise InputError(f"offsets must be a sequence of integers, got {offsets!r}")
     offsets = [int(o) for o in offsets]
     lo, hi = qp_limits(qp_density)

@@ -50,6 +50,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from nncjax.arguments import check_flag, check_int, check_real, is_int
 from nncjax.coded_tensor import code_tensor, levels_bits, qp_delta_bits
 from nncjax.distortion import (
     apply_model,
@@ -227,15 +228,7 @@ def check_lam(lam: Any) -> float:
     >>> check_lam(np.float32(0.5)), check_lam(jnp.asarray(2))
     (0.5, 2.0)
     """
-    try:
-        kind = np.asarray(lam).dtype
-        real = np.ndim(lam) == 0 and np.issubdtype(kind, np.number) and not np.issubdtype(kind, np.complexfloating)
-        value = float(lam) if real else math.nan
-    except (TypeError, ValueError):  # not a number at all, or a traced value
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise InputError(f"lam must be a real, finite number >= 0, got {lam!r}")
-    return value
+    return check_real(lam, "lam", lo=0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "optimizer", "apply_fn", "loss", "distortion"))
@@ -264,18 +257,15 @@ def _train_step(theta, opt_state, base, weights, batch, ref, rng, lam_n, *, cfg,
 def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
                 max_scale_ratio):
     check_lam(lam)
-    if not isinstance(steps, (int, np.integer)) or isinstance(steps, bool) or steps < 0:
-        raise InputError(f"steps must be an integer >= 0, got {steps!r}")
+    check_int(steps, "steps", lo=0)
     if mode not in _MODES:
         raise InputError(f"mode must be one of {_MODES}, got {mode!r}")
     if loss is None and distortion not in _DISTORTIONS:
         raise InputError(f"distortion must be one of {_DISTORTIONS} (or pass loss=), got {distortion!r}")
     if loss is not None and not callable(loss):
         raise InputError("loss must be a callable loss(params, batch) -> scalar")
-    if not isinstance(refine, (int, np.integer)) or isinstance(refine, bool) or refine < 0:
-        raise InputError(f"refine must be an integer >= 0, got {refine!r}")
-    if scale_axis not in (-1, 0) or isinstance(scale_axis, bool):
-        raise InputError(f"scale_axis must be -1 (Flax kernels: output axis) or 0 (rows first), got {scale_axis!r}")
+    check_int(refine, "refine", lo=0)
+    check_int(scale_axis, "scale_axis (-1: Flax kernels' output axis, 0: rows first)", lo=-1, hi=0)
     if init not in _INITS:
         raise InputError(f"init must be one of {_INITS}, got {init!r}")
     if init == "sensitivity":
@@ -449,16 +439,15 @@ def optimize(
     lo, hi = qp_limits(qpd)
     base_qp = _default_qp("base_qp", qpd) if base_qp is None else base_qp
     scale_qp = _default_qp("scale_qp", qpd) if scale_qp is None else scale_qp
-    for what, q in (("base_qp", base_qp), ("scale_qp", scale_qp)):
-        if not isinstance(q, (int, np.integer)) or isinstance(q, bool) or not lo <= q <= hi:
-            raise InputError(f"{what} must be an integer in [{lo}, {hi}], got {q!r}")
+    base_qp = check_int(base_qp, "base_qp", lo=lo, hi=hi)
+    scale_qp = check_int(scale_qp, "scale_qp", lo=lo, hi=hi)
     if qp_to_step(scale_qp, qpd) > 1 / 8:  # scales around 1 need finer steps (they stay 4 steps above 0)
         raise InputError(f"scale_qp {scale_qp} gives scales a step of {qp_to_step(scale_qp, qpd):.4g}: use a QP "
                          f"with a step of at most 1/8 (<= {equivalent_qp(-12, qpd)} at qp_density {qpd})")
     if nonweight_qp is None:
         nw_qp = _default_qp("nonweight_qp", qpd)
-    elif isinstance(nonweight_qp, (int, np.integer)) and not isinstance(nonweight_qp, bool):
-        nw_qp = int(nonweight_qp) if nonweight_qp else int(base_qp) - (2 << qpd)
+    elif is_int(nonweight_qp):
+        nw_qp = int(nonweight_qp) if nonweight_qp else base_qp - (2 << qpd)
     else:
         nw_qp = None
     if nw_qp is None or not lo <= nw_qp <= hi:
@@ -484,9 +473,7 @@ def optimize(
     unknown = set(start_qps) - set(chosen)
     if unknown:
         raise InputError(f"init_qps names tensors that are not optimised: {sorted(unknown)}")
-    for n, q in start_qps.items():
-        if not isinstance(q, (int, np.integer)) or not lo <= q <= hi:
-            raise InputError(f"init_qps[{n!r}] must be an integer in [{lo}, {hi}], got {q!r}")
+    start_qps = {n: check_int(q, f"init_qps[{n!r}]", lo=lo, hi=hi) for n, q in start_qps.items()}
     axes = tuple(rows_axis(n, jnp.ndim(named[n]), scale_axis) for n in chosen)
     unknown = set(row_usage) - {n for n in chosen if jnp.ndim(named[n]) >= 2}
     if unknown:
@@ -504,14 +491,11 @@ def optimize(
             if n in row_usage:
                 sens[n] = spread_over_rows(sens[n], row_usage[n], ax)
     # with sensitivities, only tensors whose every row the data exercise get scales (see allocate_steps)
-    scaled = tuple(bool(learn_scales) and jnp.ndim(named[n]) >= 2
+    scaled = tuple(check_flag(learn_scales, "learn_scales") and jnp.ndim(named[n]) >= 2
                    and (sens is None or rows_exercised(sens[n], ax))
                    for n, ax in zip(chosen, axes))
-    if rate_sample is not None and (not isinstance(rate_sample, (int, np.integer)) or isinstance(rate_sample, bool)
-                                    or rate_sample < _RUN):
-        raise InputError(f"rate_sample must be None or an integer >= {_RUN}, got {rate_sample!r}")
-    cfg = _Config(tuple(chosen), scaled, axes, qpd, bool(dq), mode, int(scale_qp), lo, hi,
-                  None if rate_sample is None else int(rate_sample))
+    rate_sample = None if rate_sample is None else check_int(rate_sample, "rate_sample (or None)", lo=_RUN)
+    cfg = _Config(tuple(chosen), scaled, axes, qpd, check_flag(dq, "dq"), mode, scale_qp, lo, hi, rate_sample)
 
     # Fixed tensors: quantized once, as the codec will; integer tensors stay as they are.
     fixed = {}
@@ -597,7 +581,7 @@ def optimize(
             bits += coded_ls[n][1]
     history = {"loss": h[:, 0], "distortion": h[:, 1], "rate_bits": h[:, 2]}
     return RDSettings(overrides, scales, int(scale_axis), history, float(bits), int(base_qp), qpd, nw_qp,
-                      bool(dq), tensor_bits=tensor_bits)
+                      cfg.dq, tensor_bits=tensor_bits)
 
 
 def _sensitivity_start(cfg: _Config, sens: dict, named: dict, base: Any, batches: list, refs: list, statics: dict,

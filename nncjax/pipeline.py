@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nncjax.arguments import check_flag, check_int
 from nncjax.coded_tensor import (
     SCALING_SUFFIX,
     code_tensor,
@@ -384,6 +385,7 @@ def optimize_ioq(
       >>> variables_hat = nncjax.decode(nncjax.encode(res.tensors, **res.encode_kwargs()), like=m.params)  # doctest: +SKIP
     """
     lam = check_lam(lam)
+    dq = check_flag(dq, "dq")
     if allocation not in _ALLOCATIONS:
         raise InputError(f"allocation must be one of {_ALLOCATIONS}, got {allocation!r}")
     if allocation == "sensitivity" and not lam > 0:
@@ -399,10 +401,9 @@ def optimize_ioq(
     lo, hi = qp_limits(qpd)
     base_qp = equivalent_qp(DEFAULT_QPS["base_qp"], qpd) if base_qp is None else base_qp
     nonweight_qp = equivalent_qp(DEFAULT_QPS["nonweight_qp"], qpd) if nonweight_qp is None else nonweight_qp
-    for what, q in (("base_qp", base_qp), ("nonweight_qp", nonweight_qp), ("ls_qp", ls_qp)):
-        if q is not None and not (isinstance(q, (int, np.integer)) and lo <= q <= hi):
-            raise InputError(f"{what} must be an int in [{lo}, {hi}], got {q!r}")
-    ls_qp = nonweight_qp if ls_qp is None else int(ls_qp)
+    base_qp = check_int(base_qp, "base_qp", lo=lo, hi=hi)
+    nonweight_qp = check_int(nonweight_qp, "nonweight_qp", lo=lo, hi=hi)
+    ls_qp = nonweight_qp if ls_qp is None else check_int(ls_qp, "ls_qp (or None)", lo=lo, hi=hi)
     batches = list(data) if isinstance(data, list) else [data]
     if not batches:
         raise InputError("data must hold at least one batch")
@@ -492,7 +493,7 @@ def optimize_ioq(
     nw = {n: int(q) for n, q in qps.items()}
     return IOQResult(
         tensors=tensors, qp_overrides=nw, qp=int(base_qp), qp_density=qpd, nonweight_qp=int(nonweight_qp),
-        dq=bool(dq), layout=layout, lam=float(lam),
+        dq=dq, layout=layout, lam=float(lam),
         wall_s={"fold": t_fold - t_start, "alloc": t_alloc - t_fold, "lsa": t_end - t_alloc,
                 "total": t_end - t_start},
         history={"weight_qps": {n: nw[n] for n in weights}, "d_alloc": d_alloc, "d_lsa": d_lsa,

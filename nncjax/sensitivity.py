@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import subjaxprs
 
+from nncjax.arguments import check_int, check_real
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
 from nncjax.rd_settings import rows_axis, to_rows_first
@@ -233,8 +234,7 @@ def row_moments(
     names = list(names) if isinstance(names, (list, tuple)) else names
     if not isinstance(names, list) or not names:
         raise InputError("names must be a non-empty list of tensor names")
-    if scale_axis not in (-1, 0) or isinstance(scale_axis, bool):
-        raise InputError(f"scale_axis must be -1 (Flax) or 0 (rows first), got {scale_axis!r}")
+    check_int(scale_axis, "scale_axis (-1: Flax, 0: rows first)", lo=-1, hi=0)
     if row_scales is not None and not isinstance(row_scales, Mapping):
         raise InputError(f"row_scales must be a mapping {{name: (rows,)}}, got {type(row_scales).__name__}")
     row_scales = dict(row_scales or {})
@@ -310,15 +310,12 @@ def check_seed(seed: Any) -> int:
     >>> check_seed(np.int64(3))
     3
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InputError(f"seed must be an integer, got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed")
 
 
 def check_probes(probes: Any) -> None:
     """Raises InputError unless ``probes`` is an integer >= 1."""
-    if not isinstance(probes, (int, np.integer)) or isinstance(probes, bool) or probes < 1:
-        raise InputError(f"probes must be an integer >= 1, got {probes!r}")
+    check_int(probes, "probes", lo=1)
 
 
 def _real_array(x: Any, what: str) -> np.ndarray:
@@ -342,19 +339,9 @@ def _sensitivity_array(g: Any, what: str) -> np.ndarray:
     return a
 
 
-def _positive(x: Any, what: str) -> float:
-    """``x`` as a float after checking it is a finite real number > 0 (not bool); raises InputError naming ``what``."""
-    if not isinstance(x, (int, float, np.integer, np.floating)) or isinstance(x, bool) \
-            or not math.isfinite(float(x)) or float(x) <= 0:
-        raise InputError(f"{what} must be a finite number > 0, got {x!r}")
-    return float(x)
-
-
 def check_max_ratio(ratio: Any, what: str = "max_ratio") -> None:
     """Raises InputError unless ``ratio`` is a finite number >= 1."""
-    if not isinstance(ratio, (int, float, np.integer, np.floating)) or isinstance(ratio, bool) \
-            or not math.isfinite(float(ratio)) or float(ratio) < 1:
-        raise InputError(f"{what} must be a finite number >= 1, got {ratio!r}")
+    check_real(ratio, what, lo=1)
 
 
 def _row_means(g: np.ndarray, axis: int) -> np.ndarray:
@@ -413,7 +400,7 @@ def spread_over_rows(sensitivity: np.ndarray, usage: Any, axis: int = 0, prior: 
                          f"got {u.shape}")
     if not np.all(np.isfinite(u)) or np.any(u < 0):
         raise InputError("usage counts must be finite and >= 0")
-    prior = _positive(prior, "prior")
+    prior = check_real(prior, "prior", above=0)
     if g.size == 0:  # no rows or no columns: nothing to spread
         return g.astype(np.float32)
     with np.errstate(over="ignore"):  # checked below
@@ -470,7 +457,7 @@ def allocate_steps(
       >>> np.round(a.row_scale["w"], 3)                       # rows 4x more sensitive: half the step
       array([0.707, 1.414])
     """
-    lam = _positive(lam, "lam")
+    lam = check_real(lam, "lam", above=0)
     check_max_ratio(max_ratio)
     qpd = check_qp_density(qp_density)
     for what, m in (("sensitivity", sensitivity), ("rows_axes", rows_axes), ("rate_slope", rate_slope)):
@@ -478,14 +465,13 @@ def allocate_steps(
             raise InputError(f"{what} must be a mapping {{name: ...}}, got {type(m).__name__}")
     sens = {n: _sensitivity_array(g, f"sensitivity of {n!r}") for n, g in sensitivity.items()}
     size = max(sum(g.size for g in sens.values()), 1)  # all tensors empty: any n, their steps are the coarsest
-    n = _positive(n_weights, "n_weights") if n_weights is not None else float(size)
+    n = check_real(n_weights, "n_weights", above=0) if n_weights is not None else float(size)
     rows_axes = dict(rows_axes or {})
-    slopes = {name: _positive(beta, f"rate_slope of {name!r}") for name, beta in (rate_slope or {}).items()}
-    if not (isinstance(qp_range, (tuple, list)) and len(qp_range) == 2
-            and all(isinstance(q, (int, float, np.integer, np.floating)) and math.isfinite(q) for q in qp_range)
-            and qp_range[0] <= qp_range[1]):
+    slopes = {name: check_real(beta, f"rate_slope of {name!r}", above=0) for name, beta in (rate_slope or {}).items()}
+    if not (isinstance(qp_range, (tuple, list)) and len(qp_range) == 2):
         raise InputError(f"qp_range must be two finite numbers (lo, hi) with lo <= hi, got {qp_range!r}")
-    lo, hi = qp_range
+    lo = check_real(qp_range[0], "qp_range[0]")
+    hi = check_real(qp_range[1], "qp_range[1]", lo=lo)
 
     def log_step_of(mean, beta):  # ln step of a mean sensitivity (array); zero -> +inf, the coarsest step
         with np.errstate(divide="ignore"):  # in logs: the step itself overflows or underflows at extreme lam / sens
@@ -498,9 +484,8 @@ def allocate_steps(
     for name, g in sens.items():
         beta = slopes.get(name, 1.0)
         axis = rows_axes.get(name)
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, (int, np.integer))
-                                 or not -g.ndim <= axis < g.ndim):
-            raise InputError(f"rows axis {axis!r} is outside {name!r} of shape {g.shape}")
+        if axis is not None:
+            axis = check_int(axis, f"rows axis of {name!r} (shape {g.shape})", lo=-g.ndim, hi=g.ndim - 1)
         if axis is not None and g.shape[axis] > 1 and rows_exercised(g, axis):
             log_step = log_step_of(_row_means(g, axis), beta)
             centre = float(np.median(log_step))

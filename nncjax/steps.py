@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import check_int
 from nncjax.errors import InputError
 
 __all__ = ["check_qp_density", "equivalent_qp", "qp_to_step", "qp_to_step_continuous", "qp_to_step_jax", "step_to_qp",
@@ -25,11 +26,9 @@ def check_qp_density(qp_density: int) -> int:
     >>> check_qp_density(8)
     Traceback (most recent call last):
     ...
-    nncjax.errors.InputError: qp_density must be an integer in 0..7, got 8
+    nncjax.errors.InputError: qp_density must be an integer in [0, 7], got 8
     """
-    if not isinstance(qp_density, (int, np.integer)) or isinstance(qp_density, bool) or not 0 <= int(qp_density) <= 7:
-        raise InputError(f"qp_density must be an integer in 0..7, got {qp_density!r}")
-    return int(qp_density)
+    return check_int(qp_density, "qp_density", lo=0, hi=7)
 
 
 def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
@@ -94,6 +93,9 @@ def qp_to_step_jax(qp, qp_density: int = 2):
     [0.00390625, 0.00146484375]
     """
     qpd = check_qp_density(qp_density)
+    dt = qp.dtype if hasattr(qp, "dtype") else np.asarray(qp).dtype  # tracers have a dtype too
+    if not jnp.issubdtype(dt, jnp.integer):  # the int32 cast would truncate a float QP toward zero
+        raise InputError(f"QPs must be integers, got dtype {dt}")
     q = jnp.asarray(qp, dtype=jnp.int32)
     k = 1 << qpd
     # ldexp is exact; exp2 is not on every backend.

@@ -296,7 +296,7 @@ def test_lam_scalar_types_and_non_finite_data(tiny_bn):
     for lam in (np.float32(1e-3), np.float64(1e-3), jnp.float32(1e-3), np.int64(0)):
         assert optimize_ioq(v, apply, x, lam=lam, lsa_steps=0).lam == pytest.approx(float(lam))
     for lam in (True, np.array([1e-3]), 1e-3 + 0j, float("nan"), "0.001"):
-        with pytest.raises(InputError, match="lam must be a real, finite number"):
+        with pytest.raises(InputError, match="lam must be a finite real number"):
             optimize_ioq(v, apply, x, lam=lam)
     with pytest.raises(InputError, match="outputs on batch 1 contain NaN"):
         optimize_ioq(v, apply, [x, x.at[0, 0, 0, 0].set(jnp.nan)], lam=1e-3)

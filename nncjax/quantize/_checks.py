@@ -13,16 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import is_concrete
 from nncjax.errors import InputError
 
 #: The float32 levels that fit int32: float32 holds nothing between 2**31 - 128 and 2**31.
 LEVEL_MIN = -(2.0**31)
 LEVEL_MAX = float(np.nextafter(np.float32(2.0**31), np.float32(0.0)))
-
-
-def is_concrete(x) -> bool:
-    """Whether ``x``'s value can be read now (it is no tracer)."""
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _show(step) -> str:

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import check_flag, check_int, check_real
 from nncjax.errors import InputError, UnsupportedError
 from nncjax.quantize.dq import _PRED as _DQ_PRED
 from nncjax.quantize.dq import _state_candidates
@@ -161,9 +162,11 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
         return jnp.zeros(w.shape, jnp.int32), w
     if not bool(jnp.all(jnp.isfinite(w))):
         raise InputError("w and h must be finite")
+    dq = check_flag(dq, "dq")
+    act_order = not dq if act_order is None else check_flag(act_order, "act_order (or None)")
     if dq and act_order:
         raise InputError("dq=True needs act_order=False: the DQ trellis runs in the codec's scan order")
-    order, u = _checked_factor(h, damp, not dq if act_order is None else bool(act_order))
+    order, u = _checked_factor(h, damp, act_order)
     step = jnp.broadcast_to(jnp.asarray(step, jnp.float32), (w.shape[0],))
     return _quantize_trellis(w, u, step) if dq else _quantize_ordered(w, order, u, step)
 
@@ -171,9 +174,8 @@ def quantize_gptq(w: jax.Array, h: jax.Array, step: float | jax.Array, *, damp: 
 def _checked_factor(h: jax.Array, damp: float, act_order: bool) -> tuple[jax.Array, jax.Array]:
     """:func:`_factor` of a finite ``h`` with a non-negative diagonal whose damped inverse has a Cholesky
     factor, else InputError."""
-    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0):
-        raise InputError(f"damp must be a number >= 0, got {damp!r}")
-    order, u, finite_h, psd = _factor(jnp.asarray(h, jnp.float32), jnp.float32(damp), bool(act_order))
+    damp = check_real(damp, "damp", lo=0)
+    order, u, finite_h, psd = _factor(jnp.asarray(h, jnp.float32), jnp.float32(damp), act_order)
     if not bool(finite_h):
         raise InputError("w and h must be finite")
     if not bool(psd):
@@ -448,9 +450,8 @@ def input_moments(
     """
     from nncjax._layer_stats import batch_means, unwrap_jit
 
-    if not isinstance(patch_stride, (int, np.integer)) or isinstance(patch_stride, bool) or patch_stride < 1:
-        raise InputError(f"patch_stride must be an integer >= 1, got {patch_stride!r}")
-    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, int(patch_stride)), (params,), data)
+    patch_stride = check_int(patch_stride, "patch_stride", lo=1)
+    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, patch_stride), (params,), data)
     if not moments and skipped:
         raise UnsupportedError(f"every layer's kernel is mapped by a lifted transform (nn.scan / nn.vmap over "
                                f"'params': one stacked kernel for several layers, whose inputs differ): {skipped}")

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from nncjax.arguments import check_flag, check_int, check_real
 from nncjax.errors import InputError
 from nncjax.kernels import trellis
 from nncjax.kernels.bits import ue_length
@@ -81,23 +82,9 @@ def _weights(w) -> np.ndarray:
     return np.asarray(a, order="C")  # keeps 0-d shapes, unlike ascontiguousarray
 
 
-def _int(name: str, v, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-        raise InputError(f"{name} must be an integer, got {v!r}")
-    v = int(v)
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(f"{name} must lie in [{lo}, {hi}], got {v}")
-    return v
-
-
 def _lambda(lambda_scale) -> float:
     """NNCodec passes lambda_scale as float32; the float32 value is what enters the cost."""
-    try:
-        lam = float(lambda_scale)
-    except (TypeError, ValueError):
-        raise InputError(f"lambda_scale must be a number, got {lambda_scale!r}") from None
-    if not (0 <= lam < float(np.finfo(np.float32).max)):  # also rejects NaN
-        raise InputError(f"lambda_scale must be finite in float32 and >= 0, got {lambda_scale!r}")
+    lam = check_real(lambda_scale, "lambda_scale (finite in float32)", lo=0, hi=float(np.finfo(np.float32).max))
     return float(np.float32(lam))
 
 
@@ -124,7 +111,7 @@ def scan_positions(shape, scan_order: int = 0) -> np.ndarray:
     >>> scan_positions((3, 10), 1)[:10].tolist()
     [0, 1, 2, 3, 4, 5, 6, 7, 10, 11]
     """
-    scan_order = _int("scan_order", scan_order, 0, 4)
+    scan_order = check_int(scan_order, "scan_order", lo=0, hi=4)
     h, width = _matrix(tuple(shape))
     n = h * width
     if scan_order == 0 or width <= 1 or h <= 1:
@@ -185,8 +172,9 @@ def _quantize(w, qp, qp_density, dq, lambda_scale, unary_length, scan_order) -> 
 
 
 def _common(w, qp, qp_density, lambda_scale, unary_length, scan_order):
-    return (_weights(w), _int("qp", qp, -(2**15), 2**15), check_qp_density(qp_density), _lambda(lambda_scale),
-            _int("unary_length", unary_length, 1, 256), _int("scan_order", scan_order, 0, 4))
+    return (_weights(w), check_int(qp, "qp", lo=-(2**15), hi=2**15), check_qp_density(qp_density),
+            _lambda(lambda_scale), check_int(unary_length, "unary_length", lo=1, hi=256),
+            check_int(scan_order, "scan_order", lo=0, hi=4))
 
 
 def quantize_uniform(w, qp, *, qp_density=2, lambda_scale=0.0, unary_length=11, scan_order=0) -> np.ndarray:
@@ -234,10 +222,11 @@ def safe_qp(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0) -> int:
     -4
     """
     w = _weights(w)
-    qp = _int("qp", qp, -(2**15), 2**15)
+    qp = check_int(qp, "qp", lo=-(2**15), hi=2**15)
     qpd = check_qp_density(qp_density)
     lam = _lambda(lambda_scale)
-    if not _overflows(w, _step32(qp, qpd), bool(dq), lam):
+    dq = check_flag(dq, "dq")
+    if not _overflows(w, _step32(qp, qpd), dq, lam):
         return qp
     k = 1 << qpd
     min_step = float(np.abs(w).max()) / _GUARD_DIVISOR
@@ -247,7 +236,7 @@ def safe_qp(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0) -> int:
     # The guard aims at the overflow limit itself, so float32 rounding can leave it one step short;
     # NNCodec then aborts. We go on to the next QPs instead (two octaves always suffice).
     for extra in range(2 * k + 1):
-        if not _overflows(w, _step32(raised + extra, qpd), bool(dq), lam):
+        if not _overflows(w, _step32(raised + extra, qpd), dq, lam):
             return raised + extra
     raise InputError(f"no QP near {raised} keeps the levels inside int32")
 
@@ -263,7 +252,7 @@ def quantize_tensor(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0, unary_len
     """
     w, qp, qpd, lam, n, so = _common(w, qp, qp_density, lambda_scale, unary_length, scan_order)
     used = safe_qp(w, qp, qp_density=qpd, dq=dq, lambda_scale=lam)
-    return _quantize(w, used, qpd, bool(dq), lam, n, so), used
+    return _quantize(w, used, qpd, dq, lam, n, so), used
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +270,7 @@ def reconstruct(levels, qp, *, qp_density=2) -> np.ndarray:
     k = np.asarray(levels)
     if not np.issubdtype(k.dtype, np.integer):
         raise InputError(f"levels must be integers, got dtype {k.dtype}")
-    step = _step32(_int("qp", qp, -(2**15), 2**15), check_qp_density(qp_density))
+    step = _step32(check_int(qp, "qp", lo=-(2**15), hi=2**15), check_qp_density(qp_density))
     return step * k.astype(np.float32)
 
 
@@ -298,11 +287,11 @@ def reconstruct_codebook(levels, codebook, offset, qp, qp_density=2) -> np.ndarr
     lv = np.asarray(levels)
     if not (np.issubdtype(cb.dtype, np.integer) and np.issubdtype(lv.dtype, np.integer)) or cb.ndim != 1:
         raise InputError("codebook must be a 1-D integer array and levels integers")
-    offset = _int("offset", offset, 0, max(cb.size - 1, 0))
+    offset = check_int(offset, "offset", lo=0, hi=max(cb.size - 1, 0))
     idx = lv.astype(np.int64) + offset
     if idx.size and (idx.min() < 0 or idx.max() >= cb.size):
         raise InputError("a level falls outside the codebook")
-    values = cb.astype(np.float64) * qp_to_step(_int("qp", qp, -(2**15), 2**15), qp_density)
+    values = cb.astype(np.float64) * qp_to_step(check_int(qp, "qp", lo=-(2**15), hi=2**15), qp_density)
     return values[idx]
 
 
@@ -327,8 +316,8 @@ def nonweight_qp(qp, *, qp_density=2, nonweight_qp=-75) -> int:
     """
     qpd = check_qp_density(qp_density)
     if nonweight_qp:
-        return _int("nonweight_qp", nonweight_qp)
-    return _int("qp", qp) - (2 << qpd)
+        return check_int(nonweight_qp, "nonweight_qp")
+    return check_int(qp, "qp") - (2 << qpd)
 
 
 def codebook_syntax_bits(codebook, offset: int, egk: int) -> int:
@@ -338,7 +327,7 @@ def codebook_syntax_bits(codebook, offset: int, egk: int) -> int:
     24
     """
     cb, offset = _codebook_list(codebook, offset)
-    egk = _int("egk", egk, 0, 15)
+    egk = check_int(egk, "egk", lo=0, hi=15)
     if not cb:
         raise InputError("an empty codebook has no codebook() syntax")
     size = len(cb)
@@ -354,7 +343,7 @@ def _codebook_list(codebook, offset) -> tuple[list[int], int]:
     cb = np.asarray(codebook)
     if cb.ndim != 1 or (cb.size and cb.dtype.kind not in "iu") or np.any(np.diff(cb.astype(np.int64)) <= 0):
         raise InputError(f"codebook must be a 1-D strictly increasing integer array, got {codebook!r}")
-    return [int(v) for v in cb], _int("offset", offset, 0, max(cb.size - 1, 0))
+    return [int(v) for v in cb], check_int(offset, "offset", lo=0, hi=max(cb.size - 1, 0))
 
 
 def _ie_index(x: int) -> int:
@@ -409,7 +398,7 @@ def _clip(levels: np.ndarray, clip) -> np.ndarray:
     if clip is None:
         return levels
     lo, hi = clip
-    return np.clip(levels, _int("clip low", lo), _int("clip high", hi)).astype(np.int32)
+    return np.clip(levels, check_int(lo, "clip low"), check_int(hi, "clip high")).astype(np.int32)
 
 
 class CodebookResult(NamedTuple):
@@ -486,6 +475,7 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
     (False, [[2, -4], [1, 11]], -16, 6, 35)
     """
     w, qp, qpd, lam, n, so = _common(w, qp, qp_density, lambda_scale, unary_length, scan_order)
+    dq = check_flag(dq, "dq")
     cb = quantize_codebook(w, qp, qp_density=qpd, dq_requested=dq, lambda_scale=lam, unary_length=n,
                            scan_order=so, clip=clip)
     if dq:
@@ -496,13 +486,13 @@ def choose_codebook_or_uniform(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0
         uni = (cb.levels + np.int32(cb.offset))
         uni = cb.codebook[uni]
         uni_qp = cb.qp
-    common = dict(unary_length=n - 1, param_opt=bool(param_opt), scan_order=so, row_skipping=False,
+    common = dict(unary_length=n - 1, param_opt=check_flag(param_opt, "param_opt"), scan_order=so, row_skipping=False,
                   profile=int(profile), codebook_size=0, codebook_offset=0,
-                  parent_present=bool(parent_node_id_present))
+                  parent_present=check_flag(parent_node_id_present, "parent_node_id_present"))
     # Clipping can leave DQ indices the state machine cannot produce; NNCodec codes them anyway.
-    uni_bytes = _encode_len(uni, dq=bool(dq), strict_dq=False, **common)
+    uni_bytes = _encode_len(uni, dq=dq, strict_dq=False, **common)
     cb_cost = _encode_len(cb.levels, dq=False, **common) + codebook_syntax_bits(cb.codebook, cb.offset, cb.egk)
-    return CodebookChoice(cb_cost < uni_bytes, cb, uni.astype(np.int32), uni_qp, bool(dq), uni_bytes, cb_cost)
+    return CodebookChoice(cb_cost < uni_bytes, cb, uni.astype(np.int32), uni_qp, dq, uni_bytes, cb_cost)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -539,7 +529,7 @@ def bitdepth_qp(w, bitdepth, *, qp_density=2, is_weight=True) -> tuple[int, int,
     """
     w = _weights(w)
     qpd = check_qp_density(qp_density)
-    bits = _int("bitdepth", bitdepth, 1, 31)
+    bits = check_int(bitdepth, "bitdepth", lo=1, hi=31)
     if not (bits > 7 or is_weight):
         bits = 8
     if w.size and not np.any(w < 0):

@@ -29,8 +29,6 @@ use the continuous step :func:`nncjax.steps.qp_to_step_continuous` so gradients 
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nncjax.arguments import check_flag, check_int, check_real
 from nncjax.errors import InputError
 from nncjax.pytree_names import key_path_name
 from nncjax.quantize.codebook import codebook_init, quantize_codebook
@@ -82,10 +81,6 @@ def _compile_rules(rules: Rules) -> list[tuple[str, re.Pattern, Any]]:
     return out
 
 
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_settings(pat: str, cfg: Any) -> dict:
     if not isinstance(cfg, Mapping):
         raise InputError(f"rule {pat!r}: settings must be a dict, got {type(cfg).__name__}")
@@ -93,14 +88,12 @@ def _check_settings(pat: str, cfg: Any) -> dict:
     if bad:
         raise InputError(f"unknown quantizer settings {sorted(bad)} in rule {pat!r}")
     for key in ("qp", "lam", "alpha"):
-        if key in cfg and not _is_real(cfg[key]):
-            raise InputError(f"rule {pat!r}: {key} must be a finite number, got {cfg[key]!r}")
-    if "dq" in cfg and not isinstance(cfg["dq"], (bool, numbers.Integral)):
-        raise InputError(f"rule {pat!r}: dq must be a bool, got {cfg['dq']!r}")
+        if key in cfg:
+            check_real(cfg[key], f"rule {pat!r}: {key}")
+    if "dq" in cfg:
+        check_flag(cfg["dq"], f"rule {pat!r}: dq")
     # A codebook size is a count; a float like 2.5 would otherwise be truncated silently by int().
-    cb = cfg.get("codebook", 0)
-    if not isinstance(cb, numbers.Integral) or isinstance(cb, bool) or cb < 0:
-        raise InputError(f"rule {pat!r}: codebook must be a non-negative int, got {cb!r}")
+    cb = check_int(cfg.get("codebook", 0), f"rule {pat!r}: codebook", lo=0)
     if cfg.get("dq", True) and cb:
         raise InputError(f"rule {pat!r}: a codebook is never combined with DQ (NNR); set dq=False")
     return dict(cfg)

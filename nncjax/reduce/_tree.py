@@ -7,8 +7,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from nncjax.arguments import check_int
 from nncjax.errors import InputError
 from nncjax.pytree_names import key_path_name
 
@@ -34,9 +34,7 @@ def check_axis(axis: Any, ndim: int) -> int:
     >>> check_axis(-1, 3)
     2
     """
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-        raise InputError(f"axis must be an integer in [{-ndim}, {ndim - 1}] for a {ndim}-D tensor, got {axis!r}")
-    return int(axis) % ndim
+    return check_int(axis, "axis", lo=-ndim, hi=ndim - 1) % ndim
 
 
 def named_leaves(tree: Any) -> dict[str, jax.Array]:

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import is_concrete
 from nncjax.errors import InputError
 from nncjax.reduce._tree import named_leaves, path_name, replace_named, resolve
 from nncjax.reduce.layout import flax_to_nnr, nnr_to_flax
@@ -123,7 +124,7 @@ def _var_plus_eps(var: jax.Array, eps: float) -> jax.Array:
 
 def _check_variance(bn: Path, var: jax.Array, eps: float) -> None:
     """InputError naming the BN if ``var + eps <= 0`` anywhere; skipped for traced ``var`` (no host sync)."""
-    if isinstance(var, jax.core.Tracer):
+    if not is_concrete(var):
         return
     bad = np.asarray(_var_plus_eps(var, eps)) <= 0
     if bad.any():

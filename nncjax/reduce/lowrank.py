@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import check_int
 from nncjax.errors import InputError
 
 __all__ = ["LowRank", "dc_matrix_shape", "low_rank_decompose", "low_rank_factors", "low_rank_recompose", "svd_tail_norm",
@@ -165,9 +166,7 @@ def low_rank_factors(params: Any, ranks: Mapping[str, int], *, g_rows: Mapping[s
         if kernel_rows(name, w):
             w = flax_to_nnr(w)
         rank = ranks[name]
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
-            raise InputError(f"ranks[{name!r}] must be an integer, got {rank!r}")
-        f = low_rank_decompose(w.astype(jnp.float32), int(rank), g_rows.get(name))
+        f = low_rank_decompose(w.astype(jnp.float32), check_int(rank, f"ranks[{name!r}]"), g_rows.get(name))
         nm = block_names(name)
         flat[nm["G"]], flat[nm["H"]] = np.asarray(f.g, np.float32), np.asarray(f.h, np.float32)
         dims[name] = tuple(int(d) for d in w.shape)

@@ -12,7 +12,6 @@ which is itself a pytree, so any optax optimizer applies directly.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
+from nncjax.arguments import check_int
 from nncjax.errors import InputError
 from nncjax.pytree_names import is_kernel_name
 from nncjax.reduce._tree import check_axis, named_leaves, replace_named
@@ -154,8 +154,7 @@ def fit_local_scales(
         InputError: ``steps`` is not a non-negative int, ``data_iter`` is not iterable, or ``scales``
             do not fit ``params_q`` (:func:`apply_local_scales`).
     """
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
-        raise InputError(f"steps must be a non-negative int, got {steps!r}")
+    steps = check_int(steps, "steps", lo=0)
     if not isinstance(data_iter, Iterable):
         raise InputError(f"data_iter must be an iterable of batches, got {type(data_iter).__name__}")
     leaves = named_leaves(params_q)
