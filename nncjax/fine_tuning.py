@@ -289,7 +289,7 @@ def with_fine_tuning(
     target = params if reference is None else reference
 
     refs = [apply_model(target, b, apply_fn=apply_fn) for b in batches]
-    check_finite_outputs(refs)  # NaN targets: every D NaN, and the tuning silently given up
+    check_finite_outputs(refs, distortion="output")  # NaN targets: every D NaN, and the tuning silently given up
     base = decoded_params(params, settings)  # every weight as decoded; the tuned ones start there
     decoded = flatten_named(base)
     search = steps > 0 and method == "search"

@@ -483,7 +483,7 @@ def optimize(
     if bad:
         raise InputError(f"params hold NaN or Inf in {bad[:5]}")
     refs = [None if loss is not None else apply_model(params, b, apply_fn=apply_fn) for b in batches]
-    check_finite_outputs([r for r in refs if r is not None])
+    check_finite_outputs([r for r in refs if r is not None], distortion=distortion if loss is None else None)
     sens = None
     if init == "sensitivity":
         sens = output_sensitivity(params, apply_fn, batches, probes=probes, select=chosen, seed=seed)

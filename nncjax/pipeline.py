@@ -425,7 +425,7 @@ def optimize_ioq(
     t_fold = time.perf_counter()
 
     refs = [jax.jit(apply_fn)(variables, b) for b in batches]
-    check_finite_outputs(refs)
+    check_finite_outputs(refs, distortion="output")
 
     def apply_coded(c, batch):
         return apply_fn(layout.to_variables(c), batch)

@@ -36,6 +36,7 @@ import numpy as np
 from jax.extend.core import subjaxprs
 
 from nncjax.arguments import check_int, check_real
+from nncjax.distortion import check_output_scale, output_spread
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
 from nncjax.rd_settings import rows_axis, to_rows_first
@@ -64,22 +65,24 @@ def _random_cotangent(ys: Any, key: jax.Array) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "probes", "batched"))
 def _squared_probes(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int,
-                    batched: bool) -> dict:
-    """``{name: float32 (shape)}``: the sum over ``probes`` random-sign probes of ``(J^T v)**2``, i.e. this
-    batch's D, times ``probes``. ``batched``: all probes in one VJP with a leading probe axis
+                    batched: bool) -> tuple[dict, Any]:
+    """``({name: float32 (shape)}, output spreads)``: the sum over ``probes`` random-sign probes of
+    ``(J^T v)**2``, i.e. this batch's D, times ``probes``; and :func:`output_spread` of the outputs,
+    for :func:`check_output_scale`. ``batched``: all probes in one VJP with a leading probe axis
     (:func:`_batch_probes` says when that pays)."""
     ys, vjp = jax.vjp(lambda w: apply_fn(replace_named(params, w), batch), weights)
     keys = jax.random.split(key, probes)
     if batched:
         (g,) = jax.vmap(vjp)(jax.vmap(lambda k: _random_cotangent(ys, k))(keys))
         # summed probe by probe, in the loop's order
-        return jax.tree_util.tree_map(lambda x: functools.reduce(jnp.add, jnp.square(x.astype(jnp.float32))), g)
+        acc = jax.tree_util.tree_map(lambda x: functools.reduce(jnp.add, jnp.square(x.astype(jnp.float32))), g)
+        return acc, output_spread(ys)
     # a Python loop, not lax.scan: XLA:CPU runs convolutions inside a loop body about 10x slower
     acc = jax.tree_util.tree_map(lambda w: jnp.zeros(w.shape, jnp.float32), weights)
     for k in keys:
         (g,) = vjp(_random_cotangent(ys, k))
         acc = jax.tree_util.tree_map(lambda a, x: a + jnp.square(x.astype(jnp.float32)), acc, g)
-    return acc
+    return acc, output_spread(ys)
 
 
 _BATCHED_PROBE_BYTES = 1 << 31  # at most this much float32 gradient for all probes at once
@@ -103,11 +106,13 @@ def _batch_probes(apply_fn: Callable, params: Any, batch: Any, n_weights: int, p
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "probes"))
-def _probe_gradients(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn, probes: int) -> dict:
-    """``{name: (probes, *shape)}``: ``J^T v`` of ``probes`` random-sign probes."""
+def _probe_gradients(weights: dict, params: Any, batch: Any, key: jax.Array, *, apply_fn,
+                     probes: int) -> tuple[dict, Any]:
+    """``({name: (probes, *shape)}, output spreads)``: ``J^T v`` of ``probes`` random-sign probes, and
+    :func:`output_spread` of the outputs."""
     ys, vjp = jax.vjp(lambda w: apply_fn(replace_named(params, w), batch), weights)
     grads = [vjp(_random_cotangent(ys, k))[0] for k in jax.random.split(key, probes)]
-    return jax.tree_util.tree_map(lambda *g: jnp.stack(g).astype(jnp.float32), *grads)
+    return jax.tree_util.tree_map(lambda *g: jnp.stack(g).astype(jnp.float32), *grads), output_spread(ys)
 
 
 def output_sensitivity(
@@ -156,8 +161,10 @@ def output_sensitivity(
     batched = _batch_probes(apply_fn, params, batches[0], sum(int(np.size(w)) for w in weights.values()),
                             int(probes))
     for i, batch in enumerate(batches):
-        acc = _squared_probes(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
-                              probes=int(probes), batched=batched)
+        acc, spread = _squared_probes(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
+                                      probes=int(probes), batched=batched)
+        # a constant output leaf's cotangent is scaled by 1 / sqrt(1e-12): its sensitivities would be 1e12 too large
+        check_output_scale(spread, i)
         total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     scale = 1.0 / (int(probes) * len(batches))
     return _finite({n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen})
@@ -257,8 +264,9 @@ def row_moments(
     key = jax.random.PRNGKey(check_seed(seed))
     total = {n: 0.0 for n in names}
     for i, batch in enumerate(batches):
-        grads = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
-                                 probes=int(probes))
+        grads, spread = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
+                                         probes=int(probes))
+        check_output_scale(spread, i)
         for n, g in grads.items():
             s = np.asarray(row_scales.get(n, np.ones(g.shape[1 + axes[n]])), np.float32)
             for gp in np.asarray(g):

@@ -249,7 +249,7 @@ def test_probes_batched_where_it_pays_and_equal_to_the_loop():
     assert not _batch_probes(_linear, p, x, 15, 1)
     assert not _batch_probes(_linear, p, x, _BATCHED_PROBE_BYTES // 16 + 1, 4)  # too much gradient at once
     for f, params, batch in ((_linear, p, x), (_conv, pc, xc)):
-        runs = [_squared_probes(params, params, batch, jax.random.PRNGKey(3), apply_fn=f, probes=4, batched=b)
+        runs = [_squared_probes(params, params, batch, jax.random.PRNGKey(3), apply_fn=f, probes=4, batched=b)[0]
                 for b in (False, True)]
         for n in params:
             np.testing.assert_allclose(runs[1][n], runs[0][n], rtol=1e-5)
@@ -415,3 +415,22 @@ def test_sensitivities_refuse_non_finite_and_empty_outputs():
 
 def _lin(p, x):
     return x @ p["w"]
+
+
+def test_constant_output_leaves_are_refused_by_name():
+    """A constant output (a scalar loss among the outputs, or a batch of equal predictions) has variance 0:
+    its probes were scaled by 1 / sqrt(1e-12), so its sensitivities came out about 1e12 times too large."""
+    p = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)}
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 4)), jnp.float32)
+
+    def with_loss(params, b):
+        y = b @ params["w"]
+        return {"y": y, "loss": jnp.float32(0.5)}  # constant: does not depend on params
+
+    with pytest.raises(InputError, match="output leaf 'loss' is constant or empty on batch 0"):
+        output_sensitivity(p, with_loss, x)
+    with pytest.raises(InputError, match="the output is constant or empty on batch 1"):  # equal predictions
+        output_sensitivity(p, lambda q, b: b @ q["w"], [x, jnp.zeros_like(x)])
+    with pytest.raises(InputError, match="constant or empty"):
+        row_moments(p, with_loss, x, ["w"])
+    assert np.all(np.isfinite(output_sensitivity(p, lambda q, b: b @ q["w"], x)["w"]))

@@ -9,6 +9,7 @@ original-named tensors can be loaded back into Flax and vice versa.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ from nncjax.errors import InputError
 
 __all__ = [
     "EvalModel",
+    "check_batch",
+    "checked_apply",
     "checked_tree",
     "classification_metrics",
     "compare_with_shipped",
@@ -111,6 +114,79 @@ def checked_tree(flat: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
         if a.shape != tuple(shapes[p]):
             raise InputError(f"{what}: {p} has shape {a.shape}, expected {tuple(shapes[p])}")
     return unflatten_paths(arrays)
+
+
+_KIND_NAMES = {"iuf": "real numeric", "iu": "integer", "iub": "integer or bool"}
+
+
+def check_batch(x: Any, what: str, shape: tuple[int | str, ...], kinds: str = "iuf") -> Any:
+    """``x`` after checking it is an array of ``shape`` whose dtype kind (NumPy's letter) is one of
+    ``kinds``; otherwise :class:`~nncjax.errors.InputError` naming the expected shape. In ``shape`` an
+    int is a fixed size and a string names a free size >= 1. Only shapes and dtypes are read, which are
+    static, so the check also runs on tracers under ``jit``. An array-like (a list) comes back as a
+    NumPy array; arrays and tracers come back unchanged.
+
+    Example:
+        >>> check_batch(np.zeros((2, 64)), "images", ("B", 64)).shape
+        (2, 64)
+        >>> check_batch(np.zeros((2, 63)), "images", ("B", 64))
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.InputError: images must be a real numeric array of shape (B, 64) with B >= 1, got shape (2, 63)
+    """
+    spec = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+    free = [d for d in shape if isinstance(d, str)]
+    want = f"{what} must be a{'n' if _KIND_NAMES[kinds][0] in 'aeiou' else ''} {_KIND_NAMES[kinds]} array of shape " \
+        f"{spec}" + (f" with {', '.join(free)} >= 1" if free else "")
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError):  # ragged nesting, tracers in a list
+            raise InputError(f"{want}, got {type(x).__name__}") from None
+    if np.dtype(x.dtype).kind not in kinds:  # bool and complex were cast silently, strings failed in JAX
+        raise InputError(f"{want}, got dtype {np.dtype(x.dtype)}")
+    got = tuple(x.shape)
+    if len(got) != len(shape) or any(g != d if isinstance(d, int) else g < 1 for g, d in zip(got, shape)):
+        raise InputError(f"{want}, got shape {got}")
+    return x
+
+
+ApplyFn = Callable[[Params, Any], Any]
+
+
+def checked_apply(check: Callable[[Any], Any]) -> Callable[[ApplyFn], ApplyFn]:
+    """Decorator of a model's ``apply(params, batch)``: compiles it with ``jax.jit`` behind
+    ``check(batch) -> batch`` (e.g. :func:`check_batch`), which runs in Python before the compiled call,
+    so a string or ragged batch never reaches ``jit`` and value checks can run while values are
+    concrete. Under a user's ``jit`` it checks tracers (shapes and dtypes only) and stays pure. The
+    result keeps the function's name and docstring and looks like a ``jax.jit`` wrapper: ``lower`` is
+    the compiled function's, and ``__wrapped__`` the checked Python function, which layer statistics
+    (GPTQ moments, bias correction) trace afresh to intercept the layers, where the compiled function's
+    cached trace would run none of them.
+
+    Example:
+        >>> @checked_apply(lambda x: check_batch(x, "x", ("B",)))
+        ... def scale(p, x):
+        ...     return p * x
+        >>> scale(2.0, np.ones(3)).tolist()
+        [2.0, 2.0, 2.0]
+    """
+
+    def decorate(fn: ApplyFn) -> ApplyFn:
+        @functools.wraps(fn)
+        def traceable(params: Params, batch: Any) -> Any:
+            return fn(params, check(batch))
+
+        compiled = jax.jit(traceable)
+
+        @functools.wraps(fn)
+        def apply(params: Params, batch: Any) -> Any:
+            return compiled(params, check(batch))
+
+        apply.__wrapped__, apply.lower = traceable, compiled.lower
+        return apply
+
+    return decorate
 
 
 # Flax leaf name -> torch parameter/buffer suffix.

@@ -31,6 +31,8 @@ import numpy as np
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    check_batch,
+    checked_apply,
     checked_tree,
     compare_with_shipped,
     flatten_paths,
@@ -180,9 +182,10 @@ def weights_path(capacity: str = "tiny") -> pathlib.Path:
     return pathlib.Path(next(iter(spec.submodule_search_locations))) / "assets" / f"{capacity}.pth"
 
 
-@jax.jit
+@checked_apply(lambda frames: check_batch(frames, "frames", ("B", WINDOW)))
 def apply(params: Mapping[str, Any], frames: jax.Array) -> jax.Array:
     """Pitch-bin activations ``(B, 360)`` float32 of raw audio frames ``(B, 1024)`` at 16 kHz.
+    Raises InputError for another shape or dtype (complex frames lost their imaginary part).
 
     Example:
         >>> apply(load().params, harmonic_tones(4)[0]).shape            # doctest: +SKIP

@@ -21,6 +21,8 @@ import optax
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    check_batch,
+    checked_apply,
     classification_metrics,
     compare_with_shipped,
     frozen_float32,
@@ -65,18 +67,26 @@ def load_digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     raise InputError(f"split must be 'train' or 'test', got {split!r}")
 
 
-@jax.jit
+def _images(images: Any) -> Any:
+    return check_batch(images, "images", ("B", 64))
+
+
+@checked_apply(_images)
 def apply(params: Mapping[str, Any], images: jax.Array) -> jax.Array:
-    """Logits ``(B, 10)`` of ``images (B, 64)``. Example: ``apply(load().params, x).argmax(1)``."""
+    """Logits ``(B, 10)`` of ``images (B, 64)`` (InputError for another shape or dtype).
+    Example: ``apply(load().params, x).argmax(1)``."""
     return DigitsMLP().apply(params, images)
 
 
 def loss(params: Mapping[str, Any], images: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy, a scalar; differentiable in ``params``.
+    """Mean softmax cross-entropy, a scalar; differentiable in ``params``. ``images (B, 64)``, integer
+    ``labels (B,)``; InputError for other shapes or dtypes.
 
     Example:
         >>> jax.grad(loss)(load().params, *load_digits_split("train"))     # doctest: +SKIP
     """
+    images = _images(images)
+    labels = check_batch(labels, "labels", (np.shape(images)[0],), "iu")
     logits = DigitsMLP().apply(params, images)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 

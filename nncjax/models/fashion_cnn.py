@@ -23,6 +23,8 @@ import optax
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    check_batch,
+    checked_apply,
     checked_tree,
     classification_metrics,
     compare_with_shipped,
@@ -133,9 +135,10 @@ def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-@jax.jit
+@checked_apply(lambda images: check_batch(images, "images", ("B", 28, 28)))
 def apply(params: Mapping[str, Any], images: jax.Array) -> jax.Array:
     """Logits ``(B, 10)`` of images ``(B, 28, 28)`` (uint8 or float, 0..255), batch norm in inference mode.
+    Raises InputError for another shape (28 x 27 images were silently classified) or dtype.
 
     Example:
         >>> apply(load().params, load_fashion_mnist("test")[0][:4]).shape   # doctest: +SKIP

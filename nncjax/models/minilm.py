@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import is_concrete
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
+    check_batch,
+    checked_apply,
     checked_tree,
     compare_with_shipped,
     flatten_paths,
@@ -234,9 +237,31 @@ def tokenize(texts: Sequence[str], length: int | None = None) -> dict[str, np.nd
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@jax.jit
+def _check_tokens(batch: Any) -> dict[str, Any]:
+    """``batch`` as ``{"input_ids", "attention_mask"}`` after checking both are ``(B, T)`` with
+    ``T <= MAX_POS`` (position embeddings end there: longer inputs gave NaN), integer ids (a bool mask
+    is fine) and, when concrete, ids in ``[0, VOCAB)`` (others embedded as NaN) and a 0/1 mask."""
+    if not isinstance(batch, Mapping) or not {"input_ids", "attention_mask"} <= set(batch):
+        got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise InputError(f"batch must be a mapping with 'input_ids' and 'attention_mask' (B, T), as tokenize gives; "
+                         f"got {got}")
+    ids = check_batch(batch["input_ids"], "input_ids", ("B", "T"), "iu")
+    mask = check_batch(batch["attention_mask"], "attention_mask", ("B", "T"), "iub")
+    if ids.shape != mask.shape or ids.shape[1] > MAX_POS:
+        raise InputError(f"input_ids and attention_mask must have one shape (B, T) with T <= {MAX_POS}, got "
+                         f"{tuple(ids.shape)} and {tuple(mask.shape)}")
+    if is_concrete(ids) and not 0 <= np.min(ids) <= np.max(ids) < VOCAB:
+        raise InputError(f"input_ids must be token ids in [0, {VOCAB}), got values in [{np.min(ids)}, {np.max(ids)}]")
+    if is_concrete(mask) and not np.all((np.asarray(mask) == 0) | (np.asarray(mask) == 1)):
+        raise InputError("attention_mask must hold only 0 and 1")
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@checked_apply(_check_tokens)
 def apply(params: Mapping[str, Any], batch: Mapping[str, jax.Array]) -> jax.Array:
     """Sentence embeddings ``(B, 384)`` float32, unit norm, of ``batch`` from :func:`tokenize`.
+    Raises InputError for a batch that is not ``{"input_ids", "attention_mask"}`` of one shape ``(B, T)``
+    with ``T <= 512``, integer ids in the vocabulary and a 0/1 mask (values checked when concrete).
 
     Example:
         >>> m = load(); e = apply(m.params, tokenize(["a cat", "a dog"])); e.shape   # doctest: +SKIP

@@ -16,6 +16,7 @@ import os
 import numba
 import numpy as np
 
+from nncjax.arguments import check_int
 from nncjax.kernels.tables import CURVE, INIT, RPS
 
 #: Probability grid of the table: logit-spaced, symmetric, from 2**-14 to 1 - 2**-14.
@@ -69,7 +70,9 @@ def _simulate(init_idx, p, n_max, runs, seed, curve, init, rps):
 
 
 def build(runs: int = 24) -> dict:
-    """Simulates the excess table: ``excess`` (9, len(LOG2N_GRID), len(P_GRID)) float32 bits."""
+    """Simulates the excess table: ``excess`` (9, len(LOG2N_GRID), len(P_GRID)) float32 bits.
+    ``runs`` (an integer >= 1, else InputError): simulated bin sequences averaged per table entry."""
+    runs = check_int(runs, "runs", lo=1)  # 0 runs would divide by zero at the end of the simulation
     n_max = 1 << int(LOG2N_GRID[-1])
     ex = np.zeros((9, LOG2N_GRID.size, P_GRID.size), dtype=np.float64)
     for i in range(9):

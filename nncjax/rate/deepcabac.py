@@ -25,14 +25,18 @@ the estimate (measured in ``benchmarks/bench_rate.py``); ``training=False`` is t
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import check_flag, check_int, check_real, is_concrete, is_int
 from nncjax.errors import InputError
+from nncjax.pytree_names import key_path_name
 from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q
 from nncjax.quantize.uniform import quantize_uniform
 from nncjax.steps import check_qp_density, qp_to_step_continuous, qp_to_step_jax
@@ -118,6 +122,52 @@ def _context_bits(counts: jax.Array, param_opt: bool):
     return base + jnp.take_along_axis(tot, best[..., None], axis=-1)[..., 0], (best > 0).astype(jnp.float32)
 
 
+_INT32 = np.iinfo(np.int32)
+#: Largest ``max_level`` of :func:`trellis_rate_fn`: its tables hold ``32 * (max_level + 1)`` floats.
+MAX_TABLE_LEVEL = 2**20
+
+
+def _array(x: Any, what: str, kinds: str, kind_name: str) -> Any:
+    """``x`` (an array, a tracer, or an array-like that is converted) after checking its dtype kind is
+    one of ``kinds`` (NumPy kind letters); InputError naming ``what`` otherwise. Reads no values."""
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError) as e:  # ragged lists, lists of tracers
+            raise InputError(f"{what} must be {kind_name}, got {type(x).__name__}: {e}") from None
+    if np.dtype(x.dtype).kind not in kinds:
+        raise InputError(f"{what} must be {kind_name}, got dtype {np.dtype(x.dtype)}")
+    return x
+
+
+def _levels(k: Any, what: str = "k") -> Any:
+    """``k`` checked as integer levels: an integer dtype (a float or bool array would be truncated or
+    taken as 0/1), values in int32 when concrete (they are cast to int32 and would wrap)."""
+    k = _array(k, what, "iu", "an integer array")
+    if is_concrete(k) and not np.can_cast(k.dtype, np.int32) and np.size(k):
+        a = np.asarray(k)
+        if a.min() < _INT32.min or a.max() > _INT32.max:
+            raise InputError(f"{what} must hold int32 levels, got values in [{a.min()}, {a.max()}]")
+    return k
+
+
+def _options(**flags: Any) -> dict[str, bool]:
+    """Flag options as Python bools (``check_flag``: the string ``"no"`` must not mean True)."""
+    return {name: check_flag(v, name) for name, v in flags.items()}
+
+
+def _qp_arg(qp: Any) -> Any:
+    """``qp`` checked as one real number (int: exact step, float: continuous); its value may be anything
+    (NaN gives NaN bits), but a bool, a complex number, an array of several QPs or a Python int that
+    int32 cannot hold are refused."""
+    if is_int(qp) and not _INT32.min <= int(qp) <= _INT32.max:  # JAX would wrap np.int64(2**40) to QP 0
+        raise InputError(f"qp must be an int32 or a float QP, got {qp!r}")
+    a = _array(qp, "qp", "iuf", "an int or float QP")
+    if np.ndim(a) != 0:
+        raise InputError(f"qp must be one scalar QP, got shape {np.shape(a)}")
+    return qp
+
+
 def _shape_hw(shape) -> tuple[int, int]:
     n = int(np.prod(shape)) if len(shape) else 1
     h = int(shape[0]) if len(shape) else 1
@@ -145,7 +195,9 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
 
     With ``u`` (= ``w / step``, shape of ``k``), indicators are the training relaxation around the
     hard levels ``k``; contexts (states, neighbours, signs, skipped rows) always follow ``k``.
-    Returns a :class:`BinStats` (float32 counts, shapes listed there).
+    Returns a :class:`BinStats` (float32 counts, shapes listed there). Raises InputError for ``k`` that
+    is not an integer array (or, when concrete, leaves int32), ``u`` of another shape or not real, or a
+    bad ``dq``, ``n_gt``, ``profile``, ``row_skip`` or ``temperature``.
 
     >>> st = bin_statistics(jnp.array([[0, 1], [-3, 0]]), dq=False)
     >>> st["sig"].shape, st["gt"].shape, st["prefix"].shape
@@ -153,12 +205,15 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
     >>> st["sig"].sum(0).tolist(), st["sign"].sum(0).tolist()   # (bins, ones): 4 sig flags, 2 signs
     ([4.0, 2.0], [2.0, 1.0])
     """
-    for what, v, lo, hi in (("n_gt", n_gt, 1, 256), ("profile", profile, 0, 1)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= hi:
-            raise InputError(f"{what} must be an integer in [{lo}, {hi}], got {v!r}")
-    if u is not None and not (isinstance(temperature, (int, float, np.number)) and 0 < float(temperature) < np.inf):
-        # 0 divides by zero, a negative one flips every indicator
-        raise InputError(f"temperature must be a positive finite number, got {temperature!r}")
+    n_gt, profile = check_int(n_gt, "n_gt", lo=1, hi=256), check_int(profile, "profile", lo=0, hi=1)
+    dq, row_skip = check_flag(dq, "dq"), check_flag(row_skip, "row_skip")
+    # 0 divides by zero, a negative one flips every indicator
+    temperature = check_real(temperature, "temperature", above=0)
+    k = _levels(k)
+    if u is not None:
+        u = _array(u, "u", "iuf", "a real numeric array")
+        if jnp.shape(u) != jnp.shape(k):  # shapes are static: checked under jit too
+            raise InputError(f"u must have the shape of k {jnp.shape(k)}, got {jnp.shape(u)}")
     shape = jnp.shape(k)
     h, w = _shape_hw(shape)
     k = jnp.asarray(k, jnp.int32).reshape(-1)
@@ -237,16 +292,44 @@ def bin_statistics(k: jax.Array, *, dq: bool, n_gt: int = 11, profile: int = 1, 
                     sig_used=jnp.float32(24 if dq else 3))
 
 
+_STATS_SHAPES = {"sig": (24, 2), "sign": (3, 2), "gt": None, "prefix": (N_PREFIX, 2), "bypass": (), "rows": (2,),
+                 "sig_used": ()}
+
+
+def _check_stats(stats: Any) -> dict[str, Any]:
+    """``stats`` as a dict of arrays after checking it has the keys and shapes of a :class:`BinStats`
+    and real counts that, when concrete, are finite and >= 0 (a negative count has no entropy; the
+    arrays are small); InputError naming the key otherwise."""
+    if not isinstance(stats, Mapping) or set(stats) != set(_STATS_SHAPES):
+        got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
+        raise InputError(f"stats must be a BinStats from bin_statistics (keys {sorted(_STATS_SHAPES)}), got {got}")
+    out = {}
+    for key, want in _STATS_SHAPES.items():
+        v = out[key] = _array(stats[key], f"stats[{key!r}]", "iuf", "a real numeric array")
+        shape = np.shape(v)
+        if shape != want if want is not None else (len(shape) != 3 or shape[0] < 1 or shape[1:] != (2, 2)):
+            raise InputError(f"stats[{key!r}] has shape {shape}, expected {want or '(n_gt, 2, 2)'}")
+        if is_concrete(v):
+            a = np.asarray(v, np.float64)
+            bad = a[~(np.isfinite(a) & (a >= 0))]
+            if bad.size:
+                raise InputError(f"stats[{key!r}] must hold finite counts >= 0, got {bad[0]}")
+    return out
+
+
 def bits_from_statistics(stats: BinStats, *, param_opt: bool = True) -> jax.Array:
     """Estimated arithmetic-coded bits of one tensor's levels from its :class:`BinStats` (float32 scalar),
     including context-initialisation signalling and row-skip flags (not the QP delta or termination).
+    Raises InputError for ``stats`` that are not a :class:`BinStats` (keys, shapes; negative or non-finite
+    counts when concrete) or a ``param_opt`` that is not a bool.
 
     >>> k = jnp.array([[0, 1], [-3, 0]])
     >>> round(float(bits_from_statistics(bin_statistics(k, dq=False))), 2)   # + 12 + 8 = estimate_bits_levels
     31.94
     """
+    stats = _check_stats(stats)
     ctx = jnp.concatenate([stats["sig"], stats["sign"], stats["gt"].reshape(-1, 2), stats["prefix"]])
-    bits, nz = _context_bits(ctx, param_opt)
+    bits, nz = _context_bits(ctx, check_flag(param_opt, "param_opt"))
     total = jnp.sum(bits) + stats["bypass"]
     n_flags = stats["sig_used"] + 3 + stats["gt"].shape[0] * 2 + N_PREFIX
     n_nz = jnp.sum(nz)
@@ -256,18 +339,28 @@ def bits_from_statistics(stats: BinStats, *, param_opt: bool = True) -> jax.Arra
     return total + jnp.where(stats["rows"][0] > 0, rows_bits + 1.0, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("dq", "qp_density", "n_gt", "param_opt", "profile", "row_skip",
-                                             "include_qp"))
 def estimate_bits_levels(k: jax.Array, *, dq: bool, qp_density: int = 2, n_gt: int = 11, param_opt: bool = True,
                          profile: int = 1, row_skip: bool = True, include_qp: bool = True) -> jax.Array:
     """Estimated DeepCABAC payload bits (float32 scalar) of one tensor of integer levels ``k`` (any shape,
     int; reconstruction indices ``k`` when ``dq``), as coded in its own NDU with raster scan.
 
+    Raises InputError for ``k`` that is not an integer array (or, when concrete, leaves int32) and for
+    bad options (flags must be bools, ``n_gt`` in [1, 256], ``profile`` 0 or 1, ``qp_density`` 0..7).
+
     >>> round(float(estimate_bits_levels(jnp.array([[0, 1], [-3, 0]]), dq=False)), 2)
     51.94
     """
+    opts = _options(dq=dq, param_opt=param_opt, row_skip=row_skip, include_qp=include_qp)
+    return _estimate_bits_levels(_levels(k), qp_density=check_qp_density(qp_density),
+                                 n_gt=check_int(n_gt, "n_gt", lo=1, hi=256),
+                                 profile=check_int(profile, "profile", lo=0, hi=1), **opts)
+
+
+@functools.partial(jax.jit, static_argnames=("dq", "qp_density", "n_gt", "param_opt", "profile", "row_skip",
+                                             "include_qp"))
+def _estimate_bits_levels(k, *, dq, qp_density, n_gt, param_opt, profile, row_skip, include_qp):
     stats = bin_statistics(k, dq=dq, n_gt=n_gt, profile=profile, row_skip=row_skip)
-    fixed = TERMINATION_BITS + (6 + check_qp_density(qp_density) if include_qp else 0)
+    fixed = TERMINATION_BITS + (6 + qp_density if include_qp else 0)
     return bits_from_statistics(stats, param_opt=param_opt) + fixed
 
 
@@ -278,8 +371,6 @@ def _step(qp, qp_density):
     return qp_to_step_continuous(qp, qp_density)
 
 
-@functools.partial(jax.jit, static_argnames=("dq", "qp_density", "training", "n_gt", "param_opt", "profile",
-                                             "row_skip", "temperature", "include_qp"))
 def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, training: bool = False,
                   n_gt: int = 11, param_opt: bool = True, profile: int = 1, row_skip: bool = True,
                   temperature: float = 0.25, include_qp: bool = True) -> jax.Array:
@@ -290,6 +381,10 @@ def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, tra
     or not finite in float32, give NaN. ``training=True`` gives the differentiable
     relaxation (gradients w.r.t. ``x`` and ``qp``); ``training=False`` the accurate hard estimate.
 
+    Raises InputError for ``x`` that is not a real numeric array, a ``qp`` that is not one int or float
+    (bools, complex numbers, several QPs, Python ints beyond int32), and bad options (flags must be
+    bools, ``n_gt`` in [1, 256], ``profile`` 0 or 1, ``qp_density`` 0..7, ``temperature`` finite > 0).
+
     >>> w = jnp.linspace(-0.05, 0.05, 64).reshape(8, 8)
     >>> round(float(estimate_bits(w, -38)), 1)                          # hard, DQ
     628.5
@@ -297,8 +392,21 @@ def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, tra
     >>> bool(g < 0)                                                      # a coarser step costs fewer bits
     True
     """
+    opts = _options(dq=dq, training=training, param_opt=param_opt, row_skip=row_skip, include_qp=include_qp)
+    x = _array(x, "x", "iuf", "a real numeric array")
+    if not isinstance(x, jax.Array) and np.dtype(x.dtype).kind in "iu":  # jit would wrap int64 weights to int32
+        x = np.asarray(x, np.float32)
+    return _estimate_bits(x, _qp_arg(qp),
+                          qp_density=check_qp_density(qp_density), n_gt=check_int(n_gt, "n_gt", lo=1, hi=256),
+                          profile=check_int(profile, "profile", lo=0, hi=1),
+                          temperature=check_real(temperature, "temperature", above=0), **opts)
+
+
+@functools.partial(jax.jit, static_argnames=("dq", "qp_density", "training", "n_gt", "param_opt", "profile",
+                                             "row_skip", "temperature", "include_qp"))
+def _estimate_bits(x, qp, *, dq, qp_density, training, n_gt, param_opt, profile, row_skip, temperature, include_qp):
     x = jnp.asarray(x, jnp.float32)
-    step = _step(qp, check_qp_density(qp_density))
+    step = _step(qp, qp_density)
     if dq:
         k = dq_trellis(jax.lax.stop_gradient(x), jax.lax.stop_gradient(step))
     else:
@@ -316,6 +424,8 @@ def estimate_bits(x: jax.Array, qp, *, dq: bool = True, qp_density: int = 2, tra
 def estimate_bits_tree(params: Any, qps: Any, **kwargs) -> Any:
     """:func:`estimate_bits` over a pytree: ``qps`` has the structure of ``params`` (or is one scalar);
     returns a pytree of float32 scalars (bits per tensor). ``kwargs`` as for :func:`estimate_bits`.
+    Raises InputError for unknown options, ``qps`` of another structure, or a tensor or QP that
+    :func:`estimate_bits` refuses (the message starts with the tensor's name).
 
     >>> w, b = jnp.linspace(-0.05, 0.05, 64).reshape(8, 8), jnp.zeros(8)
     >>> bits = estimate_bits_tree({"w": w, "b": b}, {"w": -38, "b": -75})
@@ -323,12 +433,26 @@ def estimate_bits_tree(params: Any, qps: Any, **kwargs) -> Any:
     {'b': 52.1, 'w': 628.5}
     >>> total = sum(jax.tree_util.tree_leaves(bits))
     """
-    if not isinstance(qps, (dict, list, tuple)) and jnp.ndim(qps) == 0:
+    unknown = sorted(set(kwargs) - _ESTIMATE_OPTIONS)
+    if unknown:  # a misspelt option would otherwise be a TypeError from deep inside
+        raise InputError(f"unknown options {unknown}; estimate_bits takes {sorted(_ESTIMATE_OPTIONS)}")
+    if not isinstance(qps, (dict, list, tuple)) and np.ndim(qps) == 0:
         qps = jax.tree_util.tree_map(lambda _: qps, params)
     want, got = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(qps)
     if want != got:
         raise InputError(f"qps must be one scalar or have the structure of params: {want} != {got}")
-    return jax.tree_util.tree_map(lambda x, q: estimate_bits(x, q, **kwargs), params, qps)
+
+    def one(path, x, q):
+        try:
+            return estimate_bits(x, q, **kwargs)
+        except InputError as e:  # which tensor: the message alone names only the argument
+            raise InputError(f"{key_path_name(path)}: {e}") from None
+
+    return jax.tree_util.tree_map_with_path(one, params, qps)
+
+
+_ESTIMATE_OPTIONS = {name for name, p in inspect.signature(estimate_bits).parameters.items()
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def trellis_rate_fn(k: jax.Array, *, dq: bool = True, n_gt: int = 11, max_level: int = 4096):
@@ -337,12 +461,15 @@ def trellis_rate_fn(k: jax.Array, *, dq: bool = True, n_gt: int = 11, max_level:
     Bin probabilities are taken from levels ``k`` (any shape, int; e.g. a lambda-0 pass) and averaged
     over neighbour classes; |q| above ``max_level`` is costed as ``max_level``. ``rate`` takes int
     arrays ``absq`` and ``state`` (0..7) of broadcastable shapes and returns float32 bits of that shape.
+    ``max_level`` is at most :data:`MAX_TABLE_LEVEL`. Bad arguments (here or, when concrete, to ``rate``)
+    raise InputError.
 
     >>> rate = trellis_rate_fn(jnp.array([0, 2, -2, 0, 1, 0, 0, 4]))
     >>> bits = rate(jnp.array([0, 1, 3]), jnp.array([0, 0, 0]))
     >>> bits.shape, bool(bits[0] < bits[1] < bits[2])
     ((3,), True)
     """
+    max_level = check_int(max_level, "max_level", lo=1, hi=MAX_TABLE_LEVEL)
     st = bin_statistics(k, dq=dq, n_gt=n_gt, profile=0)
     sig = st["sig"].reshape(8, 3, 2).sum(1)
     p_sig = (sig[:, 1] + 0.5) / (sig[:, 0] + 1.0)
@@ -365,6 +492,16 @@ def trellis_rate_fn(k: jax.Array, *, dq: bool = True, n_gt: int = 11, max_level:
     table = jnp.where(a > 0, nz_bits, 0.0)                          # (A,)
 
     def rate(absq, state):
+        # float indices raise deep inside JAX and negative ones wrap to the table's end: refused here
+        absq, state = _array(absq, "absq", "iu", "an integer array"), _array(state, "state", "iu", "an integer array")
+        try:
+            jnp.broadcast_shapes(jnp.shape(absq), jnp.shape(state))
+        except ValueError:
+            raise InputError(f"absq {jnp.shape(absq)} and state {jnp.shape(state)} do not broadcast") from None
+        if is_concrete(absq) and np.size(absq) and np.min(absq) < 0:
+            raise InputError(f"absq must be >= 0, got {np.min(absq)}")
+        if is_concrete(state) and np.size(state) and not 0 <= np.min(state) <= np.max(state) <= 7:
+            raise InputError(f"state must be in 0..7, got values in [{np.min(state)}, {np.max(state)}]")
         absq = jnp.minimum(absq, max_level)
         ps = p_sig[state]
         return jnp.where(absq > 0, -jnp.log2(ps) + table[absq], -jnp.log2(1 - ps))
