@@ -1,4 +1,4 @@
-"""Sixth robustness sweep of the rate model (nncjax.rate): every public function given nonsense raises
+"""Robustness of the rate model (nncjax.rate): every public function given nonsense raises
 InputError naming the argument (before: raw JAX / NumPy errors, or silently altered data)."""
 
 from __future__ import annotations
