@@ -15,7 +15,7 @@ starts from this allocation and calibrates it against the real codec.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> params = {"d": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> params = {"d": {"kernel": jnp.arange(6.0).reshape(3, 2), "bias": jnp.zeros(2)}}
     >>> apply = lambda p, x: x @ p["d"]["kernel"] + p["d"]["bias"]
     >>> sens = output_sensitivity(params, apply, jnp.eye(3), probes=2)
     >>> sorted(sens), sens["d/kernel"].shape
@@ -146,7 +146,8 @@ def output_sensitivity(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> sens = output_sensitivity({"w": jnp.ones((4, 2))}, lambda p, x: x @ p["w"], jnp.ones((8, 4)))
+      >>> x = jnp.arange(32.0).reshape(8, 4)         # outputs must vary (a constant one has no relative MSE)
+      >>> sens = output_sensitivity({"w": jnp.ones((4, 2))}, lambda p, x: x @ p["w"], x)
       >>> sens["w"].shape
       (4, 2)
     """
