@@ -12,8 +12,8 @@ from nncjax.arguments import check_int
 from nncjax.errors import InputError
 from nncjax.pytree_names import key_path_name
 
-__all__ = ["check_axis", "default_weight_select", "named_leaves", "path_name", "replace_named", "resolve",
-           "select_float_names"]
+__all__ = ["as_array", "check_axis", "check_float", "check_mapping", "default_weight_select", "named_leaves",
+           "path_name", "replace_named", "resolve", "select_float_names"]
 
 Path = tuple[str, ...]
 
@@ -35,6 +35,44 @@ def check_axis(axis: Any, ndim: int) -> int:
     2
     """
     return check_int(axis, "axis", lo=-ndim, hi=ndim - 1) % ndim
+
+
+def as_array(x: Any, what: str) -> jax.Array:
+    """``jnp.asarray(x)``; InputError naming ``what`` for what JAX cannot hold (strings, None, ragged lists).
+
+    >>> as_array([1.0, 2.0], "w").shape
+    (2,)
+    """
+    if isinstance(x, (str, bytes)):  # np.asarray("0.5") is a string array, jnp.asarray("0.5") a TypeError
+        raise InputError(f"{what} must be an array of numbers, got {x!r}")
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{what} must be an array of numbers, got {type(x).__name__}: {e}") from None
+
+
+def check_float(x: Any, what: str) -> jax.Array:
+    """``x`` as a real floating-point array; InputError naming ``what`` for ints, bools, complex numbers
+    (the reduce tools would truncate, wrap or drop an imaginary part) and non-arrays.
+
+    >>> check_float(jnp.ones(2, jnp.bfloat16), "w").dtype
+    dtype(bfloat16)
+    """
+    a = as_array(x, what)
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise InputError(f"{what} must be a real floating-point tensor, got dtype {a.dtype}")
+    return a
+
+
+def check_mapping(x: Any, what: str, of: str = "{name: value}") -> Mapping:
+    """``x`` if it is a Mapping, else InputError naming ``what`` (a list of pairs or None is a mistake).
+
+    >>> check_mapping({"w": 1}, "ranks")
+    {'w': 1}
+    """
+    if not isinstance(x, Mapping):
+        raise InputError(f"{what} must be a mapping {of}, got {type(x).__name__}")
+    return x
 
 
 def named_leaves(tree: Any) -> dict[str, jax.Array]:
@@ -90,6 +128,8 @@ def select_float_names(named: Mapping[str, Any], select: Any) -> list[str]:
               if jnp.issubdtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype, jnp.floating)]
     if callable(select):
         chosen = [n for n in floats if select(n, named[n])]
+    elif isinstance(select, (str, bytes)):  # list("w") would be the names "w" only by accident
+        raise InputError(f"select must be a predicate (name, leaf) -> bool or a list of names, got {select!r}")
     else:
         try:
             chosen = list(select)

@@ -15,15 +15,22 @@ applies LS to G's rows, so LS together with DC requires ``g_number_of_rows == di
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from nncjax.arguments import check_int
 from nncjax.errors import InputError
+from nncjax.reduce._tree import as_array, check_mapping
 from nncjax.reduce.bnfold import FoldedBlock, block_names, fold_bn
-from nncjax.reduce.lowrank import LowRank, dc_matrix_shape, low_rank_recompose
+from nncjax.reduce.lowrank import (
+    LowRank,
+    check_dims,
+    dc_matrix_shape,
+    low_rank_recompose,
+)
 
 __all__ = ["CPT_DC", "CPT_LS", "CPT_BN", "CPT_BI", "BNVectors", "BlockMembers", "block_members", "block_from_members"]
 
@@ -56,8 +63,27 @@ class BlockMembers(NamedTuple):
     g_number_of_rows: int | None
 
 
+def _names(weight_name: str, names: Mapping[str, str] | None) -> dict[str, str]:
+    """block_names(weight_name) updated by ``names``, whose keys must be block roles and values strings."""
+    nm = dict(block_names(weight_name))
+    if names is not None:
+        bad = [k for k, v in check_mapping(names, "names", "{role: tensor name}").items()
+               if k not in nm or not isinstance(v, str)]
+        if bad:  # an unknown role was silently ignored
+            raise InputError(f"names must map roles {sorted(nm)} to tensor names, got {dict(names)!r}")
+        nm.update(names)
+    return nm
+
+
+def _bn_names(names: Any) -> tuple[str, str, str, str]:
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence) or len(names) != 4 \
+            or not all(isinstance(n, str) for n in names):
+        raise InputError(f"BN names must be four tensor names (β, γ, mean, var), got {names!r}")
+    return tuple(names)
+
+
 def _row_vector(name: str, v: jax.Array, rows: int) -> jax.Array:
-    v = jnp.asarray(v)
+    v = as_array(v, f"block member {name!r}")
     if v.shape != (rows,):
         raise InputError(f"block member {name!r} must have shape ({rows},), got {v.shape}")
     return v
@@ -85,21 +111,21 @@ def block_members(
     >>> [name for name, _ in m.coded]
     ['Conv_0/kernel_scaling', 'Conv_0/bias', 'Conv_0/kernel']
     """
-    nm = dict(block_names(weight_name))
-    if names:
-        nm.update(names)
+    nm = _names(weight_name, names)
     if (w is None) == (lowrank is None):
         raise InputError("give exactly one of w and lowrank")
     if w is not None:
-        w = jnp.asarray(w)
+        w = as_array(w, "w")
         dims = tuple(int(d) for d in w.shape)
         weights = [(nm["W"], w)]
         cpt, rank, grows = 0, None, None
     else:
         if dims is None:
             raise InputError("lowrank needs the weight's dims")
-        dims = tuple(int(d) for d in dims)
-        g, h = jnp.asarray(lowrank.g), jnp.asarray(lowrank.h)
+        dims = check_dims(dims)  # not (4, 3.7) as (4, 3)
+        if isinstance(lowrank, (str, bytes)) or not isinstance(lowrank, Sequence) or len(lowrank) != 2:
+            raise InputError(f"lowrank must be a LowRank (g, h), got {type(lowrank).__name__}")
+        g, h = as_array(lowrank[0], "lowrank.g"), as_array(lowrank[1], "lowrank.h")
         rows, cols = dc_matrix_shape(dims, g.shape[0] if g.ndim == 2 else None)
         if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or h.shape[1] != cols:
             raise InputError(f"G {g.shape} and H {h.shape} do not factor dims {dims}")
@@ -121,12 +147,18 @@ def block_members(
         cpt |= CPT_BI
         coded.append((nm["BI"], _row_vector(nm["BI"], bi, rows)))
     if bn is not None:
+        if isinstance(bn, (str, bytes)) or not isinstance(bn, Sequence) or len(bn) != 5:
+            raise InputError(f"bn must be BNVectors (beta, gamma, mean, var, names), got {type(bn).__name__}")
+        bn_names = _bn_names(bn[4])
         cpt |= CPT_BN
-        topology.extend(bn.names)
-        coded.extend((n, _row_vector(n, v, rows)) for n, v in zip(bn.names, bn[:4]))
+        topology.extend(bn_names)
+        coded.extend((n, _row_vector(n, v, rows)) for n, v in zip(bn_names, bn[:4]))
     if bi is not None:
         topology.append(nm["BI"])
     coded.extend(weights)
+    seen = [n for n, _ in coded]
+    if len(set(seen)) != len(seen):  # two members of one name: the decoder could tell them apart by nothing
+        raise InputError(f"block members must have distinct names, got {seen}")
     return BlockMembers(cpt, dims, topology, coded, rank, grows)
 
 
@@ -148,12 +180,10 @@ def block_from_members(
     >>> blk.ls.tolist(), blk.bi.tolist()
     ([1.0, 1.0], [1.0, 1.0])
     """
-    nm = dict(block_names(weight_name))
-    if names:
-        nm.update(names)
-    if not 0 <= cpt <= 0x0F:
-        raise InputError(f"compressed_parameter_types {cpt} has unknown bits")
-    dims = tuple(int(d) for d in dims)
+    nm = _names(weight_name, names)
+    cpt = check_int(cpt, "compressed_parameter_types", lo=0, hi=0x0F)  # not 8.5, nor True as DC
+    dims = check_dims(dims)
+    check_mapping(decoded, "decoded", "{tensor name: array}")
 
     def get(key: str) -> jax.Array:
         if key not in decoded:
@@ -169,6 +199,6 @@ def block_from_members(
     if cpt & CPT_BN:
         if bn_names is None:
             raise InputError("a block with cpt BN needs bn_names (β, γ, mean, var)")
-        beta, gamma, mean, var = (_row_vector(n, get(n), rows) for n in bn_names)
+        beta, gamma, mean, var = (_row_vector(n, get(n), rows) for n in _bn_names(bn_names))
         ls, bi = fold_bn(gamma, beta, mean, var, eps=eps, bias=bi, ls=ls)
     return FoldedBlock(w, ls, jnp.zeros((rows,), w.dtype) if bi is None else bi)

@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax.arguments import is_concrete
+from nncjax.arguments import check_real, is_concrete
 from nncjax.errors import InputError
-from nncjax.reduce._tree import named_leaves, path_name, replace_named, resolve
+from nncjax.reduce._tree import check_float, check_mapping, named_leaves, path_name, replace_named, resolve
 from nncjax.reduce.layout import flax_to_nnr, nnr_to_flax
 
 __all__ = [
@@ -98,6 +98,8 @@ def block_names(weight_name: str) -> dict[str, str]:
     >>> block_names("Conv_0/kernel")["LS"]
     'Conv_0/kernel_scaling'
     """
+    if not isinstance(weight_name, str) or not weight_name:
+        raise InputError(f"weight_name must be a non-empty string, got {weight_name!r}")
     layer = weight_name.rsplit("/", 1)[0] if "/" in weight_name else ""
     return {
         "W": weight_name,
@@ -114,7 +116,32 @@ def bn_gain(gamma: jax.Array, var: jax.Array, eps: float = 1e-5) -> jax.Array:
     >>> bn_gain(jnp.array([2.0, 1.0]), jnp.array([3.0, 0.0]), eps=1.0).tolist()
     [1.0, 1.0]
     """
-    return jnp.asarray(gamma) * jax.lax.rsqrt(_var_plus_eps(var, eps))
+    gamma, var = _row_vectors(gamma=gamma, var=var)
+    return gamma * jax.lax.rsqrt(_var_plus_eps(var, _check_eps(eps)))
+
+
+def _check_eps(eps: Any) -> Any:
+    """A concrete ``eps`` as a float >= 0 (a negative or NaN epsilon gives NaN gains, a string was parsed
+    by NumPy); a traced one is left alone."""
+    return check_real(eps, "eps", lo=0.0) if is_concrete(eps) else eps
+
+
+def _row_vectors(rows: int | None = None, **vectors: Any) -> list[jax.Array]:
+    """The given per-row vectors as float arrays, checked to be (O,) with one O (``rows`` if given):
+    InputError naming the one that is not (broadcasting would silently give 2-D or repeated LS / BI).
+    None stays None."""
+    out = []
+    for what, v in vectors.items():
+        if v is None:
+            out.append(None)
+            continue
+        a = check_float(v, what)  # an integer var would add eps as int(eps) == 0
+        if a.ndim != 1 or (rows is not None and a.shape[0] != rows):
+            raise InputError(f"{what} must be a vector of {'one entry per output row' if rows is None else rows} "
+                             f"(shape (O,)), got shape {a.shape}")
+        rows = a.shape[0]
+        out.append(a)
+    return out
 
 
 def _var_plus_eps(var: jax.Array, eps: float) -> jax.Array:
@@ -126,7 +153,11 @@ def _check_variance(bn: Path, var: jax.Array, eps: float) -> None:
     """InputError naming the BN if ``var + eps <= 0`` anywhere; skipped for traced ``var`` (no host sync)."""
     if not is_concrete(var):
         return
-    bad = np.asarray(_var_plus_eps(var, eps)) <= 0
+    vpe = np.asarray(_var_plus_eps(var, eps))
+    if not np.all(np.isfinite(vpe)):  # NaN passes the "<= 0" test below and gives NaN LS and BI
+        raise InputError(f"BN {path_name(bn)!r}: running variance is NaN or Inf in {int((~np.isfinite(vpe)).sum())} "
+                         f"of {vpe.size} channels")
+    bad = vpe <= 0
     if bad.any():
         raise InputError(f"BN {path_name(bn)!r}: running variance + eps <= 0 in {int(bad.sum())} of {bad.size} "
                          f"channels (min variance {float(np.min(np.asarray(var, np.float64))):.6g}, eps {eps}); "
@@ -149,10 +180,11 @@ def fold_bn(
     >>> ls.tolist(), bi.tolist()
     ([1.0], [-2.0])
     """
+    gamma, beta, mean, var, bias, ls = _row_vectors(gamma=gamma, beta=beta, mean=mean, var=var, bias=bias, ls=ls)
     g = bn_gain(gamma, var, eps)
-    ls_out = g if ls is None else jnp.asarray(ls) * g
-    b = jnp.zeros_like(g) if bias is None else jnp.asarray(bias)
-    return ls_out, (b - jnp.asarray(mean)) * g + jnp.asarray(beta)
+    ls_out = g if ls is None else ls * g
+    b = jnp.zeros_like(g) if bias is None else bias
+    return ls_out, (b - mean) * g + beta
 
 
 def unit_variance(eps: float, dtype: Any = jnp.float32) -> np.ndarray:
@@ -161,7 +193,13 @@ def unit_variance(eps: float, dtype: Any = jnp.float32) -> np.ndarray:
     >>> float(unit_variance(1e-5) + np.float32(1e-5))
     1.0
     """
-    dt = np.dtype(dtype)
+    eps = check_real(eps, "eps", lo=0.0)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise InputError(f"dtype must be a float dtype, got {dtype!r}") from None
+    if not jnp.issubdtype(dt, jnp.floating):  # an integer "variance" would take eps as int(eps) == 0
+        raise InputError(f"dtype must be a float dtype, got {dt}")
     one, e = dt.type(1), dt.type(eps)
     v = dt.type(one - e)
     # At most a few ulps away; walk towards the side that fixes the sum.
@@ -183,7 +221,7 @@ def unfold_bn(
     >>> unfold_bn(jnp.ones(2), jnp.zeros(2))["mean"].tolist()
     [0.0, 0.0]
     """
-    ls, bi = jnp.asarray(ls), jnp.asarray(bi)
+    ls, bi = _row_vectors(ls=ls, bi=bi)
     v = unit_variance(eps, ls.dtype)
     return {"scale": ls, "bias": bi, "mean": jnp.zeros_like(ls), "var": jnp.full_like(ls, v)}
 
@@ -194,7 +232,20 @@ def block_weight(block: FoldedBlock) -> jax.Array:
     >>> block_weight(FoldedBlock(w=jnp.ones((2, 3)), ls=jnp.array([2.0, 0.5]), bi=jnp.zeros(2))).tolist()
     [[2.0, 2.0, 2.0], [0.5, 0.5, 0.5]]
     """
-    return block.w * block.ls.reshape((-1,) + (1,) * (block.w.ndim - 1))
+    blk = _as_block(block, "block")
+    return blk.w * blk.ls.reshape((-1,) + (1,) * (blk.w.ndim - 1))
+
+
+def _as_block(block: Any, what: str) -> FoldedBlock:
+    """``block`` (a FoldedBlock or any ``(w, ls, bi)`` triple) as a FoldedBlock of arrays, checked: ``w``
+    has output rows and ``ls`` / ``bi`` are real vectors of one entry per row; InputError otherwise."""
+    if not isinstance(block, Sequence) or isinstance(block, (str, bytes)) or len(block) != 3:
+        raise InputError(f"{what} must be a FoldedBlock (w, ls, bi), got {type(block).__name__}")
+    w = check_float(block[0], f"{what}.w")
+    if w.ndim < 1:
+        raise InputError(f"{what}.w must have output rows, got shape {w.shape}")
+    ls, bi = _row_vectors(w.shape[0], **{f"{what}.ls": block[1], f"{what}.bi": block[2]})
+    return FoldedBlock(w, ls, bi)
 
 
 _NUMBERED = re.compile(r"^(Conv|BatchNorm)_(\d+)$")
@@ -238,17 +289,37 @@ def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
 
 
 def _check_pairs(variables: Mapping[str, Any], pairs: Sequence[BNPair] | None) -> list[BNPair]:
-    if "params" not in variables or "batch_stats" not in variables:
+    if not isinstance(variables, Mapping) or "params" not in variables or "batch_stats" not in variables:
         raise InputError("variables must hold 'params' and 'batch_stats' (a Flax variable dict)")
-    pairs = find_bn_pairs(variables["params"]) if pairs is None else [BNPair(tuple(a), tuple(b)) for a, b in pairs]
+    pairs = find_bn_pairs(variables["params"]) if pairs is None else [_pair(p) for p in _sequence(pairs, "pairs")]
     for p in pairs:
         layer = resolve(variables["params"], p.layer)
-        if "kernel" not in layer:
+        if not isinstance(layer, Mapping) or "kernel" not in layer:
             raise InputError(f"layer {path_name(p.layer)!r} has no 'kernel'")
         stats = resolve(variables["batch_stats"], p.bn)
-        if "mean" not in stats or "var" not in stats:
+        if not isinstance(stats, Mapping) or "mean" not in stats or "var" not in stats:
             raise InputError(f"batch_stats of {path_name(p.bn)!r} lack 'mean'/'var'")
     return pairs
+
+
+def _sequence(x: Any, what: str) -> Sequence:
+    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+        raise InputError(f"{what} must be a list of (layer path, BN path) pairs, got {x!r}")
+    return x
+
+
+def _pair(p: Any) -> BNPair:
+    """One explicit pair as a BNPair of tuple paths; a path may be a slash-joined string (``tuple("Conv_0")``
+    would be its letters)."""
+    if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2:
+        raise InputError(f"a pair must be (layer path, BN path), got {p!r}")
+    paths = []
+    for path in p:
+        path = tuple(path.split("/")) if isinstance(path, str) else path
+        if not isinstance(path, Sequence) or not path or not all(isinstance(k, str) for k in path):
+            raise InputError(f"a module path must be a string or a tuple of strings, got {path!r} in {p!r}")
+        paths.append(tuple(path))
+    return BNPair(*paths)
 
 
 def fold_batchnorm(
@@ -269,7 +340,10 @@ def fold_batchnorm(
     >>> folded = fold_batchnorm(variables, eps=1e-5)          # doctest: +SKIP
     >>> blk = folded.blocks["Conv_0/kernel"]  # blk.w: (O, I, kh, kw), blk.ls / blk.bi: (O,)  # doctest: +SKIP
     """
+    eps = _check_eps(eps)
     pairs = _check_pairs(variables, pairs)
+    if local_scales is not None:
+        check_mapping(local_scales, "local_scales", "{weight name: (O,) scales}")
     params = variables["params"]
     stats = variables["batch_stats"]
     blocks: dict[str, FoldedBlock] = {}
@@ -279,8 +353,10 @@ def fold_batchnorm(
         bn = resolve(params, p.bn) if _has(params, p.bn) else {}
         st = resolve(stats, p.bn)
         w = flax_to_nnr(layer["kernel"])
+        if w.ndim < 1:
+            raise InputError(f"layer {path_name(p.layer)!r}: a kernel of shape {w.shape} has no output rows")
         rows = w.shape[0]
-        if st["mean"].shape != (rows,):
+        if jnp.shape(st["mean"]) != (rows,):
             raise InputError(f"BN {path_name(p.bn)!r} has {st['mean'].shape} stats for {rows} output rows")
         wname = path_name(p.layer + ("kernel",))
         gamma = bn.get("scale", jnp.ones((rows,), w.dtype))
@@ -288,8 +364,14 @@ def fold_batchnorm(
         ls0 = None if local_scales is None else local_scales.get(wname)
         if ls0 is not None and jnp.shape(ls0) != (rows,):
             raise InputError(f"local_scales[{wname!r}] has shape {jnp.shape(ls0)}, the layer {rows} output rows")
-        _check_variance(p.bn, st["var"], eps)
-        ls, bi = fold_bn(gamma, beta, st["mean"], st["var"], eps=eps, bias=layer.get("bias"), ls=ls0)
+        try:  # shapes and dtypes of every vector, named with the BN they belong to
+            gamma, beta, mean, var, bias = _row_vectors(rows, scale=gamma, bias=beta, mean=st["mean"], var=st["var"],
+                                                        layer_bias=layer.get("bias"))
+        except InputError as e:
+            raise InputError(f"BN {path_name(p.bn)!r} of layer {path_name(p.layer)!r} ({rows} output rows): {e}") \
+                from None
+        _check_variance(p.bn, var, eps)
+        ls, bi = fold_bn(gamma, beta, mean, var, eps=eps, bias=bias, ls=ls0)
         blocks[wname] = FoldedBlock(w, ls, bi)
         consumed.update(path_name(p.layer + (k,)) for k in ("kernel", "bias"))
         consumed.update(path_name(p.bn + (k,)) for k in bn)
@@ -341,7 +423,9 @@ def unfold_batchnorm(
     """
     if ls_into not in ("bn", "kernel"):
         raise InputError(f"ls_into must be 'bn' or 'kernel', got {ls_into!r}")
+    eps = _check_eps(eps)
     pairs = _check_pairs(variables, pairs)
+    check_mapping(blocks, "blocks", "{weight name: FoldedBlock}")
     params = dict(variables["params"])
     stats = dict(variables["batch_stats"])
     by_name = {path_name(p.layer + ("kernel",)): p for p in pairs}
@@ -349,9 +433,14 @@ def unfold_batchnorm(
     if unknown:
         raise InputError(f"blocks without a (layer, BN) pair: {sorted(unknown)}")
     if rest:
+        template = named_leaves(params)
+        for k, v in check_mapping(rest, "rest", "{name: tensor}").items():
+            if k in template and jnp.shape(v) != jnp.shape(template[k]):  # replace_named would take any shape
+                raise InputError(f"rest[{k!r}] has shape {jnp.shape(v)}, the model's tensor {jnp.shape(template[k])}")
         params = replace_named(params, rest)
     for wname, blk in blocks.items():
         p = by_name[wname]
+        blk = _as_block(blk, f"block {wname!r}")
         layer = resolve(params, p.layer)
         bn = resolve(params, p.bn) if _has(params, p.bn) else {}
         kernel_shape = layer["kernel"].shape

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from nncjax.reduce._tree import as_array
+
 __all__ = ["flax_to_nnr", "nnr_to_flax", "flax_to_nnr_perm", "nnr_to_flax_perm"]
 
 
@@ -51,7 +53,7 @@ def flax_to_nnr(kernel: jax.Array) -> jax.Array:
     >>> flax_to_nnr(jnp.zeros((3, 3, 8, 16))).shape
     (16, 8, 3, 3)
     """
-    kernel = jnp.asarray(kernel)
+    kernel = as_array(kernel, "kernel")
     return jnp.transpose(kernel, flax_to_nnr_perm(kernel.ndim))
 
 
@@ -61,5 +63,5 @@ def nnr_to_flax(w: jax.Array) -> jax.Array:
     >>> nnr_to_flax(jnp.zeros((16, 8, 3, 3))).shape
     (3, 3, 8, 16)
     """
-    w = jnp.asarray(w)
+    w = as_array(w, "w")
     return jnp.transpose(w, nnr_to_flax_perm(w.ndim))

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import optax
 from tqdm.auto import tqdm
 
-from nncjax.arguments import check_int
+from nncjax.arguments import check_flag, check_int
 from nncjax.errors import InputError
 from nncjax.pytree_names import is_kernel_name
-from nncjax.reduce._tree import check_axis, named_leaves, replace_named
+from nncjax.reduce._tree import as_array, check_axis, check_float, check_mapping, named_leaves, replace_named
 
 __all__ = ["RowsSpec", "LSAResult", "lsa_init", "scale_rows", "apply_local_scales", "fit_local_scales", "kernel_rows"]
 
@@ -36,6 +36,8 @@ def kernel_rows(name: str, leaf: jax.Array) -> bool:
     >>> kernel_rows("Dense_0/kernel", jnp.zeros((4, 3))), kernel_rows("Dense_0/bias", jnp.zeros(3))
     (True, False)
     """
+    if not isinstance(name, str):
+        raise InputError(f"name must be a string, got {name!r}")
     return is_kernel_name(name) and getattr(leaf, "ndim", 0) >= 2
 
 
@@ -44,11 +46,20 @@ def _selected(params: Any, rows_spec: RowsSpec) -> dict[str, jax.Array]:
     if rows_spec is None:
         rows_spec = kernel_rows
     if callable(rows_spec):
-        return {k: v for k, v in leaves.items() if rows_spec(k, v)}
-    missing = [n for n in rows_spec if n not in leaves]
-    if missing:
-        raise InputError(f"no such leaves for local scaling: {missing}")
-    return {n: leaves[n] for n in rows_spec}
+        chosen = {k: v for k, v in leaves.items() if rows_spec(k, v)}
+    else:
+        # a string would be taken letter by letter, a number is no list
+        if isinstance(rows_spec, (str, bytes)) or not isinstance(rows_spec, Iterable):
+            raise InputError(f"rows_spec must be a predicate (name, leaf) -> bool, a list of names or None, "
+                             f"got {rows_spec!r}")
+        rows_spec = list(rows_spec)
+        missing = [n for n in rows_spec if n not in leaves]
+        if missing:
+            raise InputError(f"no such leaves for local scaling: {missing}")
+        chosen = {n: leaves[n] for n in rows_spec}
+    for k, v in chosen.items():  # scales of an integer weight would be integers, truncated when trained
+        check_float(v, f"weight {k!r} to scale")
+    return chosen
 
 
 def lsa_init(params: Any, rows_spec: RowsSpec = None, *, axis: int = -1) -> dict[str, jax.Array]:
@@ -60,7 +71,14 @@ def lsa_init(params: Any, rows_spec: RowsSpec = None, *, axis: int = -1) -> dict
     >>> lsa_init({"Dense_0": {"kernel": jnp.zeros((4, 3)), "bias": jnp.zeros(3)}})
     {'Dense_0/kernel': Array([1., 1., 1.], dtype=float32)}
     """
-    return {k: jnp.ones((v.shape[axis],), v.dtype) for k, v in _selected(params, rows_spec).items()}
+    out = {}
+    for k, v in _selected(params, rows_spec).items():
+        try:  # a wrapped or float axis would give scales of another axis' length (or an IndexError)
+            ax = check_axis(axis, jnp.ndim(v))
+        except InputError as e:
+            raise InputError(f"weight {k!r} of shape {jnp.shape(v)}: {e}") from None
+        out[k] = jnp.ones((v.shape[ax],), v.dtype)
+    return out
 
 
 def scale_rows(w: jax.Array, s: jax.Array, axis: int = -1) -> jax.Array:
@@ -70,9 +88,13 @@ def scale_rows(w: jax.Array, s: jax.Array, axis: int = -1) -> jax.Array:
     [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]
 
     Raises:
-        InputError: ``axis`` is out of range for ``w``, or ``s`` is not of shape ``(w.shape[axis],)``.
+        InputError: ``axis`` is out of range for ``w``, ``s`` is not of shape ``(w.shape[axis],)``, ``w``
+        is not a float tensor (an integer ``w`` would truncate the product) or ``s`` not real numbers
+        (a complex ``s`` would lose its imaginary part).
     """
-    w, s = jnp.asarray(w), jnp.asarray(s)
+    w, s = check_float(w, "w"), as_array(s, "s")
+    if not (jnp.issubdtype(s.dtype, jnp.floating) or jnp.issubdtype(s.dtype, jnp.integer)):
+        raise InputError(f"scales s must be real numbers, got dtype {s.dtype}")
     ax = _scaled_axis(w.shape, s.shape, axis)
     return w * s.astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax))
 
@@ -110,12 +132,14 @@ def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: in
         InputError: a scale names no leaf of ``params``, or its shape does not match that leaf's ``axis``.
     """
     leaves = named_leaves(params)
-    _check_scales(leaves, scales, axis)
+    _check_scales(leaves, check_mapping(scales, "scales", "{weight name: (O,) scales}"), axis)
     return replace_named(params, {k: scale_rows(leaves[k], s, axis) for k, s in scales.items()})
 
 
 def _bias_names(params: Any) -> list[str]:
-    return [k for k, v in named_leaves(params).items() if k.rsplit("/", 1)[-1] == "bias" and v.ndim == 1]
+    # float biases only: an integer leaf has no gradient (jax.grad refuses it)
+    return [k for k, v in named_leaves(params).items() if k.rsplit("/", 1)[-1] == "bias" and jnp.ndim(v) == 1
+            and jnp.issubdtype(jnp.result_type(v), jnp.floating)]
 
 
 class LSAResult(NamedTuple):
@@ -155,10 +179,18 @@ def fit_local_scales(
             do not fit ``params_q`` (:func:`apply_local_scales`).
     """
     steps = check_int(steps, "steps", lo=0)
-    if not isinstance(data_iter, Iterable):
+    progress = check_flag(progress, "progress")
+    train_biases = check_flag(train_biases, "train_biases")  # "no" would be True
+    if not callable(loss_fn):
+        raise InputError(f"loss_fn must be a function (params, batch) -> scalar, got {type(loss_fn).__name__}")
+    if optimizer is not None and not (callable(getattr(optimizer, "init", None))
+                                      and callable(getattr(optimizer, "update", None))):
+        raise InputError(f"optimizer must be an optax.GradientTransformation, got {optimizer!r}")
+    if not isinstance(data_iter, Iterable) or isinstance(data_iter, (str, bytes)):
         raise InputError(f"data_iter must be an iterable of batches, got {type(data_iter).__name__}")
     leaves = named_leaves(params_q)
-    _check_scales(leaves, scales, axis)  # a named error here, not one inside the first traced step
+    # a named error here, not one inside the first traced step
+    _check_scales(leaves, check_mapping(scales, "scales", "{weight name: (O,) scales}"), axis)
     opt = optax.adam(1e-3) if optimizer is None else optimizer
     biases = {k: leaves[k] for k in _bias_names(params_q)} if train_biases else {}
     trainable = {"scales": dict(scales), "biases": biases}
@@ -182,6 +214,10 @@ def fit_local_scales(
             batch = next(it)
         except StopIteration:
             break
+        if not losses:  # a named error, not jax.grad's "only defined for scalar-output functions"
+            out = jax.eval_shape(loss_of, trainable, batch)
+            if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
+                raise InputError(f"loss_fn must return a float scalar, got {out}")
         trainable, state, loss = step(trainable, state, batch)
         losses.append(loss)
         if progress:

@@ -6,7 +6,8 @@ output row of the NNR-layout tensor is cut into consecutive tiles of ``tile`` el
 ``tile = kh·kw`` a tile is one 2-D kernel of a convolution). A tile whose magnitudes vary little,
 ``std(|w|) <= threshold · mean(|w|)``, is replaced by ``sign(w) · mean(|w|)``: its values become
 one magnitude and a sign pattern, which the entropy coder codes cheaply after quantization.
-Elements left over at the end of a row (fewer than ``tile``) are never changed.
+Elements left over at the end of a row (fewer than ``tile``) are never changed. Only real floating-point
+tensors are unified (an integer tensor would come back as float).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from nncjax.arguments import check_flag, check_int, check_real, is_concrete
 from nncjax.errors import InputError
-from nncjax.reduce._tree import default_weight_select, named_leaves, replace_named
+from nncjax.reduce._tree import check_float, default_weight_select, named_leaves, replace_named, select_float_names
 from nncjax.reduce.layout import flax_to_nnr, nnr_to_flax
 
 __all__ = ["unify_tiles", "unify_params"]
@@ -33,11 +35,12 @@ def unify_tiles(w: jax.Array, tile: int, threshold: float | jax.Array) -> tuple[
     >>> wu.tolist(), ok.tolist()
     ([[1.0, -1.0, 1.0, 5.0, 0.5, 2.0]], [[True, False]])
     """
-    w = jnp.asarray(w)
+    w = check_float(w, "w")
     if w.ndim < 1 or w.shape[0] < 1:
         raise InputError(f"unification needs a tensor with output rows, got shape {w.shape}")
-    if int(tile) < 1:
-        raise InputError(f"tile must be >= 1, got {tile}")
+    tile = check_int(tile, "tile", lo=1)  # int(2.5) would tile by 2, int(True) by 1
+    if is_concrete(threshold):  # a traced threshold cannot be read without a host sync
+        threshold = check_real(threshold, "threshold", lo=0.0)
     rows = w.shape[0]
     m = w.reshape(rows, -1)
     n_tiles = m.shape[1] // tile
@@ -60,16 +63,19 @@ def unify_params(
     flax_layout: bool = True,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """:func:`unify_tiles` on every selected tensor of a pytree (Flax layout converted to NNR rows and
-    back unless ``flax_layout=False``). Returns ``(params, {name: unified tile mask})``. jit-able.
+    back unless ``flax_layout=False``). ``select``: a predicate or a list of names; only non-empty float
+    tensors are unified. Returns ``(params, {name: unified tile mask})``. jit-able.
 
     >>> p, masks = unify_params({"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}, tile=9, threshold=0.1)
     >>> masks["Conv_0/kernel"].shape
     (4, 2)
     """
+    flax_layout = check_flag(flax_layout, "flax_layout")  # "no" would be True
+    tile = check_int(tile, "tile", lo=1)
     updates, masks = {}, {}
-    for name, v in named_leaves(params).items():
-        if not select(name, v):
-            continue
+    named = named_leaves(params)
+    for name in select_float_names(named, select):
+        v = named[name]
         w = flax_to_nnr(v) if flax_layout else v
         wu, ok = unify_tiles(w, tile, threshold)
         updates[name] = nnr_to_flax(wu) if flax_layout else wu
