@@ -123,3 +123,20 @@ def test_fit_local_scales_rejects_bad_arguments():
         fit_local_scales(loss, p, lsa_init(p), data, steps=2.5, progress=False)
     with pytest.raises(InputError, match="data_iter"):
         fit_local_scales(loss, p, lsa_init(p), None, steps=2, progress=False)
+
+
+def test_a_non_finite_loss_skips_its_step_instead_of_poisoning_the_scales():
+    """One batch with a NaN loss used to make every scale and bias NaN for the rest of the training."""
+    p = {"Dense_0": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32),
+                     "bias": jnp.zeros(3)}}
+    x = jnp.ones((5, 4))
+
+    def loss(q, b):
+        y = b @ q["Dense_0"]["kernel"] + q["Dense_0"]["bias"]
+        return jnp.mean(y**2) * jnp.where(b[0, 0] > 1, jnp.nan, 1.0)  # NaN on the batch x * 2
+
+    res = fit_local_scales(loss, p, lsa_init(p), [x, x * 2, x, x], steps=4, progress=False)
+    assert np.isnan(res.losses[1]) and np.all(np.isfinite(np.delete(np.asarray(res.losses), 1)))
+    assert np.all(np.isfinite(res.scales["Dense_0/kernel"])) and np.all(np.isfinite(res.params["Dense_0"]["bias"]))
+    skipped = fit_local_scales(loss, p, lsa_init(p), [x, x, x], steps=3, progress=False)  # the same good steps
+    np.testing.assert_array_equal(res.scales["Dense_0/kernel"], skipped.scales["Dense_0/kernel"])

@@ -479,6 +479,7 @@ def _vars(over=None, rows=4):
     ({("batch_stats", "BatchNorm_0", "var"): jnp.ones((1, 4))}, r"var must be a vector of 4"),  # 2-D LS, BI
     ({("params", "Conv_0", "bias"): jnp.ones(3)}, r"layer_bias must be a vector of 4"),
     ({("params", "Conv_0", "kernel"): jnp.float32(1)}, "has no output rows"),
+    ({("params", "Conv_0", "kernel"): jnp.ones((3, 3, 2, 4), jnp.int32)}, "kernel of layer 'Conv_0' must be a real fl"),
     ({("batch_stats", "BatchNorm_0", "var"): jnp.full(4, jnp.nan)}, "variance is NaN or Inf"),  # NaN LS, BI
 ])
 def test_fold_batchnorm_checks_every_vector(over, match):

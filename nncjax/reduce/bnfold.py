@@ -352,7 +352,8 @@ def fold_batchnorm(
         layer = resolve(params, p.layer)
         bn = resolve(params, p.bn) if _has(params, p.bn) else {}
         st = resolve(stats, p.bn)
-        w = flax_to_nnr(layer["kernel"])
+        # an integer kernel would come back integer beside float LS / BI, scaled and truncated on unfolding
+        w = flax_to_nnr(check_float(layer["kernel"], f"kernel of layer {path_name(p.layer)!r}"))
         if w.ndim < 1:
             raise InputError(f"layer {path_name(p.layer)!r}: a kernel of shape {w.shape} has no output rows")
         rows = w.shape[0]

@@ -136,6 +136,16 @@ def apply_local_scales(params: Any, scales: Mapping[str, jax.Array], *, axis: in
     return replace_named(params, {k: scale_rows(leaves[k], s, axis) for k, s in scales.items()})
 
 
+@jax.jit
+def _finite_or_previous(new: Any, old: Any, loss: jax.Array) -> Any:
+    """``new`` if ``loss`` and every float leaf of ``new`` are finite, else ``old`` (same structure)."""
+    ok = jnp.isfinite(loss)
+    for x in jax.tree.leaves(new):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            ok &= jnp.all(jnp.isfinite(x))
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
 def _bias_names(params: Any) -> list[str]:
     # float biases only: an integer leaf has no gradient (jax.grad refuses it)
     return [k for k, v in named_leaves(params).items() if k.rsplit("/", 1)[-1] == "bias" and jnp.ndim(v) == 1
@@ -168,7 +178,9 @@ def fit_local_scales(
     ``loss_fn(params, batch) -> scalar`` evaluates the model with ``params`` (scales already applied);
     ``data_iter`` yields at least ``steps`` batches (training stops early if it runs out).
     ``optimizer`` defaults to ``optax.adam(1e-3)``. Biases are the 1-D leaves named ``bias``.
-    One jitted step per batch; a tqdm bar shows the loss when ``progress``.
+    One jitted step per batch; a tqdm bar shows the loss when ``progress``. A step whose gradient is
+    not finite (a NaN or Inf loss on that batch) is skipped, so the scales and biases stay finite;
+    ``losses`` shows such steps as NaN / Inf.
 
     >>> scales = lsa_init(params_q)                                             # doctest: +SKIP
     >>> res = fit_local_scales(loss, params_q, scales, batches, steps=200)     # doctest: +SKIP
@@ -218,7 +230,10 @@ def fit_local_scales(
             out = jax.eval_shape(loss_of, trainable, batch)
             if not hasattr(out, "shape") or out.shape != () or not jnp.issubdtype(out.dtype, jnp.floating):
                 raise InputError(f"loss_fn must return a float scalar, got {out}")
-        trainable, state, loss = step(trainable, state, batch)
+        new_trainable, new_state, loss = step(trainable, state, batch)
+        # one non-finite step would make every scale NaN for good: it is skipped instead. A separate
+        # function, so that the step's own compiled arithmetic (and so every finite result) is unchanged.
+        trainable, state = _finite_or_previous((new_trainable, new_state), (trainable, state), loss)
         losses.append(loss)
         if progress:
             bar.set_postfix(loss=f"{float(loss):.4g}")
