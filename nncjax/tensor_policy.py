@@ -96,8 +96,10 @@ def prepare_tensor(name: str, x) -> PreparedTensor:
 def restore_dtype(name: str, decoded: np.ndarray, dtype, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Casts a decoded tensor to ``dtype`` (and ``shape``), refusing lossy integer narrowing.
 
-    Float targets take the decoded values rounded to nearest; integer targets require the decoded
-    values to be integers in range. ``shape`` may turn a decoded ``(1,)`` back into a 0-d scalar.
+    Float targets take the decoded values rounded to nearest, but a finite value beyond the target's
+    range is refused rather than made infinite (a float16 weight of 65504 coded with a coarse step can
+    decode to 65536); integer targets require the decoded values to be integers in range. ``shape``
+    may turn a decoded ``(1,)`` back into a 0-d scalar.
     ``decoded``: numpy array of any shape -> numpy array of ``dtype`` and ``shape``.
 
     >>> restore_dtype("n", np.array([3.0, -1.0], np.float32), np.int16)
@@ -125,4 +127,12 @@ def restore_dtype(name: str, decoded: np.ndarray, dtype, shape: tuple[int, ...] 
             info = (0, 1) if dt == np.bool_ else (np.iinfo(dt).min, np.iinfo(dt).max)
             if lo < info[0] or hi > info[1]:
                 raise InputError(f"tensor {name!r}: decoded values [{lo}, {hi}] do not fit {dt}")
-    return out.astype(dt)
+        return out.astype(dt)
+    with np.errstate(over="ignore"):  # checked: a finite value that became inf
+        cast = out.astype(dt)
+    over = np.isinf(cast) & np.isfinite(out)
+    if over.any():
+        raise InputError(f"tensor {name!r}: decoded value {out[over].flat[0]} is beyond the range of {dt} (it "
+                         "would become inf); decode into a float32 `like` leaf or with raw=True, or code it with a "
+                         "finer QP")
+    return cast

@@ -123,6 +123,20 @@ def test_restore_dtype_refuses_lossy_narrowing():
     assert restore_dtype("s", np.array([2.0], np.float32), np.float64, ()).shape == ()
 
 
+def test_half_precision_like_refuses_values_beyond_its_range():
+    """65504 (float16's largest) coded with a step of 64 decodes to 65536: cast to float16 it became inf."""
+    import nncjax
+
+    w = {"w": jnp.asarray(np.array([[65504.0, -65504.0], [1000.0, 2.0]], np.float16))}
+    data = nncjax.encode(w, qp=24)
+    assert nncjax.decode(data)["w"].max() == 65536.0  # float32: the decoded values themselves
+    with pytest.raises(InputError, match=r"tensor 'w': decoded value 65536.0 is beyond the range of float16"):
+        nncjax.decode(data, like=w)
+    assert nncjax.decode(nncjax.encode(w, qp=16), like=w)["w"].dtype == jnp.float16  # in range: cast as before
+    kept = restore_dtype("x", np.array([1.5, np.inf, np.nan], np.float32), jnp.bfloat16)  # non-finite stays
+    assert np.isinf(np.asarray(kept, np.float32)[1]) and np.isnan(np.asarray(kept, np.float32)[2])
+
+
 # -- settings and QP plan ----------------------------------------------------------------------------
 
 def test_settings_validation():
