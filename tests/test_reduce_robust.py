@@ -522,6 +522,20 @@ def test_unfold_batchnorm_refuses_blocks_that_do_not_fit(blocks, kwargs, match):
         unfold_batchnorm(_vars(), blocks, **kwargs)
 
 
+def test_half_precision_overflow_is_refused_not_made_inf():
+    # before: a float32 block written into a float16 model, or a float16 weight times large scales,
+    # silently held inf
+    half = _vars()
+    half["params"]["Conv_0"]["kernel"] = jnp.ones((3, 3, 2, 4), jnp.float16)
+    big = {"Conv_0/kernel": FoldedBlock(jnp.full((4, 2, 3, 3), 7e4, jnp.float32), jnp.ones(4), jnp.zeros(4))}
+    with pytest.raises(InputError, match="block 'Conv_0/kernel': kernel: a finite value became inf in float16"):
+        unfold_batchnorm(half, big, ls_into="kernel")
+    w = jnp.asarray([[6e4, 1.0]], jnp.float16)
+    with pytest.raises(InputError, match="scale_rows: a finite value became inf in float16"):
+        scale_rows(w, jnp.asarray([2.0, 1.0]))
+    assert scale_rows(w, jnp.asarray([1.0, 2.0])).tolist() == [[6e4, 2.0]]  # in range: as before
+
+
 @settings(max_examples=25, deadline=None)
 @given(n_out=st.integers(1, 6), n_in=st.integers(1, 5), seed=st.integers(0, 2**16),
        eps=st.sampled_from([1e-5, 1e-3, 0.1]))

@@ -8,12 +8,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nncjax.arguments import check_int
+from nncjax.arguments import check_int, is_concrete
 from nncjax.errors import InputError
 from nncjax.pytree_names import key_path_name
 
-__all__ = ["as_array", "check_axis", "check_float", "check_mapping", "default_weight_select", "named_leaves",
-           "path_name", "replace_named", "resolve", "select_float_names"]
+__all__ = ["as_array", "check_axis", "check_float", "check_in_range", "check_mapping", "default_weight_select",
+           "named_leaves", "path_name", "replace_named", "resolve", "select_float_names"]
 
 Path = tuple[str, ...]
 
@@ -62,6 +62,22 @@ def check_float(x: Any, what: str) -> jax.Array:
     if not jnp.issubdtype(a.dtype, jnp.floating):
         raise InputError(f"{what} must be a real floating-point tensor, got dtype {a.dtype}")
     return a
+
+
+def check_in_range(x: jax.Array, source: jax.Array, what: str) -> jax.Array:
+    """``x`` (a cast or product of ``source``, same shape) after checking that no finite entry of
+    ``source`` became infinite in it: beyond a half-precision dtype's range (float16 ends at 65504) a
+    value silently turns into inf. InputError naming ``what``; tracers are not checked.
+
+    >>> check_in_range(jnp.array([7e4]).astype(jnp.float16), jnp.array([7e4]), "kernel")
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: kernel: a finite value became inf in float16 (beyond its range)
+    """
+    if is_concrete(x) and is_concrete(source) and jnp.issubdtype(x.dtype, jnp.inexact) \
+            and bool(jnp.any(jnp.isinf(x) & jnp.isfinite(source))):
+        raise InputError(f"{what}: a finite value became inf in {x.dtype} (beyond its range)")
+    return x
 
 
 def check_mapping(x: Any, what: str, of: str = "{name: value}") -> Mapping:

@@ -40,7 +40,15 @@ import numpy as np
 
 from nncjax.arguments import check_real, is_concrete
 from nncjax.errors import InputError
-from nncjax.reduce._tree import check_float, check_mapping, named_leaves, path_name, replace_named, resolve
+from nncjax.reduce._tree import (
+    check_float,
+    check_in_range,
+    check_mapping,
+    named_leaves,
+    path_name,
+    replace_named,
+    resolve,
+)
 from nncjax.reduce.layout import flax_to_nnr, nnr_to_flax
 
 __all__ = [
@@ -451,7 +459,7 @@ def unfold_batchnorm(
         # to live in the kernel for the sum to stay (W·LS)x + BI.
         put_ls_in_kernel = ls_into == "kernel" or "scale" not in bn or "bias" not in bn
         w = block_weight(blk) if put_ls_in_kernel else blk.w
-        kernel = nnr_to_flax(w).astype(dtype)
+        kernel = check_in_range(nnr_to_flax(w).astype(dtype), nnr_to_flax(w), f"block {wname!r}: kernel")
         if kernel.shape != kernel_shape:
             raise InputError(f"block {wname!r}: kernel {kernel.shape} does not fit the model's {kernel_shape}")
         params = _set(params, p.layer, "kernel", kernel)

@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 from nncjax.arguments import check_flag, check_int
 from nncjax.errors import InputError
 from nncjax.pytree_names import is_kernel_name
-from nncjax.reduce._tree import as_array, check_axis, check_float, check_mapping, named_leaves, replace_named
+from nncjax.reduce._tree import (
+    as_array,
+    check_axis,
+    check_float,
+    check_in_range,
+    check_mapping,
+    named_leaves,
+    replace_named,
+)
 
 __all__ = ["RowsSpec", "LSAResult", "lsa_init", "scale_rows", "apply_local_scales", "fit_local_scales", "kernel_rows"]
 
@@ -96,7 +104,7 @@ def scale_rows(w: jax.Array, s: jax.Array, axis: int = -1) -> jax.Array:
     if not (jnp.issubdtype(s.dtype, jnp.floating) or jnp.issubdtype(s.dtype, jnp.integer)):
         raise InputError(f"scales s must be real numbers, got dtype {s.dtype}")
     ax = _scaled_axis(w.shape, s.shape, axis)
-    return w * s.astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax))
+    return check_in_range(w * s.astype(w.dtype).reshape((-1,) + (1,) * (w.ndim - 1 - ax)), w, "scale_rows")
 
 
 def _scaled_axis(w_shape: tuple, s_shape: tuple, axis: int) -> int:
