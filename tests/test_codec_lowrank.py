@@ -331,7 +331,7 @@ def test_bad_low_rank_raises_input_error(params, low_rank, extra, match):
 
 @pytest.mark.parametrize("ranks, kw, match", [
     ({"missing": 1}, {}, "no tensor named 'missing'"),
-    ({"w": 5}, {}, "rank must be in 1..3"),
+    ({"w": 5}, {}, r"rank \(for a 3x4 matrix\) must be an integer in \[1, 3\]"),
     ({"w": 1.5}, {}, "must be an integer"),
     ({"ids": 1}, {}, "only float tensors"),
     ({"w": 1}, dict(g_rows={"w": 5}), "does not divide"),

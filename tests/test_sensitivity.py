@@ -226,7 +226,7 @@ def test_bad_init_arguments_raise_input_error(digits, kwargs):
 def test_sensitivity_step_compiles_once():
     # the estimator's step is one jit-compiled function: a second call with new values hits the cache
     p = {"w": jnp.ones((4, 2)), "b": jnp.zeros(2)}
-    x = jnp.ones((8, 4))
+    x = jnp.arange(32.0).reshape(8, 4)  # outputs that vary: a constant output is refused
     from nncjax.sensitivity import _squared_probes
     output_sensitivity(p, _linear, x)
     before = _squared_probes._cache_size()
