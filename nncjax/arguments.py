@@ -17,8 +17,9 @@ import jax
 import numpy as np
 
 from nncjax.errors import InputError
+from nncjax.tensor_policy import is_float_like
 
-__all__ = ["check_flag", "check_int", "check_real", "is_concrete", "is_int"]
+__all__ = ["check_array_kind", "check_flag", "check_int", "check_real", "is_concrete", "is_int"]
 
 
 def is_concrete(x: Any) -> bool:
@@ -102,6 +103,32 @@ def check_real(x: Any, what: str, *, lo: float | None = None, above: float | Non
                 and (hi is None or v <= hi):
             return v
     raise InputError(f"{what} must be a finite real number{_bounds(lo, hi, above)}, got {x!r}")
+
+
+def check_array_kind(x: Any, kinds: str, want: str) -> Any:
+    """``x`` after checking that its dtype is of one of ``kinds``: NumPy kind letters (``"b"`` bool,
+    ``"i"`` / ``"u"`` integers, ``"f"`` floats, where bfloat16 and the other ml_dtypes floats count as
+    ``"f"``, though NumPy calls them ``"V"``). Arrays and tracers come back unchanged (only the dtype
+    is read, so this runs under ``jit``); other values are converted with ``np.asarray``. Otherwise
+    InputError ``"<want>, got dtype ..."`` (or ``"..., got <type>"`` for what is no array).
+
+    >>> import ml_dtypes
+    >>> check_array_kind(np.ones(2, ml_dtypes.bfloat16), "iuf", "w must be real").dtype
+    dtype(bfloat16)
+    >>> check_array_kind([1 + 2j], "iuf", "w must be real")
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: w must be real, got dtype complex128
+    """
+    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
+        try:
+            x = np.asarray(x)
+        except (TypeError, ValueError):  # ragged nesting, tracers in a list
+            raise InputError(f"{want}, got {type(x).__name__}") from None
+    dt = np.dtype(x.dtype)
+    if ("f" if is_float_like(dt) else dt.kind) not in kinds:
+        raise InputError(f"{want}, got dtype {dt}")
+    return x
 
 
 def check_flag(x: Any, what: str) -> bool:

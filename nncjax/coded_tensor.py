@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nncjax.arguments import check_int
-from nncjax.errors import InputError
+from nncjax.arguments import check_array_kind, check_int
 from nncjax.steps import check_qp_density
 
 __all__ = ["SCALING_SUFFIX", "code_tensor", "codec_reconstruct", "coded_tensor_bits", "levels_bits", "qp_delta_bits"]
@@ -21,9 +20,7 @@ SCALING_SUFFIX = "_scaling"  # NNCodec's name of a weight's LS tensor
 def _tensor_and_qp(x, qp) -> tuple[np.ndarray, int]:
     """``x`` as float32 and ``qp`` as an int. Refuses what a cast would silently change: complex, bool or
     non-numeric tensors, and float or bool QPs (``int(-20.5)`` would code at -20)."""
-    a = np.asarray(x)
-    if a.dtype.kind not in "fiu":
-        raise InputError(f"x must be a real numeric array, got dtype {a.dtype}")
+    a = np.asarray(check_array_kind(x, "iuf", "x must be a real numeric array"))
     return a.astype(np.float32, copy=False), check_int(qp, "qp")
 
 

@@ -117,3 +117,20 @@ def test_float_qps_are_refused_by_the_jax_step_map():
     with pytest.raises(InputError, match="QPs must be integers"):
         reconstruct_uniform(jnp.ones(3), -20.5)
     assert float(jax.jit(qp_to_step_jax)(jnp.int32(-32))) == 2.0**-8
+
+
+def test_bfloat16_counts_as_a_float_everywhere_a_real_array_is_checked():
+    """NumPy gives bfloat16 the kind 'V', not 'f': kind-letter checks refused bfloat16 weights in
+    estimate_bits and code_tensor (TPU-style parameters) and bfloat16 batches in the models."""
+    from nncjax.arguments import check_array_kind
+    from nncjax.coded_tensor import code_tensor
+    from nncjax.models.base import check_batch
+    from nncjax.rate import estimate_bits
+
+    w = jnp.linspace(-0.05, 0.05, 64).reshape(8, 8).astype(jnp.bfloat16)
+    w32 = w.astype(jnp.float32)  # the same values
+    assert float(estimate_bits(w, -38)) == float(estimate_bits(w32, -38))
+    assert code_tensor(w, -38)[1] == code_tensor(w32, -38)[1]
+    assert check_batch(np.zeros((2, 64), jnp.bfloat16), "images", ("B", 64)).dtype == jnp.bfloat16
+    with pytest.raises(InputError, match="got dtype bfloat16"):
+        check_array_kind(w, "iu", "levels must be integers")

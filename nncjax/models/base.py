@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from nncjax.arguments import check_array_kind
 from nncjax.errors import InputError
 
 __all__ = [
@@ -138,13 +139,7 @@ def check_batch(x: Any, what: str, shape: tuple[int | str, ...], kinds: str = "i
     free = [d for d in shape if isinstance(d, str)]
     want = f"{what} must be a{'n' if _KIND_NAMES[kinds][0] in 'aeiou' else ''} {_KIND_NAMES[kinds]} array of shape " \
         f"{spec}" + (f" with {', '.join(free)} >= 1" if free else "")
-    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-        try:
-            x = np.asarray(x)
-        except (TypeError, ValueError):  # ragged nesting, tracers in a list
-            raise InputError(f"{want}, got {type(x).__name__}") from None
-    if np.dtype(x.dtype).kind not in kinds:  # bool and complex were cast silently, strings failed in JAX
-        raise InputError(f"{want}, got dtype {np.dtype(x.dtype)}")
+    x = check_array_kind(x, kinds, want)  # bool and complex were cast silently, strings failed in JAX
     got = tuple(x.shape)
     if len(got) != len(shape) or any(g != d if isinstance(d, int) else g < 1 for g, d in zip(got, shape)):
         raise InputError(f"{want}, got shape {got}")

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax.arguments import check_flag, check_int, check_real, is_concrete, is_int
+from nncjax.arguments import check_array_kind, check_flag, check_int, check_real, is_concrete, is_int
 from nncjax.errors import InputError
 from nncjax.pytree_names import key_path_name
 from nncjax.quantize.dq import dq_states, dq_trellis, k_to_q
@@ -129,15 +129,8 @@ MAX_TABLE_LEVEL = 2**20
 
 def _array(x: Any, what: str, kinds: str, kind_name: str) -> Any:
     """``x`` (an array, a tracer, or an array-like that is converted) after checking its dtype kind is
-    one of ``kinds`` (NumPy kind letters); InputError naming ``what`` otherwise. Reads no values."""
-    if not (hasattr(x, "dtype") and hasattr(x, "shape")):
-        try:
-            x = np.asarray(x)
-        except (TypeError, ValueError) as e:  # ragged lists, lists of tracers
-            raise InputError(f"{what} must be {kind_name}, got {type(x).__name__}: {e}") from None
-    if np.dtype(x.dtype).kind not in kinds:
-        raise InputError(f"{what} must be {kind_name}, got dtype {np.dtype(x.dtype)}")
-    return x
+    one of ``kinds`` (:func:`~nncjax.arguments.check_array_kind`); InputError naming ``what`` otherwise."""
+    return check_array_kind(x, kinds, f"{what} must be {kind_name}")
 
 
 def _levels(k: Any, what: str = "k") -> Any:
