@@ -86,9 +86,6 @@ from nncjax.reduce._tree import (
 )
 from nncjax.sensitivity import (
     allocate_steps,
-    check_max_ratio,
-    check_probes,
-    check_seed,
     output_sensitivity,
     rows_exercised,
     spread_over_rows,
@@ -275,8 +272,8 @@ def _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_ax
             raise InputError("init='sensitivity' chooses the starting QPs itself: pass init_qps only with init='base'")
         if float(lam) <= 0:
             raise InputError("init='sensitivity' needs lam > 0")
-        check_probes(probes)
-        check_max_ratio(max_scale_ratio, "max_scale_ratio")
+        check_int(probes, "probes", lo=1)
+        check_real(max_scale_ratio, "max_scale_ratio", lo=1)
     check_qp_density(qp_density)
 
 
@@ -290,8 +287,13 @@ def _fixed_qp(leaf, qp: int, nonweight_qp: int) -> int:
 DEFAULT_QPS = {"base_qp": -32, "nonweight_qp": -75, "scale_qp": -24}
 
 
-def _default_qp(what: str, qp_density: int) -> int:
-    return equivalent_qp(DEFAULT_QPS[what], qp_density)
+def default_qp(what: str, qp_density: int) -> int:
+    """The default ``what`` (a key of :data:`DEFAULT_QPS`) at ``qp_density``: the QP of its step there.
+
+    >>> default_qp("nonweight_qp", 3), default_qp("base_qp", 2)
+    (-150, -32)
+    """
+    return int(equivalent_qp(DEFAULT_QPS[what], qp_density))
 
 
 # A scale is kept at least this many scale steps above 0: one that decoded to 0 would divide its row
@@ -428,7 +430,7 @@ def optimize(
     """
     _check_args(lam, steps, mode, distortion, loss, refine, qp_density, scale_axis, init, init_qps, probes,
                 max_scale_ratio)
-    check_seed(seed)
+    check_int(seed, "seed")  # before any work: JAX's own error would come from deep inside the probes
     row_usage = dict(row_usage or {})
     if row_usage and (init != "sensitivity" or not learn_scales):
         raise InputError("row_usage shapes the sensitivity allocation's row scales: it needs init='sensitivity' "
@@ -437,15 +439,15 @@ def optimize(
         raise InputError("apply_fn must be callable (or pass loss=)")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
-    base_qp = _default_qp("base_qp", qpd) if base_qp is None else base_qp
-    scale_qp = _default_qp("scale_qp", qpd) if scale_qp is None else scale_qp
+    base_qp = default_qp("base_qp", qpd) if base_qp is None else base_qp
+    scale_qp = default_qp("scale_qp", qpd) if scale_qp is None else scale_qp
     base_qp = check_int(base_qp, "base_qp", lo=lo, hi=hi)
     scale_qp = check_int(scale_qp, "scale_qp", lo=lo, hi=hi)
     if qp_to_step(scale_qp, qpd) > 1 / 8:  # scales around 1 need finer steps (they stay 4 steps above 0)
         raise InputError(f"scale_qp {scale_qp} gives scales a step of {qp_to_step(scale_qp, qpd):.4g}: use a QP "
                          f"with a step of at most 1/8 (<= {equivalent_qp(-12, qpd)} at qp_density {qpd})")
     if nonweight_qp is None:
-        nw_qp = _default_qp("nonweight_qp", qpd)
+        nw_qp = default_qp("nonweight_qp", qpd)
     elif is_int(nonweight_qp):
         nw_qp = int(nonweight_qp) if nonweight_qp else base_qp - (2 << qpd)
     else:

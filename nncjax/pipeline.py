@@ -61,7 +61,7 @@ from nncjax.distortion import check_finite_outputs, relative_output_mse
 from nncjax.error_feedback import with_error_feedback
 from nncjax.errors import InputError
 from nncjax.ioq import ioq_initial_qps, ioq_search, qp_limits
-from nncjax.optimize import DEFAULT_QPS, check_lam, optimize
+from nncjax.optimize import check_lam, default_qp, optimize
 from nncjax.reduce import (
     BNPair,
     FoldedBlock,
@@ -77,7 +77,7 @@ from nncjax.reduce import (
     unfold_batchnorm,
 )
 from nncjax.reduce._tree import default_weight_select
-from nncjax.steps import check_qp_density, equivalent_qp
+from nncjax.steps import check_qp_density
 
 _ALLOCATIONS = ("ioq", "sensitivity")
 
@@ -399,8 +399,8 @@ def optimize_ioq(
         raise InputError("check_moments without moments: GPTQ needs the moments it fits (moments=)")
     qpd = check_qp_density(qp_density)
     lo, hi = qp_limits(qpd)
-    base_qp = equivalent_qp(DEFAULT_QPS["base_qp"], qpd) if base_qp is None else base_qp
-    nonweight_qp = equivalent_qp(DEFAULT_QPS["nonweight_qp"], qpd) if nonweight_qp is None else nonweight_qp
+    base_qp = default_qp("base_qp", qpd) if base_qp is None else base_qp
+    nonweight_qp = default_qp("nonweight_qp", qpd) if nonweight_qp is None else nonweight_qp
     base_qp = check_int(base_qp, "base_qp", lo=lo, hi=hi)
     nonweight_qp = check_int(nonweight_qp, "nonweight_qp", lo=lo, hi=hi)
     ls_qp = nonweight_qp if ls_qp is None else check_int(ls_qp, "ls_qp (or None)", lo=lo, hi=hi)

@@ -157,7 +157,7 @@ def output_sensitivity(
     if not chosen:
         raise InputError("select chose no float tensors")
     weights = {n: named[n] for n in chosen}
-    key = jax.random.PRNGKey(check_seed(seed))
+    key = jax.random.PRNGKey(check_int(seed, "seed"))
     total = None
     batched = _batch_probes(apply_fn, params, batches[0], sum(int(np.size(w)) for w in weights.values()),
                             int(probes))
@@ -262,7 +262,7 @@ def row_moments(
             if not np.all(np.isfinite(s) & (s > 0)):
                 raise InputError(f"row_scales[{n!r}] must be positive and finite")
     weights = {n: named[n] for n in names}
-    key = jax.random.PRNGKey(check_seed(seed))
+    key = jax.random.PRNGKey(check_int(seed, "seed"))
     total = {n: 0.0 for n in names}
     for i, batch in enumerate(batches):
         grads, spread = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
@@ -303,28 +303,13 @@ def checked_batches(apply_fn: Any, data: Any, probes: Any) -> list:
     >>> len(checked_batches(abs, [1, 2], 4)), checked_batches(abs, 3, 1)
     (2, [3])
     """
-    check_probes(probes)
+    check_int(probes, "probes", lo=1)
     if not callable(apply_fn):
         raise InputError("apply_fn must be callable")
     batches = data if isinstance(data, list) else [data]
     if not batches:
         raise InputError("data is an empty list")
     return batches
-
-
-def check_seed(seed: Any) -> int:
-    """``seed`` as an int after checking it is an integer (not bool); raises InputError otherwise (JAX's
-    error about a key of the wrong type would come from deep inside the probes).
-
-    >>> check_seed(np.int64(3))
-    3
-    """
-    return check_int(seed, "seed")
-
-
-def check_probes(probes: Any) -> None:
-    """Raises InputError unless ``probes`` is an integer >= 1."""
-    check_int(probes, "probes", lo=1)
 
 
 def _real_array(x: Any, what: str) -> np.ndarray:
@@ -346,11 +331,6 @@ def _sensitivity_array(g: Any, what: str) -> np.ndarray:
     if not np.all(np.isfinite(a)) or np.any(a < 0):
         raise InputError(f"{what} must be finite and >= 0")
     return a
-
-
-def check_max_ratio(ratio: Any, what: str = "max_ratio") -> None:
-    """Raises InputError unless ``ratio`` is a finite number >= 1."""
-    check_real(ratio, what, lo=1)
 
 
 def _row_means(g: np.ndarray, axis: int) -> np.ndarray:
@@ -467,7 +447,7 @@ def allocate_steps(
       array([0.707, 1.414])
     """
     lam = check_real(lam, "lam", above=0)
-    check_max_ratio(max_ratio)
+    check_real(max_ratio, "max_ratio", lo=1)
     qpd = check_qp_density(qp_density)
     for what, m in (("sensitivity", sensitivity), ("rows_axes", rows_axes), ("rate_slope", rate_slope)):
         if m is not None and not isinstance(m, Mapping):
