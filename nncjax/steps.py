@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax.arguments import check_int
+from nncjax.arguments import check_array_kind, check_int
 from nncjax.errors import InputError
 
 __all__ = ["check_qp_density", "equivalent_qp", "qp_to_step", "qp_to_step_continuous", "qp_to_step_jax", "step_to_qp",
@@ -41,10 +41,8 @@ def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
     (0.00390625, 0.00146484375)
     """
     qpd = check_qp_density(qp_density)
-    q = np.asarray(qp)
-    if not np.issubdtype(q.dtype, np.integer):  # bool, float, object (a Python int beyond int64)
-        raise InputError(f"QPs must be integers, got {qp!r}")
-    q = q.astype(np.int64)
+    # refused: bool, float (truncated toward zero), object (a Python int beyond int64)
+    q = np.asarray(check_array_kind(qp, "iu", "QPs must be integers")).astype(np.int64)
     k = 1 << qpd
     with np.errstate(over="ignore"):
         step = (k + (q & (k - 1))).astype(np.float64) * np.exp2((q >> qpd) - qpd)
@@ -93,10 +91,8 @@ def qp_to_step_jax(qp, qp_density: int = 2):
     [0.00390625, 0.00146484375]
     """
     qpd = check_qp_density(qp_density)
-    dt = qp.dtype if hasattr(qp, "dtype") else np.asarray(qp).dtype  # tracers have a dtype too
-    if not jnp.issubdtype(dt, jnp.integer):  # the int32 cast would truncate a float QP toward zero
-        raise InputError(f"QPs must be integers, got dtype {dt}")
-    q = jnp.asarray(qp, dtype=jnp.int32)
+    # the int32 cast would truncate a float QP toward zero; dtypes are static, so checked under jit too
+    q = jnp.asarray(check_array_kind(qp, "iu", "QPs must be integers"), dtype=jnp.int32)
     k = 1 << qpd
     # ldexp is exact; exp2 is not on every backend.
     return jnp.ldexp((k + (q & (k - 1))).astype(jnp.float32), (q >> qpd) - qpd)
