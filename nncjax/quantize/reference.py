@@ -221,11 +221,12 @@ def safe_qp(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0) -> int:
     >>> safe_qp(np.array([1e9], np.float32), -32, dq=True)
     -4
     """
-    w = _weights(w)
-    qp = check_int(qp, "qp", lo=-(2**15), hi=2**15)
-    qpd = check_qp_density(qp_density)
-    lam = _lambda(lambda_scale)
-    dq = check_flag(dq, "dq")
+    return _guarded_qp(_weights(w), check_int(qp, "qp", lo=-(2**15), hi=2**15), check_qp_density(qp_density),
+                       check_flag(dq, "dq"), _lambda(lambda_scale))
+
+
+def _guarded_qp(w: np.ndarray, qp: int, qpd: int, dq: bool, lam: float) -> int:
+    """:func:`safe_qp` of checked arguments (no second pass over ``w`` to check it)."""
     if not _overflows(w, _step32(qp, qpd), dq, lam):
         return qp
     k = 1 << qpd
@@ -251,7 +252,8 @@ def quantize_tensor(w, qp, *, qp_density=2, dq=True, lambda_scale=0.0, unary_len
     (array([[ 10, -10]], dtype=int32), -20)
     """
     w, qp, qpd, lam, n, so = _common(w, qp, qp_density, lambda_scale, unary_length, scan_order)
-    used = safe_qp(w, qp, qp_density=qpd, dq=dq, lambda_scale=lam)
+    dq = check_flag(dq, "dq")
+    used = _guarded_qp(w, qp, qpd, dq, lam)
     return _quantize(w, used, qpd, dq, lam, n, so), used
 
 
