@@ -36,6 +36,7 @@ import numpy as np
 from nncjax.kernels import contexts as _ctx
 from nncjax.kernels import engine as _eng
 from nncjax.kernels import levels as _lv
+from nncjax.kernels.bits import as_bytes
 
 from nncjax.errors import BitstreamError, InputError, LimitError
 
@@ -294,13 +295,7 @@ class CabacDecoder:
     """
 
     def __init__(self, data, unary_length: int = 11):
-        if isinstance(data, np.ndarray) and data.dtype != np.uint8:  # a cast would wrap or truncate the values
-            raise InputError(f"data must be bytes-like or a uint8 array, got a {data.dtype} array")
-        try:
-            self._data = np.frombuffer(memoryview(data).cast("B"), np.uint8) if not isinstance(data, np.ndarray) \
-                else np.ascontiguousarray(data, np.uint8).reshape(-1)
-        except (TypeError, ValueError) as e:
-            raise InputError(f"data must be bytes-like or a uint8 array: {e}") from None
+        self._data = np.frombuffer(as_bytes(data, "data"), np.uint8)
         self.unary_length = _check_int("unary_length", unary_length, 1, 256)
         self._ds = np.zeros(_eng.DEC_STATE_SIZE, np.int64)
         _eng.dec_init(self._ds, self._data)
