@@ -459,7 +459,8 @@ def unfold_batchnorm(
         # to live in the kernel for the sum to stay (W·LS)x + BI.
         put_ls_in_kernel = ls_into == "kernel" or "scale" not in bn or "bias" not in bn
         w = block_weight(blk) if put_ls_in_kernel else blk.w
-        kernel = check_in_range(nnr_to_flax(w).astype(dtype), nnr_to_flax(w), f"block {wname!r}: kernel")
+        kernel = nnr_to_flax(w)
+        kernel = check_in_range(kernel.astype(dtype), kernel, f"block {wname!r}: kernel")
         if kernel.shape != kernel_shape:
             raise InputError(f"block {wname!r}: kernel {kernel.shape} does not fit the model's {kernel_shape}")
         params = _set(params, p.layer, "kernel", kernel)
