@@ -616,3 +616,22 @@ def test_block_from_members_checks_bn_names_and_decoded():
         block_from_members("d/kernel", 4, (2, 3), dec, bn_names=("a", "b", "c"))
     with pytest.raises(InputError, match="decoded must be a mapping"):
         block_from_members("d/kernel", 0, (2, 3), [1])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: block_members("d/kernel", jnp.ones((2, 3), jnp.int32)),
+    lambda: block_members("d/kernel", jnp.ones((2, 3)), ls=np.array([1, 2])),
+    lambda: block_members("d/kernel", lowrank=(np.ones((2, 1), np.int32), np.ones((1, 3))), dims=(2, 3)),
+    lambda: block_from_members("d/kernel", 0x08, (2, 3), {"d/kernel": jnp.ones((2, 3), jnp.int32),
+                                                         "d/bias": jnp.ones(2)}),
+    lambda: block_from_members("d/kernel", 0x08, (2, 3), {"d/kernel": jnp.ones((2, 3)), "d/bias": np.ones(2, bool)}),
+])
+def test_block_members_must_be_floats(build):
+    # before: an integer W, LS or BI went into the block (unfolding then did integer arithmetic)
+    with pytest.raises(InputError, match="floating-point"):
+        build()
+
+
+def test_block_members_keep_half_precision():
+    m = block_members("d/kernel", jnp.ones((2, 3), jnp.bfloat16), ls=jnp.ones(2, jnp.bfloat16))
+    assert [a.dtype for _, a in m.coded] == [jnp.bfloat16, jnp.bfloat16]

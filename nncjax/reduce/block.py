@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from nncjax.arguments import check_int
 from nncjax.errors import InputError
-from nncjax.reduce._tree import as_array, check_mapping
+from nncjax.reduce._tree import check_float, check_mapping
 from nncjax.reduce.bnfold import FoldedBlock, block_names, fold_bn
 from nncjax.reduce.lowrank import (
     LowRank,
@@ -83,7 +83,7 @@ def _bn_names(names: Any) -> tuple[str, str, str, str]:
 
 
 def _row_vector(name: str, v: jax.Array, rows: int) -> jax.Array:
-    v = as_array(v, f"block member {name!r}")
+    v = check_float(v, f"block member {name!r}")
     if v.shape != (rows,):
         raise InputError(f"block member {name!r} must have shape ({rows},), got {v.shape}")
     return v
@@ -115,7 +115,7 @@ def block_members(
     if (w is None) == (lowrank is None):
         raise InputError("give exactly one of w and lowrank")
     if w is not None:
-        w = as_array(w, "w")
+        w = check_float(w, "w")  # a block is coded as floats: an integer W would be truncated
         dims = tuple(int(d) for d in w.shape)
         weights = [(nm["W"], w)]
         cpt, rank, grows = 0, None, None
@@ -125,7 +125,7 @@ def block_members(
         dims = check_dims(dims)  # not (4, 3.7) as (4, 3)
         if isinstance(lowrank, (str, bytes)) or not isinstance(lowrank, Sequence) or len(lowrank) != 2:
             raise InputError(f"lowrank must be a LowRank (g, h), got {type(lowrank).__name__}")
-        g, h = as_array(lowrank[0], "lowrank.g"), as_array(lowrank[1], "lowrank.h")
+        g, h = check_float(lowrank[0], "lowrank.g"), check_float(lowrank[1], "lowrank.h")
         rows, cols = dc_matrix_shape(dims, g.shape[0] if g.ndim == 2 else None)
         if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or h.shape[1] != cols:
             raise InputError(f"G {g.shape} and H {h.shape} do not factor dims {dims}")
@@ -188,7 +188,7 @@ def block_from_members(
     def get(key: str) -> jax.Array:
         if key not in decoded:
             raise InputError(f"decoded block {weight_name!r} lacks member {key!r} (cpt {cpt:#x})")
-        return jnp.asarray(decoded[key])
+        return check_float(decoded[key], f"decoded block member {key!r}")
 
     w = low_rank_recompose(get(nm["G"]), get(nm["H"]), dims) if cpt & CPT_DC else get(nm["W"])
     if tuple(w.shape) != dims:
