@@ -106,3 +106,25 @@ def test_layer_statistics_see_the_layers_after_apply_was_compiled():
     with pytest.raises(InputError, match="images must be"):  # the traced function keeps the check
         unwrap_jit(m.apply)(m.params, np.zeros((2, 63), np.float32))
     assert m.apply.lower(m.params, x).compile() is not None
+
+
+def test_fashion_train_step_checks_its_arguments():
+    import optax
+
+    from nncjax.models import fashion_cnn
+
+    v = models.get("fashion_cnn").params
+    tx = optax.sgd(0.01)
+    step, state = fashion_cnn.make_train_step(tx), tx.init(v["params"])
+    x, y = np.zeros((4, 28, 28), np.uint8), np.array([0, 1, 2, 9])
+    bad = [((v, state, x, np.array([0, 1, 2, 10])), r"labels must be class indices in \[0, 10\)"),  # was a NaN loss
+           ((v, state, x, np.array([0, 1, -1, 3])), "class indices"),
+           ((v, state, x, y[:3]), r"labels must be an integer array of shape \(4,\)"),
+           ((v, state, x, y.astype(np.float32)), "labels must be an integer array"),
+           ((v, state, x[:, :, :27], y), r"images must be a real numeric array of shape \(B, 28, 28\)"),
+           (({"params": v["params"]}, state, x, y), "batch_stats")]
+    for args, match in bad:
+        with pytest.raises(InputError, match=match):
+            step(*args)
+    v2, _, loss = step(v, state, x, y)
+    assert np.isfinite(float(loss)) and set(v2) == {"params", "batch_stats"}

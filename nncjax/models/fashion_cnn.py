@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nncjax.arguments import is_concrete
 from nncjax.errors import InputError
 from nncjax.models.base import (
     EvalModel,
@@ -56,6 +57,8 @@ _MEAN, _STD = 0.2860, 0.3530
 CI_SIZE = 1000
 
 
+_CLASSES = 10  # Fashion-MNIST's classes: fc2's outputs, valid labels 0..9
+
 class FashionCNN(nn.Module):
     """Three conv(3x3)+BN+ReLU+maxpool blocks (32, 64, 128 channels), dense 256 + BN + ReLU, dense 10.
 
@@ -72,7 +75,7 @@ class FashionCNN(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.Dense(256, use_bias=False, name="fc1")(x)
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn4")(x))
-        return nn.Dense(10, name="fc2")(x)
+        return nn.Dense(_CLASSES, name="fc2")(x)
 
 
 def init_variables(seed: int = 0) -> dict[str, Any]:
@@ -86,12 +89,15 @@ def init_variables(seed: int = 0) -> dict[str, Any]:
 
 
 def make_train_step(tx: optax.GradientTransformation) -> Callable[..., tuple[Any, Any, jax.Array]]:
-    """A jitted training step ``step(variables, opt_state, images, labels) -> (variables, opt_state, loss)``.
+    """A training step ``step(variables, opt_state, images, labels) -> (variables, opt_state, loss)``
+    (jit-compiled behind argument checks).
 
     ``variables`` is ``{"params", "batch_stats"}``; ``opt_state = tx.init(variables["params"])``;
-    ``images (B, 28, 28)`` uint8, ``labels (B,)`` int; batch norm uses batch statistics and updates
-    its running averages. Used by ``examples/train_fashion_mnist.py`` and for fine-tuning (e.g.
-    federated rounds) from the shipped weights.
+    ``images (B, 28, 28)`` uint8 or float, ``labels (B,)`` int in ``[0, 10)``; batch norm uses batch
+    statistics and updates its running averages. Used by ``examples/train_fashion_mnist.py`` and for
+    fine-tuning (e.g. federated rounds) from the shipped weights. Raises InputError for variables
+    without ``"params"`` / ``"batch_stats"``, images or labels of another shape or dtype, and concrete
+    labels outside ``[0, 10)`` (their loss would be NaN and the next step's weights too).
 
     Example:
         >>> tx = optax.adam(1e-3); v = load().params; step = make_train_step(tx)    # doctest: +SKIP
@@ -111,7 +117,18 @@ def make_train_step(tx: optax.GradientTransformation) -> Callable[..., tuple[Any
         updates, opt_state = tx.update(grads, opt_state, variables["params"])
         return {"params": optax.apply_updates(variables["params"], updates), "batch_stats": stats}, opt_state, loss
 
-    return step
+    def checked_step(variables: Any, opt_state: Any, images: Any, labels: Any) -> tuple[Any, Any, jax.Array]:
+        if not isinstance(variables, Mapping) or not {"params", "batch_stats"} <= set(variables):
+            raise InputError('variables must be {"params": ..., "batch_stats": ...} (the model\'s Flax variables)')
+        images = check_batch(images, "images", ("B", 28, 28))
+        labels = check_batch(labels, "labels", (images.shape[0],), kinds="iu")
+        if is_concrete(labels):
+            lab = np.asarray(labels)
+            if lab.min() < 0 or lab.max() >= _CLASSES:
+                raise InputError(f"labels must be class indices in [0, {_CLASSES}), got {lab.min()}..{lab.max()}")
+        return step(variables, opt_state, images, labels)
+
+    return checked_step
 
 
 def load_fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
