@@ -36,13 +36,24 @@ MAX_EXP_GOLOMB_BITS = 62
 def ie_to_ue(x: int) -> int:
     """Map a signed value onto the unsigned Exp-Golomb index: x > 0 -> 2x-1, x <= 0 -> -2x.
 
-    Example: ``ie_to_ue(-2) == 4``, ``ie_to_ue(3) == 5``.
+    Example:
+
+    >>> ie_to_ue(-2), ie_to_ue(3)
+    (4, 5)
+    >>> [ie_to_ue(x) for x in (0, 1, -1, 2, -2)]
+    [0, 1, 2, 3, 4]
     """
     return (x << 1) - 1 if x > 0 else (-x) << 1
 
 
 def ue_to_ie(m: int) -> int:
-    """Inverse of :func:`ie_to_ue`: odd m -> (m+1)/2, even m -> -m/2. Example: ``ue_to_ie(5) == 3``."""
+    """Inverse of :func:`ie_to_ue`: odd m -> (m+1)/2, even m -> -m/2. Example:
+
+    >>> ue_to_ie(5)
+    3
+    >>> all(ue_to_ie(ie_to_ue(x)) == x for x in range(-1000, 1001))
+    True
+    """
     return (m + 1) >> 1 if m & 1 else -(m >> 1)
 
 
@@ -68,7 +79,13 @@ def as_bytes(data, what: str) -> bytes:
 
 
 def ue_length(k: int, x: int) -> int:
-    """Number of bits of ``ue(k)`` coding ``x >= 0``. Example: ``ue_length(0, 4) == 5``."""
+    """Number of bits of ``ue(k)`` coding ``x >= 0``. Example:
+
+    >>> ue_length(0, 4)
+    5
+    >>> w = BitWriter(); w.ue(0, 4); w.bit_length          # what the writer spends on it
+    5
+    """
     k, x = _int(k, "ue_length order k"), _int(x, "ue_length value x")
     if k < 0 or x < 0:  # a negative x would silently count as one bit
         raise InputError(f"ue_length needs k >= 0 and x >= 0, got k={k}, x={x}")
@@ -96,21 +113,46 @@ class BitWriter:
 
     @property
     def bit_length(self) -> int:
-        """Number of bits written so far."""
+        """Number of bits written so far.
+
+        >>> w = BitWriter(); w.u(3, 5); w.bit_length
+        3
+        >>> w.byte_alignment(); w.bit_length
+        8
+        """
         return 8 * len(self._buf) + self._nacc
 
     @property
     def aligned(self) -> bool:
+        """Whether the bits written so far end on a byte boundary.
+
+        >>> w = BitWriter(); w.aligned
+        True
+        >>> w.u(3, 5); w.aligned
+        False
+        """
         return self._nacc == 0
 
     def getvalue(self) -> bytes:
-        """The written bytes; a trailing partial byte is zero-padded (use byte_alignment() first)."""
+        """The written bytes; a trailing partial byte is zero-padded (use byte_alignment() first).
+
+        >>> w = BitWriter(); w.u(3, 5); w.getvalue()          # 101 + 00000 padding
+        b'\\xa0'
+        """
         if self._nacc:
             return bytes(self._buf) + bytes([(self._acc << (8 - self._nacc)) & 0xFF])
         return bytes(self._buf)
 
     def u(self, n: int, x: int) -> None:
-        """Unsigned ``x`` in ``n`` bits, 0 <= x < 2**n."""
+        """Unsigned ``x`` in ``n`` bits, 0 <= x < 2**n.
+
+        >>> w = BitWriter(); w.u(4, 0xA); w.u(12, 0x3F1); w.getvalue().hex()
+        'a3f1'
+        >>> w.u(2, 4)
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.InputError: u(2) cannot hold 4
+        """
         x = _int(x, f"u({n})")
         if n <= 0 or x < 0 or x >> n:
             raise InputError(f"u({n}) cannot hold {x}")
@@ -125,14 +167,22 @@ class BitWriter:
         self._acc, self._nacc = acc, nacc
 
     def i(self, n: int, x: int) -> None:
-        """Two's-complement signed ``x`` in ``n`` bits."""
+        """Two's-complement signed ``x`` in ``n`` bits.
+
+        >>> w = BitWriter(); w.i(4, -3); w.i(4, 7); w.getvalue().hex()   # 1101 0111
+        'd7'
+        """
         x = _int(x, f"i({n})")
         if n <= 0 or not -(1 << (n - 1)) <= x < (1 << (n - 1)):
             raise InputError(f"i({n}) cannot hold {x}")
         self.u(n, x & ((1 << n) - 1))
 
     def ue(self, k: int, x: int) -> None:
-        """k-th order unsigned Exp-Golomb of ``x >= 0``."""
+        """k-th order unsigned Exp-Golomb of ``x >= 0``.
+
+        >>> w = BitWriter(); w.ue(0, 4); w.byte_alignment(); w.getvalue().hex()   # 00101, then 100
+        '2c'
+        """
         x = _int(x, f"ue({k})")
         if x < 0:
             raise InputError(f"ue({k}) cannot hold negative {x}")
@@ -147,11 +197,21 @@ class BitWriter:
         self.u(j + 1 + k, (1 << k) | x)
 
     def ie(self, k: int, x: int) -> None:
-        """k-th order signed Exp-Golomb."""
+        """k-th order signed Exp-Golomb.
+
+        >>> w = BitWriter(); w.ie(1, -2); w.bit_length        # ue(1) of ie_to_ue(-2) = 4
+        4
+        >>> BitReader(w.getvalue()).ie(1, "x")
+        -2
+        """
         self.ue(k, ie_to_ue(_int(x, f"ie({k})")))
 
     def flt(self, x) -> None:
-        """float32 as 4 bytes, least significant byte first (NNCodec's order); no alignment needed."""
+        """float32 as 4 bytes, least significant byte first (NNCodec's order); no alignment needed.
+
+        >>> w = BitWriter(); w.flt(1.0); w.getvalue().hex()   # 1.0f is 0x3f800000
+        '0000803f'
+        """
         a = np.asarray(x)
         if a.size != 1 or a.dtype.kind not in "fiu":  # None would become NaN, "1.5" would parse
             raise InputError(f"flt(32) needs one real number, got {x!r}")
@@ -159,7 +219,11 @@ class BitWriter:
         self.u(32, int.from_bytes(b, "big"))
 
     def st(self, v: str) -> None:
-        """UTF-8 string plus a 0x00 terminator; must be byte-aligned."""
+        """UTF-8 string plus a 0x00 terminator; must be byte-aligned.
+
+        >>> w = BitWriter(); w.st("conv1.weight"); w.getvalue()
+        b'conv1.weight\\x00'
+        """
         if not isinstance(v, str):
             raise InputError(f"st(v) needs a str, got {type(v).__name__}")
         if "\x00" in v:
@@ -171,19 +235,33 @@ class BitWriter:
             raise InputError(f"st(v) string is not valid UTF-8 ({e.reason} at {e.start})") from None
 
     def byte_alignment(self) -> None:
-        """One ``1`` bit then ``0`` bits up to the byte boundary (a whole 0x80 byte if aligned)."""
+        """One ``1`` bit then ``0`` bits up to the byte boundary (a whole 0x80 byte if aligned).
+
+        >>> w = BitWriter(); w.u(3, 0); w.byte_alignment(); w.byte_alignment(); w.getvalue().hex()
+        '1080'
+        """
         self.u(1, 1)
         if self._nacc:
             self.u(8 - self._nacc, 0)
 
     def raw_bytes(self, data) -> None:
-        """Append bytes at a byte boundary (e.g. an arithmetic-coded payload)."""
+        """Append bytes at a byte boundary (e.g. an arithmetic-coded payload).
+
+        >>> w = BitWriter(); w.u(8, 7); w.raw_bytes(b"\\x01\\x02"); w.getvalue().hex()
+        '070102'
+        """
         data = as_bytes(data, "raw bytes")
         self._require_aligned("raw bytes")
         self._buf += data
 
     def float32_array(self, x: np.ndarray) -> None:
-        """Raw float32 tensor, C order, little-endian, byte-aligned (NNR_PT_RAW_FLOAT payload)."""
+        """Raw float32 tensor, C order, little-endian, byte-aligned (NNR_PT_RAW_FLOAT payload).
+
+        ``x``: float32 array of any shape; 4 bytes per element are written.
+
+        >>> w = BitWriter(); w.float32_array(np.arange(6, dtype=np.float32).reshape(2, 3)); w.bit_length
+        192
+        """
         x = np.asarray(x)
         if x.dtype != np.float32:
             raise InputError(f"raw float tensor must be float32, got {x.dtype}")
@@ -218,29 +296,62 @@ class BitReader:
     # -- position helpers -------------------------------------------------------------------------
     @property
     def bits_left(self) -> int:
+        """Bits between the current position and the end of the window.
+
+        >>> r = BitReader(bytes(4), start=1); r.bits_left
+        24
+        >>> r.u(5, "x"), r.bits_left
+        (0, 19)
+        """
         return self.end - self.pos
 
     @property
     def aligned(self) -> bool:
+        """Whether the position is on a byte boundary.
+
+        >>> r = BitReader(bytes(2)); r.aligned
+        True
+        >>> r.u(1, "flag"), r.aligned
+        (0, False)
+        """
         return self.pos & 7 == 0
 
     @property
     def byte_pos(self) -> int:
-        """Current position in bytes (rounded up to the next byte boundary)."""
+        """Current position in bytes (rounded up to the next byte boundary).
+
+        >>> r = BitReader(bytes(4)); r.u(9, "x"), r.pos, r.byte_pos
+        (0, 9, 2)
+        """
         return (self.pos + 7) >> 3
 
     def fail(self, field: str, msg: str, cls=BitstreamError):
-        """Build (not raise) an error naming unit and field."""
+        """Build (not raise) an error naming unit and field.
+
+        >>> print(BitReader(b"", where="unit 3 (NNR_NDU)").fail("scan_order", "5 > 4"))
+        unit 3 (NNR_NDU): field scan_order: 5 > 4
+        """
         return cls(f"{self.where}: field {field}: {msg}")
 
     def need(self, nbits: int, field: str) -> None:
-        """Raise unless ``nbits`` more bits are present (use before allocating for a count)."""
+        """Raise unless ``nbits`` more bits are present (use before allocating for a count).
+
+        >>> r = BitReader(b"\\x00"); r.need(8, "count")          # fine: 8 bits are there
+        >>> r.need(9, "count")
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.BitstreamError: bitstream: field count: needs 9 bits but only 8 remain (truncated)
+        """
         if nbits > self.end - self.pos:
             raise self.fail(field, f"needs {nbits} bits but only {self.end - self.pos} remain (truncated)")
 
     # -- descriptors ------------------------------------------------------------------------------
     def u(self, n: int, field: str) -> int:
-        """Unsigned n-bit value."""
+        """Unsigned n-bit value.
+
+        >>> r = BitReader(bytes.fromhex("a3f1")); r.u(4, "a"), r.u(12, "b")
+        (10, 1009)
+        """
         pos = self.pos
         if n > self.end - pos:
             raise self.fail(field, f"u({n}) needs {n} bits but only {self.end - pos} remain (truncated)")
@@ -251,12 +362,25 @@ class BitReader:
         return (chunk >> (((last + 1) << 3) - pos - n)) & ((1 << n) - 1)
 
     def i(self, n: int, field: str) -> int:
-        """Two's-complement n-bit value."""
+        """Two's-complement n-bit value.
+
+        >>> r = BitReader(bytes.fromhex("d7")); r.i(4, "a"), r.i(4, "b")
+        (-3, 7)
+        """
         v = self.u(n, field)
         return v - (1 << n) if v >> (n - 1) else v
 
     def ue(self, k: int, field: str) -> int:
-        """k-th order Exp-Golomb; prefixes making the value exceed 2**62 are rejected."""
+        """k-th order Exp-Golomb; prefixes making the value exceed 2**62 are rejected.
+
+        >>> w = BitWriter(); w.ue(0, 4); w.ue(3, 100); w.byte_alignment()
+        >>> r = BitReader(w.getvalue()); r.ue(0, "a"), r.ue(3, "b")
+        (4, 100)
+        >>> BitReader(bytes(8)).ue(0, "c")                     # 64 zero bits: no valid code word
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.BitstreamError: bitstream: field c: ue(0) prefix of more than 62 zeros
+        """
         data, pos, end = self._data, self.pos, self.end
         j = 0
         while True:
@@ -276,16 +400,32 @@ class BitReader:
         return value
 
     def ie(self, k: int, field: str) -> int:
-        """k-th order signed Exp-Golomb."""
+        """k-th order signed Exp-Golomb.
+
+        >>> w = BitWriter(); w.ie(7, -300); w.ie(2, 5); w.byte_alignment()
+        >>> r = BitReader(w.getvalue()); r.ie(7, "a"), r.ie(2, "b")
+        (-300, 5)
+        """
         return ue_to_ie(self.ue(k, field))
 
     def flt(self, field: str) -> np.float32:
-        """float32 from 4 little-endian bytes (need not be aligned). Bit pattern is kept (NaN payloads)."""
+        """float32 from 4 little-endian bytes (need not be aligned). Bit pattern is kept (NaN payloads).
+
+        >>> v = BitReader(bytes.fromhex("0000803f")).flt("scale"); print(v, v.dtype)
+        1.0 float32
+        >>> w = BitWriter(); w.u(1, 1); w.flt(-2.5); w.byte_alignment()
+        >>> r = BitReader(w.getvalue()); r.u(1, "flag"), float(r.flt("value"))
+        (1, -2.5)
+        """
         v = self.u(32, field)
         return np.frombuffer(v.to_bytes(4, "big"), dtype="<f4")[0]
 
     def st(self, field: str) -> str:
-        """Byte-aligned UTF-8 string terminated by 0x00, not crossing the reader's end."""
+        """Byte-aligned UTF-8 string terminated by 0x00, not crossing the reader's end.
+
+        >>> r = BitReader(b"conv1.weight\\x00bias\\x00"); r.st("a"), r.st("b"), r.bits_left
+        ('conv1.weight', 'bias', 0)
+        """
         if self.pos & 7:
             raise self.fail(field, "st(v) does not start byte-aligned")
         start, stop = self.pos >> 3, self.end >> 3
@@ -300,7 +440,19 @@ class BitReader:
         return s
 
     def byte_alignment(self, field: str = "byte_alignment") -> None:
-        """Read the ``1`` bit and the ``0`` padding; anything else is an error."""
+        """Read the ``1`` bit and the ``0`` padding; anything else is an error.
+
+        >>> r = BitReader(bytes.fromhex("1080")); r.u(3, "x")
+        0
+        >>> r.byte_alignment(); r.byte_pos
+        1
+        >>> r.byte_alignment(); r.bits_left                   # a whole 0x80 byte when aligned
+        0
+        >>> BitReader(bytes.fromhex("00")).byte_alignment()
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.BitstreamError: bitstream: field byte_alignment: alignment bit is not 1
+        """
         if self.u(1, field) != 1:
             raise self.fail(field, "alignment bit is not 1")
         pad = (-self.pos) & 7
@@ -308,7 +460,11 @@ class BitReader:
             raise self.fail(field, "alignment padding bits are not 0")
 
     def raw_bytes(self, nbytes: int, field: str) -> bytes:
-        """``nbytes`` bytes from a byte boundary."""
+        """``nbytes`` bytes from a byte boundary.
+
+        >>> r = BitReader(bytes.fromhex("070102")); r.u(8, "x"), r.raw_bytes(2, "payload")
+        (7, b'\\x01\\x02')
+        """
         if self.pos & 7:
             raise self.fail(field, "raw bytes do not start byte-aligned")
         nbytes = _int(nbytes, f"raw bytes count of {field}")
@@ -320,11 +476,28 @@ class BitReader:
         return self._data[start:start + nbytes]
 
     def rest(self, field: str) -> bytes:
-        """Everything from the (aligned) position to the end."""
+        """Everything from the (aligned) position to the end.
+
+        >>> r = BitReader(bytes.fromhex("0701020304"), end=4)   # the window ends at byte 4
+        >>> r.u(8, "x"), r.rest("payload")
+        (7, b'\\x01\\x02\\x03')
+        """
         return self.raw_bytes((self.end - self.pos) >> 3, field)
 
     def float32_array(self, shape: tuple[int, ...], field: str) -> np.ndarray:
-        """Raw float32 tensor (C order, little-endian); the size is checked before allocating."""
+        """Raw float32 tensor (C order, little-endian); the size is checked before allocating.
+
+        Returns a float32 array of ``shape`` (4 bytes per element read).
+
+        >>> x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        >>> w = BitWriter(); w.float32_array(x)
+        >>> y = BitReader(w.getvalue()).float32_array((2, 3), "raw"); y.dtype, np.array_equal(x, y)
+        (dtype('float32'), True)
+        >>> BitReader(w.getvalue()).float32_array((1 << 40,), "raw")
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.BitstreamError: bitstream: field raw: needs 35184372088832 bits but only 192 remain (truncated)
+        """
         count = 1
         for d in shape:
             d = _int(d, f"dimension of {field}")

@@ -206,14 +206,28 @@ class CabacEncoder:
             raise InputError("the encoder is finished; start a new CabacEncoder")
 
     def uae_v(self, nbits: int, value: int) -> None:
-        """Writes ``value`` (0 <= value < 2**nbits) as ``nbits`` bypass bins, MSB first (nbits 0..32)."""
+        """Writes ``value`` (0 <= value < 2**nbits) as ``nbits`` bypass bins, MSB first (nbits 0..32).
+
+        >>> enc = CabacEncoder(); enc.uae_v(5, 21); payload = enc.finish()
+        >>> dec = CabacDecoder(payload); dec.uae_v(5), dec.finish() == len(payload)
+        (21, True)
+        """
         nbits = _check_int("nbits", nbits, 0, 32)
         value = _check_int("value", value, 0, (1 << nbits) - 1)
         self._room(_eng.enc_room(self._es, nbits))
         _eng.enc_bypass(self._es, self._buf, value, nbits)
 
     def iae_v(self, nbits: int, value: int) -> None:
-        """Writes signed ``value`` as ``nbits`` bypass bins in two's complement (nbits 1..32)."""
+        """Writes signed ``value`` as ``nbits`` bypass bins in two's complement (nbits 1..32).
+
+        >>> enc = CabacEncoder(); enc.iae_v(8, -32); enc.iae_v(3, 3); payload = enc.finish()
+        >>> dec = CabacDecoder(payload); dec.iae_v(8), dec.iae_v(3)
+        (-32, 3)
+        >>> CabacEncoder().iae_v(8, 128)
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.InputError: value must be an integer in -128..127, got 128
+        """
         nbits = _check_int("nbits", nbits, 1, 32)
         value = _check_int("value", value, -(1 << (nbits - 1)), (1 << (nbits - 1)) - 1)
         self._room(_eng.enc_room(self._es, nbits))
@@ -240,6 +254,18 @@ class CabacEncoder:
         ``strict_dq=False`` it is coded as NNCodec codes it, ``q = (k + sgn(k)*(state & 1)) >> 1``,
         and decodes to the neighbouring reachable index (needed for NNCodec's bit-depth clipping).
         Raises InputError for bad levels.
+
+        ``levels``: integer array of any shape (coded as ``shape[0] x prod(shape[1:])``).
+
+        >>> levels = (np.arange(64, dtype=np.int32).reshape(16, 4) % 7) - 3       # H = 16, W = 4
+        >>> enc = CabacEncoder(); enc.encode_layer(levels, dq=False, scan_order=1); payload = enc.finish()
+        >>> dec = CabacDecoder(payload); out, eps = dec.decode_layer((16, 4), dq=False, scan_order=1)
+        >>> np.array_equal(out, levels), out.dtype, len(eps)   # 2 block rows of 8: one entry point
+        (True, dtype('int32'), 1)
+        >>> CabacEncoder().encode_layer(np.array([1.5]), dq=False)
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.InputError: levels must be an integer array, got dtype float64
         """
         self._check_open()
         a = np.asarray(levels)
@@ -269,7 +295,15 @@ class CabacEncoder:
                              f"reachable from its dependent-quantization state")
 
     def finish(self) -> bytes:
-        """Codes the terminating bin, flushes, and returns the payload bytes. Ends this encoder."""
+        """Codes the terminating bin, flushes, and returns the payload bytes. Ends this encoder.
+
+        >>> enc = CabacEncoder(); enc.uae_v(5, 21); enc.finish().hex()
+        'af4c'
+        >>> enc.uae_v(5, 21)
+        Traceback (most recent call last):
+        ...
+        nncjax.errors.InputError: the encoder is finished; start a new CabacEncoder
+        """
         self._room(_eng.enc_room(self._es, 40))
         _eng.enc_terminate_and_finish(self._es, self._buf)
         self._done = True
@@ -303,7 +337,14 @@ class CabacDecoder:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes the decoder has read so far (including its 2-byte look-ahead)."""
+        """Bytes the decoder has read so far (including its 2-byte look-ahead).
+
+        >>> enc = CabacEncoder(); enc.uae_v(5, 21); enc.iae_v(8, -32); payload = enc.finish()
+        >>> dec = CabacDecoder(payload); dec.bytes_read
+        2
+        >>> dec.uae_v(5), dec.iae_v(8), dec.finish(), dec.bytes_read, len(payload)
+        (21, -32, 3, 3, 3)
+        """
         return int(self._ds[_eng.D_POS])
 
     def _check(self, field):
@@ -313,7 +354,12 @@ class CabacDecoder:
             raise BitstreamError(f"DeepCABAC payload: data ran out while decoding {field}")
 
     def uae_v(self, nbits: int) -> int:
-        """Reads ``nbits`` bypass bins as an unsigned integer (nbits 0..32)."""
+        """Reads ``nbits`` bypass bins as an unsigned integer (nbits 0..32).
+
+        >>> enc = CabacEncoder(); enc.uae_v(32, 2**32 - 1); enc.uae_v(0, 0); enc.uae_v(3, 5)
+        >>> dec = CabacDecoder(enc.finish()); dec.uae_v(32), dec.uae_v(0), dec.uae_v(3)
+        (4294967295, 0, 5)
+        """
         nbits = _check_int("nbits", nbits, 0, 32)
         self._check("uae_v")
         v = int(_eng.dec_bypass(self._ds, self._data, nbits))
@@ -321,7 +367,12 @@ class CabacDecoder:
         return v
 
     def iae_v(self, nbits: int) -> int:
-        """Reads ``nbits`` bypass bins as a two's-complement signed integer (nbits 1..32)."""
+        """Reads ``nbits`` bypass bins as a two's-complement signed integer (nbits 1..32).
+
+        >>> dec = CabacDecoder(bytes.fromhex('df66800aa185783bba87'))   # the class example's payload
+        >>> dec.iae_v(8)                                                 # its qp_delta
+        -32
+        """
         nbits = _check_int("nbits", nbits, 1, 32)
         v = self.uae_v(nbits)
         return v - (1 << nbits) if v >> (nbits - 1) else v
@@ -336,6 +387,12 @@ class CabacDecoder:
         resets are applied while decoding sequentially, so the signalled entry points are not needed;
         the returned ones are what ``entry_point_list()`` must carry. For DQ tensors the levels are the
         reconstruction indices k. Time is bounded by the number of elements.
+
+        >>> k = np.array([[0, 2], [-2, 1]], np.int32)                         # DQ: reconstruction indices
+        >>> enc = CabacEncoder(); enc.encode_layer(k, dq=True); payload = enc.finish()
+        >>> levels, eps = CabacDecoder(payload).decode_layer((2, 2), dq=True)
+        >>> levels.tolist(), levels.dtype, len(eps), eps.start                 # scan_order 0: no entry points
+        ([[0, 2], [-2, 1]], dtype('int32'), 0, -1)
         """
         self._check("decode_layer")
         lay = _Layer(shape, self.unary_length if unary_length is None else unary_length, dq, scan_order, profile,
@@ -374,7 +431,14 @@ class CabacDecoder:
     def finish(self) -> int:
         """Decodes the terminating bin; returns the payload bytes consumed. Ends this decoder.
 
-        Raises BitstreamError if the bin is not 1 or the data ran out before it."""
+        Raises BitstreamError if the bin is not 1 or the data ran out before it.
+
+        >>> enc = CabacEncoder(); enc.uae_v(5, 21); payload = enc.finish()
+        >>> dec = CabacDecoder(payload + bytes(3)); dec.uae_v(5)             # trailing bytes are allowed
+        21
+        >>> dec.finish(), len(payload)                                        # ... and not consumed
+        (2, 2)
+        """
         self._check("the terminating bin")
         self._done = True
         if not _eng.dec_terminate(self._ds, self._data):

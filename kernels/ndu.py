@@ -76,7 +76,11 @@ class Codebook:
 
     @property
     def center_offset(self) -> int:
-        """``codebook_center_offset`` = CbZeroOffset - (size >> 1)."""
+        """``codebook_center_offset`` = CbZeroOffset - (size >> 1).
+
+        >>> Codebook(egk=0, values=(-3, 0, 5, 9), zero_offset=1).center_offset   # 1 - (4 >> 1)
+        -1
+        """
         return self.zero_offset - (len(self.values) >> 1)
 
 
@@ -89,7 +93,10 @@ def _codebook_deltas(values, zero_offset: int) -> list[int]:
 def codebook_bits(values, zero_offset: int, egk: int) -> int:
     """Bits ``codebook()`` takes for these entries at this Exp-Golomb order.
 
-    Example: ``codebook_bits((-3, 0, 5), 1, 0)`` is 4 + 3 + 3 + 8 + 3 + 5 = 26.
+    >>> codebook_bits((-3, 0, 5), 1, 0)                                   # 4 + 3 + 3 + 8 + 3 + 5
+    26
+    >>> w = BitWriter(); _write_codebook(w, Codebook(0, (-3, 0, 5), 1)); w.bit_length   # what is written
+    26
     """
     vals = [int(v) for v in values]
     size = len(vals)
@@ -104,7 +111,11 @@ def best_codebook_egk(values, zero_offset: int) -> int:
     """The order 0…15 giving the shortest ``codebook()``, ties to the smallest (NNCodec's choice).
 
     ``values``: strictly increasing ints; ``zero_offset``: CbZeroOffset.
-    Example: ``best_codebook_egk(range(-100, 101, 10), 10) == 2`` (all deltas are 9: 5 bits at order 2).
+
+    >>> best_codebook_egk(range(-100, 101, 10), 10)                       # all deltas are 9: 5 bits at order 2
+    2
+    >>> [codebook_bits(range(-100, 101, 10), 10, k) for k in range(5)]   # order 4 ties with 2
+    [162, 142, 122, 142, 122]
     """
     deltas = _codebook_deltas([int(v) for v in values], zero_offset)
     costs = [sum(ue_length(k, d) for d in deltas) for k in range(16)]
@@ -177,6 +188,15 @@ def concat_entry_points(*parts) -> EntryPointList:
     Each part: any object with int arrays ``value``, ``dq_state``, ``offset`` (the coder's
     ``EntryPoints`` or an :class:`EntryPointList`). Example:
     ``len(concat_entry_points(eps_g, eps_h)) == len(eps_g) + len(eps_h)``.
+    Returns an :class:`EntryPointList` of int64 arrays of shape ``(sum of the parts' lengths,)``.
+
+    >>> eps_g = EntryPointList(np.array([1, 2]), np.zeros(2, np.int64), np.array([30, 40]))
+    >>> eps_h = EntryPointList(np.array([7]), np.array([3]), np.array([55]))
+    >>> eps = concat_entry_points(eps_g, eps_h)
+    >>> len(eps) == len(eps_g) + len(eps_h), eps.offset.tolist(), eps.dq_state.tolist()
+    (True, [30, 40, 55], [0, 0, 3])
+    >>> len(concat_entry_points())
+    0
     """
     return EntryPointList(*(np.concatenate([np.asarray(getattr(p, f), np.int64).ravel() for p in parts] or
                                            [np.zeros(0, np.int64)]) for f in ("value", "dq_state", "offset")))
@@ -314,15 +334,36 @@ class CompressedDataUnit(UnitBase):
     # -- derived views ----------------------------------------------------------------------------
     @property
     def is_block(self) -> bool:
+        """Whether this is an ``NNR_PT_BLOCK`` unit (several tensors under one header).
+
+        >>> CompressedDataUnit(payload_type=PayloadType.BLOCK, topology_elem_ids=("w", "b"),
+        ...                    compressed_parameter_types=CPT_BI, tensor_dimensions=(4, 3)).is_block
+        True
+        >>> CompressedDataUnit(payload_type=PayloadType.INT, topology_elem_ids=("w",)).is_block
+        False
+        """
         return self.payload_type == PayloadType.BLOCK
 
     def dc_shapes(self) -> tuple[tuple, tuple]:
-        """Shapes of G ``[g_rows, rank]`` and H ``[rank, prod(dims) / g_rows]`` (CPT_DC only)."""
+        """Shapes of G ``[g_rows, rank]`` and H ``[rank, prod(dims) / g_rows]`` (CPT_DC only).
+
+        >>> u = CompressedDataUnit(payload_type=PayloadType.INT, topology_elem_ids=("w_G",),
+        ...                        compressed_parameter_types=CPT_DC, tensor_dimensions=(8, 6),
+        ...                        decomposition_rank=2, g_number_of_rows=8)
+        >>> u.dc_shapes()                                      # a rank-2 factorisation of the 8 x 6 weight
+        ((8, 2), (2, 6))
+        """
         rows, rank = self.g_number_of_rows, self.decomposition_rank
         return (rows, rank), (rank, _prod(self.tensor_dimensions) // rows)
 
     def members(self) -> list[Member]:
-        """The tensors of this unit in the order their data appears in the arithmetic-coded stream."""
+        """The tensors of this unit in the order their data appears in the arithmetic-coded stream.
+
+        >>> u = CompressedDataUnit(payload_type=PayloadType.BLOCK, topology_elem_ids=("w", "w_scaling", "b"),
+        ...                        compressed_parameter_types=CPT_LS | CPT_BI, tensor_dimensions=(4, 3))
+        >>> [(m.role, m.name, m.shape) for m in u.members()]   # topology order W, LS, BI; coded LS, BI, W
+        [('ls', 'w_scaling', (4,)), ('bias', 'b', (4,)), ('weight', 'w', (4, 3))]
+        """
         cpt, dims, cb = self.compressed_parameter_types, tuple(self.tensor_dimensions), self.codebook
         if not self.is_block:
             name = self.topology_elem_ids[0]
@@ -340,7 +381,14 @@ class CompressedDataUnit(UnitBase):
 
     def element_count(self) -> int:
         """Total number of elements a decoder materialises: all members, plus the weight that a
-        DC unit carrying H recomposes from G and H."""
+        DC unit carrying H recomposes from G and H.
+
+        >>> u = CompressedDataUnit(payload_type=PayloadType.INT, topology_elem_ids=("w_H",),
+        ...                        compressed_parameter_types=CPT_DC, tensor_dimensions=(8, 6),
+        ...                        decomposition_rank=2, g_number_of_rows=8)
+        >>> u.element_count()                                  # H (2, 6) plus the recomposed (8, 6) weight
+        60
+        """
         members = self.members()
         rebuilt = _prod(self.tensor_dimensions) if any(m.role == "dc_h" for m in members) else 0
         return sum(_prod(m.shape) for m in members) + rebuilt

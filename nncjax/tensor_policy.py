@@ -35,6 +35,11 @@ class PreparedTensor:
 
     @property
     def is_int(self) -> bool:
+        """Whether the tensor is coded as integers (int32, lossless) rather than as floats.
+
+        >>> prepare_tensor("step", np.int8(7)).is_int, prepare_tensor("w", np.ones(2, np.float16)).is_int
+        (True, False)
+        """
         return self.data.dtype == np.int32
 
 

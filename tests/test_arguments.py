@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,11 +11,6 @@ import nncjax
 import nncjax.arguments
 from nncjax.arguments import check_flag, check_int, check_real, is_int
 from nncjax.errors import InputError
-
-
-def test_docstring_examples():
-    result = doctest.testmod(nncjax.arguments)
-    assert result.attempted >= 8 and result.failed == 0
 
 
 @pytest.mark.parametrize("x", [3, np.int8(3), np.uint64(3), np.array(3), jnp.asarray(3, jnp.int32), 2**70])

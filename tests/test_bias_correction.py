@@ -1,14 +1,11 @@
 """nncjax.bias_correction: quantized layers' mean output shifts moved into biases / batch-norm means."""
 
-import doctest
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import nncjax.bias_correction
 from nncjax import InputError, UnsupportedError, decode, encode
 from nncjax.bias_correction import decoded_params, output_shifts, with_bias_correction
 from nncjax.error_feedback import with_error_feedback
@@ -175,8 +172,3 @@ def test_bad_inputs(setup):
     assert rd_other.local_scales["params/fc/kernel"].shape == (5,)
     with pytest.raises(InputError, match="'params/fc/kernel' of shape \\(216, 4\\) has 4 rows: settings of another"):
         with_bias_correction(v, rd_other, model.apply, batches)
-
-
-def test_docstring_examples():
-    globs = {"jax": jax, "jnp": jnp, "np": np}
-    assert doctest.testmod(nncjax.bias_correction, extraglobs=globs).failed == 0

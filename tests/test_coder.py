@@ -245,15 +245,6 @@ def test_bad_encoder_fields_and_side_information():
         enc.encode_layer(np.zeros(2, np.int32), dq=False)
 
 
-def test_docstring_examples():
-    import doctest
-
-    from nncjax.kernels import coder, contexts
-
-    for mod in (coder, contexts):
-        assert doctest.testmod(mod, extraglobs={"np": np}).failed == 0
-
-
 def test_lenient_dq_codes_unreachable_indices_as_nncodec_does():
     """strict_dq=False codes q = (k + sgn(k)*(state & 1)) >> 1; the decoder returns the reachable index."""
     k = np.array([[1, 2, 3, -3, 0, 5]], np.int32)  # 1 is unreachable from state 0 (it codes as q = 0)

@@ -401,16 +401,3 @@ def test_rank0_block_with_local_scales_is_a_bitstream_error():
         decode(data)
     with pytest.raises(BitstreamError, match="'w'.*tensor_dimensions"):
         decode(data, like={"w": np.float32(0)})
-
-
-def test_docstring_examples():
-    import doctest
-
-    import nncjax.codec
-    import nncjax.ready
-
-    assert doctest.testmod(nncjax.ready, extraglobs={"np": np}).failed == 0
-    runner = doctest.DocTestRunner()
-    for test in doctest.DocTestFinder().find(nncjax.codec.decode, globs={"np": np, **vars(nncjax.codec)}):
-        runner.run(test)
-    assert runner.summarize(verbose=False).attempted >= 4 and runner.failures == 0

@@ -2,7 +2,6 @@
 nncjax.with_error_feedback (GPTQ in place of DQ at equal layer-output error)."""
 
 import dataclasses
-import doctest
 
 import flax.linen as nn
 import jax
@@ -517,8 +516,3 @@ def test_with_error_feedback_refuses_bad_moments_and_foreign_settings():
     v6 = Wider().init(jax.random.PRNGKey(1), x)
     with pytest.raises(InputError, match="settings of another model"):
         with_error_feedback(v6, rd, input_moments(Wider().apply, v6, x), progress=False)
-
-
-def test_gptq_docstring_examples():
-    result = doctest.testmod(nncjax.quantize.gptq)
-    assert result.attempted >= 8 and result.failed == 0

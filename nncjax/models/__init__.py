@@ -42,7 +42,13 @@ _MODULES = {"minilm": "minilm", "crepe": "crepe", "fashion_cnn": "fashion_cnn", 
 
 
 def names() -> tuple[str, ...]:
-    """Registered model names. Example: ``"minilm" in names()`` -> ``True``."""
+    """Registered model names.
+
+    >>> "minilm" in names()
+    True
+    >>> names()
+    ('minilm', 'crepe', 'fashion_cnn', 'digits_mlp')
+    """
     return tuple(_MODULES)
 
 

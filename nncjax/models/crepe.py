@@ -195,7 +195,15 @@ def apply(params: Mapping[str, Any], frames: jax.Array) -> jax.Array:
 
 
 def bins_to_cents(bins: np.ndarray) -> np.ndarray:
-    """Cents above 10 Hz of (fractional) pitch bins. Example: ``bins_to_cents(np.array([0.]))`` -> ``[1997.38]``."""
+    """Cents above 10 Hz of (fractional) pitch bins.
+
+    ``bins``: array of any shape; returns float64 cents of the same shape.
+
+    >>> bins_to_cents(np.array([0.0, 1.5]))
+    array([1997.37940844, 2027.37940844])
+    >>> hz = 10 * 2 ** (bins_to_cents(np.array([0, 60])) / 1200); hz.round(1)   # 60 bins of 20 cents: an octave
+    array([31.7, 63.4])
+    """
     return CENTS_PER_BIN * np.asarray(bins, np.float64) + CENTS_OFFSET
 
 

@@ -74,7 +74,16 @@ def _images(images: Any) -> Any:
 @checked_apply(_images)
 def apply(params: Mapping[str, Any], images: jax.Array) -> jax.Array:
     """Logits ``(B, 10)`` of ``images (B, 64)`` (InputError for another shape or dtype).
-    Example: ``apply(load().params, x).argmax(1)``."""
+
+    >>> params = DigitsMLP().init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))   # untrained, for the shapes
+    >>> x = np.zeros((3, 64), np.float32)
+    >>> out = apply(params, x); out.shape, bool(np.allclose(out, DigitsMLP().apply(params, x)))
+    ((3, 10), True)
+    >>> apply(params, np.zeros((3, 63), np.float32))
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: images must be a real numeric array of shape (B, 64) with B >= 1, got shape (3, 63)
+    """
     return DigitsMLP().apply(params, images)
 
 
