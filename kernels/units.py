@@ -344,11 +344,21 @@ def frame_unit(offset: int, data, index: int = 0) -> tuple[int, int]:
     """Read ``nnr_unit_size()`` at ``offset``: returns ``(unit size in bytes, size-field bytes)``.
 
     Raises BitstreamError when the declared size is smaller than the size field or larger than the
-    bytes present. Example: ``frame_unit(0, bytes.fromhex("80016fef") + bytes(94187))`` is
-    ``(94191, 4)``.
+    bytes present.
+
+    >>> frame_unit(0, bytes.fromhex("80016fef") + bytes(94187))      # long form (top bit set)
+    (94191, 4)
+    >>> frame_unit(4, bytes.fromhex("00040201" "0008068100400080"))  # the short-form MPS after an STR
+    (8, 2)
+    >>> frame_unit(0, bytes.fromhex("0009020100"))
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.BitstreamError: unit 0 at byte 0: field nnr_unit_size: declares 9 bytes, only 5 present (truncated)
     """
-    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= len(data):
+    pos = None if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)) else int(offset)
+    if pos is None or not 0 <= pos <= len(data):
         raise InputError(f"offset {offset!r} is not a position in the {len(data)}-byte stream")
+    offset = pos
     where = f"unit {index} at byte {offset}"
     left = len(data) - offset
     if left < 2:
@@ -499,7 +509,14 @@ def write_unit(unit, ctx: SyntaxContext = _DEFAULT_CONTEXT) -> bytes:
     """Serialise one unit, size field included (short form when the unit is < 32768 bytes).
 
     ``ctx``: profile and MPS flags governing the unit's syntax. Raises InputError on inconsistent
-    fields. Example: ``write_unit(StartUnit(general_profile_idc=1)).hex() == "00040201"``.
+    fields.
+
+    >>> write_unit(StartUnit(general_profile_idc=1)).hex()
+    '00040201'
+    >>> u = TopologyUnit(topology_data="conv1.weight")
+    >>> data = write_unit(u, SyntaxContext(general_profile_idc=1))
+    >>> read_unit(data, 0, SyntaxContext(general_profile_idc=1)) == (u, len(data))   # round trip
+    True
     """
     try:
         utype = _UNIT_TYPES[type(unit)]
@@ -535,7 +552,11 @@ def write_unit(unit, ctx: SyntaxContext = _DEFAULT_CONTEXT) -> bytes:
 def write_stream(units: Iterable) -> bytes:
     """Serialise a sequence of units, deriving each unit's context from the STR and MPS before it.
 
-    Example: ``write_stream([StartUnit(), ModelParameterSet()]).hex() == "000402010008068100400080"``.
+    >>> write_stream([StartUnit(), ModelParameterSet()]).hex()
+    '000402010008068100400080'
+    >>> units = [StartUnit(), ModelParameterSet(qp_density=3), TopologyUnit(topology_data="w")]
+    >>> read_units(write_stream(units)) == units                       # round trip
+    True
     """
     ctx = SyntaxContext(general_profile_idc=0)
     out = bytearray()

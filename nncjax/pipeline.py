@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -124,7 +124,20 @@ class CodingLayout:
               ) -> CodingLayout:
         """Layout of ``variables``. ``bn_pairs``: ``"auto"`` (:func:`nncjax.reduce.find_bn_pairs`:
         Flax's ``Conv_i``/``BatchNorm_i`` names), None (no folding) or explicit
-        ``[(layer_path, bn_path), ...]`` module paths inside ``params``."""
+        ``[(layer_path, bn_path), ...]`` module paths inside ``params``.
+
+        >>> v = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.zeros(2)},
+        ...                 "BatchNorm_0": {"scale": jnp.array([1.0, 2.0]), "bias": jnp.zeros(2)}},
+        ...      "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}}
+        >>> lay = CodingLayout.build(v)                              # "auto": Conv_0 pairs with BatchNorm_0
+        >>> lay.pairs
+        (BNPair(layer=('Conv_0',), bn=('BatchNorm_0',)),)
+        >>> [e[:2] for e in lay.entries]                            # four BN vectors become LS and BI
+        [('params/Conv_0/kernel', 'block_w'), ('params/Conv_0/kernel_scaling', 'block_ls'),
+         ('params/Conv_0/bias', 'block_bi')]
+        >>> [e[1] for e in CodingLayout.build(v, bn_pairs=None).entries]   # no folding: every leaf as is
+        ['leaf', 'leaf', 'leaf', 'leaf', 'leaf', 'kernel']
+        """
         if not isinstance(variables, Mapping) or "params" not in variables:
             raise InputError("variables must be a Flax variable dict with a 'params' entry")
         if bn_pairs == "auto":
@@ -157,7 +170,21 @@ class CodingLayout:
     def with_scalings(self, names: Sequence[str]) -> CodingLayout:
         """This layout plus a ``"<name>_scaling"`` tensor after each named ``"kernel"`` entry (its
         rows are its outputs: it is then coded in NNR layout) or ``"leaf"`` entry with ``ndim >= 2``
-        (its rows are axis 0, as coded)."""
+        (its rows are axis 0, as coded).
+
+        >>> v = {"params": {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}}
+        >>> lay = CodingLayout.build(v).with_scalings(["params/Dense_0/kernel", "params/Dense_0/bias"])
+        >>> lay.entries[-1]                                          # the 1-D bias gets none
+        ('params/Dense_0/kernel_scaling', 'scaling', 'params/Dense_0/kernel')
+        >>> {k: x.shape for k, x in lay.to_coded(v).items()}        # kernel (in 3, out 2) now rows first
+        {'params/Dense_0/bias': (2,), 'params/Dense_0/kernel': (2, 3), 'params/Dense_0/kernel_scaling': (2,)}
+        """
+        if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):  # a string matched substrings
+            raise InputError(f"names must be a list of tensor names, got {names!r}")
+        names = set(names)
+        unknown = names - {e[0] for e in self.entries}
+        if unknown:
+            raise InputError(f"with_scalings: {sorted(map(str, unknown))[:5]} are not tensors of this layout")
         leaves = named_leaves(self.template)
         out = []
         for e in self.entries:
@@ -168,7 +195,16 @@ class CodingLayout:
 
     def blocks(self) -> dict[str, dict[str, str]]:
         """:func:`nncjax.encode`'s ``blocks``: each folded layer's weight with its LS and BI, and each
-        scaled kernel with its LS, so they are written as NNR_PT_BLOCK units (cpt LS|BI, or LS)."""
+        scaled kernel with its LS, so they are written as NNR_PT_BLOCK units (cpt LS|BI, or LS).
+
+        >>> v = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.zeros(2)},
+        ...                 "BatchNorm_0": {"scale": jnp.array([1.0, 2.0]), "bias": jnp.zeros(2)}},
+        ...      "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}}
+        >>> v["params"]["Dense_0"] = {"kernel": jnp.ones((8, 4)), "bias": jnp.zeros(4)}
+        >>> CodingLayout.build(v).with_scalings(["params/Dense_0/kernel"]).blocks()
+        {'params/Conv_0/kernel': {'ls': 'params/Conv_0/kernel_scaling', 'bi': 'params/Conv_0/bias'},
+         'params/Dense_0/kernel': {'ls': 'params/Dense_0/kernel_scaling'}}
+        """
         out: dict[str, dict[str, str]] = {}
         for name, kind, src in self.entries:
             if kind in ("block_ls", "block_bi"):
@@ -178,7 +214,19 @@ class CodingLayout:
         return out
 
     def to_coded(self, variables: Mapping[str, Any]) -> dict[str, jax.Array]:
-        """``variables`` -> ``{coded name: array}`` in entry order (scalings start at 1)."""
+        """``variables`` -> ``{coded name: array}`` in entry order (scalings start at 1).
+
+        Folded and scaled kernels come in NNR layout, ``(out, in, *kernel)``; LS and BI are ``(out,)``.
+
+        >>> v = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 2)), "bias": jnp.zeros(2)},
+        ...                 "BatchNorm_0": {"scale": jnp.array([1.0, 2.0]), "bias": jnp.zeros(2)}},
+        ...      "batch_stats": {"BatchNorm_0": {"mean": jnp.zeros(2), "var": jnp.ones(2)}}}
+        >>> c = CodingLayout.build(v, eps=0.0).to_coded(v)
+        >>> {k: x.shape for k, x in c.items()}                      # kernel (3, 3, 1, 2) rows first
+        {'params/Conv_0/kernel': (2, 1, 3, 3), 'params/Conv_0/kernel_scaling': (2,), 'params/Conv_0/bias': (2,)}
+        >>> c["params/Conv_0/kernel_scaling"].tolist()             # LS = BN gain, scale / sqrt(var + eps)
+        [1.0, 2.0]
+        """
         leaves = named_leaves(variables)
         blocks = fold_batchnorm(variables, self.pairs, eps=self.eps).blocks if self.pairs else {}
         scaled = self._scaled_kernels()
@@ -208,6 +256,15 @@ class CodingLayout:
         Folded blocks: ``unfold_batchnorm`` (BN scale = LS, shift = BI, mean 0, unit variance);
         scaled kernels: rows multiplied by their ``_scaling``, back in Flax layout; scaled leaves:
         rows (axis 0) multiplied by theirs.
+
+        >>> v = {"params": {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}}
+        >>> lay = CodingLayout.build(v).with_scalings(["params/Dense_0/kernel"])
+        >>> c = lay.to_coded(v)
+        >>> jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), lay.to_variables(c), v)   # round trip
+        {'params': {'Dense_0': {'bias': True, 'kernel': True}}}
+        >>> c["params/Dense_0/kernel_scaling"] = jnp.array([2.0, 3.0])   # scale the 2 output rows
+        >>> lay.to_variables(c)["params"]["Dense_0"]["kernel"].tolist()  # Flax layout (in 3, out 2)
+        [[2.0, 3.0], [2.0, 3.0], [2.0, 3.0]]
         """
         missing = [e[0] for e in self.entries if e[0] not in coded]
         if missing:
@@ -275,7 +332,23 @@ class IOQResult:
     dq_overrides: dict[str, bool] = dataclasses.field(default_factory=dict)
 
     def encode_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :func:`nncjax.encode` for :attr:`tensors`."""
+        """Keyword arguments of :func:`nncjax.encode` for :attr:`tensors`.
+
+        A hand-made result (:func:`optimize_ioq` makes real ones) of a scaled Dense kernel:
+
+        >>> import nncjax
+        >>> v = {"params": {"Dense_0": {"kernel": jnp.arange(6.0).reshape(3, 2), "bias": jnp.array([0.5, -0.25])}}}
+        >>> lay = CodingLayout.build(v).with_scalings(["params/Dense_0/kernel"])
+        >>> res = IOQResult(tensors={k: np.asarray(x) for k, x in lay.to_coded(v).items()}, layout=lay,
+        ...                 qp_overrides={"params/Dense_0/kernel": -36}, qp=-32, qp_density=2, nonweight_qp=-75,
+        ...                 dq=True, lam=0.0, wall_s={}, history={})
+        >>> res.encode_kwargs()
+        {'qp': -32, 'qp_density': 2, 'nonweight_qp': -75, 'dq': True, 'qp_overrides': {'params/Dense_0/kernel': -36},
+         'blocks': {'params/Dense_0/kernel': {'ls': 'params/Dense_0/kernel_scaling'}}}
+        >>> data = nncjax.encode(res.tensors, **res.encode_kwargs())
+        >>> jax.tree.map(lambda a, b: bool(np.allclose(a, b, atol=1e-4)), res.restore(nncjax.decode(data, raw=True)), v)
+        {'params': {'Dense_0': {'bias': True, 'kernel': True}}}
+        """
         kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
               "qp_overrides": dict(self.qp_overrides)}
         if self.dq_overrides:

@@ -151,6 +151,17 @@ def test_layout_scales_a_leaf_along_axis_0():
     np.testing.assert_allclose(lay.to_variables(coded)["params"]["table"], v["params"]["table"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("names, match", [
+    ("params/out/kernel", "list of tensor names"),  # was matched by substring: "params/out/kernel" in the string
+    (["params/out/kernal"], "not tensors of this layout"),
+    (None, "list of tensor names"),
+])
+def test_layout_with_scalings_checks_names(names, match):
+    _, v, _ = _table_model()
+    with pytest.raises(InputError, match=match):
+        CodingLayout.build(v, bn_pairs=None).with_scalings(names)
+
+
 def test_sensitivity_allocation_codes_what_it_evaluated():
     """With no LSA, the D the pipeline reports is the D of the real decoded model: the per-row
     scales of a scaled leaf travel as its own LS tensor and decode(like=) applies them."""
@@ -301,14 +312,3 @@ def test_lam_scalar_types_and_non_finite_data(tiny_bn):
             optimize_ioq(v, apply, x, lam=lam)
     with pytest.raises(InputError, match="outputs on batch 1 contain NaN"):
         optimize_ioq(v, apply, [x, x.at[0, 0, 0, 0].set(jnp.nan)], lam=1e-3)
-
-
-def test_pipeline_docstring_examples():
-    import doctest
-
-    import nncjax.coded_tensor
-    import nncjax.pipeline
-
-    for mod, at_least in ((nncjax.pipeline, 4), (nncjax.coded_tensor, 3)):
-        result = doctest.testmod(mod)
-        assert result.attempted >= at_least and result.failed == 0, mod.__name__

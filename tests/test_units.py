@@ -113,6 +113,18 @@ def test_long_unit_size_form():
     assert read_unit(long_)[0].payload == bytes(32768 - empty)
 
 
+
+@pytest.mark.parametrize("offset", [4, np.int64(4), np.uint16(4)])
+def test_frame_unit_takes_numpy_integer_offsets(offset):
+    # NumPy integers were refused (an offset read from an array of unit positions)
+    assert frame_unit(offset, bytes.fromhex("00040201" "0008068100400080")) == (8, 2)
+
+
+@pytest.mark.parametrize("offset", [True, 4.0, -1, 9, None])
+def test_frame_unit_refuses_what_is_not_a_position(offset):
+    with pytest.raises(InputError, match="is not a position in the 8-byte stream"):
+        frame_unit(offset, bytes(8))
+
 # ------------------------------------------------------------------------------------- codebooks
 
 
