@@ -965,6 +965,8 @@ def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 
       >>> decode(blk)["w"][:, 0].round(3).tolist(), sorted(decode(blk, raw=True))
       ([2.0, 4.0], ['w', 'w_scaling'])
     """
+    raw = check_flag(raw, "raw")
+    eps = check_real(eps, "eps", lo=0.0)  # checked on every path, not only where a BatchNorm is unfolded
     parts = _decode_all(data, limits, workers, progress)
     if not raw:
         parts = _recompose(parts)

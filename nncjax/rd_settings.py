@@ -16,16 +16,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax.numpy as jnp
 import numpy as np
 
+from nncjax.arguments import check_array_kind, check_int
 from nncjax.coded_tensor import SCALING_SUFFIX
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
+from nncjax.ready import cast_leaf
 from nncjax.reduce.layout import flax_to_nnr_perm, nnr_to_flax_perm
+from nncjax.tensor_policy import is_float_like
 
 __all__ = ["LS_SUFFIX", "RDSettings", "VerifyResult", "rows_axis", "verify"]
 
@@ -74,6 +77,7 @@ class RDSettings:
 
         >>> nncjax.encode(rd.params_for_encoding(p), **rd.encode_kwargs())      # doctest: +SKIP
         """
+        self._check_fields()
         kw = {"qp": self.qp, "qp_density": self.qp_density, "nonweight_qp": self.nonweight_qp, "dq": self.dq,
               "qp_overrides": dict(self.qp_overrides)}
         if self.local_scales:
@@ -92,6 +96,7 @@ class RDSettings:
         >>> list(flat)                                                           # doctest: +SKIP
         ['d/kernel', 'd/kernel_scaling']
         """
+        self._check_fields()
         named = flatten_named(params)
         missing = set(self.local_scales) - set(named)
         if missing:
@@ -101,13 +106,27 @@ class RDSettings:
                 # decode(like=) takes a block weight named like a Flax kernel to be in NNR layout
                 raise InputError(f"{n!r} is named like a Flax kernel but scaled along axis 0: optimize Flax "
                                  "params with scale_axis=-1")
+            if n + LS_SUFFIX in named:  # the scales would overwrite it, or it the scales
+                raise InputError(f"params already hold a tensor {n + LS_SUFFIX!r}, the name of {n!r}'s local "
+                                 "scales: rename it, or pass the model's params, not params_for_encoding's output")
         out: dict[str, np.ndarray] = {}
         for name, leaf in named.items():
             arr = np.asarray(leaf)
             if name in self.local_scales:
+                if not is_float_like(arr.dtype):  # as floats an integer tensor would be coded lossily
+                    raise InputError(f"settings scale {name!r}, a tensor of dtype {arr.dtype}: local scales apply to "
+                                     "float tensors only (integer and bool tensors are coded losslessly)")
+                if arr.ndim == 0:  # the codec's block weight needs rows
+                    raise InputError(f"settings scale {name!r}, a 0-d tensor: local scales need a tensor with rows")
                 s = self.row_scales(name, arr.shape)
                 axis = rows_axis(name, arr.ndim, self.scale_axis)
-                out[name] = to_rows_first(divide_rows(arr.astype(np.float32), s, axis), axis)
+                w = arr.astype(np.float32)
+                with np.errstate(over="ignore"):
+                    x = divide_rows(w, s, axis)
+                if not np.all(np.isfinite(x)) and np.all(np.isfinite(w)):
+                    raise InputError(f"{name!r} divided by its local scales (smallest |scale| "
+                                     f"{float(np.min(np.abs(s))):.3g}) overflows float32: scales of another model?")
+                out[name] = to_rows_first(x, axis)
                 out[name + LS_SUFFIX] = s
             else:
                 out[name] = arr
@@ -118,19 +137,30 @@ class RDSettings:
         :func:`rows_axis` (ones where it has none).
 
         Raises:
-          InputError: scales of another length than the tensor's rows (settings of another model).
+          InputError: scales of another length than the tensor's rows (settings of another model), scales
+            that are not real numbers, or are NaN, infinite or 0 (a row divided by them is lost).
 
         >>> rd = RDSettings({"d/kernel": -30}, {"d/kernel": np.array([1.0, 2.0])}, -1, {}, 0.0, -30, 2, -75, True)
         >>> rd.row_scales("d/kernel", (3, 2)).tolist(), rd.row_scales("d/bias", (2,)).tolist()
         ([1.0, 2.0], [1.0, 1.0])
         """
+        self._check_fields()
+        try:
+            dims = tuple(shape)
+        except TypeError:
+            raise InputError(f"shape must be a tuple of integers, got {shape!r}") from None
+        shape = tuple(check_int(d, f"shape {shape!r}: each dimension", lo=0) for d in dims)
         rows = shape[rows_axis(name, len(shape), self.scale_axis)] if shape else 1  # a scalar: one row
         if name not in self.local_scales:
             return np.ones(rows, np.float32)
-        s = np.asarray(self.local_scales[name], np.float32)
+        what = f"local_scales[{name!r}]"
+        s = np.asarray(check_array_kind(self.local_scales[name], "iuf", f"{what} must be real numbers"), np.float32)
         if s.shape != (rows,):
             raise InputError(f"settings scale {name!r} with {s.shape} local scales, but {name!r} of shape {shape} "
                              f"has {rows} rows: settings of another model?")
+        if not np.all(np.isfinite(s) & (s != 0)):
+            raise InputError(f"{what} holds NaN, infinite or zero scales (a row divided by them is lost): "
+                             f"{s[~(np.isfinite(s) & (s != 0))][:5].tolist()}")
         return s
 
     def restore(self, decoded: Mapping[str, Any], like: Any = None) -> Any:
@@ -141,23 +171,52 @@ class RDSettings:
         same model directly.
 
         >>> params_hat = rd.restore(nncjax.decode(data), like=params)             # doctest: +SKIP
+
+        Raises:
+          InputError: ``decoded`` lacks a scaled tensor or a leaf of ``like``, a scaled tensor or its
+            scales do not fit each other, or a tensor does not fit ``like``'s leaf (shape, or a value
+            its dtype cannot hold: as :func:`nncjax.decode` with ``like``).
         """
+        self._check_fields()
+        if not isinstance(decoded, Mapping):
+            raise InputError(f"decoded must be nncjax.decode's flat {{name: array}} output, got "
+                             f"{type(decoded).__name__}")
         flat = dict(decoded)
         for name in self.local_scales:
             if name not in flat:
-                raise InputError(f"decoded tensors lack the scaled tensor {name!r}")
-            x = np.asarray(flat[name], np.float32)
+                hint = ("; decode(data, like=...) already gives the model's params (local scales applied, "
+                        "Flax layout): restore takes decode's flat output"
+                        if any(isinstance(v, Mapping) for v in flat.values()) else "")
+                raise InputError(f"decoded tensors lack the scaled tensor {name!r}{hint}")
+            x = np.asarray(check_array_kind(flat[name], "iuf", f"decoded tensor {name!r} must be real"), np.float32)
             if name + LS_SUFFIX in flat:  # raw: the scales are still a tensor of their own
-                x = multiply_rows(x, np.asarray(flat.pop(name + LS_SUFFIX), np.float32), 0)
+                ls = np.asarray(check_array_kind(flat.pop(name + LS_SUFFIX), "iuf",
+                                                 f"decoded tensor {name + LS_SUFFIX!r} must be real"), np.float32)
+                if x.ndim == 0 or ls.shape != x.shape[:1]:
+                    raise InputError(f"decoded tensor {name!r} of shape {x.shape} (NNR layout, rows first) does not "
+                                     f"fit its {ls.shape} local scales {name + LS_SUFFIX!r}")
+                x = multiply_rows(x, ls, 0)
             flat[name] = from_rows_first(x, rows_axis(name, x.ndim, self.scale_axis))
         if like is None:
             return flat
+        return unflatten_like(like, flat, cast_leaf)
 
-        def cast(name, arr, ref):
-            out = np.asarray(arr).astype(np.asarray(ref).dtype).reshape(np.shape(ref))
-            return jnp.asarray(out) if type(ref).__module__.startswith(("jax", "jaxlib")) else out
+    def _check_fields(self) -> None:
+        """InputError for fields no method can use: hand-built settings of the wrong types."""
+        for what in ("qp_overrides", "local_scales", "dq_overrides"):
+            if not isinstance(getattr(self, what), Mapping):
+                raise InputError(f"RDSettings.{what} must be a mapping {{tensor name: value}}, got "
+                                 f"{type(getattr(self, what)).__name__}")
+        bad = [n for n in self.local_scales if not isinstance(n, str)]
+        if bad:
+            raise InputError(f"RDSettings.local_scales keys must be tensor names (str), got {bad[:5]}")
+        _check_scale_axis(self.scale_axis)
 
-        return unflatten_like(like, flat, cast)
+
+def _check_scale_axis(scale_axis: Any) -> int:
+    """``scale_axis`` as an int after checking it is -1 (Flax) or 0 (NNR layout): any other axis
+    would silently act as 0."""
+    return check_int(scale_axis, "scale_axis (-1: Flax, 0: NNR layout)", lo=-1, hi=0)
 
 
 def rows_axis(name: str, ndim: int, scale_axis: int = -1) -> int:
@@ -170,6 +229,10 @@ def rows_axis(name: str, ndim: int, scale_axis: int = -1) -> int:
     >>> rows_axis("params/fc1/kernel", 2), rows_axis("params/embed/embedding", 2), rows_axis("fc.weight", 2, 0)
     (1, 0, 0)
     """
+    if not isinstance(name, str):
+        raise InputError(f"name must be a tensor name (str), got {type(name).__name__} {name!r}")
+    ndim = check_int(ndim, "ndim", lo=0)
+    scale_axis = _check_scale_axis(scale_axis)
     if scale_axis == -1 and ndim >= 2 and is_kernel_name(name):
         return ndim - 1
     return 0
@@ -244,6 +307,18 @@ def verify(params: Any, settings: RDSettings, eval_fn: Callable[[Any], Any] | No
         raise InputError("settings must be the RDSettings returned by nncjax.optimize")
     if eval_fn is not None and not callable(eval_fn):
         raise InputError("eval_fn must be callable or None")
+    known = set(inspect.signature(encode).parameters) - {"params"}
+    unknown = sorted(set(encode_kwargs) - known)
+    if unknown:
+        raise InputError(f"verify passes encode_kwargs to nncjax.encode, which takes no {unknown}; "
+                         f"it takes {sorted(known)}")
+    blocks = encode_kwargs.get("blocks", {})
+    for name in settings.local_scales if "blocks" in encode_kwargs else ():
+        roles = blocks.get(name) if isinstance(blocks, Mapping) else None
+        if not isinstance(roles, Mapping) or roles.get("ls") != name + LS_SUFFIX:
+            # without its block unit, W / s would be decoded as the weight: wrong, silently so if square
+            raise InputError(f"blocks must keep each scaled tensor's local scales: {name!r} needs "
+                             f"{{'ls': {name + LS_SUFFIX!r}}} (settings.encode_kwargs()['blocks'])")
     kwargs = settings.encode_kwargs()
     kwargs.update(encode_kwargs)
     bitstream = encode(settings.params_for_encoding(params), **kwargs)

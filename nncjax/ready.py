@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from nncjax.arguments import check_array_kind, check_real, is_int
 from nncjax.errors import BitstreamError, InputError
 from nncjax.pytree_names import flatten_named, is_kernel_name, unflatten_like
 from nncjax.tensor_policy import is_float_like, restore_dtype
@@ -67,6 +68,9 @@ def block_roles(names: Sequence[str], roles: Sequence[str]) -> BlockRoles | None
     >>> block_roles(["c/k_scaling", "c/bias", "c/k"], ["ls", "bias", "weight"])
     BlockRoles(weight='c/k', ls='c/k_scaling', bi='c/bias', bn=())
     """
+    names, roles = list(names), list(roles)
+    if len(names) != len(roles):  # zip would drop members silently
+        raise InputError(f"block_roles: {len(names)} names but {len(roles)} roles")
     by_role = dict(zip(roles, names))
     if "weight" not in by_role:
         return None
@@ -82,7 +86,14 @@ def recompose_low_rank(g: np.ndarray, h: np.ndarray, dims: Sequence[int], where:
     >>> recompose_low_rank(np.ones((2, 1)), np.full((1, 3), 2.0), (2, 3)).tolist()
     [[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]]
     """
-    g, h = np.asarray(g, np.float64), np.asarray(h, np.float64)
+    g = np.asarray(check_array_kind(g, "iuf", f"{where}: G must be real"), np.float64)
+    h = np.asarray(check_array_kind(h, "iuf", f"{where}: H must be real"), np.float64)
+    try:
+        ok = not isinstance(dims, (str, bytes)) and all(is_int(d) and int(d) >= 0 for d in dims)
+    except TypeError:  # not iterable
+        ok = False
+    if not ok:  # int() would truncate 2.5 and read "23" as (2, 3)
+        raise BitstreamError(f"{where}: tensor_dimensions {dims!r} are not non-negative integers")
     dims = tuple(int(d) for d in dims)
     if g.ndim != 2 or h.ndim != 2 or g.shape[1] != h.shape[0] or g.shape[0] * h.shape[1] != math.prod(dims):
         raise BitstreamError(f"{where}: tensor_dimensions: G {g.shape} and H {h.shape} do not recompose "
@@ -94,17 +105,23 @@ def recompose_low_rank(g: np.ndarray, h: np.ndarray, dims: Sequence[int], where:
     return out.reshape(dims)
 
 
-def scale_rows(w: np.ndarray, ls: np.ndarray) -> np.ndarray:
-    """``LS[:, None, ...] * W`` in float32: ``w`` (O, ...), ``ls`` (O,) -> (O, ...).
+def scale_rows(w: np.ndarray, ls: np.ndarray, *, name: str = "a block weight") -> np.ndarray:
+    """``LS[:, None, ...] * W`` in float32: ``w`` (O, ...), ``ls`` (O,) -> (O, ...). A finite product
+    beyond float32's range raises InputError (naming the tensor ``name``) rather than becoming inf.
 
     >>> scale_rows(np.ones((2, 2), np.float32), np.array([3.0, 0.5], np.float32)).tolist()
     [[3.0, 3.0], [0.5, 0.5]]
     """
-    w = np.asarray(w, np.float32)
-    ls = np.asarray(ls, np.float32)
+    w = np.asarray(check_array_kind(w, "iuf", "scale_rows: the weight must be real"), np.float32)
+    ls = np.asarray(check_array_kind(ls, "iuf", "scale_rows: the local scales must be real"), np.float32)
     if w.ndim < 1 or ls.shape != w.shape[:1]:
         raise InputError(f"local scales of shape {ls.shape} do not fit a weight of shape {w.shape}")
-    return w * ls.reshape((-1,) + (1,) * (w.ndim - 1))
+    with np.errstate(over="ignore"):  # checked: a finite product that became inf
+        out = w * ls.reshape((-1,) + (1,) * (w.ndim - 1))
+    if not np.all(np.isfinite(out)) and np.all(np.isfinite(w)) and np.all(np.isfinite(ls)):
+        raise InputError(f"{name}: its local scales times its decoded values overflow float32 (they would become "
+                         "inf); decode with raw=True to get the two as coded")
+    return out
 
 
 def _scaled(coded: Mapping[str, np.ndarray], b: BlockRoles) -> np.ndarray:
@@ -114,7 +131,15 @@ def _scaled(coded: Mapping[str, np.ndarray], b: BlockRoles) -> np.ndarray:
     if np.ndim(w) < 1:  # a stream can declare a rank-0 block; its LS then has no rows to scale
         raise BitstreamError(f"NNR_NDU {b.weight!r}: tensor_dimensions: a block with local scales needs a "
                              f"weight with rows, got shape {np.shape(w)}")
-    return scale_rows(w, coded[b.ls])
+    return scale_rows(w, coded[b.ls], name=f"tensor {b.weight!r}")
+
+
+def _check_members(coded: Mapping[str, Any], blocks: Sequence[BlockRoles]) -> None:
+    """InputError naming a block member that ``coded`` lacks (it would be a KeyError or be ignored)."""
+    for b in blocks:
+        for m in (b.weight, b.ls, b.bi, *b.bn):
+            if m is not None and m not in coded:
+                raise InputError(f"block {b.weight!r}: its member {m!r} is not among the decoded tensors")
 
 
 def ready_flat(coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles]) -> dict[str, np.ndarray]:
@@ -125,6 +150,7 @@ def ready_flat(coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles]) ->
     >>> ready_flat({"s": np.float32([2, 3]), "w": np.ones((2, 1), np.float32)}, [b])["w"].ravel().tolist()
     [2.0, 3.0]
     """
+    _check_members(coded, blocks)
     ls_names = {b.ls for b in blocks if b.ls is not None}
     by_weight = {b.weight: b for b in blocks}
     return {name: (_scaled(coded, by_weight[name]) if name in by_weight else arr)
@@ -167,16 +193,23 @@ def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
     >>> cast_leaf("s", np.array([0.5], np.float32), jnp.float32(0))        # (1,) -> 0-d jax array
     Array(0.5, dtype=float32)
     """
-    ref_arr = ref if hasattr(ref, "dtype") else np.asarray(ref)
-    dt = np.dtype(ref_arr.dtype)
-    if not (dt == np.bool_ or np.issubdtype(dt, np.integer) or is_float_like(dt)):
-        raise InputError(f"tensor {name!r}: `like`'s leaf has dtype {dt}; decoded tensors take bool, integer "
-                         "or float dtypes only")
+    ref_arr, dt = _like_leaf(name, ref)
+    arr = check_array_kind(arr, "biuf", f"tensor {name!r}: decoded values must be bool, integer or float")
     out = restore_dtype(name, _fit(name, arr, ref_arr, nnr_layout=False), dt)
     if type(ref).__module__.startswith(("jax", "jaxlib")):
         import jax.numpy as jnp
         return jnp.asarray(out)
     return out
+
+
+def _like_leaf(name: str, ref: Any) -> tuple[Any, np.dtype]:
+    """``like``'s leaf as an array and its dtype, which must be bool, integer or float."""
+    ref_arr = ref if hasattr(ref, "dtype") else np.asarray(ref)
+    dt = np.dtype(ref_arr.dtype)
+    if not (dt == np.bool_ or np.issubdtype(dt, np.integer) or is_float_like(dt)):
+        raise InputError(f"tensor {name!r}: `like`'s leaf has dtype {dt}; decoded tensors take bool, integer "
+                         "or float dtypes only")
+    return ref_arr, dt
 
 
 def _bn_modules(stats: Mapping[str, Any], prefix: tuple = ()) -> list[tuple[str, ...]]:
@@ -202,7 +235,7 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
     ``Conv_i``/``BatchNorm_i`` pairs (:func:`nncjax.reduce.find_bn_pairs`), then every other such
     BatchNorm with the one folded block (LS/BI) of its row count; ambiguity raises.
     """
-    from nncjax.reduce.bnfold import BNPair, find_bn_pairs
+    from nncjax.reduce.bnfold import BNPair, as_bn_pair, find_bn_pairs
 
     if bn_pairs is None:
         return []
@@ -247,8 +280,10 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
                                  f"({n} rows) belongs to; pass bn_pairs=[(layer_path, bn_path), ...]")
     else:
         try:
-            pairs = [BNPair(tuple(a), tuple(b)) for a, b in bn_pairs]
-        except (TypeError, ValueError):
+            if isinstance(bn_pairs, (str, bytes)):
+                raise TypeError
+            pairs = [as_bn_pair(p) for p in bn_pairs]  # a str path is "/"-joined module names
+        except TypeError:
             raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}"
                              ) from None
         for what, paths in (("layer", [_path(p.layer) for p in pairs]), ("BatchNorm", [_path(p.bn) for p in pairs])):
@@ -287,8 +322,9 @@ def map_onto(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockR
         batch norms. Names are key paths joined by "/" (:func:`nncjax.pytree_names.flatten_named`).
       coded: the decoded tensors by name. blocks: the stream's block units.
       bn_pairs: ``"auto"``, None (no folded BatchNorm) or ``[(layer_path, bn_path), ...]`` module
-        paths inside ``params`` (as :class:`nncjax.pipeline.CodingLayout`).
-      eps: the model's BatchNorm epsilon (the unit variance is exact for it).
+        paths inside ``params`` (as :class:`nncjax.pipeline.CodingLayout`): tuples of module names or
+        ``"/"``-joined strings (``("block", "conv")`` or ``"block/conv"``).
+      eps: the model's BatchNorm epsilon, a real number >= 0 (the unit variance is exact for it).
 
     Raises:
       InputError naming the tensor if a stream tensor has no place in ``like``, a leaf of ``like``
@@ -300,6 +336,8 @@ def map_onto(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockR
     """
     from nncjax.reduce.bnfold import FoldedBlock, unfold_batchnorm
 
+    eps = check_real(eps, "eps", lo=0.0)
+    _check_members(coded, blocks)
     like_named = flatten_named(like)
     pairs = _fold_pairs(like, coded, blocks, bn_pairs)
     by_weight = {b.weight: b for b in blocks}
@@ -326,6 +364,7 @@ def map_onto(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockR
         if name not in like_named:
             raise InputError(f"the bitstream's tensor {name!r} has no place in `like`")
         blk = by_weight.get(name)
+        _like_leaf(name, like_named[name])  # before _fit: a str leaf is no shape mismatch
         x = _scaled(coded, blk) if blk is not None else arr
         values[name] = cast_leaf(name, _fit(name, x, like_named[name], nnr_layout=blk is not None), like_named[name])
     missing = [n for n in like_named if n not in values and n not in by_unfold]

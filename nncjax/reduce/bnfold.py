@@ -299,7 +299,7 @@ def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
 def _check_pairs(variables: Mapping[str, Any], pairs: Sequence[BNPair] | None) -> list[BNPair]:
     if not isinstance(variables, Mapping) or "params" not in variables or "batch_stats" not in variables:
         raise InputError("variables must hold 'params' and 'batch_stats' (a Flax variable dict)")
-    pairs = find_bn_pairs(variables["params"]) if pairs is None else [_pair(p) for p in _sequence(pairs, "pairs")]
+    pairs = find_bn_pairs(variables["params"]) if pairs is None else [as_bn_pair(p) for p in _sequence(pairs, "pairs")]
     for p in pairs:
         layer = resolve(variables["params"], p.layer)
         if not isinstance(layer, Mapping) or "kernel" not in layer:
@@ -316,9 +316,13 @@ def _sequence(x: Any, what: str) -> Sequence:
     return x
 
 
-def _pair(p: Any) -> BNPair:
-    """One explicit pair as a BNPair of tuple paths; a path may be a slash-joined string (``tuple("Conv_0")``
-    would be its letters)."""
+def as_bn_pair(p: Any) -> BNPair:
+    """One explicit ``(layer path, BN path)`` pair as a BNPair of tuple paths; a path may be a
+    slash-joined string (``tuple("Conv_0")`` would be its letters). InputError for anything else.
+
+    >>> as_bn_pair(("block/conv", ("block", "bn")))
+    BNPair(layer=('block', 'conv'), bn=('block', 'bn'))
+    """
     if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2:
         raise InputError(f"a pair must be (layer path, BN path), got {p!r}")
     paths = []
