@@ -321,13 +321,13 @@ def calib_moments(m, cfg: Config, tables_at: tuple | None = None) -> dict:
     inputs; with ``tables_at = (params, rd)``, also the row moments of ``cfg.tables`` in ``params``
     at ``rd``'s row scales."""
     fit, check, mask = cfg.calib
-    out = {"moments": input_moments(m.apply, m.params, fit, mask=mask, patch_stride=cfg.patch_stride),
-           "check_moments": input_moments(m.apply, m.params, check, mask=mask, patch_stride=cfg.patch_stride)}
+    out = {key: input_moments(m.apply, m.params, batches, mask=mask, patch_stride=cfg.patch_stride, progress=False)
+           for key, batches in (("moments", fit), ("check_moments", check))}
     if tables_at is not None and cfg.tables:
         params, rd = tables_at
         for key, (seed, batches) in zip(out, enumerate(cfg.table_calib())):
             out[key].update(row_moments(params, m.apply, batches, list(cfg.tables), row_scales=rd.local_scales,
-                                        seed=seed))
+                                        seed=seed, progress=False))
     return out
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
+from tqdm.auto import tqdm
 
 from nncjax.errors import InputError
 
@@ -102,9 +103,9 @@ def _jit_with_statics(fn: Callable, n_static: int) -> Callable:
 
 
 def batch_means(fn: Callable[..., tuple[dict, dict]], statics: tuple, args: tuple,
-                data: Any) -> tuple[dict[str, np.ndarray], list[str]]:
+                data: Any, progress: bool = False, desc: str = "") -> tuple[dict[str, np.ndarray], list[str]]:
     """Means over ``data`` of what ``fn(*statics, *args, batch) -> LayerSums.result()`` sums, and the
-    names of the layers it skipped (sorted).
+    names of the layers it skipped (sorted). ``progress``: a tqdm bar ``desc`` over the batches (from 2 on).
 
     ``fn`` is compiled once per batch shape (across calls too, when ``statics`` hash) and summed on
     the host in float64; if tracing leaks a tracer, it runs eagerly.
@@ -133,7 +134,7 @@ def batch_means(fn: Callable[..., tuple[dict, dict]], statics: tuple, args: tupl
     skipped: set[str] = set()
     with _host_lock:
         _host_sums.clear()
-        for batch in batches:
+        for batch in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
             traced, skip = one(batch)
             skipped.update(skip)
             for name, (total, count) in traced.items():

@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import subjaxprs
+from tqdm.auto import tqdm
 
-from nncjax.arguments import check_int, check_real
+from nncjax.arguments import check_flag, check_int, check_real
 from nncjax.distortion import check_output_scale, output_spread
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
@@ -123,6 +124,7 @@ def output_sensitivity(
     probes: int = 4,
     select: Callable[[str, Any], bool] | Any = default_weight_select,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Diagonal Gauss-Newton sensitivities of the relative output MSE, per weight.
 
@@ -136,6 +138,7 @@ def output_sensitivity(
       select: predicate ``(name, leaf) -> bool`` or list of names (default: float tensors with
         ``ndim > 1``).
       seed: PRNG seed of the probes.
+      progress: tqdm bar over the batches (when there are several).
 
     Returns:
       ``{name: float32 array of the leaf's shape}`` with ``D(w0 + e) ~ sum_j sens_j * e_j**2`` for
@@ -161,7 +164,7 @@ def output_sensitivity(
     total = None
     batched = _batch_probes(apply_fn, params, batches[0], sum(int(np.size(w)) for w in weights.values()),
                             int(probes))
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(_bar(batches, progress, "sensitivity probes")):
         acc, spread = _squared_probes(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
                                       probes=int(probes), batched=batched)
         # a constant output leaf's cotangent is scaled by 1 / sqrt(1e-12): its sensitivities would be 1e12 too large
@@ -169,6 +172,11 @@ def output_sensitivity(
         total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     scale = 1.0 / (int(probes) * len(batches))
     return _finite({n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen})
+
+
+def _bar(batches: list, progress: Any, desc: str):
+    """``batches`` behind a tqdm bar ``desc`` when ``progress`` and there are several."""
+    return tqdm(batches, desc=desc, disable=not check_flag(progress, "progress") or len(batches) < 2, leave=False)
 
 
 def _finite(sens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -190,6 +198,7 @@ def row_moments(
     scale_axis: int = -1,
     probes: int = 4,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Gauss-Newton matrix of the output distortion over one row of a tensor, pooled over its rows.
 
@@ -218,6 +227,7 @@ def row_moments(
       scale_axis: ``-1`` for Flax params, ``0`` for rows-first (PyTorch / NNR) layout.
       probes: random-sign probes per batch; ``H``'s rank is at most ``probes * len(data)`` times the
         rows a batch touches. seed: PRNG seed of the probes.
+      progress: tqdm bar over the batches (when there are several).
 
     Returns:
       ``{name: float64 (columns, columns)}``, symmetric positive semi-definite.
@@ -264,7 +274,7 @@ def row_moments(
     weights = {n: named[n] for n in names}
     key = jax.random.PRNGKey(check_int(seed, "seed"))
     total = {n: 0.0 for n in names}
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(_bar(batches, progress, "row moments")):
         grads, spread = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
                                          probes=int(probes))
         check_output_scale(spread, i)

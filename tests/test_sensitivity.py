@@ -434,3 +434,24 @@ def test_constant_output_leaves_are_refused_by_name():
     with pytest.raises(InputError, match="constant or empty"):
         row_moments(p, with_loss, x, ["w"])
     assert np.all(np.isfinite(output_sensitivity(p, lambda q, b: b @ q["w"], x)["w"]))
+
+
+@pytest.mark.parametrize("kind", ["sensitivity probes", "row moments", "input moments"])
+def test_batch_loops_show_a_progress_bar_unless_told_not_to(kind, capsys):
+    import flax.linen as nn
+
+    from nncjax.quantize.gptq import input_moments
+
+    model = nn.Dense(3)
+    v = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+    xs = [jax.random.normal(jax.random.PRNGKey(i), (8, 4)) for i in range(3)]
+    run = {"sensitivity probes": lambda **kw: output_sensitivity(v, model.apply, xs, **kw),
+           "row moments": lambda **kw: row_moments(v, model.apply, xs, ["params/kernel"], **kw),
+           "input moments": lambda **kw: input_moments(model.apply, v, xs, **kw)}[kind]
+    quiet = run(progress=False)
+    assert capsys.readouterr().err == ""
+    shown = run()  # default: a bar over the three batches
+    assert kind in capsys.readouterr().err
+    assert all(np.array_equal(quiet[k], shown[k]) for k in quiet)
+    with pytest.raises(InputError, match="progress must be True or False"):
+        run(progress="no")

@@ -394,6 +394,7 @@ def input_moments(
     *,
     mask: Callable[[Any], Any] | None = None,
     patch_stride: int = 1,
+    progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen.Dense`` and ``Conv`` layer.
 
@@ -424,6 +425,7 @@ def input_moments(
         almost as well for a fraction of the ``patches x inputs**2`` matmul; on the Fashion-MNIST
         CNN (CPU), 8 takes 40 % off the moments' time (the forward pass and the patches remain)
         and changes GPTQ's bitstream by 0.02 %. ``Dense`` inputs are all kept.
+      progress: tqdm bar over the batches (when there are several).
 
     Returns:
       ``{kernel name: float64 (inputs, inputs)}``, names as :func:`nncjax.pytree_names.flatten_named`
@@ -451,7 +453,8 @@ def input_moments(
     from nncjax._layer_stats import batch_means, unwrap_jit
 
     patch_stride = check_int(patch_stride, "patch_stride", lo=1)
-    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, patch_stride), (params,), data)
+    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, patch_stride), (params,), data,
+                                   check_flag(progress, "progress"), "input moments")
     if not moments and skipped:
         raise UnsupportedError(f"every layer's kernel is mapped by a lifted transform (nn.scan / nn.vmap over "
                                f"'params': one stacked kernel for several layers, whose inputs differ): {skipped}")
