@@ -36,7 +36,15 @@ def decoded_params(params: Any, settings: RDSettings) -> Any:
     gives for every optimised weight (codec quantizer, local scales applied; no coding), with the
     other leaves of ``params`` as they are (they are coded at fine QPs). Same structure as ``params``.
 
-    >>> p_hat = decoded_params(params, rd)                                        # doctest: +SKIP
+    >>> import nncjax, nncjax.models
+    >>> from nncjax.models.digits_mlp import load_digits_split
+    >>> m = nncjax.models.get("digits_mlp"); params, x = m.params, load_digits_split("train")[0][:256]
+    >>> rd = nncjax.optimize(params, m.apply, x, lam=3e-3, init="sensitivity", steps=0, progress=False)
+    >>> p_hat = decoded_params(params, rd)
+    >>> data = nncjax.encode(rd.params_for_encoding(params), **rd.encode_kwargs())
+    >>> decoded = nncjax.decode(data, like=params)
+    >>> [bool(np.array_equal(p_hat["params"][k]["kernel"], decoded["params"][k]["kernel"])) for k in ("fc1", "fc2")]
+    [True, True]
     """
     if not isinstance(settings, RDSettings):
         raise InputError("settings must be the RDSettings returned by nncjax.optimize")
@@ -170,9 +178,16 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
         ``nn.vmap``, so nothing can be corrected.
 
     Example:
-      >>> rd = nncjax.optimize(v, m.apply, x_tune, lam=3e-3, init="sensitivity", steps=0)  # doctest: +SKIP
-      >>> v_bc, rd_bc = with_bias_correction(v, rd, m.apply, x_tune, bn_pairs=[(("conv1",), ("bn1",))])  # doctest: +SKIP
-      >>> nncjax.decode(nncjax.encode(rd_bc.params_for_encoding(v_bc), **rd_bc.encode_kwargs()), like=v)  # doctest: +SKIP
+      >>> import nncjax, nncjax.models
+      >>> from nncjax.models.digits_mlp import load_digits_split
+      >>> m = nncjax.models.get("digits_mlp"); v, x_tune = m.params, load_digits_split("train")[0][:256]
+      >>> rd = nncjax.optimize(v, m.apply, x_tune, lam=3e-3, init="sensitivity", steps=0, progress=False)
+      >>> v_bc, rd_bc = with_bias_correction(v, rd, m.apply, x_tune)   # a CNN: bn_pairs=[(("conv1",), ("bn1",))]
+      >>> v_hat = nncjax.decode(nncjax.encode(rd_bc.params_for_encoding(v_bc), **rd_bc.encode_kwargs()), like=v)
+      >>> def shift(p):                                                 # largest mean output shift
+      ...     return float(np.abs((m.apply(p, x_tune) - m.apply(v, x_tune)).mean(0)).max())
+      >>> shift(v_hat) < 0.5 * shift(nncjax.verify(v, rd).params)      # vs. decoded without the correction
+      True
     """
     if not isinstance(settings, RDSettings):
         raise InputError("settings must be the RDSettings returned by nncjax.optimize")

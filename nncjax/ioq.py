@@ -227,7 +227,12 @@ def estimate_lambda(
     This is the slope of the operational D(R) curve at ``qps`` (NNCodec's IOQ rule, with D a distortion
     instead of an accuracy). ``names`` default to every tensor in ``qps``.
 
-    >>> estimate_lambda(params, qps, distortion, rate)                       # doctest: +SKIP
+    >>> w = np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32)
+    >>> params, qps = {"w": w}, {"w": -16}
+    >>> distortion = lambda p: float(jnp.mean((p["w"] - w) ** 2))              # quantization MSE
+    >>> rate = lambda name, t, qp: t.size * max(0.0, 2.05 - qp / 4)           # high-rate model, std 1
+    >>> f"{estimate_lambda(params, qps, distortion, rate):.1e}"              # about 2 ln2 D / n
+    '1.3e-07'
     """
     qps = _checked_qps(params, qps)
     ev = _Evaluator(params, eval_distortion, rate_bits, 0.0, quantize_fn, qp_density)
@@ -271,8 +276,18 @@ def ioq_search(
     most once per distinct assignment / (name, qp). ``quantize_fn(w, qp) -> w_hat`` defaults to
     :func:`reconstruct_uniform`.
 
-    >>> qps = ioq_search(params, loss_on_tuning_set, coded_bits, lam=1e-6,        # doctest: +SKIP
-    ...                  init_qps=ioq_initial_qps(params, -38))
+    >>> rng = np.random.default_rng(0)
+    >>> params = {"w1": rng.normal(0, 1 / 8, (64, 64)), "w2": rng.normal(0, 1 / 8, (64, 4))}
+    >>> x = rng.normal(size=(256, 64)); y = x @ params["w1"] @ params["w2"]
+    >>> def loss_on_tuning_set(p):
+    ...     return float(jnp.mean((x @ p["w1"] @ p["w2"] - y) ** 2))
+    >>> def coded_bits(name, w, qp):                                          # high-rate model
+    ...     return w.size * max(0.0, math.log2(float(jnp.std(w))) - qp / 4 + 2.05)
+    >>> qps = ioq_search(params, loss_on_tuning_set, coded_bits, lam=1e-6,
+    ...                  init_qps=ioq_initial_qps(params, -38), progress=False)
+    >>> cost = lambda q: ioq_cost(params, q, loss_on_tuning_set, coded_bits, 1e-6)
+    >>> qps, cost(qps) < cost(ioq_initial_qps(params, -38))                  # bits are dear here: coarser
+    ({'w1': -28, 'w2': -32}, True)
     """
     init_qps = _checked_qps(params, init_qps)
     rounds = check_int(rounds, "rounds", lo=0)

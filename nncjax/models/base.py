@@ -325,8 +325,9 @@ class EvalModel:
         from_original: ``{original_name: array} -> params`` (inverse of ``to_original``).
 
     Example:
-        >>> m = nncjax.models.get("digits_mlp")          # doctest: +SKIP
-        >>> m.eval(subset="ci")["top1"] > 0.9             # doctest: +SKIP
+        >>> import nncjax.models
+        >>> m = nncjax.models.get("digits_mlp")
+        >>> m.eval(subset="ci")["top1"] > 0.9
         True
     """
 

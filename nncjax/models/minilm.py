@@ -204,7 +204,7 @@ def unreachable_rows() -> dict[str, np.ndarray]:
     :func:`nncjax.reduce.zero_rows`. Zeroing them changes no embedding of any text.
 
     Example:
-        >>> len(unreachable_rows()["params/word_embeddings/embedding"])     # doctest: +SKIP
+        >>> len(unreachable_rows()["params/word_embeddings/embedding"])
         1331
     """
     from nncjax.reduce.vocab import unreachable_token_ids
@@ -223,7 +223,7 @@ def tokenize(texts: Sequence[str], length: int | None = None) -> dict[str, np.nd
     ``T`` is ``length`` or the longest text rounded up to a power of two (at most 256 tokens).
 
     Example:
-        >>> tokenize(["a cat"])["input_ids"][0, :4].tolist()          # doctest: +SKIP
+        >>> tokenize(["a cat"])["input_ids"][0, :4].tolist()
         [101, 1037, 4937, 102]
     """
     encs = _tokenizer().encode_batch(list(texts))

@@ -94,7 +94,7 @@ def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
 
     Example:
         >>> from nncjax.models import crepe
-        >>> sd = load_state_dict(crepe.weights_path()); sd["conv1.weight"].shape   # doctest: +SKIP
+        >>> sd = load_state_dict(crepe.weights_path()); sd["conv1.weight"].shape
         (128, 1, 512, 1)
     """
     try:

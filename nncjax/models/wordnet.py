@@ -57,7 +57,7 @@ def reverse_dictionary_task(n: int = FULL_SIZE) -> tuple[tuple[str, ...], tuple[
     """The first ``n`` items of the fixed task: ``(glosses, lemmas)``, each of length ``n``.
 
     Example:
-        >>> q, c = reverse_dictionary_task(3); len(q), len(c)         # doctest: +SKIP
+        >>> q, c = reverse_dictionary_task(3); len(q), len(c)
         (3, 3)
     """
     if not 0 < n <= FULL_SIZE:

@@ -349,8 +349,15 @@ def fold_batchnorm(
     InputError naming the BN if its running variance + ``eps`` is <= 0 in some channel. That check
     needs concrete values: under ``jit`` such a channel silently gets NaN (or inf) LS and BI.
 
-    >>> folded = fold_batchnorm(variables, eps=1e-5)          # doctest: +SKIP
-    >>> blk = folded.blocks["Conv_0/kernel"]  # blk.w: (O, I, kh, kw), blk.ls / blk.bi: (O,)  # doctest: +SKIP
+    >>> variables = {"params": {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))},           # no conv bias
+    ...                         "BatchNorm_0": {"scale": jnp.full(4, 2.0), "bias": jnp.ones(4)}},
+    ...              "batch_stats": {"BatchNorm_0": {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 4.0)}}}
+    >>> folded = fold_batchnorm(variables, eps=1e-5)
+    >>> blk = folded.blocks["Conv_0/kernel"]  # blk.w: (O, I, kh, kw), blk.ls / blk.bi: (O,)
+    >>> blk.w.shape, np.round(blk.ls, 4).tolist(), np.round(blk.bi, 4).tolist()   # LS = 2 / 2, BI = -0.5 LS + 1
+    ((4, 2, 3, 3), [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.5, 0.5])
+    >>> folded.rest                                                  # every params leaf went into the block
+    {}
     """
     eps = _check_eps(eps)
     pairs = _check_pairs(variables, pairs)
@@ -432,7 +439,21 @@ def unfold_batchnorm(
     The returned network computes ``(W · LS) ⊛ x + BI`` for every block (see module docstring).
     Pure and jit-able.
 
-    >>> new_vars = unfold_batchnorm(model_vars, folded.blocks, eps=1e-5, rest=folded.rest)  # doctest: +SKIP
+    >>> import flax.linen as nn
+    >>> class ConvBN(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x):
+    ...         return nn.BatchNorm(use_running_average=True)(nn.Conv(4, (3, 3))(x))
+    >>> model_vars = {"params": {"Conv_0": {"kernel": jnp.linspace(-1, 1, 72).reshape(3, 3, 2, 4), "bias": jnp.ones(4)},
+    ...                          "BatchNorm_0": {"scale": jnp.full(4, 2.0), "bias": jnp.ones(4)}},
+    ...               "batch_stats": {"BatchNorm_0": {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 4.0)}}}
+    >>> folded = fold_batchnorm(model_vars, eps=1e-5)
+    >>> new_vars = unfold_batchnorm(model_vars, folded.blocks, eps=1e-5, rest=folded.rest)
+    >>> x = jnp.linspace(0, 1, 50).reshape(1, 5, 5, 2)
+    >>> bool(jnp.allclose(ConvBN().apply(new_vars, x), ConvBN().apply(model_vars, x), atol=1e-5))   # same function
+    True
+    >>> new_vars["batch_stats"]["BatchNorm_0"]["mean"].tolist(), new_vars["params"]["Conv_0"]["bias"].tolist()
+    ([0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
     """
     if ls_into not in ("bn", "kernel"):
         raise InputError(f"ls_into must be 'bn' or 'kernel', got {ls_into!r}")

@@ -190,9 +190,18 @@ def fit_local_scales(
     not finite (a NaN or Inf loss on that batch) is skipped, so the scales and biases stay finite;
     ``losses`` shows such steps as NaN / Inf.
 
-    >>> scales = lsa_init(params_q)                                             # doctest: +SKIP
-    >>> res = fit_local_scales(loss, params_q, scales, batches, steps=200)     # doctest: +SKIP
-    >>> params_eval = apply_local_scales(res.params, res.scales)               # doctest: +SKIP
+    >>> import itertools
+    >>> w = jnp.linspace(-1, 1, 32).reshape(8, 4)                               # a Dense kernel (in 8, out 4)
+    >>> params_q = {"Dense_0": {"kernel": jnp.round(w * 8) / 8 * 0.9, "bias": jnp.zeros(4)}}   # quantized, 10% low
+    >>> x = jnp.sin(jnp.arange(512.0)).reshape(64, 8)                          # any inputs
+    >>> def loss(p, batch):
+    ...     return jnp.mean((batch @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"] - batch @ w) ** 2)
+    >>> batches = itertools.repeat(x)
+    >>> scales = lsa_init(params_q)
+    >>> res = fit_local_scales(loss, params_q, scales, batches, steps=200, progress=False)
+    >>> params_eval = apply_local_scales(res.params, res.scales)
+    >>> bool(loss(params_eval, x) < 0.5 * loss(params_q, x)), bool(jnp.all(res.scales["Dense_0/kernel"] > 1.1))
+    (True, True)
 
     Raises:
         InputError: ``steps`` is not a non-negative int, ``data_iter`` is not iterable, or ``scales``
