@@ -3,8 +3,14 @@ quantizer of each linear layer (and of lookup tables) for GPTQ at the coarsest Q
 stays within the quantizer's, where the real coder then spends fewer bits.
 
 Example:
-    >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
-    >>> p_g, rd_g = with_error_feedback(m.params, rd, h)                      # doctest: +SKIP
+    >>> import nncjax, nncjax.models
+    >>> from nncjax.models.digits_mlp import load_digits_split
+    >>> m = nncjax.models.get("digits_mlp"); x_calib = load_digits_split("train")[0][:256]
+    >>> rd = nncjax.optimize(m.params, m.apply, x_calib, lam=3e-3, init="sensitivity", steps=0, progress=False)
+    >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib, progress=False)
+    >>> p_g, rd_g = with_error_feedback(m.params, rd, h, progress=False)
+    >>> rd_g.qp_overrides["params/fc1/kernel"] > rd.qp_overrides["params/fc1/kernel"]   # a coarser step
+    True
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from nncjax.arguments import check_int
+from nncjax.arguments import check_flag, check_int
 from nncjax.coded_tensor import code_tensor, levels_bits, qp_delta_bits
 from nncjax.errors import InputError
 from nncjax.ioq import qp_limits
@@ -157,9 +163,14 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
         True, False and ``"auto"``.
 
     Example:
-      >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib)   # doctest: +SKIP
-      >>> p_g, rd_g = with_error_feedback(m.params, rd, h)                            # doctest: +SKIP
-      >>> verify(p_g, rd_g).nbytes < verify(m.params, rd).nbytes                      # doctest: +SKIP
+      >>> import nncjax, nncjax.models
+      >>> from nncjax import verify
+      >>> from nncjax.models.digits_mlp import load_digits_split
+      >>> m = nncjax.models.get("digits_mlp"); x_calib = load_digits_split("train")[0][:256]
+      >>> rd = nncjax.optimize(m.params, m.apply, x_calib, lam=3e-3, init="sensitivity", steps=0, progress=False)
+      >>> h = nncjax.quantize.gptq.input_moments(m.apply, m.params, x_calib, progress=False)
+      >>> p_g, rd_g = with_error_feedback(m.params, rd, h, progress=False)
+      >>> verify(p_g, rd_g).nbytes < verify(m.params, rd).nbytes
       True
     """
     if not isinstance(settings, RDSettings):
@@ -168,6 +179,7 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
     _, hi = qp_limits(qpd)
     max_offset = 2 << qpd if max_offset is None else max_offset
     max_offset = check_int(max_offset, "max_offset", lo=0)
+    progress = check_flag(progress, "progress")
     if not (isinstance(dq, (bool, np.bool_)) or (isinstance(dq, str) and dq == "auto")):
         raise InputError(f"dq must be True, False or 'auto', got {dq!r}")
     if not isinstance(moments, Mapping) or not isinstance(check_moments, (Mapping, type(None))):

@@ -127,3 +127,29 @@ def test_bfloat16_counts_as_a_float_everywhere_a_real_array_is_checked():
     assert check_batch(np.zeros((2, 64), jnp.bfloat16), "images", ("B", 64)).dtype == jnp.bfloat16
     with pytest.raises(InputError, match="got dtype bfloat16"):
         check_array_kind(w, "iu", "levels must be integers")
+
+
+def test_long_running_entry_points_check_progress_and_stay_quiet_without_it(capsys):
+    """progress must be a bool, and progress=False silences every bar, the inner batch loops' too
+    (optimize used to show output_sensitivity's bar with progress=False)."""
+    import flax.linen as nn
+
+    from nncjax import optimize, optimize_ioq, with_error_feedback, with_fine_tuning
+    from nncjax.quantize.gptq import input_moments
+
+    model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    xs = [jax.random.normal(jax.random.PRNGKey(i), (32, 4)) for i in range(2)]
+    v = model.init(jax.random.PRNGKey(9), xs[0])
+    capsys.readouterr()
+    rd = optimize(v, model.apply, xs, lam=1e-2, init="sensitivity", steps=0, progress=False)
+    moments = input_moments(model.apply, v, xs, progress=False)
+    p_g, rd_g = with_error_feedback(v, rd, moments, progress=False)
+    with_fine_tuning(p_g, rd_g, model.apply, xs, steps=2, progress=False)
+    optimize_ioq(v, model.apply, xs, lam=1e-2, allocation="sensitivity", bn_pairs=None, lsa_steps=1, progress=False)
+    assert capsys.readouterr().err == ""
+    for call in (lambda: optimize(v, model.apply, xs, lam=1e-2, init="sensitivity", steps=0, progress="no"),
+                 lambda: with_error_feedback(v, rd, moments, progress=1),
+                 lambda: with_fine_tuning(p_g, rd_g, model.apply, xs, steps=2, progress="no"),
+                 lambda: optimize_ioq(v, model.apply, xs, lam=1e-2, bn_pairs=None, progress=None)):
+        with pytest.raises(InputError, match="progress must be True or False"):
+            call()

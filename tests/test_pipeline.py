@@ -58,6 +58,21 @@ def test_layout_round_trip_folds_bn_exactly(tiny_bn):
     np.testing.assert_allclose(apply(back, x), apply(v, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pairs", [[("Conv_0", "BatchNorm_0")], [(("Conv_0",), ("BatchNorm_0",))],
+                                   [["Conv_0", "BatchNorm_0"]]])
+def test_layout_takes_bn_pairs_as_str_or_tuple_paths(tiny_bn, pairs):
+    # a str path was split into letters: ('C', 'o', 'n', 'v', '_', '0')
+    _, v, _ = tiny_bn
+    assert CodingLayout.build(v, bn_pairs=pairs).entries == CodingLayout.build(v).entries
+
+
+@pytest.mark.parametrize("pairs", ["Conv_0/BatchNorm_0", [("Conv_0",)], 5])
+def test_layout_refuses_bn_pairs_that_are_not_pairs(tiny_bn, pairs):
+    _, v, _ = tiny_bn
+    with pytest.raises(InputError, match="pair"):
+        CodingLayout.build(v, bn_pairs=pairs)
+
+
 def test_layout_without_folding_is_the_identity(tiny_bn):
     apply, v, x = tiny_bn
     lay = CodingLayout.build(v, bn_pairs=None)
