@@ -355,6 +355,8 @@ class BitReader:
         pos = self.pos
         if n > self.end - pos:
             raise self.fail(field, f"u({n}) needs {n} bits but only {self.end - pos} remain (truncated)")
+        if n < 0:  # would move the position backwards and read garbage
+            raise InputError(f"u({n}) for {field}: a field has 0 bits or more")
         first = pos >> 3
         last = (pos + n - 1) >> 3
         chunk = int.from_bytes(self._data[first:last + 1], "big")
@@ -367,6 +369,8 @@ class BitReader:
         >>> r = BitReader(bytes.fromhex("d7")); r.i(4, "a"), r.i(4, "b")
         (-3, 7)
         """
+        if n < 1:  # no sign bit to read
+            raise InputError(f"i({n}) for {field}: a signed field has 1 bit or more")
         v = self.u(n, field)
         return v - (1 << n) if v >> (n - 1) else v
 

@@ -196,3 +196,14 @@ def test_non_bytes_data_negative_counts_and_bad_values_are_refused():
     for k, x in ((0, -1), (-1, 3), (0, 1.5)):
         with pytest.raises(InputError, match="ue_length"):
             ue_length(k, x)
+
+
+def test_reader_refuses_widths_below_its_field_minimum():
+    # before: i(0) raised a raw "negative shift count" ValueError, u(-3) moved the
+    # position backwards and returned garbage
+    r = BitReader(bytes.fromhex("d7"))
+    assert r.u(0, "empty") == 0 and r.pos == 0
+    for read, n in ((r.u, -3), (r.i, 0), (r.i, -1)):
+        with pytest.raises(InputError, match="for f"):
+            read(n, "f")
+    assert r.pos == 0 and r.i(4, "a") == -3
