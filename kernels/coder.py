@@ -38,7 +38,7 @@ from nncjax.kernels import engine as _eng
 from nncjax.kernels import levels as _lv
 from nncjax.kernels.bits import as_bytes
 
-from nncjax.errors import BitstreamError, InputError, LimitError
+from nncjax.errors import BitstreamError, InputError, LimitError, UnsupportedStreamError
 
 __all__ = [
     "LEVEL_MAX",
@@ -412,8 +412,8 @@ class CabacDecoder:
                                    lay.ci_list, lay.ci_ctx, lay.rs_ctx, ep[0], ep[1], ep[2], info)
         if status == _lv.ERR_NO_HIST:
             self._done = True
-            raise BitstreamError("DeepCABAC payload: hist_dep_sig_prob_enabled_flag = 1 (HDSP) but no hdsp_hist "
-                                 "was given for this tensor")
+            raise UnsupportedStreamError("DeepCABAC payload: hist_dep_sig_prob_enabled_flag = 1 (HDSP) but no "
+                                         "hdsp_hist was given for this tensor (the history of earlier updates)")
         if status != _lv.OK:
             what = {_lv.ERR_PREFIX: "remainder prefix longer than 30 bins",
                     _lv.ERR_OVERFLOW: "level exceeds the int32 range"}[status]

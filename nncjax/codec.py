@@ -26,7 +26,7 @@ import numpy as np
 
 from nncjax.arguments import check_flag, check_int, check_real, is_int
 from nncjax.coded_tensor import SCALING_SUFFIX
-from nncjax.errors import BitstreamError, InputError
+from nncjax.errors import BitstreamError, InputError, UnsupportedStreamError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.ready import block_roles, cast_leaf, map_onto, ready_flat
 from nncjax.steps import check_qp_density
@@ -829,10 +829,17 @@ def _decode_levels(dec, u, m, profile: int) -> np.ndarray:
     # Codebook bounds shape the binarization only in profile 1.
     bounded = m.codebook is not None and profile == 1
     # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
+    # A differential NDU (NNCodec's federated-learning updates) codes the tensor's difference to its parent:
+    # decodable as it is, unless TCA or HDSP select contexts from earlier updates, which a stream alone lacks.
+    if u.temporal_context_modeling_flag:
+        raise UnsupportedStreamError(f"NDU {u.topology_elem_ids[0]!r}: temporal_context_modeling_flag = 1 (TCA): "
+                                     "its contexts follow the previous update's levels, which nncjax.decode does "
+                                     "not keep")
     levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
                                  scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
                                  codebook_size=len(m.codebook.values) if bounded else 0,
-                                 codebook_offset=m.codebook.zero_offset if bounded else 0)
+                                 codebook_offset=m.codebook.zero_offset if bounded else 0,
+                                 parent_present=bool(u.parent_node_id_present_flag))
     return levels
 
 
@@ -860,8 +867,8 @@ def _decode_ndu(job) -> _Decoded:
             out.names.append(m.name)
             out.arrays.append(levels if is_int else _reconstruct(levels, qp, qpd, m.codebook))
         used = dec.finish()
-    except BitstreamError as e:
-        raise BitstreamError(f"{where}: nnr_compressed_data_unit_payload: {e}") from None
+    except BitstreamError as e:  # its type kept: a LimitError or UnsupportedStreamError stays one
+        raise type(e)(f"{where}: nnr_compressed_data_unit_payload: {e}") from None
     if used != len(u.payload):
         raise BitstreamError(f"{where}: nnr_compressed_data_unit_payload has {len(u.payload)} bytes but its "
                              f"arithmetic-coded data ends after {used}")
@@ -1086,7 +1093,7 @@ def inspect(data, *, limits=None) -> StreamInfo:
                     if j < len(members) - 1:
                         _decode_levels(dec, u, m, st.profile)
             except BitstreamError as e:
-                raise BitstreamError(f"NNR_NDU {u.topology_elem_ids[0]!r}: nnr_compressed_data_unit_payload: "
+                raise type(e)(f"NNR_NDU {u.topology_elem_ids[0]!r}: nnr_compressed_data_unit_payload: "
                                      f"{e}") from None
         for j, m in enumerate(members):
             cb = m.codebook
