@@ -27,6 +27,7 @@ from nncjax.errors import InputError, UnsupportedError
 from nncjax.pytree_names import flatten_named, is_kernel_name
 from nncjax.rd_settings import LS_SUFFIX, RDSettings
 from nncjax.reduce._tree import replace_named
+from nncjax.reduce.bnfold import as_bn_pairs
 
 __all__ = ["decoded_params", "output_shifts", "with_bias_correction"]
 
@@ -192,11 +193,8 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
     if not isinstance(settings, RDSettings):
         raise InputError("settings must be the RDSettings returned by nncjax.optimize")
     named = flatten_named(params)
-    try:  # explicit pairs only (no optimize_ioq "auto")
-        pairs = [(tuple(layer), tuple(bn)) for layer, bn in bn_pairs]
-    except (TypeError, ValueError):
-        raise InputError(f"bn_pairs must be [(layer_path, bn_path), ...], e.g. [(('conv1',), ('bn1',))]; "
-                         f"got {bn_pairs!r}") from None
+    # explicit pairs only (no optimize_ioq "auto")
+    pairs = as_bn_pairs(bn_pairs, "bn_pairs must be [(layer_path, bn_path), ...], e.g. [(('conv1',), ('bn1',))]")
     bn_of = {}
     for layer, bn in pairs:
         mean = next((p + "/".join(bn) + "/mean" for p in ("batch_stats/", "") if p + "/".join(bn) + "/mean" in named),

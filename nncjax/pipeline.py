@@ -87,7 +87,7 @@ from nncjax.reduce import (
     unfold_batchnorm,
 )
 from nncjax.reduce._tree import default_weight_select
-from nncjax.reduce.bnfold import as_bn_pair
+from nncjax.reduce.bnfold import as_bn_pairs
 from nncjax.steps import check_qp_density
 
 _ALLOCATIONS = ("ioq", "sensitivity")
@@ -156,9 +156,7 @@ class CodingLayout:
         elif bn_pairs is None:
             pairs = []
         else:
-            if isinstance(bn_pairs, (str, bytes)) or not isinstance(bn_pairs, Iterable):
-                raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}")
-            pairs = [as_bn_pair(p) for p in bn_pairs]  # a str path is "/"-joined module names
+            pairs = as_bn_pairs(bn_pairs, "bn_pairs must be 'auto', None or [(layer_path, bn_path), ...]")
         entries: list[tuple[str, str, str]] = []
         consumed: set[str] = set()
         if pairs:

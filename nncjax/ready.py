@@ -227,6 +227,9 @@ def _path(p: Sequence[str]) -> str:
     return "/".join(str(k) for k in p)
 
 
+_BN_PAIRS = "bn_pairs must be 'auto', None or [(layer_path, bn_path), ...]"  # what decode(like=) takes
+
+
 def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[BlockRoles], bn_pairs) -> list:
     """The (BNPair, BlockRoles) whose folded block is written onto the pair's BatchNorm.
 
@@ -235,13 +238,13 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
     ``Conv_i``/``BatchNorm_i`` pairs (:func:`nncjax.reduce.find_bn_pairs`), then every other such
     BatchNorm with the one folded block (LS/BI) of its row count; ambiguity raises.
     """
-    from nncjax.reduce.bnfold import BNPair, as_bn_pair, find_bn_pairs
+    from nncjax.reduce.bnfold import BNPair, as_bn_pairs, find_bn_pairs
 
     if bn_pairs is None:
         return []
     auto = isinstance(bn_pairs, str)
     if auto and bn_pairs != "auto":
-        raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}")
+        raise InputError(f"{_BN_PAIRS}, got {bn_pairs!r}")
     is_vars = (isinstance(like, Mapping) and isinstance(like.get("params"), Mapping)
                and isinstance(like.get("batch_stats"), Mapping))
     if not is_vars:
@@ -279,13 +282,7 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
                 raise InputError(f"cannot tell which of the folded layers {hits} BatchNorm {_path(m)!r} "
                                  f"({n} rows) belongs to; pass bn_pairs=[(layer_path, bn_path), ...]")
     else:
-        try:
-            if isinstance(bn_pairs, (str, bytes)):
-                raise TypeError
-            pairs = [as_bn_pair(p) for p in bn_pairs]  # a str path is "/"-joined module names
-        except TypeError:
-            raise InputError(f"bn_pairs must be 'auto', None or [(layer_path, bn_path), ...], got {bn_pairs!r}"
-                             ) from None
+        pairs = as_bn_pairs(bn_pairs, _BN_PAIRS)
         for what, paths in (("layer", [_path(p.layer) for p in pairs]), ("BatchNorm", [_path(p.bn) for p in pairs])):
             twice = sorted({x for x in paths if paths.count(x) > 1})
             if twice:

@@ -147,6 +147,14 @@ def test_reference_corrects_kernels_that_params_holds_quantized(setup):
     np.testing.assert_allclose(got.mean(0), want.mean(0), atol=1e-4)
 
 
+def test_bn_pairs_take_str_module_paths(setup):
+    # before: tuple("conv") split the path into letters ("no batch-norm mean at 'b/n'")
+    model, v, batches, rd = setup
+    by_tuple = with_bias_correction(v, rd, model.apply, batches, bn_pairs=[(("conv",), ("bn",))])
+    by_str = with_bias_correction(v, rd, model.apply, batches, bn_pairs=[("conv", "bn")])
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, by_str[0], by_tuple[0]))
+
+
 def test_bad_inputs(setup):
     model, v, batches, rd = setup
     with pytest.raises(InputError, match="RDSettings"):

@@ -31,7 +31,7 @@ BatchNorm module path (``scale``/``bias`` in params, ``mean``/``var`` in batch_s
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -299,7 +299,7 @@ def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
 def _check_pairs(variables: Mapping[str, Any], pairs: Sequence[BNPair] | None) -> list[BNPair]:
     if not isinstance(variables, Mapping) or "params" not in variables or "batch_stats" not in variables:
         raise InputError("variables must hold 'params' and 'batch_stats' (a Flax variable dict)")
-    pairs = find_bn_pairs(variables["params"]) if pairs is None else [as_bn_pair(p) for p in _sequence(pairs, "pairs")]
+    pairs = find_bn_pairs(variables["params"]) if pairs is None else as_bn_pairs(pairs)
     for p in pairs:
         layer = resolve(variables["params"], p.layer)
         if not isinstance(layer, Mapping) or "kernel" not in layer:
@@ -310,19 +310,20 @@ def _check_pairs(variables: Mapping[str, Any], pairs: Sequence[BNPair] | None) -
     return pairs
 
 
-def _sequence(x: Any, what: str) -> Sequence:
-    if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
-        raise InputError(f"{what} must be a list of (layer path, BN path) pairs, got {x!r}")
-    return x
+def as_bn_pairs(pairs: Any, expected: str = "pairs must be a list of (layer path, BN path) pairs") -> list[BNPair]:
+    """Explicit ``[(layer path, BN path), ...]`` as BNPairs of tuple paths; a path may be a slash-joined
+    string (``tuple("Conv_0")`` would be its letters). InputError ``"{expected}, got ..."`` for a string
+    or anything not iterable, and naming the pair or path that is not one.
 
-
-def as_bn_pair(p: Any) -> BNPair:
-    """One explicit ``(layer path, BN path)`` pair as a BNPair of tuple paths; a path may be a
-    slash-joined string (``tuple("Conv_0")`` would be its letters). InputError for anything else.
-
-    >>> as_bn_pair(("block/conv", ("block", "bn")))
-    BNPair(layer=('block', 'conv'), bn=('block', 'bn'))
+    >>> as_bn_pairs([("block/conv", ("block", "bn"))])
+    [BNPair(layer=('block', 'conv'), bn=('block', 'bn'))]
     """
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+        raise InputError(f"{expected}, got {pairs!r}")
+    return [_bn_pair(p) for p in pairs]
+
+
+def _bn_pair(p: Any) -> BNPair:
     if isinstance(p, (str, bytes)) or not isinstance(p, Sequence) or len(p) != 2:
         raise InputError(f"a pair must be (layer path, BN path), got {p!r}")
     paths = []
