@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import io_callback
 from tqdm.auto import tqdm
 
+from nncjax.arguments import check_flag
 from nncjax.errors import InputError
 
 
@@ -102,6 +103,11 @@ def _jit_with_statics(fn: Callable, n_static: int) -> Callable:
     return jax.jit(fn, static_argnums=tuple(range(n_static)))
 
 
+def batch_bar(batches: list, progress: Any, desc: str):
+    """``batches`` behind a tqdm bar ``desc`` when ``progress`` (checked to be a bool) and there are several."""
+    return tqdm(batches, desc=desc, disable=not check_flag(progress, "progress") or len(batches) < 2, leave=False)
+
+
 def batch_means(fn: Callable[..., tuple[dict, dict]], statics: tuple, args: tuple,
                 data: Any, progress: bool = False, desc: str = "") -> tuple[dict[str, np.ndarray], list[str]]:
     """Means over ``data`` of what ``fn(*statics, *args, batch) -> LayerSums.result()`` sums, and the
@@ -134,7 +140,7 @@ def batch_means(fn: Callable[..., tuple[dict, dict]], statics: tuple, args: tupl
     skipped: set[str] = set()
     with _host_lock:
         _host_sums.clear()
-        for batch in tqdm(batches, desc=desc, disable=not progress or len(batches) < 2, leave=False):
+        for batch in batch_bar(batches, progress, desc):
             traced, skip = one(batch)
             skipped.update(skip)
             for name, (total, count) in traced.items():

@@ -34,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import subjaxprs
-from tqdm.auto import tqdm
 
-from nncjax.arguments import check_flag, check_int, check_real
+from nncjax._layer_stats import batch_bar
+from nncjax.arguments import check_int, check_real
 from nncjax.distortion import check_output_scale, output_spread
 from nncjax.errors import InputError
 from nncjax.pytree_names import flatten_named
@@ -164,7 +164,7 @@ def output_sensitivity(
     total = None
     batched = _batch_probes(apply_fn, params, batches[0], sum(int(np.size(w)) for w in weights.values()),
                             int(probes))
-    for i, batch in enumerate(_bar(batches, progress, "sensitivity probes")):
+    for i, batch in enumerate(batch_bar(batches, progress, "sensitivity probes")):
         acc, spread = _squared_probes(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
                                       probes=int(probes), batched=batched)
         # a constant output leaf's cotangent is scaled by 1 / sqrt(1e-12): its sensitivities would be 1e12 too large
@@ -172,11 +172,6 @@ def output_sensitivity(
         total = acc if total is None else jax.tree_util.tree_map(jnp.add, total, acc)
     scale = 1.0 / (int(probes) * len(batches))
     return _finite({n: np.asarray(total[n], np.float32) * np.float32(scale) for n in chosen})
-
-
-def _bar(batches: list, progress: Any, desc: str):
-    """``batches`` behind a tqdm bar ``desc`` when ``progress`` and there are several."""
-    return tqdm(batches, desc=desc, disable=not check_flag(progress, "progress") or len(batches) < 2, leave=False)
 
 
 def _finite(sens: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -274,7 +269,7 @@ def row_moments(
     weights = {n: named[n] for n in names}
     key = jax.random.PRNGKey(check_int(seed, "seed"))
     total = {n: 0.0 for n in names}
-    for i, batch in enumerate(_bar(batches, progress, "row moments")):
+    for i, batch in enumerate(batch_bar(batches, progress, "row moments")):
         grads, spread = _probe_gradients(weights, params, batch, jax.random.fold_in(key, i), apply_fn=apply_fn,
                                          probes=int(probes))
         check_output_scale(spread, i)

@@ -453,8 +453,8 @@ def input_moments(
     from nncjax._layer_stats import batch_means, unwrap_jit
 
     patch_stride = check_int(patch_stride, "patch_stride", lo=1)
-    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, patch_stride), (params,), data,
-                                   check_flag(progress, "progress"), "input moments")
+    moments, skipped = batch_means(_batch_moments, (unwrap_jit(apply_fn), mask, patch_stride), (params,), data, progress,
+                                   "input moments")
     if not moments and skipped:
         raise UnsupportedError(f"every layer's kernel is mapped by a lifted transform (nn.scan / nn.vmap over "
                                f"'params': one stacked kernel for several layers, whose inputs differ): {skipped}")
