@@ -136,6 +136,23 @@ def _override_table(overrides, what: str, check, names: list[str], float_names: 
 # per-tensor coding
 
 
+@dataclass(frozen=True)
+class UnitLink:
+    """Where one NDU of an update stream (:mod:`nncjax.update`) stands in its tensor's history.
+
+    ``depth``: put_node_depth; ``device_id``: the sender; ``differential``: parent_node_id_present_flag
+    (the tensor is a difference to its parent); ``base``: the parent's integer levels when the unit uses
+    temporal context adaptation (temporal_context_modeling_flag = 1), else None; ``hist``: the tensor's
+    HDSP history (int8, 1 where a level of an earlier update was non-zero) when HDSP may be tried.
+    """
+
+    depth: int
+    device_id: int
+    differential: bool
+    base: np.ndarray | None = None
+    hist: np.ndarray | None = None
+
+
 @dataclass
 class _Coded:
     """One tensor, quantized and arithmetic-coded, before its NDU header is written."""
@@ -158,6 +175,9 @@ class _Coded:
     coded_shapes: tuple = ()  # every coded tensor's shape in coded order (per-row members, then W or G, H)
     decomposition: tuple | None = None  # DC: (decomposition_rank, g_number_of_rows)
     codebook_dc: tuple | None = None  # DC with codebooks: H's (codebook, offset, egk)
+    link: UnitLink | None = None  # in an update stream (nncjax.update): the unit's node fields and side info
+    hdsp: bool = False  # the payload codes with the link's HDSP history
+    levels: np.ndarray | None = None  # a single tensor's levels, kept in update streams for the next one
 
     def codebooks(self) -> tuple:
         """(size, zero offset) of the codebook of each scanned tensor (W, or G then H); size 0: none."""
@@ -243,7 +263,7 @@ def _codebook_choice(t: PreparedTensor, plan: _Plan, s: _Settings) -> dict:
         qp_uni, requested = qp_used, qp_cb
     trial = dict(unary_length=s.unary_length - 1, param_opt=s.param_opt, scan_order=scan,
                  row_skipping=False, profile=PROFILE)
-    # Clipped DQ indices may be unreachable from their DQ state: coded as NNCodec codes them (_code_member).
+    # Clipped DQ indices may be unreachable from their DQ state: coded as NNCodec codes them (_write_member).
     bytes_uni = len(encode_levels(uni_levels, dq=s.dq, strict_dq=clip is None, **trial))
     cost_cb = len(encode_levels(chosen["levels"], dq=False, **trial)) + _codebook_bits(cb, off, egk)
     if cost_cb < bytes_uni:
@@ -256,26 +276,34 @@ def _codebook_bits(cb: np.ndarray, off: int, egk: int) -> int:
     return codebook_bits(cb, off, egk)
 
 
-def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
-                 choices: Mapping[str, dict]) -> tuple[dict, list[str]]:
-    """Quantizes one tensor and appends its QP delta and levels (in scan order ``scan``) to ``enc``'s
-    stream; ``choices``: codebook choices already made (by :func:`_split_blocks`), by tensor name."""
+def _member_levels(t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
+                   choices: Mapping[str, dict]) -> tuple[dict, list[str]]:
+    """Quantizes one tensor for scan order ``scan``: its levels, QP, dq and codebook (a dict) and the
+    notes to warn about; ``choices``: codebook choices already made (by :func:`_split_blocks`), by name."""
     notes: list[str] = []
     if t.is_int:
-        c = dict(levels=t.data, qp=None, dq=False, codebook=None, offset=0, egk=0)
+        return dict(levels=t.data, qp=None, dq=False, codebook=None, offset=0, egk=0), notes
+    if s.codebook != "off" and t.data.size:  # an empty tensor has no codebook (NNCodec crashes)
+        c = choices.get(t.name) or _codebook_choice(t, plan, s)
     else:
-        if s.codebook != "off" and t.data.size:  # an empty tensor has no codebook (NNCodec crashes)
-            c = choices.get(t.name) or _codebook_choice(t, plan, s)
-        else:
-            levels, qp_used = _quantize(t, plan.qp, s, dq=plan.dq, scan=scan)
-            # NNCodec leaves tensors named like BatchNorm step counters unclipped.
-            if ".num_batches_tracked" not in t.name:
-                levels = _clip(levels, plan.clip)
-            c = dict(levels=levels, qp=int(qp_used), requested=plan.qp, dq=plan.dq, codebook=None, offset=0, egk=0)
-        if c["qp"] != c["requested"]:
-            notes.append(f"tensor {t.name!r}: QP {c['requested']} would overflow int32 levels "
-                         f"(max |w| = {float(np.abs(t.data).max()):.6g}); coded with QP {c['qp']} instead")
-        _check_coded_qp(t, c, s)
+        levels, qp_used = _quantize(t, plan.qp, s, dq=plan.dq, scan=scan)
+        # NNCodec leaves tensors named like BatchNorm step counters unclipped.
+        if ".num_batches_tracked" not in t.name:
+            levels = _clip(levels, plan.clip)
+        c = dict(levels=levels, qp=int(qp_used), requested=plan.qp, dq=plan.dq, codebook=None, offset=0, egk=0)
+    if c["qp"] != c["requested"]:
+        notes.append(f"tensor {t.name!r}: QP {c['requested']} would overflow int32 levels "
+                     f"(max |w| = {float(np.abs(t.data).max()):.6g}); coded with QP {c['qp']} instead")
+    _check_coded_qp(t, c, s)
+    return c, notes
+
+
+def _write_member(enc, c: dict, plan: _Plan, s: _Settings, scan: int, link: UnitLink | None = None,
+                  hist: np.ndarray | None = None) -> None:
+    """Appends a quantized tensor (:func:`_member_levels`) to ``enc``'s stream: its QP delta and its
+    levels in scan order ``scan``, in an update stream with the ``link``'s TCA reference and the HDSP
+    history ``hist``."""
+    if c["qp"] is not None:
         enc.iae_v(s.qp_bits, c["qp"])
     cb = c["codebook"]
     # Bit-depth clipping, or NNCodec's row-skip DQ quirk under block scans (its trellis assumes one
@@ -283,8 +311,9 @@ def _code_member(enc, t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
     # NNCodec codes them anyway and every decoder reconstructs a neighbouring index. Do the same.
     lenient = c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping))
     enc.encode_layer(c["levels"], dq=c["dq"], scan_order=scan, row_skipping=s.row_skipping, profile=PROFILE,
-                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"], strict_dq=not lenient)
-    return c, notes
+                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"], strict_dq=not lenient,
+                     parent_present=link is not None and link.differential,
+                     base=None if link is None else link.base, hdsp_hist=hist)
 
 
 def _check_coded_qp(t: PreparedTensor, c: dict, s: _Settings) -> None:
@@ -322,34 +351,53 @@ def _unit_scan(shapes, scan_order: int, dims: tuple | None = None) -> int:
 
 
 def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None, members: tuple,
-                 choices: Mapping[str, dict]) -> _Coded:
+                 choices: Mapping[str, dict], link: UnitLink | None = None) -> _Coded:
     """One NDU's payload: ``weights`` (``(PreparedTensor, _Plan)`` pairs: the tensor, or a DC block's
-    G and H), after a block's per-row ``members`` (coded order, same pairs)."""
+    G and H), after a block's per-row ``members`` (coded order, same pairs). ``link``: the unit's
+    place in an update stream (a single tensor); with an HDSP history the payload is coded with and
+    without it and the shorter one kept (the first on a tie), as NNCodec does."""
     from nncjax.kernels.coder import CabacEncoder
     shapes = tuple(t.data.shape for t, _ in weights)
     dc = block is not None and bool(block.factors)
     scan = _unit_scan(shapes, s.scan_order, block.dims if dc else None)
     size = sum(t.data.size for t, _ in weights) + sum(m.data.size for m, _ in members)
-    enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
-    notes: list[str] = []
-    for m, mplan in members:
-        notes += _code_member(enc, m, mplan, s, 0, choices)[1]
-    done = [_code_member(enc, t, plan, s, scan, choices) for t, plan in weights]
-    notes += [n for _, w_notes in done for n in w_notes]
-    first, t = done[0][0], weights[0][0]
+    quantized = [(_member_levels(m, mplan, s, 0, choices), mplan, 0) for m, mplan in members]
+    quantized += [(_member_levels(t, plan, s, scan, choices), plan, scan) for t, plan in weights]
+    notes = [n for (_, member_notes), _, _ in quantized for n in member_notes]
+
+    def payload(hist) -> bytes:
+        enc = CabacEncoder(unary_length=s.unary_length, param_opt=s.param_opt, capacity=size // 2 + 1024)
+        for (c, _), plan, sc in quantized:
+            _write_member(enc, c, plan, s, sc, link, hist)
+        return enc.finish()
+
+    data, hdsp = payload(None), False
+    if link is not None and link.hist is not None and _hdsp_coded(shapes[0], quantized[0][0][0]["codebook"]):
+        with_hist = payload(link.hist)
+        data, hdsp = (with_hist, True) if len(with_hist) < len(data) else (data, False)
+    done = [c for (c, _), _, _ in quantized[len(members):]]
+    first, t = done[0], weights[0][0]
     coded = _Coded(block.weight if dc else t.name, index, block.dims if dc else shapes[0], t.is_int, first["qp"],
-                   first["dq"], scan, enc.finish(), first["codebook"], first["offset"], first["egk"], notes=notes,
-                   coded_shapes=tuple(m.data.shape for m, _ in members) + shapes)
+                   first["dq"], scan, data, first["codebook"], first["offset"], first["egk"], notes=notes,
+                   coded_shapes=tuple(m.data.shape for m, _ in members) + shapes, link=link, hdsp=hdsp,
+                   levels=first["levels"] if link is not None else None)
     if block is not None:
         coded.cpt, coded.topology = block.cpt, block.topology
     if dc:
         coded.decomposition = (int(shapes[0][1]), int(shapes[0][0]))
-        h = done[1][0]
+        h = done[1]
         if h["codebook"] is not None:
             coded.codebook_dc = (h["codebook"], h["offset"], h["egk"])
     if scan > 0:
         coded.entry_points = _entry_points(coded, len(weights), s)
     return coded
+
+
+def _hdsp_coded(shape: tuple[int, ...], codebook) -> bool:
+    """Whether a tensor's payload carries hist_dep_sig_prob_enabled_flag (with the row-skip block:
+    a real matrix, not a one-entry codebook); elsewhere HDSP cannot be signalled."""
+    h, w = _matrix_dims(shape)
+    return h > 1 and w > 1 and (codebook is None or len(codebook) != 1)
 
 
 def _entry_points(c: _Coded, scanned: int, s: _Settings):
@@ -367,8 +415,12 @@ def _entry_points(c: _Coded, scanned: int, s: _Settings):
             dec.decode_layer(shape, dq=c.dq, scan_order=0, profile=PROFILE)
             continue
         size, offset = c.codebooks()[j - first_scanned]
+        link = c.link
         _, eps = dec.decode_layer(shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
-                                  codebook_size=size, codebook_offset=offset)
+                                  codebook_size=size, codebook_offset=offset,
+                                  parent_present=link is not None and link.differential,
+                                  base=None if link is None else link.base,
+                                  hdsp_hist=link.hist if c.hdsp else None)
         parts.append(eps)
     return parts[0] if scanned == 1 else concat_entry_points(*parts)
 
@@ -546,18 +598,20 @@ def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor]
 # units
 
 
-def _header_units(s: _Settings) -> bytes:
+def _header_units(s: _Settings, parent_signalling: bool = False) -> bytes:
     from nncjax.kernels.units import (
         ModelParameterSet,
         StartUnit,
         TopologyUnit,
         write_stream,
     )
-    return write_stream([StartUnit(general_profile_idc=PROFILE), ModelParameterSet(qp_density=s.qp_density),
+    return write_stream([StartUnit(general_profile_idc=PROFILE),
+                         ModelParameterSet(qp_density=s.qp_density, parent_signalling_enabled_flag=int(parent_signalling)),
                          TopologyUnit()])
 
 
 def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
+    from nncjax.kernels.unit_base import SyntaxContext
     from nncjax.kernels.units import (
         Codebook,
         CompressedDataUnit,
@@ -567,6 +621,11 @@ def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
     book = lambda cb, offset, egk: None if cb is None else Codebook(egk, tuple(int(v) for v in cb), offset)
     cb = book(c.codebook, c.codebook_offset, c.codebook_egk)
     ptype = PayloadType.BLOCK if c.topology else PayloadType.INT if c.is_int else PayloadType.FLOAT
+    link = c.link
+    # In an update stream: this unit's node ids and NNCodec's parent reference (by NDU id, type 0, on device 0).
+    node = {} if link is None else dict(
+        device_id=link.device_id, put_node_depth=link.depth, parent_node_id_present_flag=int(link.differential),
+        temporal_context_modeling_flag=int(link.differential and link.base is not None))
     ndu = CompressedDataUnit(
         payload_type=ptype, topology_elem_ids=c.topology or (c.name,), compressed_parameter_types=c.cpt,
         decomposition_rank=c.decomposition[0] if c.decomposition else None,
@@ -574,8 +633,8 @@ def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
         codebook_dc=book(*c.codebook_dc) if c.codebook_dc else None,
         dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
         cabac_unary_length_minus1=s.unary_length - 1, scan_order=c.scan_order, entry_points=c.entry_points,
-        payload=c.payload)
-    return write_unit(ndu)
+        payload=c.payload, **node)
+    return write_unit(ndu, SyntaxContext(PROFILE, 0, int(link is not None and link.differential)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -711,6 +770,20 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
       >>> {k: v.shape for k, v in decode(lr).items()}
       {'fc': (8, 6)}
     """
+    data, _ = _encode(params, qp=qp, qp_density=qp_density, nonweight_qp=nonweight_qp, dq=dq, codebook=codebook,
+                      bitdepth=bitdepth, row_skipping=row_skipping, param_opt=param_opt, scan_order=scan_order,
+                      qp_overrides=qp_overrides, lambda_scale=lambda_scale, unary_length=unary_length,
+                      workers=workers, progress=progress, blocks=blocks, dq_overrides=dq_overrides,
+                      low_rank=low_rank)
+    return data
+
+
+def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
+            qp_overrides, lambda_scale, unary_length, workers, progress, blocks, dq_overrides, low_rank,
+            update: Mapping[str, UnitLink] | None = None) -> tuple[bytes, list[_Coded]]:
+    """:func:`encode`'s work; ``update`` (:mod:`nncjax.update`): every tensor's :class:`UnitLink` for an
+    update stream (single-tensor units only). Returns the bitstream and every tensor's coded unit
+    (those of all-zero differences included, which the stream leaves out)."""
     s = _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
                   lambda_scale, unary_length)
     named = flatten_named(params)
@@ -743,8 +816,11 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         t, blk, cpt = job
         pairs = lambda names: tuple((prepared[position[n]], plan[position[n]]) for n in names)
         weights = pairs(blk.weights) if blk else ((t, plan[position[t.name]]),)
-        c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else (), choices)
+        link = None if update is None else update[t.name]
+        c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else (), choices, link)
         c.cpt = c.cpt or cpt
+        if link is not None and link.differential and not c.levels.any():
+            return c, b""  # an all-zero difference is left out of the stream (NNCodec); receivers add nothing
         return c, _ndu_bytes(c, s)
 
     sizes = [max(t.data.size, 1) + (sum(prepared[position[n]].data.size for n in b.coded + b.weights[1:]) if b else 0)
@@ -752,8 +828,9 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
     results = _run_parallel(work, jobs, sizes, workers, progress, "encode")
     for c, _ in results:
         for note in c.notes:
-            warnings.warn(note, QPAdjustedWarning, stacklevel=2)
-    return _header_units(s) + b"".join(ndu for _, ndu in results)
+            warnings.warn(note, QPAdjustedWarning, stacklevel=3)
+    differential = update is not None and any(link.differential for link in update.values())
+    return _header_units(s, differential) + b"".join(ndu for _, ndu in results), [c for c, _ in results]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -820,35 +897,40 @@ class _Decoded:
     roles: list  # each member's role (:class:`nncjax.kernels.ndu.Member`)
     dims: tuple = ()  # the unit's tensor_dimensions (a DC unit's recomposed weight)
     where: str = ""
+    levels: list = field(default_factory=list)  # the integer levels, kept for update streams only
 
 
-def _decode_levels(dec, u, m, profile: int) -> np.ndarray:
-    """Member ``m``'s levels of NDU ``u`` (after its QP delta) from the CABAC decoder ``dec``."""
+def _decode_levels(dec, u, m, profile: int, side: tuple | None = None) -> np.ndarray:
+    """Member ``m``'s levels of NDU ``u`` (after its QP delta) from the CABAC decoder ``dec``; ``side``:
+    ``(TCA reference levels or None, HDSP history or None)`` of the tensor, from :func:`nncjax.decode_update`."""
     from nncjax.kernels.units import PayloadType
     is_int = u.payload_type == PayloadType.INT
     # Codebook bounds shape the binarization only in profile 1.
     bounded = m.codebook is not None and profile == 1
-    # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
+    base, hist = side or (None, None)
     # A differential NDU (NNCodec's federated-learning updates) codes the tensor's difference to its parent:
     # decodable as it is, unless TCA or HDSP select contexts from earlier updates, which a stream alone lacks.
-    if u.temporal_context_modeling_flag:
+    if u.temporal_context_modeling_flag and base is None:
         raise UnsupportedStreamError(f"NDU {u.topology_elem_ids[0]!r}: temporal_context_modeling_flag = 1 (TCA): "
-                                     "its contexts follow the previous update's levels, which nncjax.decode does "
-                                     "not keep")
+                                     "its contexts follow the previous version's levels; decode the streams in "
+                                     "order with nncjax.decode_update")
+    # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
     levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
                                  scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
                                  codebook_size=len(m.codebook.values) if bounded else 0,
                                  codebook_offset=m.codebook.zero_offset if bounded else 0,
-                                 parent_present=bool(u.parent_node_id_present_flag))
+                                 parent_present=bool(u.parent_node_id_present_flag),
+                                 base=base if u.temporal_context_modeling_flag else None, hdsp_hist=hist)
     return levels
 
 
 def _decode_ndu(job) -> _Decoded:
+    """One NDU: ``job`` = (unit, qp_density, base QP, profile, side info of its single tensor or None)."""
     from nncjax.errors import UnsupportedError
     from nncjax.kernels.coder import CabacDecoder
     from nncjax.kernels.unit_base import CPT_DC
     from nncjax.kernels.units import PayloadType
-    u, qpd, base_qp, profile = job
+    u, qpd, base_qp, profile, side = job
     members = u.members()
     where = f"NNR_NDU {u.topology_elem_ids[0]!r} (unit {u.span.index if u.span else '?'})"
     if u.payload_type == PayloadType.RAW_FLOAT:
@@ -863,9 +945,11 @@ def _decode_ndu(job) -> _Decoded:
             qp = None if is_int else dec.iae_v(6 + qpd) + base_qp
             if m.codebook is not None and u.dq_flag:
                 raise UnsupportedError(f"{where}: dq_flag = 1 together with a codebook")
-            levels = _decode_levels(dec, u, m, profile)
+            levels = _decode_levels(dec, u, m, profile, side)
             out.names.append(m.name)
             out.arrays.append(levels if is_int else _reconstruct(levels, qp, qpd, m.codebook))
+            if side is not None:
+                out.levels.append(levels)
         used = dec.finish()
     except BitstreamError as e:  # its type kept: a LimitError or UnsupportedStreamError stays one
         raise type(e)(f"{where}: nnr_compressed_data_unit_payload: {e}") from None
@@ -915,7 +999,7 @@ def _recompose(parts: list[_Decoded]) -> list[_Decoded]:
 
 def _decode_all(data, limits, workers, progress) -> list[_Decoded]:
     st = _parse(data, limits)
-    jobs = [(u, qpd, base_qp, st.profile) for u, qpd, base_qp in st.ndus]
+    jobs = [(u, qpd, base_qp, st.profile, None) for u, qpd, base_qp in st.ndus]
     sizes = [max(u.element_count(), 1) for u, _, _ in st.ndus]
     return _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode")
 

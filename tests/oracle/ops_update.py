@@ -1,0 +1,62 @@
+"""NNCodec operations for the differential-update tests: a base model and a sequence of updates coded
+with ``nncodec.nnc.compress`` (TCA through ``approx_param_base``, HDSP through an ``HdspTool``) and
+read back with ``nncodec.nnc.decompress`` keeping the decoder's own state.
+
+Both sides follow NNCodec's federated-learning use: the base is coded with ``update_base_param`` (its
+levels become the TCA reference), every update with ``compress_differences=True``; the HDSP tool
+takes part in the updates only (NNCodec's decoder adds to its history from differential streams only,
+so an encoder tool that also saw the base would disagree with it).
+"""
+
+import contextlib
+import copy
+import io
+import traceback
+
+import numpy as np
+
+
+def _new_base():
+    return {"parameters": {}, "put_node_depth": {}, "device_id": 0, "parameter_id": {}}
+
+
+def sequence(cases):
+    """Each case: ``{"models": [base or None, update 1, ...], "kwargs": {...nnc.compress args},
+    "hdsp": bool, "device_id": int, "decode": bool}``. A ``None`` base starts with the first update
+    (no TCA reference yet).
+
+    Returns per case ``{"streams": [bytes...], "decoded": [{name: array}...]}`` (``decoded`` empty
+    without ``"decode"``) or ``{"error": text}``.
+    """
+    from nncodec import nnc
+    from nncodec.nnc_core.hdsp.hdsp_tool import HdspTool
+
+    out = []
+    for case in cases:
+        try:
+            kw = {"qp": -32, "nonweight_qp": -75, "use_dq": True, "param_opt": True, "row_skipping": False,
+                  "codebook_mode": 0, "device_id": int(case.get("device_id", 0))}
+            kw.update(case["kwargs"])
+            enc_base, dec_base = _new_base(), _new_base()
+            enc_tool, dec_tool = HdspTool(bool(case.get("hdsp"))), HdspTool(bool(case.get("hdsp")))
+            streams, decoded = [], []
+            for step, model in enumerate(case["models"]):
+                if model is None:
+                    continue
+                model = {k: np.asarray(v) for k, v in model.items()}
+                diff = step > 0
+                with contextlib.redirect_stdout(io.StringIO()):
+                    bs = bytes(nnc.compress(model, bitstream_path=None, return_bitstream=True, verbose=False,
+                                            approx_param_base=enc_base, update_base_param=True,
+                                            compress_differences=diff, hdsp_tool=enc_tool if diff else None,
+                                            **copy.deepcopy(kw)))
+                    streams.append(bs)
+                    if case.get("decode"):
+                        rec = nnc.decompress(bytearray(bs), approx_param_base=dec_base, update_base_param=True,
+                                             hdsp_tool=dec_tool if diff else None, return_hls=True)
+                        rec = rec[0] if isinstance(rec, tuple) else rec
+                        decoded.append({k: np.asarray(v) for k, v in rec.items()})
+            out.append({"streams": streams, "decoded": decoded})
+        except Exception:  # noqa: BLE001 (reported to the test, which decides)
+            out.append({"error": traceback.format_exc(limit=-4)})
+    return out
