@@ -605,9 +605,8 @@ def _header_units(s: _Settings, parent_signalling: bool = False) -> bytes:
         TopologyUnit,
         write_stream,
     )
-    return write_stream([StartUnit(general_profile_idc=PROFILE),
-                         ModelParameterSet(qp_density=s.qp_density, parent_signalling_enabled_flag=int(parent_signalling)),
-                         TopologyUnit()])
+    mps = ModelParameterSet(qp_density=s.qp_density, parent_signalling_enabled_flag=int(parent_signalling))
+    return write_stream([StartUnit(general_profile_idc=PROFILE), mps, TopologyUnit()])
 
 
 def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
