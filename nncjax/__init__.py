@@ -4,6 +4,8 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 
 * :func:`encode` / :func:`decode` / :func:`inspect` -- whole models (any pytree) to NNR bitstreams and
   back, byte-identical to NNCodec 2.1.3 under equal settings.
+* :func:`encode_update` / :func:`decode_update` -- a base model and a sequence of differential updates
+  (federated learning) sharing an :class:`UpdateState`: node ids, left-out zero updates, TCA, HDSP.
 * :mod:`nncjax.quantize` -- JAX quantizers (uniform, dependent/trellis, codebook; hard and
   differentiable) and the NNCodec-identical reference quantizers.
 * :mod:`nncjax.rate` -- differentiable DeepCABAC rate models (:func:`estimate_bits`).
@@ -21,6 +23,7 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 from nncjax.errors import (BitstreamError, InputError, LimitError, NNCError, UnsupportedError,
                            UnsupportedStreamError)
 from nncjax.codec import QPAdjustedWarning, StreamInfo, TensorInfo, decode, encode, inspect
+from nncjax.update import UpdateState, decode_update, encode_update
 from nncjax.error_feedback import with_error_feedback
 from nncjax.optimize import optimize
 from nncjax.rd_settings import RDSettings, verify
@@ -35,6 +38,7 @@ __version__ = "0.1.0"
 __all__ = [
     "NNCError", "InputError", "BitstreamError", "LimitError", "UnsupportedError", "UnsupportedStreamError",
     "encode", "decode", "inspect", "StreamInfo", "TensorInfo", "QPAdjustedWarning",
+    "encode_update", "decode_update", "UpdateState",
     "estimate_bits", "estimate_bits_tree", "optimize", "verify", "RDSettings", "optimize_ioq", "with_error_feedback",
     "with_bias_correction", "with_fine_tuning",
     "qp_to_step", "step_to_qp", "__version__",

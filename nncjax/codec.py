@@ -1098,6 +1098,9 @@ class TensorInfo:
     entry_points: int
     coded_bytes: int  # the whole NDU carrying the tensor (shared by the members of a block)
     parameter_id: int | None
+    put_node_depth: int = 0  # in update streams (nncjax.update): the unit's depth in its tensor's history
+    differential: bool = False  # parent_node_id_present_flag: the tensor is a difference to its parent
+    tca: bool = False  # temporal_context_modeling_flag: decoding needs the parent's levels
 
 
 @dataclass(frozen=True)
@@ -1124,6 +1127,10 @@ class StreamInfo:
         rows = [(t.name, "x".join(map(str, t.shape)) or "()", t.payload_type, "" if t.qp is None else str(t.qp),
                  "y" if t.dq else "n", f"{t.codebook_size}@{t.codebook_offset}" if t.codebook_size else "",
                  str(t.scan_order), str(t.coded_bytes)) for t in self.tensors]
+        if any(t.put_node_depth or t.differential for t in self.tensors):  # an update stream: its node fields
+            cols += ("depth", "update")
+            rows = [r + (str(t.put_node_depth), ("diff+tca" if t.tca else "diff") if t.differential else "")
+                    for r, t in zip(rows, self.tensors)]
         width = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
         fmt = lambda r: "  ".join(v.ljust(w) if i < 3 else v.rjust(w)
                                   for i, (v, w) in enumerate(zip(r, width)))
@@ -1149,12 +1156,19 @@ def inspect(data, *, limits=None) -> StreamInfo:
     """Lists the units and tensors of a bitstream without decoding the tensors' levels.
 
     Per tensor: name, shape, payload type, QP (read from its arithmetic-coded data),
-    DQ flag, codebook size and zero offset, scan order, entry-point count and NDU size in bytes.
+    DQ flag, codebook size and zero offset, scan order, entry-point count and NDU size in bytes; in
+    update streams (:func:`nncjax.encode_update`) also its put_node_depth and whether it is a
+    difference (with TCA).
 
     Example:
       >>> print(inspect(encode({"w": np.ones((4, 4), np.float32)})))  # doctest: +ELLIPSIS
       NNR bitstream: ... bytes, 4 units, 1 tensors, profile 1, qp_density 2
       ...
+      >>> from nncjax import UpdateState, encode_update
+      >>> state = encode_update({"w": np.ones((4, 4), np.float32)}, UpdateState(), differential=False)[1]
+      >>> t = inspect(encode_update({"w": np.full((4, 4), 0.1, np.float32)}, state)[0]).tensors[0]
+      >>> t.put_node_depth, t.differential, t.tca
+      (2, True, True)
     """
     from nncjax.kernels.coder import CabacDecoder
     from nncjax.kernels.unit_base import PayloadType
@@ -1187,5 +1201,7 @@ def inspect(data, *, limits=None) -> StreamInfo:
                 codebook_offset=cb.zero_offset if cb is not None else None,
                 scan_order=u.scan_order if len(m.shape) > 1 else 0,
                 entry_points=len(u.entry_points) if u.entry_points is not None else 0,
-                coded_bytes=u.span.size if u.span else len(u.payload), parameter_id=u.parameter_id))
+                coded_bytes=u.span.size if u.span else len(u.payload), parameter_id=u.parameter_id,
+                put_node_depth=int(u.put_node_depth), differential=bool(u.parent_node_id_present_flag),
+                tca=bool(u.temporal_context_modeling_flag)))
     return StreamInfo(st.profile, st.qp_density, len(data), tuple(units), tuple(tensors))
