@@ -343,8 +343,9 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
         rec = state.tensors.get(name)
         if u.temporal_context_modeling_flag:
             _check_parent(u, name, rec, state)
+        # HDSP can only be signalled in a differential unit (the coder refuses a history elsewhere).
         side = (rec.levels if rec is not None and u.temporal_context_modeling_flag else None,
-                None if rec is None else rec.hist)
+                rec.hist if rec is not None and u.parent_node_id_present_flag else None)
         jobs.append((u, qpd, base_qp, st.profile, side))
     sizes = [max(u.element_count(), 1) for u, *_ in jobs]
     parts = codec._run_parallel(codec._decode_ndu, jobs, sizes, workers, progress, "decode")
