@@ -298,6 +298,14 @@ def _member_levels(t: PreparedTensor, plan: _Plan, s: _Settings, scan: int,
     return c, notes
 
 
+def _lenient(c: dict, plan: _Plan, s: _Settings, scan: int) -> bool:
+    """Whether a tensor's DQ indices may be ones its state machine cannot produce. Bit-depth clipping,
+    or NNCodec's row-skip DQ quirk under block scans (its trellis assumes one state transition per
+    skipped element), leaves such indices; NNCodec codes them anyway and every decoder reconstructs a
+    neighbouring index. nncjax does the same."""
+    return c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping))
+
+
 def _write_member(enc, c: dict, plan: _Plan, s: _Settings, scan: int, link: UnitLink | None = None,
                   hist: np.ndarray | None = None) -> None:
     """Appends a quantized tensor (:func:`_member_levels`) to ``enc``'s stream: its QP delta and its
@@ -306,12 +314,9 @@ def _write_member(enc, c: dict, plan: _Plan, s: _Settings, scan: int, link: Unit
     if c["qp"] is not None:
         enc.iae_v(s.qp_bits, c["qp"])
     cb = c["codebook"]
-    # Bit-depth clipping, or NNCodec's row-skip DQ quirk under block scans (its trellis assumes one
-    # state transition per skipped element), can leave DQ indices the state machine cannot produce;
-    # NNCodec codes them anyway and every decoder reconstructs a neighbouring index. Do the same.
-    lenient = c["dq"] and (plan.clip is not None or (scan > 0 and s.row_skipping))
     enc.encode_layer(c["levels"], dq=c["dq"], scan_order=scan, row_skipping=s.row_skipping, profile=PROFILE,
-                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"], strict_dq=not lenient,
+                     codebook_size=0 if cb is None else len(cb), codebook_offset=c["offset"],
+                     strict_dq=not _lenient(c, plan, s, scan),
                      parent_present=link is not None and link.differential,
                      base=None if link is None else link.base, hdsp_hist=hist)
 
@@ -388,8 +393,16 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None,
         h = done[1]
         if h["codebook"] is not None:
             coded.codebook_dc = (h["codebook"], h["offset"], h["egk"])
-    if scan > 0:
-        coded.entry_points = _entry_points(coded, len(weights), s)
+    # In an update stream the state keeps the levels every decoder will see: where DQ indices were
+    # coded leniently they differ from the quantizer's (NNCodec keeps those and cannot decode its next
+    # TCA update).
+    lenient = link is not None and _lenient(first, weights[0][1], s, scan)
+    if scan > 0 or lenient:
+        rebuilt, entry_points = _read_back(coded, len(weights), s)
+        if scan > 0:
+            coded.entry_points = entry_points
+        if lenient:
+            coded.levels = rebuilt[0]
     return coded
 
 
@@ -400,14 +413,16 @@ def _hdsp_coded(shape: tuple[int, ...], codebook) -> bool:
     return h > 1 and w > 1 and (codebook is None or len(codebook) != 1)
 
 
-def _entry_points(c: _Coded, scanned: int, s: _Settings):
-    """Entry points can only be known by decoding the finished payload (as NNCodec does); in a block
-    only the last ``scanned`` tensors (W, or G then H), coded after the per-row members, have any."""
+def _read_back(c: _Coded, scanned: int, s: _Settings) -> tuple[list[np.ndarray], Any]:
+    """Decodes a finished payload as every decoder will: the levels of the last ``scanned`` tensors (W,
+    or G then H, coded after a block's per-row members) and their entry points. Entry points can only
+    be known this way (as NNCodec does)."""
     from nncjax.kernels.coder import CabacDecoder
     from nncjax.kernels.ndu import concat_entry_points
     dec = CabacDecoder(c.payload, unary_length=s.unary_length)
     first_scanned = len(c.coded_shapes) - scanned
-    parts = []
+    levels, parts = [], []
+    link = c.link
     for j, shape in enumerate(c.coded_shapes):
         if not c.is_int:
             dec.iae_v(s.qp_bits)
@@ -415,14 +430,14 @@ def _entry_points(c: _Coded, scanned: int, s: _Settings):
             dec.decode_layer(shape, dq=c.dq, scan_order=0, profile=PROFILE)
             continue
         size, offset = c.codebooks()[j - first_scanned]
-        link = c.link
-        _, eps = dec.decode_layer(shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
-                                  codebook_size=size, codebook_offset=offset,
-                                  parent_present=link is not None and link.differential,
-                                  base=None if link is None else link.base,
-                                  hdsp_hist=link.hist if c.hdsp else None)
+        lv, eps = dec.decode_layer(shape, dq=c.dq, scan_order=c.scan_order, profile=PROFILE,
+                                   codebook_size=size, codebook_offset=offset,
+                                   parent_present=link is not None and link.differential,
+                                   base=None if link is None else link.base,
+                                   hdsp_hist=link.hist if c.hdsp else None)
+        levels.append(lv)
         parts.append(eps)
-    return parts[0] if scanned == 1 else concat_entry_points(*parts)
+    return levels, parts[0] if scanned == 1 else concat_entry_points(*parts)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ so an encoder tool that also saw the base would disagree with it).
 import contextlib
 import copy
 import io
+import time
 import traceback
 
 import numpy as np
@@ -20,13 +21,23 @@ def _new_base():
     return {"parameters": {}, "put_node_depth": {}, "device_id": 0, "parameter_id": {}}
 
 
+def _decompress(bs, base, tool):
+    """NNCodec's decoder on one stream, moving its state (``base``, the HDSP ``tool``) on."""
+    from nncodec import nnc
+    rec = nnc.decompress(bytearray(bs), approx_param_base=base, update_base_param=True, hdsp_tool=tool,
+                         return_hls=True)
+    rec = rec[0] if isinstance(rec, tuple) else rec
+    return {k: np.asarray(v) for k, v in rec.items()}
+
+
 def sequence(cases):
     """Each case: ``{"models": [base or None, update 1, ...], "kwargs": {...nnc.compress args},
-    "hdsp": bool, "device_id": int, "decode": bool}``. A ``None`` base starts with the first update
-    (no TCA reference yet).
+    "hdsp": bool, "device_id": int, "decode": bool}``, optionally ``"base_kwargs"`` (overrides for the
+    base) and ``"timed"``. A ``None`` base starts with the first update (no TCA reference yet).
 
     Returns per case ``{"streams": [bytes...], "decoded": [{name: array}...]}`` (``decoded`` empty
-    without ``"decode"``) or ``{"error": text}``.
+    without ``"decode"``; with ``"timed"`` also ``"encode_s"`` / ``"decode_s"``, seconds per stream
+    inside ``compress`` / ``decompress``) or ``{"error": text}``.
     """
     from nncodec import nnc
     from nncodec.nnc_core.hdsp.hdsp_tool import HdspTool
@@ -39,24 +50,51 @@ def sequence(cases):
             kw.update(case["kwargs"])
             enc_base, dec_base = _new_base(), _new_base()
             enc_tool, dec_tool = HdspTool(bool(case.get("hdsp"))), HdspTool(bool(case.get("hdsp")))
-            streams, decoded = [], []
+            streams, decoded, enc_s, dec_s = [], [], [], []
             for step, model in enumerate(case["models"]):
                 if model is None:
                     continue
                 model = {k: np.asarray(v) for k, v in model.items()}
                 diff = step > 0
+                args = dict(kw, **case.get("base_kwargs", {})) if not diff else kw
                 with contextlib.redirect_stdout(io.StringIO()):
+                    t = time.perf_counter()
                     bs = bytes(nnc.compress(model, bitstream_path=None, return_bitstream=True, verbose=False,
                                             approx_param_base=enc_base, update_base_param=True,
                                             compress_differences=diff, hdsp_tool=enc_tool if diff else None,
-                                            **copy.deepcopy(kw)))
+                                            **copy.deepcopy(args)))
+                    enc_s.append(time.perf_counter() - t)
                     streams.append(bs)
                     if case.get("decode"):
-                        rec = nnc.decompress(bytearray(bs), approx_param_base=dec_base, update_base_param=True,
-                                             hdsp_tool=dec_tool if diff else None, return_hls=True)
-                        rec = rec[0] if isinstance(rec, tuple) else rec
-                        decoded.append({k: np.asarray(v) for k, v in rec.items()})
-            out.append({"streams": streams, "decoded": decoded})
+                        t = time.perf_counter()
+                        decoded.append(_decompress(bs, dec_base, dec_tool if diff else None))
+                        dec_s.append(time.perf_counter() - t)
+            res = {"streams": streams, "decoded": decoded}
+            if case.get("timed"):
+                res.update(encode_s=enc_s, decode_s=dec_s)
+            out.append(res)
+        except Exception:  # noqa: BLE001 (reported to the test, which decides)
+            out.append({"error": traceback.format_exc(limit=-4)})
+    return out
+
+
+def decode_sequence(cases):
+    """NNCodec's decoder on streams written elsewhere (ours), one state per case.
+
+    A case: ``{"streams": [bytes...], "differential": [bool...], "hdsp": bool}`` (the HDSP tool takes
+    part in the differential streams). Returns per case ``{"decoded": [{name: array}...]}`` or
+    ``{"error": text}``.
+    """
+    from nncodec.nnc_core.hdsp.hdsp_tool import HdspTool
+
+    out = []
+    for case in cases:
+        try:
+            base, tool = _new_base(), HdspTool(bool(case.get("hdsp")))
+            with contextlib.redirect_stdout(io.StringIO()):
+                decoded = [_decompress(bs, base, tool if diff else None)
+                           for bs, diff in zip(case["streams"], case["differential"])]
+            out.append({"decoded": decoded})
         except Exception:  # noqa: BLE001 (reported to the test, which decides)
             out.append({"error": traceback.format_exc(limit=-4)})
     return out
