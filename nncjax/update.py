@@ -21,7 +21,11 @@ own copy of the model. The invariant: the state :func:`encode_update` returns eq
 :func:`decode_update` returns for the same stream, and its bytes equal NNCodec's with equal settings
 (``nnc.compress(..., approx_param_base=..., update_base_param=True, compress_differences=True,
 tca=..., hdsp_tool=...)``). The HDSP history is taken from update streams only: NNCodec's decoder
-does so (an NNCodec encoder whose HDSP tool also saw the base disagrees with its own decoder).
+does so (an NNCodec encoder whose HDSP tool also saw the base disagrees with its own decoder). Where
+DQ indices are coded that decoders rebuild as neighbouring ones (row skipping under block scans,
+``bitdepth`` clipping), the state keeps the rebuilt levels; NNCodec's encoder keeps its own and its
+decoder then fails on the next TCA update, so from there on the bytes differ from NNCodec's encoder
+and NNCodec's decoder reads ours.
 
 Update streams hold single tensors only (no ``blocks``, no ``low_rank``): NNCodec codes a block's
 tensor dimensions out of band in an update stream and never uses TCA for it.
