@@ -376,12 +376,12 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None,
             _write_member(enc, c, plan, s, sc, link, hist)
         return enc.finish()
 
-    data, hdsp = payload(None), False
-    if link is not None and link.hist is not None and _hdsp_coded(shapes[0], quantized[0][0][0]["codebook"]):
-        with_hist = payload(link.hist)
-        data, hdsp = (with_hist, True) if len(with_hist) < len(data) else (data, False)
     done = [c for (c, _), _, _ in quantized[len(members):]]
     first, t = done[0], weights[0][0]
+    data, hdsp = payload(None), False
+    if link is not None and link.hist is not None and _hdsp_coded(shapes[0], first["codebook"]):
+        with_hist = payload(link.hist)
+        data, hdsp = (with_hist, True) if len(with_hist) < len(data) else (data, False)
     coded = _Coded(block.weight if dc else t.name, index, block.dims if dc else shapes[0], t.is_int, first["qp"],
                    first["dq"], scan, data, first["codebook"], first["offset"], first["egk"], notes=notes,
                    coded_shapes=tuple(m.data.shape for m, _ in members) + shapes, link=link, hdsp=hdsp,
@@ -928,13 +928,17 @@ def _decode_levels(dec, u, m, profile: int, side: tuple | None = None) -> np.nda
         raise UnsupportedStreamError(f"NDU {u.topology_elem_ids[0]!r}: temporal_context_modeling_flag = 1 (TCA): "
                                      "its contexts follow the previous version's levels; decode the streams in "
                                      "order with nncjax.decode_update")
-    # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
-    levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
-                                 scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
-                                 codebook_size=len(m.codebook.values) if bounded else 0,
-                                 codebook_offset=m.codebook.zero_offset if bounded else 0,
-                                 parent_present=bool(u.parent_node_id_present_flag),
-                                 base=base if u.temporal_context_modeling_flag else None, hdsp_hist=hist)
+    try:
+        # NNCodec decodes NNR_PT_INT without DQ whatever dq_flag says.
+        levels, _ = dec.decode_layer(tuple(m.shape), dq=bool(u.dq_flag) and not is_int,
+                                     scan_order=u.scan_order if len(m.shape) > 1 else 0, profile=profile,
+                                     codebook_size=len(m.codebook.values) if bounded else 0,
+                                     codebook_offset=m.codebook.zero_offset if bounded else 0,
+                                     parent_present=bool(u.parent_node_id_present_flag),
+                                     base=base if u.temporal_context_modeling_flag else None, hdsp_hist=hist)
+    except UnsupportedStreamError as e:  # HDSP without a history
+        raise UnsupportedStreamError(f"{e}: decode the streams in order with nncjax.decode_update and one "
+                                     "UpdateState") from None
     return levels
 
 

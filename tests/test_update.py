@@ -434,6 +434,8 @@ def test_hdsp_payload_without_history_is_refused(tca_sequence):
     assert after_base.tensors["w"].hist is None
     with pytest.raises(UnsupportedStreamError, match="HDSP"):
         decode_update(streams[2], after_base)
+    with pytest.raises(UnsupportedStreamError, match="HDSP.*nncjax.decode_update"):  # no state at all
+        nncjax.decode(streams[2])
     # With TCA: a state whose record lost its history (depth and levels right)
     _, tca_streams, tca_states = tca_sequence
     rec = tca_states[2].tensors["w"]
