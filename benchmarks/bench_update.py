@@ -11,7 +11,8 @@ does. NNCodec codes the same differences with ``nnc.compress(approx_param_base=.
 =True, compress_differences=True, tca=..., hdsp_tool=...)`` in its own environment (the test oracle);
 its times are measured there around ``compress`` / ``decompress``.
 
-Times are the fastest of ``--repeat`` runs of each stream's encode and decode, on both sides.
+Times are the fastest of ``--repeat`` runs of each stream's encode and decode (the update calls are pure:
+every run gives the same result), on both sides.
 
 Usage: ``python benchmarks/bench_update.py [--rounds 5] [--steps 20] [--sparsity 0.9] [--qp -34] [--repeat 3]``
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,22 +31,13 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks.bench_model import timed  # noqa: E402
 from nncjax import UpdateState, decode_update, encode_update  # noqa: E402
 from nncjax.models import fashion_cnn  # noqa: E402
 from nncjax.pytree_names import flatten_named, unflatten_like  # noqa: E402
 from tests.oracle.client import Oracle  # noqa: E402
 
 SETTINGS = {"tca+hdsp": (True, True), "tca": (True, False), "plain": (False, False)}
-
-
-def best_of(repeat: int, fn):
-    """``(fastest seconds, result)`` of ``repeat`` calls of ``fn`` (the update calls are pure: same result)."""
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def sparsify(delta: dict[str, np.ndarray], sparsity: float) -> dict[str, np.ndarray]:
@@ -106,10 +97,10 @@ def main() -> None:
           f"{'dec ms':>8} {'NNCodec enc ms':>15} {'dec ms':>8} {'enc ×':>6} {'dec ×':>6}")
     for label, (tca, hdsp) in SETTINGS.items():
         sender, receiver = UpdateState(), UpdateState()
-        seconds, (data, sender) = best_of(args.repeat, lambda: encode_update(
-            base, sender, differential=False, qp=args.base_qp, nonweight_qp=-75))
+        seconds, (data, sender) = timed(lambda: encode_update(
+            base, sender, differential=False, qp=args.base_qp, nonweight_qp=-75), args.repeat)
         enc_times, dec_times, streams = [seconds], [], [data]
-        seconds, (got, receiver) = best_of(args.repeat, lambda: decode_update(data, receiver))
+        seconds, (got, receiver) = timed(lambda: decode_update(data, receiver), args.repeat)
         dec_times.append(seconds)
         held = dict(got)  # the receiver's model (float32; the step counter is int32)
         residual = {k: np.zeros_like(v) for k, v in base.items()}
@@ -118,10 +109,10 @@ def main() -> None:
             want = {k: (new[k] - held[k]).astype(base[k].dtype) + residual[k] for k in base}
             delta = sparsify(want, args.sparsity)
             deltas.append(delta)
-            seconds, (data, sender) = best_of(args.repeat, lambda: encode_update(delta, sender, tca=tca, hdsp=hdsp,
-                                                                                  **kw))
+            seconds, (data, sender) = timed(lambda: encode_update(delta, sender, tca=tca, hdsp=hdsp, **kw),
+                                            args.repeat)
             enc_times.append(seconds)
-            seconds, (got, receiver) = best_of(args.repeat, lambda: decode_update(data, receiver))
+            seconds, (got, receiver) = timed(lambda: decode_update(data, receiver), args.repeat)
             dec_times.append(seconds)
             streams.append(data)
             residual = {k: want[k] - got[k].astype(want[k].dtype) for k in base}
