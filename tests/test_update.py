@@ -629,3 +629,19 @@ def test_lenient_dq_keeps_states_equal(variant):
             data, sender = encode_update(m, sender, differential=step > 0, tca=True, **kw)
             _, receiver = decode_update(data, receiver)
             assert receiver == sender, f"states differ after stream {step}"
+
+
+def test_full_model_re_sent_mid_sequence():
+    """A full model (differential=False) after updates: its units are no differences, so the receiver's
+    HDSP history must not reach the coder (it refused one); later updates continue from it."""
+    models = sparse_sequence(seed=4, n_up=4, alternate=False)
+    full = {k: v * 0.5 for k, v in models[0].items()}
+    sender = receiver = UpdateState()
+    sequence = zip(models[:3] + [full] + models[3:], [False, True, True, False, True, True])
+    for step, (m, differential) in enumerate(sequence):
+        data, sender = encode_update(m, sender, differential=differential, qp=-38)
+        got, receiver = decode_update(data, receiver)
+        assert receiver == sender, f"states differ after stream {step}"
+        if not differential:
+            np.testing.assert_allclose(got["w"], m["w"], atol=2 * nncjax.qp_to_step(-38))
+    assert sender.tensors["w"].depth == 6 and sender.tensors["w"].hist is not None
