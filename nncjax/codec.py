@@ -406,6 +406,13 @@ def _code_tensor(weights: tuple, index: int, s: _Settings, block: _Block | None,
     return coded
 
 
+def _zero_difference(c: _Coded) -> bool:
+    """Whether a unit decodes to zeros only (an update stream leaves it out). With a codebook level 0 is
+    ``codebook[offset]``: a constant non-zero difference has a one-entry codebook and all-zero levels, and
+    NNCodec leaves it out too, so that its receivers miss it; nncjax codes it."""
+    return not c.levels.any() and (c.codebook is None or c.codebook[c.codebook_offset] == 0)
+
+
 def _hdsp_coded(shape: tuple[int, ...], codebook) -> bool:
     """Whether a tensor's payload carries hist_dep_sig_prob_enabled_flag (with the row-skip block:
     a real matrix, not a one-entry codebook); elsewhere HDSP cannot be signalled."""
@@ -794,10 +801,11 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
 
 def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
             qp_overrides, lambda_scale, unary_length, workers, progress, blocks, dq_overrides, low_rank,
-            update: Mapping[str, UnitLink] | None = None) -> tuple[bytes, list[_Coded]]:
+            update: Mapping[str, UnitLink] | None = None, differential: bool = False) -> tuple[bytes, list[_Coded]]:
     """:func:`encode`'s work; ``update`` (:mod:`nncjax.update`): every tensor's :class:`UnitLink` for an
-    update stream (single-tensor units only). Returns the bitstream and every tensor's coded unit
-    (those of all-zero differences included, which the stream leaves out)."""
+    update stream (single-tensor units only); ``differential``: the stream is an update
+    (parent_signalling_enabled_flag = 1), with or without tensors. Returns the bitstream and every
+    tensor's coded unit (those of all-zero differences included, which the stream leaves out)."""
     s = _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
                   lambda_scale, unary_length)
     named = flatten_named(params)
@@ -833,7 +841,7 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
         link = None if update is None else update[t.name]
         c = _code_tensor(weights, param_id[t.name], s, blk, pairs(blk.coded) if blk else (), choices, link)
         c.cpt = c.cpt or cpt
-        if link is not None and link.differential and not c.levels.any():
+        if link is not None and link.differential and _zero_difference(c):
             return c, b""  # an all-zero difference is left out of the stream (NNCodec); receivers add nothing
         return c, _ndu_bytes(c, s)
 
@@ -843,7 +851,7 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
     for c, _ in results:
         for note in c.notes:
             warnings.warn(note, QPAdjustedWarning, stacklevel=3)
-    differential = update is not None and any(link.differential for link in update.values())
+    differential = update is not None and (differential or any(link.differential for link in update.values()))
     return _header_units(s, differential) + b"".join(ndu for _, ndu in results), [c for c, _ in results]
 
 

@@ -6,8 +6,10 @@ outside the bitstream, and each stream moves it on. Three tools use it, as in NN
 
 * **Node ids.** Every unit carries its device id, parameter id and ``put_node_depth``. The first unit
   of a tensor coded through a state has depth 1, and every later one its parent's depth + 1. An
-  update's units are differential (``parent_node_id_present_flag = 1``). A difference whose levels are
-  all zero is left out of the stream: the receiver adds nothing.
+  update's units are differential (``parent_node_id_present_flag = 1``). A difference that decodes to
+  zeros only is left out of the stream: the receiver adds nothing. (NNCodec also leaves out a constant
+  non-zero difference coded with a one-entry codebook, whose levels are all zero, and its receiver adds
+  nothing; nncjax codes it.)
 * **TCA** (temporal context adaptation, ``tca=True``): an update's levels are coded with contexts
   chosen by the co-located levels of the tensor's previous coded version. The base's levels serve
   for the first update.
@@ -48,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import inspect as _inspect
+import io
 import json
 import os
 import zipfile
@@ -59,7 +62,7 @@ from typing import Any
 import numpy as np
 
 from nncjax import codec
-from nncjax.arguments import check_flag, check_int
+from nncjax.arguments import check_array_kind, check_flag, check_int
 from nncjax.errors import BitstreamError, InputError, UnsupportedError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.ready import cast_leaf
@@ -67,12 +70,22 @@ from nncjax.ready import cast_leaf
 __all__ = ["TensorHistory", "UpdateState", "decode_update", "encode_update"]
 
 _FORMAT = "nncjax.UpdateState/1"
+_MAX_ID = 2**62  # parameter_id and put_node_depth: ue(k) fields, bounded as NNR readers bound them
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
     a = np.array(a, copy=True)
     a.flags.writeable = False
     return a
+
+
+def _int_array(a, what: str, dtype, lo: int, hi: int) -> np.ndarray:
+    """``a`` as a read-only ``dtype`` array after checking it holds integers (or bools) in ``[lo, hi]``:
+    a cast would truncate floats and wrap large integers silently."""
+    a = np.asarray(check_array_kind(a, "iub", f"{what} must be an integer array"))
+    if a.size and (int(a.min()) < lo or int(a.max()) > hi):
+        raise InputError(f"{what} must hold integers in [{lo}, {hi}], got values in [{int(a.min())}, {int(a.max())}]")
+    return _frozen(a.astype(dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,11 +96,16 @@ class TensorHistory:
     ``levels``: that unit's integer levels (int32, the tensor's NNR shape; the TCA reference of its
     next update); ``hist``: int8 of the same shape, 1 where a level of an update was ever non-zero
     (None before the first update stream that carried or left out the tensor); ``is_int``: coded
-    losslessly as NNR_PT_INT (its omitted differences decode as int32 zeros). Arrays are read-only.
+    losslessly as NNR_PT_INT (its omitted differences decode as int32 zeros). Arrays are read-only;
+    InputError names a field that cannot be one of a coded tensor.
 
     >>> h = TensorHistory(0, 1, np.int32([[1, 0], [0, 2]]), None, False)
     >>> h.levels.flags.writeable, h == TensorHistory(0, 1, np.int32([[1, 0], [0, 2]]), None, False)
     (False, True)
+    >>> TensorHistory(0, 1, np.int32([[1, 0], [0, 2]]), np.int8([1, 0]), False)
+    Traceback (most recent call last):
+    ...
+    nncjax.errors.InputError: history and levels differ in shape: (2,) and (2, 2)
     """
 
     parameter_id: int
@@ -97,9 +115,18 @@ class TensorHistory:
     is_int: bool
 
     def __post_init__(self):
-        object.__setattr__(self, "levels", _frozen(np.asarray(self.levels, np.int32)))
+        object.__setattr__(self, "parameter_id", check_int(self.parameter_id, "parameter_id", lo=0, hi=_MAX_ID))
+        object.__setattr__(self, "depth", check_int(self.depth, "depth", lo=1, hi=_MAX_ID))
+        levels = _int_array(self.levels, "levels", np.int32, -2**31, 2**31 - 1)
+        if levels.ndim == 0:  # an NNR shape has at least one dimension (0-d tensors are coded as (1,))
+            raise InputError("levels must have at least one dimension, got a 0-d array")
+        object.__setattr__(self, "levels", levels)
         if self.hist is not None:
-            object.__setattr__(self, "hist", _frozen(np.asarray(self.hist, np.int8)))
+            hist = _int_array(self.hist, "hist", np.int8, 0, 1)
+            if hist.shape != levels.shape:
+                raise InputError(f"history and levels differ in shape: {hist.shape} and {levels.shape}")
+            object.__setattr__(self, "hist", hist)
+        object.__setattr__(self, "is_int", check_flag(self.is_int, "is_int"))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, TensorHistory):
@@ -150,7 +177,8 @@ class UpdateState:
         return f"UpdateState(device_id={self.device_id}, tensors={list(self.tensors)})"
 
     def save(self, file) -> None:
-        """Writes the state to ``file`` (a path or a binary file object) as an ``.npz`` without pickles.
+        """Writes the state to ``file`` (a path, written as given, or a binary file object) as an ``.npz``
+        without pickles.
 
         >>> import io
         >>> s = encode_update({"w": np.ones((4, 4), np.float32)}, UpdateState(), differential=False)[1]
@@ -158,6 +186,14 @@ class UpdateState:
         >>> UpdateState.load(buf) == s
         True
         """
+        _check_file(file, "write")
+        if isinstance(file, (str, os.PathLike)):  # np.savez would add ".npz" to the name, and load(file) miss it
+            try:
+                f = open(file, "wb")
+            except OSError as e:
+                raise InputError(f"cannot write an UpdateState file at {os.fspath(file)!r}: {e.strerror}") from None
+            with f:
+                return self.save(f)
         meta = {"format": _FORMAT, "device_id": self.device_id,
                 "tensors": [[n, h.parameter_id, h.depth, h.is_int, h.hist is not None]
                             for n, h in self.tensors.items()]}
@@ -178,6 +214,7 @@ class UpdateState:
         ...
         nncjax.errors.InputError: not an UpdateState file (not an .npz archive)
         """
+        _check_file(file, "read")
         if isinstance(file, (str, os.PathLike)) and not os.path.isfile(file):
             raise InputError(f"no UpdateState file at {os.fspath(file)!r}")
         if not zipfile.is_zipfile(file):
@@ -189,15 +226,24 @@ class UpdateState:
                     raise InputError(f"not an UpdateState file (format {meta.get('format')!r})")
                 tensors = {}
                 for i, (name, pid, depth, is_int, has_hist) in enumerate(meta["tensors"]):
-                    tensors[name] = TensorHistory(check_int(pid, "parameter_id", lo=0), check_int(depth, "depth", lo=1),
-                                                  z[f"levels{i}"], z[f"hist{i}"] if has_hist else None, bool(is_int))
-                    if has_hist and tensors[name].hist.shape != tensors[name].levels.shape:
-                        raise InputError(f"tensor {name!r}: history and levels differ in shape")
+                    if name in tensors:  # a dict would keep the last one only
+                        raise InputError(f"tensor {name!r} occurs twice")
+                    try:
+                        hist = z[f"hist{i}"] if check_flag(has_hist, "has_hist") else None
+                        tensors[name] = TensorHistory(pid, depth, z[f"levels{i}"], hist, is_int)
+                    except InputError as e:
+                        raise InputError(f"tensor {name!r}: {e}") from None
                 return UpdateState(meta["device_id"], tensors)
         except InputError:
             raise
         except Exception as e:  # a damaged or foreign file: name it, whatever numpy or json raised
             raise InputError(f"not an UpdateState file: {e}") from None
+
+
+def _check_file(file, mode: str) -> None:
+    # zipfile and numpy take an int for a file descriptor, and close it afterwards
+    if not isinstance(file, (str, os.PathLike)) and (not hasattr(file, mode) or isinstance(file, io.TextIOBase)):
+        raise InputError(f"file must be a path or a binary file object, got {type(file).__name__}")
 
 
 def _check_state(state) -> UpdateState:
@@ -245,8 +291,9 @@ def encode_update(params, state: UpdateState, *, differential: bool = True, tca:
       ``(bitstream, new state)``; ``state`` itself is unchanged.
 
     Raises:
-      InputError when a tensor's position or shape differs from the state's record, or for bad
-      settings; the errors of :func:`nncjax.encode`.
+      InputError when a tensor's position or shape differs from the state's record, a new tensor
+      takes the position (parameter_id) of one the state holds, or for bad settings; the errors of
+      :func:`nncjax.encode`.
 
     Example:
       >>> s0 = UpdateState()
@@ -264,13 +311,18 @@ def encode_update(params, state: UpdateState, *, differential: bool = True, tca:
                                check_flag(hdsp, "hdsp"))
     options = _encode_options(params, kwargs)
     named = flatten_named(params)
+    held = {rec.parameter_id: name for name, rec in state.tensors.items()}
     links = {}
     for index, (name, x) in enumerate(named.items()):
         rec = state.tensors.get(name)
+        if rec is None and index in held:  # two tensors under one parameter_id: their node ids would collide
+            raise InputError(f"tensor {name!r} is new at position {index}, the parameter_id of the state's "
+                             f"{held[index]!r}: keep the base model's tensors at their positions, new ones after them")
         if rec is not None:
             if rec.parameter_id != index:
                 raise InputError(f"tensor {name!r} is at position {index}, the state's version at "
-                                 f"{rec.parameter_id}: keep the tensors in the base model's order")
+                                 f"{rec.parameter_id}: keep the tensors in the base model's order "
+                                 "(jax.tree_util.tree_map returns dicts with sorted keys)")
             if rec.levels.shape != _nnr_shape(x):
                 raise InputError(f"tensor {name!r} has shape {_nnr_shape(x)}, the state's version "
                                  f"{rec.levels.shape}")
@@ -278,9 +330,9 @@ def encode_update(params, state: UpdateState, *, differential: bool = True, tca:
             depth=(rec.depth if rec else 0) + 1, device_id=state.device_id, differential=differential,
             base=rec.levels if differential and tca and rec is not None else None,
             hist=rec.hist if differential and hdsp and rec is not None else None)
-    data, coded = codec._encode(named, update=links, **options)
+    data, coded = codec._encode(named, update=links, differential=differential, **options)
     coded_now = [(c.name, c.index, c.levels, c.is_int) for c in coded
-                 if not differential or c.levels.any()]
+                 if not differential or not codec._zero_difference(c)]
     return data, _advance(state, coded_now, differential)
 
 
@@ -323,8 +375,9 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
 
     Raises:
       InputError when the stream does not continue ``state``: a TCA unit for a tensor the state does
-      not hold, or whose device, parameter id or depth is not the next one (a stream missing,
-      reordered or decoded twice); UnsupportedStreamError for an HDSP payload without a history;
+      not hold, a TCA or other differential unit whose device, parameter id or depth is not the next
+      one (a stream missing, reordered or decoded twice), any unit whose parameter id or dimensions
+      differ from the state's version; UnsupportedStreamError for an HDSP payload without a history;
       UnsupportedError for block units; the errors of :func:`nncjax.decode`.
 
     Example:
@@ -345,8 +398,10 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
             raise UnsupportedError(f"NNR_NDU {name!r}: decode_update reads single-tensor units "
                                    f"(payload type {int(u.payload_type)}); use nncjax.decode")
         rec = state.tensors.get(name)
-        if u.temporal_context_modeling_flag:
-            _check_parent(u, name, rec, state)
+        if u.temporal_context_modeling_flag:  # its contexts follow the state's version: checked first
+            _check_node(u, name, rec, state)
+        elif rec is not None and tuple(int(d) for d in u.tensor_dimensions) != rec.levels.shape:
+            _check_node(u, name, rec, state)  # the history must fit the payload
         # HDSP can only be signalled in a differential unit (the coder refuses a history elsewhere).
         side = (rec.levels if rec is not None and u.temporal_context_modeling_flag else None,
                 rec.hist if rec is not None and u.parent_node_id_present_flag else None)
@@ -359,6 +414,9 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
         name = str(part.names[0])
         if name in flat:
             raise BitstreamError(f"NNR_NDU {name!r}: topology_elem_id occurs twice in the bitstream")
+        # The other units' node fields after decoding: an HDSP payload that lacks a skipped update's history
+        # says so first.
+        _check_node(u, name, state.tensors.get(name), state)
         pid = int(u.parameter_id)
         flat[name] = (pid, part.arrays[0])
         coded.append((name, pid, part.levels[0], u.payload_type == PayloadType.INT))
@@ -377,20 +435,32 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
     return unflatten_like(like, ordered, cast_leaf), new_state
 
 
-def _check_parent(u, name: str, rec: TensorHistory | None, state: UpdateState) -> None:
-    """A TCA unit must continue the state's version of its tensor (NNCodec asserts the same)."""
+def _check_node(u, name: str, rec: TensorHistory | None, state: UpdateState) -> None:
+    """A unit must continue the state's version of its tensor. A TCA unit (NNCodec asserts the same) and
+    every other differential unit with node ids: the sender's device, the tensor's parameter_id and the
+    next put_node_depth (an update decoded twice, or after a missing one, is refused, not added again);
+    any unit of a tensor the state holds: its parameter_id and dimensions (encoders keep both)."""
+    from nncjax.kernels.units import ParentNodeIdType
     where = f"NNR_NDU {name!r}"
-    if rec is None:
+    tca, differential = bool(u.temporal_context_modeling_flag), bool(u.parent_node_id_present_flag)
+    if tca and rec is None:
         raise InputError(f"{where} uses TCA but the state holds no earlier version of it: decode the base and "
                          "every earlier update of this sender with this state, in order")
-    if int(u.device_id) != state.device_id:
+    # A differential unit that names its parent by a payload hash carries no node ids.
+    ids = bool(u.node_id_present_flag) or (differential and u.parent_node_id_type == ParentNodeIdType.NDU_ID)
+    linked = tca or (differential and ids)
+    if linked and int(u.device_id) != state.device_id:
         raise InputError(f"{where} comes from device {int(u.device_id)}, the state is device {state.device_id}'s")
-    if int(u.parameter_id) != rec.parameter_id:
+    if rec is not None and (tca or ids) and int(u.parameter_id) != rec.parameter_id:
         raise InputError(f"{where} has parameter_id {int(u.parameter_id)}, the state's version "
                          f"{rec.parameter_id}")
-    if int(u.put_node_depth) != rec.depth + 1:
+    if linked and int(u.put_node_depth) != (rec.depth if rec is not None else 0) + 1:
+        if rec is None:
+            raise InputError(f"{where} has put_node_depth {int(u.put_node_depth)} but the state holds no earlier "
+                             "version of it: decode the base and every earlier update of this sender with this "
+                             "state, in order")
         raise InputError(f"{where} has put_node_depth {int(u.put_node_depth)}, the state expects "
                          f"{rec.depth + 1}: a stream is missing, reordered or decoded twice")
     dims = tuple(int(d) for d in u.tensor_dimensions)
-    if dims != rec.levels.shape:
+    if rec is not None and dims != rec.levels.shape:
         raise InputError(f"{where} has dimensions {dims}, the state's version {rec.levels.shape}")
