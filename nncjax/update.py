@@ -30,7 +30,7 @@ decoder then fails on the next TCA update, so from there on the bytes differ fro
 and NNCodec's decoder reads ours.
 
 Update streams hold single tensors only (no ``blocks``, no ``low_rank``): NNCodec codes a block's
-tensor dimensions out of band in an update stream and never uses TCA for it.
+tensor dimensions out of band in an update stream, so such a stream cannot be decoded alone.
 
 Example:
   >>> rng = np.random.default_rng(0)
