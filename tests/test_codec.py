@@ -49,8 +49,14 @@ def test_reconstruction_is_the_quantizer_output(seed, qp, dq, scan, rows, cols, 
         assert np.abs(out["w"] - w).max() <= qp_to_step(qp - (4 if dq else 0)) * 0.5 * (1 + 1e-6)
 
 
-def test_workers_and_progress_do_not_change_bytes():
+@pytest.mark.parametrize("big", [False, True])  # below and above the size where threads start
+def test_workers_and_progress_do_not_change_bytes(big):
+    from nncjax import codec
     m = small_model()
+    if big:
+        rng = np.random.default_rng(5)
+        m |= {f"big{i}": (rng.standard_normal((128, 200)) * 0.05).astype(np.float32) for i in range(4)}
+    assert (sum(v.size for v in m.values()) >= codec._PARALLEL_MIN_ELEMENTS) == big
     ref = encode(m)
     assert encode(m, workers=1, progress=False) == ref == encode(m, workers=3, progress=True)
     a, b = decode(ref, workers=1), decode(ref, workers=2, progress=True)
