@@ -854,7 +854,6 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
     for c, _ in results:
         for note in c.notes:
             warnings.warn(note, QPAdjustedWarning, stacklevel=3)
-    differential = update is not None and (differential or any(link.differential for link in update.values()))
     return _header_units(s, differential) + b"".join(ndu for _, ndu in results), [c for c, _ in results]
 
 

@@ -73,19 +73,15 @@ _FORMAT = "nncjax.UpdateState/1"
 _MAX_ID = 2**62  # parameter_id and put_node_depth: ue(k) fields, bounded as NNR readers bound them
 
 
-def _frozen(a: np.ndarray) -> np.ndarray:
-    a = np.array(a, copy=True)
-    a.flags.writeable = False
-    return a
-
-
 def _int_array(a, what: str, dtype, lo: int, hi: int) -> np.ndarray:
     """``a`` as a read-only ``dtype`` array after checking it holds integers (or bools) in ``[lo, hi]``:
     a cast would truncate floats and wrap large integers silently."""
     a = np.asarray(check_array_kind(a, "iub", f"{what} must be an integer array"))
     if a.size and (int(a.min()) < lo or int(a.max()) > hi):
         raise InputError(f"{what} must hold integers in [{lo}, {hi}], got values in [{int(a.min())}, {int(a.max())}]")
-    return _frozen(a.astype(dtype))
+    out = a.astype(dtype)  # a copy: a record never shares memory with the caller's array
+    out.flags.writeable = False
+    return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -391,17 +387,20 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
     state = _check_state(state)
     st = codec._parse(data, limits)
     differential = any(isinstance(u, ModelParameterSet) and u.parent_signalling_enabled_flag for u in st.units)
-    jobs = []
+    jobs, checked = [], []
     for u, qpd, base_qp in st.ndus:
         name = str(u.topology_elem_ids[0])
         if u.payload_type in (PayloadType.BLOCK, PayloadType.RAW_FLOAT) or len(u.members()) != 1:
             raise UnsupportedError(f"NNR_NDU {name!r}: decode_update reads single-tensor units "
                                    f"(payload type {int(u.payload_type)}); use nncjax.decode")
         rec = state.tensors.get(name)
-        if u.temporal_context_modeling_flag:  # its contexts follow the state's version: checked first
+        # Checked before decoding where the payload needs the state's version (TCA contexts, a history that
+        # must fit), the other units after it: an HDSP payload that lacks a skipped update's history says so.
+        first = bool(u.temporal_context_modeling_flag) or (
+            rec is not None and tuple(int(d) for d in u.tensor_dimensions) != rec.levels.shape)
+        if first:
             _check_node(u, name, rec, state)
-        elif rec is not None and tuple(int(d) for d in u.tensor_dimensions) != rec.levels.shape:
-            _check_node(u, name, rec, state)  # the history must fit the payload
+        checked.append(first)
         # HDSP can only be signalled in a differential unit (the coder refuses a history elsewhere).
         side = (rec.levels if rec is not None and u.temporal_context_modeling_flag else None,
                 rec.hist if rec is not None and u.parent_node_id_present_flag else None)
@@ -410,13 +409,12 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
     parts = codec._run_parallel(codec._decode_ndu, jobs, sizes, workers, progress, "decode")
     flat: dict[str, tuple[int, np.ndarray]] = {}
     coded = []
-    for (u, *_), part in zip(jobs, parts):
+    for (u, *_), part, first in zip(jobs, parts, checked):
         name = str(part.names[0])
         if name in flat:
             raise BitstreamError(f"NNR_NDU {name!r}: topology_elem_id occurs twice in the bitstream")
-        # The other units' node fields after decoding: an HDSP payload that lacks a skipped update's history
-        # says so first.
-        _check_node(u, name, state.tensors.get(name), state)
+        if not first:
+            _check_node(u, name, state.tensors.get(name), state)
         pid = int(u.parameter_id)
         flat[name] = (pid, part.arrays[0])
         coded.append((name, pid, part.levels[0], u.payload_type == PayloadType.INT))
