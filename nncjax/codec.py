@@ -699,15 +699,62 @@ def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, des
     return results
 
 
+def _opt_qps(prepared: list[PreparedTensor], qps: dict[str, int], weights: set[str],
+             factors: Mapping[str, str]) -> dict[str, int]:
+    """NNCodec's ``opt_qp`` rule: each weight's QP ``qp`` becomes ``round(qp · (1 − share))``, where
+    share = its share of all weight elements + 0.1 · (1 − its std / the largest weight std), and a
+    share above 0.5 counts as 0.15. A tensor's share grows with its size and shrinks with its spread,
+    so large and narrow tensors get coarser steps.
+
+    ``qps``: the weights' QPs before the rule (float ones; integer weights only count in the shares);
+    ``factors``: {G name: H name} of low-rank factors, which count as one weight of G's rows × H's
+    columns with the std of both, and G takes H's QP. Empty tensors are left out (NNCodec fails on
+    them: their std is NaN), and where every weight has std 0 each counts as the widest (NNCodec
+    divides by 0). The scalar types (float32 stds of float tensors, float64 of integer ones) and the
+    order of operations are NNCodec's, so that halves round as they do there."""
+    g_of = {h: g for g, h in factors.items()}
+    data = {t.name: t.data for t in prepared}
+    names, sizes, stds = [], [], []
+    for t in prepared:
+        if t.name not in weights or t.name in factors or t.data.size == 0:
+            continue
+        if t.name in g_of:
+            g = data[g_of[t.name]]
+            names += [g_of[t.name], t.name]
+            sizes += [0, int(np.prod(g.shape[:-1])) * t.data.shape[-1]]
+            stds += [0, np.std(np.concatenate((g.ravel(), t.data.ravel())))]
+        else:
+            names.append(t.name)
+            sizes.append(t.data.size)
+            stds.append(np.std(t.data))
+    if not names:
+        return {}
+    widest = max(stds)
+    rel_std = np.array(stds) / widest if widest > 0 else np.ones(len(stds))
+    shares = np.array(sizes) / sum(sizes) + (.1 * (1 - rel_std))
+    out = {}
+    for name, share in zip(names, shares):
+        if name in qps:
+            out[name] = int(round(qps[name] * (1 - (0.15 if share > .5 else share))))
+    for g, h in factors.items():
+        if h in out:
+            out[g] = out[h]
+    return out
+
+
 def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_overrides, *,
-             block_weights=frozenset()) -> list[_Plan]:
+             block_weights=frozenset(), opt_qp: bool = False, factors: Mapping[str, str] | None = None) -> list[_Plan]:
     """Each tensor's QP plan. Weights (``qp``, full ``bitdepth``) are the tensors with ndim > 1 and the
-    ``block_weights``: NNCodec goes by parameter type, and a block's weight has type "weight" at any rank."""
+    ``block_weights``: NNCodec goes by parameter type, and a block's weight has type "weight" at any rank.
+    ``opt_qp``: NNCodec's size / spread rule (:func:`_opt_qps`) applied to the weights' QPs, overrides
+    included; ``factors``: {G name: H name} of the low-rank factors."""
     from nncjax.quantize.reference import bitdepth_qp
     names = [t.name for t in prepared]
     float_names = {t.name for t in prepared if not t.is_int}
     if s.bitdepth is not None and qp_overrides:
         raise InputError("qp_overrides cannot be combined with bitdepth (bitdepth derives each tensor's QP)")
+    if s.bitdepth is not None and opt_qp:
+        raise InputError("opt_qp cannot be combined with bitdepth (bitdepth derives each tensor's QP)")
     if s.codebook != "off" and dq_overrides:
         raise InputError("dq_overrides cannot be combined with codebook (codebooks are coded without DQ)")
     overrides = _override_table(qp_overrides, "qp_overrides", s.check_qp, names, float_names)
@@ -724,6 +771,11 @@ def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_over
             plan.append(_Plan(int(qp), (int(lo), int(hi)), dq=dq))
         else:
             plan.append(_Plan(overrides.get(t.name, s.qp if is_weight else nonweight), dq=dq))
+    if opt_qp:
+        weights = {t.name for t in prepared if t.data.ndim > 1 or t.name in block_weights}
+        qps = {t.name: p.qp for t, p in zip(prepared, plan) if t.name in weights and p.qp is not None}
+        tuned = _opt_qps(prepared, qps, weights, factors or {})
+        plan = [replace(p, qp=tuned.get(t.name, p.qp)) for t, p in zip(prepared, plan)]
     return plan
 
 
@@ -732,7 +784,7 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
            param_opt: bool = True, scan_order: int = 0, qp_overrides: Mapping | None = None,
            lambda_scale: float = 0.0, unary_length: int = 11, workers: int = 2,
            progress: bool | None = None, blocks: Mapping | None = None,
-           dq_overrides: Mapping | None = None, low_rank: Mapping | None = None) -> bytes:
+           dq_overrides: Mapping | None = None, low_rank: Mapping | None = None, opt_qp: bool = False) -> bytes:
     """Encodes a model (any pytree of arrays) into an NNR bitstream, byte-identical to NNCodec.
 
     Args:
@@ -775,6 +827,10 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         :func:`decode` rebuilds ``(G @ H).reshape(dims)`` under ``name``. With ``codebook``, G and H
         each get their own codebook (H's is the unit's second, "dc" codebook); as in NNCodec the unit
         needs both factors or neither to take one, and no member to (else InputError).
+      opt_qp: NNCodec's ``opt_qp``: each weight's QP (``qp``, or its ``qp_overrides`` entry) becomes
+        ``round(qp · (1 − share))``, share = its fraction of all weight elements + 0.1 · (1 − its std /
+        the largest weight std) (0.15 where that exceeds 0.5): large, narrow tensors get coarser steps.
+        Low-rank factors count as their weight, G taking H's QP. Not with ``bitdepth``.
 
     Returns:
       the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a
@@ -798,13 +854,13 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
                       bitdepth=bitdepth, row_skipping=row_skipping, param_opt=param_opt, scan_order=scan_order,
                       qp_overrides=qp_overrides, lambda_scale=lambda_scale, unary_length=unary_length,
                       workers=workers, progress=progress, blocks=blocks, dq_overrides=dq_overrides,
-                      low_rank=low_rank)
+                      low_rank=low_rank, opt_qp=opt_qp)
     return data
 
 
 def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
             qp_overrides, lambda_scale, unary_length, workers, progress, blocks, dq_overrides, low_rank,
-            update: Mapping[str, UnitLink] | None = None, differential: bool = False) -> tuple[bytes, list[_Coded]]:
+            opt_qp=False, update: Mapping[str, UnitLink] | None = None, differential: bool = False) -> tuple[bytes, list[_Coded]]:
     """:func:`encode`'s work; ``update`` (:mod:`nncjax.update`): every tensor's :class:`UnitLink` for an
     update stream (single-tensor units only); ``differential``: the stream is an update
     (parent_signalling_enabled_flag = 1), with or without tensors. Returns the bitstream and every
@@ -815,7 +871,9 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
     block_of = _block_table(blocks, low_rank, prepared)
     plan = _qp_plan(prepared, s, qp_overrides, dq_overrides,
-                    block_weights={w for b in block_of.values() for w in b.weights})
+                    block_weights={w for b in block_of.values() for w in b.weights},
+                    opt_qp=check_flag(opt_qp, "opt_qp"),
+                    factors={b.factors[0]: b.factors[1] for b in block_of.values() if b.factors})
     position = {t.name: i for i, t in enumerate(prepared)}
     for b in block_of.values():  # one dq_flag per unit: the members (and H) follow the weight (or G)
         if prepared[position[b.anchor]].is_int:

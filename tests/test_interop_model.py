@@ -28,7 +28,7 @@ pytestmark = pytest.mark.oracle
 # Our keyword -> NNCodec nn/compress argument.
 _NNC_KEYS = {"qp": "qp", "qp_density": "qp_density", "nonweight_qp": "nonweight_qp", "dq": "use_dq",
              "bitdepth": "bitdepth", "row_skipping": "row_skipping", "param_opt": "param_opt",
-             "scan_order": "scan_order", "lambda_scale": "lambda_scale"}
+             "scan_order": "scan_order", "lambda_scale": "lambda_scale", "opt_qp": "opt_qp"}
 
 
 def nncodec_args(s: dict) -> dict:
@@ -120,7 +120,16 @@ def cases(draw):
     step = float(qp_to_step(s["qp"], s.get("qp_density", 2)))
     model = {k: draw(tensors(block_scan=s.get("scan_order", 0) > 0, small_values="codebook" in s, step=step))
              for k in keys}
+    if "bitdepth" not in s and draw(st.integers(0, 3)) == 0 and _opt_qp_codable(model):
+        s["opt_qp"] = True
     return model, s
+
+
+def _opt_qp_codable(model) -> bool:
+    """NNCodec's opt_qp fails without a weight of non-zero spread (it divides by the largest std) and on
+    names ending in _G / _H that are not low-rank factors (it looks up their weight)."""
+    return any(a.ndim > 1 and np.std(a) > 0 for a in model.values()) and not any(
+        k.endswith(("_G", "_H")) for k in model)
 
 
 def check_batch(oracle, batch):
@@ -173,7 +182,11 @@ def test_settings_grid_on_one_model(oracle):
             (no_empty, dict(codebook=True, bitdepth=4)),
             (no_empty, dict(scan_order=1, dq=False)), (no_empty, dict(scan_order=3, row_skipping=False)),
             (m, dict(lambda_scale=1.0)), (m, dict(unary_length=5, dq=False)),
-            (m, dict(qp_overrides={"fc.weight": -20, "gamma": -50, "emb": -44}))]
+            (m, dict(qp_overrides={"fc.weight": -20, "gamma": -50, "emb": -44})),
+            # opt_qp: NNCodec takes the std of an empty tensor (NaN) and fails on it
+            (no_empty, dict(opt_qp=True)), (no_empty, dict(opt_qp=True, dq=False, qp=-40, scan_order=2)),
+            (no_empty, dict(opt_qp=True, qp_overrides={"fc.weight": -20, "gamma": -50})),
+            (no_empty, dict(opt_qp=True, codebook=True, qp=-20))]
     check_batch(oracle, grid)
 
 

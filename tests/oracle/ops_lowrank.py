@@ -46,13 +46,13 @@ def _encode(case):
     return core_encode(params, mi, enc_info, qp=case.get("qp", -32), qp_density=case.get("qp_density", 2),
                        scan_order=case.get("scan_order", 0), dq=case.get("dq", True), unary_length_minus1=10,
                        nonweight_qp=case.get("nonweight_qp", -75), qp_per_tensor=case.get("qp_per_tensor"),
-                       codebook_mode=case.get("codebook_mode", 0))
+                       codebook_mode=case.get("codebook_mode", 0), opt_qp=bool(case.get("opt_qp", False)))
 
 
 def encode_low_rank(cases):
     """Per case ``{"params": {name: array} with "<w>_G"/"<w>_H" factors, "low_rank": {w: dims},
     "blocks": {w: {role: member}}, "qp", "nonweight_qp", "dq", "scan_order", "qp_per_tensor",
-    "codebook_mode"}`` ->
+    "codebook_mode", "opt_qp"}`` ->
     ``{"bitstream": bytes}`` or ``{"error": text}``."""
     out = []
     for case in cases:

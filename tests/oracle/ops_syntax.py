@@ -92,13 +92,13 @@ def _compress(model, kwargs, block=None, base=None):
 
 
 def core_encode(params, model_info, enc_info, *, qp, qp_density, scan_order, dq, unary_length_minus1,
-                nonweight_qp=-75, qp_per_tensor=None, codebook_mode=0):
+                nonweight_qp=-75, qp_per_tensor=None, codebook_mode=0, opt_qp=False):
     """NNCodec's uniform (``codebook_mode`` 0) or codebook (1: always, 2: when smaller) approximation
     and encoding through ``nnc_core`` (what ``nnc.compress`` runs, for the cases it cannot express):
     ``params`` coded against ``model_info``."""
     from nncodec.nnc_core import approximator, coder
     ad = approximator.init_approx_data(params, model_info, qp_density, scan_order)
-    ai = approximator.ApproxInfo(ad, model_info, "uniform", codebook_mode, qp, False, not dq, unary_length_minus1,
+    ai = approximator.ApproxInfo(ad, model_info, "uniform", codebook_mode, qp, opt_qp, not dq, unary_length_minus1,
                                  0.0, nonweight_qp=nonweight_qp, qp_per_tensor=qp_per_tensor)
     with contextlib.redirect_stdout(io.StringIO()):
         ade = approximator.approx(ai.approx_info, model_info, ad, enc_info)
