@@ -29,6 +29,7 @@ model can be coded in parallel: see :func:`encode_many` / :func:`decode_many`.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -97,7 +98,7 @@ def _matrix_dims(shape):
     except TypeError:
         raise InputError(f"shape must be a sequence of non-negative integers, got {shape!r}") from None
     height = shape[0] if len(shape) >= 1 else 1
-    width = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) >= 2 else 1
+    width = math.prod(shape[1:])  # Python ints: an int64 product could wrap past the element-count check
     return shape, height, width
 
 

@@ -19,6 +19,8 @@ row-skip flag 53+4N+36.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from nncjax.kernels.jit import kernel, kernel_inline
@@ -62,7 +64,13 @@ def signalled_contexts(unary_length: int, dq: bool, codebook_size: int = 0, code
     ``codebook_size``/``codebook_offset`` only count in profile 1 (pass 0 otherwise). Example:
     ``len(signalled_contexts(11, dq=True)) == 80`` and ``len(signalled_contexts(11, dq=False)) == 59``.
     """
-    n, cbs, off = int(unary_length), int(codebook_size), int(codebook_offset)
+    # Built once per distinct setting: a model of many small tensors asks for the same list per tensor.
+    return np.array(_signalled(int(unary_length), bool(dq), int(codebook_size), int(codebook_offset), bool(tca),
+                               bool(hdsp)), dtype=np.int32)
+
+
+@functools.lru_cache(maxsize=256)
+def _signalled(n: int, dq: bool, cbs: int, off: int, tca: bool, hdsp: bool) -> tuple[int, ...]:
     out: list[int] = []
     if cbs != 1:
         out += range(SIG, 24 if dq else 3)
@@ -81,7 +89,7 @@ def signalled_contexts(unary_length: int, dq: bool, codebook_size: int = 0, code
         level += 1 << a
         if max_abs == -1 or level < max_abs:
             out.append(GTX + 4 * n + a)
-    return np.asarray(out, dtype=np.int32)
+    return tuple(out)
 
 
 # ----------------------------------------------------------------------------- the context store

@@ -51,6 +51,8 @@ def is_int(x: Any) -> bool:
     >>> is_int(3), is_int(np.int8(3)), is_int(np.array(3)), is_int(True), is_int(3.0)
     (True, True, True, False, False)
     """
+    if type(x) is int:  # the common case, checked per tensor in the codec: skip the dtype machinery
+        return True
     dt = _dtype(x)
     return dt is not None and np.issubdtype(dt, np.integer)
 

@@ -41,6 +41,8 @@ def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
     (0.00390625, 0.00146484375)
     """
     qpd = check_qp_density(qp_density)
+    if type(qp) is int:  # the codec's per-tensor call: the array path's checks cost more than the step
+        return _scalar_step(qp, qpd)
     # refused: bool, float (truncated toward zero), object (a Python int beyond int64)
     q = np.asarray(check_array_kind(qp, "iu", "QPs must be integers")).astype(np.int64)
     k = 1 << qpd
@@ -50,6 +52,21 @@ def qp_to_step(qp, qp_density: int = 2) -> np.ndarray | float:
         raise InputError(f"QP {q[~(np.isfinite(step) & (step > 0))].flat[0]} at qp_density {qpd} has a step beyond "
                          "float64's range")
     return float(step) if step.ndim == 0 else step
+
+
+def _scalar_step(q: int, qpd: int) -> float:
+    """:func:`qp_to_step` of one Python int, with the array path's float64 results (the mantissa times an
+    exact power of two, which is 0 below float64's range and overflows above it)."""
+    k = 1 << qpd
+    if not -2**63 <= q < 2**63:  # the array path refuses Python ints beyond int64 too
+        raise InputError("QPs must be integers within int64")
+    try:
+        step = (k + (q & (k - 1))) * 2.0 ** ((q >> qpd) - qpd)
+    except OverflowError:
+        step = float("inf")
+    if not 0 < step < float("inf"):
+        raise InputError(f"QP {q} at qp_density {qpd} has a step beyond float64's range")
+    return step
 
 
 def _octave_split(step, qp_density: int) -> tuple[int, np.ndarray, np.ndarray]:

@@ -112,6 +112,26 @@ def test_float_qps_are_refused_by_the_jax_step_map():
     assert float(jax.jit(qp_to_step_jax)(jnp.int32(-32))) == 2.0**-8
 
 
+def test_qp_to_step_of_a_python_int_equals_the_array_path():
+    """The codec's per-tensor calls take a shortcut for Python ints: same float64 steps, same refusals."""
+    from nncjax.steps import qp_to_step
+
+    for qpd in range(8):
+        qps = [*range(-600, 600, 7), -(2**14), 2**12, 2**13 - 1, -(2**40), 2**62, -(2**63)]
+        for qp in qps:
+            try:
+                want = float(qp_to_step(np.array([qp], np.int64), qpd)[0])
+            except InputError:
+                with pytest.raises(InputError, match="beyond float64"):
+                    qp_to_step(qp, qpd)
+                continue
+            got = qp_to_step(qp, qpd)
+            assert type(got) is float and got == want, (qp, qpd)
+    with pytest.raises(InputError, match="within int64"):
+        qp_to_step(2**70)
+    assert is_int(7) and not is_int(True) and check_int(7, "x", lo=7, hi=7) == 7
+
+
 def test_bfloat16_counts_as_a_float_everywhere_a_real_array_is_checked():
     """NumPy gives bfloat16 the kind 'V', not 'f': kind-letter checks refused bfloat16 weights in
     estimate_bits and code_tensor (TPU-style parameters) and bfloat16 batches in the models."""
