@@ -623,18 +623,19 @@ def _split_blocks(block_of: Mapping[str, _Block], prepared: list[PreparedTensor]
 # units
 
 
-def _header_units(s: _Settings, parent_signalling: bool = False) -> bytes:
+def _header_units(s: _Settings, parent_signalling: bool = False, pre: bool = False) -> bytes:
     from nncjax.kernels.units import (
         ModelParameterSet,
         StartUnit,
         TopologyUnit,
         write_stream,
     )
-    mps = ModelParameterSet(qp_density=s.qp_density, parent_signalling_enabled_flag=int(parent_signalling))
+    mps = ModelParameterSet(qp_density=s.qp_density, parent_signalling_enabled_flag=int(parent_signalling or pre),
+                            pre_flag=int(pre))
     return write_stream([StartUnit(general_profile_idc=PROFILE), mps, TopologyUnit()])
 
 
-def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
+def _ndu_bytes(c: _Coded, s: _Settings, parent_signalling: bool) -> bytes:
     from nncjax.kernels.unit_base import SyntaxContext
     from nncjax.kernels.units import (
         Codebook,
@@ -658,7 +659,7 @@ def _ndu_bytes(c: _Coded, s: _Settings) -> bytes:
         dq_flag=int(c.dq), tensor_dimensions=tuple(c.shape),
         cabac_unary_length_minus1=s.unary_length - 1, scan_order=c.scan_order, entry_points=c.entry_points,
         payload=c.payload, **node)
-    return write_unit(ndu, SyntaxContext(PROFILE, 0, int(link is not None and link.differential)))
+    return write_unit(ndu, SyntaxContext(PROFILE, 0, int(parent_signalling)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -784,7 +785,8 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
            param_opt: bool = True, scan_order: int = 0, qp_overrides: Mapping | None = None,
            lambda_scale: float = 0.0, unary_length: int = 11, workers: int = 2,
            progress: bool | None = None, blocks: Mapping | None = None,
-           dq_overrides: Mapping | None = None, low_rank: Mapping | None = None, opt_qp: bool = False) -> bytes:
+           dq_overrides: Mapping | None = None, low_rank: Mapping | None = None, opt_qp: bool = False,
+           pre_signalling: bool = False) -> bytes:
     """Encodes a model (any pytree of arrays) into an NNR bitstream, byte-identical to NNCodec.
 
     Args:
@@ -831,6 +833,9 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
         ``round(qp · (1 − share))``, share = its fraction of all weight elements + 0.1 · (1 − its std /
         the largest weight std) (0.15 where that exceeds 0.5): large, narrow tensors get coarser steps.
         Low-rank factors count as their weight, G taking H's QP. Not with ``bitdepth``.
+      pre_signalling: set the model parameter set's ``nnr_pre_flag`` (predictive residual encoding; with it
+        ``mps_parent_signalling_enabled_flag``), as NNCodec's ``pre_signalling``. NNCodec writes and reads
+        only the flag: the tensors are coded, and decoded, as they are.
 
     Returns:
       the bitstream (``bytes``). Warns ``QPAdjustedWarning`` for every tensor whose values forced a
@@ -854,19 +859,21 @@ def encode(params, *, qp: int = -32, qp_density: int = 2, nonweight_qp: int | No
                       bitdepth=bitdepth, row_skipping=row_skipping, param_opt=param_opt, scan_order=scan_order,
                       qp_overrides=qp_overrides, lambda_scale=lambda_scale, unary_length=unary_length,
                       workers=workers, progress=progress, blocks=blocks, dq_overrides=dq_overrides,
-                      low_rank=low_rank, opt_qp=opt_qp)
+                      low_rank=low_rank, opt_qp=opt_qp, pre_signalling=pre_signalling)
     return data
 
 
 def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
             qp_overrides, lambda_scale, unary_length, workers, progress, blocks, dq_overrides, low_rank,
-            opt_qp=False, update: Mapping[str, UnitLink] | None = None, differential: bool = False) -> tuple[bytes, list[_Coded]]:
+            opt_qp=False, pre_signalling=False, update: Mapping[str, UnitLink] | None = None,
+            differential: bool = False) -> tuple[bytes, list[_Coded]]:
     """:func:`encode`'s work; ``update`` (:mod:`nncjax.update`): every tensor's :class:`UnitLink` for an
     update stream (single-tensor units only); ``differential``: the stream is an update
     (parent_signalling_enabled_flag = 1), with or without tensors. Returns the bitstream and every
     tensor's coded unit (those of all-zero differences included, which the stream leaves out)."""
     s = _settings(qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row_skipping, param_opt, scan_order,
                   lambda_scale, unary_length)
+    pre = check_flag(pre_signalling, "pre_signalling")
     named = flatten_named(params)
     prepared = [prepare_tensor(n, x) for n, x in named.items()]
     block_of = _block_table(blocks, low_rank, prepared)
@@ -904,7 +911,7 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
         c.cpt = c.cpt or cpt
         if link is not None and link.differential and _zero_difference(c):
             return c, b""  # an all-zero difference is left out of the stream (NNCodec); receivers add nothing
-        return c, _ndu_bytes(c, s)
+        return c, _ndu_bytes(c, s, differential or pre)
 
     sizes = [max(t.data.size, 1) + (sum(prepared[position[n]].data.size for n in b.coded + b.weights[1:]) if b else 0)
              for t, b, _ in jobs]
@@ -912,7 +919,7 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
     for c, _ in results:
         for note in c.notes:
             warnings.warn(note, QPAdjustedWarning, stacklevel=3)
-    return _header_units(s, differential) + b"".join(ndu for _, ndu in results), [c for c, _ in results]
+    return _header_units(s, differential, pre) + b"".join(ndu for _, ndu in results), [c for c, _ in results]
 
 
 # ------------------------------------------------------------------------------------------------

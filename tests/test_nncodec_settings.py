@@ -1,7 +1,10 @@
-"""``encode(opt_qp=True)``: NNCodec's per-tensor QP rule (size and spread of each weight), byte-identical to
-``nnc.compress(opt_qp=True)`` with blocks, low-rank factors and update streams, and sensible where NNCodec fails.
+"""NNCodec's encoder settings beyond the quantizer's, with blocks, low-rank factors and update streams:
 
-Random models with ``opt_qp`` are also in ``tests/test_interop_model.py``'s batches and settings grid.
+* ``encode(opt_qp=True)``: NNCodec's per-tensor QP rule (size and spread of each weight), byte-identical to
+  ``nnc.compress(opt_qp=True)``, and sensible where NNCodec fails;
+* ``encode(pre_signalling=True)``: the MPS's ``nnr_pre_flag``, as NNCodec's ``pre_signalling``.
+
+Random models with either are also in ``tests/test_interop_model.py``'s batches and settings grid.
 """
 
 from __future__ import annotations
@@ -127,3 +130,41 @@ def test_update_streams_match_nncodec(oracle):
                                                          "row_skipping": True}}])[0]
     assert "error" not in ref, ref.get("error")
     assert ref["streams"] == streams
+
+
+def test_pre_signalling_sets_the_flag_in_update_streams_too(oracle):
+    """NNCodec's ``pre_signalling`` only sets ``nnr_pre_flag`` (and with it the MPS's parent signalling, so
+    every unit carries ``parent_node_id_present_flag``): in a base model's stream and in updates alike."""
+    from nncjax.kernels.units import ModelParameterSet, read_units
+    base = {"w": gauss(16, 8), "b": gauss(16)}
+    delta = {k: (v * 0.1).astype(np.float32) for k, v in base.items()}
+    state, streams = UpdateState(), []
+    for k, m in enumerate([base, delta]):
+        data, state = encode_update(m, state, differential=k > 0, qp=-36, pre_signalling=True)
+        streams.append(data)
+    mps = [next(u for u in read_units(d) if isinstance(u, ModelParameterSet)) for d in streams]
+    assert [(u.parent_signalling_enabled_flag, u.pre_flag) for u in mps] == [(1, 1), (1, 1)]
+    ref = oracle.call("update", "sequence", [{"models": [base, delta], "kwargs": {
+        "qp": -36, "pre_signalling": True, "tca": True, "row_skipping": True}}])[0]
+    assert "error" not in ref, ref.get("error")
+    assert ref["streams"] == streams
+    plain = encode(base, qp=-36)
+    flagged = encode(base, qp=-36, pre_signalling=True)
+    assert flagged != plain
+    for k, v in decode(plain).items():
+        np.testing.assert_array_equal(decode(flagged)[k], v)
+    with pytest.raises(InputError, match="pre_signalling"):
+        encode(base, pre_signalling=1.0)
+
+
+def test_pre_signalling_keeps_all_zero_tensors(oracle):
+    """With the MPS's parent signalling on, NNCodec leaves out every unit whose levels are all zero, also
+    in a whole model: its decoder then lacks a zero bias. We code them (bytes differ there by design);
+    NNCodec's decoder reads our stream whole."""
+    m = {"w": gauss(4, 4, scale=0.1), "b": np.zeros(4, np.float32), "tiny": np.full((3, 3), 1e-9, np.float32)}
+    ref = oracle.call("model", "encode_decode_many", [{"model": m, "args": {"pre_signalling": True}}])[0]
+    assert ref["names"] == ["w"]  # NNCodec's data loss
+    ours = encode(m, pre_signalling=True)
+    assert list(decode(ours)) == list(m)
+    back = oracle.call("model", "decode_many", [ours])[0]
+    assert back["names"] == list(m) and not back["arrays"][1].any() and not back["arrays"][2].any()
