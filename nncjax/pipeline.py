@@ -110,8 +110,9 @@ class CodingLayout:
       entries: ordered ``(coded name, kind, source)``; kind is ``"block_w"`` / ``"block_ls"`` /
         ``"block_bi"`` (source: the block's weight name, relative to ``params``), ``"kernel"`` (a Flax
         kernel: stored in NNR layout when it has a scaling, so that its LS block's rows are its outputs;
-        else as is, so that an unmarked plain tensor is never transposed), ``"scaling"`` (per-row scale of the ``"kernel"`` or ``"leaf"`` named by
-        source), or ``"leaf"`` (any other leaf as is; source = its full variables path).
+        else as is, so that an unmarked plain tensor is never transposed), ``"scaling"`` (per-row scale
+        of the ``"kernel"`` or ``"leaf"`` named by source), or ``"leaf"`` (any other leaf as is; source =
+        its full variables path).
 
     Coded names are full variable paths (``"params/conv1/kernel"``); LS is ``"<weight>_scaling"``.
 
@@ -458,8 +459,10 @@ def optimize_ioq(
         and 2**-18.75), the QPs of those steps at another density (:func:`nncjax.steps.equivalent_qp`).
       ls_qp: QP of the LS / scaling tensors (default ``nonweight_qp``).
       bn_pairs: ``"auto"``, None, or explicit ``[(layer_path, bn_path)]`` (see :class:`CodingLayout`).
-        ``"auto"`` keeps only the ``Conv_i``/``BatchNorm_i`` pairs where the BatchNorm takes the
-        layer's output as it is (checked in one abstract trace of ``apply_fn`` on the first batch).
+        ``"auto"`` keeps only the ``Conv_i``/``BatchNorm_i`` pairs (indices without a partner are left
+        alone) where the BatchNorm alone reads the layer's output, as it is, and reads nothing else
+        (checked with a forward-mode derivative of ``apply_fn`` on the first batch): folding any
+        other pair would change the model.
       eps: BatchNorm epsilon of the model.
       offsets, rounds: IOQ greedy search moves (:func:`nncjax.ioq.ioq_search`).
       probes, max_scale_ratio: of the sensitivity allocation.
@@ -520,7 +523,8 @@ def optimize_ioq(
     # scales their rows
     if isinstance(bn_pairs, str) and bn_pairs == "auto" and isinstance(variables, Mapping) \
             and "batch_stats" in variables and "params" in variables:
-        bn_pairs = _feeding_pairs(find_bn_pairs(variables["params"]), apply_fn, variables, batches[0])
+        bn_pairs = _feeding_pairs(find_bn_pairs(variables["params"], strict=False), apply_fn, variables,
+                                  batches[0])
     layout = CodingLayout.build(variables, bn_pairs, eps)
     kernels = [n for n, kind, _ in layout.entries if kind == "kernel"]
     if lsa_steps or allocation == "sensitivity":
@@ -610,37 +614,48 @@ def optimize_ioq(
 
 
 def _feeding_pairs(pairs: list[BNPair], apply_fn: Callable, variables: Any, batch: Any) -> list[BNPair]:
-    """``pairs`` less those whose BatchNorm, in one abstract trace of the model, takes something else
-    than its layer's output: Flax names pair ``Conv_i`` with ``BatchNorm_i`` in a pre-activation block
-    too (BatchNorm before the convolution), where folding would code the layer at a scale it does not
-    run at. Pairs the trace cannot see (layers behind a nested ``jax.jit``) are kept."""
+    """``pairs`` less those a fold would change the model of: the BatchNorm must be the only reader of
+    its layer's output, and read nothing else. Flax names pair ``Conv_i`` with ``BatchNorm_i`` in a
+    pre-activation block too (BatchNorm before the convolution), and a layer's output may also feed a
+    skip connection or the layer or BatchNorm be called twice; folding moves the layer's bias (and LS)
+    where those other uses do not see it. Checked by one forward-mode derivative on the first batch:
+    adding ``d`` to the layer's outputs and subtracting it from the BatchNorm's inputs leaves the
+    model's outputs exactly unchanged (tangent exactly 0) only then. Pairs the trace cannot see
+    (layers behind a nested ``jax.jit``) are kept."""
     if not pairs:
         return pairs
     import flax.linen as nn
 
     from nncjax._layer_stats import unwrap_jit
 
-    outputs: dict[tuple, Any] = {}
-    inputs: dict[tuple, Any] = {}
-    not_feeding: list[BNPair] = []
+    sign = {p.layer: (i, 1) for i, p in enumerate(pairs)} | {p.bn: (i, -1) for i, p in enumerate(pairs)}
+    fn = unwrap_jit(apply_fn)
 
-    def intercept(next_fun, args, kwargs, context):
-        y = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            path = tuple(context.module.path)
-            outputs[path], inputs[path] = y, args[0] if args else None
-        return y
+    def shifted(d):
+        def intercept(next_fun, args, kwargs, context):
+            hit = sign.get(tuple(context.module.path)) if context.method_name == "__call__" else None
+            if hit is None:
+                return next_fun(*args, **kwargs)
+            i, s = hit
+            if s > 0:
+                y = next_fun(*args, **kwargs)
+                return y + d[i].astype(y.dtype)
+            if not args:  # an input passed by keyword is not shifted: the pair counts as not feeding
+                return next_fun(*args, **kwargs)
+            return next_fun(args[0] - d[i].astype(args[0].dtype), *args[1:], **kwargs)
 
-    def run(v, b):
         with nn.intercept_methods(intercept):
-            unwrap_jit(apply_fn)(v, b)
-        # compared while the tracers live: the BatchNorm must get the very array its layer returned
-        not_feeding.extend(p for p in pairs if p.bn in inputs and p.layer in outputs
-                           and inputs[p.bn] is not outputs[p.layer])
-        return 0
+            return fn(variables, batch)
 
-    jax.eval_shape(run, variables, batch)
-    return [p for p in pairs if p not in not_feeding]
+    @jax.jit
+    def leaks(t):
+        out = jax.jvp(shifted, (jnp.zeros(len(pairs), jnp.float32),), (t,))[1]
+        return jnp.any(jnp.stack([jnp.any(x != 0) for x in jax.tree.leaves(out)
+                                  if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(False)]))
+
+    if not bool(leaks(jnp.ones(len(pairs), jnp.float32))):  # the usual case: one pass for every pair
+        return pairs
+    return [p for i, p in enumerate(pairs) if not bool(leaks(jnp.zeros(len(pairs), jnp.float32).at[i].set(1.0)))]
 
 
 def _fixed_qps(layout: CodingLayout, weights: list[str], nonweight_qp: int, ls_qp: int) -> dict[str, int]:

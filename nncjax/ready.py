@@ -235,8 +235,9 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
 
     A block is folded onto a BatchNorm when its layer's kernel is ``params/<layer>/kernel``, it
     carries no BN members, and none of the BatchNorm's tensors is in the stream. ``"auto"``: Flax's
-    ``Conv_i``/``BatchNorm_i`` pairs (:func:`nncjax.reduce.find_bn_pairs`), then every other such
-    BatchNorm with the one folded block (LS/BI) of its row count; ambiguity raises.
+    ``Conv_i``/``BatchNorm_i`` pairs (:func:`nncjax.reduce.find_bn_pairs`, indices without a partner
+    left out), then every other such BatchNorm with the one folded block (LS/BI) of its row count;
+    ambiguity raises.
     """
     from nncjax.reduce.bnfold import BNPair, as_bn_pairs, find_bn_pairs
 
@@ -263,10 +264,8 @@ def _fold_pairs(like: Any, coded: Mapping[str, np.ndarray], blocks: Sequence[Blo
     rows = {_path(m): int(np.shape(_resolve(stats, m)["mean"])[0]) for m in free}
 
     if auto:
-        try:
-            named = find_bn_pairs(params)
-        except InputError:
-            named = []  # Conv_i/BatchNorm_i do not pair up here; fall back to row counts
+        # the indices both names have, as optimize_ioq's "auto" pairs them; the rest by row counts
+        named = find_bn_pairs(params, strict=False)
         pairs = [p for p in named if _path(p.layer) in foldable and _path(p.bn) in rows]
         taken_l = {_path(p.layer) for p in pairs}
         taken_b = {_path(p.bn) for p in pairs}

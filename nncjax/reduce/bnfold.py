@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax.arguments import check_real, is_concrete
+from nncjax.arguments import check_flag, check_real, is_concrete
 from nncjax.errors import InputError
 from nncjax.reduce._tree import (
     check_float,
@@ -259,17 +259,22 @@ def _as_block(block: Any, what: str) -> FoldedBlock:
 _NUMBERED = re.compile(r"^(Conv|BatchNorm)_(\d+)$")
 
 
-def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
+def find_bn_pairs(params: Mapping[str, Any], *, strict: bool = True) -> list[BNPair]:
     """Pairs ``Conv_i`` with ``BatchNorm_i`` (Flax's automatic names) at every level of ``params``.
 
     The convention assumes every ``BatchNorm_i`` normalises the output of ``Conv_i`` of the same parent
-    module. If a module has ``BatchNorm_i`` children but not the same number of ``Conv_j`` children,
-    the pairing is ambiguous and :class:`InputError` asks for explicit pairs. Order: depth first, in the
+    module. If a module has ``BatchNorm_i`` children but not the same indices of ``Conv_j`` children,
+    the pairing is ambiguous and :class:`InputError` asks for explicit pairs; ``strict=False`` pairs
+    the indices both have instead and leaves the others alone (a last convolution without a batch
+    norm is common), for callers that check each pair against the model. Order: depth first, in the
     mapping's key order, then by index.
 
     >>> find_bn_pairs({"Conv_0": {"kernel": 0}, "BatchNorm_0": {"scale": 0, "bias": 0}})
     [BNPair(layer=('Conv_0',), bn=('BatchNorm_0',))]
+    >>> find_bn_pairs({"Conv_0": {"kernel": 0}, "Conv_1": {"kernel": 0}, "BatchNorm_0": {"scale": 0}}, strict=False)
+    [BNPair(layer=('Conv_0',), bn=('BatchNorm_0',))]
     """
+    strict = check_flag(strict, "strict")
     if not isinstance(params, Mapping):
         raise InputError(f"params must be a mapping of Flax module names, got {type(params).__name__}")
     pairs: list[BNPair] = []
@@ -282,12 +287,12 @@ def find_bn_pairs(params: Mapping[str, Any]) -> list[BNPair]:
             if m:
                 (convs if m.group(1) == "Conv" else bns)[int(m.group(2))] = key
         if bns:
-            if sorted(bns) != sorted(convs):
+            if strict and sorted(bns) != sorted(convs):
                 raise InputError(
                     f"cannot pair BatchNorm with Conv layers under {path_name(prefix) or '<root>'!r}: "
                     f"Conv indices {sorted(convs)}, BatchNorm indices {sorted(bns)}; pass pairs explicitly"
                 )
-            pairs.extend(BNPair(prefix + (convs[i],), prefix + (bns[i],)) for i in sorted(bns))
+            pairs.extend(BNPair(prefix + (convs[i],), prefix + (bns[i],)) for i in sorted(bns) if i in convs)
         for key, child in node.items():
             if isinstance(child, Mapping) and not _NUMBERED.match(str(key)):
                 walk(child, prefix + (key,))
