@@ -36,9 +36,11 @@ __all__ = ["QPAdjustedWarning", "StreamInfo", "TensorInfo", "decode", "encode", 
 
 PROFILE = 1  # NNCodec 2.1.3 hard-codes general_profile_idc = 1
 _PROGRESS_MIN_ELEMENTS = 1 << 23  # auto progress bar from ~8 M parameters on
-# Below this many elements in all, threads cost more than they save: tiny tensors hand the GIL back and
-# forth (an update of 17 small tensors decoded in 6.2 ms on 2 threads, 3.5 ms on one).
+# Below this much work in all, threads cost more than they save: short kernels hand the GIL back and
+# forth. Encoding works on every element; decoding mostly on the coded bits (a 4 KB update of 391 k
+# elements decoded in 7.1 ms on 2 threads, 3.9 ms on one; from about 16 KB on, 2 threads gain).
 _PARALLEL_MIN_ELEMENTS = 1 << 16
+_PARALLEL_MIN_PAYLOAD_BYTES = 1 << 14
 
 
 class QPAdjustedWarning(UserWarning):
@@ -675,14 +677,15 @@ def _progress(total: int, enabled, desc: str):
     return tqdm(total=total, unit="param", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
 
 
-def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, desc: str) -> list:
-    """Applies ``fn`` to every item on a thread pool (largest first, for balance); ordered results."""
+def _run_parallel(fn, items: list, sizes: list[int], workers: int, progress, desc: str, *, serial: bool) -> list:
+    """Applies ``fn`` to every item on a thread pool (largest first, for balance); ordered results.
+    ``sizes``: elements per item (progress and order); ``serial``: too little work for threads."""
     check_int(workers, "workers", lo=1)
     bar = _progress(sum(sizes), progress, desc)
     results: list = [None] * len(items)
     order = sorted(range(len(items)), key=lambda i: -sizes[i])
     try:
-        if workers == 1 or len(items) <= 1 or sum(sizes) < _PARALLEL_MIN_ELEMENTS:
+        if workers == 1 or len(items) <= 1 or serial:
             for i in order:
                 results[i] = fn(items[i])
                 if bar is not None:
@@ -915,7 +918,8 @@ def _encode(params, *, qp, qp_density, nonweight_qp, dq, codebook, bitdepth, row
 
     sizes = [max(t.data.size, 1) + (sum(prepared[position[n]].data.size for n in b.coded + b.weights[1:]) if b else 0)
              for t, b, _ in jobs]
-    results = _run_parallel(work, jobs, sizes, workers, progress, "encode")
+    results = _run_parallel(work, jobs, sizes, workers, progress, "encode",
+                            serial=sum(sizes) < _PARALLEL_MIN_ELEMENTS)
     for c, _ in results:
         for note in c.notes:
             warnings.warn(note, QPAdjustedWarning, stacklevel=3)
@@ -1094,7 +1098,12 @@ def _decode_all(data, limits, workers, progress) -> list[_Decoded]:
     st = _parse(data, limits)
     jobs = [(u, qpd, base_qp, st.profile, None) for u, qpd, base_qp in st.ndus]
     sizes = [max(u.element_count(), 1) for u, _, _ in st.ndus]
-    return _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode")
+    return _run_parallel(_decode_ndu, jobs, sizes, workers, progress, "decode", serial=_small_payload(st.ndus))
+
+
+def _small_payload(ndus) -> bool:
+    """Whether units ``(unit, ...)`` hold too few coded bytes to decode on several threads."""
+    return sum(len(u.payload) for u, *_ in ndus) < _PARALLEL_MIN_PAYLOAD_BYTES
 
 
 def decode(data, like=None, *, raw: bool = False, bn_pairs="auto", eps: float = 1e-5, limits=None,

@@ -406,7 +406,8 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
                 rec.hist if rec is not None and u.parent_node_id_present_flag else None)
         jobs.append((u, qpd, base_qp, st.profile, side))
     sizes = [max(u.element_count(), 1) for u, *_ in jobs]
-    parts = codec._run_parallel(codec._decode_ndu, jobs, sizes, workers, progress, "decode")
+    parts = codec._run_parallel(codec._decode_ndu, jobs, sizes, workers, progress, "decode",
+                                serial=codec._small_payload(jobs))
     flat: dict[str, tuple[int, np.ndarray]] = {}
     coded = []
     for (u, *_), part, first in zip(jobs, parts, checked):

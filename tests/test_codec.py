@@ -58,6 +58,7 @@ def test_workers_and_progress_do_not_change_bytes(big):
         m |= {f"big{i}": (rng.standard_normal((128, 200)) * 0.05).astype(np.float32) for i in range(4)}
     assert (sum(v.size for v in m.values()) >= codec._PARALLEL_MIN_ELEMENTS) == big
     ref = encode(m)
+    assert (len(ref) >= codec._PARALLEL_MIN_PAYLOAD_BYTES) == big  # decoding goes by the coded bytes
     assert encode(m, workers=1, progress=False) == ref == encode(m, workers=3, progress=True)
     a, b = decode(ref, workers=1), decode(ref, workers=2, progress=True)
     assert all(np.array_equal(a[k], b[k]) for k in a)
