@@ -183,9 +183,11 @@ def _fit(name: str, arr: np.ndarray, ref: Any, *, nnr_layout: bool) -> np.ndarra
 
 def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
     """``arr`` with the dtype, shape (0-d from ``(1,)``) and array type (numpy / jax) of ``like``'s leaf
-    ``ref``; lossy integer narrowing raises (:func:`nncjax.tensor_policy.restore_dtype`), and so do another
-    shape (InputError: a same-size reshape would scramble the values, e.g. of a kernel coded rows first)
-    and a dtype that is not bool, integer or float.
+    ``ref``, and a jax leaf's sharding (or a ``jax.ShapeDtypeStruct``'s, if it has one): a model sharded
+    over devices comes back sharded the same way. Lossy integer narrowing raises
+    (:func:`nncjax.tensor_policy.restore_dtype`), and so do another shape (InputError: a same-size reshape
+    would scramble the values, e.g. of a kernel coded rows first) and a dtype that is not bool, integer
+    or float.
 
     >>> cast_leaf("b", np.array([1.0, 2.0], np.float32), np.zeros(2, np.int8))
     array([1, 2], dtype=int8)
@@ -197,8 +199,10 @@ def cast_leaf(name: str, arr: Any, ref: Any) -> Any:
     arr = check_array_kind(arr, "biuf", f"tensor {name!r}: decoded values must be bool, integer or float")
     out = restore_dtype(name, _fit(name, arr, ref_arr, nnr_layout=False), dt)
     if type(ref).__module__.startswith(("jax", "jaxlib")):
-        import jax.numpy as jnp
-        return jnp.asarray(out)
+        import jax
+        sharding = getattr(ref, "sharding", None)
+        # straight onto the like's devices: a large model need not fit on the default one
+        return jax.numpy.asarray(out) if sharding is None else jax.device_put(out, sharding)
     return out
 
 
