@@ -77,7 +77,9 @@ def _int_array(a, what: str, dtype, lo: int, hi: int) -> np.ndarray:
     """``a`` as a read-only ``dtype`` array after checking it holds integers (or bools) in ``[lo, hi]``:
     a cast would truncate floats and wrap large integers silently."""
     a = np.asarray(check_array_kind(a, "iub", f"{what} must be an integer array"))
-    if a.size and (int(a.min()) < lo or int(a.max()) > hi):
+    # already dtype, and dtype's whole range allowed (levels): nothing to scan
+    fits = a.dtype == dtype and (lo, hi) == (np.iinfo(dtype).min, np.iinfo(dtype).max)
+    if a.size and not fits and (int(a.min()) < lo or int(a.max()) > hi):
         raise InputError(f"{what} must hold integers in [{lo}, {hi}], got values in [{int(a.min())}, {int(a.max())}]")
     out = a.astype(dtype)  # a copy: a record never shares memory with the caller's array
     out.flags.writeable = False
