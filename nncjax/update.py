@@ -63,7 +63,7 @@ import numpy as np
 
 from nncjax import codec
 from nncjax.arguments import check_array_kind, check_flag, check_int
-from nncjax.errors import BitstreamError, InputError, UnsupportedError
+from nncjax.errors import BitstreamError, InputError, UnsupportedError, UnsupportedStreamError
 from nncjax.pytree_names import flatten_named, unflatten_like
 from nncjax.ready import cast_leaf
 
@@ -331,7 +331,9 @@ def encode_update(params, state: UpdateState, *, differential: bool = True, tca:
     data, coded = codec._encode(named, update=links, differential=differential, **options)
     coded_now = [(c.name, c.index, c.levels, c.is_int) for c in coded
                  if not differential or not codec._zero_difference(c)]
-    return data, _advance(state, coded_now, differential)
+    # as decode_update reads it: a stream without units is an update when its MPS signals parents,
+    # which pre_signalling does in a whole model too
+    return data, _advance(state, coded_now, differential or (options["pre_signalling"] and not coded_now))
 
 
 def _advance(state: UpdateState, coded: list, differential: bool) -> UpdateState:
@@ -375,7 +377,8 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
       InputError when the stream does not continue ``state``: a TCA unit for a tensor the state does
       not hold, a TCA or other differential unit whose device, parameter id or depth is not the next
       one (a stream missing, reordered or decoded twice), any unit whose parameter id or dimensions
-      differ from the state's version; UnsupportedStreamError for an HDSP payload without a history;
+      differ from the state's version; UnsupportedStreamError for an HDSP payload without a history or a
+      stream that mixes differential units and whole tensors;
       UnsupportedError for block units; the errors of :func:`nncjax.decode`.
 
     Example:
@@ -385,10 +388,10 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
       >>> sorted(got), state.tensors["w"].depth, state.tensors["w"].hist is None
       (['b', 'w'], 1, True)
     """
-    from nncjax.kernels.units import ModelParameterSet, PayloadType
+    from nncjax.kernels.units import PayloadType
     state = _check_state(state)
     st = codec._parse(data, limits)
-    differential = any(isinstance(u, ModelParameterSet) and u.parent_signalling_enabled_flag for u in st.units)
+    differential = _is_update(st)
     jobs, checked = [], []
     for u, qpd, base_qp in st.ndus:
         name = str(u.topology_elem_ids[0])
@@ -434,6 +437,20 @@ def decode_update(data, state: UpdateState, like=None, *, limits=None, workers: 
             if name not in ordered:
                 ordered[name] = np.zeros(_nnr_shape(leaf), np.float32)
     return unflatten_like(like, ordered, cast_leaf), new_state
+
+
+def _is_update(st) -> bool:
+    """Whether parsed stream ``st`` is an update: its units are differences to their parents
+    (``parent_node_id_present_flag``). The MPS's ``mps_parent_signalling_enabled_flag`` alone does not
+    say so (NNCodec's ``pre_signalling`` sets it in whole models too); it decides only for a stream
+    without units (an update that left every tensor out)."""
+    from nncjax.kernels.units import ModelParameterSet
+    flags = {bool(u.parent_node_id_present_flag) for u, *_ in st.ndus}
+    if len(flags) > 1:
+        raise UnsupportedStreamError("decode_update: the stream mixes differential units and whole tensors")
+    if flags:
+        return flags.pop()
+    return any(isinstance(u, ModelParameterSet) and u.parent_signalling_enabled_flag for u in st.units)
 
 
 def _check_node(u, name: str, rec: TensorHistory | None, state: UpdateState) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nncjax import InputError, UpdateState, encode_update
+from nncjax import InputError, UpdateState, decode_update, encode_update
 from nncjax.codec import decode, encode, inspect
 
 RNG = np.random.default_rng(20261207)
@@ -138,16 +138,28 @@ def test_pre_signalling_sets_the_flag_in_update_streams_too(oracle):
     from nncjax.kernels.units import ModelParameterSet, read_units
     base = {"w": gauss(16, 8), "b": gauss(16)}
     delta = {k: (v * 0.1).astype(np.float32) for k, v in base.items()}
-    state, streams = UpdateState(), []
-    for k, m in enumerate([base, delta]):
+    zero = {k: np.zeros_like(v) for k, v in base.items()}
+    state, receiver, streams = UpdateState(), UpdateState(), []
+    for k, m in enumerate([base, delta, zero, delta]):
         data, state = encode_update(m, state, differential=k > 0, qp=-36, pre_signalling=True)
         streams.append(data)
+        # the MPS's parent signalling is on in the whole model too: the units say which stream is an update
+        _, receiver = decode_update(data, receiver)
+        assert receiver == state, k
+    assert state.tensors["w"].depth == 3 and state.tensors["w"].hist is not None
     mps = [next(u for u in read_units(d) if isinstance(u, ModelParameterSet)) for d in streams]
-    assert [(u.parent_signalling_enabled_flag, u.pre_flag) for u in mps] == [(1, 1), (1, 1)]
-    ref = oracle.call("update", "sequence", [{"models": [base, delta], "kwargs": {
-        "qp": -36, "pre_signalling": True, "tca": True, "row_skipping": True}}])[0]
+    assert [(u.parent_signalling_enabled_flag, u.pre_flag) for u in mps] == [(1, 1)] * 4
+    ref = oracle.call("update", "sequence", [{"models": [base, delta, zero, delta], "hdsp": True, "decode": True,
+                                              "kwargs": {"qp": -36, "pre_signalling": True, "tca": True,
+                                                         "row_skipping": True}}])[0]
     assert "error" not in ref, ref.get("error")
     assert ref["streams"] == streams
+    receiver = UpdateState()
+    for k, (data, values) in enumerate(zip(ref["streams"], ref["decoded"])):  # NNCodec decodes what we do
+        got, receiver = decode_update(data, receiver)
+        for name, arr in values.items():
+            np.testing.assert_array_equal(got[name], arr, err_msg=f"{name!r}, stream {k}")
+        assert all(not got[n].any() for n in set(got) - set(values))  # left out: a zero difference
     plain = encode(base, qp=-36)
     flagged = encode(base, qp=-36, pre_signalling=True)
     assert flagged != plain

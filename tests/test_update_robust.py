@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from nncjax.errors import InputError
+from nncjax.errors import InputError, UnsupportedStreamError
 from nncjax.update import TensorHistory, UpdateState, decode_update, encode_update
 
 RNG = np.random.default_rng(7)
@@ -281,3 +281,23 @@ def test_constant_difference_with_a_codebook_is_not_left_out(oracle):
     assert "error" not in res, res.get("error")
     np.testing.assert_allclose(res["decoded"][1]["temp"], [0.25], atol=2e-3)
     np.testing.assert_allclose(res["decoded"][1]["w"], update["w"], atol=2e-3)
+
+
+def test_a_stream_mixing_differences_and_whole_tensors_is_refused():
+    """pre_signalling turns the MPS's parent signalling on in whole models too, so the units tell an update:
+    one that mixes differential units and whole tensors has no single meaning for the state."""
+    from nncjax.kernels.units import CompressedDataUnit, read_units
+
+    rng = np.random.default_rng(3)
+    base = {"w": rng.normal(0, 0.1, (8, 8)).astype(np.float32), "b": rng.normal(0, 0.1, 8).astype(np.float32)}
+    whole, state = encode_update(base, UpdateState(), differential=False, pre_signalling=True, qp=-36)
+    update, _ = encode_update({k: v * 0.1 for k, v in base.items()}, state, pre_signalling=True, qp=-36, tca=False)
+
+    def ndus(data):
+        return [data[u.span.offset:u.span.offset + u.span.size] for u in read_units(data)
+                if isinstance(u, CompressedDataUnit)]
+
+    first = min(u.span.offset for u in read_units(update) if isinstance(u, CompressedDataUnit))
+    mixed = update[:first] + ndus(update)[0] + ndus(whole)[1]  # a difference of "w", the whole "b"
+    with pytest.raises(UnsupportedStreamError, match="mixes differential units and whole tensors"):
+        decode_update(mixed, state)
