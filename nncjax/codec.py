@@ -1222,10 +1222,14 @@ class StreamInfo:
     total_bytes: int
     units: tuple
     tensors: tuple
+    parent_signalling: bool = False  # the MPS's mps_parent_signalling_enabled_flag (update streams, PRE)
+    pre: bool = False  # the MPS's nnr_pre_flag (NNCodec's pre_signalling)
 
     def __str__(self) -> str:
+        flags = "".join(f", {f}" for f, on in (("parent signalling", self.parent_signalling), ("PRE", self.pre))
+                        if on)
         head = (f"NNR bitstream: {self.total_bytes} bytes, {len(self.units)} units, {len(self.tensors)} tensors, "
-                f"profile {self.profile}, qp_density {self.qp_density}")
+                f"profile {self.profile}, qp_density {self.qp_density}{flags}")
         cols = ("name", "shape", "type", "qp", "dq", "codebook", "scan", "bytes")
         rows = [(t.name, "x".join(map(str, t.shape)) or "()", t.payload_type, "" if t.qp is None else str(t.qp),
                  "y" if t.dq else "n", f"{t.codebook_size}@{t.codebook_offset}" if t.codebook_size else "",
@@ -1258,10 +1262,10 @@ def _unit_type_name(u) -> str:
 def inspect(data, *, limits=None) -> StreamInfo:
     """Lists the units and tensors of a bitstream without decoding the tensors' levels.
 
-    Per tensor: name, shape, payload type, QP (read from its arithmetic-coded data),
-    DQ flag, codebook size and zero offset, scan order, entry-point count and NDU size in bytes; in
-    update streams (:func:`nncjax.encode_update`) also its put_node_depth and whether it is a
-    difference (with TCA).
+    The stream's profile, qp_density and MPS flags (parent signalling, PRE). Per tensor: name, shape,
+    payload type, QP (read from its arithmetic-coded data), DQ flag, codebook size and zero offset,
+    scan order, entry-point count and NDU size in bytes; in update streams
+    (:func:`nncjax.encode_update`) also its put_node_depth and whether it is a difference (with TCA).
 
     Example:
       >>> print(inspect(encode({"w": np.ones((4, 4), np.float32)})))  # doctest: +ELLIPSIS
@@ -1272,9 +1276,13 @@ def inspect(data, *, limits=None) -> StreamInfo:
       >>> t = inspect(encode_update({"w": np.full((4, 4), 0.1, np.float32)}, state)[0]).tensors[0]
       >>> t.put_node_depth, t.differential, t.tca
       (2, True, True)
+      >>> info = inspect(encode({"w": np.ones((4, 4), np.float32)}, pre_signalling=True))
+      >>> info.parent_signalling, info.pre
+      (True, True)
     """
     from nncjax.kernels.coder import CabacDecoder
     from nncjax.kernels.unit_base import PayloadType
+    from nncjax.kernels.units import ModelParameterSet
     st = _parse(data, limits)
     units, tensors = [], []
     for u in st.units:
@@ -1307,4 +1315,6 @@ def inspect(data, *, limits=None) -> StreamInfo:
                 coded_bytes=u.span.size if u.span else len(u.payload), parameter_id=u.parameter_id,
                 put_node_depth=int(u.put_node_depth), differential=bool(u.parent_node_id_present_flag),
                 tca=bool(u.temporal_context_modeling_flag)))
-    return StreamInfo(st.profile, st.qp_density, len(data), tuple(units), tuple(tensors))
+    mps = next((u for u in st.units if isinstance(u, ModelParameterSet)), None)
+    return StreamInfo(st.profile, st.qp_density, len(data), tuple(units), tuple(tensors),
+                      bool(mps and mps.parent_signalling_enabled_flag), bool(mps and mps.pre_flag))
