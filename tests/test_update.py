@@ -75,10 +75,13 @@ def nncodec_diverges_at(case: dict, states: list[UpdateState]) -> int | None:
     """The first of our streams whose bytes differ from NNCodec's encoder by design, or None: the second
     after a leniently coded DQ stream (:func:`rs_dq_quirk`: NNCodec's encoder keeps DQ indices its decoder
     never sees), or one that codes a constant non-zero difference NNCodec leaves out (a one-entry codebook,
-    all-zero levels: its receivers miss it). NNCodec's decoder is checked on our streams instead."""
+    all-zero levels: its receivers miss it), or, with pre_signalling, a base holding a tensor of all-zero
+    levels (NNCodec leaves it out of a whole model too). NNCodec's decoder is checked on our streams instead."""
     kw = case["kwargs"]
     at = 1 if rs_dq_quirk(kw.get("use_dq", True), kw.get("row_skipping", False), kw.get("scan_order", 0)) else None
     differential = [k > 0 for k, m in enumerate(case["models"]) if m is not None]
+    if kw.get("pre_signalling") and not differential[0] and not all(r.levels.any() for r in states[0].tensors.values()):
+        return 0
     depth: dict[str, int] = {}
     for k, state in enumerate(states):
         if differential[k] and any(rec.depth != depth.get(n, 0) and not rec.levels.any()
@@ -128,6 +131,11 @@ def make_case(rng) -> dict:
           "scan_order": int(rng.integers(0, 3)), "row_skipping": bool(rng.random() < 0.5)}
     if rng.random() < 0.2:
         kw["codebook_mode"] = int(rng.choice([1, 2]))
+    # NNCodec's opt_qp fails on a stream without a weight (ndim > 1) of non-zero spread
+    if rng.random() < 0.2 and all(m is None or any(v.ndim > 1 and np.std(v) > 0 for v in m.values()) for m in models):
+        kw["opt_qp"] = True
+    if rng.random() < 0.15:
+        kw["pre_signalling"] = True
     quirk = rs_dq_quirk(kw["use_dq"], kw["row_skipping"], kw["scan_order"])
     return {"models": models, "kwargs": kw, "hdsp": bool(rng.random() < 0.7), "device_id": int(rng.integers(0, 6)),
             "decode": not quirk}
@@ -145,7 +153,8 @@ def our_kwargs(kw: dict) -> dict:
     """``ops_update`` (NNCodec) keywords -> encode_update's (the op's defaults filled in)."""
     return {"qp": kw.get("qp", -32), "dq": kw.get("use_dq", True), "scan_order": kw.get("scan_order", 0),
             "row_skipping": kw.get("row_skipping", False), "nonweight_qp": -75,
-            "codebook": {0: False, 1: "always", 2: True}[kw.get("codebook_mode", 0)]}
+            "codebook": {0: False, 1: "always", 2: True}[kw.get("codebook_mode", 0)],
+            "opt_qp": kw.get("opt_qp", False), "pre_signalling": kw.get("pre_signalling", False)}
 
 
 def encode_sequence(case: dict) -> tuple[list[bytes], list[UpdateState]]:
