@@ -407,18 +407,9 @@ def test_like_keeps_the_sharding_of_its_leaves():
     """8 host devices in a subprocess (the flag must be set before jax starts): ``decode(like=)`` with
     sharded jax arrays, with ``jax.ShapeDtypeStruct`` carrying shardings, and ``decode_update(like=)``
     return every leaf sharded as ``like``'s (they came back on one device)."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
+    from tests._host_devices import run_on_host_devices
 
-    script = pathlib.Path(__file__).with_name("_decode_sharded.py")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    d = json.loads(out.stdout.strip().splitlines()[-1])
+    d = run_on_host_devices("_decode_sharded.py", timeout=300)
     assert d["devices"] == 8
     assert d["same"] == {k: {"w": True, "b": True, "s": True} for k in ("decode", "abstract", "update")}
     assert d["max_err"] < 2 * 2 ** (-38 / 4)

@@ -6,12 +6,6 @@ tests so that the jit-compiled step is compiled once per session.
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,6 +21,7 @@ from nncjax.optimize import optimize
 from nncjax.quantize.reference import quantize_tensor, reconstruct
 from nncjax.rd_settings import LS_SUFFIX, RDSettings, verify
 from nncjax.steps import equivalent_qp
+from tests._host_devices import run_on_host_devices
 
 STEPS = 60
 
@@ -207,12 +202,7 @@ def test_verify_rejects_foreign_settings(digits):
 def test_sharded_equals_unsharded():
     """8 host devices in a subprocess (the flag must be set before jax starts): gradient RD and the
     sensitivity allocation."""
-    script = pathlib.Path(__file__).with_name("_optimize_sharded.py")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    d = json.loads(out.stdout.strip().splitlines()[-1])
+    d = run_on_host_devices("_optimize_sharded.py")
     assert d["devices"] == 8
     assert d["qps"][0] == d["qps"][1]
     for key in d["plain"]:
