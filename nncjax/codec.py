@@ -939,6 +939,8 @@ class _Stream:
     qp_density: int
     base_qp: int
     ndus: list  # (unit, qp_density, quantization_parameter in force for it)
+    parent_signalling: bool = False  # the MPS's mps_parent_signalling_enabled_flag
+    pre: bool = False  # the MPS's nnr_pre_flag
 
 
 def _parse(data, limits) -> _Stream:
@@ -957,7 +959,7 @@ def _parse(data, limits) -> _Stream:
     units = read_units(bytes(data), limits=limits or DecodeLimits())
     if not units:
         raise BitstreamError("unit 0 (NNR_STR): field nnr_unit_size: the bitstream is empty")
-    profile, qpd, base_qp, ndus = 1, 0, 0, []
+    profile, qpd, base_qp, ndus, flags = 1, 0, 0, [], (False, False)
     for u in units:
         if isinstance(u, StartUnit):
             profile = int(u.general_profile_idc)
@@ -965,9 +967,11 @@ def _parse(data, limits) -> _Stream:
             # A later LPS replaces the MPS values as the QP reference of the NDUs after it (NNCodec).
             if u.quantization_method_flags & 3:
                 qpd, base_qp = int(u.qp_density), int(u.quantization_parameter)
+            if isinstance(u, ModelParameterSet):
+                flags = (bool(u.parent_signalling_enabled_flag), bool(u.pre_flag))
         elif isinstance(u, CompressedDataUnit):
             ndus.append((u, qpd, base_qp))
-    return _Stream(units, profile, qpd, base_qp, ndus)
+    return _Stream(units, profile, qpd, base_qp, ndus, *flags)
 
 
 def _reconstruct(levels: np.ndarray, qp: int, qpd: int, cb) -> np.ndarray:
@@ -1282,7 +1286,6 @@ def inspect(data, *, limits=None) -> StreamInfo:
     """
     from nncjax.kernels.coder import CabacDecoder
     from nncjax.kernels.unit_base import PayloadType
-    from nncjax.kernels.units import ModelParameterSet
     st = _parse(data, limits)
     units, tensors = [], []
     for u in st.units:
@@ -1315,6 +1318,5 @@ def inspect(data, *, limits=None) -> StreamInfo:
                 coded_bytes=u.span.size if u.span else len(u.payload), parameter_id=u.parameter_id,
                 put_node_depth=int(u.put_node_depth), differential=bool(u.parent_node_id_present_flag),
                 tca=bool(u.temporal_context_modeling_flag)))
-    mps = next((u for u in st.units if isinstance(u, ModelParameterSet)), None)
-    return StreamInfo(st.profile, st.qp_density, len(data), tuple(units), tuple(tensors),
-                      bool(mps and mps.parent_signalling_enabled_flag), bool(mps and mps.pre_flag))
+    return StreamInfo(st.profile, st.qp_density, len(data), tuple(units), tuple(tensors), st.parent_signalling,
+                      st.pre)

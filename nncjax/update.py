@@ -444,13 +444,10 @@ def _is_update(st) -> bool:
     (``parent_node_id_present_flag``). The MPS's ``mps_parent_signalling_enabled_flag`` alone does not
     say so (NNCodec's ``pre_signalling`` sets it in whole models too); it decides only for a stream
     without units (an update that left every tensor out)."""
-    from nncjax.kernels.units import ModelParameterSet
     flags = {bool(u.parent_node_id_present_flag) for u, *_ in st.ndus}
     if len(flags) > 1:
         raise UnsupportedStreamError("decode_update: the stream mixes differential units and whole tensors")
-    if flags:
-        return flags.pop()
-    return any(isinstance(u, ModelParameterSet) and u.parent_signalling_enabled_flag for u in st.units)
+    return flags.pop() if flags else st.parent_signalling
 
 
 def _check_node(u, name: str, rec: TensorHistory | None, state: UpdateState) -> None:
