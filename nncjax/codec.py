@@ -764,10 +764,11 @@ def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_over
     overrides = _override_table(qp_overrides, "qp_overrides", s.check_qp, names, float_names)
     dqs = _override_table(dq_overrides, "dq_overrides", check_flag, names, float_names)
     nonweight = s.nonweight_qp if s.nonweight_qp is not None else s.qp - (2 << s.qp_density)
+    weights = {t.name for t in prepared if t.data.ndim > 1 or t.name in block_weights}
     plan: list[_Plan] = []
     for t in prepared:
         dq = dqs.get(t.name, s.dq)
-        is_weight = t.data.ndim > 1 or t.name in block_weights
+        is_weight = t.name in weights
         if t.is_int:
             plan.append(_Plan(None, dq=False))
         elif s.bitdepth is not None:
@@ -776,7 +777,6 @@ def _qp_plan(prepared: list[PreparedTensor], s: _Settings, qp_overrides, dq_over
         else:
             plan.append(_Plan(overrides.get(t.name, s.qp if is_weight else nonweight), dq=dq))
     if opt_qp:
-        weights = {t.name for t in prepared if t.data.ndim > 1 or t.name in block_weights}
         qps = {t.name: p.qp for t, p in zip(prepared, plan) if t.name in weights and p.qp is not None}
         tuned = _opt_qps(prepared, qps, weights, factors or {})
         plan = [replace(p, qp=tuned.get(t.name, p.qp)) for t, p in zip(prepared, plan)]

@@ -123,12 +123,12 @@ def cases(draw):
     step = float(qp_to_step(s["qp"], s.get("qp_density", 2)))
     model = {k: draw(tensors(block_scan=s.get("scan_order", 0) > 0, small_values="codebook" in s, step=step))
              for k in keys}
-    if "bitdepth" not in s and draw(st.integers(0, 3)) == 0 and _opt_qp_codable(model):
+    if "bitdepth" not in s and draw(st.integers(0, 3)) == 0 and opt_qp_codable(model):
         s["opt_qp"] = True
     return model, s
 
 
-def _opt_qp_codable(model) -> bool:
+def opt_qp_codable(model) -> bool:
     """NNCodec's opt_qp fails without a weight of non-zero spread (it divides by the largest std) and on
     names ending in _G / _H that are not low-rank factors (it looks up their weight)."""
     return any(a.ndim > 1 and np.std(a) > 0 for a in model.values()) and not any(

@@ -32,6 +32,7 @@ from nncjax import codec
 from nncjax.errors import InputError, UnsupportedError, UnsupportedStreamError
 from nncjax.pytree_names import flatten_named
 from nncjax.update import TensorHistory, UpdateState, decode_update, encode_update
+from tests.test_interop_model import opt_qp_codable
 
 CASES_PER_BATCH = 30
 BATCHES = 3
@@ -131,8 +132,7 @@ def make_case(rng) -> dict:
           "scan_order": int(rng.integers(0, 3)), "row_skipping": bool(rng.random() < 0.5)}
     if rng.random() < 0.2:
         kw["codebook_mode"] = int(rng.choice([1, 2]))
-    # NNCodec's opt_qp fails on a stream without a weight (ndim > 1) of non-zero spread
-    if rng.random() < 0.2 and all(m is None or any(v.ndim > 1 and np.std(v) > 0 for v in m.values()) for m in models):
+    if rng.random() < 0.2 and all(m is None or opt_qp_codable(m) for m in models):
         kw["opt_qp"] = True
     if rng.random() < 0.15:
         kw["pre_signalling"] = True
