@@ -12,7 +12,7 @@ Pipeline: reduce -> quantize -> rate -> code -> bitstream.
 * :mod:`nncjax.reduce` -- batch-norm folding, local scaling, pruning, low rank, unification.
 * :func:`optimize` -- gradient rate-distortion optimisation of per-tensor QPs and local scales;
   :func:`optimize_ioq` -- BN folding + (IOQ or sensitivity allocation) + LSA encoder pipeline;
-  :func:`with_error_feedback` -- GPTQ for Dense and Conv kernels at equal layer-output error, fewer bits
+  :func:`with_error_feedback` -- GPTQ for linear-layer kernels at equal layer-output error, fewer bits
   (and for lookup tables, on :func:`nncjax.sensitivity.row_moments`);
   :func:`with_bias_correction` -- quantized layers' mean output shifts moved into biases;
   :func:`with_fine_tuning` -- levels of uniformly coded weights moved on their grid for the model's output.

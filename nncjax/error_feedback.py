@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,6 +71,47 @@ def _moment_matrix(what: str, name: str, m: Any, rows_first: tuple[int, int]) ->
     if np.any(np.diag(a) < 0):  # E[x_j^2] < 0: no second moment (GPTQ would take such inputs for dead ones)
         raise InputError(f"{what}[{name!r}] has a negative diagonal: not positive semi-definite")
     return a
+
+
+class _LinearView:
+    """A kernel's rows-first (NNR) form as the ``(outputs, inputs)`` matrix its moments are over.
+
+    The columns of the rows-first form are the kernel's inputs for a Dense or Conv kernel (a
+    convolution's patches) and for a lookup table; ``DenseGeneral`` with several feature axes
+    (attention's ``(D, heads, d)`` projections) has moments over its ``D`` inputs only
+    (:func:`nncjax.quantize.gptq.input_moments`), and its outputs are all the other axes: rows are
+    independent in GPTQ, so each ``(head, d)`` output is one row of ``D`` columns."""
+
+    def __init__(self, x_full: np.ndarray, flax_shape: tuple[int, ...], axis: int, moments: Any) -> None:
+        self.shape, self.flax_shape, self.axis = x_full.shape, tuple(flax_shape), axis
+        self.input_axes = None  # leading Flax axes that are inputs, where the rows-first columns are not
+        columns = math.prod(x_full.shape[1:])
+        try:
+            m = np.shape(moments)
+        except (TypeError, ValueError):  # ragged: _moment_matrix names it
+            m = ()
+        n = m[0] if len(m) == 2 and m[0] == m[1] else columns
+        if n != columns and axis == len(flax_shape) - 1:
+            self.input_axes = next((a for a in range(1, len(flax_shape) - 1) if math.prod(flax_shape[:a]) == n), None)
+
+    def matrix(self, t: np.ndarray) -> np.ndarray:
+        """Rows-first ``t`` (the kernel's NNR shape) as ``(outputs, inputs)``."""
+        if self.input_axes is None:
+            return t.reshape(t.shape[0], -1)
+        n = math.prod(self.flax_shape[:self.input_axes])
+        return np.ascontiguousarray(from_rows_first(t, self.axis).reshape(n, -1).T)
+
+    def rows_first(self, m: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`."""
+        if self.input_axes is None:
+            return m.reshape(self.shape)
+        return to_rows_first(np.ascontiguousarray(m.T).reshape(self.flax_shape), self.axis)
+
+    def row_scales(self, s: np.ndarray) -> np.ndarray:
+        """The local scales ``s`` (one per NNR row, the kernel's last axis) of each matrix row."""
+        if self.input_axes is None:
+            return s
+        return np.ascontiguousarray(np.broadcast_to(s, self.flax_shape[self.input_axes:]).reshape(-1))
 
 
 def _coarsest_gptq(x: np.ndarray, h: np.ndarray, h_check: np.ndarray, s: np.ndarray, x_ref: np.ndarray, q0: int, *,
@@ -127,10 +169,14 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
       params: the model parameters ``settings`` was optimised for (same names).
       settings: :func:`nncjax.optimize`'s result.
       moments: ``{name: (columns, columns)}``, the quadratic form of a row's error that GPTQ fits:
-        for a Dense or Conv kernel the second moments of its inputs; for a lookup table (a token
-        embedding) the output-side :func:`nncjax.sensitivity.row_moments`. The tensor's rows-first
-        form (:func:`nncjax.rd_settings.rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for Flax kernels),
-        flattened to rows, must have that many columns.
+        for a Dense, DenseGeneral, Conv or ConvTranspose kernel the second moments of its inputs
+        (:func:`nncjax.quantize.gptq.input_moments`); for a lookup table (a token embedding) the
+        output-side :func:`nncjax.sensitivity.row_moments`. The tensor's rows-first form
+        (:func:`nncjax.rd_settings.rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for Flax
+        kernels), flattened to rows, must have that many columns, or, for a Flax kernel with several
+        output axes (a ``DenseGeneral`` of features ``(heads, d)``), as many as its leading input
+        axes hold: each output ``(head, d)`` is then a row (uniform GPTQ only, as the DQ trellis
+        runs along the codec's rows).
       check_moments: moments of *other* inputs (same names) on which the output errors are compared
         (default: ``moments``). GPTQ hides error in the directions its inputs rarely take, so an
         error budget checked on the inputs it was fitted to is optimistic; held-out inputs keep the
@@ -205,7 +251,8 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             axis = rows_axis(name, w.ndim, settings.scale_axis)
             s = settings.row_scales(name, w.shape)
             x_full = to_rows_first(divide_rows(w, s, axis), axis)  # what the codec codes: NNR layout
-            x = x_full.reshape(x_full.shape[0], -1)  # (outputs, inputs); a conv's inputs are its patches
+            view = _LinearView(x_full, w.shape, axis, moments[name])
+            x = view.matrix(x_full)  # (outputs, inputs); a conv's inputs are its patches
             h = _moment_matrix("moments", name, moments[name], x.shape)
             h_check = (_moment_matrix("check_moments", name, check_moments[name], x.shape) if name in check_moments
                        else h)
@@ -216,9 +263,9 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             coded = x_full if scaled else w
             levels_ref, used = quantize_tensor(coded, q0, qp_density=qpd, dq=dq0)
             x_ref = reconstruct(levels_ref, used, qp_density=qpd).reshape(coded.shape)
-            x_ref = (x_ref if scaled else to_rows_first(x_ref, axis)).reshape(x.shape)
+            x_ref = view.matrix(x_ref if scaled else to_rows_first(x_ref, axis))
             # the trellis follows the codec's scan, which runs along these rows only in rows-first layouts
-            rows_scan = scaled or axis == 0
+            rows_scan = (scaled or axis == 0) and view.input_axes is None
             kinds = (False,) if dq is False or not rows_scan else (True,) if dq is True else (False, True)
             if name in tensor_bits:  # optimize() coded it already
                 bits_ref = Future()
@@ -226,12 +273,12 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
             else:
                 bits_ref = coder.submit(lambda lv, dq: levels_bits(lv, dq=dq) + overhead, levels_ref, dq0)
             for trellis in kinds:
-                found = _coarsest_gptq(x, h, h_check, s, x_ref, q0, qpd=qpd, hi=hi, max_offset=max_offset,
-                                       damp=damp, act_order=act_order, dq=trellis)
+                found = _coarsest_gptq(x, h, h_check, view.row_scales(s), x_ref, q0, qpd=qpd, hi=hi,
+                                       max_offset=max_offset, damp=damp, act_order=act_order, dq=trellis)
                 if found is None:
                     continue
                 q, x_g = found
-                x_g = x_g.reshape(x_full.shape)
+                x_g = view.rows_first(x_g)
                 # the real coder re-quantizes the reconstruction, which lies on its grid (or trellis path)
                 bits_g = coder.submit(lambda a, q, t: code_tensor(a, q, qp_density=qpd, dq=t)[1] + overhead,
                                       x_g if scaled else from_rows_first(x_g, axis), q, trellis)

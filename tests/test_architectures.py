@@ -76,12 +76,20 @@ def test_optimize_ioq_decodes_to_what_it_measured(built, name):
         assert res.layout.pairs == (BNPair(("Conv_0",), ("BatchNorm_0",)), BNPair(("Conv_1",), ("BatchNorm_1",)))
 
 
-@pytest.mark.parametrize("name", ["depthwise", "general", "gru"])
+# the general linear layers input_moments covers (Einsum and the depthwise conv are left out)
+_GENERAL_LINEAR = {"depthwise": {"up"}, "general": {"dg"}, "general4d": {"dg4"},
+                   "transformer": {"attn/query", "attn/key", "attn/value", "attn/out"}, "gru": set()}
+
+
+@pytest.mark.parametrize("name", sorted(_GENERAL_LINEAR))
 def test_error_feedback_bias_correction_and_fine_tuning(built, name):
     model, v, x = built(name)
     rd = nncjax.optimize(v, model.apply, x, lam=1e-2, dq=False, init="sensitivity", steps=0, progress=False)
     d0 = _rel(model, nncjax.verify(v, rd).params, v, x)
-    p, r = nncjax.with_error_feedback(v, rd, input_moments(model.apply, v, x, progress=False), progress=False)
+    moments = input_moments(model.apply, v, x, progress=False)
+    assert {f"params/{layer}/kernel" for layer in _GENERAL_LINEAR[name]} <= set(moments)
+    assert not {"params/dw/kernel", "params/ein/kernel"} & set(moments)
+    p, r = nncjax.with_error_feedback(v, rd, moments, progress=False)
     p, r = nncjax.with_bias_correction(p, r, model.apply, x, reference=v)
     p, r = nncjax.with_fine_tuning(p, r, model.apply, x, reference=v, steps=5, progress=False)
     out = nncjax.verify(p, r)

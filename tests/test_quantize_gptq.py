@@ -312,6 +312,77 @@ def test_conv_input_moments_give_the_output_energy(kw):
     np.testing.assert_allclose(w @ h @ w.T, y.T @ y / len(y), rtol=1e-4, atol=1e-6)
 
 
+def _output_energy_check(model, x):
+    """``E[y y^T] = W H W^T`` for the layer's kernel ``W`` as error feedback lays it out against its
+    moments ``H`` (rows: outputs), with ``y`` the outputs of the bias-free layer flattened to those rows."""
+    from nncjax.error_feedback import _LinearView
+    from nncjax.rd_settings import to_rows_first
+
+    v = model.init(jax.random.PRNGKey(1), x)
+    (h,) = input_moments(model.apply, v, [x[:1], x[1:]]).values()
+    k = np.asarray(v["params"]["kernel"], np.float64)
+    view = _LinearView(to_rows_first(k, k.ndim - 1), k.shape, k.ndim - 1, h)
+    w = view.matrix(to_rows_first(k, k.ndim - 1))
+    y = np.asarray(model.apply(v, x), np.float64).reshape(-1, w.shape[0])
+    np.testing.assert_allclose(w @ h @ w.T, y.T @ y / len(y), rtol=1e-4, atol=1e-6)
+    return h, view
+
+
+@pytest.mark.parametrize(("kw", "shape", "columns", "input_axes"), [
+    (dict(features=(3, 4), axis=-1), (3, 5, 8), 8, 1),                  # attention's q / k / v projection
+    (dict(features=6, axis=(-2, -1)), (3, 5, 2, 4), 8, None),           # its output projection
+    (dict(features=(2, 3), axis=(1, 2)), (3, 2, 4, 5), 8, 2),           # inputs in the middle, 4-D kernel
+    (dict(features=(2, 3), axis=(2, 1)), (3, 2, 4, 5), 8, 2),           # contracted in another order
+    (dict(features=(1, 3), axis=(-2, -1)), (3, 5, 2, 4), 8, None),      # a size-1 feature axis
+    (dict(features=5, axis=(-3, -1)), (3, 2, 4, 3), 6, None),           # not adjacent
+])
+def test_dense_general_input_moments_give_the_output_energy(kw, shape, columns, input_axes):
+    """A DenseGeneral is ``y = W x`` over its contracted axes: its moments predict its output
+    moments with the kernel laid out as error feedback lays it out (NNR rows for one feature axis;
+    each ``(feature...)`` output a row of its inputs for several)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    h, view = _output_energy_check(nn.DenseGeneral(use_bias=False, **kw), x)
+    assert h.shape == (columns, columns) and view.input_axes == input_axes
+
+
+def test_dense_general_moments_take_the_mask_and_skip_batch_dims():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 8))
+    keep = np.zeros((2, 7), bool)
+    keep[:, :3] = True
+    model = nn.DenseGeneral((2, 4), use_bias=False)
+    v = model.init(jax.random.PRNGKey(1), x)
+    (h,) = input_moments(model.apply, v, x, mask=lambda b: keep).values()
+    kept = np.asarray(x[:, :3], np.float64).reshape(-1, 8)
+    np.testing.assert_allclose(h, kept.T @ kept / 6, rtol=1e-5)
+    batched = nn.DenseGeneral((2, 4), batch_dims=(0,))  # one kernel slice per batch index: no H of the kernel
+    with pytest.raises(InputError, match="no flax.linen.Dense or"):
+        input_moments(batched.apply, batched.init(jax.random.PRNGKey(1), x), x)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(kernel_size=(2, 2), strides=(2, 2)),
+    dict(kernel_size=(3, 3), strides=2, padding="VALID"),
+    dict(kernel_size=(2, 3), strides=(3, 1), padding="VALID", kernel_dilation=(2, 1)),
+    dict(kernel_size=(2, 3), strides=(1, 2), padding=((1, 2), (0, 1))),
+    dict(kernel_size=(3, 3), strides=2),
+    dict(kernel_size=(4,), strides=3),
+])
+def test_conv_transpose_input_moments_give_the_output_energy(kw):
+    """A transposed convolution is the convolution of its input dilated by its strides: the moments
+    of those patches predict its output moments, ``E[y y^T] = W H W^T``."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3,) + (6,) * len(kw["kernel_size"]) + (4,))
+    h, _ = _output_energy_check(nn.ConvTranspose(5, use_bias=False, **kw), x)
+    assert h.shape == (4 * int(np.prod(kw["kernel_size"])),) * 2
+
+
+@pytest.mark.parametrize("kw", [dict(transpose_kernel=True), dict(padding="CIRCULAR")])
+def test_transposed_kernels_and_circular_transposed_convolutions_are_left_out(kw):
+    model = nn.ConvTranspose(5, (2, 2), strides=(2, 2), **kw)
+    x = jnp.ones((2, 4, 4, 3))
+    with pytest.raises(InputError, match="no flax.linen.Dense or"):
+        input_moments(model.apply, model.init(jax.random.PRNGKey(0), x), x)
+
+
 @pytest.mark.parametrize("stride", [1, 3, 7, 1000])
 def test_patch_stride_keeps_every_kth_patch(stride):
     """With ``patch_stride=k`` a convolution's moments are those of every k-th output position of the
@@ -374,6 +445,58 @@ def test_with_error_feedback_codes_conv_kernels():
         rows = lambda a: np.asarray(nncjax.reduce.flax_to_nnr(a)).reshape(a.shape[-1], -1)
         assert layer_output_error(rows(orig[n]), rows(dec_new[n]), check[n]) <= layer_output_error(
             rows(orig[n]), rows(dec_ref[n]), check[n]) * (1 + 1e-5)
+
+
+class _Attention(nn.Module):
+    """Flax's own multi-head attention: DenseGeneral q / k / v kernels ``(32, 4, 8)``, out ``(4, 8, 32)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(h, h)
+        return nn.Dense(3, name="head")(x.mean(1))
+
+
+def _tokens(key, n):
+    """``(n, 6, 32)`` activations with a common direction (correlated features, as in transformers)."""
+    a, b = jax.random.split(key)
+    direction = jax.random.normal(jax.random.PRNGKey(9), (1, 1, 32))
+    return 2 * jax.random.normal(a, (n, 6, 1)) * direction + jax.random.normal(b, (n, 6, 32))
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_with_error_feedback_codes_attention_projections(dq):
+    """GPTQ on flax's attention: each q / k / v output ``(head, d)`` is a row over the ``D`` inputs,
+    the output projection a Dense over ``heads * d`` inputs (NNR order). Every projection moves to a
+    coarser QP at no more held-out layer-output error and fewer bits, uniform GPTQ even where the
+    codec's DQ trellis is the reference (the trellis runs along the codec's rows, not these), and
+    the stream decodes to exactly the GPTQ weights."""
+    from nncjax.error_feedback import _LinearView
+    from nncjax.rd_settings import to_rows_first
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    m = _Attention()
+    v = m.init(keys[3], _tokens(keys[0], 2))
+    fit, check = (input_moments(m.apply, v, _tokens(k, 256), progress=False) for k in keys[1:3])
+    projections = [f"params/attn/{p}/kernel" for p in ("query", "key", "value", "out")]
+    assert set(projections) <= set(fit) and all(fit[n].shape == (32, 32) for n in projections)
+    rd = optimize(v, m.apply, [_tokens(keys[0], 64)], lam=3e-3, dq=dq, init="sensitivity", steps=0,
+                  progress=False)
+    p_g, rd_g = with_error_feedback(v, rd, fit, check_moments=check, dq="auto" if dq else False, progress=False)
+    dec_new, dec_ref, orig = (flatten_named(t) for t in (verify(p_g, rd_g).params, verify(v, rd).params, v))
+    for n in projections:
+        assert rd_g.dq_overrides[n] is False
+        assert rd_g.qp_overrides[n] > rd.qp_overrides[n] and rd_g.tensor_bits[n] < rd.tensor_bits[n]
+        np.testing.assert_array_equal(np.asarray(dec_new[n]), np.asarray(flatten_named(p_g)[n]))
+        k = np.asarray(orig[n])
+        view = _LinearView(to_rows_first(k, k.ndim - 1), k.shape, k.ndim - 1, fit[n])
+        assert view.input_axes == (1 if n.split("/")[2] != "out" else None)
+        def mat(a, view=view, k=k):
+            return view.matrix(to_rows_first(np.asarray(a, np.float32), k.ndim - 1))
+
+        assert layer_output_error(mat(k), mat(dec_new[n]), check[n]) <= layer_output_error(
+            mat(k), mat(dec_ref[n]), check[n]) * (1 + 1e-5)
+    assert verify(p_g, rd_g).nbytes < verify(v, rd).nbytes
 
 
 def test_with_error_feedback_moves_the_rd_point_down(digits):

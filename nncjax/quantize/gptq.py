@@ -51,6 +51,7 @@ from nncjax.errors import InputError, UnsupportedError
 from nncjax.quantize.dq import _PRED as _DQ_PRED
 from nncjax.quantize.dq import _state_candidates
 from nncjax.quantize.uniform import round_half_away
+from nncjax.reduce.layout import flax_to_nnr_perm
 
 __all__ = ["input_moments", "layer_output_error", "quantize_gptq"]
 
@@ -296,26 +297,51 @@ def layer_output_error(w: jax.Array, w_hat: jax.Array, h: jax.Array) -> jax.Arra
 _SLICED_OFFSETS = 64  # kernels up to this many offsets are unrolled into strided views (trace size grows)
 
 
+def _transpose_pads(k: int, s: int, padding: str) -> tuple[int, int]:
+    """Padding of the convolution a ``"SAME"`` / ``"VALID"`` transposed convolution of stride ``s``
+    and dilated kernel size ``k`` runs on its input dilated by ``s`` (``jax.lax.conv_transpose``'s rule)."""
+    if padding == "SAME":
+        total = k + s - 2
+        before = k - 1 if s > k - 1 else -(-total // 2)
+    else:
+        total = k + s - 2 + max(k - s, 0)
+        before = k - 1
+    return before, total - before
+
+
 def _conv_patches(module, x: jax.Array) -> jax.Array | None:
-    """The input patches of a ``flax.linen.Conv`` call, ``(positions, inputs * prod(kernel_size))``
-    with each patch in the column order of the kernel's NNR rows (input channel, then kernel
-    offsets), so that ``y = patches @ flax_to_nnr(kernel).reshape(outputs, -1).T``; None for the
-    convolutions GPTQ leaves alone (grouped or masked kernels). Padding, strides and dilations are
-    canonicalised exactly as the module does."""
+    """The input patches of a ``flax.linen.Conv`` or ``ConvTranspose`` call, ``(positions, inputs *
+    prod(kernel_size))`` with each patch in the column order of the kernel's NNR rows (input channel,
+    then kernel offsets), so that ``y = patches @ flax_to_nnr(kernel).reshape(outputs, -1).T``; None
+    for the convolutions GPTQ leaves alone: grouped or masked kernels, a transposed kernel
+    (``transpose_kernel=True``: its last axis, the NNR rows, holds inputs) and circular transposed
+    convolutions (their outputs wrap around). Padding, strides and dilations are canonicalised
+    exactly as the module does; a transposed convolution is the convolution of its input dilated by
+    its strides."""
     import flax.linen as nn
 
-    if module.feature_group_count != 1 or module.mask is not None:
+    if module.mask is not None or getattr(module, "feature_group_count", 1) != 1:
         return None
     ks = (module.kernel_size,) if isinstance(module.kernel_size, int) else tuple(module.kernel_size)
     wide = lambda v: tuple(v) if isinstance(v, Sequence) else (1 if v is None else int(v),) * len(ks)
-    strides, in_dil, k_dil = wide(module.strides), wide(module.input_dilation), wide(module.kernel_dilation)
+    k_dil = wide(module.kernel_dilation)
+    dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
+    padding = nn.linear.canonicalize_padding(module.padding, len(ks))
+    if isinstance(module, nn.ConvTranspose):
+        if module.transpose_kernel or isinstance(padding, str) and padding not in ("SAME", "VALID"):
+            return None
+        strides, in_dil = (1,) * len(ks), wide(module.strides)
+        if isinstance(padding, str):
+            padding = [_transpose_pads(k, s, padding) for k, s in zip(dilated, in_dil)]
+    else:
+        strides, in_dil = wide(module.strides), wide(module.input_dilation)
+    if not isinstance(padding, str) and any(p < 0 for pair in padding for p in pair):
+        return None  # negative padding crops the input: not a patch layout this builds
     x = x.reshape((-1,) + x.shape[x.ndim - len(ks) - 1:])
     if any(d > 1 for d in in_dil):  # input dilation: zeros between the inputs
         spatial = tuple((n - 1) * d + 1 for n, d in zip(x.shape[1:-1], in_dil))
         x = jnp.zeros((x.shape[0], *spatial, x.shape[-1]), x.dtype).at[
             (slice(None), *(slice(None, None, d) for d in in_dil))].set(x)
-    dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
-    padding = nn.linear.canonicalize_padding(module.padding, len(ks))
     if padding in ("CIRCULAR", "REFLECT"):
         pads = [((k - 1) // 2, k // 2) for k in dilated]
         x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
@@ -339,11 +365,36 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
     return jnp.stack(views, axis=-1).reshape(-1, x.shape[-1] * math.prod(ks))
 
 
+def _dense_inputs(module, x: jax.Array, kernel_shape: tuple[int, ...]) -> tuple[jax.Array, tuple] | None:
+    """A ``flax.linen.Dense`` or ``DenseGeneral`` call's input vectors ``(positions, inputs)`` and the
+    shape of its positions (the axes it does not contract); None for a ``DenseGeneral`` with
+    ``batch_dims`` (one kernel slice per batch index).
+
+    The inputs are the contracted axes flattened. Where the kernel has one output axis of size above 1
+    (``Dense``, a ``DenseGeneral`` with one feature axis), they are in the column order of the
+    kernel's NNR rows; a ``DenseGeneral`` with several feature axes (attention's ``(D, heads, d)``
+    projections) keeps the kernel's own input order, and error feedback finds its rows by size."""
+    if getattr(module, "batch_dims", ()):
+        return None
+    axis = module.axis if isinstance(getattr(module, "axis", -1), Sequence) else (getattr(module, "axis", -1),)
+    axis = tuple(sorted(int(a) % x.ndim for a in axis))  # as DenseGeneral orders its kernel's input axes
+    x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    lead = x.shape[:x.ndim - len(axis)]
+    n = math.prod(x.shape[len(lead):])
+    x = x.reshape(-1, n)
+    if n == math.prod(kernel_shape[:-1]) and len(kernel_shape) > 2:
+        # the NNR layout's columns: the kernel's leading axes in flax_to_nnr_perm's order
+        order = np.transpose(np.arange(n).reshape(*kernel_shape[:-1], 1), flax_to_nnr_perm(len(kernel_shape)))
+        x = x[:, order.reshape(-1)]
+    return x, lead
+
+
 def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int, params: Any,
                    batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
-    """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense``
-    inputs and every ``patch_stride``-th ``Conv`` input patch, and the layers skipped
-    (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are weighted 0, not removed)."""
+    """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense`` /
+    ``DenseGeneral`` inputs and every ``patch_stride``-th ``Conv`` / ``ConvTranspose`` input patch, and
+    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are
+    weighted 0, not removed)."""
     import flax.linen as nn
 
     from nncjax._layer_stats import LayerSums, kernel_name, mapped_kernel
@@ -351,10 +402,11 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
 
     flat = flatten_named(params)
     keep = None if mask is None else jnp.asarray(mask(batch))
+    linear = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
     out = LayerSums()
 
     def intercept(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, (nn.Dense, nn.Conv)):
+        if context.method_name == "__call__" and isinstance(context.module, linear):
             layer = "/".join(context.module.path)
             name = kernel_name(tuple(context.module.path), flat)
             if name is None:
@@ -363,14 +415,15 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
                 out.skip(name)
                 return next_fun(*args, **kwargs)
             x = jnp.asarray(args[0], jnp.float32)
-            if isinstance(context.module, nn.Dense):
+            if isinstance(context.module, (nn.Dense, nn.DenseGeneral)):
+                x, lead = _dense_inputs(context.module, x, np.shape(flat[name])) or (None, ())
                 try:  # e.g. a layer under nn.vmap sees one element of the batch the mask covers
-                    weight = jnp.ones(x.shape[:-1], jnp.float32) if keep is None else jnp.broadcast_to(
-                        keep, x.shape[:-1]).astype(jnp.float32)
+                    weight = jnp.ones(lead, jnp.float32) if keep is None or x is None else jnp.broadcast_to(
+                        keep, lead).astype(jnp.float32)
                 except ValueError as e:
-                    raise InputError(f"mask of shape {keep.shape} does not fit the inputs {x.shape} "
+                    raise InputError(f"mask of shape {keep.shape} does not fit the inputs {args[0].shape} "
                                      f"of {layer!r}") from e
-                x, weight = x.reshape(-1, x.shape[-1]), weight.reshape(-1)
+                weight = weight.reshape(-1)
             else:
                 x = _conv_patches(context.module, x)
                 x = None if x is None else x[::patch_stride]
@@ -396,12 +449,20 @@ def input_moments(
     patch_stride: int = 1,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen.Dense`` and ``Conv`` layer.
+    """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen`` ``Dense``, ``DenseGeneral``,
+    ``Conv`` and ``ConvTranspose`` layer.
 
     A ``Dense`` layer's inputs are its input vectors; a convolution's are its input patches (one per
     output position, input channels times kernel offsets, in the order of the kernel's NNR rows,
-    :func:`nncjax.reduce.flax_to_nnr`), since ``y = W x`` holds per position. Grouped (depthwise)
-    and masked convolutions are left out. The model is traced under
+    :func:`nncjax.reduce.flax_to_nnr`), since ``y = W x`` holds per position; a transposed
+    convolution's are the patches of its input dilated by its strides. A ``DenseGeneral``'s inputs
+    are its contracted axes, flattened: in the column order of the kernel's NNR rows where it has
+    one feature axis (attention's output projection ``(heads, d, D)``: ``heads * d`` inputs), in the
+    kernel's own order where it has several (attention's q / k / v projections ``(D, heads, d)``:
+    ``D`` inputs, and :func:`nncjax.with_error_feedback` takes each ``(head, d)`` output as a row).
+    Left out: grouped (depthwise) and masked convolutions, transposed convolutions with
+    ``transpose_kernel=True`` or circular padding, ``DenseGeneral`` with ``batch_dims``, and
+    ``Einsum`` layers (their kernels' axes follow the equation). The model is traced under
     :func:`flax.linen.intercept_methods`; a layer called several times pools all its inputs. The
     trace is compiled once per batch shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped
     first, or its layers would hide behind the compiled call); a model that cannot be traced that
@@ -417,9 +478,9 @@ def input_moments(
       apply_fn: ``apply_fn(params, batch)`` running a Flax linen model.
       params: its parameters (Flax variables; kernels are found under the module paths).
       data: one batch or a list of batches.
-      mask: optional ``mask(batch) -> bool array`` over the leading axes of the ``Dense`` inputs
-        (e.g. a text model's attention mask, so that padding positions do not count); convolutions
-        count every position.
+      mask: optional ``mask(batch) -> bool array`` over the axes a ``Dense`` / ``DenseGeneral`` layer
+        does not contract (e.g. a text model's attention mask, so that padding positions do not
+        count); convolutions count every position.
       patch_stride: keep every ``patch_stride``-th convolution patch of a batch (batch-major raster
         order of the output positions). Neighbouring patches overlap, so a subset estimates ``H``
         almost as well for a fraction of the ``patches x inputs**2`` matmul; on the Fashion-MNIST
@@ -433,7 +494,7 @@ def input_moments(
       ``I * prod(k)`` inputs.
 
     Raises:
-      InputError: empty ``data``, no ``Dense`` or ``Conv`` layer seen, ``patch_stride`` not an
+      InputError: empty ``data``, no layer of those kinds seen, ``patch_stride`` not an
         integer >= 1, or a ``mask`` that does not fit a ``Dense`` layer's inputs.
       UnsupportedError: every layer seen has a kernel mapped by ``nn.scan`` / ``nn.vmap`` (the
         message names them).
@@ -459,5 +520,6 @@ def input_moments(
         raise UnsupportedError(f"every layer's kernel is mapped by a lifted transform (nn.scan / nn.vmap over "
                                f"'params': one stacked kernel for several layers, whose inputs differ): {skipped}")
     if not moments:
-        raise InputError("the model called no flax.linen.Dense or (ungrouped) Conv layer")
+        raise InputError("the model called no flax.linen.Dense or Conv layer that GPTQ takes (Dense, DenseGeneral "
+                         "without batch_dims, ungrouped unmasked Conv, ConvTranspose)")
     return moments
