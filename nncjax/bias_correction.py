@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,20 +58,45 @@ def decoded_params(params: Any, settings: RDSettings) -> Any:
     return settings.restore(flat, like=params)
 
 
+def _per_output(module: Any, d: jax.Array, args: tuple, kwargs: dict) -> jax.Array | None:
+    """A linear layer's output differences ``d`` as float32 ``(positions, *bias shape)``: the
+    trailing feature axes of ``Dense`` (one), ``DenseGeneral`` (its ``features``), ``Conv`` and
+    ``ConvTranspose`` (the channels); an ``Einsum``'s output axes its kernel has, wherever they are.
+    None for a ``DenseGeneral`` with ``batch_dims`` (its bias is per batch index too)."""
+    import flax.linen as nn
+
+    if isinstance(module, nn.Einsum):
+        import opt_einsum  # flax's own dependency: ellipses expanded as Einsum expands them
+
+        spec = module.einsum_str or kwargs.get("einsum_str") or args[1]
+        operands, out, _ = opt_einsum.parser.parse_einsum_input(
+            (spec.replace(" ", ""), args[0], jax.ShapeDtypeStruct(tuple(module.shape), jnp.float32)))
+        kept = [i for i, c in enumerate(out) if c in operands.split(",")[1]]
+        d = jnp.moveaxis(d, kept, tuple(range(d.ndim - len(kept), d.ndim)))
+        n_out = len(kept)
+    elif getattr(module, "batch_dims", ()):
+        return None
+    else:
+        features = getattr(module, "features", None)
+        n_out = len(features) if isinstance(features, Sequence) else 1
+    return d.reshape(-1, *d.shape[d.ndim - n_out:]).astype(jnp.float32)
+
+
 def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat: Any,
                   batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
     """``{kernel name: (sum over positions of y - y_hat (channels,), positions)}`` for one batch, and
-    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); each ``Dense``/``Conv`` layer gets
+    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); each linear layer (:func:`_per_output`) gets
     the float model's input and runs with its float and its decoded kernel."""
     import flax.linen as nn
 
     hat = flatten_named(params_hat)
+    linear = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
     out = LayerSums()
     busy = []  # the layer re-applied with the decoded kernel must not be intercepted itself
 
     def intercept(next_fun, args, kwargs, context):
         mod = context.module
-        if busy or context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.Conv)):
+        if busy or context.method_name != "__call__" or not isinstance(mod, linear):
             return next_fun(*args, **kwargs)
         name = kernel_name(tuple(mod.path), names)
         y = next_fun(*args, **kwargs)
@@ -85,8 +111,9 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
             y_hat = mod.clone(parent=None).apply({"params": own}, *args, **kwargs)
         finally:
             busy.pop()
-        d = (y - y_hat).reshape(-1, y.shape[-1]).astype(jnp.float32)
-        out.add(name, jnp.sum(d, 0), d.shape[0])
+        d = _per_output(mod, y - y_hat, args, kwargs)
+        if d is not None:
+            out.add(name, jnp.sum(d, 0), d.shape[0])
         return y
 
     with nn.intercept_methods(intercept):
@@ -95,8 +122,9 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
 
 
 def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: Any, data: Any) -> dict[str, np.ndarray]:
-    """Mean output shift ``E[y - y_hat]`` per output channel of every Flax ``Dense``/``Conv`` layer
-    whose kernel differs between ``params`` and ``params_hat``, on the float model's activations.
+    """Mean output shift ``E[y - y_hat]`` per bias entry of every Flax ``Dense``, ``DenseGeneral``,
+    ``Einsum``, ``Conv`` or ``ConvTranspose`` layer whose kernel differs between ``params`` and
+    ``params_hat``, on the float model's activations (``DenseGeneral`` with ``batch_dims`` is left out).
 
     Layers inside Flax lifted transforms count as they run: under ``nn.remat`` / ``nn.checkpoint``
     exactly as without it, under ``nn.scan`` / ``nn.vmap`` with broadcast parameters pooled over the
@@ -111,7 +139,8 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
       data: one batch or a list of batches.
 
     Returns:
-      ``{kernel name: float64 (output channels,)}``.
+      ``{kernel name: float64 array of the layer's bias shape}``: ``(output channels,)``, or e.g.
+      ``(heads, d)`` for attention's q / k / v projections.
 
     Raises:
       InputError: empty ``data``.
@@ -143,7 +172,7 @@ def with_bias_correction(params: Any, settings: RDSettings, apply_fn: Callable[[
                          reference: Any = None) -> tuple[Any, RDSettings]:
     """Moves each quantized layer's mean output shift into a bias the bitstream already carries.
 
-    For every optimised ``Dense``/``Conv`` kernel, the shift ``E[y - y_hat]`` (:func:`output_shifts`:
+    For every optimised kernel of a linear layer, the shift ``E[y - y_hat]`` (:func:`output_shifts`:
     ``y`` from ``reference``, ``y_hat`` from the weights :func:`decoded_params` gives for ``params``,
     on ``data``) is added to the layer's own
     bias; a layer without one that feeds a batch norm (``bn_pairs``) has it subtracted from that batch

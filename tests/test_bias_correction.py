@@ -123,6 +123,58 @@ def test_kernels_stacked_by_scan_and_vmap_are_left_alone(kind):
         output_shifts(model.apply, v, only_blk, x)
 
 
+@pytest.mark.parametrize(("model", "shape", "move"), [
+    (nn.DenseGeneral((2, 3), axis=-1), (4, 5, 6), None),                  # attention's q / k / v: bias (2, 3)
+    (nn.DenseGeneral(6, axis=(-2, -1)), (4, 5, 2, 3), None),              # its output projection
+    (nn.Einsum((2, 3, 4), "btnh,nhf->btf"), (4, 5, 2, 3), None),
+    (nn.Einsum((2, 3, 4), "btnh,nhf->bft"), (4, 5, 2, 3), 1),             # the bias axis is not last
+    (nn.Einsum((2, 3, 4), "...nh,nhf->...f"), (4, 5, 2, 3), None),
+    (nn.ConvTranspose(4, (2, 2), strides=(2, 2)), (4, 3, 3, 2), None),
+])
+def test_output_shifts_of_general_linear_layers_fit_their_biases(model, shape, move):
+    """DenseGeneral, Einsum and ConvTranspose: the shift is the mean output difference over every
+    position, per bias entry, wherever the einsum puts the bias's axes."""
+    x = jax.random.uniform(jax.random.PRNGKey(0), shape)
+    v = model.init(jax.random.PRNGKey(1), x)
+    v_hat = {"params": dict(v["params"], kernel=v["params"]["kernel"] + 0.05)}
+    (shift,) = output_shifts(model.apply, v, v_hat, [x[:2], x[2:]]).values()
+    d = np.asarray(model.apply(v, x) - model.apply(v_hat, x), np.float64)
+    d = d if move is None else np.moveaxis(d, move, -1)
+    bias = v["params"]["bias"]
+    assert shift.shape == bias.shape
+    np.testing.assert_allclose(shift, d.reshape(-1, *bias.shape).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_general_with_batch_dims_is_left_alone():
+    model = nn.DenseGeneral((2, 3), batch_dims=(0,))  # its bias is per batch index as well
+    x = jnp.ones((2, 5, 4))
+    v = model.init(jax.random.PRNGKey(1), x)
+    assert output_shifts(model.apply, v, {"params": dict(v["params"], kernel=v["params"]["kernel"] + 1)}, x) == {}
+
+
+def test_attention_projections_are_corrected():
+    """Flax's multi-head attention: the q / k / v biases ``(heads, d)`` and the output bias take their
+    layers' shifts, and the decoded model's mean output moves back towards the float model's."""
+
+    class Attention(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x, x)
+
+    x = 1.0 + jax.random.uniform(jax.random.PRNGKey(0), (32, 5, 8))  # a mean for the errors to shift
+    model = Attention()
+    v = model.init(jax.random.PRNGKey(1), x[:1])
+    rd = optimize(v, model.apply, x, lam=3e-2, base_qp=-20, init="sensitivity", steps=0, progress=False)
+    v_bc, rd_bc = with_bias_correction(v, rd, model.apply, x)
+    assert _changed(v, v_bc) == {f"params/attn/{p}/bias" for p in ("query", "key", "value", "out")}
+
+    def out(p):
+        return np.asarray(model.apply(p, x), np.float64).mean((0, 1))
+
+    want = out(v)
+    assert np.abs(out(verify(v_bc, rd_bc).params) - want).max() < np.abs(out(verify(v, rd).params) - want).max()
+
+
 def test_reference_corrects_kernels_that_params_holds_quantized(setup):
     """After with_error_feedback the params hold the GPTQ kernels themselves: measured against them,
     their shift is zero and nothing is corrected; against ``reference`` (the float model) the decoded
