@@ -51,6 +51,18 @@ def mapped_kernel(module: Any, kernel: Any) -> bool:
     return np.shape(module.scope.get_variable("params", "kernel")) != np.shape(kernel)
 
 
+def einsum_letters(module: Any, args: tuple, kwargs: dict) -> tuple[str, str, str]:
+    """The ``(input, kernel, output)`` index letters of a ``flax.linen.Einsum`` call with ``args`` /
+    ``kwargs``, ellipses expanded as Einsum expands them (its equation may come with the call)."""
+    import opt_einsum  # flax's own dependency, and Einsum's parser
+
+    spec = module.einsum_str or kwargs.get("einsum_str") or args[1]
+    operands, out, _ = opt_einsum.parser.parse_einsum_input(
+        (spec.replace(" ", ""), args[0], jax.ShapeDtypeStruct(tuple(module.shape), jnp.float32)))
+    lhs, rhs = operands.split(",")
+    return lhs, rhs, out
+
+
 # io_callback sums of the one batch_means call running (the lock), per name: [float64 sum, count]
 _host_lock, _host_add_lock = threading.Lock(), threading.Lock()
 _host_sums: dict[str, list] = {}

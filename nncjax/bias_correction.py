@@ -18,11 +18,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax._layer_stats import LayerSums, batch_means, kernel_name, mapped_kernel, unwrap_jit
+from nncjax._layer_stats import LayerSums, batch_means, einsum_letters, kernel_name, mapped_kernel, unwrap_jit
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
 from nncjax.errors import InputError, UnsupportedError
 from nncjax.pytree_names import flatten_named, is_kernel_name
@@ -58,7 +57,7 @@ def decoded_params(params: Any, settings: RDSettings) -> Any:
     return settings.restore(flat, like=params)
 
 
-def _per_output(module: Any, d: jax.Array, args: tuple, kwargs: dict) -> jax.Array | None:
+def _per_output(module: Any, d: jnp.ndarray, args: tuple, kwargs: dict) -> jnp.ndarray | None:
     """A linear layer's output differences ``d`` as float32 ``(positions, *bias shape)``: the
     trailing feature axes of ``Dense`` (one), ``DenseGeneral`` (its ``features``), ``Conv`` and
     ``ConvTranspose`` (the channels); an ``Einsum``'s output axes its kernel has, wherever they are.
@@ -66,12 +65,8 @@ def _per_output(module: Any, d: jax.Array, args: tuple, kwargs: dict) -> jax.Arr
     import flax.linen as nn
 
     if isinstance(module, nn.Einsum):
-        import opt_einsum  # flax's own dependency: ellipses expanded as Einsum expands them
-
-        spec = module.einsum_str or kwargs.get("einsum_str") or args[1]
-        operands, out, _ = opt_einsum.parser.parse_einsum_input(
-            (spec.replace(" ", ""), args[0], jax.ShapeDtypeStruct(tuple(module.shape), jnp.float32)))
-        kept = [i for i, c in enumerate(out) if c in operands.split(",")[1]]
+        _, rhs, out = einsum_letters(module, args, kwargs)
+        kept = [i for i, c in enumerate(out) if c in rhs]
         d = jnp.moveaxis(d, kept, tuple(range(d.ndim - len(kept), d.ndim)))
         n_out = len(kept)
     elif getattr(module, "batch_dims", ()):

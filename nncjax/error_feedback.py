@@ -169,7 +169,7 @@ def with_error_feedback(params: Any, settings: RDSettings, moments: Mapping[str,
       params: the model parameters ``settings`` was optimised for (same names).
       settings: :func:`nncjax.optimize`'s result.
       moments: ``{name: (columns, columns)}``, the quadratic form of a row's error that GPTQ fits:
-        for a Dense, DenseGeneral, Conv or ConvTranspose kernel the second moments of its inputs
+        for a Dense, DenseGeneral, Einsum, Conv or ConvTranspose kernel the second moments of its inputs
         (:func:`nncjax.quantize.gptq.input_moments`); for a lookup table (a token embedding) the
         output-side :func:`nncjax.sensitivity.row_moments`. The tensor's rows-first form
         (:func:`nncjax.rd_settings.rows_axis`; NNR layout ``(outputs, inputs, *kernel)`` for Flax

@@ -328,21 +328,36 @@ def _output_energy_check(model, x):
     return h, view
 
 
-@pytest.mark.parametrize(("kw", "shape", "columns", "input_axes"), [
-    (dict(features=(3, 4), axis=-1), (3, 5, 8), 8, 1),                  # attention's q / k / v projection
-    (dict(features=6, axis=(-2, -1)), (3, 5, 2, 4), 8, None),           # its output projection
-    (dict(features=(2, 3), axis=(1, 2)), (3, 2, 4, 5), 8, 2),           # inputs in the middle, 4-D kernel
-    (dict(features=(2, 3), axis=(2, 1)), (3, 2, 4, 5), 8, 2),           # contracted in another order
-    (dict(features=(1, 3), axis=(-2, -1)), (3, 5, 2, 4), 8, None),      # a size-1 feature axis
-    (dict(features=5, axis=(-3, -1)), (3, 2, 4, 3), 6, None),           # not adjacent
+@pytest.mark.parametrize(("model", "shape", "columns", "input_axes"), [
+    (nn.DenseGeneral((3, 4), axis=-1), (3, 5, 8), 8, 1),                # attention's q / k / v projection
+    (nn.DenseGeneral(6, axis=(-2, -1)), (3, 5, 2, 4), 8, None),         # its output projection
+    (nn.DenseGeneral((2, 3), axis=(1, 2)), (3, 2, 4, 5), 8, 2),         # inputs in the middle, 4-D kernel
+    (nn.DenseGeneral((2, 3), axis=(2, 1)), (3, 2, 4, 5), 8, 2),         # contracted in another order
+    (nn.DenseGeneral((1, 3), axis=(-2, -1)), (3, 5, 2, 4), 8, None),    # a size-1 feature axis
+    (nn.DenseGeneral(5, axis=(-3, -1)), (3, 2, 4, 3), 6, None),         # not adjacent
+    (nn.Einsum((2, 4, 3), "btnh,nhf->btf"), (3, 5, 2, 4), 8, None),
+    (nn.Einsum((4, 2, 3), "btnh,hnf->btf"), (3, 5, 2, 4), 8, None),     # inputs in another order than x's
+    (nn.Einsum((2, 4, 3), "...nh,nhf->...f"), (3, 5, 2, 4), 8, None),
+    (nn.Einsum((4, 3, 5), "btnh,hfg->btnfg"), (3, 5, 2, 4), 4, 1),
 ])
-def test_dense_general_input_moments_give_the_output_energy(kw, shape, columns, input_axes):
-    """A DenseGeneral is ``y = W x`` over its contracted axes: its moments predict its output
-    moments with the kernel laid out as error feedback lays it out (NNR rows for one feature axis;
-    each ``(feature...)`` output a row of its inputs for several)."""
+def test_dense_general_and_einsum_input_moments_give_the_output_energy(model, shape, columns, input_axes):
+    """DenseGeneral and Einsum are ``y = W x`` over their contracted axes: their moments predict
+    their output moments with the kernel laid out as error feedback lays it out (NNR rows for one
+    output axis; each output of several axes a row of its inputs)."""
     x = jax.random.normal(jax.random.PRNGKey(0), shape)
-    h, view = _output_energy_check(nn.DenseGeneral(use_bias=False, **kw), x)
+    h, view = _output_energy_check(model.copy(use_bias=False), x)
     assert h.shape == (columns, columns) and view.input_axes == input_axes
+
+
+@pytest.mark.parametrize("spec", ["btnh,fh->btnf", "btnh,nhf->bf", "btnh,nhf->btnf", "btnh,nhfn->btf"])
+def test_einsums_that_are_not_inputs_then_outputs_are_left_out(spec):
+    """An output index first in the kernel, an index summed away, one matrix per head, a repeated
+    index: no moments of the kernel's leading axes."""
+    shape = {"btnh,fh->btnf": (3, 4), "btnh,nhfn->btf": (2, 4, 3, 2)}.get(spec, (2, 4, 3))
+    model = nn.Einsum(shape, spec, use_bias=False)
+    x = jnp.ones((3, 5, 2, 4))
+    with pytest.raises(InputError, match="no flax.linen.Dense or"):
+        input_moments(model.apply, model.init(jax.random.PRNGKey(0), x), x)
 
 
 def test_dense_general_moments_take_the_mask_and_skip_batch_dims():

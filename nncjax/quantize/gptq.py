@@ -365,21 +365,40 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
     return jnp.stack(views, axis=-1).reshape(-1, x.shape[-1] * math.prod(ks))
 
 
-def _dense_inputs(module, x: jax.Array, kernel_shape: tuple[int, ...]) -> tuple[jax.Array, tuple] | None:
-    """A ``flax.linen.Dense`` or ``DenseGeneral`` call's input vectors ``(positions, inputs)`` and the
-    shape of its positions (the axes it does not contract); None for a ``DenseGeneral`` with
-    ``batch_dims`` (one kernel slice per batch index).
+def _contracted_axes(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
+    """The axes of a ``Dense`` / ``DenseGeneral`` / ``Einsum`` call's input ``x`` that it contracts with
+    its kernel's leading axes, in the kernel's order; None where the kernel is not inputs then
+    outputs: ``DenseGeneral`` with ``batch_dims``, an ``Einsum`` whose kernel shares an index with
+    the output as well as the input (one matrix per index), puts an output index before an input
+    one, or sums an index of either operand alone."""
+    import flax.linen as nn
 
-    The inputs are the contracted axes flattened. Where the kernel has one output axis of size above 1
-    (``Dense``, a ``DenseGeneral`` with one feature axis), they are in the column order of the
-    kernel's NNR rows; a ``DenseGeneral`` with several feature axes (attention's ``(D, heads, d)``
-    projections) keeps the kernel's own input order, and error feedback finds its rows by size."""
+    from nncjax._layer_stats import einsum_letters
+
+    if isinstance(module, nn.Einsum):
+        lhs, rhs, out = einsum_letters(module, args, kwargs)
+        inputs = [c for c in rhs if c in lhs and c not in out]
+        if (len(set(lhs)) < len(lhs) or len(set(rhs)) < len(rhs) or any(c not in out for c in rhs if c not in lhs)
+                or any(c not in rhs and c not in out for c in lhs) or rhs[:len(inputs)] != "".join(inputs)
+                or any(c in lhs for c in rhs[len(inputs):])):
+            return None
+        return tuple(lhs.index(c) for c in inputs)
     if getattr(module, "batch_dims", ()):
         return None
     axis = module.axis if isinstance(getattr(module, "axis", -1), Sequence) else (getattr(module, "axis", -1),)
-    axis = tuple(sorted(int(a) % x.ndim for a in axis))  # as DenseGeneral orders its kernel's input axes
-    x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-    lead = x.shape[:x.ndim - len(axis)]
+    return tuple(sorted(int(a) % x.ndim for a in axis))  # as DenseGeneral orders its kernel's input axes
+
+
+def _dense_inputs(x: jax.Array, axes: tuple[int, ...], kernel_shape: tuple[int, ...]) -> tuple[jax.Array, tuple]:
+    """A dense layer's input vectors ``(positions, inputs)``, its contracted ``axes`` of ``x``
+    (:func:`_contracted_axes`) flattened, and the shape of its positions (the other axes).
+
+    Where the kernel has one output axis of size above 1 (``Dense``, a ``DenseGeneral`` with one
+    feature axis), the inputs are in the column order of the kernel's NNR rows; a kernel with several
+    output axes (attention's ``(D, heads, d)`` projections) keeps its own input order, and error
+    feedback finds its rows by size."""
+    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - len(axes), x.ndim)))
+    lead = x.shape[:x.ndim - len(axes)]
     n = math.prod(x.shape[len(lead):])
     x = x.reshape(-1, n)
     if n == math.prod(kernel_shape[:-1]) and len(kernel_shape) > 2:
@@ -392,7 +411,7 @@ def _dense_inputs(module, x: jax.Array, kernel_shape: tuple[int, ...]) -> tuple[
 def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int, params: Any,
                    batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
     """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense`` /
-    ``DenseGeneral`` inputs and every ``patch_stride``-th ``Conv`` / ``ConvTranspose`` input patch, and
+    ``DenseGeneral`` / ``Einsum`` inputs and every ``patch_stride``-th ``Conv`` / ``ConvTranspose`` input patch, and
     the layers skipped (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are
     weighted 0, not removed)."""
     import flax.linen as nn
@@ -402,7 +421,7 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
 
     flat = flatten_named(params)
     keep = None if mask is None else jnp.asarray(mask(batch))
-    linear = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)
+    linear = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
     out = LayerSums()
 
     def intercept(next_fun, args, kwargs, context):
@@ -415,8 +434,9 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
                 out.skip(name)
                 return next_fun(*args, **kwargs)
             x = jnp.asarray(args[0], jnp.float32)
-            if isinstance(context.module, (nn.Dense, nn.DenseGeneral)):
-                x, lead = _dense_inputs(context.module, x, np.shape(flat[name])) or (None, ())
+            if isinstance(context.module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+                axes = _contracted_axes(context.module, x, args, kwargs)
+                x, lead = (None, ()) if axes is None else _dense_inputs(x, axes, np.shape(flat[name]))
                 try:  # e.g. a layer under nn.vmap sees one element of the batch the mask covers
                     weight = jnp.ones(lead, jnp.float32) if keep is None or x is None else jnp.broadcast_to(
                         keep, lead).astype(jnp.float32)
@@ -450,19 +470,20 @@ def input_moments(
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen`` ``Dense``, ``DenseGeneral``,
-    ``Conv`` and ``ConvTranspose`` layer.
+    ``Einsum``, ``Conv`` and ``ConvTranspose`` layer.
 
     A ``Dense`` layer's inputs are its input vectors; a convolution's are its input patches (one per
     output position, input channels times kernel offsets, in the order of the kernel's NNR rows,
     :func:`nncjax.reduce.flax_to_nnr`), since ``y = W x`` holds per position; a transposed
-    convolution's are the patches of its input dilated by its strides. A ``DenseGeneral``'s inputs
-    are its contracted axes, flattened: in the column order of the kernel's NNR rows where it has
-    one feature axis (attention's output projection ``(heads, d, D)``: ``heads * d`` inputs), in the
+    convolution's are the patches of its input dilated by its strides. A ``DenseGeneral``'s or
+    ``Einsum``'s inputs are its contracted axes, flattened: in the column order of the kernel's NNR
+    rows where it has one output axis (attention's output projection ``(heads, d, D)``: ``heads * d`` inputs), in the
     kernel's own order where it has several (attention's q / k / v projections ``(D, heads, d)``:
     ``D`` inputs, and :func:`nncjax.with_error_feedback` takes each ``(head, d)`` output as a row).
     Left out: grouped (depthwise) and masked convolutions, transposed convolutions with
     ``transpose_kernel=True`` or circular padding, ``DenseGeneral`` with ``batch_dims``, and
-    ``Einsum`` layers (their kernels' axes follow the equation). The model is traced under
+    ``Einsum`` layers whose kernel is not its input indices then its output indices
+    (``"btd,fd->btf"``, one matrix per head as in ``"btnh,nhf->btnf"``, an index summed away). The model is traced under
     :func:`flax.linen.intercept_methods`; a layer called several times pools all its inputs. The
     trace is compiled once per batch shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped
     first, or its layers would hide behind the compiled call); a model that cannot be traced that
@@ -478,8 +499,8 @@ def input_moments(
       apply_fn: ``apply_fn(params, batch)`` running a Flax linen model.
       params: its parameters (Flax variables; kernels are found under the module paths).
       data: one batch or a list of batches.
-      mask: optional ``mask(batch) -> bool array`` over the axes a ``Dense`` / ``DenseGeneral`` layer
-        does not contract (e.g. a text model's attention mask, so that padding positions do not
+      mask: optional ``mask(batch) -> bool array`` over the axes a ``Dense`` / ``DenseGeneral`` /
+        ``Einsum`` layer does not contract (e.g. a text model's attention mask, so that padding positions do not
         count); convolutions count every position.
       patch_stride: keep every ``patch_stride``-th convolution patch of a batch (batch-major raster
         order of the output positions). Neighbouring patches overlap, so a subset estimates ``H``
@@ -521,5 +542,6 @@ def input_moments(
                                f"'params': one stacked kernel for several layers, whose inputs differ): {skipped}")
     if not moments:
         raise InputError("the model called no flax.linen.Dense or Conv layer that GPTQ takes (Dense, DenseGeneral "
-                         "without batch_dims, ungrouped unmasked Conv, ConvTranspose)")
+                         "without batch_dims, Einsum of inputs then outputs, ungrouped unmasked Conv, "
+                         "ConvTranspose)")
     return moments
