@@ -151,7 +151,8 @@ class CodingLayout:
         ['leaf', 'leaf', 'leaf', 'leaf', 'leaf', 'kernel']
         """
         if not isinstance(variables, Mapping) or "params" not in variables:
-            raise InputError("variables must be a Flax variable dict with a 'params' entry")
+            raise InputError("variables must be a Flax Linen variable dict with a 'params' entry (a flax.nnx "
+                             "state goes through nncjax.optimize, which takes any pytree)")
         if bn_pairs == "auto":
             pairs = find_bn_pairs(variables["params"]) if "batch_stats" in variables else []
         elif bn_pairs is None:

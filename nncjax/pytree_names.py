@@ -19,7 +19,7 @@ every pytree; only the order differs (insertion order here, jax's sorted dict ke
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -61,11 +61,20 @@ def key_path_name(path: tuple) -> str:
     """A ``jax.tree_util`` key path as a tensor name: its dict keys, attribute and namedtuple field
     names and sequence indices joined with ``"/"``. The one naming of pytree leaves in nncjax.
 
+    A last attribute ``value`` is left out: it is where a ``flax.nnx`` variable (``nnx.Param``,
+    ``nnx.BatchStat``) keeps its array, so an NNX state's kernel is ``"linear/kernel"`` as in Linen,
+    and names ending in ``"kernel"`` are laid out as Flax kernels (:func:`is_kernel_name`).
+
     >>> import collections, jax
     >>> P = collections.namedtuple("P", "w b")
     >>> [key_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path({"l": [P(1, 2)]})[0]]
     ['l/0/w', 'l/0/b']
+    >>> key_path_name((jax.tree_util.DictKey("linear"), jax.tree_util.DictKey("kernel"),
+    ...                jax.tree_util.GetAttrKey("value")))
+    'linear/kernel'
     """
+    if path and getattr(path[-1], "name", None) == "value" and type(path[-1]).__name__ == "GetAttrKey":
+        path = path[:-1]
     return _SEP.join(_key_str(e) for e in path)
 
 
@@ -95,6 +104,12 @@ def _is_namedtuple(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "_fields")
 
 
+def _join(prefix: str, key: Any) -> str:
+    """``prefix/key``; ``prefix`` alone for the empty key an NNX variable's array gets (:func:`key_path_name`)."""
+    key = str(key)
+    return f"{prefix}{_SEP}{key}" if prefix and key else prefix or key
+
+
 def _walk(node: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
     if node is None:
         return
@@ -116,7 +131,7 @@ def _walk(node: Any, prefix: str, out: list[tuple[str, Any]]) -> None:
             return
         items = [(key_path_name(path), leaf) for path, leaf in leaves]
     for key, child in items:
-        _walk(child, f"{prefix}{_SEP}{key}" if prefix else key, out)
+        _walk(child, _join(prefix, key), out)
 
 
 def flatten_named(params: Any) -> dict[str, Any]:
@@ -161,32 +176,43 @@ def unflatten_like(like: Any, values: Mapping[str, Any], cast) -> Any:
         return cast(name, values[name], ref)
 
     if isinstance(like, Mapping) and all(_is_leaf(v) for v in like.values()):
-        return _rebuild_mapping(like, {k: leaf(k if isinstance(k, str) else str(k), v) for k, v in like.items()})
+        return _rebuild_mapping(like, lambda k, v: leaf(k if isinstance(k, str) else str(k), v))
 
     def build(node: Any, prefix: str) -> Any:
         if node is None:
             return None
         if _is_leaf(node):
             return leaf(prefix, node)
-        join = (lambda k: f"{prefix}{_SEP}{k}") if prefix else (lambda k: str(k))
         if isinstance(node, Mapping):
-            return _rebuild_mapping(node, {k: build(v, join(k)) for k, v in node.items()})
+            return _rebuild_mapping(node, lambda k, v: build(v, _join(prefix, k)))
         if _is_namedtuple(node):
-            return type(node)(*(build(v, join(f)) for f, v in zip(node._fields, node)))
+            return type(node)(*(build(v, _join(prefix, f)) for f, v in zip(node._fields, node)))
         if isinstance(node, (list, tuple)):
-            return type(node)([build(v, join(i)) for i, v in enumerate(node)])
+            return type(node)([build(v, _join(prefix, i)) for i, v in enumerate(node)])
         import jax
 
         paths, treedef = jax.tree_util.tree_flatten_with_path(node)
         if len(paths) == 1 and paths[0][0] == ():  # a leaf to jax: as _walk names it
             return leaf(prefix, node)
-        new = [build(x, join(key_path_name(p))) for p, x in paths]
+        new = [build(x, _join(prefix, key_path_name(p))) for p, x in paths]
         return jax.tree_util.tree_unflatten(treedef, new)
 
     return build(like, "")
 
 
-def _rebuild_mapping(ref: Mapping, items: dict) -> Mapping:
+def _rebuild_mapping(ref: Mapping, child: Callable[[Any, Any], Any]) -> Mapping:
+    """A mapping like ``ref`` with each value ``v`` under key ``k`` replaced by ``child(k, v)``.
+
+    A mapping jax flattens by key is rebuilt from its own pytree structure and stored values: its
+    constructor or item access may wrap values (``nnx.State`` hands out nested dicts as ``State``
+    views); others by their type's constructor (a plain dict where that fails)."""
+    if type(ref) is not dict:
+        import jax
+
+        children, treedef = jax.tree_util.tree_flatten_with_path(ref, is_leaf=lambda x: x is not ref)
+        if children and all(len(p) == 1 and hasattr(p[0], "key") for p, _ in children):
+            return jax.tree_util.tree_unflatten(treedef, [child(p[0].key, v) for p, v in children])
+    items = {k: child(k, v) for k, v in ref.items()}
     if type(ref) is dict:
         return items
     try:

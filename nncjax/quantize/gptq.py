@@ -543,5 +543,5 @@ def input_moments(
     if not moments:
         raise InputError("the model called no flax.linen.Dense or Conv layer that GPTQ takes (Dense, DenseGeneral "
                          "without batch_dims, Einsum of inputs then outputs, ungrouped unmasked Conv, "
-                         "ConvTranspose)")
+                         "ConvTranspose; Linen modules only, as it intercepts their calls)")
     return moments
