@@ -6,6 +6,7 @@ and produce the tensors an NNR block carries (format digest §2.14, §10):
 * :mod:`~nncjax.reduce.bnfold` — BN folding into LS/BI and the exact inverse onto a Flax model;
 * :mod:`~nncjax.reduce.lsa` — local scaling adaptation (trained per-row scales, the LS tensor);
 * :mod:`~nncjax.reduce.prune` — magnitude / statistics / structured-row sparsification, zeroing rows;
+* :mod:`~nncjax.reduce.update_sparsify` — NNCodec's federated-learning sparsification of updates (host);
 * :mod:`~nncjax.reduce.vocab` — the vocabulary rows a WordPiece tokenizer can never emit;
 * :mod:`~nncjax.reduce.lowrank` — truncated SVD into the DC factors G, H;
 * :mod:`~nncjax.reduce.unify` — weight unification (tiles sharing one magnitude);
@@ -62,6 +63,7 @@ from nncjax.reduce.prune import (
     zero_rows,
 )
 from nncjax.reduce.unify import unify_params, unify_tiles
+from nncjax.reduce.update_sparsify import sparsify_update
 from nncjax.reduce.vocab import unreachable_token_ids
 
 __all__ = [
@@ -107,6 +109,7 @@ __all__ = [
     "row_prune",
     "row_prune_below_mean",
     "row_scores",
+    "sparsify_update",
     "sparsity",
     "stats_threshold_prune",
     "unify_params",

@@ -60,3 +60,22 @@ def fold_blocks(cases):
             res["unfolded"]["bias"] = ad[_B]
         out.append(res)
     return out
+
+
+def fl_sparsify(cases):
+    """cases: list of ``{"update": {name: array}, "qp", "qp_density", "target", "gain"}``. Returns per
+    case the update after NNCodec's FL client sparsification (``nncodec.fl.encode``'s ``sparsity``
+    and ``struct_spars_factor`` steps), in the update's order."""
+    from collections import OrderedDict
+
+    from nncodec.framework.applications.utils.sparsification import apply_struct_spars_v2, apply_unstruct_spars_v2
+
+    out = []
+    for c in cases:
+        upd = OrderedDict((k, np.asarray(v)) for k, v in c["update"].items())
+        sparse = apply_unstruct_spars_v2(c["qp"], upd, target_sparsity=c["target"],
+                                         qp_density=np.int32(c["qp_density"]))
+        if c["gain"] > 0:
+            sparse = apply_struct_spars_v2(sparse, gain=c["gain"])
+        out.append({k: np.asarray(v) for k, v in sparse.items()})
+    return out
