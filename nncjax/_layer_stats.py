@@ -1,7 +1,8 @@
 """Per-layer statistics of a Flax model over calibration batches, traced once per batch shape.
 
-GPTQ's input moments and bias correction's output shifts both run the model under
-:func:`flax.linen.intercept_methods` and sum something per layer (:class:`LayerSums`). Tracing that
+GPTQ's input moments and bias correction's output shifts both run the model with its linear layers
+intercepted (:func:`run_layers`: Linen by :func:`flax.linen.intercept_methods`, NNX by swapping its
+layer classes' ``__call__`` for the run) and sum something per layer (:class:`LayerSums`). Tracing that
 under ``jit`` is much faster than running it eagerly, but a jitted ``apply_fn`` hides its layers (so
 it is unwrapped), and a model whose tracing leaks a tracer anyway falls back to eager.
 
@@ -46,9 +47,92 @@ def kernel_name(module_path: tuple, names) -> str | None:
 
 
 def mapped_kernel(module: Any, kernel: Any) -> bool:
-    """Whether the bound Flax ``module`` runs with a slice of ``kernel`` (the array stored under its
-    kernel's name) rather than all of it: a lifted ``nn.scan`` / ``nn.vmap`` maps its parameters."""
-    return np.shape(module.scope.get_variable("params", "kernel")) != np.shape(kernel)
+    """Whether the bound Flax Linen ``module`` runs with a slice of ``kernel`` (the array stored under
+    its kernel's name) rather than all of it: a lifted ``nn.scan`` / ``nn.vmap`` maps its parameters.
+    False for an NNX module (:func:`run_layers` finds its kernel by the array itself)."""
+    scope = getattr(module, "scope", None)
+    return scope is not None and np.shape(scope.get_variable("params", "kernel")) != np.shape(kernel)
+
+
+def _nnx_linear() -> tuple[type, ...]:
+    try:
+        from flax import nnx
+    except ImportError:  # a flax without NNX
+        return ()
+    return nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose
+
+
+def linear_kind(module: Any) -> str | None:
+    """``"dense"`` for a Flax ``Dense`` / ``DenseGeneral`` / ``Einsum`` (Linen) or ``Linear`` /
+    ``LinearGeneral`` / ``Einsum`` (NNX), ``"conv"`` for a ``Conv`` / ``ConvTranspose`` of either; else None."""
+    import flax.linen as nn
+
+    if isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+        return "dense"
+    if isinstance(module, (nn.Conv, nn.ConvTranspose)):
+        return "conv"
+    nnx_classes = _nnx_linear()
+    if isinstance(module, nnx_classes[:3]):
+        return "dense"
+    return "conv" if isinstance(module, nnx_classes[3:]) else None
+
+
+def is_linen(module: Any) -> bool:
+    """Whether ``module`` is a Flax Linen module (else an NNX one)."""
+    import flax.linen as nn
+
+    return isinstance(module, nn.Module)
+
+
+def kernel_shape(module: Any) -> tuple[int, ...]:
+    """An ``Einsum``'s kernel shape: Linen's ``shape``, NNX's ``kernel_shape``."""
+    return tuple(module.shape if is_linen(module) else module.kernel_shape)
+
+
+_nnx_patch_lock = threading.RLock()
+
+
+def run_layers(apply_fn: Callable, params: Any, batch: Any,
+               on_layer: Callable[[Callable, Any, tuple, dict, str | None], Any]) -> Any:
+    """``apply_fn(params, batch)`` with every call of a linear layer (:func:`linear_kind`) going
+    through ``on_layer(call, module, args, kwargs, name)``, which returns the layer's output;
+    ``call(*args, **kwargs)`` runs the layer itself and ``name`` is its kernel's flat name in
+    ``params`` (:func:`nncjax.pytree_names.flatten_named`), or None where it is not found.
+
+    Linen layers are intercepted by :func:`flax.linen.intercept_methods` and named by module path
+    (:func:`kernel_name`). NNX layers have no such hook: their classes' ``__call__`` is replaced for
+    the run (under a lock; the originals come back after it), and a layer's kernel is named by
+    identity, the very array ``params`` holds, as ``nnx.merge`` hands it to the module."""
+    import flax.linen as nn
+
+    from nncjax.pytree_names import flatten_named
+
+    flat = flatten_named(params)
+    by_id = {id(v): k for k, v in flat.items()}
+
+    def linen(next_fun, args, kwargs, context):
+        if context.method_name != "__call__" or linear_kind(context.module) is None:
+            return next_fun(*args, **kwargs)
+        return on_layer(next_fun, context.module, args, kwargs, kernel_name(tuple(context.module.path), flat))
+
+    def patched(orig):
+        @functools.wraps(orig)
+        def call(self, *args, **kwargs):
+            kernel = getattr(self, "kernel", None)
+            name = by_id.get(id(kernel.get_value())) if hasattr(kernel, "get_value") else None
+            return on_layer(functools.partial(orig, self), self, args, kwargs, name)
+        return call
+
+    originals = {c: c.__dict__["__call__"] for c in _nnx_linear()}
+    with _nnx_patch_lock:
+        try:
+            for c, f in originals.items():
+                c.__call__ = patched(f)
+            with nn.intercept_methods(linen):
+                return apply_fn(params, batch)
+        finally:
+            for c, f in originals.items():
+                c.__call__ = f
 
 
 def einsum_letters(module: Any, args: tuple, kwargs: dict) -> tuple[str, str, str]:
@@ -56,9 +140,9 @@ def einsum_letters(module: Any, args: tuple, kwargs: dict) -> tuple[str, str, st
     ``kwargs``, ellipses expanded as Einsum expands them (its equation may come with the call)."""
     import opt_einsum  # flax's own dependency, and Einsum's parser
 
-    spec = module.einsum_str or kwargs.get("einsum_str") or args[1]
+    spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 and args[1] else module.einsum_str)
     operands, out, _ = opt_einsum.parser.parse_einsum_input(
-        (spec.replace(" ", ""), args[0], jax.ShapeDtypeStruct(tuple(module.shape), jnp.float32)))
+        (spec.replace(" ", ""), args[0], jax.ShapeDtypeStruct(kernel_shape(module), jnp.float32)))
     lhs, rhs = operands.split(",")
     return lhs, rhs, out
 

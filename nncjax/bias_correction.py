@@ -21,7 +21,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from nncjax._layer_stats import LayerSums, batch_means, einsum_letters, kernel_name, mapped_kernel, unwrap_jit
+from nncjax._layer_stats import (
+    LayerSums,
+    batch_means,
+    einsum_letters,
+    is_linen,
+    mapped_kernel,
+    run_layers,
+    unwrap_jit,
+)
 from nncjax.coded_tensor import code_tensor, codec_reconstruct
 from nncjax.errors import InputError, UnsupportedError
 from nncjax.pytree_names import flatten_named, is_kernel_name
@@ -59,51 +67,61 @@ def decoded_params(params: Any, settings: RDSettings) -> Any:
 
 def _per_output(module: Any, d: jnp.ndarray, args: tuple, kwargs: dict) -> jnp.ndarray | None:
     """A linear layer's output differences ``d`` as float32 ``(positions, *bias shape)``: the
-    trailing feature axes of ``Dense`` (one), ``DenseGeneral`` (its ``features``), ``Conv`` and
-    ``ConvTranspose`` (the channels); an ``Einsum``'s output axes its kernel has, wherever they are.
-    None for a ``DenseGeneral`` with ``batch_dims`` (its bias is per batch index too)."""
-    import flax.linen as nn
-
-    if isinstance(module, nn.Einsum):
+    trailing feature axes of a dense layer (one, or ``DenseGeneral``'s ``features`` / NNX
+    ``LinearGeneral``'s ``out_features``), a convolution's channels; an ``Einsum``'s output axes its
+    kernel has, wherever they are. None for a layer with batch axes (its bias is per batch index too)."""
+    if hasattr(module, "einsum_str"):
         _, rhs, out = einsum_letters(module, args, kwargs)
         kept = [i for i, c in enumerate(out) if c in rhs]
         d = jnp.moveaxis(d, kept, tuple(range(d.ndim - len(kept), d.ndim)))
         n_out = len(kept)
-    elif getattr(module, "batch_dims", ()):
+    elif getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", None):
         return None
     else:
-        features = getattr(module, "features", None)
+        features = getattr(module, "features", getattr(module, "out_features", None))
         n_out = len(features) if isinstance(features, Sequence) else 1
     return d.reshape(-1, *d.shape[d.ndim - n_out:]).astype(jnp.float32)
+
+
+def _rerun(call: Callable, module: Any, args: tuple, kwargs: dict, name: str, hat: dict) -> Any:
+    """The layer's output with its decoded variables ``hat`` (its kernel ``name`` and, where
+    ``hat`` has it, its bias): a Linen layer re-applied alone, an NNX layer's variables swapped for
+    the call and back."""
+    layer = name.rsplit("/", 1)[0]
+    own = {k.rsplit("/", 1)[-1]: v for k, v in hat.items() if k.rsplit("/", 1)[0] == layer}
+    if is_linen(module):
+        return module.clone(parent=None).apply({"params": own}, *args, **kwargs)
+    swapped = {k: getattr(module, k) for k in own if hasattr(getattr(module, k, None), "set_value")}
+    before = {k: v.get_value() for k, v in swapped.items()}
+    try:
+        for k, v in swapped.items():
+            v.set_value(own[k])
+        return call(*args, **kwargs)
+    finally:
+        for k, v in swapped.items():
+            v.set_value(before[k])
 
 
 def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat: Any,
                   batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
     """``{kernel name: (sum over positions of y - y_hat (channels,), positions)}`` for one batch, and
-    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); each linear layer (:func:`_per_output`) gets
-    the float model's input and runs with its float and its decoded kernel."""
-    import flax.linen as nn
-
+    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); each linear layer
+    (:func:`nncjax._layer_stats.run_layers`) gets the float model's input and runs with its float
+    and its decoded kernel."""
     hat = flatten_named(params_hat)
-    linear = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
     out = LayerSums()
-    busy = []  # the layer re-applied with the decoded kernel must not be intercepted itself
+    busy = []  # the Linen layer re-applied with the decoded kernel must not be intercepted itself
 
-    def intercept(next_fun, args, kwargs, context):
-        mod = context.module
-        if busy or context.method_name != "__call__" or not isinstance(mod, linear):
-            return next_fun(*args, **kwargs)
-        name = kernel_name(tuple(mod.path), names)
-        y = next_fun(*args, **kwargs)
-        if name is None:
-            return y
+    def on_layer(call, mod, args, kwargs, name):
+        if busy or name not in names:
+            return call(*args, **kwargs)
+        y = call(*args, **kwargs)
         if mapped_kernel(mod, hat[name]):  # a stacked kernel does not fit the layer re-applied alone
             out.skip(name)
             return y
-        own = {k.rsplit("/", 1)[-1]: v for k, v in hat.items() if k.rsplit("/", 1)[0] == name.rsplit("/", 1)[0]}
         busy.append(True)
         try:
-            y_hat = mod.clone(parent=None).apply({"params": own}, *args, **kwargs)
+            y_hat = _rerun(call, mod, args, kwargs, name, hat)
         finally:
             busy.pop()
         d = _per_output(mod, y - y_hat, args, kwargs)
@@ -111,15 +129,15 @@ def _layer_shifts(apply_fn: Callable, names: frozenset, params: Any, params_hat:
             out.add(name, jnp.sum(d, 0), d.shape[0])
         return y
 
-    with nn.intercept_methods(intercept):
-        apply_fn(params, batch)
+    run_layers(apply_fn, params, batch, on_layer)
     return out.result()
 
 
 def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: Any, data: Any) -> dict[str, np.ndarray]:
     """Mean output shift ``E[y - y_hat]`` per bias entry of every Flax ``Dense``, ``DenseGeneral``,
-    ``Einsum``, ``Conv`` or ``ConvTranspose`` layer whose kernel differs between ``params`` and
-    ``params_hat``, on the float model's activations (``DenseGeneral`` with ``batch_dims`` is left out).
+    ``Einsum``, ``Conv`` or ``ConvTranspose`` layer (Linen, or their NNX counterparts) whose kernel
+    differs between ``params`` and ``params_hat``, on the float model's activations (layers with batch
+    axes, ``batch_dims`` / ``batch_axis``, are left out).
 
     Layers inside Flax lifted transforms count as they run: under ``nn.remat`` / ``nn.checkpoint``
     exactly as without it, under ``nn.scan`` / ``nn.vmap`` with broadcast parameters pooled over the
@@ -128,8 +146,8 @@ def output_shifts(apply_fn: Callable[[Any, Any], Any], params: Any, params_hat: 
     with its kernel, and one shift per stacked slice is not measured.
 
     Args:
-      apply_fn: ``apply_fn(params, batch)`` running a Flax linen model (a ``jax.jit``-wrapped one is
-        unwrapped, or its layers would hide behind the compiled call).
+      apply_fn: ``apply_fn(params, batch)`` running a Flax model, Linen or NNX (a ``jax.jit``-wrapped
+        one is unwrapped, or its Linen layers would hide behind the compiled call).
       params, params_hat: the float parameters and the decoded ones (same structure).
       data: one batch or a list of batches.
 

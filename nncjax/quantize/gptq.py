@@ -310,7 +310,7 @@ def _transpose_pads(k: int, s: int, padding: str) -> tuple[int, int]:
 
 
 def _conv_patches(module, x: jax.Array) -> jax.Array | None:
-    """The input patches of a ``flax.linen.Conv`` or ``ConvTranspose`` call, ``(positions, inputs *
+    """The input patches of a Flax ``Conv`` or ``ConvTranspose`` call (Linen or NNX), ``(positions, inputs *
     prod(kernel_size))`` with each patch in the column order of the kernel's NNR rows (input channel,
     then kernel offsets), so that ``y = patches @ flax_to_nnr(kernel).reshape(outputs, -1).T``; None
     for the convolutions GPTQ leaves alone: grouped or masked kernels, a transposed kernel
@@ -327,7 +327,7 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
     k_dil = wide(module.kernel_dilation)
     dilated = [(k - 1) * d + 1 for k, d in zip(ks, k_dil)]
     padding = nn.linear.canonicalize_padding(module.padding, len(ks))
-    if isinstance(module, nn.ConvTranspose):
+    if hasattr(module, "transpose_kernel"):  # ConvTranspose (Linen or NNX)
         if module.transpose_kernel or isinstance(padding, str) and padding not in ("SAME", "VALID"):
             return None
         strides, in_dil = (1,) * len(ks), wide(module.strides)
@@ -366,16 +366,15 @@ def _conv_patches(module, x: jax.Array) -> jax.Array | None:
 
 
 def _contracted_axes(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[int, ...] | None:
-    """The axes of a ``Dense`` / ``DenseGeneral`` / ``Einsum`` call's input ``x`` that it contracts with
-    its kernel's leading axes, in the kernel's order; None where the kernel is not inputs then
-    outputs: ``DenseGeneral`` with ``batch_dims``, an ``Einsum`` whose kernel shares an index with
-    the output as well as the input (one matrix per index), puts an output index before an input
-    one, or sums an index of either operand alone."""
-    import flax.linen as nn
-
+    """The axes of a dense layer's input ``x`` (Linen ``Dense`` / ``DenseGeneral`` / ``Einsum``, NNX
+    ``Linear`` / ``LinearGeneral`` / ``Einsum``) that it contracts with its kernel's leading axes, in
+    the kernel's order; None where the kernel is not inputs then outputs: batch axes (``batch_dims``,
+    ``batch_axis``), an ``Einsum`` whose kernel shares an index with the output as well as the input
+    (one matrix per index), puts an output index before an input one, or sums an index of either
+    operand alone."""
     from nncjax._layer_stats import einsum_letters
 
-    if isinstance(module, nn.Einsum):
+    if hasattr(module, "einsum_str"):
         lhs, rhs, out = einsum_letters(module, args, kwargs)
         inputs = [c for c in rhs if c in lhs and c not in out]
         if (len(set(lhs)) < len(lhs) or len(set(rhs)) < len(rhs) or any(c not in out for c in rhs if c not in lhs)
@@ -383,7 +382,7 @@ def _contracted_axes(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[i
                 or any(c in lhs for c in rhs[len(inputs):])):
             return None
         return tuple(lhs.index(c) for c in inputs)
-    if getattr(module, "batch_dims", ()):
+    if getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", None):
         return None
     axis = module.axis if isinstance(getattr(module, "axis", -1), Sequence) else (getattr(module, "axis", -1),)
     return tuple(sorted(int(a) % x.ndim for a in axis))  # as DenseGeneral orders its kernel's input axes
@@ -414,49 +413,45 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
     ``DenseGeneral`` / ``Einsum`` inputs and every ``patch_stride``-th ``Conv`` / ``ConvTranspose`` input patch, and
     the layers skipped (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are
     weighted 0, not removed)."""
-    import flax.linen as nn
-
-    from nncjax._layer_stats import LayerSums, kernel_name, mapped_kernel
+    from nncjax._layer_stats import LayerSums, is_linen, linear_kind, mapped_kernel, run_layers
     from nncjax.pytree_names import flatten_named
 
     flat = flatten_named(params)
     keep = None if mask is None else jnp.asarray(mask(batch))
-    linear = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.ConvTranspose)
     out = LayerSums()
 
-    def intercept(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and isinstance(context.module, linear):
-            layer = "/".join(context.module.path)
-            name = kernel_name(tuple(context.module.path), flat)
-            if name is None:
+    def on_layer(call, module, args, kwargs, name):
+        layer = "/".join(module.path) if is_linen(module) else name
+        if name is None:
+            if is_linen(module):
                 raise InputError(f"no kernel found for the layer at {layer!r}")
-            if mapped_kernel(context.module, flat[name]):
-                out.skip(name)
-                return next_fun(*args, **kwargs)
-            x = jnp.asarray(args[0], jnp.float32)
-            if isinstance(context.module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
-                axes = _contracted_axes(context.module, x, args, kwargs)
-                x, lead = (None, ()) if axes is None else _dense_inputs(x, axes, np.shape(flat[name]))
-                try:  # e.g. a layer under nn.vmap sees one element of the batch the mask covers
-                    weight = jnp.ones(lead, jnp.float32) if keep is None or x is None else jnp.broadcast_to(
-                        keep, lead).astype(jnp.float32)
-                except ValueError as e:
-                    raise InputError(f"mask of shape {keep.shape} does not fit the inputs {args[0].shape} "
-                                     f"of {layer!r}") from e
-                weight = weight.reshape(-1)
-            else:
-                x = _conv_patches(context.module, x)
-                x = None if x is None else x[::patch_stride]
-                weight = None if x is None else jnp.ones(x.shape[:1], jnp.float32)
-            if x is not None:
-                # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
-                # summed on the host in float64
-                out.add(name, jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST),
-                        jnp.sum(weight))
-        return next_fun(*args, **kwargs)
+            return call(*args, **kwargs)  # an NNX kernel that is not one of params' arrays (e.g. cast first)
+        if mapped_kernel(module, flat[name]):
+            out.skip(name)
+            return call(*args, **kwargs)
+        x = jnp.asarray(args[0], jnp.float32)
+        if linear_kind(module) == "dense":
+            axes = _contracted_axes(module, x, args, kwargs)
+            x, lead = (None, ()) if axes is None else _dense_inputs(x, axes, np.shape(flat[name]))
+            try:  # e.g. a layer under nn.vmap sees one element of the batch the mask covers
+                weight = jnp.ones(lead, jnp.float32) if keep is None or x is None else jnp.broadcast_to(
+                    keep, lead).astype(jnp.float32)
+            except ValueError as e:
+                raise InputError(f"mask of shape {keep.shape} does not fit the inputs {args[0].shape} "
+                                 f"of {layer!r}") from e
+            weight = weight.reshape(-1)
+        else:
+            x = _conv_patches(module, x)
+            x = None if x is None else x[::patch_stride]
+            weight = None if x is None else jnp.ones(x.shape[:1], jnp.float32)
+        if x is not None:
+            # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
+            # summed on the host in float64
+            out.add(name, jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST),
+                    jnp.sum(weight))
+        return call(*args, **kwargs)
 
-    with nn.intercept_methods(intercept):
-        apply_fn(params, batch)
+    run_layers(apply_fn, params, batch, on_layer)
     return out.result()
 
 
@@ -469,8 +464,9 @@ def input_moments(
     patch_stride: int = 1,
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Second moments ``H = E[x x^T]`` of the inputs of every ``flax.linen`` ``Dense``, ``DenseGeneral``,
-    ``Einsum``, ``Conv`` and ``ConvTranspose`` layer.
+    """Second moments ``H = E[x x^T]`` of the inputs of every Flax ``Dense``, ``DenseGeneral``,
+    ``Einsum``, ``Conv`` and ``ConvTranspose`` layer (Linen; NNX ``Linear``, ``LinearGeneral``,
+    ``Einsum``, ``Conv``, ``ConvTranspose`` likewise, see :func:`nncjax._layer_stats.run_layers`).
 
     A ``Dense`` layer's inputs are its input vectors; a convolution's are its input patches (one per
     output position, input channels times kernel offsets, in the order of the kernel's NNR rows,
@@ -496,8 +492,10 @@ def input_moments(
     ``L`` layers with different inputs) has no ``H`` of one kernel and is left out.
 
     Args:
-      apply_fn: ``apply_fn(params, batch)`` running a Flax linen model.
-      params: its parameters (Flax variables; kernels are found under the module paths).
+      apply_fn: ``apply_fn(params, batch)`` running a Flax model (Linen, or NNX:
+        ``lambda state, x: nnx.merge(graph, state)(x)``).
+      params: its parameters (Linen variables, kernels found under the module paths; or an NNX
+        state, kernels found as the arrays it holds).
       data: one batch or a list of batches.
       mask: optional ``mask(batch) -> bool array`` over the axes a ``Dense`` / ``DenseGeneral`` /
         ``Einsum`` layer does not contract (e.g. a text model's attention mask, so that padding positions do not
@@ -543,5 +541,5 @@ def input_moments(
     if not moments:
         raise InputError("the model called no flax.linen.Dense or Conv layer that GPTQ takes (Dense, DenseGeneral "
                          "without batch_dims, Einsum of inputs then outputs, ungrouped unmasked Conv, "
-                         "ConvTranspose; Linen modules only, as it intercepts their calls)")
+                         "ConvTranspose, or their NNX counterparts)")
     return moments
