@@ -193,3 +193,29 @@ def test_error_feedback_and_bias_correction_on_nnx_attention():
     want = out(state)
     assert np.abs(out(nncjax.verify(p_b, rd_b).params) - want).max() < np.abs(
         out(nncjax.verify(p_g, rd_g).params) - want).max()
+
+
+def test_lookup_table_gptq_and_fine_tuning_on_nnx():
+    """An ``nnx.Embed`` table: its output-side row moments, GPTQ with them and fine-tuning of the
+    levels run on the NNX state, and the result is an NNX state that codes as estimated."""
+    from nncjax.sensitivity import row_moments
+
+    class Tokens(nnx.Module):
+        def __init__(self, rngs):
+            self.emb = nnx.Embed(20, 8, rngs=rngs)
+            self.fc = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, t):
+            return self.fc(self.emb(t).mean(1))
+
+    state, apply = _split(Tokens(nnx.Rngs(0)), None)
+    t = jax.random.randint(jax.random.PRNGKey(0), (32, 5), 0, 20)
+    rd = nncjax.optimize(state, apply, t, lam=1e-3, dq=False, init="sensitivity", steps=0, progress=False)
+    assert {"emb/embedding", "fc/kernel"} <= set(rd.qp_overrides)
+    moments = row_moments(state, apply, t, ["emb/embedding"], row_scales=rd.local_scales)
+    assert moments["emb/embedding"].shape == (8, 8)
+    p, r = nncjax.with_error_feedback(state, rd, moments, progress=False)
+    p, r = nncjax.with_fine_tuning(p, r, apply, t, reference=state, steps=5, progress=False)
+    assert isinstance(p, nnx.State) and jax.tree.structure(p) == jax.tree.structure(state)
+    out = nncjax.verify(p, r)
+    assert out.nbytes == len(nncjax.encode(r.params_for_encoding(p), **r.encode_kwargs()))
