@@ -84,6 +84,12 @@ def is_linen(module: Any) -> bool:
     return isinstance(module, nn.Module)
 
 
+def has_batch_axes(module: Any) -> bool:
+    """Whether a dense layer has batch axes (Linen ``DenseGeneral(batch_dims=...)``, NNX
+    ``LinearGeneral(batch_axis=...)``): one kernel slice, and bias, per batch index."""
+    return bool(getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", None))
+
+
 def kernel_shape(module: Any) -> tuple[int, ...]:
     """An ``Einsum``'s kernel shape: Linen's ``shape``, NNX's ``kernel_shape``."""
     return tuple(module.shape if is_linen(module) else module.kernel_shape)

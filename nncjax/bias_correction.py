@@ -25,6 +25,7 @@ from nncjax._layer_stats import (
     LayerSums,
     batch_means,
     einsum_letters,
+    has_batch_axes,
     is_linen,
     mapped_kernel,
     run_layers,
@@ -75,7 +76,7 @@ def _per_output(module: Any, d: jnp.ndarray, args: tuple, kwargs: dict) -> jnp.n
         kept = [i for i, c in enumerate(out) if c in rhs]
         d = jnp.moveaxis(d, kept, tuple(range(d.ndim - len(kept), d.ndim)))
         n_out = len(kept)
-    elif getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", None):
+    elif has_batch_axes(module):
         return None
     else:
         features = getattr(module, "features", getattr(module, "out_features", None))

@@ -310,8 +310,8 @@ def _transpose_pads(k: int, s: int, padding: str) -> tuple[int, int]:
 
 
 def _conv_patches(module, x: jax.Array) -> jax.Array | None:
-    """The input patches of a Flax ``Conv`` or ``ConvTranspose`` call (Linen or NNX), ``(positions, inputs *
-    prod(kernel_size))`` with each patch in the column order of the kernel's NNR rows (input channel,
+    """The input patches of a Flax ``Conv`` or ``ConvTranspose`` call (Linen or NNX), ``(positions,
+    inputs * prod(kernel_size))`` with each patch in the column order of the kernel's NNR rows (input channel,
     then kernel offsets), so that ``y = patches @ flax_to_nnr(kernel).reshape(outputs, -1).T``; None
     for the convolutions GPTQ leaves alone: grouped or masked kernels, a transposed kernel
     (``transpose_kernel=True``: its last axis, the NNR rows, holds inputs) and circular transposed
@@ -372,7 +372,7 @@ def _contracted_axes(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[i
     ``batch_axis``), an ``Einsum`` whose kernel shares an index with the output as well as the input
     (one matrix per index), puts an output index before an input one, or sums an index of either
     operand alone."""
-    from nncjax._layer_stats import einsum_letters
+    from nncjax._layer_stats import einsum_letters, has_batch_axes
 
     if hasattr(module, "einsum_str"):
         lhs, rhs, out = einsum_letters(module, args, kwargs)
@@ -382,7 +382,7 @@ def _contracted_axes(module, x: jax.Array, args: tuple, kwargs: dict) -> tuple[i
                 or any(c in lhs for c in rhs[len(inputs):])):
             return None
         return tuple(lhs.index(c) for c in inputs)
-    if getattr(module, "batch_dims", ()) or getattr(module, "batch_axis", None):
+    if has_batch_axes(module):
         return None
     axis = module.axis if isinstance(getattr(module, "axis", -1), Sequence) else (getattr(module, "axis", -1),)
     return tuple(sorted(int(a) % x.ndim for a in axis))  # as DenseGeneral orders its kernel's input axes
@@ -410,8 +410,8 @@ def _dense_inputs(x: jax.Array, axes: tuple[int, ...], kernel_shape: tuple[int, 
 def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int, params: Any,
                    batch: Any) -> tuple[dict[str, tuple], dict[str, None]]:
     """``{kernel name: (sum of x x^T float32 (inputs, inputs), count)}`` over one batch's ``Dense`` /
-    ``DenseGeneral`` / ``Einsum`` inputs and every ``patch_stride``-th ``Conv`` / ``ConvTranspose`` input patch, and
-    the layers skipped (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are
+    ``DenseGeneral`` / ``Einsum`` inputs and every ``patch_stride``-th ``Conv`` / ``ConvTranspose``
+    input patch, and the layers skipped (:class:`nncjax._layer_stats.LayerSums`); traceable (masked positions are
     weighted 0, not removed)."""
     from nncjax._layer_stats import LayerSums, is_linen, linear_kind, mapped_kernel, run_layers
     from nncjax.pytree_names import flatten_named
@@ -432,9 +432,11 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
         x = jnp.asarray(args[0], jnp.float32)
         if linear_kind(module) == "dense":
             axes = _contracted_axes(module, x, args, kwargs)
-            x, lead = (None, ()) if axes is None else _dense_inputs(x, axes, np.shape(flat[name]))
+            if axes is None:
+                return call(*args, **kwargs)
+            x, lead = _dense_inputs(x, axes, np.shape(flat[name]))
             try:  # e.g. a layer under nn.vmap sees one element of the batch the mask covers
-                weight = jnp.ones(lead, jnp.float32) if keep is None or x is None else jnp.broadcast_to(
+                weight = jnp.ones(lead, jnp.float32) if keep is None else jnp.broadcast_to(
                     keep, lead).astype(jnp.float32)
             except ValueError as e:
                 raise InputError(f"mask of shape {keep.shape} does not fit the inputs {args[0].shape} "
@@ -442,13 +444,13 @@ def _batch_moments(apply_fn: Callable, mask: Callable | None, patch_stride: int,
             weight = weight.reshape(-1)
         else:
             x = _conv_patches(module, x)
-            x = None if x is None else x[::patch_stride]
-            weight = None if x is None else jnp.ones(x.shape[:1], jnp.float32)
-        if x is not None:
-            # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are
-            # summed on the host in float64
-            out.add(name, jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST),
-                    jnp.sum(weight))
+            if x is None:
+                return call(*args, **kwargs)
+            x = x[::patch_stride]
+            weight = jnp.ones(x.shape[:1], jnp.float32)
+        # float32 with full-precision passes (a GPU/TPU default would be bf16); batches are summed on
+        # the host in float64
+        out.add(name, jnp.matmul((x * weight[:, None]).T, x, precision=jax.lax.Precision.HIGHEST), jnp.sum(weight))
         return call(*args, **kwargs)
 
     run_layers(apply_fn, params, batch, on_layer)
@@ -473,17 +475,19 @@ def input_moments(
     :func:`nncjax.reduce.flax_to_nnr`), since ``y = W x`` holds per position; a transposed
     convolution's are the patches of its input dilated by its strides. A ``DenseGeneral``'s or
     ``Einsum``'s inputs are its contracted axes, flattened: in the column order of the kernel's NNR
-    rows where it has one output axis (attention's output projection ``(heads, d, D)``: ``heads * d`` inputs), in the
-    kernel's own order where it has several (attention's q / k / v projections ``(D, heads, d)``:
-    ``D`` inputs, and :func:`nncjax.with_error_feedback` takes each ``(head, d)`` output as a row).
-    Left out: grouped (depthwise) and masked convolutions, transposed convolutions with
-    ``transpose_kernel=True`` or circular padding, ``DenseGeneral`` with ``batch_dims``, and
+    rows where it has one output axis (attention's output projection ``(heads, d, D)``: ``heads * d``
+    inputs), in the kernel's own order where it has several (attention's q / k / v projections
+    ``(D, heads, d)``: ``D`` inputs, and :func:`nncjax.with_error_feedback` takes each ``(head, d)``
+    output as a row). Left out: grouped (depthwise) and masked convolutions, transposed convolutions
+    with ``transpose_kernel=True`` or circular padding, ``DenseGeneral`` with ``batch_dims``, and
     ``Einsum`` layers whose kernel is not its input indices then its output indices
-    (``"btd,fd->btf"``, one matrix per head as in ``"btnh,nhf->btnf"``, an index summed away). The model is traced under
-    :func:`flax.linen.intercept_methods`; a layer called several times pools all its inputs. The
-    trace is compiled once per batch shape (an ``apply_fn`` wrapped in ``jax.jit`` is unwrapped
-    first, or its layers would hide behind the compiled call); a model that cannot be traced that
-    way (its tracing leaks a tracer) runs eagerly under ``jax.disable_jit``.
+    (``"btd,fd->btf"``, one matrix per head as in ``"btnh,nhf->btnf"``, an index summed away).
+
+    The model runs with its layers intercepted (:func:`nncjax._layer_stats.run_layers`); a layer
+    called several times pools all its inputs. The trace is compiled once per batch shape (an
+    ``apply_fn`` wrapped in ``jax.jit`` is unwrapped first, or its layers would hide behind the
+    compiled call); a model that cannot be traced that way (its tracing leaks a tracer) runs eagerly
+    under ``jax.disable_jit``.
 
     Layers inside Flax lifted transforms count as they run: under ``nn.remat`` / ``nn.checkpoint``
     exactly as without it, under ``nn.scan`` / ``nn.vmap`` with broadcast parameters once per step
@@ -498,8 +502,8 @@ def input_moments(
         state, kernels found as the arrays it holds).
       data: one batch or a list of batches.
       mask: optional ``mask(batch) -> bool array`` over the axes a ``Dense`` / ``DenseGeneral`` /
-        ``Einsum`` layer does not contract (e.g. a text model's attention mask, so that padding positions do not
-        count); convolutions count every position.
+        ``Einsum`` layer does not contract (e.g. a text model's attention mask, so that padding
+        positions do not count); convolutions count every position.
       patch_stride: keep every ``patch_stride``-th convolution patch of a batch (batch-major raster
         order of the output positions). Neighbouring patches overlap, so a subset estimates ``H``
         almost as well for a fraction of the ``patches x inputs**2`` matmul; on the Fashion-MNIST
